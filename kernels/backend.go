@@ -1,0 +1,204 @@
+// Package kernels owns the numerical operations of the B'MOJO model (see
+// shared/design/model.md) behind one Backend interface. The pure-Go
+// implementation in kernels/cpu is the specification; every other backend
+// (CUDA) is checked against it by the conformance suite in kernels/kerneltest.
+//
+// This package must not know about models, training or I/O: it only moves
+// numbers between buffers.
+//
+// # Shape legend
+//
+// One legend for every op, written as in the doc comments below:
+//
+//	B   batch (sequences)             T   sequence length
+//	Rw  rows = B·T (or any row count) d   model width (d_model)
+//	V   vocabulary                    E   SSM width (d_inner)
+//	N   SSM state per channel         K   causal conv width
+//	H   query heads                   G   key/value heads (n_kv_head)
+//	D   head width                    F   SwiGLU hidden width
+//	Wc  context window                Wf  fading window (0 = off)
+//	C   chunk length                  S   selected tokens per chunk
+//	M   eidetic memory capacity (0 = off)
+//	nC  complete chunks = floor(T/C)  δ   memory delay in chunks
+//
+// Buffers are row-major; [B,T,E] means index (b·T+t)·E+e. Weights use the
+// PyTorch Linear layout (out×in), so a linear layer is y = x·Wᵀ.
+//
+// # Conventions
+//
+//   - Forward ops overwrite their outputs.
+//   - Backward ops ACCUMULATE (+=) into every gradient output (llm.c style),
+//     so the caller zeroes gradients once per step and residual branches add
+//     up naturally. A nil gradient output is skipped.
+//   - Forward and backward of one op take their arguments in the same order.
+//   - Ops do not return errors: a backend records the first failure (bad
+//     shape, launch failure) and Err reports it; the model checks Err once
+//     per step. After a failure, outputs are unspecified.
+package kernels
+
+// Float is the element type of a backend: float32 in production, float64
+// for finite-difference gradient checks of the CPU reference.
+type Float interface{ ~float32 | ~float64 }
+
+// Buffer is an array of floats owned by a backend (host memory for the CPU
+// backend, device memory for CUDA).
+type Buffer interface{ Len() int }
+
+// IntBuffer is an array of int32 owned by a backend (tokens, targets,
+// selected positions).
+type IntBuffer interface{ Len() int }
+
+// AttnShape describes one call of the B'MOJO attention (model.md §4).
+type AttnShape struct {
+	B, T int // batch, sequence length
+	H, G int // query heads, key/value heads; query head h reads kv head h·G/H
+	D    int // head width
+	Wc   int // context window: keys j in [t-Wc+1, t]
+	Wf   int // fading window: fading keys j in [t-Wc-Wf+1, t-Wc]; 0 = off
+	C    int // chunk length for the eidetic memory
+	S    int // selected positions per complete chunk (sel is [B, T/C, S])
+	M    int // memory capacity; 0 = no memory keys
+	// Delta is the visibility delay in chunks: positions selected in chunk c
+	// are visible to queries of chunk c' only when c' >= c+Delta.
+	Delta int
+}
+
+// AdamW holds the hyper-parameters of one AdamW update.
+type AdamW struct {
+	LR          float64 // learning rate of this step
+	Beta1       float64 // first-moment decay (0.9)
+	Beta2       float64 // second-moment decay (0.95)
+	Eps         float64 // denominator epsilon (1e-8)
+	WeightDecay float64 // decoupled weight decay; 0 for norms, biases, embeddings, A_log, D
+	Step        int     // 1-based step number, for bias correction
+}
+
+// Backend is every operation the model needs. See the package comment for
+// the shape legend and the accumulate-in-backward convention.
+type Backend[F Float] interface {
+	// Name identifies the backend in logs and benchmark tables ("cpu", "cuda").
+	Name() string
+	// Err returns the first error recorded since the backend was created.
+	Err() error
+
+	// Alloc returns a zeroed buffer of n floats.
+	Alloc(n int) Buffer
+	// AllocInt returns a zeroed buffer of n int32.
+	AllocInt(n int) IntBuffer
+	// Slice returns a view of n elements of b starting at off (shares memory).
+	Slice(b Buffer, off, n int) Buffer
+	// Upload copies src into dst (len(src) == dst.Len()).
+	Upload(dst Buffer, src []F)
+	// Download copies src into dst (len(dst) == src.Len()).
+	Download(dst []F, src Buffer)
+	// UploadInt copies src into dst.
+	UploadInt(dst IntBuffer, src []int32)
+	// DownloadInt copies src into dst.
+	DownloadInt(dst []int32, src IntBuffer)
+
+	// Zero sets every element of x to 0.
+	Zero(x Buffer)
+	// Copy sets dst = src (same length).
+	Copy(dst, src Buffer)
+	// Accumulate sets dst += src (same length). Residual adds and their
+	// backward both use it.
+	Accumulate(dst, src Buffer)
+	// Scale sets x *= s.
+	Scale(x Buffer, s float64)
+	// SumSquares returns Σ x² accumulated in float64 (for the global
+	// gradient norm).
+	SumSquares(x Buffer) float64
+
+	// Embedding: out[Rw,d] = table[tokens[r], :]. tokens are in [0,V).
+	Embedding(out, table Buffer, tokens IntBuffer, Rw, d int)
+	// EmbeddingBackward: dtable[tokens[r], :] += dout[r, :].
+	EmbeddingBackward(dtable, dout Buffer, tokens IntBuffer, Rw, d int)
+
+	// RMSNorm: rstd[r] = 1/sqrt(mean(x[r]²)+1e-5); out[r] = x[r]·rstd[r]⊙g.
+	// out, rstd: outputs. x[Rw,d], g[d].
+	RMSNorm(out, rstd, x, g Buffer, Rw, d int)
+	// RMSNormBackward: dx[Rw,d] +=, dg[d] += from dout[Rw,d], with x, g and
+	// the rstd saved by RMSNorm.
+	RMSNormBackward(dx, dg, dout, x, g, rstd Buffer, Rw, d int)
+
+	// MatMul: out[Rw,N] = x[Rw,K]·w[N,K]ᵀ (out += when accumulate).
+	MatMul(out, x, w Buffer, Rw, N, K int, accumulate bool)
+	// MatMulBackward: dx[Rw,K] += dout·w; dw[N,K] += doutᵀ·x.
+	MatMulBackward(dx, dw, dout, x, w Buffer, Rw, N, K int)
+
+	// Conv1d is the causal depthwise convolution with zero left padding:
+	// out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t-K+1+k,e] (x at t<0 is 0).
+	// x, out: [B,T,E]; w: [E,K]; bias: [E].
+	Conv1d(out, x, w, bias Buffer, B, T, E, K int)
+	// Conv1dBackward: dx +=, dw +=, dbias += from dout.
+	Conv1dBackward(dx, dw, dbias, dout, x, w Buffer, B, T, E, K int)
+
+	// SiLU: out = x·sigmoid(x), elementwise over n = out.Len().
+	SiLU(out, x Buffer)
+	// SiLUBackward: dx += dout·silu'(x).
+	SiLUBackward(dx, dout, x Buffer)
+
+	// SelectiveScan is the Mamba-1 scan with its gate (model.md §3):
+	//
+	//	Δ[b,t,e] = softplus(dt[b,t,e] + dtBias[e]);  A = -exp(Alog) [E,N]
+	//	h_t[e,n] = exp(Δ·A[e,n])·h_{t-1}[e,n] + Δ·x[b,t,e]·Bm[b,t,n]   (h_{-1}=0, fp32 or wider)
+	//	out[b,t,e] = (Σ_n h_t[e,n]·Cm[b,t,n] + Dskip[e]·x[b,t,e]) · SiLU(z[b,t,e])
+	//
+	// x, dt, z, out: [B,T,E]; Bm, Cm: [B,T,N]; dtBias, Dskip: [E]; Alog: [E,N].
+	SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z Buffer, B, T, E, N int)
+	// SelectiveScanBackward accumulates the gradients of every input of
+	// SelectiveScan from dout (the states are recomputed, not stored).
+	SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z Buffer, B, T, E, N int)
+
+	// RoPE rotates x[B,T,nh,D] at absolute positions t (rotate-half pairs
+	// (i, i+D/2), angle t·theta^(-2i/D)) into out.
+	RoPE(out, x Buffer, B, T, nh, D int, theta float64)
+	// RoPEBackward: dx += rotation by −angle of dout.
+	RoPEBackward(dx, dout Buffer, B, T, nh, D int, theta float64)
+
+	// Attention computes, for every query (b,t,h), one softmax with scale
+	// 1/sqrt(D) over the union of context keys k (positions [t-Wc+1,t]),
+	// fading keys kf (positions [t-Wc-Wf+1, t-Wc], values vf) and memory keys
+	// (the last M positions of sel over chunks ≤ floor(t/C)-Delta, in
+	// position order, values v), exactly as if the three sets were
+	// concatenated (merged with log-sum-exp). Memory scores use qm·km, the
+	// other scores q·k / q·kf. qm and km may be the same buffers as q and k.
+	//
+	// q, qm, out: [B,T,H,D]; k, v, kf, vf, km: [B,T,G,D]; sel: [B,nC,S];
+	// lse: [B,T,H] output, the log-sum-exp of the scaled scores.
+	// kf, vf may be nil when Wf = 0; sel, qm, km may be nil when M = 0.
+	Attention(out, lse, q, k, v, kf, vf, qm, km Buffer, sel IntBuffer, s AttnShape)
+	// AttentionBackward accumulates dq, dk, dv, dkf, dvf, dqm, dkm from dout,
+	// given the forward inputs and the out and lse that Attention wrote.
+	// When qm, km alias q, k the caller passes dqm, dkm aliasing dq, dk.
+	AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km Buffer, sel IntBuffer, s AttnShape)
+
+	// ShiftRows: out[b,t,:] = x[b,t-1,:], out[b,0,:] = 0. x, out: [B,T,d].
+	// (The predictor input; it carries no gradient, see model.md §4.)
+	ShiftRows(out, x Buffer, B, T, d int)
+	// Innovation: e[r] = mean_i (u[r,i] − p[r,i])². u, p: [Rw,d]; e: [Rw].
+	Innovation(e, u, p Buffer, Rw, d int)
+	// InnovationBackward: dp += de[r]·(−2/d)·(u − p). u gets no gradient
+	// (stop-gradient, model.md §4).
+	InnovationBackward(dp, de, u, p Buffer, Rw, d int)
+	// SelectChunks writes, for every complete chunk c of every sequence, the
+	// S positions (absolute t) of the largest e in that chunk, ascending;
+	// ties go to the later position. e: [B,T]; sel: [B,T/C,S].
+	SelectChunks(sel IntBuffer, e Buffer, B, T, C, S int)
+
+	// SwiGLU: h = SiLU(gate)⊙up. gate, up, h: [Rw,F].
+	SwiGLU(h, gate, up Buffer)
+	// SwiGLUBackward: dgate +=, dup += from dh.
+	SwiGLUBackward(dgate, dup, dh, gate, up Buffer)
+
+	// CrossEntropy: loss[r] = logsumexp(logits[r]) − logits[r, targets[r]],
+	// or 0 where targets[r] < 0 (ignored). logits: [Rw,V].
+	CrossEntropy(loss, logits Buffer, targets IntBuffer, Rw, V int)
+	// CrossEntropyBackward: dlogits[r] += scale·(softmax(logits[r]) −
+	// onehot(targets[r])) for labelled rows; ignored rows get nothing.
+	CrossEntropyBackward(dlogits, logits Buffer, targets IntBuffer, scale float64, Rw, V int)
+
+	// AdamWStep updates param in place from grad with moments m, v (all n
+	// long) using decoupled weight decay: p -= lr·(m̂/(sqrt(v̂)+eps) + wd·p).
+	AdamWStep(param, grad, m, v Buffer, h AdamW)
+}
