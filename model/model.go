@@ -1,0 +1,527 @@
+package model
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/bmojo/bmojo/kernels"
+)
+
+// Model is one replica of the network on one backend: parameters, gradients
+// and the activations of one batch shape (B sequences of T tokens). It is not
+// safe for concurrent use.
+type Model[F kernels.Float] struct {
+	Cfg    Config
+	Layout *Layout
+	be     kernels.Backend[F]
+
+	Params kernels.Buffer // flat, Layout order
+	Grads  kernels.Buffer // flat, same order; Backward accumulates here
+
+	p, g   map[string]kernels.Buffer // per-tensor views of Params and Grads
+	B, T   int
+	acts   *activations[F]
+	nLabel int // labelled positions of the last Forward
+
+}
+
+// New builds a model with parameters from InitParams(seed).
+func New[F kernels.Float](be kernels.Backend[F], c Config, seed uint64) (*Model[F], error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	l := NewLayout(c)
+	m := &Model[F]{Cfg: c, Layout: l, be: be}
+	m.Params = be.Alloc(l.Total)
+	m.Grads = be.Alloc(l.Total)
+	m.p, m.g = map[string]kernels.Buffer{}, map[string]kernels.Buffer{}
+	for _, t := range l.Tensors {
+		m.p[t.Name] = be.Slice(m.Params, t.Offset, t.Size())
+		m.g[t.Name] = be.Slice(m.Grads, t.Offset, t.Size())
+	}
+	if err := m.SetParams(InitParams(c, l, seed)); err != nil {
+		return nil, err
+	}
+	return m, be.Err()
+}
+
+// Backend returns the backend the model runs on.
+func (m *Model[F]) Backend() kernels.Backend[F] { return m.be }
+
+// SetParams uploads a flat float64 parameter vector in Layout order.
+func (m *Model[F]) SetParams(v []float64) error {
+	if len(v) != m.Layout.Total {
+		return fmt.Errorf("model: %d parameters given, layout has %d", len(v), m.Layout.Total)
+	}
+	h := make([]F, len(v))
+	for i, x := range v {
+		h[i] = F(x)
+	}
+	m.be.Upload(m.Params, h)
+	return m.be.Err()
+}
+
+// ParamsHost downloads the parameters as float64 in Layout order.
+func (m *Model[F]) ParamsHost() []float64 { return m.download(m.Params) }
+
+// GradsHost downloads the gradients as float64 in Layout order.
+func (m *Model[F]) GradsHost() []float64 { return m.download(m.Grads) }
+
+func (m *Model[F]) download(b kernels.Buffer) []float64 {
+	h := make([]F, b.Len())
+	m.be.Download(h, b)
+	out := make([]float64, len(h))
+	for i, x := range h {
+		out[i] = float64(x)
+	}
+	return out
+}
+
+// Param returns the view of parameter tensor name (nil if absent).
+func (m *Model[F]) Param(name string) kernels.Buffer { return m.p[name] }
+
+// Grad returns the view of the gradient of tensor name (nil if absent).
+func (m *Model[F]) Grad(name string) kernels.Buffer { return m.g[name] }
+
+// layerActs holds what one layer's backward needs from its forward.
+type layerActs struct {
+	res, rstd1, u kernels.Buffer // input residual [BT,d], its norm stats, normed input u
+	// SSM
+	aPre, z, aConv, a, dlt, bm, cm, dt, y, f kernels.Buffer
+	// attention
+	q, k, v, qr, kr, kfRaw, kfr, vf, o, lse kernels.Buffer
+	pin, pred, innov                        kernels.Buffer
+	sel                                     kernels.IntBuffer
+	// MLP
+	mid, rstd2, u2, gate, up, h kernels.Buffer
+}
+
+type activations[F kernels.Float] struct {
+	tokens, targets  kernels.IntBuffer
+	layers           []layerActs
+	resOut           kernels.Buffer // residual after the last layer
+	rstdF, xf        kernels.Buffer
+	logits, losses   kernels.Buffer
+	dres, du         kernels.Buffer // [BT,d] gradients
+	dlogits, dxf     kernels.Buffer
+	dq, dk, dv, dqr  kernels.Buffer
+	dkr, dkf, dkfr   kernels.Buffer
+	dvf, do, dpred   kernels.Buffer
+	df, dy, da, dz   kernels.Buffer
+	daConv, daPre    kernels.Buffer
+	ddt, ddlt, dbm   kernels.Buffer
+	dcm, dgate, dup  kernels.Buffer
+	dh, dinnov       kernels.Buffer
+	hostLoss, hostIn []F
+}
+
+// Prepare allocates activations for batches of B sequences of T tokens. T may
+// differ from the training length (evaluation at other lengths) but must be
+// a multiple of the chunk when the eidetic memory is on.
+func (m *Model[F]) Prepare(B, T int) error {
+	if B == m.B && T == m.T && m.acts != nil {
+		return nil
+	}
+	c := m.Cfg
+	if B <= 0 || T <= 0 {
+		return fmt.Errorf("model: batch %d × length %d must be positive", B, T)
+	}
+	if c.HasMemory() && T%c.Chunk != 0 {
+		return fmt.Errorf("model: sequence length %d is not a multiple of chunk %d", T, c.Chunk)
+	}
+	be := m.be
+	BT, d, E, N, R := B*T, c.DModel, c.DInner, c.DState, c.DtRank
+	H, G, D := c.NHead, c.NKVHead, c.HeadDim
+	a := &activations[F]{}
+	a.tokens, a.targets = be.AllocInt(BT), be.AllocInt(BT)
+	for _, mx := range c.Mixers {
+		var la layerActs
+		la.res, la.rstd1, la.u = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
+		if mx != MixerAttention {
+			la.aPre, la.z, la.aConv, la.a = be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E)
+			la.dlt, la.bm, la.cm = be.Alloc(BT*R), be.Alloc(BT*N), be.Alloc(BT*N)
+			la.dt, la.y, la.f = be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*d)
+		}
+		if mx != MixerMamba {
+			la.q, la.k, la.v = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
+			la.qr, la.kr = be.Alloc(BT*H*D), be.Alloc(BT*G*D)
+			la.o, la.lse = be.Alloc(BT*H*D), be.Alloc(BT*H)
+			if mx == MixerBMOJO && c.FadingWindow > 0 {
+				la.kfRaw, la.kfr, la.vf = be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
+			}
+			if mx == MixerBMOJO && c.HasMemory() {
+				la.pin, la.pred, la.innov = be.Alloc(BT*d), be.Alloc(BT*d), be.Alloc(BT)
+				la.sel = be.AllocInt(B * (T / c.Chunk) * c.SelectPerChunk)
+			}
+		}
+		if c.HasMLP() {
+			la.mid, la.rstd2, la.u2 = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
+			la.gate, la.up, la.h = be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF)
+		}
+		a.layers = append(a.layers, la)
+	}
+	a.resOut, a.rstdF, a.xf = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
+	a.logits, a.losses = be.Alloc(BT*c.VocabSize), be.Alloc(BT)
+	a.dres, a.du = be.Alloc(BT*d), be.Alloc(BT*d)
+	a.dlogits, a.dxf = be.Alloc(BT*c.VocabSize), be.Alloc(BT*d)
+	a.dq, a.dk, a.dv = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
+	a.dqr, a.dkr, a.dkf, a.dkfr = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
+	a.dvf, a.do, a.dpred = be.Alloc(BT*G*D), be.Alloc(BT*H*D), be.Alloc(BT*d)
+	a.df, a.dy, a.da, a.dz = be.Alloc(BT*d), be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E)
+	a.daConv, a.daPre = be.Alloc(BT*E), be.Alloc(BT*E)
+	a.ddt, a.ddlt, a.dbm, a.dcm = be.Alloc(BT*E), be.Alloc(BT*R), be.Alloc(BT*N), be.Alloc(BT*N)
+	a.dgate, a.dup, a.dh = be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF)
+	a.dinnov = be.Alloc(BT)
+	a.hostLoss, a.hostIn = make([]F, BT), make([]F, BT)
+	for i := range a.hostIn {
+		a.hostIn[i] = F(c.InnovationLoss / float64(BT))
+	}
+	be.Upload(a.dinnov, a.hostIn)
+	m.B, m.T, m.acts = B, T, a
+	return be.Err()
+}
+
+func (m *Model[F]) attnShape() kernels.AttnShape {
+	c := m.Cfg
+	s := kernels.AttnShape{B: m.B, T: m.T, H: c.NHead, G: c.NKVHead, D: c.HeadDim, Wc: c.Window}
+	return s
+}
+
+// layerShape specialises the attention shape to one mixer.
+func (m *Model[F]) layerShape(mixer string) kernels.AttnShape {
+	c := m.Cfg
+	s := m.attnShape()
+	if mixer == MixerBMOJO {
+		s.Wf = c.FadingWindow
+		if c.HasMemory() {
+			s.C, s.S, s.M, s.Delta = c.Chunk, c.SelectPerChunk, c.Memory, c.MemoryDelay()
+		}
+	}
+	return s
+}
+
+// Loss is the result of one forward pass.
+type Loss struct {
+	CE       float64 // mean cross-entropy over labelled positions
+	Aux      float64 // Σ_l innovation loss (unweighted)
+	Total    float64 // CE + λ·Aux, the optimised objective
+	Labelled int     // labelled positions in the batch
+}
+
+// Forward runs the network on tokens [B·T] with next-token targets [B·T]
+// (negative = ignored) and returns the loss. Activations are kept for
+// Backward.
+func (m *Model[F]) Forward(tokens, targets []int32) (Loss, error) {
+	if m.acts == nil {
+		return Loss{}, fmt.Errorf("model: Forward before Prepare")
+	}
+	BT := m.B * m.T
+	if len(tokens) != BT || len(targets) != BT {
+		return Loss{}, fmt.Errorf("model: got %d tokens and %d targets, want B·T = %d", len(tokens), len(targets), BT)
+	}
+	V := int32(m.Cfg.VocabSize)
+	n := 0
+	for i, t := range tokens {
+		if t < 0 || t >= V {
+			return Loss{}, fmt.Errorf("model: token %d at position %d is outside the vocabulary [0,%d)", t, i, V)
+		}
+		if targets[i] >= V {
+			return Loss{}, fmt.Errorf("model: target %d at position %d is outside the vocabulary [0,%d)", targets[i], i, V)
+		}
+		if targets[i] >= 0 {
+			n++
+		}
+	}
+	a, be := m.acts, m.be
+	be.UploadInt(a.tokens, tokens)
+	be.UploadInt(a.targets, targets)
+	m.nLabel = n
+	m.forwardLogits()
+	be.CrossEntropy(a.losses, a.logits, a.targets, BT, m.Cfg.VocabSize)
+	if err := be.Err(); err != nil {
+		return Loss{}, err
+	}
+	var l Loss
+	l.Labelled = n
+	be.Download(a.hostLoss, a.losses)
+	if n > 0 {
+		var s float64
+		for _, x := range a.hostLoss {
+			s += float64(x)
+		}
+		l.CE = s / float64(n)
+	}
+	for i, mx := range m.Cfg.Mixers {
+		if mx == MixerBMOJO && m.Cfg.HasMemory() {
+			be.Download(a.hostIn, a.layers[i].innov)
+			var s float64
+			for _, x := range a.hostIn {
+				s += float64(x)
+			}
+			l.Aux += s / float64(BT)
+		}
+	}
+	l.Total = l.CE + m.Cfg.InnovationLoss*l.Aux
+	return l, be.Err()
+}
+
+// Logits returns the logits [B·T, V] of the last Forward (or ForwardLogits).
+func (m *Model[F]) Logits() []F {
+	h := make([]F, m.acts.logits.Len())
+	m.be.Download(h, m.acts.logits)
+	return h
+}
+
+// ForwardLogits runs the network on tokens [B·T] without a loss.
+func (m *Model[F]) ForwardLogits(tokens []int32) error {
+	if m.acts == nil {
+		return fmt.Errorf("model: ForwardLogits before Prepare")
+	}
+	if len(tokens) != m.B*m.T {
+		return fmt.Errorf("model: got %d tokens, want B·T = %d", len(tokens), m.B*m.T)
+	}
+	for i, t := range tokens {
+		if t < 0 || int(t) >= m.Cfg.VocabSize {
+			return fmt.Errorf("model: token %d at position %d is outside the vocabulary [0,%d)", t, i, m.Cfg.VocabSize)
+		}
+	}
+	m.be.UploadInt(m.acts.tokens, tokens)
+	m.forwardLogits()
+	return m.be.Err()
+}
+
+func (m *Model[F]) forwardLogits() {
+	c, a, be := m.Cfg, m.acts, m.be
+	B, T := m.B, m.T
+	BT, d := B*T, c.DModel
+	be.Embedding(a.layers0Res(), m.p["embed.weight"], a.tokens, BT, d)
+	for i, mx := range c.Mixers {
+		la := &a.layers[i]
+		pre := fmt.Sprintf("layers.%d.", i)
+		P := func(n string) kernels.Buffer { return m.p[pre+n] }
+		be.RMSNorm(la.u, la.rstd1, la.res, P("norm1.weight"), BT, d)
+		// mixer output goes to next: the residual after the mixer.
+		next := a.resOut
+		if i+1 < len(a.layers) {
+			next = a.layers[i+1].res
+		}
+		mid := next
+		if c.HasMLP() {
+			mid = la.mid
+		}
+		if mx != MixerAttention {
+			m.ssmForward(la, P, B, T)
+		}
+		be.Copy(mid, la.res)
+		switch mx {
+		case MixerMamba:
+			be.Accumulate(mid, la.f)
+		default:
+			m.attnForward(la, P, mx)
+			be.MatMul(mid, la.o, P("attn.o_proj.weight"), BT, d, c.NHead*c.HeadDim, true)
+		}
+		if c.HasMLP() {
+			be.RMSNorm(la.u2, la.rstd2, mid, P("norm2.weight"), BT, d)
+			be.MatMul(la.gate, la.u2, P("mlp.gate_proj.weight"), BT, c.DFF, d, false)
+			be.MatMul(la.up, la.u2, P("mlp.up_proj.weight"), BT, c.DFF, d, false)
+			be.SwiGLU(la.h, la.gate, la.up)
+			be.Copy(next, mid)
+			be.MatMul(next, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF, true)
+		}
+	}
+	be.RMSNorm(a.xf, a.rstdF, a.resOut, m.p["norm_f.weight"], BT, d)
+	be.MatMul(a.logits, a.xf, m.p["embed.weight"], BT, c.VocabSize, d, false)
+}
+
+func (a *activations[F]) layers0Res() kernels.Buffer {
+	if len(a.layers) == 0 {
+		return a.resOut
+	}
+	return a.layers[0].res
+}
+
+// ssmForward computes the fading-memory path f = SSM(u) (model.md §3).
+func (m *Model[F]) ssmForward(la *layerActs, P func(string) kernels.Buffer, B, T int) {
+	c, be := m.Cfg, m.be
+	BT, d, E, N, R, K := B*T, c.DModel, c.DInner, c.DState, c.DtRank, c.DConv
+	win := P("ssm.in_proj.weight")
+	be.MatMul(la.aPre, la.u, be.Slice(win, 0, E*d), BT, E, d, false)
+	be.MatMul(la.z, la.u, be.Slice(win, E*d, E*d), BT, E, d, false)
+	be.Conv1d(la.aConv, la.aPre, P("ssm.conv.weight"), P("ssm.conv.bias"), B, T, E, K)
+	be.SiLU(la.a, la.aConv)
+	wx := P("ssm.x_proj.weight")
+	be.MatMul(la.dlt, la.a, be.Slice(wx, 0, R*E), BT, R, E, false)
+	be.MatMul(la.bm, la.a, be.Slice(wx, R*E, N*E), BT, N, E, false)
+	be.MatMul(la.cm, la.a, be.Slice(wx, (R+N)*E, N*E), BT, N, E, false)
+	be.MatMul(la.dt, la.dlt, P("ssm.dt_proj.weight"), BT, E, R, false)
+	be.SelectiveScan(la.y, la.a, la.dt, P("ssm.dt_proj.bias"), P("ssm.A_log"), la.bm, la.cm, P("ssm.D"), la.z, B, T, E, N)
+	be.MatMul(la.f, la.y, P("ssm.out_proj.weight"), BT, d, E, false)
+}
+
+// attnForward computes the concatenated head outputs o (model.md §4).
+func (m *Model[F]) attnForward(la *layerActs, P func(string) kernels.Buffer, mx string) {
+	c, be := m.Cfg, m.be
+	B, T := m.B, m.T
+	BT, d, H, G, D := B*T, c.DModel, c.NHead, c.NKVHead, c.HeadDim
+	wk, wv := P("attn.k_proj.weight"), P("attn.v_proj.weight")
+	be.MatMul(la.q, la.u, P("attn.q_proj.weight"), BT, H*D, d, false)
+	be.MatMul(la.k, la.u, wk, BT, G*D, d, false)
+	be.MatMul(la.v, la.u, wv, BT, G*D, d, false)
+	be.RoPE(la.qr, la.q, B, T, H, D, c.RopeTheta)
+	be.RoPE(la.kr, la.k, B, T, G, D, c.RopeTheta)
+	s := m.layerShape(mx)
+	if s.Wf > 0 {
+		be.MatMul(la.kfRaw, la.f, wk, BT, G*D, d, false)
+		be.MatMul(la.vf, la.f, wv, BT, G*D, d, false)
+		be.RoPE(la.kfr, la.kfRaw, B, T, G, D, c.RopeTheta)
+	}
+	var qm, km kernels.Buffer
+	if s.M > 0 {
+		be.ShiftRows(la.pin, la.f, B, T, d)
+		be.MatMul(la.pred, la.pin, P("attn.predictor.weight"), BT, d, d, false)
+		be.Innovation(la.innov, la.u, la.pred, BT, d)
+		be.SelectChunks(la.sel, la.innov, B, T, c.Chunk, c.SelectPerChunk)
+		qm, km = la.qr, la.kr
+		if c.MemoryRope == "none" {
+			qm, km = la.q, la.k
+		}
+	}
+	be.Attention(la.o, la.lse, la.qr, la.kr, la.v, la.kfr, la.vf, qm, km, la.sel, s)
+}
+
+// Backward accumulates into Grads the gradient of the last Forward's Total
+// loss. Call ZeroGrads first unless accumulating micro-batches.
+func (m *Model[F]) Backward() error {
+	return m.BackwardHook(nil)
+}
+
+// BackwardHook is Backward with a callback after each layer's parameter
+// gradients are final (layers in reverse order, then -1 for the embedding
+// and final norm), so a caller can start all-reducing them early.
+func (m *Model[F]) BackwardHook(done func(layer int)) error {
+	if m.acts == nil {
+		return fmt.Errorf("model: Backward before Forward")
+	}
+	c, a, be := m.Cfg, m.acts, m.be
+	B, T := m.B, m.T
+	BT, d := B*T, c.DModel
+	be.Zero(a.dlogits)
+	if m.nLabel > 0 {
+		be.CrossEntropyBackward(a.dlogits, a.logits, a.targets, 1/float64(m.nLabel), BT, c.VocabSize)
+	}
+	be.Zero(a.dxf)
+	be.MatMulBackward(a.dxf, m.g["embed.weight"], a.dlogits, a.xf, m.p["embed.weight"], BT, c.VocabSize, d)
+	be.Zero(a.dres)
+	be.RMSNormBackward(a.dres, m.g["norm_f.weight"], a.dxf, a.resOut, m.p["norm_f.weight"], a.rstdF, BT, d)
+	for i := len(c.Mixers) - 1; i >= 0; i-- {
+		mx := c.Mixers[i]
+		la := &a.layers[i]
+		pre := fmt.Sprintf("layers.%d.", i)
+		P := func(n string) kernels.Buffer { return m.p[pre+n] }
+		Gr := func(n string) kernels.Buffer { return m.g[pre+n] }
+		if c.HasMLP() {
+			be.Zero(a.dh)
+			be.MatMulBackward(a.dh, Gr("mlp.down_proj.weight"), a.dres, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF)
+			be.Zero(a.dgate)
+			be.Zero(a.dup)
+			be.SwiGLUBackward(a.dgate, a.dup, a.dh, la.gate, la.up)
+			be.Zero(a.du)
+			be.MatMulBackward(a.du, Gr("mlp.gate_proj.weight"), a.dgate, la.u2, P("mlp.gate_proj.weight"), BT, c.DFF, d)
+			be.MatMulBackward(a.du, Gr("mlp.up_proj.weight"), a.dup, la.u2, P("mlp.up_proj.weight"), BT, c.DFF, d)
+			be.RMSNormBackward(a.dres, Gr("norm2.weight"), a.du, la.mid, P("norm2.weight"), la.rstd2, BT, d)
+		}
+		// a.dres is now the gradient of the residual after the mixer.
+		be.Zero(a.du)
+		be.Zero(a.df)
+		if mx == MixerMamba {
+			be.Accumulate(a.df, a.dres)
+		} else {
+			m.attnBackward(la, P, Gr, mx)
+		}
+		if mx != MixerAttention {
+			m.ssmBackward(la, P, Gr)
+		}
+		be.RMSNormBackward(a.dres, Gr("norm1.weight"), a.du, la.res, P("norm1.weight"), la.rstd1, BT, d)
+		if done != nil {
+			done(i)
+		}
+	}
+	be.EmbeddingBackward(m.g["embed.weight"], a.dres, a.tokens, BT, d)
+	if done != nil {
+		done(-1)
+	}
+	return be.Err()
+}
+
+// attnBackward takes a.dres (gradient of the mixer output) and accumulates
+// into a.du (gradient of the normed input) and a.df (gradient of the SSM
+// output, through the fading keys).
+func (m *Model[F]) attnBackward(la *layerActs, P, Gr func(string) kernels.Buffer, mx string) {
+	c, a, be := m.Cfg, m.acts, m.be
+	B, T := m.B, m.T
+	BT, d, H, G, D := B*T, c.DModel, c.NHead, c.NKVHead, c.HeadDim
+	s := m.layerShape(mx)
+	be.Zero(a.do)
+	be.MatMulBackward(a.do, Gr("attn.o_proj.weight"), a.dres, la.o, P("attn.o_proj.weight"), BT, d, H*D)
+	for _, b := range []kernels.Buffer{a.dq, a.dk, a.dv, a.dqr, a.dkr, a.dkfr, a.dvf, a.dkf} {
+		be.Zero(b)
+	}
+	var qm, km, dqm, dkm, kfr, vf, dkfr, dvf kernels.Buffer
+	if s.M > 0 {
+		qm, km, dqm, dkm = la.qr, la.kr, a.dqr, a.dkr
+		if c.MemoryRope == "none" {
+			qm, km, dqm, dkm = la.q, la.k, a.dq, a.dk
+		}
+	}
+	if s.Wf > 0 {
+		kfr, vf, dkfr, dvf = la.kfr, la.vf, a.dkfr, a.dvf
+	}
+	be.AttentionBackward(a.dqr, a.dkr, a.dv, dkfr, dvf, dqm, dkm, a.do, la.o, la.lse,
+		la.qr, la.kr, la.v, kfr, vf, qm, km, la.sel, s)
+	be.RoPEBackward(a.dq, a.dqr, B, T, H, D, c.RopeTheta)
+	be.RoPEBackward(a.dk, a.dkr, B, T, G, D, c.RopeTheta)
+	wq, wk, wv := P("attn.q_proj.weight"), P("attn.k_proj.weight"), P("attn.v_proj.weight")
+	be.MatMulBackward(a.du, Gr("attn.q_proj.weight"), a.dq, la.u, wq, BT, H*D, d)
+	be.MatMulBackward(a.du, Gr("attn.k_proj.weight"), a.dk, la.u, wk, BT, G*D, d)
+	be.MatMulBackward(a.du, Gr("attn.v_proj.weight"), a.dv, la.u, wv, BT, G*D, d)
+	if s.Wf > 0 {
+		be.RoPEBackward(a.dkf, a.dkfr, B, T, G, D, c.RopeTheta)
+		be.MatMulBackward(a.df, Gr("attn.k_proj.weight"), a.dkf, la.f, wk, BT, G*D, d)
+		be.MatMulBackward(a.df, Gr("attn.v_proj.weight"), a.dvf, la.f, wv, BT, G*D, d)
+	}
+	if s.M > 0 && c.InnovationLoss > 0 {
+		// a.dinnov holds λ/BT: aux = mean_r e_r trains the predictor only.
+		be.Zero(a.dpred)
+		be.InnovationBackward(a.dpred, a.dinnov, la.u, la.pred, BT, d)
+		be.MatMulBackward(nil, Gr("attn.predictor.weight"), a.dpred, la.pin, P("attn.predictor.weight"), BT, d, d)
+	}
+}
+
+// ssmBackward takes a.df and accumulates into a.du.
+func (m *Model[F]) ssmBackward(la *layerActs, P, Gr func(string) kernels.Buffer) {
+	c, a, be := m.Cfg, m.acts, m.be
+	B, T := m.B, m.T
+	BT, d, E, N, R, K := B*T, c.DModel, c.DInner, c.DState, c.DtRank, c.DConv
+	for _, b := range []kernels.Buffer{a.dy, a.da, a.dz, a.ddt, a.ddlt, a.dbm, a.dcm, a.daConv, a.daPre} {
+		be.Zero(b)
+	}
+	be.MatMulBackward(a.dy, Gr("ssm.out_proj.weight"), a.df, la.y, P("ssm.out_proj.weight"), BT, d, E)
+	be.SelectiveScanBackward(a.da, a.ddt, Gr("ssm.dt_proj.bias"), Gr("ssm.A_log"), a.dbm, a.dcm, Gr("ssm.D"), a.dz, a.dy,
+		la.a, la.dt, P("ssm.dt_proj.bias"), P("ssm.A_log"), la.bm, la.cm, P("ssm.D"), la.z, B, T, E, N)
+	be.MatMulBackward(a.ddlt, Gr("ssm.dt_proj.weight"), a.ddt, la.dlt, P("ssm.dt_proj.weight"), BT, E, R)
+	wx, gwx := P("ssm.x_proj.weight"), Gr("ssm.x_proj.weight")
+	be.MatMulBackward(a.da, be.Slice(gwx, 0, R*E), a.ddlt, la.a, be.Slice(wx, 0, R*E), BT, R, E)
+	be.MatMulBackward(a.da, be.Slice(gwx, R*E, N*E), a.dbm, la.a, be.Slice(wx, R*E, N*E), BT, N, E)
+	be.MatMulBackward(a.da, be.Slice(gwx, (R+N)*E, N*E), a.dcm, la.a, be.Slice(wx, (R+N)*E, N*E), BT, N, E)
+	be.SiLUBackward(a.daConv, a.da, la.aConv)
+	be.Conv1dBackward(a.daPre, Gr("ssm.conv.weight"), Gr("ssm.conv.bias"), a.daConv, la.aPre, P("ssm.conv.weight"), B, T, E, K)
+	win, gwin := P("ssm.in_proj.weight"), Gr("ssm.in_proj.weight")
+	be.MatMulBackward(a.du, be.Slice(gwin, 0, E*d), a.daPre, la.u, be.Slice(win, 0, E*d), BT, E, d)
+	be.MatMulBackward(a.du, be.Slice(gwin, E*d, E*d), a.dz, la.u, be.Slice(win, E*d, E*d), BT, E, d)
+}
+
+// ZeroGrads clears the gradient vector.
+func (m *Model[F]) ZeroGrads() { m.be.Zero(m.Grads) }
+
+// GradNorm is the global L2 norm of the gradients.
+func (m *Model[F]) GradNorm() float64 { return math.Sqrt(m.be.SumSquares(m.Grads)) }

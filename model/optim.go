@@ -1,0 +1,91 @@
+package model
+
+import (
+	"math"
+
+	"github.com/bmojo/bmojo/kernels"
+)
+
+// OptimConfig is the optimiser and schedule of model.md §6.
+type OptimConfig struct {
+	LR          float64 `json:"lr" yaml:"lr"`                     // peak learning rate
+	MinLRFrac   float64 `json:"min_lr_frac" yaml:"min_lr_frac"`   // cosine floor as a fraction of LR (0.1)
+	WarmupSteps int     `json:"warmup_steps" yaml:"warmup_steps"` // linear warm-up length
+	TotalSteps  int     `json:"total_steps" yaml:"total_steps"`   // schedule length
+	Beta1       float64 `json:"beta1" yaml:"beta1"`               // 0.9
+	Beta2       float64 `json:"beta2" yaml:"beta2"`               // 0.95
+	Eps         float64 `json:"eps" yaml:"eps"`                   // 1e-8
+	WeightDecay float64 `json:"weight_decay" yaml:"weight_decay"` // 0.1, matrices only
+	ClipNorm    float64 `json:"clip_norm" yaml:"clip_norm"`       // global gradient norm limit (1.0; 0 = off)
+}
+
+// DefaultOptim returns model.md §6's defaults for a run of total steps.
+func DefaultOptim(lr float64, total int) OptimConfig {
+	return OptimConfig{LR: lr, MinLRFrac: 0.1, WarmupSteps: max(1, total/20), TotalSteps: total,
+		Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, WeightDecay: 0.1, ClipNorm: 1}
+}
+
+// LRAt is the learning rate of 0-based step s: linear warm-up, then cosine
+// decay to MinLRFrac·LR at TotalSteps.
+func (o OptimConfig) LRAt(s int) float64 {
+	if s < o.WarmupSteps {
+		return o.LR * float64(s+1) / float64(o.WarmupSteps)
+	}
+	span := o.TotalSteps - o.WarmupSteps
+	if span <= 0 {
+		return o.LR
+	}
+	p := math.Min(1, float64(s-o.WarmupSteps)/float64(span))
+	min := o.LR * o.MinLRFrac
+	return min + 0.5*(o.LR-min)*(1+math.Cos(math.Pi*p))
+}
+
+// Optimizer is AdamW with per-tensor decay groups over a model's flat
+// parameter vector.
+type Optimizer[F kernels.Float] struct {
+	Cfg  OptimConfig
+	M, V kernels.Buffer // moments, Layout order
+	Step int            // completed updates
+	m    *Model[F]
+}
+
+// NewOptimizer allocates zeroed moments for m.
+func NewOptimizer[F kernels.Float](m *Model[F], c OptimConfig) *Optimizer[F] {
+	be := m.Backend()
+	return &Optimizer[F]{Cfg: c, M: be.Alloc(m.Layout.Total), V: be.Alloc(m.Layout.Total), m: m}
+}
+
+// StepResult reports one update.
+type StepResult struct {
+	GradNorm float64 // before clipping
+	LR       float64
+	Skipped  bool // gradient was NaN/Inf: nothing applied
+}
+
+// Apply clips the model's gradients to the global norm and takes one AdamW
+// step at the scheduled learning rate. A non-finite gradient norm skips the
+// update (the step counter does not advance).
+func (o *Optimizer[F]) Apply() StepResult {
+	m, be := o.m, o.m.Backend()
+	norm := m.GradNorm()
+	r := StepResult{GradNorm: norm, LR: o.Cfg.LRAt(o.Step)}
+	if math.IsNaN(norm) || math.IsInf(norm, 0) {
+		r.Skipped = true
+		return r
+	}
+	if o.Cfg.ClipNorm > 0 && norm > o.Cfg.ClipNorm {
+		be.Scale(m.Grads, o.Cfg.ClipNorm/norm)
+	}
+	o.Step++
+	for _, t := range m.Layout.Tensors {
+		wd := 0.0
+		if t.Decay {
+			wd = o.Cfg.WeightDecay
+		}
+		n := t.Size()
+		be.AdamWStep(m.p[t.Name], m.g[t.Name], be.Slice(o.M, t.Offset, n), be.Slice(o.V, t.Offset, n), kernels.AdamW{
+			LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, WeightDecay: wd, Step: o.Step,
+		})
+	}
+	return r
+}
