@@ -116,8 +116,8 @@ type activations[F kernels.Float] struct {
 }
 
 // Prepare allocates activations for batches of B sequences of T tokens. T may
-// differ from the training length (evaluation at other lengths) but must be
-// a multiple of the chunk when the eidetic memory is on.
+// differ from the training length (evaluation at other lengths); a trailing
+// incomplete chunk selects nothing (model.md §4).
 func (m *Model[F]) Prepare(B, T int) error {
 	if B == m.B && T == m.T && m.acts != nil {
 		return nil
@@ -125,9 +125,6 @@ func (m *Model[F]) Prepare(B, T int) error {
 	c := m.Cfg
 	if B <= 0 || T <= 0 {
 		return fmt.Errorf("model: batch %d × length %d must be positive", B, T)
-	}
-	if c.HasMemory() && T%c.Chunk != 0 {
-		return fmt.Errorf("model: sequence length %d is not a multiple of chunk %d", T, c.Chunk)
 	}
 	be := m.be
 	BT, d, E, N, R := B*T, c.DModel, c.DInner, c.DState, c.DtRank
