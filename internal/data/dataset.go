@@ -388,11 +388,11 @@ func checkShard(dir string, m Manifest, info ShardInfo) (*Shard, error) {
 	return sh, nil
 }
 
-// CheckShard verifies one manifest entry of a dataset directory; it is what
-// `bmojo data inspect` reports per shard.
-func CheckShard(dir string, m Manifest, info ShardInfo) error {
-	_, err := checkShard(dir, m, info)
-	return err
+// CheckShard loads and verifies one manifest entry of a dataset directory:
+// the shard itself (as ReadShard) and its agreement with the manifest. It is
+// what `bmojo data inspect` reports per shard.
+func CheckShard(dir string, m Manifest, info ShardInfo) (*Shard, error) {
+	return checkShard(dir, m, info)
 }
 
 // BundledDataset returns one split of the bundled corpus, byte-tokenized.
