@@ -1,6 +1,7 @@
 package data
 
 import (
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -252,6 +253,43 @@ func TestBatchRange(t *testing.T) {
 	for _, bad := range [][4]int{{-1, 8, 0, 1}, {0, 0, 0, 1}, {0, 8, 4, 4}, {0, 2, 0, 4}} {
 		if _, _, err := BatchRange(bad[0], bad[1], bad[2], bad[3]); err == nil {
 			t.Errorf("BatchRange%v accepted", bad)
+		}
+	}
+}
+
+// TestSamplerConcurrentFill: workers in one process share a Sampler; the
+// permutation cache must not race or hand out different orders.
+func TestSamplerConcurrentFill(t *testing.T) {
+	ds := multiShard(t, 900)
+	s, _ := NewSampler(ds, 8, 5)
+	want, _, _ := fillAll(t, s, 3)
+	n := s.NumWindows()
+	errs := make(chan error, 8)
+	for w := range 8 {
+		go func() {
+			toks, tgts := make([]int32, n*8), make([]int32, n*8)
+			// Alternate epochs so the two-entry cache keeps evicting.
+			for rep := range 20 {
+				epoch := 3 + (rep+w)%3
+				if err := s.Fill(epoch, 0, n, toks, tgts); err != nil {
+					errs <- err
+					return
+				}
+				if epoch == 3 {
+					for k := range n {
+						if toks[k*8] != want[k] {
+							errs <- fmt.Errorf("worker %d got a different epoch-3 order", w)
+							return
+						}
+					}
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
 		}
 	}
 }

@@ -172,3 +172,26 @@ func abs(x float64) float64 {
 	}
 	return x
 }
+
+func FuzzParseShard(f *testing.F) {
+	dir := f.TempDir()
+	p := filepath.Join(dir, "seed.tok")
+	if err := WriteShard(p, randomTokens(50, 256, 3), 256); err != nil {
+		f.Fatal(err)
+	}
+	good, _ := os.ReadFile(p)
+	f.Add(good)
+	f.Add(good[:ShardHeaderSize])
+	f.Add([]byte(ShardMagic))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		sh, err := parseShard("fuzz.tok", b)
+		if err != nil {
+			return
+		}
+		for _, tok := range sh.Tokens {
+			if tok < 0 || uint32(tok) >= sh.Header.Vocab {
+				t.Fatalf("accepted token %d with vocab %d", tok, sh.Header.Vocab)
+			}
+		}
+	})
+}
