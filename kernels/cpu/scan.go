@@ -37,9 +37,31 @@ func (be *Backend[F]) scanCheck(c *checker[F], x, dt, dtBias, Alog, Bm, Cm, Dski
 	}
 }
 
-// scanCost is the rough operation count of one (b,e) channel, dominated by
-// the T·N exponentials.
+// expCost is the rough operation count of one exponential, which dominates
+// the scan (T·N of them per channel).
 const expCost = 20
+
+// scanBlock channels are processed together so every [B,T,E] access reads
+// scanBlock contiguous elements instead of striding by E.
+const scanBlock = 16
+
+// expInto sets dst[n] = exp(s·a[n]): the polynomial expScaled for float32
+// backends, math.Exp for float64 ones (see expFast).
+func expInto[F kernels.Float](dst, a []float64, s float64) {
+	if is32[F]() {
+		expScaled(dst, a, s)
+		return
+	}
+	for n := range dst {
+		dst[n] = math.Exp(s * a[n])
+	}
+}
+
+func negExp[F kernels.Float](dst []float64, alog []F) {
+	for n, v := range alog {
+		dst[n] = -math.Exp(float64(v))
+	}
+}
 
 // SelectiveScan implements kernels.Backend. The state is float64 whatever
 // F is, so the float64 backend stays exact for gradient checks and the
@@ -51,38 +73,48 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 	if !c.ok {
 		return
 	}
-	parallel(B*E, T*N*expCost, func(_, lo, hi int) {
-		h := make([]float64, N)
-		A := make([]float64, N)
-		for be := lo; be < hi; be++ {
-			b, e := be/E, be%E
-			for n := range A {
-				A[n] = -math.Exp(float64(a.Alog[e*N+n]))
-			}
+	nEB := (E + scanBlock - 1) / scanBlock
+	parallel(B*nEB, T*N*scanBlock*expCost, func(_, lo, hi int) {
+		h := make([]float64, scanBlock*N)
+		A := make([]float64, scanBlock*N)
+		dA := make([]float64, N)
+		bm, cm := make([]float64, N), make([]float64, N)
+		for task := lo; task < hi; task++ {
+			b, e0 := task/nEB, task%nEB*scanBlock
+			ne := min(scanBlock, E-e0)
+			negExp(A[:ne*N], a.Alog[e0*N:(e0+ne)*N])
 			clear(h)
-			bias, dsk := float64(a.dtBias[e]), float64(a.Dskip[e])
 			for t := 0; t < T; t++ {
-				i := (b*T+t)*E + e
-				xv := float64(a.x[i])
-				delta := softplus(float64(a.dt[i]) + bias)
-				dx := delta * xv
-				bm, cm := a.Bm[(b*T+t)*N:(b*T+t+1)*N], a.Cm[(b*T+t)*N:(b*T+t+1)*N]
-				var y float64
-				for n := range h {
-					h[n] = math.Exp(delta*A[n])*h[n] + dx*float64(bm[n])
-					y += h[n] * float64(cm[n])
+				r := b*T + t
+				for n := range bm {
+					bm[n], cm[n] = float64(a.Bm[r*N+n]), float64(a.Cm[r*N+n])
 				}
-				y += dsk * xv
-				o[i] = F(y * silu(float64(a.z[i])))
+				for j := 0; j < ne; j++ {
+					e, i := e0+j, r*E+e0+j
+					xv := float64(a.x[i])
+					delta := softplus(float64(a.dt[i]) + float64(a.dtBias[e]))
+					dx := delta * xv
+					hj := h[j*N : (j+1)*N]
+					expInto[F](dA, A[j*N:(j+1)*N], delta)
+					var y float64
+					for n := range hj {
+						hj[n] = dA[n]*hj[n] + dx*bm[n]
+						y += hj[n] * cm[n]
+					}
+					y += float64(a.Dskip[e]) * xv
+					o[i] = F(y * silu(float64(a.z[i])))
+				}
 			}
 		}
 	})
 }
 
 // SelectiveScanBackward implements kernels.Backend. Workers split the
-// channels e, so per-channel gradients (dtBias, Alog, Dskip) have one
-// writer; dBm and dCm sum over channels and go to per-worker float64
-// slots reduced in worker order afterwards.
+// channels e in blocks, so per-channel gradients (dtBias, Alog, Dskip) have
+// one writer; dBm and dCm sum over channels and go to per-worker float64
+// slots reduced in worker order afterwards (deterministic for a given
+// GOMAXPROCS). A block's [T] columns are gathered into contiguous scratch
+// first, then each channel's T×N states are recomputed and walked back.
 func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
 	c := be.check("selective_scan_backward")
 	a := be.scanCheck(c, x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
@@ -101,7 +133,8 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 	nw := runtime.GOMAXPROCS(0)
 	slotB := make([][]float64, nw)
 	slotC := make([][]float64, nw)
-	parallel(E, B*T*N*expCost*3, func(w, lo, hi int) {
+	nEB := (E + scanBlock - 1) / scanBlock
+	parallel(nEB, B*T*N*scanBlock*expCost*3, func(w, lo, hi int) {
 		var sB, sC []float64
 		if gB != nil {
 			sB = make([]float64, B*T*N)
@@ -114,92 +147,123 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 		hs := make([]float64, T*N) // h_t of the current channel
 		as := make([]float64, T*N) // exp(Δ_t·A) of the current channel
 		deltas := make([]float64, T)
+		// Gathered columns of the block, [scanBlock][T]: inputs, then the
+		// per-element gradients written back after the block.
+		cx, cdt, cz, cg := make([]float64, scanBlock*T), make([]float64, scanBlock*T), make([]float64, scanBlock*T), make([]float64, scanBlock*T)
+		gxc, gdtc, gzc := make([]float64, scanBlock*T), make([]float64, scanBlock*T), make([]float64, scanBlock*T)
 		A := make([]float64, N)
 		dh := make([]float64, N)
-		dA := make([]float64, N)
-		for e := lo; e < hi; e++ {
-			for n := range A {
-				A[n] = -math.Exp(float64(a.Alog[e*N+n]))
-			}
-			clear(dA)
-			bias, dsk := float64(a.dtBias[e]), float64(a.Dskip[e])
-			var dBias, dD float64
+		zeros := make([]float64, N) // h_{-1}
+		gAcc := make([]float64, scanBlock*N)
+		for eb := lo; eb < hi; eb++ {
+			e0 := eb * scanBlock
+			ne := min(scanBlock, E-e0)
+			var dBias, dD [scanBlock]float64
+			clear(gAcc)
 			for b := 0; b < B; b++ {
-				// Recompute this channel's states.
 				for t := 0; t < T; t++ {
-					i := (b*T+t)*E + e
-					delta := softplus(float64(a.dt[i]) + bias)
-					deltas[t] = delta
-					dxv := delta * float64(a.x[i])
-					bm := a.Bm[(b*T+t)*N : (b*T+t+1)*N]
-					ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
-					for n := range ht {
-						at[n] = math.Exp(delta * A[n])
-						var prev float64
-						if t > 0 {
-							prev = hs[(t-1)*N+n]
-						}
-						ht[n] = at[n]*prev + dxv*float64(bm[n])
+					i := (b*T+t)*E + e0
+					for j := 0; j < ne; j++ {
+						cx[j*T+t], cdt[j*T+t] = float64(a.x[i+j]), float64(a.dt[i+j])
+						cz[j*T+t], cg[j*T+t] = float64(a.z[i+j]), float64(do[i+j])
 					}
 				}
-				clear(dh) // a_{t+1}·dh_{t+1}, carried backwards
-				for t := T - 1; t >= 0; t-- {
-					i := (b*T+t)*E + e
-					r := (b*T + t) * N
-					xv, zv, g := float64(a.x[i]), float64(a.z[i]), float64(do[i])
-					sz := sigmoid(zv)
-					ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
-					bm, cm := a.Bm[r:r+N], a.Cm[r:r+N]
-					var y float64
-					for n := range ht {
-						y += ht[n] * float64(cm[n])
+				for j := 0; j < ne; j++ {
+					e := e0 + j
+					negExp(A, a.Alog[e*N:(e+1)*N])
+					dA := gAcc[j*N : (j+1)*N]
+					bias, dsk := float64(a.dtBias[e]), float64(a.Dskip[e])
+					xs, dts, zs, gs := cx[j*T:(j+1)*T], cdt[j*T:(j+1)*T], cz[j*T:(j+1)*T], cg[j*T:(j+1)*T]
+					// Recompute this channel's states.
+					for t := 0; t < T; t++ {
+						delta := softplus(dts[t] + bias)
+						deltas[t] = delta
+						dxv := delta * xs[t]
+						bm := a.Bm[(b*T+t)*N : (b*T+t+1)*N]
+						ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
+						expInto[F](at, A, delta)
+						if t == 0 {
+							for n := range ht {
+								ht[n] = dxv * float64(bm[n])
+							}
+							continue
+						}
+						hp := hs[(t-1)*N : t*N]
+						for n := range ht {
+							ht[n] = at[n]*hp[n] + dxv*float64(bm[n])
+						}
 					}
-					y += dsk * xv
-					if gz != nil {
-						gz[i] += F(g * y * sz * (1 + zv*(1-sz)))
-					}
-					dy := g * zv * sz
-					dD += dy * xv
-					delta := deltas[t]
-					dxacc := dy * dsk
-					var dDelta float64
-					for n := range ht {
-						dhn := dh[n] + dy*float64(cm[n])
-						var prev float64
+					clear(dh) // a_{t+1}·dh_{t+1}, carried backwards
+					for t := T - 1; t >= 0; t-- {
+						r := (b*T + t) * N
+						xv, zv, g := xs[t], zs[t], gs[t]
+						sz := sigmoid(zv)
+						ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
+						bm, cm := a.Bm[r:r+N], a.Cm[r:r+N]
+						var y float64
+						for n := range ht {
+							y += ht[n] * float64(cm[n])
+						}
+						y += dsk * xv
+						gzc[j*T+t] = g * y * sz * (1 + zv*(1-sz))
+						dy := g * zv * sz
+						dD[j] += dy * xv
+						delta := deltas[t]
+						dxacc := dy * dsk
+						var dDelta float64
+						hp := zeros[:N]
 						if t > 0 {
-							prev = hs[(t-1)*N+n]
+							hp = hs[(t-1)*N : t*N]
 						}
-						if sC != nil {
-							sC[r+n] += dy * ht[n]
+						for n := range ht {
+							dhn := dh[n] + dy*float64(cm[n])
+							if sC != nil {
+								sC[r+n] += dy * ht[n]
+							}
+							if sB != nil {
+								sB[r+n] += dhn * delta * xv
+							}
+							bn := float64(bm[n])
+							dxacc += dhn * delta * bn
+							pa := hp[n] * at[n]
+							dDelta += dhn * (xv*bn + pa*A[n])
+							dA[n] += dhn * pa * delta
+							dh[n] = dhn * at[n]
 						}
-						if sB != nil {
-							sB[r+n] += dhn * delta * xv
+						gxc[j*T+t] = dxacc
+						du := dDelta * sigmoid(dts[t]+bias)
+						gdtc[j*T+t] = du
+						dBias[j] += du
+					}
+				}
+				for t := 0; t < T; t++ {
+					i := (b*T+t)*E + e0
+					for j := 0; j < ne; j++ {
+						if gx != nil {
+							gx[i+j] += F(gxc[j*T+t])
 						}
-						dxacc += dhn * delta * float64(bm[n])
-						pa := prev * at[n]
-						dDelta += dhn * (xv*float64(bm[n]) + pa*A[n])
-						dA[n] += dhn * pa * delta
-						dh[n] = dhn * at[n]
+						if gdt != nil {
+							gdt[i+j] += F(gdtc[j*T+t])
+						}
+						if gz != nil {
+							gz[i+j] += F(gzc[j*T+t])
+						}
 					}
-					if gx != nil {
-						gx[i] += F(dxacc)
-					}
-					du := dDelta * sigmoid(float64(a.dt[i])+bias)
-					if gdt != nil {
-						gdt[i] += F(du)
-					}
-					dBias += du
 				}
 			}
-			if gbias != nil {
-				gbias[e] += F(dBias)
-			}
-			if gD != nil {
-				gD[e] += F(dD)
-			}
-			if gA != nil {
-				for n := range dA {
-					gA[e*N+n] += F(dA[n] * A[n]) // dA/dAlog = A
+			for j := 0; j < ne; j++ {
+				e := e0 + j
+				if gbias != nil {
+					gbias[e] += F(dBias[j])
+				}
+				if gD != nil {
+					gD[e] += F(dD[j])
+				}
+				if gA != nil {
+					negExp(A, a.Alog[e*N:(e+1)*N])
+					for n := range A {
+						gA[e*N+n] += F(gAcc[j*N+n] * A[n]) // dA/dAlog = A
+					}
 				}
 			}
 		}
