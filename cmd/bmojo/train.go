@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/internal/train"
+)
+
+func init() {
+	var (
+		file   string
+		resume bool
+		quiet  bool
+		f      = train.Default()
+	)
+	cmd := &cobra.Command{
+		Use:   "train",
+		Short: "Train a model (with no flags: a small B'MOJO on the bundled corpus, on the CPU)",
+		Long: `Train a B'MOJO-family model.
+
+With no flags it trains the small B'MOJO preset on the bundled public-domain
+corpus on the CPU, shows a progress bar, evaluates on the validation split
+and writes checkpoints under runs/bmojo-small. A job file (-f job.yaml) sets
+any field; flags given on the command line override the file.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			j := train.Default()
+			if file != "" {
+				var err error
+				if j, err = train.LoadJob(file); err != nil {
+					return err
+				}
+			}
+			fl := cmd.Flags()
+			if fl.Changed("preset") {
+				j.Preset, j.Model = f.Preset, f.Model // the preset replaces file overrides
+				if !fl.Changed("checkpoint-dir") && file == "" {
+					j.CheckpointDir = "runs/" + f.Preset
+				}
+			}
+			set := func(name string, apply func()) {
+				if fl.Changed(name) {
+					apply()
+				}
+			}
+			set("steps", func() { j.Steps = f.Steps })
+			set("batch-size", func() { j.BatchSize = f.BatchSize })
+			set("lr", func() { j.LR = f.LR })
+			set("warmup-steps", func() { j.WarmupSteps = f.WarmupSteps })
+			set("seed", func() { j.Seed = f.Seed })
+			set("data", func() { j.Data = f.Data })
+			set("checkpoint-dir", func() { j.CheckpointDir = f.CheckpointDir })
+			set("checkpoint-every", func() { j.CheckpointEvery = f.CheckpointEvery })
+			set("eval-every", func() { j.EvalEvery = f.EvalEvery })
+			set("eval-batches", func() { j.EvalBatches = f.EvalBatches })
+			set("threads", func() { j.Threads = f.Threads })
+			if err := j.Validate(); err != nil {
+				return err
+			}
+			log := newLogger()
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			opts := train.Options{Logger: log.Named("train"), Resume: resume}
+			if !quiet {
+				opts.Progress = os.Stderr
+			}
+			res, err := train.Run(ctx, j, opts)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("steps            %d (skipped %d)\n", res.Steps, res.Skipped)
+			fmt.Printf("parameters       %d\n", res.Params)
+			if n := len(res.Losses); n > 0 {
+				fmt.Printf("train loss       %.4f (first step %.4f)\n", res.Losses[n-1], res.Losses[0])
+			}
+			fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", res.ValLoss, res.ValLoss/0.6931471805599453)
+			fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", res.UnigramEntropy, res.ValLoss/res.UnigramEntropy)
+			fmt.Printf("throughput       %.0f tokens/s\n", res.TokensPerSec)
+			fmt.Printf("checkpoint       %s\n", res.Checkpoint)
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVarP(&file, "file", "f", "", "job file (YAML, version: 1); flags override it")
+	fl.BoolVar(&resume, "resume", false, "continue from the newest good checkpoint in --checkpoint-dir")
+	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	fl.StringVar(&f.Preset, "preset", f.Preset, "model preset: FAMILY[-SIZE], families bmojo, bmojo-f, mamba, swa, transformer, hybrid; sizes tiny, small, 130m, 370m")
+	fl.IntVar(&f.Steps, "steps", f.Steps, "optimizer steps")
+	fl.IntVar(&f.BatchSize, "batch-size", f.BatchSize, "sequences per step")
+	fl.Float64Var(&f.LR, "lr", f.LR, "peak learning rate")
+	fl.IntVar(&f.WarmupSteps, "warmup-steps", 0, "linear warm-up steps (0 = 5% of steps)")
+	fl.Uint64Var(&f.Seed, "seed", f.Seed, "seed for initialisation and data order")
+	fl.StringVar(&f.Data, "data", "", "dataset directory from `bmojo data prepare` (default: the bundled corpus)")
+	fl.StringVar(&f.CheckpointDir, "checkpoint-dir", f.CheckpointDir, "checkpoint directory")
+	fl.IntVar(&f.CheckpointEvery, "checkpoint-every", f.CheckpointEvery, "steps between checkpoints (0 = only at the end)")
+	fl.IntVar(&f.EvalEvery, "eval-every", f.EvalEvery, "steps between validation passes (0 = only at the end)")
+	fl.IntVar(&f.EvalBatches, "eval-batches", f.EvalBatches, "validation batches per pass (0 = the whole split)")
+	fl.IntVar(&f.Threads, "threads", 0, "CPU threads (0 = all cores)")
+	rootCmd.AddCommand(cmd)
+}

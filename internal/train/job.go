@@ -1,0 +1,193 @@
+// Package train owns one training job on one replica: the versioned job
+// file, the loop (sampling, forward, backward, AdamW, schedule, clipping),
+// periodic validation, and checkpoint directories with resume. It knows
+// nothing of processes, networks or etcd; the multi-worker control plane
+// drives the same pieces.
+package train
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/bmojo/bmojo/model"
+)
+
+// JobVersion is the job file format version this build reads.
+const JobVersion = 1
+
+// ErrJob is wrapped by every job validation error.
+var ErrJob = errors.New("invalid job")
+
+// Job is a whole training run. Zero values mean "default" only where the
+// field says so; Default fills everything.
+type Job struct {
+	Version int    `yaml:"version"` // job file format, must be 1
+	Name    string `yaml:"name"`    // run name, used in logs
+
+	// Preset names the model (model.Preset, e.g. "bmojo", "mamba-tiny");
+	// Model holds keys that override the preset (model.md §1 names).
+	Preset string       `yaml:"preset"`
+	Model  model.Config `yaml:"model"`
+
+	Steps       int     `yaml:"steps"`        // optimizer steps
+	BatchSize   int     `yaml:"batch_size"`   // sequences per step (global batch)
+	LR          float64 `yaml:"lr"`           // peak learning rate
+	WarmupSteps int     `yaml:"warmup_steps"` // linear warm-up steps; 0 = 5% of steps
+	WeightDecay float64 `yaml:"weight_decay"` // AdamW decay on matrices
+	ClipNorm    float64 `yaml:"clip_norm"`    // global gradient-norm clip; 0 = off
+	Seed        uint64  `yaml:"seed"`         // init and data order
+
+	Data        string `yaml:"data"`         // prepared dataset dir; "" = bundled corpus
+	EvalEvery   int    `yaml:"eval_every"`   // steps between validation passes; 0 = only at the end
+	EvalBatches int    `yaml:"eval_batches"` // validation batches per pass; 0 = whole split
+
+	CheckpointDir   string `yaml:"checkpoint_dir"`   // where step-N/ directories go
+	CheckpointEvery int    `yaml:"checkpoint_every"` // steps between checkpoints; 0 = only at the end
+	KeepCheckpoints int    `yaml:"keep_checkpoints"` // newest checkpoints kept; 0 = all
+
+	Threads int `yaml:"threads"` // CPU threads for the kernels; 0 = all cores
+}
+
+// Default is the README's main job: a small B'MOJO on the bundled corpus,
+// sized to finish in minutes on a 2-core CPU.
+func Default() Job {
+	return Job{
+		Version:         JobVersion,
+		Name:            "bmojo-small",
+		Preset:          "bmojo",
+		Steps:           300,
+		BatchSize:       8,
+		LR:              3e-3,
+		WeightDecay:     0.1,
+		ClipNorm:        1,
+		Seed:            1,
+		EvalEvery:       100,
+		EvalBatches:     8,
+		CheckpointDir:   "runs/bmojo-small",
+		CheckpointEvery: 100,
+		KeepCheckpoints: 3,
+	}
+}
+
+// ModelConfig resolves the preset and the overrides the job file gave.
+// Overrides are applied by LoadJob; here the preset fills a zero Model.
+func (j Job) ModelConfig() (model.Config, error) {
+	if j.Model.DModel != 0 {
+		return j.Model, nil
+	}
+	return model.Preset(j.Preset)
+}
+
+// Validate checks the job without side effects; errors name the field.
+func (j Job) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrJob, fmt.Sprintf(format, a...))
+	}
+	if j.Version != JobVersion {
+		return bad("version is %d; this build reads version %d job files", j.Version, JobVersion)
+	}
+	mc, err := j.ModelConfig()
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrJob, err)
+	}
+	if err := mc.Validate(); err != nil {
+		return fmt.Errorf("%w: model: %w", ErrJob, err)
+	}
+	switch {
+	case j.Steps <= 0:
+		return bad("steps must be positive, got %d", j.Steps)
+	case j.BatchSize <= 0:
+		return bad("batch_size must be positive, got %d", j.BatchSize)
+	case !(j.LR > 0):
+		return bad("lr must be positive, got %v", j.LR)
+	case j.WarmupSteps < 0 || j.WarmupSteps > j.Steps:
+		return bad("warmup_steps must be in [0, steps=%d], got %d", j.Steps, j.WarmupSteps)
+	case j.WeightDecay < 0:
+		return bad("weight_decay must be >= 0, got %v", j.WeightDecay)
+	case j.ClipNorm < 0:
+		return bad("clip_norm must be >= 0, got %v", j.ClipNorm)
+	case j.EvalEvery < 0 || j.EvalBatches < 0 || j.CheckpointEvery < 0 || j.KeepCheckpoints < 0:
+		return bad("eval_every, eval_batches, checkpoint_every and keep_checkpoints must be >= 0")
+	case j.CheckpointDir == "":
+		return bad("checkpoint_dir must be set")
+	case j.Threads < 0 || j.Threads > 4*runtime.NumCPU():
+		return bad("threads must be in [0, %d], got %d", 4*runtime.NumCPU(), j.Threads)
+	}
+	return nil
+}
+
+// Optim returns the optimiser settings of the job (model.md §6).
+func (j Job) Optim() model.OptimConfig {
+	o := model.DefaultOptim(j.LR, j.Steps)
+	if j.WarmupSteps > 0 {
+		o.WarmupSteps = j.WarmupSteps
+	}
+	o.WeightDecay, o.ClipNorm = j.WeightDecay, j.ClipNorm
+	return o
+}
+
+// LoadJob reads a YAML job file over Default(). Unknown keys are errors, so
+// a typo does not silently train the wrong model. Keys under model: override
+// the preset's values.
+func LoadJob(path string) (Job, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Job{}, fmt.Errorf("job file: %w", err)
+	}
+	return ParseJob(path, b)
+}
+
+// ParseJob is LoadJob on bytes; name is used in errors.
+func ParseJob(name string, b []byte) (Job, error) {
+	j := Default()
+	// First pass: the preset, so model overrides land on its values.
+	var head struct {
+		Version int    `yaml:"version"`
+		Preset  string `yaml:"preset"`
+	}
+	if err := yaml.Unmarshal(b, &head); err != nil {
+		return Job{}, fmt.Errorf("%w: %s: %v", ErrJob, name, err)
+	}
+	if head.Version != JobVersion {
+		return Job{}, fmt.Errorf("%w: %s: version is %d; this build reads version %d job files (add `version: %d`)",
+			ErrJob, name, head.Version, JobVersion, JobVersion)
+	}
+	if head.Preset != "" {
+		j.Preset = head.Preset
+	}
+	mc, err := model.Preset(j.Preset)
+	if err != nil {
+		return Job{}, fmt.Errorf("%w: %s: %w", ErrJob, name, err)
+	}
+	j.Model = mc
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&j); err != nil {
+		return Job{}, fmt.Errorf("%w: %s: %v", ErrJob, name, err)
+	}
+	if m := j.Model.Mixers; j.Model.NLayer != len(m) && len(m) > 0 && j.Model.NLayer > 0 && uniform(m) {
+		// n_layer given alone: grow or shrink a one-mixer stack to match.
+		j.Model.Mixers = make([]string, j.Model.NLayer)
+		for i := range j.Model.Mixers {
+			j.Model.Mixers[i] = m[0]
+		}
+	}
+	if err := j.Validate(); err != nil {
+		return Job{}, fmt.Errorf("%s: %w", name, err)
+	}
+	return j, nil
+}
+
+func uniform(m []string) bool {
+	for _, x := range m {
+		if x != m[0] {
+			return false
+		}
+	}
+	return true
+}
