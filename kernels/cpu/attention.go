@@ -99,31 +99,43 @@ func (a *attnArgs[F]) ranges(t int) (c0, c1, f0, f1 int) {
 	return
 }
 
-func dot[F kernels.Float](x, y []F) F {
-	var s0, s1, s2, s3 F
-	i := 0
-	for ; i+4 <= len(x); i += 4 {
-		s0 += x[i] * y[i]
-		s1 += x[i+1] * y[i+1]
-		s2 += x[i+2] * y[i+2]
-		s3 += x[i+3] * y[i+3]
+// vdot and vaxpy run gonum's SIMD level-1 kernels: at D=64 they measured
+// 3-4× faster than the pure-Go loops (Sdot 10-14 ns vs 43-70 ns, Saxpy
+// 21-27 ns vs 62-87 ns, BenchmarkDot64), which is most of attention's time.
+func vdot[F kernels.Float](x, y []F) float64 {
+	if is32[F]() {
+		return float64(blasImpl.Sdot(len(x), as32(x), 1, as32(y), 1))
 	}
-	for ; i < len(x); i++ {
-		s0 += x[i] * y[i]
+	return blasImpl.Ddot(len(x), as64(x), 1, as64(y), 1)
+}
+
+// vaxpy sets y += a·x.
+func vaxpy[F kernels.Float](a float64, x, y []F) {
+	if is32[F]() {
+		blasImpl.Saxpy(len(x), float32(a), as32(x), 1, as32(y), 1)
+		return
 	}
-	return (s0 + s1) + (s2 + s3)
+	blasImpl.Daxpy(len(x), a, as64(x), 1, as64(y), 1)
+}
+
+// expF is exp in the precision F needs (see expFast).
+func expF[F kernels.Float](x float64) float64 {
+	if is32[F]() {
+		return expFast(x)
+	}
+	return math.Exp(x)
 }
 
 // attnPart is one key set of one query row: its max scaled score m, Σ
 // exp(score−m), and acc = Σ exp(score−m)·v. An empty part has m = −Inf.
-type attnPart struct {
+type attnPart[F kernels.Float] struct {
 	m, sum float64
-	acc    []float64
+	acc    []F
 }
 
 // partForward scores qv against the keys of kb at positions pos (rows of
 // the [B,T,G,D] buffers starting at base, stride G·D) and fills p.
-func partForward[F kernels.Float](p *attnPart, qv, kb, vb []F, pos []int32, base, stride, D int, scale float64, sc []float64) {
+func partForward[F kernels.Float](p *attnPart[F], qv, kb, vb []F, pos []int32, base, stride, D int, scale float64, sc []float64) {
 	p.m, p.sum = math.Inf(-1), 0
 	clear(p.acc)
 	if len(pos) == 0 {
@@ -132,16 +144,14 @@ func partForward[F kernels.Float](p *attnPart, qv, kb, vb []F, pos []int32, base
 	sc = sc[:len(pos)]
 	for i, j := range pos {
 		o := base + int(j)*stride
-		sc[i] = float64(dot(qv, kb[o:o+D])) * scale
+		sc[i] = vdot(qv, kb[o:o+D]) * scale
 		p.m = max(p.m, sc[i])
 	}
 	for i, j := range pos {
-		w := math.Exp(sc[i] - p.m)
+		w := expF[F](sc[i] - p.m)
 		p.sum += w
 		o := base + int(j)*stride
-		for d, x := range vb[o : o+D] {
-			p.acc[d] += w * float64(x)
-		}
+		vaxpy(w, vb[o:o+D], p.acc)
 	}
 }
 
@@ -165,9 +175,9 @@ func (be *Backend[F]) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer
 		g := h * s.G / s.H
 		sc := make([]float64, a.maxKeys)
 		pos := make([]int32, 0, a.maxKeys)
-		var parts [3]attnPart
+		var parts [3]attnPart[F]
 		for i := range parts {
-			parts[i].acc = make([]float64, D)
+			parts[i].acc = make([]F, D)
 		}
 		kbase := b*s.T*kstride + g*D
 		for t := 0; t < s.T; t++ {
@@ -200,7 +210,7 @@ func (be *Backend[F]) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer
 				var x float64
 				for i, p := range parts {
 					if wts[i] != 0 {
-						x += p.acc[d] * wts[i]
+						x += float64(p.acc[d]) * wts[i]
 					}
 				}
 				or[d] = F(x / tot)
@@ -225,30 +235,20 @@ type attnGrad[F kernels.Float] struct {
 
 // partBackward adds one key set's contribution to the gradients of query
 // row qv: p = exp(score − lse), dv += p·dout, dscore = p·(dout·v − dout·out).
-func partBackward[F kernels.Float](qv, kb, vb []F, dqacc []float64, dkb, dvb []F, pos []int32, base, stride, D int, scale, lse, dd float64, dout []F) {
+func partBackward[F kernels.Float](qv, kb, vb []F, dqacc []F, dkb, dvb []F, pos []int32, base, stride, D int, scale, lse, dd float64, dout []F) {
 	for _, j := range pos {
 		o := base + int(j)*stride
 		kr, vr := kb[o:o+D], vb[o:o+D]
-		p := math.Exp(float64(dot(qv, kr))*scale - lse)
+		p := expF[F](vdot(qv, kr)*scale - lse)
 		if dvb != nil {
-			dvr := dvb[o : o+D]
-			pf := F(p)
-			for d, g := range dout {
-				dvr[d] += pf * g
-			}
+			vaxpy(p, dout, dvb[o:o+D])
 		}
-		ds := p * (float64(dot(dout, vr)) - dd) * scale
+		ds := p * (vdot(dout, vr) - dd) * scale
 		if dqacc != nil {
-			for d, x := range kr {
-				dqacc[d] += ds * float64(x)
-			}
+			vaxpy(ds, kr, dqacc)
 		}
 		if dkb != nil {
-			dkr := dkb[o : o+D]
-			dsf := F(ds)
-			for d, x := range qv {
-				dkr[d] += dsf * x
-			}
+			vaxpy(ds, qv, dkb[o:o+D])
 		}
 	}
 }
@@ -288,8 +288,8 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 	parallelDyn(s.B*s.G, perGroup*s.T*a.maxKeys*s.D*4, func(_, bg int) {
 		b, g := bg/s.G, bg%s.G
 		pos := make([]int32, 0, a.maxKeys)
-		dqacc := make([]float64, D)
-		dqmacc := make([]float64, D)
+		dqacc := make([]F, D)
+		dqmacc := make([]F, D)
 		kbase := b*s.T*kstride + g*D
 		for h := 0; h < s.H; h++ {
 			if h*s.G/s.H != g {
@@ -298,9 +298,9 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 			for t := 0; t < s.T; t++ {
 				qo := ((b*s.T+t)*s.H + h) * D
 				qv, dov := a.q[qo:qo+D], do[qo:qo+D]
-				dd := float64(dot(dov, os[qo:qo+D]))
+				dd := vdot(dov, os[qo:qo+D])
 				l := float64(ls[(b*s.T+t)*s.H+h])
-				var dqa, dqma []float64
+				var dqa, dqma []F
 				if gr.dq != nil {
 					dqa = dqacc
 					clear(dqa)
@@ -318,14 +318,10 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 					partBackward(a.qm[qo:qo+D], a.km, a.v, dqma, gr.dkm, gr.dv, ml, kbase, kstride, D, a.scale, l, dd, dov)
 				}
 				if dqa != nil {
-					for d, x := range dqa {
-						gr.dq[qo+d] += F(x)
-					}
+					vaxpy(1, dqa, gr.dq[qo:qo+D])
 				}
 				if dqma != nil {
-					for d, x := range dqma {
-						gr.dqm[qo+d] += F(x)
-					}
+					vaxpy(1, dqma, gr.dqm[qo:qo+D])
 				}
 			}
 		}
