@@ -7,11 +7,26 @@ import (
 	"github.com/bmojo/bmojo/kernels"
 )
 
-func softplus(x float64) float64 {
-	if x > 20 {
-		return x // log1p(exp(x)) == x to float64 precision, and exp would overflow sooner or later
+// softplusSig returns softplus(x) = log(1+eˣ) and its derivative
+// sigmoid(x) from one exponential. The float32 backend takes log(1+y)
+// through math.Log (assembly) instead of the pure-Go Log1p: for y ≥ 1e-7
+// the relative error is ≤ 1e-9, below that log(1+y) = y to float32
+// precision.
+func softplusSig[F kernels.Float](x float64) (sp, sig float64) {
+	y := math.Exp(-math.Abs(x)) // in (0, 1]
+	var l float64
+	switch {
+	case !is32[F]():
+		l = math.Log1p(y)
+	case y < 1e-7:
+		l = y
+	default:
+		l = math.Log(1 + y)
 	}
-	return math.Log1p(math.Exp(x))
+	if x >= 0 {
+		return x + l, 1 / (1 + y)
+	}
+	return l, y / (1 + y)
 }
 
 func silu(x float64) float64 { return x / (1 + math.Exp(-x)) }
@@ -92,7 +107,7 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 				for j := 0; j < ne; j++ {
 					e, i := e0+j, r*E+e0+j
 					xv := float64(a.x[i])
-					delta := softplus(float64(a.dt[i]) + float64(a.dtBias[e]))
+					delta, _ := softplusSig[F](float64(a.dt[i]) + float64(a.dtBias[e]))
 					dx := delta * xv
 					hj := h[j*N : (j+1)*N]
 					expInto[F](dA, A[j*N:(j+1)*N], delta)
@@ -135,18 +150,15 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 	slotC := make([][]float64, nw)
 	nEB := (E + scanBlock - 1) / scanBlock
 	parallel(nEB, B*T*N*scanBlock*expCost*3, func(w, lo, hi int) {
-		var sB, sC []float64
-		if gB != nil {
-			sB = make([]float64, B*T*N)
-			slotB[w] = sB
-		}
-		if gC != nil {
-			sC = make([]float64, B*T*N)
-			slotC[w] = sC
-		}
-		hs := make([]float64, T*N) // h_t of the current channel
-		as := make([]float64, T*N) // exp(Δ_t·A) of the current channel
-		deltas := make([]float64, T)
+		// Allocated even when dBm or dCm is nil, to keep the inner loop
+		// free of branches; reduceSlots skips them then.
+		sB, sC := make([]float64, B*T*N), make([]float64, B*T*N)
+		slotB[w], slotC[w] = sB, sC
+		hs := make([]float64, T*N)   // h_t of the current channel
+		as := make([]float64, T*N)   // exp(Δ_t·A) of the current channel
+		deltas := make([]float64, T) // Δ_t of the current channel
+		sigs := make([]float64, T)   // dΔ/ddt = sigmoid(dt+dtBias)
+		bmF, cmF := make([]float64, T*N), make([]float64, T*N)
 		// Gathered columns of the block, [scanBlock][T]: inputs, then the
 		// per-element gradients written back after the block.
 		cx, cdt, cz, cg := make([]float64, scanBlock*T), make([]float64, scanBlock*T), make([]float64, scanBlock*T), make([]float64, scanBlock*T)
@@ -161,6 +173,12 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 			var dBias, dD [scanBlock]float64
 			clear(gAcc)
 			for b := 0; b < B; b++ {
+				for i, v := range a.Bm[b*T*N : (b+1)*T*N] {
+					bmF[i] = float64(v)
+				}
+				for i, v := range a.Cm[b*T*N : (b+1)*T*N] {
+					cmF[i] = float64(v)
+				}
 				for t := 0; t < T; t++ {
 					i := (b*T+t)*E + e0
 					for j := 0; j < ne; j++ {
@@ -176,21 +194,19 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 					xs, dts, zs, gs := cx[j*T:(j+1)*T], cdt[j*T:(j+1)*T], cz[j*T:(j+1)*T], cg[j*T:(j+1)*T]
 					// Recompute this channel's states.
 					for t := 0; t < T; t++ {
-						delta := softplus(dts[t] + bias)
-						deltas[t] = delta
+						delta, sig := softplusSig[F](dts[t] + bias)
+						deltas[t], sigs[t] = delta, sig
 						dxv := delta * xs[t]
-						bm := a.Bm[(b*T+t)*N : (b*T+t+1)*N]
+						bm := bmF[t*N : (t+1)*N]
 						ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
 						expInto[F](at, A, delta)
-						if t == 0 {
-							for n := range ht {
-								ht[n] = dxv * float64(bm[n])
-							}
-							continue
+						hp := zeros
+						if t > 0 {
+							hp = hs[(t-1)*N : t*N]
 						}
-						hp := hs[(t-1)*N : t*N]
+						hp, at, bm = hp[:len(ht)], at[:len(ht)], bm[:len(ht)]
 						for n := range ht {
-							ht[n] = at[n]*hp[n] + dxv*float64(bm[n])
+							ht[n] = at[n]*hp[n] + dxv*bm[n]
 						}
 					}
 					clear(dh) // a_{t+1}·dh_{t+1}, carried backwards
@@ -198,40 +214,39 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 						r := (b*T + t) * N
 						xv, zv, g := xs[t], zs[t], gs[t]
 						sz := sigmoid(zv)
-						ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
-						bm, cm := a.Bm[r:r+N], a.Cm[r:r+N]
+						ht := hs[t*N : (t+1)*N]
+						at, bm, cm := as[t*N:(t+1)*N], bmF[t*N:(t+1)*N], cmF[t*N:(t+1)*N]
+						hp := zeros
+						if t > 0 {
+							hp = hs[(t-1)*N : t*N]
+						}
+						sBt, sCt := sB[r:r+N], sC[r:r+N]
+						at, bm, cm, hp, sBt, sCt = at[:len(ht)], bm[:len(ht)], cm[:len(ht)], hp[:len(ht)], sBt[:len(ht)], sCt[:len(ht)]
+						dh, A, dA := dh[:len(ht)], A[:len(ht)], dA[:len(ht)]
 						var y float64
 						for n := range ht {
-							y += ht[n] * float64(cm[n])
+							y += ht[n] * cm[n]
 						}
 						y += dsk * xv
 						gzc[j*T+t] = g * y * sz * (1 + zv*(1-sz))
 						dy := g * zv * sz
 						dD[j] += dy * xv
 						delta := deltas[t]
+						dx := delta * xv
 						dxacc := dy * dsk
 						var dDelta float64
-						hp := zeros[:N]
-						if t > 0 {
-							hp = hs[(t-1)*N : t*N]
-						}
 						for n := range ht {
-							dhn := dh[n] + dy*float64(cm[n])
-							if sC != nil {
-								sC[r+n] += dy * ht[n]
-							}
-							if sB != nil {
-								sB[r+n] += dhn * delta * xv
-							}
-							bn := float64(bm[n])
-							dxacc += dhn * delta * bn
+							dhn := dh[n] + dy*cm[n]
+							sCt[n] += dy * ht[n]
+							sBt[n] += dhn * dx
+							dxacc += dhn * delta * bm[n]
 							pa := hp[n] * at[n]
-							dDelta += dhn * (xv*bn + pa*A[n])
+							dDelta += dhn * (xv*bm[n] + pa*A[n])
 							dA[n] += dhn * pa * delta
 							dh[n] = dhn * at[n]
 						}
 						gxc[j*T+t] = dxacc
-						du := dDelta * sigmoid(dts[t]+bias)
+						du := dDelta * sigs[t]
 						gdtc[j*T+t] = du
 						dBias[j] += du
 					}
