@@ -230,3 +230,24 @@ func pruneCheckpoints(root string, keep int) error {
 	}
 	return nil
 }
+
+// ResolveWeights turns a user's --checkpoint argument into a weights file: a
+// .safetensors file as is, a step-N directory's model.safetensors, or the
+// newest good checkpoint of a checkpoint root (warn reports skipped ones).
+func ResolveWeights(path string, warn func(dir string, err error)) (string, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return "", fmt.Errorf("checkpoint: %w", err)
+	}
+	if !st.IsDir() {
+		return path, nil
+	}
+	if _, err := os.Stat(filepath.Join(path, WeightsFile)); err == nil {
+		return filepath.Join(path, WeightsFile), nil
+	}
+	ck, err := LatestCheckpoint(path, warn)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(ck.Dir, WeightsFile), nil
+}

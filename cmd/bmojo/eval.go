@@ -1,0 +1,82 @@
+package main
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/model"
+)
+
+func init() {
+	var (
+		ckpt, dataDir string
+		seqLen, batch int
+		maxBatches    int
+	)
+	cmd := &cobra.Command{
+		Use:   "eval",
+		Short: "Validation loss and perplexity of a checkpoint at any sequence length",
+		Long: `Evaluate a checkpoint on a dataset's validation split.
+
+--seq-len may exceed the training length: that is the length-generalisation
+test (B'MOJO's fading and eidetic memories keep working past it).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log := newLogger().Named("eval")
+			path, err := train.ResolveWeights(ckpt, func(dir string, err error) {
+				log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
+			})
+			if err != nil {
+				return err
+			}
+			c, params, err := model.LoadWeights(path)
+			if err != nil {
+				return err
+			}
+			T := seqLen
+			if T == 0 {
+				T = c.SeqLen
+			}
+			if T <= 0 || batch <= 0 || maxBatches < 0 {
+				return fmt.Errorf("eval: --seq-len, --batch-size must be positive and --max-batches >= 0")
+			}
+			ds, err := data.Load(dataDir, data.SplitVal)
+			if err != nil {
+				return err
+			}
+			m, err := model.New[float32](cpu.New[float32](), c, 0)
+			if err != nil {
+				return err
+			}
+			if err := m.SetParams(params); err != nil {
+				return err
+			}
+			if err := m.Prepare(batch, T); err != nil {
+				return err
+			}
+			log.Info("evaluating", "checkpoint", path, "seq_len", T, "train_seq_len", c.SeqLen, "val_tokens", ds.NumTokens())
+			loss, err := train.Evaluate(m, ds, maxBatches)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("checkpoint   %s\n", path)
+			fmt.Printf("seq_len      %d (trained at %d)\n", T, c.SeqLen)
+			fmt.Printf("val loss     %.4f nats/token\n", loss)
+			fmt.Printf("perplexity   %.3f\n", math.Exp(loss))
+			fmt.Printf("bits/token   %.4f\n", loss/math.Ln2)
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&ckpt, "checkpoint", "runs/bmojo-small", "model.safetensors, a step-N directory, or a checkpoint root (newest good one)")
+	fl.StringVar(&dataDir, "data", "", "dataset directory from `bmojo data prepare` (default: the bundled corpus)")
+	fl.IntVar(&seqLen, "seq-len", 0, "evaluation length (default: the training length)")
+	fl.IntVar(&batch, "batch-size", 4, "sequences per forward pass")
+	fl.IntVar(&maxBatches, "max-batches", 0, "stop after this many batches (0 = the whole split)")
+	rootCmd.AddCommand(cmd)
+}
