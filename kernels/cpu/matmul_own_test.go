@@ -111,3 +111,65 @@ func TestMatMulTiledAgrees(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkGemmForms times the three gemm shapes MatMul and MatMulBackward
+// issue at Rw=4096, N=K=256.
+func BenchmarkGemmForms(b *testing.B) {
+	const Rw, N, K = 4096, 256, 256
+	rng := rand.New(rand.NewPCG(1, 2))
+	mk := func(n int) []float32 {
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		return x
+	}
+	x, w, dout, dx, dw, doutT := mk(Rw*K), mk(N*K), mk(Rw*N), mk(Rw*K), mk(N*K), mk(N*Rw)
+	flops := 2 * float64(Rw*N*K)
+	rep := func(b *testing.B) { b.ReportMetric(flops*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s") }
+	b.Run("NT_out", func(b *testing.B) {
+		for b.Loop() {
+			gemm(false, true, Rw, N, K, x, K, w, K, 0, dout, N)
+		}
+		rep(b)
+	})
+	b.Run("NN_dx", func(b *testing.B) {
+		for b.Loop() {
+			gemm(false, false, Rw, K, N, dout, N, w, K, 1, dx, K)
+		}
+		rep(b)
+	})
+	b.Run("TN_dw", func(b *testing.B) {
+		for b.Loop() {
+			gemm(true, false, N, K, Rw, dout, N, x, K, 1, dw, K)
+		}
+		rep(b)
+	})
+	wT, xT := mk(K*N), mk(K*Rw)
+	b.Run("NT_dx_via_wT", func(b *testing.B) {
+		for b.Loop() {
+			transpose(wT, w, N, K)
+			gemm(false, true, Rw, K, N, dout, N, wT, N, 1, dx, K)
+		}
+		rep(b)
+	})
+	b.Run("NT_dw_via_transposes", func(b *testing.B) {
+		for b.Loop() {
+			transpose(doutT, dout, Rw, N)
+			transpose(xT, x, Rw, K)
+			gemm(false, true, N, K, Rw, doutT, Rw, xT, Rw, 1, dw, K)
+		}
+		rep(b)
+	})
+	b.Run("NN_dw_pretransposed", func(b *testing.B) {
+		for b.Loop() {
+			for r := 0; r < Rw; r++ {
+				for n := 0; n < N; n++ {
+					doutT[n*Rw+r] = dout[r*N+n]
+				}
+			}
+			gemm(false, false, N, K, Rw, doutT, Rw, x, K, 1, dw, K)
+		}
+		rep(b)
+	})
+}
