@@ -21,6 +21,7 @@ func (be *Backend[F]) attnCheck(c *checker[F], q, k, v, kf, vf, qm, km kernels.B
 	a := attnArgs[F]{s: s}
 	c.dims("B,T,H,G,D,Wc,Wf,C,S,M,Delta", s.B, s.T, s.H, s.G, s.D, s.Wc, s.Wf, s.C, s.S, s.M, s.Delta)
 	c.cond(s.H >= 1 && s.G >= 1 && s.G <= s.H, "heads H=%d, G=%d: want 1 <= G <= H", s.H, s.G)
+	c.cond(s.D >= 1, "head width D=%d, want >= 1", s.D)
 	c.cond(s.Wc >= 1, "context window Wc=%d, want >= 1", s.Wc)
 	c.cond(s.M == 0 || s.C >= 1, "chunk length C=%d, want >= 1 when M=%d > 0", s.C, s.M)
 	if !c.ok {
@@ -118,14 +119,6 @@ func vaxpy[F kernels.Float](a float64, x, y []F) {
 	blasImpl.Daxpy(len(x), a, as64(x), 1, as64(y), 1)
 }
 
-// expF is exp in the precision F needs (see expFast).
-func expF[F kernels.Float](x float64) float64 {
-	if is32[F]() {
-		return expFast(x)
-	}
-	return math.Exp(x)
-}
-
 // attnPart is one key set of one query row: its max scaled score m, Σ
 // exp(score−m), and acc = Σ exp(score−m)·v. An empty part has m = −Inf.
 type attnPart[F kernels.Float] struct {
@@ -147,11 +140,11 @@ func partForward[F kernels.Float](p *attnPart[F], qv, kb, vb []F, pos []int32, b
 		sc[i] = vdot(qv, kb[o:o+D]) * scale
 		p.m = max(p.m, sc[i])
 	}
+	expInto[F](sc, sc, 1, p.m)
 	for i, j := range pos {
-		w := expF[F](sc[i] - p.m)
-		p.sum += w
+		p.sum += sc[i]
 		o := base + int(j)*stride
-		vaxpy(w, vb[o:o+D], p.acc)
+		vaxpy(sc[i], vb[o:o+D], p.acc)
 	}
 }
 
@@ -235,11 +228,20 @@ type attnGrad[F kernels.Float] struct {
 
 // partBackward adds one key set's contribution to the gradients of query
 // row qv: p = exp(score − lse), dv += p·dout, dscore = p·(dout·v − dout·out).
-func partBackward[F kernels.Float](qv, kb, vb []F, dqacc []F, dkb, dvb []F, pos []int32, base, stride, D int, scale, lse, dd float64, dout []F) {
-	for _, j := range pos {
+func partBackward[F kernels.Float](qv, kb, vb []F, dqacc []F, dkb, dvb []F, pos []int32, base, stride, D int, scale, lse, dd float64, dout []F, sc []float64) {
+	if len(pos) == 0 {
+		return
+	}
+	sc = sc[:len(pos)]
+	for i, j := range pos {
+		o := base + int(j)*stride
+		sc[i] = vdot(qv, kb[o:o+D])
+	}
+	expInto[F](sc, sc, scale, lse)
+	for i, j := range pos {
 		o := base + int(j)*stride
 		kr, vr := kb[o:o+D], vb[o:o+D]
-		p := expF[F](vdot(qv, kr)*scale - lse)
+		p := sc[i]
 		if dvb != nil {
 			vaxpy(p, dout, dvb[o:o+D])
 		}
@@ -288,6 +290,7 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 	parallelDyn(s.B*s.G, perGroup*s.T*a.maxKeys*s.D*4, func(_, bg int) {
 		b, g := bg/s.G, bg%s.G
 		pos := make([]int32, 0, a.maxKeys)
+		sc := make([]float64, a.maxKeys)
 		dqacc := make([]F, D)
 		dqmacc := make([]F, D)
 		kbase := b*s.T*kstride + g*D
@@ -311,11 +314,11 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 				}
 				c0, c1, f0, f1 := a.ranges(t)
 				pos = fillRange(pos, c0, c1)
-				partBackward(qv, a.k, a.v, dqa, gr.dk, gr.dv, pos, kbase, kstride, D, a.scale, l, dd, dov)
+				partBackward(qv, a.k, a.v, dqa, gr.dk, gr.dv, pos, kbase, kstride, D, a.scale, l, dd, dov, sc)
 				pos = fillRange(pos, f0, f1)
-				partBackward(qv, a.kf, a.vf, dqa, gr.dkf, gr.dvf, pos, kbase, kstride, D, a.scale, l, dd, dov)
+				partBackward(qv, a.kf, a.vf, dqa, gr.dkf, gr.dvf, pos, kbase, kstride, D, a.scale, l, dd, dov, sc)
 				if ml := a.memList(b, t); len(ml) > 0 {
-					partBackward(a.qm[qo:qo+D], a.km, a.v, dqma, gr.dkm, gr.dv, ml, kbase, kstride, D, a.scale, l, dd, dov)
+					partBackward(a.qm[qo:qo+D], a.km, a.v, dqma, gr.dkm, gr.dv, ml, kbase, kstride, D, a.scale, l, dd, dov, sc)
 				}
 				if dqa != nil {
 					vaxpy(1, dqa, gr.dq[qo:qo+D])

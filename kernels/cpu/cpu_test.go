@@ -17,7 +17,3 @@ func TestConformance32(t *testing.T) {
 func TestConformance64(t *testing.T) {
 	kerneltest.Run64(t, func() kernels.Backend[float64] { return cpu.New[float64]() })
 }
-
-func TestErrors(t *testing.T) {
-	kerneltest.RunErrors(t, func() kernels.Backend[float32] { return cpu.New[float32]() })
-}

@@ -25,10 +25,10 @@ func expFast(x float64) float64 {
 	return p * math.Float64frombits(uint64(int64(k)+1023)<<52)
 }
 
-// expScaled sets dst[i] = exp(s·a[i]), the scan's exp(Δ·A[n]) for one
-// channel and step, with expFast's polynomial written out so the compiler
-// keeps the loop free of calls and independent iterations overlap.
-func expScaled(dst, a []float64, s float64) {
+// expScaled sets dst[i] = exp(s·a[i] − c) (the scan's exp(Δ·A[n]), the
+// attention's exp(score − max)), with expFast's polynomial written out so
+// the loop has no calls and independent iterations overlap.
+func expScaled(dst, a []float64, s, c float64) {
 	const (
 		log2e = 1.4426950408889634
 		ln2hi = 6.93147180369123816490e-01
@@ -37,7 +37,7 @@ func expScaled(dst, a []float64, s float64) {
 	)
 	a = a[:len(dst)]
 	for i := range dst {
-		x := s * a[i]
+		x := s*a[i] - c
 		if !(x >= -708) || x > 709 {
 			dst[i] = math.Exp(x)
 			continue

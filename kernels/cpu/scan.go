@@ -60,15 +60,16 @@ const expCost = 20
 // scanBlock contiguous elements instead of striding by E.
 const scanBlock = 16
 
-// expInto sets dst[n] = exp(s·a[n]): the polynomial expScaled for float32
-// backends, math.Exp for float64 ones (see expFast).
-func expInto[F kernels.Float](dst, a []float64, s float64) {
+// expInto sets dst[n] = exp(s·a[n] − c): the polynomial expScaled for
+// float32 backends, math.Exp for float64 ones (see expFast).
+func expInto[F kernels.Float](dst, a []float64, s, c float64) {
 	if is32[F]() {
-		expScaled(dst, a, s)
+		expScaled(dst, a, s, c)
 		return
 	}
+	a = a[:len(dst)]
 	for n := range dst {
-		dst[n] = math.Exp(s * a[n])
+		dst[n] = math.Exp(s*a[n] - c)
 	}
 }
 
@@ -110,7 +111,7 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 					delta, _ := softplusSig[F](float64(a.dt[i]) + float64(a.dtBias[e]))
 					dx := delta * xv
 					hj := h[j*N : (j+1)*N]
-					expInto[F](dA, A[j*N:(j+1)*N], delta)
+					expInto[F](dA, A[j*N:(j+1)*N], delta, 0)
 					var y float64
 					for n := range hj {
 						hj[n] = dA[n]*hj[n] + dx*bm[n]
@@ -199,7 +200,7 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 						dxv := delta * xs[t]
 						bm := bmF[t*N : (t+1)*N]
 						ht, at := hs[t*N:(t+1)*N], as[t*N:(t+1)*N]
-						expInto[F](at, A, delta)
+						expInto[F](at, A, delta, 0)
 						hp := zeros
 						if t > 0 {
 							hp = hs[(t-1)*N : t*N]

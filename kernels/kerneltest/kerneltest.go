@@ -5,8 +5,9 @@
 // Backward ops are checked against central finite differences of those
 // naive forwards, including the accumulate (+=) convention.
 //
-// The suite never imports a backend; a backend's test calls Run (float32)
-// or Run64 (float64).
+// A final "Errors" subtest checks that bad shapes are recorded by Err
+// rather than panicking. The suite never imports a backend; a backend's
+// test calls Run (float32) or Run64 (float64).
 package kerneltest
 
 import (
@@ -106,6 +107,7 @@ func runSuite[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F
 			h.done()
 		})
 	}
+	t.Run("Errors", func(t *testing.T) { runErrors(t, newBackend) })
 }
 
 type guard struct {

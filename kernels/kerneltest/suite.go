@@ -575,9 +575,9 @@ func testAdamW[F kernels.Float](h *harness[F]) {
 	h.near("v", h.load(vb), v)
 }
 
-// RunErrors checks that bad shapes are recorded, named and reported by Err
+// runErrors checks that bad shapes are recorded, named and reported by Err
 // instead of panicking; every case uses a fresh backend.
-func RunErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F]) {
+func runErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F]) {
 	cases := []struct {
 		name string
 		op   func(be kernels.Backend[F])
@@ -617,6 +617,13 @@ func RunErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[
 		{"select_too_many", func(be kernels.Backend[F]) {
 			be.SelectChunks(be.AllocInt(4), be.Alloc(4), 1, 4, 2, 3)
 		}, "select_chunks"},
+		{"attention_zero_head_width", func(be kernels.Backend[F]) {
+			s := kernels.AttnShape{B: 1, T: 2, H: 1, G: 1, D: 0, Wc: 1}
+			be.Attention(be.Alloc(0), be.Alloc(2), be.Alloc(0), be.Alloc(0), be.Alloc(0), nil, nil, nil, nil, nil, s)
+		}, "attention"},
+		{"copy_length_mismatch", func(be kernels.Backend[F]) {
+			be.Copy(be.Alloc(3), be.Alloc(4))
+		}, "copy"},
 		{"adamw_step0", func(be kernels.Backend[F]) {
 			be.AdamWStep(be.Alloc(1), be.Alloc(1), be.Alloc(1), be.Alloc(1), kernels.AdamW{Step: 0})
 		}, "adamw"},
