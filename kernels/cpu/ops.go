@@ -237,7 +237,16 @@ func (be *Backend[F]) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B
 	})
 }
 
-func sigmoid(x float64) float64 { return 1 / (1 + math.Exp(-x)) }
+// expOf is exp in the precision F needs: expFast for float32 backends,
+// math.Exp for float64 ones (see expFast).
+func expOf[F kernels.Float](x float64) float64 {
+	if is32[F]() {
+		return expFast(x)
+	}
+	return math.Exp(x)
+}
+
+func sigmoid[F kernels.Float](x float64) float64 { return 1 / (1 + expOf[F](-x)) }
 
 // SiLU implements kernels.Backend.
 func (be *Backend[F]) SiLU(out, x kernels.Buffer) {
@@ -255,7 +264,7 @@ func (be *Backend[F]) SiLU(out, x kernels.Buffer) {
 	parallel(n, 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(xs[i])
-			o[i] = F(v * sigmoid(v))
+			o[i] = F(v * sigmoid[F](v))
 		}
 	})
 }
@@ -277,7 +286,7 @@ func (be *Backend[F]) SiLUBackward(dx, dout, x kernels.Buffer) {
 	parallel(n, 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(xs[i])
-			s := sigmoid(v)
+			s := sigmoid[F](v)
 			dxs[i] += F(float64(do[i]) * s * (1 + v*(1-s)))
 		}
 	})
@@ -300,7 +309,7 @@ func (be *Backend[F]) SwiGLU(h, gate, up kernels.Buffer) {
 	parallel(n, 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(gs[i])
-			hs[i] = F(v * sigmoid(v) * float64(us[i]))
+			hs[i] = F(v * sigmoid[F](v) * float64(us[i]))
 		}
 	})
 }
@@ -324,7 +333,7 @@ func (be *Backend[F]) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 	parallel(n, 25, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(gs[i])
-			s := sigmoid(v)
+			s := sigmoid[F](v)
 			g := float64(dhs[i])
 			if dgs != nil {
 				dgs[i] += F(g * float64(us[i]) * s * (1 + v*(1-s)))
@@ -545,7 +554,7 @@ func logSumExp[F kernels.Float](row []F) float64 {
 	}
 	var s float64
 	for _, v := range row {
-		s += math.Exp(float64(v) - m)
+		s += expOf[F](float64(v) - m)
 	}
 	return m + math.Log(s)
 }
@@ -569,7 +578,7 @@ func (be *Backend[F]) CrossEntropyBackward(dlogits, logits kernels.Buffer, targe
 			row, drow := lg[r*V:(r+1)*V], dl[r*V:(r+1)*V]
 			lse := logSumExp(row)
 			for i, v := range row {
-				p := math.Exp(float64(v) - lse)
+				p := expOf[F](float64(v) - lse)
 				if i == int(tg[r]) {
 					p--
 				}

@@ -13,7 +13,7 @@ import (
 // the relative error is ≤ 1e-9, below that log(1+y) = y to float32
 // precision.
 func softplusSig[F kernels.Float](x float64) (sp, sig float64) {
-	y := math.Exp(-math.Abs(x)) // in (0, 1]
+	y := expOf[F](-math.Abs(x)) // in (0, 1]
 	var l float64
 	switch {
 	case !is32[F]():
@@ -29,7 +29,7 @@ func softplusSig[F kernels.Float](x float64) (sp, sig float64) {
 	return l, y / (1 + y)
 }
 
-func silu(x float64) float64 { return x / (1 + math.Exp(-x)) }
+func silu[F kernels.Float](x float64) float64 { return x * sigmoid[F](x) }
 
 // scanArgs are the validated slices of one SelectiveScan(Backward) call.
 type scanArgs[F kernels.Float] struct {
@@ -118,7 +118,7 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 						y += hj[n] * cm[n]
 					}
 					y += float64(a.Dskip[e]) * xv
-					o[i] = F(y * silu(float64(a.z[i])))
+					o[i] = F(y * silu[F](float64(a.z[i])))
 				}
 			}
 		}
@@ -214,7 +214,7 @@ func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, d
 					for t := T - 1; t >= 0; t-- {
 						r := (b*T + t) * N
 						xv, zv, g := xs[t], zs[t], gs[t]
-						sz := sigmoid(zv)
+						sz := sigmoid[F](zv)
 						ht := hs[t*N : (t+1)*N]
 						at, bm, cm := as[t*N:(t+1)*N], bmF[t*N:(t+1)*N], cmF[t*N:(t+1)*N]
 						hp := zeros
