@@ -1,0 +1,256 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"math/rand/v2"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+	"unicode/utf8"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/model"
+)
+
+// newlineToken starts generation when the prompt is empty.
+const newlineToken = 10
+
+func init() {
+	var (
+		checkpoint  string
+		prompt      string
+		tokens      int
+		temperature float64
+		topK        int
+		seed        uint64
+	)
+	cmd := &cobra.Command{
+		Use:   "generate --checkpoint PATH [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]",
+		Short: "Generate text from a trained checkpoint (byte tokenizer, streamed to stdout)",
+		Long: `Generate text from a trained model, one byte token at a time.
+
+--checkpoint is a model.safetensors file, a step-N checkpoint directory, or a
+checkpoint root directory (such as runs/bmojo-small), in which case the newest
+checkpoint that reads back cleanly is used. The prompt is printed, then each
+generated token as soon as it is sampled. An empty prompt starts from a
+newline. Temperature 0 is greedy decoding; --top-k 0 samples from the whole
+vocabulary. The model carries a fixed-size state, so generation may run past
+the training length.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch {
+			case checkpoint == "":
+				return errors.New("generate: --checkpoint is required (a model.safetensors file, a step-N directory or a checkpoint root)")
+			case tokens < 0:
+				return fmt.Errorf("generate: --tokens must be >= 0, got %d", tokens)
+			case temperature < 0 || math.IsNaN(temperature) || math.IsInf(temperature, 0):
+				return fmt.Errorf("generate: --temperature must be a finite number >= 0, got %v", temperature)
+			case topK < 0:
+				return fmt.Errorf("generate: --top-k must be >= 0 (0 = whole vocabulary), got %d", topK)
+			}
+			log := newLogger().Named("generate")
+			cfg, params, from, err := loadForGenerate(checkpoint, log)
+			if err != nil {
+				return err
+			}
+			log.Info("loaded checkpoint", "path", from, "mixers", fmt.Sprint(cfg.Mixers), "d_model", cfg.DModel, "parameters", len(params))
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			g := generation{
+				cfg: cfg, params: params, prompt: prompt, tokens: tokens,
+				temperature: temperature, topK: topK, seed: seed, log: log,
+			}
+			return g.run(ctx, cmd.OutOrStdout())
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&checkpoint, "checkpoint", "", "model.safetensors file, step-N checkpoint directory, or checkpoint root (newest good checkpoint)")
+	fl.StringVar(&prompt, "prompt", "", "text to continue (empty: start from a newline)")
+	fl.IntVar(&tokens, "tokens", 256, "tokens (bytes) to generate")
+	fl.Float64Var(&temperature, "temperature", 0.8, "sampling temperature (0 = greedy)")
+	fl.IntVar(&topK, "top-k", 40, "sample among the K most likely tokens (0 = all)")
+	fl.Uint64Var(&seed, "seed", 1, "sampling seed")
+	rootCmd.AddCommand(cmd)
+}
+
+// loadForGenerate reads the weights at path (see the command's help) and
+// returns them with the path they came from.
+func loadForGenerate(path string, log hclog.Logger) (model.Config, []float64, string, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return model.Config{}, nil, "", fmt.Errorf("generate: checkpoint %s does not exist: %w", path, err)
+		}
+		return model.Config{}, nil, "", fmt.Errorf("generate: checkpoint: %w", err)
+	}
+	weights := path
+	if st.IsDir() {
+		weights = filepath.Join(path, train.WeightsFile)
+		if _, err := os.Stat(weights); err != nil {
+			// Not a step-N directory: a checkpoint root.
+			ck, err := train.LatestCheckpoint(path, func(dir string, err error) {
+				log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
+			})
+			if err != nil {
+				return model.Config{}, nil, "", fmt.Errorf("generate: %w (want a %s file, a step-N checkpoint directory or a directory of them)", err, train.WeightsFile)
+			}
+			return ck.Config, ck.Params, ck.Dir, nil
+		}
+	}
+	c, params, err := model.LoadWeights(weights)
+	if err != nil {
+		return model.Config{}, nil, "", fmt.Errorf("generate: load %s: %w", weights, err)
+	}
+	return c, params, weights, nil
+}
+
+// generation is one generate run on loaded weights.
+type generation struct {
+	cfg         model.Config
+	params      []float64
+	prompt      string
+	tokens      int
+	temperature float64
+	topK        int
+	seed        uint64
+	log         hclog.Logger
+}
+
+func (g *generation) run(ctx context.Context, stdout io.Writer) error {
+	var tok data.ByteTokenizer
+	V := g.cfg.VocabSize
+	in := tok.Encode(g.prompt)
+	if len(in) == 0 {
+		if V <= newlineToken {
+			return fmt.Errorf("generate: --prompt is empty and the model's %d-token vocabulary has no newline token (%d) to start from; give a --prompt", V, newlineToken)
+		}
+		in = []int32{newlineToken}
+	}
+	for i, t := range in {
+		if int(t) >= V {
+			return fmt.Errorf("generate: prompt byte %d (0x%02x, at offset %d) is outside the model's %d-token vocabulary", t, t, i, V)
+		}
+	}
+	if V != data.ByteVocabSize {
+		g.log.Warn("model vocabulary is not the byte tokenizer's; tokens >= 256 print as U+FFFD", "vocab_size", V)
+	}
+	dec, err := model.NewDecoder(g.cfg, g.params)
+	if err != nil {
+		return fmt.Errorf("generate: %w", err)
+	}
+	w := bufio.NewWriter(stdout)
+	out := &utf8Stream{w: w}
+	for _, t := range tok.Encode(g.prompt) {
+		if err := out.put(t); err != nil {
+			return fmt.Errorf("generate: write: %w", err)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("generate: write: %w", err)
+	}
+	start := time.Now()
+	var logits []float32
+	for _, t := range in {
+		if logits, err = dec.Step(t); err != nil {
+			return fmt.Errorf("generate: prompt: %w", err)
+		}
+	}
+	promptTime := time.Since(start)
+	rng := rand.New(rand.NewPCG(g.seed, 0x67656e)) // "gen"
+	n := 0
+	genStart := time.Now()
+	for n < g.tokens {
+		if ctx.Err() != nil {
+			g.log.Info("interrupted", "generated", n)
+			break
+		}
+		next := model.Sample(logits, g.temperature, g.topK, rng)
+		if err := out.put(next); err != nil {
+			return fmt.Errorf("generate: write: %w", err)
+		}
+		if err := w.Flush(); err != nil {
+			return fmt.Errorf("generate: write: %w", err)
+		}
+		n++
+		if n == g.tokens {
+			break // the last token's logits are not needed
+		}
+		if logits, err = dec.Step(next); err != nil {
+			return fmt.Errorf("generate: %w", err)
+		}
+	}
+	if err := out.finish(); err != nil {
+		return fmt.Errorf("generate: write: %w", err)
+	}
+	if _, err := io.WriteString(w, "\n"); err != nil {
+		return fmt.Errorf("generate: write: %w", err)
+	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("generate: write: %w", err)
+	}
+	el := time.Since(genStart).Seconds()
+	g.log.Info("done", "prompt_tokens", len(in), "prompt_seconds", promptTime.Seconds(),
+		"generated", n, "tokens_per_sec", float64(n)/math.Max(el, 1e-9))
+	return nil
+}
+
+// utf8Stream writes byte tokens as they come, holding back an incomplete
+// UTF-8 sequence until its last byte arrives, and replacing invalid bytes
+// and ids outside [0, 256) with U+FFFD (as ByteTokenizer.Decode does).
+type utf8Stream struct {
+	w       *bufio.Writer
+	pending []byte
+}
+
+func (s *utf8Stream) put(id int32) error {
+	if id < 0 || id >= data.ByteVocabSize {
+		if err := s.flushInvalid(); err != nil {
+			return err
+		}
+		_, err := s.w.WriteRune(utf8.RuneError)
+		return err
+	}
+	s.pending = append(s.pending, byte(id))
+	for len(s.pending) > 0 {
+		if !utf8.FullRune(s.pending) {
+			return nil // wait for the rest of the sequence
+		}
+		r, size := utf8.DecodeRune(s.pending)
+		var err error
+		if r == utf8.RuneError && size <= 1 {
+			_, err = s.w.WriteRune(utf8.RuneError)
+		} else {
+			_, err = s.w.Write(s.pending[:size])
+		}
+		if err != nil {
+			return err
+		}
+		s.pending = s.pending[size:]
+	}
+	s.pending = s.pending[:0]
+	return nil
+}
+
+// flushInvalid replaces a held-back incomplete sequence by U+FFFD.
+func (s *utf8Stream) flushInvalid() error {
+	if len(s.pending) == 0 {
+		return nil
+	}
+	s.pending = s.pending[:0]
+	_, err := s.w.WriteRune(utf8.RuneError)
+	return err
+}
+
+func (s *utf8Stream) finish() error { return s.flushInvalid() }
