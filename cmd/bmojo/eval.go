@@ -73,7 +73,7 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&ckpt, "checkpoint", "runs/bmojo-small", "model.safetensors, a step-N directory, or a checkpoint root (newest good one)")
+	fl.StringVar(&ckpt, "checkpoint", "runs/bmojo-tiny", "model.safetensors, a step-N directory, or a checkpoint root (newest good one)")
 	fl.StringVar(&dataDir, "data", "", "dataset directory from `bmojo data prepare` (default: the bundled corpus)")
 	fl.IntVar(&seqLen, "seq-len", 0, "evaluation length (default: the training length)")
 	fl.IntVar(&batch, "batch-size", 4, "sequences per forward pass")

@@ -21,12 +21,12 @@ func init() {
 	)
 	cmd := &cobra.Command{
 		Use:   "train",
-		Short: "Train a model (with no flags: a small B'MOJO on the bundled corpus, on the CPU)",
+		Short: "Train a model (with no flags: a tiny B'MOJO on the bundled corpus, on the CPU)",
 		Long: `Train a B'MOJO-family model.
 
-With no flags it trains the small B'MOJO preset on the bundled public-domain
+With no flags it trains the tiny B'MOJO preset on the bundled public-domain
 corpus on the CPU, shows a progress bar, evaluates on the validation split
-and writes checkpoints under runs/bmojo-small. A job file (-f job.yaml) sets
+and writes checkpoints under runs/bmojo-tiny. A job file (-f job.yaml) sets
 any field; flags given on the command line override the file.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
