@@ -3,8 +3,11 @@ package cpu
 import "math"
 
 // expFast is exp to about 1e-8 relative error (degree-7 Taylor polynomial
-// after reduction to |r| ≤ ln2/2), 3-4× faster than math.Exp. The float32
-// backend uses it in the scan and attention inner loops, where the error is
+// after reduction to |r| ≤ ln2/2). Measured (BenchmarkExp, BenchmarkExpVec):
+// 7 ns vs 10.5 ns for math.Exp per scalar call, 113 ns vs 195 ns for the 16
+// exponentials of one scan step through expScaled; a 32-entry table with a
+// degree-4 polynomial was slower still (90-100 ns). The float32 backend
+// uses it in the scan, attention and elementwise ops, where the error is
 // far below float32 rounding; the float64 backend keeps math.Exp so its
 // finite-difference checks stay exact.
 func expFast(x float64) float64 {

@@ -93,7 +93,7 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 	parallel(B*nEB, T*N*scanBlock*expCost, func(_, lo, hi int) {
 		h := make([]float64, scanBlock*N)
 		A := make([]float64, scanBlock*N)
-		dA := make([]float64, N)
+		decay := make([]float64, N) // exp(Δ·A[e,n]) of the current step
 		bm, cm := make([]float64, N), make([]float64, N)
 		for task := lo; task < hi; task++ {
 			b, e0 := task/nEB, task%nEB*scanBlock
@@ -111,10 +111,10 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 					delta, _ := softplusSig[F](float64(a.dt[i]) + float64(a.dtBias[e]))
 					dx := delta * xv
 					hj := h[j*N : (j+1)*N]
-					expInto[F](dA, A[j*N:(j+1)*N], delta, 0)
+					expInto[F](decay, A[j*N:(j+1)*N], delta, 0)
 					var y float64
 					for n := range hj {
-						hj[n] = dA[n]*hj[n] + dx*bm[n]
+						hj[n] = decay[n]*hj[n] + dx*bm[n]
 						y += hj[n] * cm[n]
 					}
 					y += float64(a.Dskip[e]) * xv
