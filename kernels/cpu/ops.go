@@ -3,7 +3,7 @@ package cpu
 import (
 	"math"
 	"runtime"
-	"sort"
+	"slices"
 
 	"github.com/bmojo/bmojo/kernels"
 )
@@ -498,15 +498,17 @@ func (be *Backend[F]) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T
 				idx[i] = i
 			}
 			// Largest first; among equal values the later position first.
-			sort.Slice(idx, func(i, j int) bool {
-				vi, vj := row[idx[i]], row[idx[j]]
-				if vi != vj {
-					return vi > vj
+			slices.SortFunc(idx, func(i, j int) int {
+				switch vi, vj := row[i], row[j]; {
+				case vi > vj:
+					return -1
+				case vi < vj:
+					return 1
 				}
-				return idx[i] > idx[j]
+				return j - i
 			})
 			top := idx[:S]
-			sort.Ints(top)
+			slices.Sort(top)
 			out := ss[bc*S : (bc+1)*S]
 			for i, p := range top {
 				out[i] = int32(t0 + p)
