@@ -1,0 +1,223 @@
+// Package cluster is the contract between coordinators and workers: the
+// etcd key layout of one job and the JSON records stored under it. It holds
+// no logic beyond naming keys and encoding records, so both sides (and
+// tests, and `bmojo status`) agree on one definition.
+//
+// # Keys (all under Prefix(job) = "/bmojo/jobs/<job>/")
+//
+//	spec                      JobSpec: the job file as YAML plus its hash; written once by `bmojo train`
+//	members/<worker-id>       Member, attached to the worker's lease (TTL a few seconds)
+//	election/                 coordinator leader election (etcd concurrency.Election)
+//	ring                      Ring: the current epoch (only grows), its members in rank order
+//	ready/<epoch>/<worker-id> Ready: a member has stopped training for this epoch, at its local step
+//	start/<epoch>             Start: the step the epoch starts at and which member holds that state
+//	reports/<worker-id>       Report: a worker saw a peer fail (the coordinator drops the suspect)
+//	ledger/<step>             LedgerEntry: which sample ranges a committed step consumed
+//	progress                  Progress: the latest committed step, loss, tokens/s (rank 0 writes)
+//	checkpoints/<step>        Manifest: a durable checkpoint (files with sizes and SHA-256)
+//	checkpoints/latest        the step of the newest committed Manifest, as decimal text
+//	done                      Done: the job finished (final step, val loss)
+//
+// # Epoch protocol
+//
+// The coordinator leader watches members/ and reports/. When the member set
+// changes (join, lease expiry, a reported failure) it writes ring with epoch
+// e+1 and the new members. Every member, on seeing the new epoch, aborts or
+// finishes its in-flight step (never half-applies one), then writes
+// ready/<e+1>/<id> with its completed step count. When all members of e+1
+// are ready (or the ones that are not are dropped after ReadyTimeout, which
+// starts epoch e+2), the coordinator writes start/<e+1> = {step: max of the
+// ready steps, source: a member at that step}. Members behind that step
+// (new joiners, or ranks whose all-reduce failed where others completed)
+// fetch parameters and optimizer state from source over gRPC; then all
+// connect the all-reduce ring at epoch e+1 and train from step.
+//
+// A step's global batch is the sample positions [step·GB, (step+1)·GB) of the
+// deterministic sampler, split contiguously over the ring's ranks, so which
+// samples a step consumes does not depend on who computes it: across any
+// failure or resize every sample is consumed exactly once.
+package cluster
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Prefix is the root of one job's keys.
+func Prefix(job string) string { return "/bmojo/jobs/" + job + "/" }
+
+// Key names, relative to Prefix.
+const (
+	KeySpec           = "spec"
+	KeyMembers        = "members/"
+	KeyElection       = "election/"
+	KeyRing           = "ring"
+	KeyReady          = "ready/"
+	KeyStart          = "start/"
+	KeyReports        = "reports/"
+	KeyLedger         = "ledger/"
+	KeyProgress       = "progress"
+	KeyCheckpoints    = "checkpoints/"
+	KeyLatestCkpt     = "checkpoints/latest"
+	KeyDone           = "done"
+	ProtocolVersion   = 1
+	DefaultLeaseTTL   = 3 // seconds
+	DefaultReadyGrace = 5 // seconds a ring member has to report ready
+)
+
+// ReadyKey is ready/<epoch>/<id>.
+func ReadyKey(epoch uint64, id string) string {
+	return KeyReady + strconv.FormatUint(epoch, 10) + "/" + id
+}
+
+// StartKey is start/<epoch>.
+func StartKey(epoch uint64) string { return KeyStart + strconv.FormatUint(epoch, 10) }
+
+// LedgerKey is ledger/<step>, zero-padded so keys sort by step.
+func LedgerKey(step int) string { return fmt.Sprintf("%s%010d", KeyLedger, step) }
+
+// CheckpointKey is checkpoints/<step>, zero-padded.
+func CheckpointKey(step int) string { return fmt.Sprintf("%s%010d", KeyCheckpoints, step) }
+
+// JobSpec is the job every process of the job runs.
+type JobSpec struct {
+	Protocol int    `json:"protocol"`
+	YAML     string `json:"yaml"`     // the resolved job file (train.Job as YAML)
+	Hash     string `json:"hash"`     // SHA-256 of YAML: members with another hash are refused
+	Workers  int    `json:"workers"`  // expected ring size at start (the coordinator waits for it once)
+	MinRing  int    `json:"min_ring"` // smallest ring that may train (default 1)
+	CkptDir  string `json:"checkpoint_dir"`
+	Created  string `json:"created"`
+	CodeHash string `json:"code"` // build identity; members of another build are refused
+}
+
+// Member is one worker's registration.
+type Member struct {
+	ID         string `json:"id"`
+	Endpoint   string `json:"endpoint"` // host:port of its all-reduce and state-transfer gRPC server
+	Device     string `json:"device"`   // "cpu" or the GPU name and UUID
+	PID        int    `json:"pid"`
+	SpecHash   string `json:"spec_hash"`
+	CodeHash   string `json:"code"`
+	Protocol   int    `json:"protocol"`
+	Registered string `json:"registered"` // RFC 3339
+}
+
+// RingMember is one rank of a ring.
+type RingMember struct {
+	ID       string `json:"id"`
+	Endpoint string `json:"endpoint"`
+}
+
+// Ring is the published ring. Epoch only grows; it is the fencing token of
+// every all-reduce message.
+type Ring struct {
+	Epoch   uint64       `json:"epoch"`
+	Members []RingMember `json:"members"` // rank order
+	Reason  string       `json:"reason"`  // why this epoch started (joined, lease expired, reported, ...)
+}
+
+// Rank returns id's rank in r, or -1.
+func (r Ring) Rank(id string) int {
+	for i, m := range r.Members {
+		if m.ID == id {
+			return i
+		}
+	}
+	return -1
+}
+
+// Ready says a ring member stopped for an epoch with Step steps completed.
+type Ready struct {
+	Epoch uint64 `json:"epoch"`
+	Step  int    `json:"step"`
+}
+
+// Start releases an epoch: train from Step; members behind it copy the
+// state of Source first.
+type Start struct {
+	Epoch  uint64 `json:"epoch"`
+	Step   int    `json:"step"`
+	Source string `json:"source"` // member id holding the state at Step
+}
+
+// Report is a worker's claim that a peer failed during a collective.
+type Report struct {
+	Epoch    uint64 `json:"epoch"`
+	Reporter string `json:"reporter"`
+	Suspect  string `json:"suspect"`
+	Error    string `json:"error"`
+}
+
+// Range is a contiguous run of sample positions [Start, Start+Count).
+type Range struct {
+	Start int `json:"start"`
+	Count int `json:"count"`
+}
+
+// LedgerEntry records what a committed step consumed.
+type LedgerEntry struct {
+	Step   int              `json:"step"`
+	Epoch  uint64           `json:"epoch"`
+	Ranges map[string]Range `json:"ranges"` // member id -> its positions
+}
+
+// Progress is the job's latest committed step.
+type Progress struct {
+	Step        int     `json:"step"`
+	Steps       int     `json:"steps"`
+	Epoch       uint64  `json:"epoch"`
+	Loss        float64 `json:"loss"`
+	ValLoss     float64 `json:"val_loss,omitempty"`
+	TokensPerS  float64 `json:"tokens_per_s"`
+	Workers     int     `json:"workers"`
+	Skipped     int     `json:"skipped_steps"`
+	UpdatedUnix float64 `json:"updated"`
+}
+
+// File is one checkpoint file in a Manifest.
+type File struct {
+	Name   string `json:"name"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// Manifest is a committed checkpoint: it is written in one transaction,
+// only after every file is durable.
+type Manifest struct {
+	Step   int    `json:"step"`
+	Epoch  uint64 `json:"epoch"`
+	Dir    string `json:"dir"`
+	Files  []File `json:"files"`
+	Config string `json:"config"` // model config JSON
+}
+
+// Done marks the end of the job.
+type Done struct {
+	Step    int     `json:"step"`
+	ValLoss float64 `json:"val_loss"`
+	Loss    float64 `json:"loss"`
+}
+
+// Encode is json.Marshal for records: plain structs of numbers, strings and
+// maps of them, which always encode.
+func Encode(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// Decode parses a record, naming the key on error.
+func Decode(key string, b []byte, v any) error {
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("cluster: %s: malformed record: %w", key, err)
+	}
+	return nil
+}
+
+// MemberID extracts <id> from a members/<id> key (relative or absolute).
+func MemberID(key string) string {
+	i := strings.LastIndex(key, "/")
+	return key[i+1:]
+}
