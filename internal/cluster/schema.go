@@ -29,8 +29,9 @@
 // starts epoch e+2), the coordinator writes start/<e+1> = {step: max of the
 // ready steps, source: a member at that step}. Members behind that step
 // (new joiners, or ranks whose all-reduce failed where others completed)
-// fetch parameters and optimizer state from source over gRPC; then all
-// connect the all-reduce ring at epoch e+1 and train from step.
+// take source's parameters and optimizer state: every member connects the
+// all-reduce ring at epoch e+1 and sums a buffer that is zero everywhere but
+// on source, an exact broadcast (x + 0 = x); then all train from step.
 //
 // A step's global batch is the sample positions [step·GB, (step+1)·GB) of the
 // deterministic sampler, split contiguously over the ring's ranks, so which
@@ -141,6 +142,10 @@ type Start struct {
 	Epoch  uint64 `json:"epoch"`
 	Step   int    `json:"step"`
 	Source string `json:"source"` // member id holding the state at Step
+	// Sync is true when some member reported a step below Step (or is new):
+	// then every member joins a broadcast of Source's parameters and
+	// optimizer state before training.
+	Sync bool `json:"sync"`
 }
 
 // Report is a worker's claim that a peer failed during a collective.
@@ -162,6 +167,7 @@ type LedgerEntry struct {
 	Step   int              `json:"step"`
 	Epoch  uint64           `json:"epoch"`
 	Ranges map[string]Range `json:"ranges"` // member id -> its positions
+	Loss   float64          `json:"loss"`   // the step's global training loss
 }
 
 // Progress is the job's latest committed step.
