@@ -1,0 +1,102 @@
+package allreduce
+
+import (
+	"crypto/tls"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Config configures one rank's Ring. Every rank of a ring must use the same
+// Peers, Epoch, ChunkBytes and WireBF16.
+type Config struct {
+	// Rank is this process's position in the ring, 0..len(Peers)-1.
+	Rank int
+	// Peers holds the "host:port" every rank listens on, indexed by rank.
+	// Peers[Rank] is only used when New is not given a listener.
+	Peers []string
+	// Epoch is the ring epoch, a fencing token raised whenever the ring is
+	// re-formed; frames of any other epoch are refused.
+	Epoch uint64
+	// ChunkBytes is the pipelining chunk, in bytes of float32 buffer.
+	// Default 1 MiB.
+	ChunkBytes int
+	// Streams is the number of TCP connections (one gRPC stream each) to
+	// the successor carrying data; a separate stream carries aborts.
+	// Default 4.
+	Streams int
+	// HopTimeout bounds how long a rank waits for the next chunk from its
+	// predecessor before the collective fails naming it. Default 10 s.
+	HopTimeout time.Duration
+	// WireBF16 sends bfloat16 on the wire; accumulation stays float32.
+	WireBF16 bool
+	// WindowBytes is the HTTP/2 flow-control window of each stream and
+	// connection (static, no BDP probing). Default 32 MiB.
+	WindowBytes int32
+	// IOBufferBytes is gRPC's per-connection read and write buffer. Default 1 MiB.
+	IOBufferBytes int
+	// ServerTLS and ClientTLS enable (mutual) TLS when both are set: the
+	// server side should set ClientAuth = tls.RequireAndVerifyClientCert.
+	ServerTLS, ClientTLS *tls.Config
+	// Logger is the parent logger; the ring logs under Named("allreduce").
+	// Default: a null logger.
+	Logger hclog.Logger
+}
+
+// Default returns a Config with every tunable at its default; callers fill in
+// Rank, Peers and Epoch.
+func Default() Config {
+	return Config{
+		ChunkBytes:    1 << 20,
+		Streams:       4,
+		HopTimeout:    10 * time.Second,
+		WindowBytes:   32 << 20,
+		IOBufferBytes: 1 << 20,
+	}
+}
+
+func (c *Config) fillDefaults() {
+	d := Default()
+	if c.ChunkBytes == 0 {
+		c.ChunkBytes = d.ChunkBytes
+	}
+	if c.Streams == 0 {
+		c.Streams = d.Streams
+	}
+	if c.HopTimeout == 0 {
+		c.HopTimeout = d.HopTimeout
+	}
+	if c.WindowBytes == 0 {
+		c.WindowBytes = d.WindowBytes
+	}
+	if c.IOBufferBytes == 0 {
+		c.IOBufferBytes = d.IOBufferBytes
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+}
+
+// Validate reports the first invalid field, by name. It has no side effects.
+func (c Config) Validate() error {
+	switch {
+	case len(c.Peers) == 0:
+		return fmt.Errorf("allreduce: Peers is empty: %w", ErrConfig)
+	case c.Rank < 0 || c.Rank >= len(c.Peers):
+		return fmt.Errorf("allreduce: Rank %d out of range for %d peers: %w", c.Rank, len(c.Peers), ErrConfig)
+	case c.ChunkBytes < 4 || c.ChunkBytes > 64<<20:
+		return fmt.Errorf("allreduce: ChunkBytes %d outside [4, 64 MiB]: %w", c.ChunkBytes, ErrConfig)
+	case c.Streams < 1 || c.Streams > 64:
+		return fmt.Errorf("allreduce: Streams %d outside [1, 64]: %w", c.Streams, ErrConfig)
+	case c.HopTimeout <= 0:
+		return fmt.Errorf("allreduce: HopTimeout %v must be positive: %w", c.HopTimeout, ErrConfig)
+	case c.WindowBytes < 64<<10:
+		return fmt.Errorf("allreduce: WindowBytes %d below 64 KiB: %w", c.WindowBytes, ErrConfig)
+	case c.IOBufferBytes < 0:
+		return fmt.Errorf("allreduce: IOBufferBytes %d negative: %w", c.IOBufferBytes, ErrConfig)
+	case (c.ServerTLS == nil) != (c.ClientTLS == nil):
+		return fmt.Errorf("allreduce: set both ServerTLS and ClientTLS, or neither: %w", ErrConfig)
+	}
+	return nil
+}

@@ -1,0 +1,862 @@
+package allreduce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/metadata"
+
+	pb "github.com/bmojo/bmojo/proto/allreducepb"
+)
+
+// Op says how the ranks' buffers are combined.
+type Op int
+
+const (
+	// Sum leaves every rank with the element-wise sum.
+	Sum Op = iota
+	// Avg leaves every rank with the element-wise sum divided by N.
+	Avg
+)
+
+// Ring is one rank of a ring all-reduce. Collectives run one at a time in
+// the order they were started; every rank must start the same collectives
+// (same lengths and ops) in the same order. After any failure the Ring is
+// broken for good: every pending and later collective returns the first
+// error, and the caller re-forms the ring with a new epoch.
+type Ring struct {
+	cfg              Config
+	n, rank          int
+	pred, succ       int
+	log              hclog.Logger
+	dtype            pb.DType
+	chunkElems       int
+	graceAfterExpiry time.Duration
+
+	srv  *grpc.Server
+	lis  net.Listener
+	outs []*outStream // Streams data streams, then the control stream
+
+	mu       sync.Mutex
+	cur      *opState
+	lastOp   uint64
+	stash    map[uint64][]*inFrame
+	inCount  int
+	inWant   int
+	inReady  chan struct{}
+	failed   error
+	failedCh chan struct{}
+	refused  error // last stream refused without breaking the ring
+	closed   bool
+	queue    []*Handle
+	queueSig chan struct{}
+	nextOp   uint64
+
+	stopCh chan struct{}
+	wg     sync.WaitGroup
+	outWG  sync.WaitGroup // goroutines watching the outgoing streams
+	active bool           // a collective is running
+
+	stats Stats
+}
+
+// Stats counts traffic; read it with (*Ring).Stats.
+type Stats struct {
+	FramesSent, FramesRecv atomic.Uint64
+	BytesSent, BytesRecv   atomic.Uint64
+	Ops                    atomic.Uint64
+}
+
+type outStream struct {
+	conn   *grpc.ClientConn
+	stream grpc.ClientStream
+	cancel context.CancelFunc
+}
+
+// New creates rank cfg.Rank of a ring and starts serving its predecessor's
+// streams on lis (or on a new listener at Peers[Rank] when lis is nil).
+// Call Connect before the first collective.
+func New(cfg Config, lis net.Listener) (*Ring, error) {
+	cfg.fillDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	n := len(cfg.Peers)
+	r := &Ring{
+		cfg:        cfg,
+		n:          n,
+		rank:       cfg.Rank,
+		pred:       mod(cfg.Rank-1, n),
+		succ:       mod(cfg.Rank+1, n),
+		log:        cfg.Logger.Named("allreduce").With("rank", cfg.Rank, "epoch", cfg.Epoch),
+		dtype:      pb.DType_DTYPE_F32,
+		chunkElems: cfg.ChunkBytes / 4,
+		stash:      map[uint64][]*inFrame{},
+		inReady:    make(chan struct{}),
+		failedCh:   make(chan struct{}),
+		queueSig:   make(chan struct{}, 1),
+		stopCh:     make(chan struct{}),
+	}
+	// After a hop deadline expires, wait this long for an abort from
+	// upstream before blaming the predecessor: a stall further up the ring
+	// expires there first, and its report names the right rank.
+	r.graceAfterExpiry = min(cfg.HopTimeout/2, 2*time.Second)
+	if cfg.WireBF16 {
+		r.dtype = pb.DType_DTYPE_BF16
+	}
+	if n > 1 {
+		if lis == nil {
+			var err error
+			if lis, err = net.Listen("tcp", cfg.Peers[cfg.Rank]); err != nil {
+				return nil, fmt.Errorf("allreduce: rank %d listen on %s: %w", cfg.Rank, cfg.Peers[cfg.Rank], err)
+			}
+		}
+		opts := []grpc.ServerOption{
+			grpc.ForceServerCodecV2(frameCodec{}),
+			grpc.MaxRecvMsgSize(cfg.ChunkBytes + 4096),
+			grpc.StaticStreamWindowSize(cfg.WindowBytes),
+			grpc.StaticConnWindowSize(cfg.WindowBytes),
+			grpc.ReadBufferSize(cfg.IOBufferBytes),
+			grpc.WriteBufferSize(cfg.IOBufferBytes),
+			grpc.MaxConcurrentStreams(uint32(cfg.Streams + 8)),
+		}
+		if cfg.ServerTLS != nil {
+			opts = append(opts, grpc.Creds(credentials.NewTLS(cfg.ServerTLS)))
+		}
+		r.lis = lis
+		r.srv = grpc.NewServer(opts...)
+		pb.RegisterRingServer(r.srv, &ringServer{r: r})
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			_ = r.srv.Serve(lis) // returns when Close stops the server
+		}()
+	} else {
+		close(r.inReady)
+	}
+	r.wg.Add(1)
+	go r.executor()
+	return r, nil
+}
+
+// Addr is the address the ring serves on (nil for a 1-rank ring).
+func (r *Ring) Addr() net.Addr {
+	if r.lis == nil {
+		return nil
+	}
+	return r.lis.Addr()
+}
+
+// Size is the number of ranks.
+func (r *Ring) Size() int { return r.n }
+
+// Stats returns the traffic counters.
+func (r *Ring) Stats() *Stats { return &r.stats }
+
+// Connect opens the streams to the successor (waiting for it to come up)
+// and waits until the predecessor's streams have arrived. ctx bounds both.
+func (r *Ring) Connect(ctx context.Context) error {
+	if r.n == 1 {
+		return nil
+	}
+	addr := r.cfg.Peers[r.succ]
+	creds := insecure.NewCredentials()
+	if r.cfg.ClientTLS != nil {
+		creds = credentials.NewTLS(r.cfg.ClientTLS)
+	}
+	k := r.cfg.Streams
+	for i := 0; i <= k; i++ {
+		var conn *grpc.ClientConn
+		if i < k {
+			c, err := grpc.NewClient(addr,
+				grpc.WithTransportCredentials(creds),
+				grpc.WithStaticStreamWindowSize(r.cfg.WindowBytes),
+				grpc.WithStaticConnWindowSize(r.cfg.WindowBytes),
+				grpc.WithReadBufferSize(r.cfg.IOBufferBytes),
+				grpc.WithWriteBufferSize(r.cfg.IOBufferBytes),
+				grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
+				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
+			)
+			if err != nil {
+				return fmt.Errorf("allreduce: rank %d dial successor rank %d at %s: %w", r.rank, r.succ, addr, err)
+			}
+			conn = c
+		} else {
+			conn = r.outs[0].conn // the control stream shares the first connection
+		}
+		sctx, cancel := context.WithCancel(context.Background())
+		// Open the stream under ctx's deadline, but keep it alive past it.
+		type res struct {
+			s   grpc.ClientStream
+			err error
+		}
+		ch := make(chan res, 1)
+		go func() {
+			s, err := conn.NewStream(sctx, &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
+				grpc.ForceCodecV2(frameCodec{}), grpc.WaitForReady(true))
+			ch <- res{s, err}
+		}()
+		var rs res
+		select {
+		case rs = <-ch:
+		case <-ctx.Done():
+			cancel()
+			rs = <-ch
+			if rs.err == nil {
+				rs.err = ctx.Err()
+			}
+		}
+		os := &outStream{conn: conn, stream: rs.s, cancel: cancel}
+		if rs.err != nil {
+			cancel()
+			if i < k {
+				_ = conn.Close()
+			}
+			return fmt.Errorf("allreduce: rank %d open stream %d to successor rank %d at %s: %w", r.rank, i, r.succ, addr, rs.err)
+		}
+		r.outs = append(r.outs, os)
+		hello := &pb.FrameHeader{
+			Kind: pb.Kind_KIND_HELLO, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
+			WorldSize: uint32(r.n), Stream: uint32(i), Streams: uint32(k + 1),
+		}
+		if err := rs.s.SendMsg(&outFrame{hdr: hello}); err != nil {
+			return fmt.Errorf("allreduce: rank %d hello to successor rank %d on stream %d: %w", r.rank, r.succ, i, fromStatus(rs.s.RecvMsg(&pb.PushSummary{})))
+		}
+		// The successor sends headers once it accepts the hello. Until
+		// then gRPC keeps every message for a transparent retry, which
+		// would pin our zero-copy payloads; after it, the stream is
+		// committed and payloads are released as soon as they are written.
+		if md, _ := rs.s.Header(); md == nil {
+			err := rs.s.RecvMsg(&pb.PushSummary{})
+			return &PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
+				Err: fmt.Errorf("successor at %s refused stream %d: %w", addr, i, fromStatus(err))}
+		}
+		// The successor answers only by ending the stream: with an error
+		// when it refuses us (wrong epoch, rank or world size), or when
+		// its process dies. Either breaks the ring.
+		r.wg.Add(1)
+		r.outWG.Add(1)
+		go func(i int, s grpc.ClientStream) {
+			defer r.wg.Done()
+			defer r.outWG.Done()
+			err := s.RecvMsg(&pb.PushSummary{})
+			if err == nil || r.isStopping() {
+				// nil: the successor saw our half-close and confirmed it
+				// has every frame (graceful Close).
+				return
+			}
+			r.fail(&PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
+				Err: fmt.Errorf("successor ended stream %d: %w", i, fromStatus(err))})
+		}(i, rs.s)
+	}
+	select {
+	case <-r.inReady:
+		return nil
+	case <-r.failedCh:
+		return r.failure()
+	case <-ctx.Done():
+		r.mu.Lock()
+		refused := r.refused
+		r.mu.Unlock()
+		if refused != nil {
+			return fmt.Errorf("allreduce: rank %d waiting for streams from predecessor rank %d: %w (last refused: %w)", r.rank, r.pred, ctx.Err(), refused)
+		}
+		return fmt.Errorf("allreduce: rank %d waiting for streams from predecessor rank %d: %w", r.rank, r.pred, ctx.Err())
+	}
+}
+
+// Handle is a collective in flight.
+type Handle struct {
+	r    *Ring
+	op   uint64
+	buf  []float32
+	kind Op
+	done chan struct{}
+	err  error
+}
+
+// Start begins an all-reduce of buf in place and returns at once; buf belongs
+// to the ring until the handle is done. Collectives run in Start order.
+func (r *Ring) Start(buf []float32, op Op) *Handle {
+	r.mu.Lock()
+	r.nextOp++
+	h := &Handle{r: r, op: r.nextOp, buf: buf, kind: op, done: make(chan struct{})}
+	r.queue = append(r.queue, h)
+	r.mu.Unlock()
+	select {
+	case r.queueSig <- struct{}{}:
+	default:
+	}
+	return h
+}
+
+// Done is closed when the collective has finished (successfully or not).
+func (h *Handle) Done() <-chan struct{} { return h.done }
+
+// Wait blocks until the collective finishes and returns its error. If ctx
+// ends first it returns ctx's error and the collective keeps running; the
+// buffer still belongs to the ring until Done is closed.
+func (h *Handle) Wait(ctx context.Context) error {
+	select {
+	case <-h.done:
+		return h.err
+	case <-ctx.Done():
+		return fmt.Errorf("allreduce: rank %d waiting for op %d: %w", h.r.rank, h.op, ctx.Err())
+	}
+}
+
+// AllReduce reduces buf in place across all ranks. If ctx ends first the
+// ring is aborted (the other ranks fail too) and AllReduce returns once the
+// buffer is no longer in use.
+func (r *Ring) AllReduce(ctx context.Context, buf []float32, op Op) error {
+	h := r.Start(buf, op)
+	select {
+	case <-h.done:
+		return h.err
+	case <-ctx.Done():
+		r.fail(fmt.Errorf("allreduce: rank %d op %d abandoned by caller: %w", r.rank, h.op, ctx.Err()))
+		<-h.done
+		return h.err
+	}
+}
+
+// Close stops the ring; collectives in flight fail with ErrClosed.
+func (r *Ring) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	idle := r.failed == nil && !r.active && len(r.queue) == 0
+	r.mu.Unlock()
+	if idle && len(r.outs) == r.cfg.Streams+1 {
+		// Graceful: half-close our streams and wait (bounded) until the
+		// successor confirms it has read everything, so our last frames
+		// are not lost in a connection torn down under them.
+		for _, o := range r.outs {
+			_ = o.stream.CloseSend()
+		}
+		done := make(chan struct{})
+		go func() { r.outWG.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(min(r.cfg.HopTimeout, 5*time.Second)):
+		}
+	}
+	r.fail(fmt.Errorf("allreduce: rank %d: %w", r.rank, ErrClosed))
+	close(r.stopCh)
+	for _, o := range r.outs {
+		o.cancel()
+	}
+	if r.srv != nil {
+		r.srv.Stop()
+	}
+	for i, o := range r.outs {
+		if i < r.cfg.Streams {
+			_ = o.conn.Close()
+		}
+	}
+	r.wg.Wait()
+	r.mu.Lock()
+	for _, fs := range r.stash {
+		for _, f := range fs {
+			f.release()
+		}
+	}
+	r.stash = nil
+	r.mu.Unlock()
+	r.log.Debug("ring closed")
+	return nil
+}
+
+func (r *Ring) isStopping() bool {
+	select {
+	case <-r.stopCh:
+		return true
+	default:
+		return false
+	}
+}
+
+func (r *Ring) failure() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.failed
+}
+
+// fail breaks the ring with err (the first error wins), tells the successor
+// so that the failure travels around the ring, and unblocks everything.
+func (r *Ring) fail(err error) {
+	r.mu.Lock()
+	if r.failed != nil {
+		r.mu.Unlock()
+		return
+	}
+	r.failed = err
+	close(r.failedCh)
+	closing := r.closed
+	r.mu.Unlock()
+	if closing {
+		return
+	}
+	r.log.Warn("ring broken", "error", err)
+	blame := int32(-1)
+	var pe *PeerError
+	if errors.As(err, &pe) {
+		blame = int32(pe.Rank)
+	}
+	if len(r.outs) > r.cfg.Streams {
+		ctl := r.outs[r.cfg.Streams]
+		hdr := &pb.FrameHeader{Kind: pb.Kind_KIND_ABORT, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
+			WorldSize: uint32(r.n), BlameRank: blame, Reason: err.Error()}
+		// Best effort, bounded: a dead successor cannot take it.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_ = ctl.stream.SendMsg(&outFrame{hdr: hdr})
+		}()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+		}
+	}
+	// Unblock senders stuck on flow control towards a stalled successor.
+	for i, o := range r.outs {
+		if i < r.cfg.Streams {
+			o.cancel()
+		}
+	}
+}
+
+func (r *Ring) executor() {
+	defer r.wg.Done()
+	for {
+		r.mu.Lock()
+		var h *Handle
+		if len(r.queue) > 0 {
+			h = r.queue[0]
+			r.queue = r.queue[1:]
+		}
+		closed := r.closed
+		r.mu.Unlock()
+		if h == nil {
+			if closed {
+				return
+			}
+			select {
+			case <-r.queueSig:
+			case <-r.stopCh:
+			}
+			continue
+		}
+		r.mu.Lock()
+		r.active = true
+		r.mu.Unlock()
+		h.err = r.run(h)
+		r.mu.Lock()
+		r.active = false
+		r.mu.Unlock()
+		r.stats.Ops.Add(1)
+		close(h.done)
+	}
+}
+
+// opState is the bookkeeping of one collective on this rank.
+type opState struct {
+	id   uint64
+	buf  []float32
+	kind Op
+	plan Plan
+	done []chan struct{} // per (step, chunk): received and applied
+	got  []atomic.Bool
+	// pins counts payloads gRPC still holds, plus one for the senders
+	// while they run; released is closed when it drops to zero.
+	pins     atomic.Int64
+	released chan struct{}
+}
+
+func (op *opState) pin() { op.pins.Add(1) }
+
+func (op *opState) unpin() {
+	if op.pins.Add(-1) == 0 {
+		close(op.released)
+	}
+}
+
+func (r *Ring) run(h *Handle) error {
+	if r.n == 1 {
+		// x/1 == x: nothing to do, and no rounding since nothing is on a wire.
+		return r.failure()
+	}
+	plan, err := NewPlan(r.n, r.rank, len(h.buf), r.chunkElems)
+	if err != nil {
+		return err
+	}
+	op := &opState{id: h.op, buf: h.buf, kind: h.kind, plan: plan, released: make(chan struct{})}
+	op.pins.Store(1)
+	total := plan.Steps() * plan.Chunks
+	op.done = make([]chan struct{}, total)
+	for i := range op.done {
+		op.done[i] = make(chan struct{})
+	}
+	op.got = make([]atomic.Bool, total)
+
+	r.mu.Lock()
+	if r.failed != nil {
+		r.mu.Unlock()
+		return r.failed
+	}
+	r.cur, r.lastOp = op, op.id
+	stashed := r.stash[op.id]
+	delete(r.stash, op.id)
+	r.mu.Unlock()
+	for _, f := range stashed {
+		if err := r.apply(op, f); err != nil {
+			r.fail(err)
+		}
+	}
+
+	var senders sync.WaitGroup
+	for k := 0; k < r.cfg.Streams; k++ {
+		senders.Add(1)
+		go func(k int) {
+			defer senders.Done()
+			if err := r.sendLoop(op, k); err != nil {
+				r.fail(err)
+			}
+		}(k)
+	}
+	err = r.awaitRecv(op)
+	senders.Wait()
+	if err == nil {
+		err = r.failure()
+	}
+	// gRPC may still hold our last payloads (views of buf) in its write
+	// queue; buf is the caller's again only once they are copied out.
+	op.unpin()
+	select {
+	case <-op.released:
+	case <-r.failedCh:
+		// The streams are cancelled, so nothing more is copied out of
+		// buf; gRPC does not always hand back what it had queued.
+		select {
+		case <-op.released:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return err
+}
+
+// awaitRecv waits for every chunk of every step, in schedule order, each
+// within the hop deadline.
+func (r *Ring) awaitRecv(op *opState) error {
+	timer := time.NewTimer(r.cfg.HopTimeout)
+	defer timer.Stop()
+	p := op.plan
+	for s := 0; s < p.Steps(); s++ {
+		for j := 0; j < p.Chunks; j++ {
+			select {
+			case <-op.done[p.Index(s, j)]:
+				if !timer.Stop() {
+					<-timer.C
+				}
+				timer.Reset(r.cfg.HopTimeout)
+			case <-r.failedCh:
+				return r.failure()
+			case <-timer.C:
+				select {
+				case <-r.failedCh:
+					return r.failure()
+				case <-time.After(r.graceAfterExpiry):
+				}
+				r.fail(&PeerError{Rank: r.pred, Via: r.rank, Op: op.id, Step: s, Chunk: j,
+					Err: fmt.Errorf("segment %d not received within %v: %w", p.RecvSegment(s), r.cfg.HopTimeout, ErrHopTimeout)})
+				return r.failure()
+			}
+		}
+	}
+	return nil
+}
+
+// sendLoop sends the chunks j ≡ k (mod Streams) of every step on data stream k.
+func (r *Ring) sendLoop(op *opState, k int) error {
+	p := op.plan
+	st := r.outs[k].stream
+	for s := 0; s < p.Steps(); s++ {
+		for j := k; j < p.Chunks; j += r.cfg.Streams {
+			if s > 0 {
+				select {
+				case <-op.done[p.Index(s-1, j)]:
+				case <-r.failedCh:
+					return nil
+				}
+			}
+			lo, hi := p.Chunk(p.SendSegment(s), j)
+			src := op.buf[lo:hi]
+			of := &outFrame{hdr: &pb.FrameHeader{
+				Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank), WorldSize: uint32(r.n),
+				Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
+				Dtype: r.dtype, Elems: uint32(len(src)),
+			}}
+			nbytes := len(src) * dtypeSize(r.dtype)
+			var raw []byte
+			if r.dtype == pb.DType_DTYPE_BF16 {
+				raw = getWireBuf(nbytes)
+				toBF16(raw, src)
+			} else {
+				raw = f32Bytes(src)
+			}
+			if mem.IsBelowBufferPoolingThreshold(nbytes) {
+				// Small: copy next to the header, nothing to hand back later.
+				of.inline = append([]byte(nil), raw...)
+				if r.dtype == pb.DType_DTYPE_BF16 {
+					putWireBuf(raw)
+				}
+			} else {
+				op.pin()
+				rel := &releaser{op: op, pooled: r.dtype == pb.DType_DTYPE_BF16}
+				of.payload = mem.NewBuffer(&raw, rel)
+			}
+			if err := st.SendMsg(of); err != nil {
+				if of.payload != nil { // never reached the codec
+					of.payload.Free()
+				}
+				return &PeerError{Rank: r.succ, Via: r.rank, Op: op.id, Step: s, Chunk: j,
+					Err: fmt.Errorf("send on stream %d: %v: %w", k, err, ErrPeerFailed)}
+			}
+			r.stats.FramesSent.Add(1)
+			r.stats.BytesSent.Add(uint64(nbytes))
+		}
+	}
+	return nil
+}
+
+// releaser is the mem.BufferPool of one outgoing payload: gRPC "returns"
+// the payload to it once the bytes are copied out, which is when the sender
+// may reuse the memory.
+type releaser struct {
+	op     *opState
+	pooled bool
+}
+
+func (rl *releaser) Get(int) *[]byte { return new([]byte) } // never called for our buffers
+func (rl *releaser) Put(b *[]byte) {
+	if rl.pooled {
+		putWireBuf(*b)
+	}
+	rl.op.unpin()
+}
+
+var wireBufs sync.Pool
+
+func getWireBuf(n int) []byte {
+	if p, ok := wireBufs.Get().(*[]byte); ok && cap(*p) >= n {
+		return (*p)[:n]
+	}
+	return make([]byte, n)
+}
+
+func putWireBuf(b []byte) { wireBufs.Put(&b) }
+
+// deliver routes a frame from the predecessor to the collective it belongs to.
+func (r *Ring) deliver(f *inFrame, stream int) error {
+	h := f.hdr
+	if h.GetEpoch() != r.cfg.Epoch {
+		f.release()
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
+			Err: fmt.Errorf("frame of epoch %d on stream %d, ring is at epoch %d: %w", h.GetEpoch(), stream, r.cfg.Epoch, ErrEpoch)}
+	}
+	if int(h.GetSrcRank()) != r.pred {
+		f.release()
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
+			Err: fmt.Errorf("frame claims source rank %d on stream %d: %w", h.GetSrcRank(), stream, ErrProtocol)}
+	}
+	switch h.GetKind() {
+	case pb.Kind_KIND_ABORT:
+		f.release()
+		blame := int(h.GetBlameRank())
+		if blame < 0 || blame >= r.n {
+			blame = r.pred
+		}
+		r.fail(&PeerError{Rank: blame, Via: r.pred, Op: h.GetOp(), Step: -1, Chunk: -1,
+			Err: fmt.Errorf("aborted upstream: %s: %w", h.GetReason(), ErrPeerFailed)})
+		return nil
+	case pb.Kind_KIND_DATA:
+	default:
+		f.release()
+		return &PeerError{Rank: r.pred, Via: r.rank, Step: -1, Chunk: -1,
+			Err: fmt.Errorf("unexpected %v frame on stream %d: %w", h.GetKind(), stream, ErrProtocol)}
+	}
+	r.mu.Lock()
+	op := r.cur
+	switch {
+	case op != nil && h.GetOp() == op.id:
+		r.mu.Unlock()
+		return r.apply(op, f)
+	case h.GetOp() == r.lastOp+1:
+		// The predecessor may run up to one collective ahead of us.
+		r.stash[h.GetOp()] = append(r.stash[h.GetOp()], f)
+		r.mu.Unlock()
+		return nil
+	default:
+		last := r.lastOp
+		r.mu.Unlock()
+		f.release()
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: int(h.GetStep()), Chunk: int(h.GetChunk()),
+			Err: fmt.Errorf("frame for op %d while at op %d: %w", h.GetOp(), last, ErrProtocol)}
+	}
+}
+
+// apply checks a data frame against the collective's plan and reduces or
+// copies its payload into the buffer.
+func (r *Ring) apply(op *opState, f *inFrame) error {
+	defer f.release()
+	h := f.hdr
+	p := op.plan
+	s, j := int(h.GetStep()), int(h.GetChunk())
+	bad := func(format string, a ...any) error {
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: op.id, Step: s, Chunk: j,
+			Err: fmt.Errorf(format+": %w", append(a, ErrProtocol)...)}
+	}
+	switch {
+	case h.GetTotalElems() != uint64(p.Length):
+		return bad("buffer of %d elements, this rank has %d", h.GetTotalElems(), p.Length)
+	case h.GetDtype() != r.dtype:
+		return bad("wire dtype %v, this rank uses %v", h.GetDtype(), r.dtype)
+	case s >= p.Steps():
+		return bad("step out of range [0,%d)", p.Steps())
+	case j >= p.Chunks:
+		return bad("chunk out of range [0,%d)", p.Chunks)
+	}
+	seg := p.RecvSegment(s)
+	lo, hi := p.Chunk(seg, j)
+	if int(h.GetElems()) != hi-lo {
+		return bad("chunk of %d elements, want %d", h.GetElems(), hi-lo)
+	}
+	idx := p.Index(s, j)
+	if !op.got[idx].CompareAndSwap(false, true) {
+		return bad("duplicate chunk")
+	}
+	dst := op.buf[lo:hi]
+	applyPayload(dst, f.payload, r.dtype, p.IsReduce(s))
+	if p.Finishes(s) {
+		finish(dst, op.kind, r.n, r.dtype == pb.DType_DTYPE_BF16)
+	}
+	r.stats.FramesRecv.Add(1)
+	r.stats.BytesRecv.Add(uint64(int(h.GetElems()) * dtypeSize(r.dtype)))
+	close(op.done[idx])
+	return nil
+}
+
+type ringServer struct {
+	pb.UnimplementedRingServer
+	r *Ring
+}
+
+// Push serves one stream from the predecessor.
+func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSummary]) error {
+	r := s.r
+	hello := &inFrame{}
+	if err := stream.RecvMsg(hello); err != nil {
+		return toStatus(fmt.Errorf("allreduce: rank %d: reading hello: %w", r.rank, err))
+	}
+	h := hello.hdr
+	hello.release()
+	var herr error
+	switch {
+	case h.GetKind() != pb.Kind_KIND_HELLO:
+		herr = fmt.Errorf("first frame is %v, want HELLO: %w", h.GetKind(), ErrProtocol)
+	case h.GetEpoch() != r.cfg.Epoch:
+		herr = fmt.Errorf("hello of epoch %d, ring is at epoch %d: %w", h.GetEpoch(), r.cfg.Epoch, ErrEpoch)
+	case h.GetWorldSize() != uint32(r.n):
+		herr = fmt.Errorf("hello for %d ranks, ring has %d: %w", h.GetWorldSize(), r.n, ErrProtocol)
+	case int(h.GetSrcRank()) != r.pred:
+		herr = fmt.Errorf("hello from rank %d, only the predecessor rank %d may connect: %w", h.GetSrcRank(), r.pred, ErrProtocol)
+	case h.GetStreams() == 0 || h.GetStreams() > 65 || h.GetStream() >= h.GetStreams():
+		herr = fmt.Errorf("hello for stream %d of %d: %w", h.GetStream(), h.GetStreams(), ErrProtocol)
+	}
+	if herr != nil {
+		err := &PeerError{Rank: int(h.GetSrcRank()), Via: r.rank, Step: -1, Chunk: -1, Err: herr}
+		if h.GetEpoch() == r.cfg.Epoch && int(h.GetSrcRank()) == r.pred {
+			r.fail(err) // our own predecessor is misconfigured: the ring cannot work
+		} else {
+			r.log.Warn("refused stream", "peer_rank", h.GetSrcRank(), "error", herr)
+			r.mu.Lock()
+			r.refused = err
+			r.mu.Unlock()
+		}
+		return toStatus(err)
+	}
+	streamIdx := int(h.GetStream())
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return toStatus(fmt.Errorf("allreduce: rank %d: accept stream %d from rank %d: %w", r.rank, streamIdx, r.pred, err))
+	}
+	r.mu.Lock()
+	r.inCount++
+	r.inWant = int(h.GetStreams())
+	if r.inCount == r.inWant {
+		close(r.inReady)
+	}
+	r.mu.Unlock()
+	for {
+		f := &inFrame{}
+		if err := stream.RecvMsg(f); err != nil {
+			if errors.Is(err, io.EOF) {
+				// The predecessor closed gracefully; everything it sent
+				// has been delivered. If a collective still misses
+				// frames, the hop deadline names the gap.
+				return stream.SendAndClose(&pb.PushSummary{})
+			}
+			if r.isStopping() {
+				return nil
+			}
+			perr := &PeerError{Rank: r.pred, Via: r.rank, Step: -1, Chunk: -1,
+				Err: fmt.Errorf("stream %d broke: %v: %w", streamIdx, err, ErrPeerFailed)}
+			if errors.Is(err, ErrFrame) || isDecodeErr(err) {
+				perr.Err = fmt.Errorf("stream %d: %v: %w", streamIdx, err, ErrFrame)
+			} else {
+				// A predecessor that failed for its own reasons sends an
+				// abort naming the culprit, then drops its data streams;
+				// give that abort a moment to win.
+				select {
+				case <-r.failedCh:
+				case <-time.After(min(r.graceAfterExpiry, 500*time.Millisecond)):
+				case <-r.stopCh:
+				}
+			}
+			r.fail(perr)
+			return toStatus(perr)
+		}
+		if err := r.deliver(f, streamIdx); err != nil {
+			r.fail(err)
+			return toStatus(err)
+		}
+	}
+}
+
+// finish completes the owned segment. This rank owns it: its value is final
+// here and is copied verbatim to everyone else, so it is finished exactly
+// once, on one rank.
+func finish(dst []float32, kind Op, n int, bf16 bool) {
+	if kind == Avg {
+		d := float32(n)
+		for i := range dst {
+			dst[i] /= d
+		}
+	}
+	if bf16 {
+		roundBF16(dst) // the others receive it rounded; keep ours equal
+	}
+}

@@ -1,0 +1,297 @@
+package allreduce
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// testConfig shrinks chunks (so small buffers still pipeline over several
+// chunks and streams) and deadlines.
+func testConfig() Config {
+	c := Default()
+	c.ChunkBytes = 4 << 10
+	c.Streams = 2
+	c.HopTimeout = 3 * time.Second
+	c.WindowBytes = 1 << 20
+	c.IOBufferBytes = 64 << 10
+	return c
+}
+
+func testLogger(t *testing.T) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Warn, Output: testWriter{t}})
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// checkNoLeaks fails the test if goroutines started during it are still
+// running shortly after it ends.
+func checkNoLeaks(t *testing.T) {
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for runtime.NumGoroutine() > before {
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<20)
+				t.Errorf("goroutine leak: %d running, %d before\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+				return
+			}
+			time.Sleep(10 * time.Millisecond) // polling, not waiting for a guess
+		}
+	})
+}
+
+// listeners opens n loopback listeners and returns them with their addresses.
+func listeners(t *testing.T, n int) ([]net.Listener, []string) {
+	t.Helper()
+	lis, addrs := listenersNoT(n)
+	if lis == nil {
+		t.Fatal("cannot listen on loopback")
+	}
+	return lis, addrs
+}
+
+func listenersNoT(n int) ([]net.Listener, []string) {
+	lis := make([]net.Listener, n)
+	addrs := make([]string, n)
+	for i := range lis {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, nil
+		}
+		lis[i], addrs[i] = l, l.Addr().String()
+	}
+	return lis, addrs
+}
+
+// newRings starts and connects an n-rank ring on loopback, closing it at
+// the end of the test.
+func newRings(t *testing.T, n int, mod func(rank int, c *Config)) []*Ring {
+	t.Helper()
+	lis, addrs := listeners(t, n)
+	rings := make([]*Ring, n)
+	for i := range rings {
+		c := testConfig()
+		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		if mod != nil {
+			mod(i, &c)
+		}
+		r, err := New(c, lis[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		rings[i] = r
+	}
+	t.Cleanup(func() {
+		for _, r := range rings {
+			_ = r.Close()
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	errs := parallel(n, func(i int) error { return rings[i].Connect(ctx) })
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d connect: %v", i, err)
+		}
+	}
+	return rings
+}
+
+func parallel(n int, f func(i int) error) []error {
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			errs[i] = f(i)
+		}(i)
+	}
+	wg.Wait()
+	return errs
+}
+
+// allReduceAll runs one collective on every rank and returns the buffers.
+func allReduceAll(t *testing.T, rings []*Ring, inputs [][]float32, kind Op) [][]float32 {
+	t.Helper()
+	bufs := make([][]float32, len(rings))
+	for i := range bufs {
+		bufs[i] = append([]float32(nil), inputs[i]...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i, err := range parallel(len(rings), func(i int) error { return rings[i].AllReduce(ctx, bufs[i], kind) }) {
+		if err != nil {
+			t.Fatalf("rank %d: %v", i, err)
+		}
+	}
+	return bufs
+}
+
+// TestRingOddLengths: 1..8 ranks over real gRPC, every odd length, sum and
+// average, float32 and bf16 wire; results match the float64 reduction and are
+// bitwise identical on every rank.
+func TestRingOddLengths(t *testing.T) {
+	checkNoLeaks(t)
+	for n := 1; n <= 8; n++ {
+		for _, bf16 := range []bool{false, true} {
+			if n == 1 && bf16 {
+				continue
+			}
+			t.Run(fmt.Sprintf("ranks=%d/bf16=%v", n, bf16), func(t *testing.T) {
+				rings := newRings(t, n, func(_ int, c *Config) { c.WireBF16 = bf16 })
+				for _, l := range oddLengths(n, 1024) {
+					for _, kind := range []Op{Sum, Avg} {
+						in := seededInputs(uint64(l), n, l)
+						got := allReduceAll(t, rings, in, kind)
+						checkResults(t, in, got, kind, bf16)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestRingBucketsOverlap starts several buckets back to back, as backward
+// would, and waits on them in reverse order.
+func TestRingBucketsOverlap(t *testing.T) {
+	checkNoLeaks(t)
+	const n = 3
+	rings := newRings(t, n, nil)
+	sizes := []int{50_000, 1, 0, 12_345, 7}
+	inputs := make([][][]float32, len(sizes))
+	bufs := make([][][]float32, len(sizes))
+	for b, l := range sizes {
+		inputs[b] = seededInputs(uint64(b), n, l)
+		bufs[b] = make([][]float32, n)
+		for r := range bufs[b] {
+			bufs[b][r] = append([]float32(nil), inputs[b][r]...)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	errs := parallel(n, func(r int) error {
+		hs := make([]*Handle, len(sizes))
+		for b := range sizes {
+			hs[b] = rings[r].Start(bufs[b][r], Avg)
+		}
+		for b := len(hs) - 1; b >= 0; b-- {
+			if err := hs[b].Wait(ctx); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	for r, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+	for b := range sizes {
+		got := make([][]float32, n)
+		for r := range got {
+			got[r] = bufs[b][r]
+		}
+		checkResults(t, inputs[b], got, Avg, false)
+	}
+}
+
+// TestRingLengthMismatch: ranks that disagree on the length fail with an
+// error naming the peer, not a hang.
+func TestRingLengthMismatch(t *testing.T) {
+	checkNoLeaks(t)
+	rings := newRings(t, 3, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	errs := parallel(3, func(i int) error {
+		return rings[i].AllReduce(ctx, make([]float32, 100+boolInt(i == 1)), Sum)
+	})
+	for i, err := range errs {
+		var pe *PeerError
+		if !errors.As(err, &pe) || !strings.Contains(err.Error(), "buffer of 10") {
+			t.Errorf("rank %d: err = %v, want a PeerError saying the lengths differ", i, err)
+		}
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("failing took %v", el)
+	}
+	// The ring stays broken: the next collective fails at once.
+	if err := rings[0].AllReduce(ctx, make([]float32, 10), Sum); err == nil {
+		t.Error("collective on a broken ring succeeded")
+	}
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestRingEpochMismatch: a predecessor of another epoch is refused and the
+// error says why.
+func TestRingEpochMismatch(t *testing.T) {
+	checkNoLeaks(t)
+	lis, addrs := listeners(t, 2)
+	var rings []*Ring
+	for i := 0; i < 2; i++ {
+		c := testConfig()
+		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, uint64(5+i), testLogger(t)
+		r, err := New(c, lis[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		rings = append(rings, r)
+		defer r.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for i, err := range parallel(2, func(i int) error { return rings[i].Connect(ctx) }) {
+		if !errors.Is(err, ErrEpoch) {
+			t.Errorf("rank %d: err = %v, want ErrEpoch", i, err)
+		}
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	ok := Default()
+	ok.Peers = []string{"a:1", "b:2"}
+	if err := ok.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		mod  func(*Config)
+		flag string
+	}{
+		{"no peers", func(c *Config) { c.Peers = nil }, "Peers"},
+		{"rank", func(c *Config) { c.Rank = 2 }, "Rank"},
+		{"chunk", func(c *Config) { c.ChunkBytes = 1 }, "ChunkBytes"},
+		{"streams", func(c *Config) { c.Streams = 0 }, "Streams"},
+		{"timeout", func(c *Config) { c.HopTimeout = -1 }, "HopTimeout"},
+		{"window", func(c *Config) { c.WindowBytes = 10 }, "WindowBytes"},
+	} {
+		c2 := ok
+		c.mod(&c2)
+		err := c2.Validate()
+		if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), c.flag) {
+			t.Errorf("%s: err = %v, want ErrConfig naming %s", c.name, err, c.flag)
+		}
+	}
+}

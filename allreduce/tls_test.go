@@ -1,0 +1,97 @@
+package allreduce
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"testing"
+	"time"
+)
+
+// testCA makes a CA and one leaf certificate for 127.0.0.1 usable as both
+// server and client certificate.
+func testCA(t *testing.T, name string) (*x509.CertPool, tls.Certificate) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name + " CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leaf := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: name + " rank"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	return pool, tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func mtls(pool *x509.CertPool, cert tls.Certificate) (server, client *tls.Config) {
+	server = &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool,
+		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS13}
+	client = &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}
+	return server, client
+}
+
+func TestRingMutualTLS(t *testing.T) {
+	checkNoLeaks(t)
+	pool, cert := testCA(t, "good")
+	rings := newRings(t, 3, func(_ int, c *Config) { c.ServerTLS, c.ClientTLS = mtls(pool, cert) })
+	in := seededInputs(9, 3, 100_000)
+	checkResults(t, in, allReduceAll(t, rings, in, Avg), Avg, false)
+}
+
+// TestRingMutualTLSRejectsStranger: a rank whose certificate another CA
+// signed cannot join.
+func TestRingMutualTLSRejectsStranger(t *testing.T) {
+	checkNoLeaks(t)
+	pool, cert := testCA(t, "good")
+	_, badCert := testCA(t, "evil")
+	lis, addrs := listeners(t, 2)
+	var rings []*Ring
+	for i := 0; i < 2; i++ {
+		c := testConfig()
+		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		if i == 0 {
+			c.ServerTLS, c.ClientTLS = mtls(pool, cert)
+		} else {
+			c.ServerTLS, c.ClientTLS = mtls(pool, badCert)
+		}
+		r, err := New(c, lis[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		rings = append(rings, r)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for i, err := range parallel(2, func(i int) error { return rings[i].Connect(ctx) }) {
+		if err == nil {
+			t.Errorf("rank %d connected despite a foreign certificate", i)
+		}
+	}
+}

@@ -1,0 +1,358 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/allreduce"
+)
+
+// benchAllreduceFlags are shared by the launcher and the hidden per-rank command.
+type benchAllreduceFlags struct {
+	ranks      int
+	size       string
+	sizes      string
+	bf16       bool
+	iters      int
+	streams    int
+	chunk      string
+	window     string
+	iobuf      string
+	hopTimeout time.Duration
+}
+
+func (f *benchAllreduceFlags) register(c *cobra.Command) {
+	d := allreduce.Default()
+	c.Flags().IntVar(&f.ranks, "ranks", 4, "number of ranks (separate processes on loopback)")
+	c.Flags().StringVar(&f.size, "size", "256MiB", "largest buffer of the sweep (bytes of float32; suffixes KiB, MiB, GiB)")
+	c.Flags().StringVar(&f.sizes, "sizes", "sweep", `"sweep" (1 MiB doubling up to --size) or a comma-separated list of sizes`)
+	c.Flags().BoolVar(&f.bf16, "bf16", false, "send bfloat16 on the wire (accumulate in float32)")
+	c.Flags().IntVar(&f.iters, "iters", 0, "timed iterations per size (0: about 1 GiB of traffic per size, 3..50)")
+	c.Flags().IntVar(&f.streams, "streams", d.Streams, "TCP connections (gRPC streams) per ring neighbour")
+	c.Flags().StringVar(&f.chunk, "chunk", strconv.Itoa(d.ChunkBytes), "pipelining chunk in bytes")
+	c.Flags().StringVar(&f.window, "window", strconv.Itoa(int(d.WindowBytes)), "HTTP/2 flow-control window in bytes")
+	c.Flags().StringVar(&f.iobuf, "iobuf", strconv.Itoa(d.IOBufferBytes), "gRPC read/write buffer per connection in bytes")
+	c.Flags().DurationVar(&f.hopTimeout, "hop-timeout", 30*time.Second, "per-hop deadline")
+}
+
+func (f *benchAllreduceFlags) sizeList() ([]int, error) {
+	maxSize, err := parseBytes(f.size)
+	if err != nil {
+		return nil, fmt.Errorf("--size: %w", err)
+	}
+	if f.sizes == "" || f.sizes == "sweep" {
+		var out []int
+		for s := 1 << 20; s <= maxSize; s *= 2 {
+			out = append(out, s)
+		}
+		if len(out) == 0 {
+			out = []int{maxSize}
+		}
+		return out, nil
+	}
+	var out []int
+	for _, p := range strings.Split(f.sizes, ",") {
+		s, err := parseBytes(p)
+		if err != nil {
+			return nil, fmt.Errorf("--sizes: %w", err)
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
+	c := allreduce.Default()
+	var err error
+	if c.ChunkBytes, err = parseBytes(f.chunk); err != nil {
+		return c, fmt.Errorf("--chunk: %w", err)
+	}
+	w, err := parseBytes(f.window)
+	if err != nil || w > math.MaxInt32 {
+		return c, fmt.Errorf("--window %q: must be a size below 2 GiB", f.window)
+	}
+	c.WindowBytes = int32(w)
+	if c.IOBufferBytes, err = parseBytes(f.iobuf); err != nil {
+		return c, fmt.Errorf("--iobuf: %w", err)
+	}
+	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
+	return c, nil
+}
+
+func parseBytes(s string) (int, error) {
+	s = strings.TrimSpace(s)
+	mult := 1
+	for _, u := range []struct {
+		suf string
+		m   int
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}} {
+		if strings.HasSuffix(s, u.suf) {
+			s, mult = strings.TrimSuffix(s, u.suf), u.m
+			break
+		}
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil || v <= 0 {
+		return 0, fmt.Errorf("bad size %q (want e.g. 4096, 1MiB, 1GiB)", s)
+	}
+	return v * mult, nil
+}
+
+func fmtBytes(b int) string {
+	switch {
+	case b >= 1<<30 && b%(1<<30) == 0:
+		return fmt.Sprintf("%dGiB", b>>30)
+	case b >= 1<<20 && b%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", b>>20)
+	case b >= 1<<10 && b%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", b>>10)
+	}
+	return fmt.Sprintf("%dB", b)
+}
+
+func itersFor(size, fixed int) int {
+	if fixed > 0 {
+		return fixed
+	}
+	return min(50, max(3, (1<<30)/size))
+}
+
+func init() {
+	var f benchAllreduceFlags
+	launch := &cobra.Command{
+		Use:   "allreduce",
+		Short: "Ring all-reduce bandwidth: N rank processes on loopback, sizes 1 MiB up to --size",
+		Long: `Starts --ranks separate processes on loopback that form one ring and all-reduce
+float32 buffers of each size. Prints, per size, the slowest rank's mean time,
+algbw = size/time and busbw = algbw * 2(N-1)/N (the nccl-tests definitions,
+GB = 1e9 bytes), then the latency at 1 MiB.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runBenchAllreduce(cmd.Context(), &f, cmd.OutOrStdout())
+		},
+	}
+	f.register(launch)
+
+	var rf benchAllreduceFlags
+	var rank int
+	var peers string
+	rankCmd := &cobra.Command{
+		Use:    "allreduce-rank",
+		Short:  "one rank of bench allreduce (started by it; listener on fd 3)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runBenchAllreduceRank(cmd.Context(), &rf, rank, strings.Split(peers, ","), cmd.OutOrStdout())
+		},
+	}
+	rf.register(rankCmd)
+	rankCmd.Flags().IntVar(&rank, "rank", 0, "this rank")
+	rankCmd.Flags().StringVar(&peers, "peers", "", "comma-separated addresses of all ranks")
+	benchCmd.AddCommand(launch, rankCmd)
+}
+
+// runBenchAllreduce opens one loopback listener per rank (so every address is
+// known before any process starts), hands each to a child process as fd 3,
+// collects their timings and prints the table.
+func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Writer) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	sizes, err := f.sizeList()
+	if err != nil {
+		return err
+	}
+	cfg, err := f.config()
+	if err != nil {
+		return err
+	}
+	if f.ranks < 1 {
+		return fmt.Errorf("--ranks %d: need at least 1", f.ranks)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("bench allreduce: find own binary: %w", err)
+	}
+	files := make([]*os.File, f.ranks)
+	addrs := make([]string, f.ranks)
+	for i := range files {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return fmt.Errorf("bench allreduce: listen for rank %d: %w", i, err)
+		}
+		addrs[i] = l.Addr().String()
+		files[i], err = l.(*net.TCPListener).File()
+		_ = l.Close()
+		if err != nil {
+			return fmt.Errorf("bench allreduce: listener fd for rank %d: %w", i, err)
+		}
+	}
+	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on loopback, float32 buffers, wire %s\n",
+		f.ranks, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
+	fmt.Fprintf(out, "# streams/neighbour %d, chunk %s, window %s, io buffer %s\n",
+		cfg.Streams, fmtBytes(cfg.ChunkBytes), fmtBytes(int(cfg.WindowBytes)), fmtBytes(cfg.IOBufferBytes))
+
+	type result struct {
+		size, iters   int
+		mean, minimum time.Duration
+	}
+	var mu sync.Mutex
+	results := map[int][]result{} // size -> per rank
+	var wg sync.WaitGroup
+	errs := make([]error, f.ranks)
+	cmds := make([]*exec.Cmd, f.ranks)
+	for i := 0; i < f.ranks; i++ {
+		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(i), "--peers", strings.Join(addrs, ","),
+			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
+			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--iobuf", f.iobuf,
+			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel}
+		if f.bf16 {
+			args = append(args, "--bf16")
+		}
+		c := exec.CommandContext(ctx, exe, args...)
+		c.ExtraFiles = []*os.File{files[i]}
+		c.Stderr = os.Stderr
+		stdout, err := c.StdoutPipe()
+		if err != nil {
+			return err
+		}
+		if err := c.Start(); err != nil {
+			return fmt.Errorf("bench allreduce: start rank %d: %w", i, err)
+		}
+		_ = files[i].Close()
+		cmds[i] = c
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				var r result
+				var meanNs, minNs int64
+				if _, err := fmt.Sscanf(sc.Text(), "RESULT %d %d %d %d", &r.size, &r.iters, &meanNs, &minNs); err == nil {
+					r.mean, r.minimum = time.Duration(meanNs), time.Duration(minNs)
+					mu.Lock()
+					results[r.size] = append(results[r.size], r)
+					mu.Unlock()
+				}
+			}
+			if err := c.Wait(); err != nil {
+				errs[i] = fmt.Errorf("rank %d: %w", i, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("bench allreduce: %w", err)
+	}
+	n := float64(f.ranks)
+	fmt.Fprintf(out, "%12s %12s %6s %12s %12s %10s %10s\n", "size", "count", "iters", "time(us)", "min(us)", "algbw(GB/s)", "busbw(GB/s)")
+	sort.Ints(sizes)
+	for _, s := range sizes {
+		rs := results[s]
+		if len(rs) != f.ranks {
+			return fmt.Errorf("bench allreduce: %d of %d ranks reported size %s", len(rs), f.ranks, fmtBytes(s))
+		}
+		// The collective is as slow as its slowest rank.
+		var mean, mn time.Duration
+		for _, r := range rs {
+			mean = max(mean, r.mean)
+			mn = max(mn, r.minimum)
+		}
+		alg := float64(s) / mean.Seconds() / 1e9
+		fmt.Fprintf(out, "%12s %12d %6d %12.1f %12.1f %10.3f %10.3f\n", fmtBytes(s), s/4, rs[0].iters,
+			float64(mean.Nanoseconds())/1e3, float64(mn.Nanoseconds())/1e3, alg, alg*2*(n-1)/n)
+	}
+	if rs, ok := results[1<<20]; ok {
+		var mean, mn time.Duration
+		for _, r := range rs {
+			mean, mn = max(mean, r.mean), max(mn, r.minimum)
+		}
+		fmt.Fprintf(out, "# latency at 1MiB: mean %.1f us, best %.1f us\n", float64(mean.Nanoseconds())/1e3, float64(mn.Nanoseconds())/1e3)
+	}
+	return nil
+}
+
+func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int, peers []string, out io.Writer) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	sizes, err := f.sizeList()
+	if err != nil {
+		return err
+	}
+	cfg, err := f.config()
+	if err != nil {
+		return err
+	}
+	cfg.Rank, cfg.Peers, cfg.Epoch = rank, peers, 1
+	cfg.Logger = newLogger().With("rank", rank)
+	var lis net.Listener
+	if len(peers) > 1 {
+		lf := os.NewFile(3, "listener")
+		if lis, err = net.FileListener(lf); err != nil {
+			return fmt.Errorf("rank %d: listener from fd 3: %w", rank, err)
+		}
+		_ = lf.Close()
+	}
+	ring, err := allreduce.New(cfg, lis)
+	if err != nil {
+		return err
+	}
+	defer ring.Close()
+	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	if err := ring.Connect(cctx); err != nil {
+		return err
+	}
+	maxSize := 0
+	for _, s := range sizes {
+		maxSize = max(maxSize, s)
+	}
+	all := make([]float32, maxSize/4)
+	for i := range all {
+		all[i] = float32(i%7) * 0.25
+	}
+	w := bufio.NewWriter(out)
+	defer w.Flush()
+	for _, s := range sizes {
+		buf := all[:s/4]
+		iters := itersFor(s, f.iters)
+		// Warm-up; its completion also lines the ranks up for the timed loop.
+		for i := 0; i < 2; i++ {
+			if err := ring.AllReduce(ctx, buf, allreduce.Sum); err != nil {
+				return err
+			}
+		}
+		var total, best time.Duration
+		for i := 0; i < iters; i++ {
+			t0 := time.Now()
+			if err := ring.AllReduce(ctx, buf, allreduce.Sum); err != nil {
+				return err
+			}
+			d := time.Since(t0)
+			total += d
+			if best == 0 || d < best {
+				best = d
+			}
+		}
+		fmt.Fprintf(w, "RESULT %d %d %d %d\n", s, iters, (total / time.Duration(iters)).Nanoseconds(), best.Nanoseconds())
+		_ = w.Flush()
+	}
+	// Leave together: a rank that exits while others still send would look
+	// like a failure to them.
+	return ring.AllReduce(ctx, all[:1], allreduce.Sum)
+}
