@@ -40,10 +40,15 @@
 package cluster
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"os"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // Prefix is the root of one job's keys.
@@ -226,4 +231,39 @@ func Decode(key string, b []byte, v any) error {
 func MemberID(key string) string {
 	i := strings.LastIndex(key, "/")
 	return key[i+1:]
+}
+
+var codeHash struct {
+	once sync.Once
+	v    string
+}
+
+// CodeHash identifies this build: the SHA-256 of the running executable.
+// Processes of one job must run the same build (their kernels and data
+// order must agree bit for bit), so members with another hash are refused.
+func CodeHash() string {
+	codeHash.once.Do(func() {
+		codeHash.v = "unknown"
+		exe, err := os.Executable()
+		if err != nil {
+			return
+		}
+		f, err := os.Open(exe)
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			return
+		}
+		codeHash.v = hex.EncodeToString(h.Sum(nil))[:16]
+	})
+	return codeHash.v
+}
+
+// SpecHash is the hash of a job's resolved YAML.
+func SpecHash(yaml string) string {
+	h := sha256.Sum256([]byte(yaml))
+	return hex.EncodeToString(h[:])[:16]
 }
