@@ -3,6 +3,8 @@ package cpu
 import (
 	"math"
 
+	"gonum.org/v1/gonum/blas"
+
 	"github.com/bmojo/bmojo/kernels"
 )
 
@@ -119,6 +121,56 @@ func vaxpy[F kernels.Float](a float64, x, y []F) {
 	blasImpl.Daxpy(len(x), a, as64(x), 1, as64(y), 1)
 }
 
+// gemv sets y = alpha·A·x + beta·y (trans: Aᵀ) for a row-major m×n A with
+// leading dimension lda.
+func gemv[F kernels.Float](trans bool, m, n int, a []F, lda int, x []F, beta float64, y []F) {
+	t := blas.NoTrans
+	if trans {
+		t = blas.Trans
+	}
+	if is32[F]() {
+		blasImpl.Sgemv(t, m, n, 1, as32(a), lda, as32(x), 1, float32(beta), as32(y), 1)
+		return
+	}
+	blasImpl.Dgemv(t, m, n, 1, as64(a), lda, as64(x), 1, beta, as64(y), 1)
+}
+
+// ger sets A += x·yᵀ for a row-major m×n A with leading dimension lda.
+func ger[F kernels.Float](m, n int, x, y, a []F, lda int) {
+	if is32[F]() {
+		blasImpl.Sger(m, n, 1, as32(x), 1, as32(y), 1, as32(a), lda)
+		return
+	}
+	blasImpl.Dger(m, n, 1, as64(x), 1, as64(y), 1, as64(a), lda)
+}
+
+// keySet is one part's keys for one query as dense row-major matrices: n
+// rows of width D, ld apart (G·D inside the [B,T,G,D] buffers, D for the
+// gathered memory keys). dk and dv, when non-nil, are laid out the same.
+type keySet[F kernels.Float] struct {
+	n, ld  int
+	k, v   []F
+	dk, dv []F
+}
+
+// rows returns the n rows of buf that start at element off, ld apart.
+func rows[F kernels.Float](buf []F, off, n, ld, D int) []F {
+	if buf == nil || n == 0 {
+		return nil
+	}
+	return buf[off : off+(n-1)*ld+D]
+}
+
+// attnScratch is one worker's per-query scratch.
+type attnScratch[F kernels.Float] struct {
+	sc     []float64 // scaled scores, then weights
+	f1, f2 []F       // the same in F, for BLAS
+}
+
+func newAttnScratch[F kernels.Float](n int) *attnScratch[F] {
+	return &attnScratch[F]{sc: make([]float64, n), f1: make([]F, n), f2: make([]F, n)}
+}
+
 // attnPart is one key set of one query row: its max scaled score m, Σ
 // exp(score−m), and acc = Σ exp(score−m)·v. An empty part has m = −Inf.
 type attnPart[F kernels.Float] struct {
@@ -126,26 +178,100 @@ type attnPart[F kernels.Float] struct {
 	acc    []F
 }
 
-// partForward scores qv against the keys of kb at positions pos (rows of
-// the [B,T,G,D] buffers starting at base, stride G·D) and fills p.
-func partForward[F kernels.Float](p *attnPart[F], qv, kb, vb []F, pos []int32, base, stride, D int, scale float64, sc []float64) {
+// partForward scores qv against ks's keys and fills p, with one BLAS-2
+// call for the scores and one for the weighted values.
+func partForward[F kernels.Float](p *attnPart[F], qv []F, ks keySet[F], D int, scale float64, w *attnScratch[F]) {
 	p.m, p.sum = math.Inf(-1), 0
-	clear(p.acc)
-	if len(pos) == 0 {
+	if ks.n == 0 {
 		return
 	}
-	sc = sc[:len(pos)]
-	for i, j := range pos {
-		o := base + int(j)*stride
-		sc[i] = vdot(qv, kb[o:o+D]) * scale
+	sc, f := w.sc[:ks.n], w.f1[:ks.n]
+	gemv(false, ks.n, D, ks.k, ks.ld, qv, 0, f)
+	for i, x := range f {
+		sc[i] = float64(x) * scale
 		p.m = max(p.m, sc[i])
 	}
 	expInto[F](sc, sc, 1, p.m)
-	for i, j := range pos {
-		p.sum += sc[i]
-		o := base + int(j)*stride
-		vaxpy(sc[i], vb[o:o+D], p.acc)
+	for i, x := range sc {
+		p.sum += x
+		f[i] = F(x)
 	}
+	gemv(true, ks.n, D, ks.v, ks.ld, f, 0, p.acc)
+}
+
+// memGather copies the memory keys and values of one memory list into
+// dense [len,D] scratch so memory parts use the same BLAS-2 path as the
+// contiguous windows. The list is the same for every query of a chunk, so
+// the gather (and, in the backward pass, the scatter-add of the gathered
+// gradients back into dkm and dv) happens once per chunk and head.
+type memGather[F kernels.Float] struct {
+	km, v, dkm, dv   []F // sources and gradient destinations ([B,T,G,D])
+	kbase, stride, D int
+	list             []int32 // the loaded list; nil when none
+	k, gv, gdk, gdv  []F     // gathered [M,D] rows and their gradients
+}
+
+func newMemGather[F kernels.Float](a *attnArgs[F], dkm, dv []F, kbase int) *memGather[F] {
+	M, D := a.s.M, a.s.D
+	g := &memGather[F]{km: a.km, v: a.v, dkm: dkm, dv: dv, kbase: kbase, stride: a.s.G * D, D: D,
+		k: make([]F, M*D), gv: make([]F, M*D)}
+	if dkm != nil {
+		g.gdk = make([]F, M*D)
+	}
+	if dv != nil {
+		g.gdv = make([]F, M*D)
+	}
+	return g
+}
+
+// keys returns list's keys, gathering them (after flushing the previous
+// list's gradients) unless list is the one already loaded.
+func (g *memGather[F]) keys(list []int32) keySet[F] {
+	D := g.D
+	if len(list) != len(g.list) || (len(list) > 0 && &list[0] != &g.list[0]) {
+		g.flush()
+		g.list = list
+		for i, j := range list {
+			o := g.kbase + int(j)*g.stride
+			copy(g.k[i*D:(i+1)*D], g.km[o:o+D])
+			copy(g.gv[i*D:(i+1)*D], g.v[o:o+D])
+		}
+	}
+	n := len(list)
+	return keySet[F]{n: n, ld: D, k: rows(g.k, 0, n, D, D), v: rows(g.gv, 0, n, D, D),
+		dk: rows(g.gdk, 0, n, D, D), dv: rows(g.gdv, 0, n, D, D)}
+}
+
+// flush adds the gathered gradients into dkm and dv and clears them.
+func (g *memGather[F]) flush() {
+	D, n := g.D, len(g.list)
+	for i, j := range g.list {
+		o := g.kbase + int(j)*g.stride
+		if g.gdk != nil {
+			vaxpy(1, g.gdk[i*D:(i+1)*D], g.dkm[o:o+D])
+		}
+		if g.gdv != nil {
+			vaxpy(1, g.gdv[i*D:(i+1)*D], g.dv[o:o+D])
+		}
+	}
+	if g.gdk != nil {
+		clear(g.gdk[:n*D])
+	}
+	if g.gdv != nil {
+		clear(g.gdv[:n*D])
+	}
+	g.list = nil
+}
+
+// windowKeys returns the keys at positions [lo,hi] of the [B,T,G,D]
+// buffers k, v (and gradients dk, dv) for the row base kbase.
+func windowKeys[F kernels.Float](k, v, dk, dv []F, lo, hi, kbase, stride, D int) keySet[F] {
+	if hi < lo {
+		return keySet[F]{}
+	}
+	n, off := hi-lo+1, kbase+lo*stride
+	return keySet[F]{n: n, ld: stride, k: rows(k, off, n, stride, D), v: rows(v, off, n, stride, D),
+		dk: rows(dk, off, n, stride, D), dv: rows(dv, off, n, stride, D)}
 }
 
 // Attention implements kernels.Backend: each query row computes its
@@ -166,25 +292,25 @@ func (be *Backend[F]) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer
 	parallelDyn(s.B*s.H, s.T*a.maxKeys*s.D*2, func(_, bh int) {
 		b, h := bh/s.H, bh%s.H
 		g := h * s.G / s.H
-		sc := make([]float64, a.maxKeys)
-		pos := make([]int32, 0, a.maxKeys)
+		w := newAttnScratch[F](a.maxKeys)
+		kbase := b*s.T*kstride + g*D
+		var mem *memGather[F]
+		if a.hasMemory {
+			mem = newMemGather(&a, nil, nil, kbase)
+		}
 		var parts [3]attnPart[F]
 		for i := range parts {
 			parts[i].acc = make([]F, D)
 		}
-		kbase := b*s.T*kstride + g*D
 		for t := 0; t < s.T; t++ {
 			qo := ((b*s.T+t)*s.H + h) * D
 			qv := a.q[qo : qo+D]
 			c0, c1, f0, f1 := a.ranges(t)
-			pos = fillRange(pos, c0, c1)
-			partForward(&parts[0], qv, a.k, a.v, pos, kbase, kstride, D, a.scale, sc)
-			pos = fillRange(pos, f0, f1)
-			partForward(&parts[1], qv, a.kf, a.vf, pos, kbase, kstride, D, a.scale, sc)
+			partForward(&parts[0], qv, windowKeys(a.k, a.v, nil, nil, c0, c1, kbase, kstride, D), D, a.scale, w)
+			partForward(&parts[1], qv, windowKeys(a.kf, a.vf, nil, nil, f0, f1, kbase, kstride, D), D, a.scale, w)
+			parts[2].m = math.Inf(-1)
 			if ml := a.memList(b, t); len(ml) > 0 {
-				partForward(&parts[2], a.qm[qo:qo+D], a.km, a.v, ml, kbase, kstride, D, a.scale, sc)
-			} else {
-				parts[2].m = math.Inf(-1)
+				partForward(&parts[2], a.qm[qo:qo+D], mem.keys(ml), D, a.scale, w)
 			}
 			mx := math.Inf(-1)
 			for _, p := range parts {
@@ -213,45 +339,38 @@ func (be *Backend[F]) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer
 	})
 }
 
-func fillRange(pos []int32, lo, hi int) []int32 {
-	pos = pos[:0]
-	for j := lo; j <= hi; j++ {
-		pos = append(pos, int32(j))
-	}
-	return pos
-}
-
 // attnGrad holds the gradient outputs of one AttentionBackward call.
 type attnGrad[F kernels.Float] struct {
 	dq, dk, dv, dkf, dvf, dqm, dkm []F
 }
 
 // partBackward adds one key set's contribution to the gradients of query
-// row qv: p = exp(score − lse), dv += p·dout, dscore = p·(dout·v − dout·out).
-func partBackward[F kernels.Float](qv, kb, vb []F, dqacc []F, dkb, dvb []F, pos []int32, base, stride, D int, scale, lse, dd float64, dout []F, sc []float64) {
-	if len(pos) == 0 {
+// row qv: p = exp(score − lse), dv += p·dout, dscore = p·(dout·v − dout·out),
+// dq += dscore·k/√D, dk += dscore·q/√D; two gemv for the scores and
+// dout·v, one gemv for dq and one rank-1 update each for dk and dv.
+func partBackward[F kernels.Float](qv, dout []F, ks keySet[F], dqacc []F, D int, scale, lse, dd float64, w *attnScratch[F]) {
+	if ks.n == 0 {
 		return
 	}
-	sc = sc[:len(pos)]
-	for i, j := range pos {
-		o := base + int(j)*stride
-		sc[i] = vdot(qv, kb[o:o+D])
+	sc, p, ds := w.sc[:ks.n], w.f1[:ks.n], w.f2[:ks.n]
+	gemv(false, ks.n, D, ks.k, ks.ld, qv, 0, p)
+	for i, x := range p {
+		sc[i] = float64(x)
 	}
 	expInto[F](sc, sc, scale, lse)
-	for i, j := range pos {
-		o := base + int(j)*stride
-		kr, vr := kb[o:o+D], vb[o:o+D]
-		p := sc[i]
-		if dvb != nil {
-			vaxpy(p, dout, dvb[o:o+D])
-		}
-		ds := p * (vdot(dout, vr) - dd) * scale
-		if dqacc != nil {
-			vaxpy(ds, kr, dqacc)
-		}
-		if dkb != nil {
-			vaxpy(ds, qv, dkb[o:o+D])
-		}
+	gemv(false, ks.n, D, ks.v, ks.ld, dout, 0, ds) // dout·v_i
+	for i, pi := range sc {
+		p[i] = F(pi)
+		ds[i] = F(pi * (float64(ds[i]) - dd) * scale)
+	}
+	if ks.dv != nil {
+		ger(ks.n, D, p, dout, ks.dv, ks.ld)
+	}
+	if dqacc != nil {
+		gemv(true, ks.n, D, ks.k, ks.ld, ds, 1, dqacc)
+	}
+	if ks.dk != nil {
+		ger(ks.n, D, ds, qv, ks.dk, ks.ld)
 	}
 }
 
@@ -289,11 +408,14 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 	perGroup := (s.H + s.G - 1) / s.G
 	parallelDyn(s.B*s.G, perGroup*s.T*a.maxKeys*s.D*4, func(_, bg int) {
 		b, g := bg/s.G, bg%s.G
-		pos := make([]int32, 0, a.maxKeys)
-		sc := make([]float64, a.maxKeys)
+		w := newAttnScratch[F](a.maxKeys)
 		dqacc := make([]F, D)
 		dqmacc := make([]F, D)
 		kbase := b*s.T*kstride + g*D
+		var mem *memGather[F]
+		if a.hasMemory {
+			mem = newMemGather(&a, gr.dkm, gr.dv, kbase)
+		}
 		for h := 0; h < s.H; h++ {
 			if h*s.G/s.H != g {
 				continue
@@ -313,12 +435,10 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 					clear(dqma)
 				}
 				c0, c1, f0, f1 := a.ranges(t)
-				pos = fillRange(pos, c0, c1)
-				partBackward(qv, a.k, a.v, dqa, gr.dk, gr.dv, pos, kbase, kstride, D, a.scale, l, dd, dov, sc)
-				pos = fillRange(pos, f0, f1)
-				partBackward(qv, a.kf, a.vf, dqa, gr.dkf, gr.dvf, pos, kbase, kstride, D, a.scale, l, dd, dov, sc)
+				partBackward(qv, dov, windowKeys(a.k, a.v, gr.dk, gr.dv, c0, c1, kbase, kstride, D), dqa, D, a.scale, l, dd, w)
+				partBackward(qv, dov, windowKeys(a.kf, a.vf, gr.dkf, gr.dvf, f0, f1, kbase, kstride, D), dqa, D, a.scale, l, dd, w)
 				if ml := a.memList(b, t); len(ml) > 0 {
-					partBackward(a.qm[qo:qo+D], a.km, a.v, dqma, gr.dkm, gr.dv, ml, kbase, kstride, D, a.scale, l, dd, dov, sc)
+					partBackward(a.qm[qo:qo+D], dov, mem.keys(ml), dqma, D, a.scale, l, dd, w)
 				}
 				if dqa != nil {
 					vaxpy(1, dqa, gr.dq[qo:qo+D])
@@ -327,6 +447,9 @@ func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, ou
 					vaxpy(1, dqma, gr.dqm[qo:qo+D])
 				}
 			}
+		}
+		if mem != nil {
+			mem.flush()
 		}
 	})
 }
