@@ -376,8 +376,10 @@ func partBackward[F kernels.Float](qv, dout []F, ks keySet[F], dqacc []F, D int,
 
 // AttentionBackward implements kernels.Backend. Work is split over (b, kv
 // head) so that the key/value gradients of a kv head, written by every
-// query head of its group, have one writer; no scratch or reduction is
-// needed and the result does not depend on the worker count.
+// query head of its group, have one writer: no locks or cross-worker
+// reductions, and the result does not depend on the worker count. (With
+// B·G below the worker count some cores idle; the model's presets have
+// G = H.)
 func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
 	c := be.check("attention_backward")
 	a := be.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
