@@ -34,7 +34,11 @@ type tolerance struct {
 // (op) name. Backward entries compare against finite differences (step
 // fdEps in float64), whose own error is ~1e-9 and bounds the float64 rows.
 var tolerances = map[string]tolerance{
-	"Memory":                {tol{0, 0}, tol{0, 0}, "copies and adds of representable values are exact"},
+	"Zero":                  {tol{0, 0}, tol{0, 0}, "exact"},
+	"Copy":                  {tol{0, 0}, tol{0, 0}, "exact"},
+	"Accumulate":            {tol{0, 0}, tol{0, 0}, "one rounded add, reproduced by the reference"},
+	"Scale":                 {tol{0, 1.2e-7}, tol{0, 2.3e-16}, "one rounding; s may be rounded to F first or not (1 ulp)"},
+	"Slice":                 {tol{0, 0}, tol{0, 0}, "views and round trips are exact"},
 	"SumSquares":            {tol{0, 1e-12}, tol{0, 1e-12}, "float64 accumulation; only summation order differs"},
 	"Embedding":             {tol{0, 0}, tol{0, 0}, "a gather is exact"},
 	"EmbeddingBackward":     {tol{1e-6, 1e-5}, tol{1e-8, 1e-7}, "finite differences of a linear map; float32 sums of a few terms"},

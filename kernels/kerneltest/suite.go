@@ -16,7 +16,11 @@ type opTest[F kernels.Float] struct {
 // suite lists one subtest per op; names match the tolerance table.
 func suite[F kernels.Float]() []opTest[F] {
 	return []opTest[F]{
-		{"Memory", testMemory[F]},
+		{"Zero", testZero[F]},
+		{"Copy", testCopy[F]},
+		{"Accumulate", testAccumulate[F]},
+		{"Scale", testScale[F]},
+		{"Slice", testSlice[F]},
 		{"SumSquares", testSumSquares[F]},
 		{"Embedding", testEmbedding[F]},
 		{"EmbeddingBackward", testEmbeddingBackward[F]},
@@ -46,29 +50,57 @@ func suite[F kernels.Float]() []opTest[F] {
 	}
 }
 
-func testMemory[F kernels.Float](h *harness[F]) {
-	const n = 23
-	a, b := h.randn(n, 1), h.randn(n, 1)
-	x := h.buf("x", a)
-	y := h.out("y", n)
-	h.be.Copy(y, x)
-	h.near("copy", h.load(y), a)
-	h.be.Accumulate(y, h.buf("b", b))
-	want := make([]float64, n)
-	for i := range want {
-		want[i] = float64(F(a[i] + b[i]))
-	}
-	h.near("accumulate", h.load(y), want)
-	h.be.Scale(y, 0.5)
-	for i := range want {
-		want[i] = float64(F(want[i] * 0.5))
-	}
-	h.near("scale", h.load(y), want)
+func testZero[F kernels.Float](h *harness[F]) {
+	y := h.buf("y", h.randn(23, 1))
 	h.be.Zero(y)
-	h.near("zero", h.load(y), make([]float64, n))
-	// A view of a view addresses the right elements.
+	h.near("zero", h.load(y), make([]float64, 23))
+}
+
+func testCopy[F kernels.Float](h *harness[F]) {
+	a := h.randn(23, 1)
+	y := h.out("y", 23)
+	h.be.Copy(y, h.buf("x", a))
+	h.near("copy", h.load(y), a)
+}
+
+func testAccumulate[F kernels.Float](h *harness[F]) {
+	for _, n := range []int{23, 100003} {
+		a, b := h.randn(n, 1), h.randn(n, 1)
+		y := h.buf("y", a)
+		h.be.Accumulate(y, h.buf("b", b))
+		want := make([]float64, n)
+		for i := range want {
+			want[i] = float64(F(a[i] + b[i]))
+		}
+		h.near("accumulate", h.load(y), want)
+	}
+}
+
+func testScale[F kernels.Float](h *harness[F]) {
+	for _, n := range []int{23, 100003} {
+		a := h.randn(n, 1)
+		y := h.buf("y", a)
+		h.be.Scale(y, 0.3)
+		want := make([]float64, n)
+		for i := range want {
+			want[i] = float64(F(a[i] * float64(F(0.3))))
+		}
+		h.near("scale", h.load(y), want)
+	}
+}
+
+// testSlice covers views of views and the host round trips every other
+// subtest relies on.
+func testSlice[F kernels.Float](h *harness[F]) {
+	a := h.randn(23, 1)
+	x := h.buf("x", a)
 	v := h.be.Slice(h.be.Slice(x, 3, 10), 2, 4)
 	h.near("slice", h.load(v), a[5:9])
+	// Writes through a view land in the parent.
+	h.be.Zero(v)
+	want := append([]float64(nil), a...)
+	clear(want[5:9])
+	h.near("write_through_view", h.load(x), want)
 	ints := []int32{4, -1, 7}
 	ib := h.ints(ints)
 	got := make([]int32, 3)
