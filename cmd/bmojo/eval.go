@@ -28,13 +28,9 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := newLogger().Named("eval")
-			path, err := train.ResolveWeights(ckpt, func(dir string, err error) {
+			c, params, path, err := train.LoadModel(ckpt, func(dir string, err error) {
 				log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
 			})
-			if err != nil {
-				return err
-			}
-			c, params, err := model.LoadWeights(path)
 			if err != nil {
 				return err
 			}

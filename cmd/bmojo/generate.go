@@ -6,12 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"math"
 	"math/rand/v2"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -88,32 +86,13 @@ the training length.`,
 // loadForGenerate reads the weights at path (see the command's help) and
 // returns them with the path they came from.
 func loadForGenerate(path string, log hclog.Logger) (model.Config, []float64, string, error) {
-	st, err := os.Stat(path)
+	c, params, src, err := train.LoadModel(path, func(dir string, err error) {
+		log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
+	})
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return model.Config{}, nil, "", fmt.Errorf("generate: checkpoint %s does not exist: %w", path, err)
-		}
-		return model.Config{}, nil, "", fmt.Errorf("generate: checkpoint: %w", err)
+		return model.Config{}, nil, "", fmt.Errorf("generate: %w", err)
 	}
-	weights := path
-	if st.IsDir() {
-		weights = filepath.Join(path, train.WeightsFile)
-		if _, err := os.Stat(weights); err != nil {
-			// Not a step-N directory: a checkpoint root.
-			ck, err := train.LatestCheckpoint(path, func(dir string, err error) {
-				log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
-			})
-			if err != nil {
-				return model.Config{}, nil, "", fmt.Errorf("generate: %w (want a %s file, a step-N checkpoint directory or a directory of them)", err, train.WeightsFile)
-			}
-			return ck.Config, ck.Params, ck.Dir, nil
-		}
-	}
-	c, params, err := model.LoadWeights(weights)
-	if err != nil {
-		return model.Config{}, nil, "", fmt.Errorf("generate: load %s: %w", weights, err)
-	}
-	return c, params, weights, nil
+	return c, params, src, nil
 }
 
 // generation is one generate run on loaded weights.

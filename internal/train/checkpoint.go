@@ -231,23 +231,29 @@ func pruneCheckpoints(root string, keep int) error {
 	return nil
 }
 
-// ResolveWeights turns a user's --checkpoint argument into a weights file: a
-// .safetensors file as is, a step-N directory's model.safetensors, or the
-// newest good checkpoint of a checkpoint root (warn reports skipped ones).
-func ResolveWeights(path string, warn func(dir string, err error)) (string, error) {
+// LoadModel reads the weights a user's --checkpoint argument names: a
+// .safetensors file, a step-N directory, or a checkpoint root whose newest
+// good checkpoint is used (warn reports each one skipped). It returns the
+// file the weights came from.
+func LoadModel(path string, warn func(dir string, err error)) (model.Config, []float64, string, error) {
 	st, err := os.Stat(path)
 	if err != nil {
-		return "", fmt.Errorf("checkpoint: %w", err)
+		return model.Config{}, nil, "", fmt.Errorf("checkpoint: %w", err)
 	}
-	if !st.IsDir() {
-		return path, nil
+	weights := path
+	if st.IsDir() {
+		weights = filepath.Join(path, WeightsFile)
+		if _, err := os.Stat(weights); err != nil {
+			ck, err := LatestCheckpoint(path, warn)
+			if err != nil {
+				return model.Config{}, nil, "", fmt.Errorf("checkpoint: %w (want a %s file, a step-N checkpoint directory or a directory of them)", err, WeightsFile)
+			}
+			return ck.Config, ck.Params, filepath.Join(ck.Dir, WeightsFile), nil
+		}
 	}
-	if _, err := os.Stat(filepath.Join(path, WeightsFile)); err == nil {
-		return filepath.Join(path, WeightsFile), nil
-	}
-	ck, err := LatestCheckpoint(path, warn)
+	c, params, err := model.LoadWeights(weights)
 	if err != nil {
-		return "", err
+		return model.Config{}, nil, "", err
 	}
-	return filepath.Join(ck.Dir, WeightsFile), nil
+	return c, params, weights, nil
 }

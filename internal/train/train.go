@@ -211,37 +211,46 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 // batches batches of ds's unshuffled validation windows (0 = all of them)
 // at the model's prepared batch shape.
 func Evaluate(m *model.Model[float32], ds *data.Dataset, batches int) (float64, error) {
-	B, T := m.B, m.T
-	s, err := data.EvalWindows(ds, T)
+	s, err := data.EvalWindows(ds, m.T)
 	if err != nil {
 		return 0, fmt.Errorf("eval: %w", err)
 	}
 	n := s.NumWindows()
 	if batches > 0 {
-		n = min(n, batches*B)
+		n = min(n, batches*m.B)
 	}
+	sum, count, err := EvalSum(m, s, 0, n)
+	if err != nil {
+		return 0, err
+	}
+	if count == 0 {
+		return 0, fmt.Errorf("eval: no labelled tokens")
+	}
+	return sum / float64(count), nil
+}
+
+// EvalSum returns the summed cross-entropy and the labelled-token count of
+// windows [start, start+n) of s, so data-parallel ranks can evaluate
+// disjoint shares and add them up.
+func EvalSum(m *model.Model[float32], s *data.Sampler, start, n int) (sum float64, count int, err error) {
+	B, T := m.B, m.T
 	tokens, targets := make([]int32, B*T), make([]int32, B*T)
-	var sum float64
-	var count int
 	for i := 0; i < n; i += B {
 		k := min(B, n-i)
-		if err := s.Fill(0, i, k, tokens[:k*T], targets[:k*T]); err != nil {
-			return 0, fmt.Errorf("eval: %w", err)
+		if err := s.Fill(0, start+i, k, tokens[:k*T], targets[:k*T]); err != nil {
+			return 0, 0, fmt.Errorf("eval: %w", err)
 		}
 		for r := k * T; r < B*T; r++ {
 			tokens[r], targets[r] = 0, -1 // padding rows carry no label
 		}
 		l, err := m.Forward(tokens, targets)
 		if err != nil {
-			return 0, fmt.Errorf("eval: %w", err)
+			return 0, 0, fmt.Errorf("eval: %w", err)
 		}
 		sum += l.CE * float64(l.Labelled)
 		count += l.Labelled
 	}
-	if count == 0 {
-		return 0, fmt.Errorf("eval: no labelled tokens")
-	}
-	return sum / float64(count), nil
+	return sum, count, nil
 }
 
 func compatible(ck *Checkpoint, mc model.Config, j Job) error {
