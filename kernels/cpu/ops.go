@@ -24,7 +24,8 @@ func (be *Backend[F]) Embedding(out, table kernels.Buffer, tokens kernels.IntBuf
 		c.failf("table is nil")
 		return
 	}
-	tab := c.buf("table", table, table.Len()/d*d, "V*d")
+	c.cond(table.Len()%d == 0, "table has %d elements, not a multiple of d=%d", table.Len(), d)
+	tab := c.buf("table", table, table.Len(), "V*d")
 	V := len(tab) / d
 	for r, tk := range tok {
 		if tk < 0 || int(tk) >= V {
@@ -53,7 +54,8 @@ func (be *Backend[F]) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kern
 	if !c.ok || dtable == nil || d == 0 {
 		return
 	}
-	dt := c.buf("dtable", dtable, dtable.Len()/d*d, "V*d")
+	c.cond(dtable.Len()%d == 0, "dtable has %d elements, not a multiple of d=%d", dtable.Len(), d)
+	dt := c.buf("dtable", dtable, dtable.Len(), "V*d")
 	V := len(dt) / d
 	for r, tk := range tok {
 		if tk < 0 || int(tk) >= V {
