@@ -1,0 +1,500 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
+
+	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/etcdserver"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// Process-wide goroutines of libraries etcd imports.
+		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
+		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
+	)
+}
+
+const testJob = "test-job"
+
+// testLogger logs to the test at debug level with -v, warn otherwise.
+func testLogger(t *testing.T, name string) hclog.Logger {
+	level := hclog.Warn
+	if testing.Verbose() {
+		level = hclog.Info
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: name, Level: level, Output: os.Stderr})
+}
+
+// testConfig shrinks every timeout.
+func testConfig(t *testing.T, cli *clientv3.Client, id string) Config {
+	cfg := Default()
+	cfg.JobName = testJob
+	cfg.Client = cli
+	cfg.ID = id
+	cfg.ReadyTimeout = 3 * time.Second
+	cfg.BootstrapTimeout = 5 * time.Second
+	cfg.LeaseTTL = time.Second
+	cfg.Debounce = 50 * time.Millisecond
+	cfg.MaxBackoff = 200 * time.Millisecond
+	cfg.Logger = testLogger(t, id)
+	return cfg
+}
+
+type env struct {
+	t      *testing.T
+	ctx    context.Context
+	dir    string
+	url    string
+	server *etcdserver.Server
+	cli    *clientv3.Client
+	spec   cluster.JobSpec
+}
+
+func newEnv(t *testing.T, ctx context.Context, workers int) *env {
+	t.Helper()
+	e := &env{t: t, ctx: ctx, dir: t.TempDir()}
+	e.startEtcd()
+	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: e.server.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cli = cli
+	t.Cleanup(func() { cli.Close() })
+	e.spec = cluster.JobSpec{Protocol: cluster.ProtocolVersion, Hash: "spec-hash", CodeHash: "code-hash", Workers: workers, MinRing: 1}
+	if _, err := cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeySpec, cluster.Encode(e.spec)); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) startEtcd() {
+	e.t.Helper()
+	s, err := etcdserver.Start(e.ctx, etcdserver.Config{DataDir: e.dir, ClientURL: e.url, Logger: testLogger(e.t, "etcd")})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.server, e.url = s, s.Endpoints()[0]
+	e.t.Cleanup(s.Close)
+}
+
+// coordinator runs a replica until the returned stop is called.
+func (e *env) coordinator(id string, cli *clientv3.Client) (*Coordinator, func() error) {
+	e.t.Helper()
+	c, err := New(testConfig(e.t, cli, id))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	errc := make(chan error, 1)
+	go func() { errc <- c.Run(ctx) }()
+	var once sync.Once
+	var runErr error
+	stop := func() error {
+		once.Do(func() { cancel(); runErr = <-errc })
+		return runErr
+	}
+	e.t.Cleanup(func() { stop() })
+	return c, stop
+}
+
+func (e *env) get(key string, v any) bool {
+	resp, err := e.cli.Get(e.ctx, cluster.Prefix(testJob)+key)
+	if err != nil || len(resp.Kvs) == 0 {
+		return false
+	}
+	return cluster.Decode(key, resp.Kvs[0].Value, v) == nil
+}
+
+func (e *env) exists(key string) bool {
+	resp, err := e.cli.Get(e.ctx, cluster.Prefix(testJob)+key)
+	return err == nil && len(resp.Kvs) > 0
+}
+
+// waitStarted waits until ring has exactly ids (in rank order) at an epoch
+// > after and that epoch has started; it returns the ring and start.
+func (e *env) waitStarted(timeout time.Duration, after uint64, ids ...string) (cluster.Ring, cluster.Start) {
+	e.t.Helper()
+	var ring cluster.Ring
+	var start cluster.Start
+	waitFor(e.t, e.ctx, timeout, func() (bool, string) {
+		ring = cluster.Ring{}
+		if !e.get(cluster.KeyRing, &ring) {
+			return false, "no ring"
+		}
+		got := make([]string, len(ring.Members))
+		for i, m := range ring.Members {
+			got[i] = m.ID
+		}
+		if ring.Epoch <= after || strings.Join(got, ",") != strings.Join(ids, ",") {
+			return false, fmt.Sprintf("ring epoch %d %v, want epoch > %d with %v", ring.Epoch, got, after, ids)
+		}
+		if !e.get(cluster.StartKey(ring.Epoch), &start) {
+			return false, fmt.Sprintf("epoch %d not started", ring.Epoch)
+		}
+		return true, ""
+	})
+	return ring, start
+}
+
+// waitFor polls cond every 20 ms until it holds, failing the test after
+// timeout with cond's last explanation.
+func waitFor(t *testing.T, ctx context.Context, timeout time.Duration, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ok, why := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s", timeout, why)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%v: %s", ctx.Err(), why)
+		case <-tick.C:
+		}
+	}
+}
+
+// fakeWorker registers under its own lease and follows the epoch protocol:
+// on each ring that names it, it writes ready at its step; on start it
+// takes the start's step.
+type fakeWorker struct {
+	id     string
+	cli    *clientv3.Client
+	lease  clientv3.LeaseID
+	step   atomic.Int64
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func (e *env) worker(id string, ttl int64) *fakeWorker {
+	e.t.Helper()
+	return e.workerWith(id, ttl, func(m *cluster.Member) {})
+}
+
+func (e *env) workerWith(id string, ttl int64, edit func(*cluster.Member)) *fakeWorker {
+	e.t.Helper()
+	ctx, cancel := context.WithCancel(e.ctx)
+	w := &fakeWorker{id: id, cli: e.cli, cancel: cancel, done: make(chan struct{})}
+	lease, err := e.cli.Grant(ctx, ttl)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	w.lease = lease.ID
+	m := cluster.Member{ID: id, Endpoint: "127.0.0.1:" + id, Device: "cpu", SpecHash: e.spec.Hash, CodeHash: e.spec.CodeHash, Protocol: cluster.ProtocolVersion}
+	edit(&m)
+	key := cluster.Prefix(testJob) + cluster.KeyMembers + id
+	resp, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, cluster.Encode(m), clientv3.WithLease(lease.ID))).Commit()
+	if err != nil || !resp.Succeeded {
+		e.t.Fatalf("register %s: %v (succeeded %v)", id, err, resp != nil && resp.Succeeded)
+	}
+	ka, err := e.cli.KeepAlive(ctx, lease.ID)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	go func() {
+		for range ka {
+		}
+	}()
+	go w.follow(ctx)
+	e.t.Cleanup(w.kill)
+	return w
+}
+
+// kill stops the worker like SIGKILL: no more keep-alives, so its key goes
+// when the lease expires.
+func (w *fakeWorker) kill() {
+	w.cancel()
+	<-w.done
+}
+
+func (w *fakeWorker) follow(ctx context.Context) {
+	defer close(w.done)
+	p := cluster.Prefix(testJob)
+	readied, started := uint64(0), uint64(0)
+	for ctx.Err() == nil {
+		wctx, cancel := context.WithCancel(ctx)
+		wch := w.cli.Watch(wctx, p, clientv3.WithPrefix())
+		// Act on what is there already, then on every change.
+		check := func() {
+			var ring cluster.Ring
+			resp, err := w.cli.Get(ctx, p+cluster.KeyRing)
+			if err != nil || len(resp.Kvs) == 0 || cluster.Decode("ring", resp.Kvs[0].Value, &ring) != nil {
+				return
+			}
+			if ring.Rank(w.id) < 0 {
+				return
+			}
+			if ring.Epoch > readied {
+				r := cluster.Ready{Epoch: ring.Epoch, Step: int(w.step.Load())}
+				if _, err := w.cli.Put(ctx, p+cluster.ReadyKey(ring.Epoch, w.id), cluster.Encode(r)); err == nil {
+					readied = ring.Epoch
+				}
+			}
+			sresp, err := w.cli.Get(ctx, p+cluster.StartKey(ring.Epoch))
+			var s cluster.Start
+			if ring.Epoch > started && err == nil && len(sresp.Kvs) > 0 && cluster.Decode("start", sresp.Kvs[0].Value, &s) == nil {
+				w.step.Store(int64(s.Step))
+				started = ring.Epoch
+			}
+		}
+		check()
+		for range wch {
+			check()
+		}
+		cancel()
+	}
+}
+
+func TestThreeWorkersKillJoin(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 3)
+	c, stop := e.coordinator("c1", e.cli)
+	w1, w2 := e.worker("w1", 1), e.worker("w2", 1)
+	w3 := e.worker("w3", 1)
+	ring, start := e.waitStarted(10*time.Second, 0, "w1", "w2", "w3")
+	if ring.Epoch != 1 || start.Step != 0 || start.Source != "w1" {
+		t.Fatalf("first epoch: ring %+v start %+v, want epoch 1 from step 0 of w1", ring, start)
+	}
+	if !c.IsLeader() {
+		t.Fatal("the only replica does not lead")
+	}
+
+	// SIGKILL: w2's keep-alives stop; the ring re-forms when its lease expires.
+	w1.step.Store(17)
+	w3.step.Store(16)
+	t0 := time.Now()
+	w2.kill()
+	ring, start = e.waitStarted(10*time.Second, 1, "w1", "w3")
+	t.Logf("lease (TTL 1 s) stopped -> epoch %d started: %s", ring.Epoch, time.Since(t0))
+	if start.Step != 17 || start.Source != "w1" {
+		t.Fatalf("after the kill: start %+v, want step 17 from w1", start)
+	}
+
+	// A joiner enters at the next epoch and is told to copy from w1.
+	t0 = time.Now()
+	e.worker("w4", 1)
+	ring, start = e.waitStarted(10*time.Second, ring.Epoch, "w1", "w3", "w4")
+	t.Logf("join -> epoch %d started: %s", ring.Epoch, time.Since(t0))
+	if start.Step != 17 || start.Source != "w1" {
+		t.Fatalf("after the join: start %+v, want step 17 from w1", start)
+	}
+
+	kinds := map[string]int{}
+	for _, r := range c.Events() {
+		kinds[r.Kind]++
+	}
+	if kinds[NoticeJoined] != 4 || kinds[NoticeLeft] != 1 || kinds["started"] != 3 {
+		t.Errorf("events %v, want 4 joined, 1 left, 3 started", kinds)
+	}
+
+	// done ends Run with nil.
+	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyDone, cluster.Encode(cluster.Done{Step: 17})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !c.IsLeader(), "still leading after done" })
+	if err := stop(); err != nil {
+		t.Fatalf("Run after done = %v, want nil", err)
+	}
+}
+
+func TestReportRemovesSuspectAtOnce(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 3)
+	e.coordinator("c1", e.cli)
+	// A long TTL: only the report can remove w2 in time.
+	e.worker("w1", 30)
+	e.worker("w2", 30)
+	e.worker("w3", 30)
+	e.waitStarted(10*time.Second, 0, "w1", "w2", "w3")
+
+	t0 := time.Now()
+	rep := cluster.Report{Epoch: 1, Reporter: "w1", Suspect: "w2", Error: "send chunk 3 to rank 1: connection reset"}
+	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyReports+"w1", cluster.Encode(rep)); err != nil {
+		t.Fatal(err)
+	}
+	ring, _ := e.waitStarted(5*time.Second, 1, "w1", "w3")
+	t.Logf("report -> epoch %d started: %s", ring.Epoch, time.Since(t0))
+	if !strings.Contains(ring.Reason, "reported by w1") {
+		t.Errorf("ring reason %q does not name the reporter", ring.Reason)
+	}
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) {
+		return !e.exists(cluster.KeyMembers+"w2") && !e.exists(cluster.KeyReports+"w1"),
+			"the suspect's key or the consumed report is still there"
+	})
+}
+
+func TestRefusedMember(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 1)
+	c, _ := e.coordinator("c1", e.cli)
+	e.workerWith("old", 30, func(m *cluster.Member) { m.CodeHash = "another-build" })
+	e.worker("w1", 30)
+	e.waitStarted(10*time.Second, 0, "w1")
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !e.exists(cluster.KeyMembers + "old"), "refused key not deleted" })
+	var refused []Record
+	for _, r := range c.Events() {
+		if r.Kind == NoticeRefused {
+			refused = append(refused, r)
+		}
+	}
+	if len(refused) != 1 || refused[0].WorkerID != "old" || !strings.Contains(refused[0].Reason, "another build") {
+		t.Fatalf("refused events %+v, want one for old naming the build", refused)
+	}
+}
+
+// Two replicas: the leader crashes (its client closed, so its lease is
+// neither revoked nor kept alive); the standby takes over after the lease
+// TTL and handles the next membership change.
+func TestLeaderFailover(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 2)
+	clients := map[string]*clientv3.Client{}
+	for _, id := range []string{"c1", "c2"} {
+		cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: e.server.Endpoints()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients[id] = cli
+		t.Cleanup(func() { cli.Close() })
+	}
+	c1, stop1 := e.coordinator("c1", clients["c1"])
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return c1.IsLeader(), "c1 does not lead" })
+	c2, _ := e.coordinator("c2", clients["c2"])
+	e.worker("w1", 1)
+	w2 := e.worker("w2", 1)
+	e.waitStarted(10*time.Second, 0, "w1", "w2")
+	if c2.IsLeader() {
+		t.Fatal("both replicas lead")
+	}
+
+	t0 := time.Now()
+	clients["c1"].Close() // the leader crashes
+	waitFor(t, ctx, 10*time.Second, func() (bool, string) { return c2.IsLeader(), "the standby did not take over" })
+	t.Logf("leader crash -> standby leads: %s", time.Since(t0))
+	stop1()
+
+	w2.kill()
+	ring, start := e.waitStarted(10*time.Second, 1, "w1")
+	if ring.Epoch != 2 || start.Source != "w1" {
+		t.Fatalf("after takeover: ring %+v start %+v, want epoch 2 started from w1", ring, start)
+	}
+	t.Logf("leader crash -> epoch 2 started by the standby: %s", time.Since(t0))
+}
+
+// A leader stopped mid-epoch-change (ring published, start not) is resumed
+// by the standby, which starts that same epoch.
+func TestLeaderHandoverMidEpochChange(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 2)
+	w1 := e.worker("w1", 30)
+	w1.kill() // w1 registered but never answers: epoch 1 cannot start
+	e.worker("w2", 30)
+	c1, stop1 := e.coordinator("c1", e.cli)
+	var ring cluster.Ring
+	waitFor(t, ctx, 10*time.Second, func() (bool, string) {
+		return e.get(cluster.KeyRing, &ring) && ring.Epoch == 1, "no ring 1"
+	})
+	if !c1.IsLeader() || e.exists(cluster.StartKey(1)) {
+		t.Fatal("epoch 1 started without w1")
+	}
+	c2, _ := e.coordinator("c2", e.cli)
+	t0 := time.Now()
+	stop1() // graceful: resigns, so c2 takes over at once
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return c2.IsLeader(), "c2 does not lead" })
+	t.Logf("leader stopped -> standby leads: %s", time.Since(t0))
+	// The new leader waits for epoch 1's ready records, then its ready
+	// timeout drops w1 and epoch 2 starts with w2 alone.
+	ring, _ = e.waitStarted(10*time.Second, 1, "w2")
+	if ring.Epoch != 2 {
+		t.Fatalf("ring %+v, want epoch 2", ring)
+	}
+}
+
+func TestEtcdRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 2)
+	c, _ := e.coordinator("c1", e.cli)
+	e.worker("w1", 5)
+	e.worker("w2", 5)
+	ring, _ := e.waitStarted(10*time.Second, 0, "w1", "w2")
+
+	t0 := time.Now()
+	e.server.Close()
+	t.Logf("etcd closed in %s", time.Since(t0))
+	time.Sleep(300 * time.Millisecond) // etcd down for a while (the point of the test)
+	t0 = time.Now()
+	e.startEtcd()
+	t.Logf("etcd restarted in %s", time.Since(t0))
+	e.worker("w3", 5)
+	t.Logf("w3 registered after %s", time.Since(t0))
+	ring, start := e.waitStarted(15*time.Second, ring.Epoch, "w1", "w2", "w3")
+	if ring.Epoch != 2 || start.Source != "w1" {
+		t.Fatalf("after the restart: ring %+v start %+v, want epoch 2", ring, start)
+	}
+	if !c.IsLeader() {
+		t.Error("the coordinator lost leadership across a short etcd restart")
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	base := Default()
+	base.JobName = "j"
+	base.Etcd.Endpoints = []string{"http://127.0.0.1:2379"}
+	if err := base.Validate(); err != nil {
+		t.Fatalf("default config: %v", err)
+	}
+	for _, tc := range []struct {
+		name, field string
+		edit        func(*Config)
+	}{
+		{"no job", "--job", func(c *Config) { c.JobName = "" }},
+		{"job with slash", "--job", func(c *Config) { c.JobName = "a/b" }},
+		{"ready timeout", "--ready-timeout", func(c *Config) { c.ReadyTimeout = 0 }},
+		{"lease ttl", "LeaseTTL", func(c *Config) { c.LeaseTTL = 100 * time.Millisecond }},
+		{"no endpoints", "--etcd-endpoints", func(c *Config) { c.Etcd.Endpoints = nil }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base
+			tc.edit(&c)
+			err := c.Validate()
+			if !errors.Is(err, ErrBadConfig) || !strings.Contains(err.Error(), tc.field) {
+				t.Fatalf("Validate() = %v, want ErrBadConfig naming %s", err, tc.field)
+			}
+		})
+	}
+}
+
+func TestBadSpec(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 0) // workers 0: cannot run
+	err := Run(ctx, testConfig(t, e.cli, "c1"))
+	if !errors.Is(err, ErrBadSpec) {
+		t.Fatalf("Run with workers 0 = %v, want ErrBadSpec", err)
+	}
+}

@@ -1,0 +1,122 @@
+package etcdserver
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap/zapcore"
+)
+
+// ClientConfig configures a connection to etcd.
+type ClientConfig struct {
+	// Endpoints are client URLs (http://host:2379 or https://...). Required.
+	Endpoints []string
+	// CertFile, KeyFile: client certificate for mutual TLS (both or neither).
+	CertFile, KeyFile string
+	// CAFile verifies the servers' certificates; setting it (or a
+	// certificate) turns TLS on.
+	CAFile string
+	// Username and Password authenticate when etcd has auth enabled.
+	Username, Password string
+	// DialTimeout bounds one connection attempt. Default 2 s.
+	DialTimeout time.Duration
+	// MaxBackoff caps the wait between attempts. Default 5 s.
+	MaxBackoff time.Duration
+	// Logger receives retry warnings and the client's own warnings.
+	// Default: hclog.NewNullLogger.
+	Logger hclog.Logger
+}
+
+// Validate checks the config without side effects.
+func (c ClientConfig) Validate() error {
+	if len(c.Endpoints) == 0 {
+		return fmt.Errorf("%w: Endpoints (--etcd-endpoints) is empty", ErrBadConfig)
+	}
+	for _, e := range c.Endpoints {
+		if strings.TrimSpace(e) == "" {
+			return fmt.Errorf("%w: Endpoints (--etcd-endpoints) has an empty entry", ErrBadConfig)
+		}
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		return fmt.Errorf("%w: CertFile (--etcd-cert) and KeyFile (--etcd-key) go together", ErrBadConfig)
+	}
+	if c.Password != "" && c.Username == "" {
+		return fmt.Errorf("%w: Password (--etcd-password) without Username (--etcd-user)", ErrBadConfig)
+	}
+	if c.DialTimeout < 0 || c.MaxBackoff < 0 {
+		return fmt.Errorf("%w: DialTimeout and MaxBackoff must not be negative", ErrBadConfig)
+	}
+	return nil
+}
+
+// Connect returns a client whose endpoints answered a read. While none
+// answers it retries with exponential back-off (each attempt logged at warn
+// with its number) until ctx ends, then fails with ErrUnreachable naming the
+// endpoints and the last error.
+func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 2 * time.Second
+	}
+	if cfg.MaxBackoff == 0 {
+		cfg.MaxBackoff = 5 * time.Second
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	var tlsCfg *tls.Config
+	if cfg.CAFile != "" || cfg.CertFile != "" {
+		info := transport.TLSInfo{CertFile: cfg.CertFile, KeyFile: cfg.KeyFile, TrustedCAFile: cfg.CAFile}
+		var err error
+		if tlsCfg, err = info.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("%w: TLS files: %w", ErrBadConfig, err)
+		}
+	}
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		cli, err := clientv3.New(clientv3.Config{
+			Endpoints:            cfg.Endpoints,
+			DialTimeout:          cfg.DialTimeout,
+			DialKeepAliveTime:    5 * time.Second,
+			DialKeepAliveTimeout: 3 * time.Second,
+			TLS:                  tlsCfg,
+			Username:             cfg.Username,
+			Password:             cfg.Password,
+			// The client warns on every failed RPC; Connect and its callers
+			// report failures themselves.
+			Logger: zapLogger(log, zapcore.ErrorLevel),
+		})
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
+			// A linearizable read proves a leader, auth and a working path.
+			_, err = cli.Get(pctx, "/bmojo/", clientv3.WithCountOnly())
+			cancel()
+			if err == nil {
+				return cli, nil
+			}
+			cli.Close()
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%w: %s: gave up after %d attempts: %w", ErrUnreachable,
+				strings.Join(cfg.Endpoints, ","), attempt, err)
+		}
+		log.Warn("etcd unreachable, retrying", "attempt", attempt, "endpoints", strings.Join(cfg.Endpoints, ","),
+			"backoff", backoff, "error", err)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: %s: gave up after %d attempts: %w", ErrUnreachable,
+				strings.Join(cfg.Endpoints, ","), attempt, err)
+		}
+		backoff = min(2*backoff, cfg.MaxBackoff)
+	}
+}

@@ -1,0 +1,137 @@
+package etcdserver
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// Process-wide goroutines of libraries etcd imports.
+		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
+		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
+	)
+}
+
+func testLogger(t *testing.T) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Warn, Output: hclog.DefaultOutput})
+}
+
+func TestStartPutRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	t0 := time.Now()
+	s, err := Start(ctx, Config{DataDir: dir, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("start took %s, want well under 2 s", d)
+	}
+	t.Logf("start: %s, endpoints %v", time.Since(t0), s.Endpoints())
+	cli, err := Connect(ctx, ClientConfig{Endpoints: s.Endpoints(), Logger: testLogger(t)})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if _, err := cli.Put(ctx, "/bmojo/k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	// Same data dir and port: the key survives and the old client reconnects.
+	t0 = time.Now()
+	s, err = Start(ctx, Config{DataDir: dir, ClientURL: s.Endpoints()[0], Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	t.Logf("restart: %s", time.Since(t0))
+	resp, err := cli.Get(ctx, "/bmojo/k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "v" {
+		t.Fatalf("after restart got %v, want /bmojo/k=v", resp.Kvs)
+	}
+}
+
+func TestConnectUnreachable(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 700*time.Millisecond)
+	defer cancel()
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := "http://127.0.0.1:" + itoa(port)
+	_, err = Connect(ctx, ClientConfig{Endpoints: []string{ep}, DialTimeout: 200 * time.Millisecond, Logger: testLogger(t)})
+	if !errors.Is(err, ErrUnreachable) {
+		t.Fatalf("Connect to nothing = %v, want ErrUnreachable", err)
+	}
+	t.Log(err)
+}
+
+// An etcd that comes up after the first attempts is found by the retries.
+func TestConnectRetriesUntilUp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := "http://127.0.0.1:" + itoa(port)
+	type result struct{ err error }
+	done := make(chan result, 1)
+	go func() {
+		cli, err := Connect(ctx, ClientConfig{Endpoints: []string{ep}, DialTimeout: 300 * time.Millisecond, Logger: testLogger(t)})
+		if err == nil {
+			cli.Close()
+		}
+		done <- result{err}
+	}()
+	time.Sleep(500 * time.Millisecond) // let a few attempts fail first
+	s, err := Start(ctx, Config{DataDir: t.TempDir(), ClientURL: ep, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if r := <-done; r.err != nil {
+		t.Fatalf("Connect after the server came up: %v", r.err)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name string
+		run  func() error
+	}{
+		{"no data dir", func() error { _, err := Start(ctx, Config{}); return err }},
+		{"bad client url", func() error {
+			_, err := Start(ctx, Config{DataDir: t.TempDir(), ClientURL: "127.0.0.1:2379"})
+			return err
+		}},
+		{"no endpoints", func() error { _, err := Connect(ctx, ClientConfig{}); return err }},
+		{"cert without key", func() error {
+			_, err := Connect(ctx, ClientConfig{Endpoints: []string{"http://x:1"}, CertFile: "c.pem"})
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.run(); !errors.Is(err, ErrBadConfig) {
+				t.Fatalf("got %v, want ErrBadConfig", err)
+			}
+		})
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
