@@ -1,0 +1,78 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/bmojo/bmojo/coordinator"
+	"github.com/bmojo/bmojo/internal/etcdserver"
+)
+
+// etcdClientFlags adds the flags that say how to reach etcd; the returned
+// function fills cfg from them after parsing.
+func etcdClientFlags(fl *pflag.FlagSet, cfg *etcdserver.ClientConfig) func() {
+	var endpoints string
+	fl.StringVar(&endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs, comma-separated")
+	fl.StringVar(&cfg.CertFile, "etcd-cert", "", "client certificate for etcd mutual TLS (PEM)")
+	fl.StringVar(&cfg.KeyFile, "etcd-key", "", "client key for etcd mutual TLS (PEM)")
+	fl.StringVar(&cfg.CAFile, "etcd-ca", "", "CA bundle that signed the etcd servers' certificates; enables TLS")
+	fl.StringVar(&cfg.Username, "etcd-user", "", "etcd username (when etcd auth is on)")
+	fl.StringVar(&cfg.Password, "etcd-password", "", "etcd password (or set BMOJO_ETCD_PASSWORD)")
+	return func() {
+		cfg.Endpoints = nil
+		for _, e := range strings.Split(endpoints, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				if !strings.Contains(e, "://") {
+					e = "http://" + e
+				}
+				cfg.Endpoints = append(cfg.Endpoints, e)
+			}
+		}
+		if cfg.Password == "" {
+			cfg.Password = os.Getenv("BMOJO_ETCD_PASSWORD")
+		}
+	}
+}
+
+func init() {
+	cfg := coordinator.Default()
+	cmd := &cobra.Command{
+		Use:   "coordinator",
+		Short: "Run one coordinator replica (several may run; one leads through etcd election)",
+		Long: `Run one coordinator replica of a job. Replicas campaign in an etcd
+election; the leader watches the job's members, publishes the ring at each
+membership change (join, lease expiry, a reported failure) and starts each
+epoch once its members are ready. Standbys wait in the election and take
+over when the leader dies. It exits when the job is done.`,
+		Args: cobra.NoArgs,
+	}
+	fill := etcdClientFlags(cmd.Flags(), &cfg.Etcd)
+	cmd.Flags().StringVar(&cfg.JobName, "job", "", "job name (the etcd prefix the job was created under)")
+	cmd.Flags().DurationVar(&cfg.ReadyTimeout, "ready-timeout", cfg.ReadyTimeout, "how long ring members have to report ready before they are dropped")
+	cmd.Flags().StringVar(&cfg.ID, "id", "", "replica name in the election and logs (default hostname-pid)")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		fill()
+		log := newLogger().Named("coordinator")
+		cfg.Logger = log
+		cfg.Etcd.Logger = log.Named("etcd")
+		if err := cfg.Validate(); err != nil {
+			return err
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err := coordinator.Run(ctx, cfg)
+		if errors.Is(err, context.Canceled) {
+			log.Info("stopped")
+			return nil
+		}
+		return err
+	}
+	rootCmd.AddCommand(cmd)
+}
