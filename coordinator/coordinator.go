@@ -225,7 +225,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 
 	backoff := c.backoff()
 	for ctx.Err() == nil {
-		session, err := concurrency.NewSession(cli, concurrency.WithTTL(int(c.cfg.LeaseTTL/time.Second)))
+		session, err := c.newSession(ctx, cli)
 		if err != nil {
 			c.log.Warn("cannot open an election session, retrying", "error", err)
 			backoff.wait(ctx)
@@ -257,9 +257,13 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		}
 		c.setLeader(false)
 		rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
-		_ = election.Resign(rctx) // a standby takes over at once instead of after the lease TTL
+		// A standby takes over at once instead of after the lease TTL.
+		if err := election.Resign(rctx); err != nil {
+			session.Orphan() // etcd is unreachable: let the lease expire rather than wait to revoke it
+		} else {
+			c.closeSession(session)
+		}
 		rcancel()
-		c.closeSession(session)
 	}
 	return finish()
 }
@@ -285,6 +289,18 @@ func (c *Coordinator) campaign(ctx context.Context, s *concurrency.Session, e *c
 	default:
 		return nil
 	}
+}
+
+// newSession grants the election lease under ctx (a Grant under the
+// client's context would block through an etcd outage past ctx's end), then
+// keeps it alive.
+func (c *Coordinator) newSession(ctx context.Context, cli *clientv3.Client) (*concurrency.Session, error) {
+	ttl := int(c.cfg.LeaseTTL / time.Second)
+	lease, err := cli.Grant(ctx, int64(ttl))
+	if err != nil {
+		return nil, err
+	}
+	return concurrency.NewSession(cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(ttl))
 }
 
 func (c *Coordinator) closeSession(s *concurrency.Session) {

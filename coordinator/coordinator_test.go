@@ -498,3 +498,27 @@ func TestBadSpec(t *testing.T) {
 		t.Fatalf("Run with workers 0 = %v, want ErrBadSpec", err)
 	}
 }
+
+// With etcd down, Run keeps retrying, and still returns promptly when its
+// context ends (the standby and leader paths both block on etcd calls).
+func TestStopWhileEtcdDown(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 1)
+	c1, stop1 := e.coordinator("c1", e.cli)
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return c1.IsLeader(), "c1 does not lead" })
+	_, stop2 := e.coordinator("c2", e.cli)
+	e.server.Close()
+	// The leader notices its election lease is gone; both then retry.
+	waitFor(t, ctx, 10*time.Second, func() (bool, string) { return !c1.IsLeader(), "c1 still leads with etcd down" })
+	for i, stop := range []func() error{stop1, stop2} {
+		t0 := time.Now()
+		if err := stop(); !errors.Is(err, context.Canceled) {
+			t.Errorf("replica %d: Run = %v, want context.Canceled", i+1, err)
+		}
+		t.Logf("replica %d stopped in %s", i+1, time.Since(t0))
+		if d := time.Since(t0); d > 3*time.Second {
+			t.Errorf("replica %d took %s to stop with etcd down", i+1, d)
+		}
+	}
+}
