@@ -286,8 +286,8 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	w2.kill()
 	ring, start = e.waitStarted(10*time.Second, 1, "w1", "w3")
 	t.Logf("lease (TTL 1 s) stopped -> epoch %d started: %s", ring.Epoch, time.Since(t0))
-	if start.Step != 17 || start.Source != "w1" {
-		t.Fatalf("after the kill: start %+v, want step 17 from w1", start)
+	if start.Step != 17 || start.Source != "w1" || !start.Sync {
+		t.Fatalf("after the kill: start %+v, want step 17 from w1 with sync (w3 was behind)", start)
 	}
 
 	// A joiner enters at the next epoch and is told to copy from w1.
@@ -295,8 +295,8 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	e.worker("w4", 1)
 	ring, start = e.waitStarted(10*time.Second, ring.Epoch, "w1", "w3", "w4")
 	t.Logf("join -> epoch %d started: %s", ring.Epoch, time.Since(t0))
-	if start.Step != 17 || start.Source != "w1" {
-		t.Fatalf("after the join: start %+v, want step 17 from w1", start)
+	if start.Step != 17 || start.Source != "w1" || !start.Sync {
+		t.Fatalf("after the join: start %+v, want step 17 from w1 with sync", start)
 	}
 
 	kinds := map[string]int{}
@@ -333,8 +333,11 @@ func TestReportRemovesSuspectAtOnce(t *testing.T) {
 	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyReports+"w1", cluster.Encode(rep)); err != nil {
 		t.Fatal(err)
 	}
-	ring, _ := e.waitStarted(5*time.Second, 1, "w1", "w3")
+	ring, start := e.waitStarted(5*time.Second, 1, "w1", "w3")
 	t.Logf("report -> epoch %d started: %s", ring.Epoch, time.Since(t0))
+	if start.Sync {
+		t.Errorf("start %+v: survivors at one step need no sync", start)
+	}
 	if !strings.Contains(ring.Reason, "reported by w1") {
 		t.Errorf("ring reason %q does not name the reporter", ring.Reason)
 	}

@@ -42,6 +42,11 @@ import (
 //     that would leave fewer than MinRing members: then the machine keeps
 //     waiting and re-arms the timer.
 //   - Start.Source is the lowest-ranked member among those at the max step.
+//     Start.Sync is set when a member is behind that step, or was not in
+//     the last started epoch (a new process has no state even at the same
+//     step), or, for a new leader that found an unstarted ring after epoch
+//     1, always: it cannot tell who is new, and a needless broadcast only
+//     costs time. The first ring's members all start fresh: no sync.
 //   - A member-set change outranks a pending start: if both happen in one
 //     batch, only the new ring is published.
 
@@ -172,6 +177,11 @@ type Machine struct {
 	ring     cluster.Ring
 	ringRevs map[string]int64 // create revisions of the ring's member keys (0: not known yet)
 	started  bool
+	// prevStarted holds the members of the last started epoch (nil: none
+	// started yet); prevKnown is false for a new leader that found an
+	// unstarted ring after epoch 1 and cannot know it.
+	prevStarted map[string]bool
+	prevKnown   bool
 	ready    map[string]int // ready steps of ring.Epoch's members
 
 	fresh          bool // no member set seen since reset
@@ -211,6 +221,12 @@ func (m *Machine) reset(r *cluster.Ring, s *cluster.Start) {
 	}
 	m.ringRevs = map[string]int64{}
 	m.started = s != nil && r != nil && s.Epoch == r.Epoch
+	m.prevStarted, m.prevKnown = nil, true
+	if m.started {
+		m.prevStarted = ringIDs(m.ring)
+	} else if m.ring.Epoch > 1 {
+		m.prevKnown = false
+	}
 	m.ready = map[string]int{}
 	m.fresh = true
 	m.bootstrapArmed = false
@@ -446,8 +462,20 @@ func (m *Machine) decide() {
 			step, source = s, rm.ID
 		}
 	}
+	sync := false
+	for _, rm := range m.ring.Members {
+		switch {
+		case m.ready[rm.ID] < step: // behind: a joiner, or a rank whose step failed
+			sync = true
+		case m.prevStarted != nil && !m.prevStarted[rm.ID]: // new, even if at the same step
+			sync = true
+		case !m.prevKnown: // a new leader cannot tell who is new
+			sync = true
+		}
+	}
 	m.started = true
-	m.out = append(m.out, PublishStart{Start: cluster.Start{Epoch: m.ring.Epoch, Step: step, Source: source}})
+	m.prevStarted, m.prevKnown = ringIDs(m.ring), true
+	m.out = append(m.out, PublishStart{Start: cluster.Start{Epoch: m.ring.Epoch, Step: step, Source: source, Sync: sync}})
 }
 
 // wanted is the ring the current members make, in rank order.
@@ -529,6 +557,14 @@ func (m *Machine) reregistered() string {
 		}
 	}
 	return ""
+}
+
+func ringIDs(r cluster.Ring) map[string]bool {
+	ids := make(map[string]bool, len(r.Members))
+	for _, rm := range r.Members {
+		ids[rm.ID] = true
+	}
+	return ids
 }
 
 func sameMembers(a, b []cluster.RingMember) bool {

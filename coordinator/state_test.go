@@ -242,7 +242,11 @@ func (h *harness) render(a Action) string {
 		}
 		return fmt.Sprintf("ring %d [%s] %q", a.Ring.Epoch, strings.Join(ms, " "), a.Ring.Reason)
 	case PublishStart:
-		return fmt.Sprintf("start %d step=%d source=%s", a.Start.Epoch, a.Start.Step, a.Start.Source)
+		s := fmt.Sprintf("start %d step=%d source=%s", a.Start.Epoch, a.Start.Step, a.Start.Source)
+		if a.Start.Sync {
+			s += " sync"
+		}
+		return s
 	case DeleteMember:
 		return fmt.Sprintf("delete members/%s rev=%d %q", a.ID, a.Rev, a.Reason)
 	case DeleteReport:
