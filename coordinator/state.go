@@ -182,7 +182,7 @@ type Machine struct {
 	// unstarted ring after epoch 1 and cannot know it.
 	prevStarted map[string]bool
 	prevKnown   bool
-	ready    map[string]int // ready steps of ring.Epoch's members
+	ready       map[string]int // ready steps of ring.Epoch's members
 
 	fresh          bool // no member set seen since reset
 	bootstrapArmed bool
