@@ -4,10 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,9 +63,17 @@ type env struct {
 	ctx    context.Context
 	dir    string
 	url    string
-	server *etcdserver.Server
+	server etcdProc
 	cli    *clientv3.Client
 	spec   cluster.JobSpec
+}
+
+// etcdProc is the etcd a test runs against: the embedded one, or, when
+// BMOJO_ETCD_BIN names an etcd executable (Debian's etcd-server package:
+// BMOJO_ETCD_BIN=/usr/bin/etcd go test ./coordinator), a real etcd process.
+type etcdProc interface {
+	Endpoints() []string
+	Close()
 }
 
 func newEnv(t *testing.T, ctx context.Context, workers int) *env {
@@ -82,12 +95,82 @@ func newEnv(t *testing.T, ctx context.Context, workers int) *env {
 
 func (e *env) startEtcd() {
 	e.t.Helper()
-	s, err := etcdserver.Start(e.ctx, etcdserver.Config{DataDir: e.dir, ClientURL: e.url, Logger: testLogger(e.t, "etcd")})
+	var s etcdProc
+	var err error
+	if bin := os.Getenv("BMOJO_ETCD_BIN"); bin != "" {
+		s, err = startEtcdBinary(e.ctx, bin, e.dir, e.url)
+	} else {
+		s, err = etcdserver.Start(e.ctx, etcdserver.Config{DataDir: e.dir, ClientURL: e.url, Logger: testLogger(e.t, "etcd")})
+	}
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.server, e.url = s, s.Endpoints()[0]
 	e.t.Cleanup(s.Close)
+}
+
+type etcdBinary struct {
+	cmd      *exec.Cmd
+	endpoint string
+	once     sync.Once
+}
+
+func (b *etcdBinary) Endpoints() []string { return []string{b.endpoint} }
+
+func (b *etcdBinary) Close() {
+	b.once.Do(func() {
+		_ = b.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = b.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = b.cmd.Process.Kill()
+			<-done
+		}
+	})
+}
+
+// startEtcdBinary runs a real single-node etcd on dir, at clientURL (a
+// free port when empty), with the short ticks of the embedded one (so
+// 1 s leases are allowed), and waits until it answers.
+func startEtcdBinary(ctx context.Context, bin, dir, clientURL string) (*etcdBinary, error) {
+	free := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return "0"
+		}
+		defer l.Close()
+		return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	}
+	if clientURL == "" {
+		clientURL = "http://127.0.0.1:" + free()
+	}
+	peer := "http://127.0.0.1:" + free()
+	cmd := exec.Command(bin, "--name", "test", "--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client-urls", clientURL, "--advertise-client-urls", clientURL,
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+		"--initial-cluster", "test="+peer, "--heartbeat-interval", "10", "--election-timeout", "100",
+		"--logger", "zap", "--log-level", "error")
+	log, err := os.Create(filepath.Join(dir, "etcd.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer log.Close()
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	b := &etcdBinary{cmd: cmd, endpoint: clientURL}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cli, err := etcdserver.Connect(cctx, etcdserver.ClientConfig{Endpoints: b.Endpoints(), DialTimeout: 500 * time.Millisecond})
+	if err != nil {
+		b.Close()
+		return nil, err
+	}
+	cli.Close()
+	return b, nil
 }
 
 // coordinator runs a replica until the returned stop is called.
