@@ -76,9 +76,9 @@ func (c Config) Validate() error {
 	case c.ReadyTimeout <= 0:
 		return bad("ReadyTimeout (--ready-timeout) is %s, want > 0", c.ReadyTimeout)
 	case c.BootstrapTimeout <= 0:
-		return bad("BootstrapTimeout is %s, want > 0", c.BootstrapTimeout)
+		return bad("BootstrapTimeout (--bootstrap-timeout) is %s, want > 0", c.BootstrapTimeout)
 	case c.LeaseTTL < time.Second:
-		return bad("LeaseTTL is %s, want at least 1s", c.LeaseTTL)
+		return bad("LeaseTTL (--lease-ttl) is %s, want at least 1s", c.LeaseTTL)
 	case c.Debounce < 0:
 		return bad("Debounce is %s, want >= 0", c.Debounce)
 	case c.MaxBackoff <= 0:

@@ -56,6 +56,8 @@ over when the leader dies. It exits when the job is done.`,
 	fill := etcdClientFlags(cmd.Flags(), &cfg.Etcd)
 	cmd.Flags().StringVar(&cfg.JobName, "job", "", "job name (the etcd prefix the job was created under)")
 	cmd.Flags().DurationVar(&cfg.ReadyTimeout, "ready-timeout", cfg.ReadyTimeout, "how long ring members have to report ready before they are dropped")
+	cmd.Flags().DurationVar(&cfg.BootstrapTimeout, "bootstrap-timeout", cfg.BootstrapTimeout, "how long the first ring waits for all the job's workers before starting with fewer (at least min_ring)")
+	cmd.Flags().DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "election lease TTL (whole seconds): how long a crashed leader blocks a standby")
 	cmd.Flags().StringVar(&cfg.ID, "id", "", "replica name in the election and logs (default hostname-pid)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		fill()
