@@ -3,11 +3,13 @@ package etcdserver
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
@@ -55,10 +57,22 @@ func (c ClientConfig) Validate() error {
 	return nil
 }
 
+func isAuthErr(err error) bool {
+	if err == nil {
+		return false
+	}
+	// The client returns rpctypes errors, sometimes still as gRPC status.
+	msg := rpctypes.ErrorDesc(err)
+	return errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrPermissionDenied) ||
+		msg == rpctypes.ErrAuthFailed.Error() || msg == rpctypes.ErrPermissionDenied.Error() ||
+		errors.Is(err, rpctypes.ErrUserEmpty) || errors.Is(err, rpctypes.ErrAuthNotEnabled)
+}
+
 // Connect returns a client whose endpoints answered a read. While none
 // answers it retries with exponential back-off (each attempt logged at warn
 // with its number) until ctx ends, then fails with ErrUnreachable naming the
-// endpoints and the last error.
+// endpoints and the last error. Rejected credentials fail at once with
+// ErrAuth.
 func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -104,6 +118,10 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 				return cli, nil
 			}
 			cli.Close()
+		}
+		if isAuthErr(err) {
+			// Retrying cannot help: say so now.
+			return nil, fmt.Errorf("%w: %s as user %q: %w", ErrAuth, strings.Join(cfg.Endpoints, ","), cfg.Username, err)
 		}
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %s: gave up after %d attempts: %w", ErrUnreachable,

@@ -29,6 +29,8 @@ var (
 	ErrStart = errors.New("etcdserver: start failed")
 	// ErrUnreachable: no endpoint answered before the context ended.
 	ErrUnreachable = errors.New("etcdserver: etcd unreachable")
+	// ErrAuth: etcd rejected the username or password.
+	ErrAuth = errors.New("etcdserver: etcd authentication failed")
 )
 
 // Config configures the embedded server.

@@ -135,3 +135,44 @@ func TestBadConfig(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// With auth on, the right password connects and a wrong one fails at once
+// with ErrAuth instead of retrying.
+func TestConnectAuth(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := Start(ctx, Config{DataDir: t.TempDir(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	cli, err := Connect(ctx, ClientConfig{Endpoints: s.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.UserAdd(ctx, "root", "secret"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.UserGrantRole(ctx, "root", "root"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.AuthEnable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cli.Close()
+
+	good, err := Connect(ctx, ClientConfig{Endpoints: s.Endpoints(), Username: "root", Password: "secret"})
+	if err != nil {
+		t.Fatalf("right password: %v", err)
+	}
+	good.Close()
+	t0 := time.Now()
+	_, err = Connect(ctx, ClientConfig{Endpoints: s.Endpoints(), Username: "root", Password: "wrong", Logger: testLogger(t)})
+	if !errors.Is(err, ErrAuth) {
+		t.Fatalf("wrong password: %v, want ErrAuth", err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("wrong password took %s: it was retried", d)
+	}
+	t.Log(err)
+}
