@@ -16,7 +16,11 @@ import (
 
 // Wire layout of one frame on the data path (see proto/allreduce.proto):
 //
-//	magic "BMAR" | version | header length (uint16 LE) | FrameHeader | payload
+//	magic "BMAR" | version | pad | header length (uint16 LE) | FrameHeader | pad bytes | payload
+//
+// The pad bytes put the payload at an offset that is a multiple of 4 counting
+// gRPC's 5-byte message prefix, so in gRPC's (aligned) receive buffers the
+// float32 payload is 4-byte aligned and is reduced through a []float32 view.
 //
 // The payload is the raw little-endian tensor bytes: float32 frames are sent
 // straight from the caller's buffer (no copy before gRPC's own framing) and
@@ -24,7 +28,8 @@ import (
 const (
 	frameMagic    = "BMAR"
 	frameVersion  = 1
-	framePrefix   = 4 + 1 + 2
+	framePrefix   = 4 + 1 + 1 + 2
+	grpcPrefix    = 5 // gRPC's compressed-flag + length in front of every message
 	maxHeaderLen  = 1024
 	maxFrameElems = 1 << 28 // 1 GiB of float32 in one frame is far past any sane chunk
 )
@@ -129,11 +134,14 @@ func encodeHeader(h *pb.FrameHeader, inline []byte) ([]byte, error) {
 	if len(hb) > maxHeaderLen {
 		return nil, fmt.Errorf("allreduce: encode frame header of %d bytes: %w", len(hb), ErrFrame)
 	}
-	b := make([]byte, framePrefix, framePrefix+len(hb)+len(inline))
+	pad := (4 - (grpcPrefix+framePrefix+len(hb))%4) % 4
+	b := make([]byte, framePrefix, framePrefix+len(hb)+pad+len(inline))
 	copy(b, frameMagic)
 	b[4] = frameVersion
-	binary.LittleEndian.PutUint16(b[5:], uint16(len(hb)))
+	b[5] = byte(pad)
+	binary.LittleEndian.PutUint16(b[6:], uint16(len(hb)))
 	b = append(b, hb...)
+	b = append(b, make([]byte, pad)...)
 	return append(b, inline...), nil
 }
 
@@ -155,17 +163,18 @@ func decodeFrame(data mem.BufferSlice) (*pb.FrameHeader, [][]byte, error) {
 	if pre[4] != frameVersion {
 		return nil, nil, fmt.Errorf("allreduce: frame version %d, this build speaks %d (run the same bmojo version on every rank): %w", pre[4], frameVersion, ErrFrame)
 	}
-	hlen := int(binary.LittleEndian.Uint16(pre[5:]))
-	if hlen > maxHeaderLen || framePrefix+hlen > total {
-		return nil, nil, fmt.Errorf("allreduce: frame header length %d (frame %d bytes): %w", hlen, total, ErrFrame)
+	pad := int(pre[5])
+	hlen := int(binary.LittleEndian.Uint16(pre[6:]))
+	if pad > 3 || hlen > maxHeaderLen || framePrefix+hlen+pad > total {
+		return nil, nil, fmt.Errorf("allreduce: frame header length %d, pad %d (frame %d bytes): %w", hlen, pad, total, ErrFrame)
 	}
-	hb := make([]byte, hlen)
+	hb := make([]byte, hlen+pad)
 	rest = readInto(hb, rest)
 	h := &pb.FrameHeader{}
-	if err := gproto.Unmarshal(hb, h); err != nil {
+	if err := gproto.Unmarshal(hb[:hlen], h); err != nil {
 		return nil, nil, fmt.Errorf("allreduce: frame header: %w: %v", ErrFrame, err)
 	}
-	plen := total - framePrefix - hlen
+	plen := total - framePrefix - hlen - pad
 	switch h.GetKind() {
 	case pb.Kind_KIND_HELLO, pb.Kind_KIND_ABORT:
 		if plen != 0 {
@@ -248,24 +257,84 @@ func applyPayload(dst []float32, pieces [][]byte, d pb.DType, reduce bool) {
 }
 
 func applyRun(dst []float32, b []byte, d pb.DType, reduce bool) {
-	switch {
-	case d == pb.DType_DTYPE_F32 && reduce:
+	if len(dst) == 0 {
+		return
+	}
+	if d == pb.DType_DTYPE_F32 {
 		b = b[:len(dst)*4]
+		if !reduce {
+			copy(f32Bytes(dst), b)
+			return
+		}
+		if uintptr(unsafe.Pointer(&b[0]))%4 == 0 {
+			addF32(dst, unsafe.Slice((*float32)(unsafe.Pointer(&b[0])), len(dst)))
+			return
+		}
 		for i := range dst {
 			dst[i] += math.Float32frombits(binary.LittleEndian.Uint32(b[4*i:]))
 		}
-	case d == pb.DType_DTYPE_F32:
-		copy(f32Bytes(dst), b)
-	case reduce:
-		b = b[:len(dst)*2]
-		for i := range dst {
-			dst[i] += math.Float32frombits(uint32(binary.LittleEndian.Uint16(b[2*i:])) << 16)
+		return
+	}
+	b = b[:len(dst)*2]
+	if uintptr(unsafe.Pointer(&b[0]))%2 == 0 {
+		src := unsafe.Slice((*uint16)(unsafe.Pointer(&b[0])), len(dst))
+		if reduce {
+			addBF16(dst, src)
+		} else {
+			copyBF16(dst, src)
 		}
-	default:
-		b = b[:len(dst)*2]
-		for i := range dst {
-			dst[i] = math.Float32frombits(uint32(binary.LittleEndian.Uint16(b[2*i:])) << 16)
+		return
+	}
+	for i := range dst {
+		v := math.Float32frombits(uint32(binary.LittleEndian.Uint16(b[2*i:])) << 16)
+		if reduce {
+			dst[i] += v
+		} else {
+			dst[i] = v
 		}
+	}
+}
+
+// addF32 is dst += src, unrolled by 8 so the compiler drops bounds checks
+// and keeps several adds in flight.
+func addF32(dst, src []float32) {
+	src = src[:len(dst)]
+	i := 0
+	for ; i+8 <= len(dst); i += 8 {
+		d, s := dst[i:i+8:i+8], src[i:i+8:i+8]
+		d[0] += s[0]
+		d[1] += s[1]
+		d[2] += s[2]
+		d[3] += s[3]
+		d[4] += s[4]
+		d[5] += s[5]
+		d[6] += s[6]
+		d[7] += s[7]
+	}
+	for ; i < len(dst); i++ {
+		dst[i] += src[i]
+	}
+}
+
+func addBF16(dst []float32, src []uint16) {
+	src = src[:len(dst)]
+	i := 0
+	for ; i+4 <= len(dst); i += 4 {
+		d, s := dst[i:i+4:i+4], src[i:i+4:i+4]
+		d[0] += math.Float32frombits(uint32(s[0]) << 16)
+		d[1] += math.Float32frombits(uint32(s[1]) << 16)
+		d[2] += math.Float32frombits(uint32(s[2]) << 16)
+		d[3] += math.Float32frombits(uint32(s[3]) << 16)
+	}
+	for ; i < len(dst); i++ {
+		dst[i] += math.Float32frombits(uint32(src[i]) << 16)
+	}
+}
+
+func copyBF16(dst []float32, src []uint16) {
+	src = src[:len(dst)]
+	for i := range dst {
+		dst[i] = math.Float32frombits(uint32(src[i]) << 16)
 	}
 }
 
@@ -282,23 +351,100 @@ func f32Bytes(f []float32) []byte {
 // NaN) and writes the little-endian halves to dst.
 func toBF16(dst []byte, src []float32) {
 	dst = dst[:len(src)*2]
+	if len(src) > 0 && uintptr(unsafe.Pointer(&dst[0]))%2 == 0 {
+		d := unsafe.Slice((*uint16)(unsafe.Pointer(&dst[0])), len(src))
+		i := 0
+		for ; i+4 <= len(src); i += 4 {
+			dd, ss := d[i:i+4:i+4], src[i:i+4:i+4]
+			dd[0] = bf16Bits(ss[0])
+			dd[1] = bf16Bits(ss[1])
+			dd[2] = bf16Bits(ss[2])
+			dd[3] = bf16Bits(ss[3])
+		}
+		for ; i < len(src); i++ {
+			d[i] = bf16Bits(src[i])
+		}
+		return
+	}
 	for i, v := range src {
 		binary.LittleEndian.PutUint16(dst[2*i:], bf16Bits(v))
 	}
 }
 
+// bf16Bits rounds to nearest, ties to even; a NaN stays a (quiet) NaN.
+// Written branch-free (the compiler uses a conditional move): this runs
+// once per element sent.
 func bf16Bits(v float32) uint16 {
 	u := math.Float32bits(v)
-	if u&0x7fffffff > 0x7f800000 { // NaN: keep it a (quiet) NaN
-		return uint16(u>>16) | 0x40
+	r := (u + 0x7fff + (u>>16)&1) >> 16
+	q := u>>16 | 0x40
+	if u&0x7fffffff > 0x7f800000 {
+		r = q
 	}
-	u += 0x7fff + (u>>16)&1
-	return uint16(u >> 16)
+	return uint16(r)
 }
 
 // roundBF16 rounds every element to the nearest bfloat16 value, in place.
 func roundBF16(v []float32) {
 	for i, x := range v {
 		v[i] = math.Float32frombits(uint32(bf16Bits(x)) << 16)
+	}
+}
+
+// applyBF16Fused applies a bf16 payload to dst and leaves in w (2 bytes per
+// element) what this rank sends next for the same chunk:
+//   - reduce-scatter: dst += payload, w = bf16(dst); on the owner's last
+//     reduce step dst is finished (averaged, rounded to bf16) first, so w
+//     holds exactly the bits every rank will end with;
+//   - all-gather: dst = payload widened, w = payload verbatim (forwarded).
+//
+// The payload is first gathered into w (gRPC may cut it anywhere), then one
+// pass does the arithmetic in place.
+func applyBF16Fused(dst []float32, pieces [][]byte, w []byte, reduce, finishing bool, kind Op, n int) {
+	w = w[:2*len(dst)]
+	off := 0
+	for _, p := range pieces {
+		off += copy(w[off:], p)
+	}
+	if len(dst) == 0 {
+		return
+	}
+	ws := unsafe.Slice((*uint16)(unsafe.Pointer(&w[0])), len(dst)) // pooled buffers are aligned
+	switch {
+	case !reduce:
+		copyBF16(dst, ws)
+	case finishing:
+		d := float32(n)
+		for i := range dst {
+			v := dst[i] + math.Float32frombits(uint32(ws[i])<<16)
+			if kind == Avg {
+				v /= d
+			}
+			b := bf16Bits(v)
+			ws[i] = b
+			dst[i] = math.Float32frombits(uint32(b) << 16)
+		}
+	default:
+		addBF16Emit(dst, ws)
+	}
+}
+
+// addBF16Emit is dst += widen(ws); ws = bf16(dst), unrolled by 4.
+func addBF16Emit(dst []float32, ws []uint16) {
+	ws = ws[:len(dst)]
+	i := 0
+	for ; i+4 <= len(dst); i += 4 {
+		d, s := dst[i:i+4:i+4], ws[i:i+4:i+4]
+		v0 := d[0] + math.Float32frombits(uint32(s[0])<<16)
+		v1 := d[1] + math.Float32frombits(uint32(s[1])<<16)
+		v2 := d[2] + math.Float32frombits(uint32(s[2])<<16)
+		v3 := d[3] + math.Float32frombits(uint32(s[3])<<16)
+		d[0], d[1], d[2], d[3] = v0, v1, v2, v3
+		s[0], s[1], s[2], s[3] = bf16Bits(v0), bf16Bits(v1), bf16Bits(v2), bf16Bits(v3)
+	}
+	for ; i < len(dst); i++ {
+		v := dst[i] + math.Float32frombits(uint32(ws[i])<<16)
+		dst[i] = v
+		ws[i] = bf16Bits(v)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 
@@ -124,11 +125,12 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 		}
 		opts := []grpc.ServerOption{
 			grpc.ForceServerCodecV2(frameCodec{}),
+			experimental.BufferPool(framePool),
 			grpc.MaxRecvMsgSize(cfg.ChunkBytes + 4096),
 			grpc.StaticStreamWindowSize(cfg.WindowBytes),
 			grpc.StaticConnWindowSize(cfg.WindowBytes),
-			grpc.ReadBufferSize(cfg.IOBufferBytes),
-			grpc.WriteBufferSize(cfg.IOBufferBytes),
+			grpc.ReadBufferSize(cfg.ioBuffer()),
+			grpc.WriteBufferSize(cfg.ioBuffer()),
 			grpc.MaxConcurrentStreams(uint32(cfg.Streams + 8)),
 		}
 		if cfg.ServerTLS != nil {
@@ -183,9 +185,10 @@ func (r *Ring) Connect(ctx context.Context) error {
 				grpc.WithTransportCredentials(creds),
 				grpc.WithStaticStreamWindowSize(r.cfg.WindowBytes),
 				grpc.WithStaticConnWindowSize(r.cfg.WindowBytes),
-				grpc.WithReadBufferSize(r.cfg.IOBufferBytes),
-				grpc.WithWriteBufferSize(r.cfg.IOBufferBytes),
+				grpc.WithReadBufferSize(r.cfg.ioBuffer()),
+				grpc.WithWriteBufferSize(r.cfg.ioBuffer()),
 				grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
+				experimental.WithBufferPool(framePool),
 				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
 			)
 			if err != nil {
@@ -331,7 +334,10 @@ func (r *Ring) AllReduce(ctx context.Context, buf []float32, op Op) error {
 	}
 }
 
-// Close stops the ring; collectives in flight fail with ErrClosed.
+// Close stops the ring; collectives in flight fail with ErrClosed. A healthy,
+// idle ring closes gracefully: Close waits (at most min(HopTimeout, 5 s)
+// each) until the successor has read everything we sent and the predecessor
+// has closed its streams to us, so ranks should close at about the same time.
 func (r *Ring) Close() error {
 	r.mu.Lock()
 	if r.closed {
@@ -339,9 +345,10 @@ func (r *Ring) Close() error {
 		return nil
 	}
 	r.closed = true
-	idle := r.failed == nil && !r.active && len(r.queue) == 0
+	idle := r.failed == nil && !r.active && len(r.queue) == 0 && len(r.outs) == r.cfg.Streams+1
 	r.mu.Unlock()
-	if idle && len(r.outs) == r.cfg.Streams+1 {
+	bound := min(r.cfg.HopTimeout, 5*time.Second)
+	if idle {
 		// Graceful: half-close our streams and wait (bounded) until the
 		// successor confirms it has read everything, so our last frames
 		// are not lost in a connection torn down under them.
@@ -352,7 +359,20 @@ func (r *Ring) Close() error {
 		go func() { r.outWG.Wait(); close(done) }()
 		select {
 		case <-done:
-		case <-time.After(min(r.cfg.HopTimeout, 5*time.Second)):
+		case <-time.After(bound):
+		}
+	}
+	var drained chan struct{}
+	if idle && r.srv != nil {
+		// Likewise wait (bounded) for the predecessor to half-close its
+		// streams to us: it may still be finishing a collective that
+		// needs nothing more from us, and stopping our server under it
+		// would fail that collective.
+		drained = make(chan struct{})
+		go func() { r.srv.GracefulStop(); close(drained) }()
+		select {
+		case <-drained:
+		case <-time.After(bound):
 		}
 	}
 	r.fail(fmt.Errorf("allreduce: rank %d: %w", r.rank, ErrClosed))
@@ -362,6 +382,9 @@ func (r *Ring) Close() error {
 	}
 	if r.srv != nil {
 		r.srv.Stop()
+	}
+	if drained != nil {
+		<-drained
 	}
 	for i, o := range r.outs {
 		if i < r.cfg.Streams {
@@ -481,6 +504,9 @@ type opState struct {
 	plan Plan
 	done []chan struct{} // per (step, chunk): received and applied
 	got  []atomic.Bool
+	// prep[Index(s, j)] is the bf16 payload to send at step s+1 for chunk
+	// j, written by apply before done[Index(s, j)] is closed.
+	prep [][]byte
 	// pins counts payloads gRPC still holds, plus one for the senders
 	// while they run; released is closed when it drops to zero.
 	pins     atomic.Int64
@@ -505,6 +531,9 @@ func (r *Ring) run(h *Handle) error {
 		return err
 	}
 	op := &opState{id: h.op, buf: h.buf, kind: h.kind, plan: plan, released: make(chan struct{})}
+	if r.dtype == pb.DType_DTYPE_BF16 {
+		op.prep = make([][]byte, plan.Steps()*plan.Chunks)
+	}
 	op.pins.Store(1)
 	total := plan.Steps() * plan.Chunks
 	op.done = make([]chan struct{}, total)
@@ -613,8 +642,14 @@ func (r *Ring) sendLoop(op *opState, k int) error {
 			nbytes := len(src) * dtypeSize(r.dtype)
 			var raw []byte
 			if r.dtype == pb.DType_DTYPE_BF16 {
-				raw = getWireBuf(nbytes)
-				toBF16(raw, src)
+				if s > 0 {
+					// Made by apply while the values were in registers.
+					raw = op.prep[p.Index(s-1, j)]
+					op.prep[p.Index(s-1, j)] = nil
+				} else {
+					raw = getWireBuf(nbytes)
+					toBF16(raw, src)
+				}
 			} else {
 				raw = f32Bytes(src)
 			}
@@ -750,9 +785,22 @@ func (r *Ring) apply(op *opState, f *inFrame) error {
 		return bad("duplicate chunk")
 	}
 	dst := op.buf[lo:hi]
-	applyPayload(dst, f.payload, r.dtype, p.IsReduce(s))
-	if p.Finishes(s) {
-		finish(dst, op.kind, r.n, r.dtype == pb.DType_DTYPE_BF16)
+	if r.dtype == pb.DType_DTYPE_BF16 {
+		// One pass over dst that also writes the payload of the next
+		// step's send of this chunk, instead of a separate conversion
+		// pass over memory later.
+		w := getWireBuf(len(dst) * 2)
+		applyBF16Fused(dst, f.payload, w, p.IsReduce(s), p.Finishes(s), op.kind, r.n)
+		if s+1 < p.Steps() {
+			op.prep[idx] = w
+		} else {
+			putWireBuf(w)
+		}
+	} else {
+		applyPayload(dst, f.payload, r.dtype, p.IsReduce(s))
+		if p.Finishes(s) {
+			finish(dst, op.kind, r.n, false)
+		}
 	}
 	r.stats.FramesRecv.Add(1)
 	r.stats.BytesRecv.Add(uint64(int(h.GetElems()) * dtypeSize(r.dtype)))

@@ -97,9 +97,9 @@ func newRings(t *testing.T, n int, mod func(rank int, c *Config)) []*Ring {
 		rings[i] = r
 	}
 	t.Cleanup(func() {
-		for _, r := range rings {
-			_ = r.Close()
-		}
+		// Together, as real ranks do: a graceful Close waits for the
+		// neighbours' Close.
+		parallel(len(rings), func(i int) error { return rings[i].Close() })
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"sort"
 	"strconv"
 	"strings"
@@ -33,6 +34,8 @@ type benchAllreduceFlags struct {
 	window     string
 	iobuf      string
 	hopTimeout time.Duration
+	cpuProfile string
+	procs      int
 }
 
 func (f *benchAllreduceFlags) register(c *cobra.Command) {
@@ -45,8 +48,10 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().IntVar(&f.streams, "streams", d.Streams, "TCP connections (gRPC streams) per ring neighbour")
 	c.Flags().StringVar(&f.chunk, "chunk", strconv.Itoa(d.ChunkBytes), "pipelining chunk in bytes")
 	c.Flags().StringVar(&f.window, "window", strconv.Itoa(int(d.WindowBytes)), "HTTP/2 flow-control window in bytes")
-	c.Flags().StringVar(&f.iobuf, "iobuf", strconv.Itoa(d.IOBufferBytes), "gRPC read/write buffer per connection in bytes")
+	c.Flags().StringVar(&f.iobuf, "iobuf", strconv.Itoa(d.IOBufferBytes), "gRPC read/write buffer per connection in bytes (0: unbuffered)")
 	c.Flags().DurationVar(&f.hopTimeout, "hop-timeout", 30*time.Second, "per-hop deadline")
+	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
+	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
 }
 
 func (f *benchAllreduceFlags) sizeList() ([]int, error) {
@@ -86,7 +91,9 @@ func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
 		return c, fmt.Errorf("--window %q: must be a size below 2 GiB", f.window)
 	}
 	c.WindowBytes = int32(w)
-	if c.IOBufferBytes, err = parseBytes(f.iobuf); err != nil {
+	if f.iobuf == "-1" || f.iobuf == "0" {
+		c.IOBufferBytes = -1
+	} else if c.IOBufferBytes, err = parseBytes(f.iobuf); err != nil {
 		return c, fmt.Errorf("--iobuf: %w", err)
 	}
 	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
@@ -220,11 +227,17 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
 			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--iobuf", f.iobuf,
 			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel}
+		if f.cpuProfile != "" && i == 0 {
+			args = append(args, "--cpuprofile", f.cpuProfile)
+		}
 		if f.bf16 {
 			args = append(args, "--bf16")
 		}
 		c := exec.CommandContext(ctx, exe, args...)
 		c.ExtraFiles = []*os.File{files[i]}
+		if f.procs > 0 {
+			c.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(f.procs))
+		}
 		c.Stderr = os.Stderr
 		stdout, err := c.StdoutPipe()
 		if err != nil {
@@ -313,6 +326,17 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 		return err
 	}
 	defer ring.Close()
+	if f.cpuProfile != "" {
+		pf, err := os.Create(f.cpuProfile)
+		if err != nil {
+			return fmt.Errorf("rank %d: --cpuprofile: %w", rank, err)
+		}
+		defer pf.Close()
+		if err := pprof.StartCPUProfile(pf); err != nil {
+			return fmt.Errorf("rank %d: --cpuprofile: %w", rank, err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	if err := ring.Connect(cctx); err != nil {
