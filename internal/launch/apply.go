@@ -33,6 +33,12 @@ type Client struct {
 
 // NewClient connects lazily: nothing is sent until the first call.
 func NewClient(cfg *rest.Config) (*Client, error) {
+	// client-go's default of 5 requests/s throttles a launch (two calls per
+	// object) to seconds; kubectl raises it the same way.
+	cfg = rest.CopyConfig(cfg)
+	if cfg.QPS == 0 {
+		cfg.QPS, cfg.Burst = 50, 100
+	}
 	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("launch: discovery client: %w", err)

@@ -176,7 +176,12 @@ func specPatches(s Spec) ([]string, error) {
 			"persistentVolumeClaim": map[string]any{"claimName": s.Data.Claim, "readOnly": true},
 		}}
 	}
-	jobMeta := map[string]any{"name": "worker"}
+	// The gang size goes on the Job, not its pod template: a Job's template
+	// is immutable, and min_workers may change on a relaunch.
+	jobMeta := map[string]any{
+		"name":        "worker",
+		"annotations": map[string]any{"bmojo.dev/min-member": strconv.Itoa(minW)},
+	}
 	if s.Queue != "" {
 		jobMeta["labels"] = map[string]any{LabelQueue: s.Queue}
 	}
@@ -190,10 +195,7 @@ func specPatches(s Spec) ([]string, error) {
 			"template": map[string]any{
 				"metadata": map[string]any{
 					"labels": map[string]any{LabelPodGroup: group},
-					"annotations": map[string]any{
-						"scheduling.k8s.io/group-name": group,
-						"bmojo.dev/min-member":         strconv.Itoa(minW),
-					},
+					"annotations": map[string]any{"scheduling.k8s.io/group-name": group},
 				},
 				"spec": podSpec,
 			},
