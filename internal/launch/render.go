@@ -194,7 +194,7 @@ func specPatches(s Spec) ([]string, error) {
 			"parallelism": s.Workers,
 			"template": map[string]any{
 				"metadata": map[string]any{
-					"labels": map[string]any{LabelPodGroup: group},
+					"labels":      map[string]any{LabelPodGroup: group},
 					"annotations": map[string]any{"scheduling.k8s.io/group-name": group},
 				},
 				"spec": podSpec,
