@@ -13,8 +13,9 @@ import (
 type Config struct {
 	// Rank is this process's position in the ring, 0..len(Peers)-1.
 	Rank int
-	// Peers holds the "host:port" every rank listens on, indexed by rank.
-	// Peers[Rank] is only used when New is not given a listener.
+	// Peers holds the "host:port" every rank listens on, indexed by rank,
+	// or "unix:/path" for a Unix socket (ranks on one machine). Peers[Rank]
+	// is only used when New is not given a listener.
 	Peers []string
 	// Epoch is the ring epoch, a fencing token raised whenever the ring is
 	// re-formed; frames of any other epoch are refused.
@@ -23,8 +24,9 @@ type Config struct {
 	// Default 256 KiB (see README.md for the measurements).
 	ChunkBytes int
 	// Streams is the number of TCP connections (one gRPC stream each) to
-	// the successor carrying data; a separate stream carries aborts.
-	// Default 4.
+	// the successor carrying data; a separate stream carries aborts. Each
+	// incoming stream also applies its chunks on its own goroutine, so this
+	// is the receive-side parallelism too. Default 8.
 	Streams int
 	// HopTimeout bounds how long a rank waits for the next chunk from its
 	// predecessor before the collective fails naming it. Default 10 s.
@@ -34,9 +36,11 @@ type Config struct {
 	// WindowBytes is the HTTP/2 flow-control window of each stream and
 	// connection (static, no BDP probing). Default 32 MiB.
 	WindowBytes int32
-	// IOBufferBytes is gRPC's per-connection read and write buffer; -1
-	// turns gRPC's buffering off (one syscall per HTTP/2 frame). Default 1 MiB.
-	IOBufferBytes int
+	// ReadBufferBytes and WriteBufferBytes are gRPC's per-connection read
+	// and write buffers; -1 turns that buffering off (the socket is read
+	// straight into frame buffers; written one HTTP/2 frame per syscall).
+	// Default: reads unbuffered, 1 MiB write buffer.
+	ReadBufferBytes, WriteBufferBytes int
 	// ServerTLS and ClientTLS enable (mutual) TLS when both are set: the
 	// server side should set ClientAuth = tls.RequireAndVerifyClientCert.
 	ServerTLS, ClientTLS *tls.Config
@@ -49,11 +53,12 @@ type Config struct {
 // Rank, Peers and Epoch.
 func Default() Config {
 	return Config{
-		ChunkBytes:    256 << 10,
-		Streams:       4,
-		HopTimeout:    10 * time.Second,
-		WindowBytes:   32 << 20,
-		IOBufferBytes: 1 << 20,
+		ChunkBytes:       256 << 10,
+		Streams:          8,
+		HopTimeout:       10 * time.Second,
+		WindowBytes:      32 << 20,
+		ReadBufferBytes:  -1,
+		WriteBufferBytes: 1 << 20,
 	}
 }
 
@@ -71,15 +76,19 @@ func (c *Config) fillDefaults() {
 	if c.WindowBytes == 0 {
 		c.WindowBytes = d.WindowBytes
 	}
-	if c.IOBufferBytes == 0 {
-		c.IOBufferBytes = d.IOBufferBytes
+	if c.ReadBufferBytes == 0 {
+		c.ReadBufferBytes = d.ReadBufferBytes
+	}
+	if c.WriteBufferBytes == 0 {
+		c.WriteBufferBytes = d.WriteBufferBytes
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
 	}
 }
 
-func (c Config) ioBuffer() int { return max(c.IOBufferBytes, 0) }
+func (c Config) readBuffer() int  { return max(c.ReadBufferBytes, 0) }
+func (c Config) writeBuffer() int { return max(c.WriteBufferBytes, 0) }
 
 // Validate reports the first invalid field, by name. It has no side effects.
 func (c Config) Validate() error {
@@ -96,8 +105,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("allreduce: HopTimeout %v must be positive: %w", c.HopTimeout, ErrConfig)
 	case c.WindowBytes < 64<<10:
 		return fmt.Errorf("allreduce: WindowBytes %d below 64 KiB: %w", c.WindowBytes, ErrConfig)
-	case c.IOBufferBytes < -1:
-		return fmt.Errorf("allreduce: IOBufferBytes %d below -1: %w", c.IOBufferBytes, ErrConfig)
+	case c.ReadBufferBytes < -1:
+		return fmt.Errorf("allreduce: ReadBufferBytes %d below -1: %w", c.ReadBufferBytes, ErrConfig)
+	case c.WriteBufferBytes < -1:
+		return fmt.Errorf("allreduce: WriteBufferBytes %d below -1: %w", c.WriteBufferBytes, ErrConfig)
 	case (c.ServerTLS == nil) != (c.ClientTLS == nil):
 		return fmt.Errorf("allreduce: set both ServerTLS and ClientTLS, or neither: %w", ErrConfig)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,7 +120,8 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 	if n > 1 {
 		if lis == nil {
 			var err error
-			if lis, err = net.Listen("tcp", cfg.Peers[cfg.Rank]); err != nil {
+			network, address := splitAddr(cfg.Peers[cfg.Rank])
+			if lis, err = net.Listen(network, address); err != nil {
 				return nil, fmt.Errorf("allreduce: rank %d listen on %s: %w", cfg.Rank, cfg.Peers[cfg.Rank], err)
 			}
 		}
@@ -129,8 +131,8 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 			grpc.MaxRecvMsgSize(cfg.ChunkBytes + 4096),
 			grpc.StaticStreamWindowSize(cfg.WindowBytes),
 			grpc.StaticConnWindowSize(cfg.WindowBytes),
-			grpc.ReadBufferSize(cfg.ioBuffer()),
-			grpc.WriteBufferSize(cfg.ioBuffer()),
+			grpc.ReadBufferSize(cfg.readBuffer()),
+			grpc.WriteBufferSize(cfg.writeBuffer()),
 			grpc.MaxConcurrentStreams(uint32(cfg.Streams + 8)),
 		}
 		if cfg.ServerTLS != nil {
@@ -185,8 +187,8 @@ func (r *Ring) Connect(ctx context.Context) error {
 				grpc.WithTransportCredentials(creds),
 				grpc.WithStaticStreamWindowSize(r.cfg.WindowBytes),
 				grpc.WithStaticConnWindowSize(r.cfg.WindowBytes),
-				grpc.WithReadBufferSize(r.cfg.ioBuffer()),
-				grpc.WithWriteBufferSize(r.cfg.ioBuffer()),
+				grpc.WithReadBufferSize(r.cfg.readBuffer()),
+				grpc.WithWriteBufferSize(r.cfg.writeBuffer()),
 				grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
 				experimental.WithBufferPool(framePool),
 				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
@@ -295,6 +297,12 @@ func (r *Ring) Start(buf []float32, op Op) *Handle {
 	r.mu.Lock()
 	r.nextOp++
 	h := &Handle{r: r, op: r.nextOp, buf: buf, kind: op, done: make(chan struct{})}
+	if r.closed {
+		r.mu.Unlock()
+		h.err = fmt.Errorf("allreduce: rank %d op %d: %w", r.rank, h.op, ErrClosed)
+		close(h.done)
+		return h
+	}
 	r.queue = append(r.queue, h)
 	r.mu.Unlock()
 	select {
@@ -907,4 +915,14 @@ func finish(dst []float32, kind Op, n int, bf16 bool) {
 	if bf16 {
 		roundBF16(dst) // the others receive it rounded; keep ours equal
 	}
+}
+
+// splitAddr maps a peer address to a listen network: "unix:/path" is a Unix
+// socket (ranks on one machine), anything else TCP "host:port". gRPC dials
+// both forms as given.
+func splitAddr(addr string) (network, address string) {
+	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
+		return "unix", p
+	}
+	return "tcp", addr
 }

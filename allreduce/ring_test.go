@@ -22,7 +22,7 @@ func testConfig() Config {
 	c.Streams = 2
 	c.HopTimeout = 3 * time.Second
 	c.WindowBytes = 1 << 20
-	c.IOBufferBytes = 64 << 10
+	c.ReadBufferBytes, c.WriteBufferBytes = 64<<10, 64<<10
 	return c
 }
 
@@ -293,5 +293,87 @@ func TestConfigValidate(t *testing.T) {
 		if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), c.flag) {
 			t.Errorf("%s: err = %v, want ErrConfig naming %s", c.name, err, c.flag)
 		}
+	}
+}
+
+// TestCloseRightAfterCollective: ranks finish a collective at slightly
+// different times and close at once; the slower ranks must still succeed
+// (found on the GPU machine: a rank that closed first broke its neighbour's
+// last collective).
+func TestCloseRightAfterCollective(t *testing.T) {
+	checkNoLeaks(t)
+	for rep := 0; rep < 5; rep++ {
+		lis, addrs := listeners(t, 3)
+		rings := make([]*Ring, 3)
+		for i := range rings {
+			c := testConfig()
+			c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+			r, err := New(c, lis[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			rings[i] = r
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		in := seededInputs(uint64(rep), 3, 300_000)
+		errs := parallel(3, func(i int) error {
+			if err := rings[i].Connect(ctx); err != nil {
+				return err
+			}
+			err := rings[i].AllReduce(ctx, in[i], Sum)
+			_ = rings[i].Close()
+			return err
+		})
+		cancel()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("rep %d rank %d: %v", rep, i, err)
+			}
+		}
+	}
+}
+
+// TestRingUnixSockets: ranks on one machine may use Unix sockets.
+func TestRingUnixSockets(t *testing.T) {
+	checkNoLeaks(t)
+	dir := t.TempDir()
+	const n = 3
+	addrs := make([]string, n)
+	for i := range addrs {
+		addrs[i] = fmt.Sprintf("unix:%s/r%d.sock", dir, i)
+	}
+	rings := make([]*Ring, n)
+	for i := range rings {
+		c := testConfig()
+		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		r, err := New(c, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rings[i] = r
+	}
+	defer parallel(n, func(i int) error { return rings[i].Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i, err := range parallel(n, func(i int) error { return rings[i].Connect(ctx) }) {
+		if err != nil {
+			t.Fatalf("rank %d: %v", i, err)
+		}
+	}
+	in := seededInputs(11, n, 100_003)
+	checkResults(t, in, allReduceAll(t, rings, in, Avg), Avg, false)
+}
+
+// TestStartAfterClose: a closed ring answers at once instead of hanging.
+func TestStartAfterClose(t *testing.T) {
+	checkNoLeaks(t)
+	// A short hop deadline bounds how long the first Close waits for its
+	// neighbour, which is not closing.
+	rings := newRings(t, 2, func(_ int, c *Config) { c.HopTimeout = 300 * time.Millisecond })
+	_ = rings[0].Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := rings[0].AllReduce(ctx, make([]float32, 10), Sum); !errors.Is(err, ErrClosed) {
+		t.Fatalf("err = %v, want ErrClosed", err)
 	}
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Measures bmojo's transport choices one at a time at one size (default: 4
 # ranks, 256 MiB): connections per neighbour, chunk size, flow-control window
-# and gRPC I/O buffer, for float32 and bf16 on the wire. Each line is one run
-# of `bmojo bench allreduce` with the defaults plus the flags shown.
+# and gRPC read and write buffers, for float32 and bf16 on the wire. Each line
+# is one run of `bmojo bench allreduce` with the defaults plus the flags shown.
 #
 #   bench/allreduce_tune.sh 4 256MiB          # the full grid
 #   GRID=short bench/allreduce_tune.sh 4 256MiB
@@ -14,12 +14,14 @@ bin="${BMOJO:-bin/bmojo}"
 run() {
 	printf '%-40s ' "$*"
 	"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "${ITERS:-8}" --log-level error "$@" 2>&1 |
-		awk '/^ *[0-9]+[KMG]iB /{print "time_us", $4, "busbw", $7} /rror/{print}'
+		awk '/^ *[0-9]+[KMG]iB /{print "time_us", $4, "busbw", $7} /rror|panic/{print}'
 }
 for wire in "" --bf16; do
-	for s in 2 4 8; do run $wire --streams "$s"; done
-	for c in 256KiB 4MiB; do run $wire --chunk "$c"; done
+	run $wire
+	for s in 1 2 4 16; do run $wire --streams "$s"; done
+	for c in 64KiB 1MiB 4MiB; do run $wire --chunk "$c"; done
 	[ "${GRID:-full}" = short ] && continue
-	for w in 4MiB 16MiB 64MiB; do run $wire --window "$w"; done
-	for b in 0 64KiB 256KiB 4MiB; do run $wire --iobuf "$b"; done
+	for w in 4MiB 128MiB; do run $wire --window "$w"; done
+	for b in 64KiB 1MiB; do run $wire --rbuf "$b"; done
+	for b in 0 64KiB 4MiB; do run $wire --wbuf "$b"; done
 done

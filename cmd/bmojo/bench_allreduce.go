@@ -32,10 +32,11 @@ type benchAllreduceFlags struct {
 	streams    int
 	chunk      string
 	window     string
-	iobuf      string
+	rbuf, wbuf string
 	hopTimeout time.Duration
 	cpuProfile string
 	procs      int
+	unix       bool
 }
 
 func (f *benchAllreduceFlags) register(c *cobra.Command) {
@@ -48,10 +49,12 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().IntVar(&f.streams, "streams", d.Streams, "TCP connections (gRPC streams) per ring neighbour")
 	c.Flags().StringVar(&f.chunk, "chunk", strconv.Itoa(d.ChunkBytes), "pipelining chunk in bytes")
 	c.Flags().StringVar(&f.window, "window", strconv.Itoa(int(d.WindowBytes)), "HTTP/2 flow-control window in bytes")
-	c.Flags().StringVar(&f.iobuf, "iobuf", strconv.Itoa(d.IOBufferBytes), "gRPC read/write buffer per connection in bytes (0: unbuffered)")
+	c.Flags().StringVar(&f.rbuf, "rbuf", strconv.Itoa(d.ReadBufferBytes), "gRPC read buffer per connection in bytes (0: unbuffered)")
+	c.Flags().StringVar(&f.wbuf, "wbuf", strconv.Itoa(d.WriteBufferBytes), "gRPC write buffer per connection in bytes (0: unbuffered)")
 	c.Flags().DurationVar(&f.hopTimeout, "hop-timeout", 30*time.Second, "per-hop deadline")
 	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
 	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
+	c.Flags().BoolVar(&f.unix, "unix", false, "connect the ranks over Unix sockets instead of loopback TCP")
 }
 
 func (f *benchAllreduceFlags) sizeList() ([]int, error) {
@@ -91,10 +94,21 @@ func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
 		return c, fmt.Errorf("--window %q: must be a size below 2 GiB", f.window)
 	}
 	c.WindowBytes = int32(w)
-	if f.iobuf == "-1" || f.iobuf == "0" {
-		c.IOBufferBytes = -1
-	} else if c.IOBufferBytes, err = parseBytes(f.iobuf); err != nil {
-		return c, fmt.Errorf("--iobuf: %w", err)
+	bufFlag := func(name, v string) (int, error) {
+		if v == "0" || v == "-1" {
+			return -1, nil
+		}
+		n, err := parseBytes(v)
+		if err != nil {
+			return 0, fmt.Errorf("--%s: %w", name, err)
+		}
+		return n, nil
+	}
+	if c.ReadBufferBytes, err = bufFlag("rbuf", f.rbuf); err != nil {
+		return c, err
+	}
+	if c.WriteBufferBytes, err = bufFlag("wbuf", f.wbuf); err != nil {
+		return c, err
 	}
 	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
 	return c, nil
@@ -129,6 +143,13 @@ func fmtBytes(b int) string {
 		return fmt.Sprintf("%dKiB", b>>10)
 	}
 	return fmt.Sprintf("%dB", b)
+}
+
+func fmtBuf(b int) string {
+	if b < 0 {
+		return "off"
+	}
+	return fmtBytes(b)
 }
 
 func itersFor(size, fixed int) int {
@@ -196,22 +217,42 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	}
 	files := make([]*os.File, f.ranks)
 	addrs := make([]string, f.ranks)
+	sockDir := ""
+	if f.unix {
+		if sockDir, err = os.MkdirTemp("", "bmojo-bench-"); err != nil {
+			return fmt.Errorf("bench allreduce: %w", err)
+		}
+		defer os.RemoveAll(sockDir)
+	}
 	for i := range files {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		var l net.Listener
+		if f.unix {
+			path := fmt.Sprintf("%s/rank%d.sock", sockDir, i)
+			l, err = net.Listen("unix", path)
+			addrs[i] = "unix:" + path
+		} else {
+			l, err = net.Listen("tcp", "127.0.0.1:0")
+		}
 		if err != nil {
 			return fmt.Errorf("bench allreduce: listen for rank %d: %w", i, err)
 		}
-		addrs[i] = l.Addr().String()
-		files[i], err = l.(*net.TCPListener).File()
+		switch tl := l.(type) {
+		case *net.TCPListener:
+			addrs[i] = l.Addr().String()
+			files[i], err = tl.File()
+		case *net.UnixListener:
+			tl.SetUnlinkOnClose(false) // the child serves on it
+			files[i], err = tl.File()
+		}
 		_ = l.Close()
 		if err != nil {
 			return fmt.Errorf("bench allreduce: listener fd for rank %d: %w", i, err)
 		}
 	}
-	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on loopback, float32 buffers, wire %s\n",
-		f.ranks, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
-	fmt.Fprintf(out, "# streams/neighbour %d, chunk %s, window %s, io buffer %s\n",
-		cfg.Streams, fmtBytes(cfg.ChunkBytes), fmtBytes(int(cfg.WindowBytes)), fmtBytes(cfg.IOBufferBytes))
+	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on %s, float32 buffers, wire %s\n",
+		f.ranks, map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix], map[bool]string{false: "float32", true: "bf16"}[f.bf16])
+	fmt.Fprintf(out, "# streams/neighbour %d, chunk %s, window %s, read buffer %s, write buffer %s\n",
+		cfg.Streams, fmtBytes(cfg.ChunkBytes), fmtBytes(int(cfg.WindowBytes)), fmtBuf(cfg.ReadBufferBytes), fmtBuf(cfg.WriteBufferBytes))
 
 	type result struct {
 		size, iters   int
@@ -225,7 +266,7 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	for i := 0; i < f.ranks; i++ {
 		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(i), "--peers", strings.Join(addrs, ","),
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
-			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--iobuf", f.iobuf,
+			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--rbuf", f.rbuf, "--wbuf", f.wbuf,
 			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel}
 		if f.cpuProfile != "" && i == 0 {
 			args = append(args, "--cpuprofile", f.cpuProfile)
