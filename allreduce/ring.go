@@ -713,6 +713,11 @@ func getWireBuf(n int) []byte {
 
 func putWireBuf(b []byte) { wireBufs.Put(&b) }
 
+// maxStashed bounds the frames kept for a collective this rank has not
+// started yet (the predecessor can only be one collective ahead, and only by
+// the chunks that do not depend on us).
+const maxStashed = 1 << 16
+
 // deliver routes a frame from the predecessor to the collective it belongs to.
 func (r *Ring) deliver(f *inFrame, stream int) error {
 	h := f.hdr
@@ -748,7 +753,7 @@ func (r *Ring) deliver(f *inFrame, stream int) error {
 	case op != nil && h.GetOp() == op.id:
 		r.mu.Unlock()
 		return r.apply(op, f)
-	case h.GetOp() == r.lastOp+1:
+	case h.GetOp() == r.lastOp+1 && len(r.stash[h.GetOp()]) < maxStashed:
 		// The predecessor may run up to one collective ahead of us.
 		r.stash[h.GetOp()] = append(r.stash[h.GetOp()], f)
 		r.mu.Unlock()
