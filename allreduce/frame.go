@@ -295,9 +295,15 @@ func applyRun(dst []float32, b []byte, d pb.DType, reduce bool) {
 	}
 }
 
-// addF32 is dst += src, unrolled by 8 so the compiler drops bounds checks
-// and keeps several adds in flight.
+// addF32 is dst += src: AVX2 where the CPU has it, then the Go loop.
 func addF32(dst, src []float32) {
+	k := addF32Fast(dst, src)
+	addF32Go(dst[k:], src[k:])
+}
+
+// addF32Go is the reference: dst += src, unrolled by 8 so the compiler
+// drops bounds checks and keeps several adds in flight.
+func addF32Go(dst, src []float32) {
 	src = src[:len(dst)]
 	i := 0
 	for ; i+8 <= len(dst); i += 8 {
@@ -332,6 +338,12 @@ func addBF16(dst []float32, src []uint16) {
 }
 
 func copyBF16(dst []float32, src []uint16) {
+	k := copyBF16Fast(dst, src)
+	copyBF16Go(dst[k:], src[k:])
+}
+
+// copyBF16Go is the reference: dst = widen(src).
+func copyBF16Go(dst []float32, src []uint16) {
 	src = src[:len(dst)]
 	for i := range dst {
 		dst[i] = math.Float32frombits(uint32(src[i]) << 16)
@@ -353,7 +365,7 @@ func toBF16(dst []byte, src []float32) {
 	dst = dst[:len(src)*2]
 	if len(src) > 0 && uintptr(unsafe.Pointer(&dst[0]))%2 == 0 {
 		d := unsafe.Slice((*uint16)(unsafe.Pointer(&dst[0])), len(src))
-		i := 0
+		i := toBF16Fast(d, src)
 		for ; i+4 <= len(src); i += 4 {
 			dd, ss := d[i:i+4:i+4], src[i:i+4:i+4]
 			dd[0] = bf16Bits(ss[0])
@@ -429,8 +441,14 @@ func applyBF16Fused(dst []float32, pieces [][]byte, w []byte, reduce, finishing 
 	}
 }
 
-// addBF16Emit is dst += widen(ws); ws = bf16(dst), unrolled by 4.
+// addBF16Emit is dst += widen(ws); ws = bf16(dst).
 func addBF16Emit(dst []float32, ws []uint16) {
+	k := addBF16EmitFast(dst, ws)
+	addBF16EmitGo(dst[k:], ws[k:])
+}
+
+// addBF16EmitGo is the reference of addBF16Emit, unrolled by 4.
+func addBF16EmitGo(dst []float32, ws []uint16) {
 	ws = ws[:len(dst)]
 	i := 0
 	for ; i+4 <= len(dst); i += 4 {
