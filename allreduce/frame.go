@@ -426,16 +426,7 @@ func applyBF16Fused(dst []float32, pieces [][]byte, w []byte, reduce, finishing 
 	case !reduce:
 		copyBF16(dst, ws)
 	case finishing:
-		d := float32(n)
-		for i := range dst {
-			v := dst[i] + math.Float32frombits(uint32(ws[i])<<16)
-			if kind == Avg {
-				v /= d
-			}
-			b := bf16Bits(v)
-			ws[i] = b
-			dst[i] = math.Float32frombits(uint32(b) << 16)
-		}
+		finishBF16(dst, ws, kind, n)
 	default:
 		addBF16Emit(dst, ws)
 	}
@@ -464,5 +455,31 @@ func addBF16EmitGo(dst []float32, ws []uint16) {
 		v := dst[i] + math.Float32frombits(uint32(ws[i])<<16)
 		dst[i] = v
 		ws[i] = bf16Bits(v)
+	}
+}
+
+// finishBF16 is the owner's last reduce step on a bf16 payload: dst += ws,
+// averaged for Avg, rounded to bf16 into ws, and dst set to exactly that.
+func finishBF16(dst []float32, ws []uint16, kind Op, n int) {
+	div := float32(0)
+	if kind == Avg {
+		div = float32(n)
+	}
+	k := finishBF16Fast(dst, ws, div)
+	finishBF16Go(dst[k:], ws[k:], kind, n)
+}
+
+// finishBF16Go is the reference of finishBF16.
+func finishBF16Go(dst []float32, ws []uint16, kind Op, n int) {
+	ws = ws[:len(dst)]
+	d := float32(n)
+	for i := range dst {
+		v := dst[i] + math.Float32frombits(uint32(ws[i])<<16)
+		if kind == Avg {
+			v /= d
+		}
+		b := bf16Bits(v)
+		ws[i] = b
+		dst[i] = math.Float32frombits(uint32(b) << 16)
 	}
 }

@@ -18,6 +18,9 @@ func copyBF16AVX2(dst *float32, ws *uint16, n int)
 //go:noescape
 func toBF16AVX2(dst *uint16, src *float32, n int)
 
+//go:noescape
+func finishBF16AVX2(dst *float32, ws *uint16, n int, div float32)
+
 // The wrappers run the assembly on the largest multiple of 8 elements and
 // leave the rest (returned) to the Go loop.
 
@@ -58,5 +61,16 @@ func toBF16Fast(dst []uint16, src []float32) int {
 	}
 	_ = dst[n-1]
 	toBF16AVX2(&dst[0], &src[0], n)
+	return n
+}
+
+// finishBF16Fast: div 0 means Sum (no division).
+func finishBF16Fast(dst []float32, ws []uint16, div float32) int {
+	n := len(dst) &^ 7
+	if !useAVX2 || n == 0 {
+		return 0
+	}
+	_ = ws[n-1]
+	finishBF16AVX2(&dst[0], &ws[0], n, div)
 	return n
 }

@@ -111,3 +111,37 @@ loop:
 done:
 	VZEROUPPER
 	RET
+
+// func finishBF16AVX2(dst *float32, ws *uint16, n int, div float32)
+// The owner's last reduce step: v = dst + widen(ws); v /= div unless div is
+// 0 (Sum); ws = bf16(v); dst = widen(ws).
+TEXT ·finishBF16AVX2(SB), NOSPLIT, $0-28
+	MOVQ         dst+0(FP), DI
+	MOVQ         ws+8(FP), SI
+	MOVQ         n+16(FP), CX
+	MOVL         div+24(FP), DX
+	VBROADCASTSS div+24(FP), Y7
+	LOADCONSTS
+	SHRQ         $3, CX
+	JZ           done
+loop:
+	VPMOVZXWD (SI), Y0
+	VPSLLD    $16, Y0, Y0
+	VMOVUPS   (DI), Y6
+	VADDPS    Y0, Y6, Y0
+	TESTL     DX, DX
+	JZ        round
+	VDIVPS    Y7, Y0, Y0
+round:
+	ROUND
+	VMOVDQU   X2, (SI)
+	VPMOVZXWD X2, Y0
+	VPSLLD    $16, Y0, Y0
+	VMOVUPS   Y0, (DI)
+	ADDQ      $32, DI
+	ADDQ      $16, SI
+	DECQ      CX
+	JNZ       loop
+done:
+	VZEROUPPER
+	RET

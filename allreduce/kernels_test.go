@@ -1,6 +1,7 @@
 package allreduce
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -70,8 +71,7 @@ func TestKernelsMatchReference(t *testing.T) {
 		addBF16Emit(got[:n], gotW[:n])
 		sameBits(t, "addBF16Emit dst", got, want)
 		for i := range wantW {
-			isNaN := func(b uint16) bool { return b&0x7f80 == 0x7f80 && b&0x7f != 0 }
-			if gotW[i] != wantW[i] && !(isNaN(gotW[i]) && isNaN(wantW[i])) {
+			if gotW[i] != wantW[i] && !(isNaN16(gotW[i]) && isNaN16(wantW[i])) {
 				t.Fatalf("addBF16Emit wire n=%d: element %d = %#x, want %#x (sum %#x)", n, i, gotW[i], wantW[i], math.Float32bits(want[i]))
 			}
 		}
@@ -81,6 +81,21 @@ func TestKernelsMatchReference(t *testing.T) {
 		got = append([]float32(nil), a...)
 		copyBF16(got[:n], wire[:n])
 		sameBits(t, "copyBF16", got, want)
+
+		for _, kind := range []Op{Sum, Avg} {
+			wantW := append([]uint16(nil), wire...)
+			want := append([]float32(nil), a...)
+			finishBF16Go(want[:n], wantW[:n], kind, 3)
+			gotW := append([]uint16(nil), wire...)
+			got := append([]float32(nil), a...)
+			finishBF16(got[:n], gotW[:n], kind, 3)
+			sameBits(t, fmt.Sprintf("finishBF16 op %d", kind), got, want)
+			for i := range wantW {
+				if gotW[i] != wantW[i] && !(isNaN16(gotW[i]) && isNaN16(wantW[i])) {
+					t.Fatalf("finishBF16 op %d wire n=%d: element %d = %#x, want %#x", kind, n, i, gotW[i], wantW[i])
+				}
+			}
+		}
 
 		wb := make([]byte, 2*(n+guard))
 		toBF16(wb[:2*n], a[:n])
@@ -96,3 +111,5 @@ func TestKernelsMatchReference(t *testing.T) {
 		}
 	}
 }
+
+func isNaN16(b uint16) bool { return b&0x7f80 == 0x7f80 && b&0x7f != 0 }
