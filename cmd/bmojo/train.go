@@ -2,22 +2,28 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/signal"
 	"syscall"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/internal/train"
 )
 
 func init() {
 	var (
-		file   string
-		resume bool
-		quiet  bool
-		f      = train.Default()
+		file    string
+		resume  bool
+		quiet   bool
+		workers int
+		f       = train.Default()
 	)
 	cmd := &cobra.Command{
 		Use:   "train",
@@ -66,6 +72,9 @@ any field; flags given on the command line override the file.`,
 			log := newLogger()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			if workers > 0 {
+				return trainLocal(ctx, j, workers, quiet, log)
+			}
 			opts := train.Options{Logger: log.Named("train"), Resume: resume}
 			if !quiet {
 				opts.Progress = os.Stderr
@@ -88,7 +97,8 @@ any field; flags given on the command line override the file.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVarP(&file, "file", "f", "", "job file (YAML, version: 1); flags override it")
-	fl.BoolVar(&resume, "resume", false, "continue from the newest good checkpoint in --checkpoint-dir")
+	fl.IntVar(&workers, "workers", 2, "worker processes (embedded etcd + coordinator + N workers); 0 = train in this process")
+	fl.BoolVar(&resume, "resume", false, "with --workers 0: continue from the newest good checkpoint in --checkpoint-dir (worker runs always resume)")
 	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	fl.StringVar(&f.Preset, "preset", f.Preset, "model preset: FAMILY[-SIZE], families bmojo, bmojo-f, mamba, swa, transformer, hybrid; sizes tiny, small, 130m, 370m")
 	fl.IntVar(&f.Steps, "steps", f.Steps, "optimizer steps")
@@ -103,4 +113,36 @@ any field; flags given on the command line override the file.`,
 	fl.IntVar(&f.EvalBatches, "eval-batches", f.EvalBatches, "validation batches per pass (0 = the whole split)")
 	fl.IntVar(&f.Threads, "threads", 0, "CPU threads (0 = all cores)")
 	rootCmd.AddCommand(cmd)
+}
+
+// trainLocal runs the job with an embedded etcd, a coordinator and workers
+// worker processes; rerunning the same job resumes it.
+func trainLocal(ctx context.Context, j train.Job, workers int, quiet bool, log hclog.Logger) error {
+	opts := localrun.Options{Workers: workers, Logger: log.Named("train"), WorkerLevel: "warn"}
+	if log.IsDebug() {
+		opts.WorkerLevel = "debug"
+	}
+	if !quiet {
+		opts.Progress = os.Stderr
+	}
+	res, err := localrun.Run(ctx, j, opts)
+	if errors.Is(err, localrun.ErrFinished) {
+		fmt.Println(err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	ds, err := data.Load(j.Data, data.SplitTrain)
+	if err != nil {
+		return err
+	}
+	h := ds.UnigramEntropy()
+	fmt.Printf("steps            %d (skipped %d) on %d workers\n", res.Done.Step, res.Progress.Skipped, workers)
+	fmt.Printf("train loss       %.4f\n", res.Done.Loss)
+	fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", res.Done.ValLoss, res.Done.ValLoss/math.Ln2)
+	fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", h, res.Done.ValLoss/h)
+	fmt.Printf("throughput       %.0f tokens/s\n", res.Progress.TokensPerS)
+	fmt.Printf("checkpoint       %s\n", res.Checkpoint)
+	return nil
 }

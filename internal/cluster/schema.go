@@ -238,28 +238,33 @@ var codeHash struct {
 	v    string
 }
 
-// CodeHash identifies this build: the SHA-256 of the running executable.
+// CodeHash identifies this build: FileHash of the running executable.
 // Processes of one job must run the same build (their kernels and data
 // order must agree bit for bit), so members with another hash are refused.
 func CodeHash() string {
 	codeHash.once.Do(func() {
 		codeHash.v = "unknown"
-		exe, err := os.Executable()
-		if err != nil {
-			return
+		if exe, err := os.Executable(); err == nil {
+			if h, err := FileHash(exe); err == nil {
+				codeHash.v = h
+			}
 		}
-		f, err := os.Open(exe)
-		if err != nil {
-			return
-		}
-		defer f.Close()
-		h := sha256.New()
-		if _, err := io.Copy(h, f); err != nil {
-			return
-		}
-		codeHash.v = hex.EncodeToString(h.Sum(nil))[:16]
 	})
 	return codeHash.v
+}
+
+// FileHash is the build identity of an executable file (a SHA-256 prefix).
+func FileHash(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
 // SpecHash is the hash of a job's resolved YAML.

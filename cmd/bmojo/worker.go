@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/worker"
+)
+
+func init() {
+	var (
+		cfg      worker.Config
+		etcdCfg  etcdserver.ClientConfig
+		fillEtcd func()
+	)
+	cmd := &cobra.Command{
+		Use:   "worker",
+		Short: "Run one data-parallel worker of a job (one per GPU, or per CPU share)",
+		Long: `Run one worker. It registers in etcd under a lease, waits for the
+coordinator's ring, trains its share of every global batch and all-reduces
+gradients with its ring neighbours over gRPC. If it is killed the others
+re-form the ring and continue; if it joins mid-run it receives the current
+parameters and optimizer state from a peer.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.ID == "" {
+				host, _ := os.Hostname()
+				cfg.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			fillEtcd()
+			log := newLogger()
+			etcdCfg.Logger = log.Named("etcd")
+			cli, err := etcdserver.Connect(ctx, etcdCfg)
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			cfg.Etcd = cli
+			cfg.Logger = log
+			return worker.Run(ctx, cfg)
+		},
+	}
+	fl := cmd.Flags()
+	fillEtcd = etcdClientFlags(fl, &etcdCfg)
+	fl.StringVar(&cfg.Job, "job", "", "job name (the etcd prefix the job was created under)")
+	fl.StringVar(&cfg.ID, "id", "", "unique worker id (default: hostname-pid)")
+	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "all-reduce listen address")
+	fl.StringVar(&cfg.Advertise, "advertise", "", "address peers dial (default: the listen address)")
+	fl.IntVar(&cfg.Threads, "threads", 0, "kernel threads (0 = all cores)")
+	fl.IntVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL in seconds (default 3)")
+	fl.DurationVar(&cfg.HopTimeout, "hop-timeout", 0, "all-reduce per-hop deadline (default 30s)")
+	_ = cmd.MarkFlagRequired("job")
+	rootCmd.AddCommand(cmd)
+}

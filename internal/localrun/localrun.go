@@ -1,0 +1,312 @@
+// Package localrun runs a whole job on one machine: an embedded etcd, a
+// coordinator, and N worker processes (re-executions of this binary), with
+// a progress bar fed from etcd. It is what `bmojo train --workers N` does;
+// the same pieces run as separate processes and hosts in production.
+package localrun
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/schollz/progressbar/v3"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/train"
+)
+
+// Options configure a local run.
+type Options struct {
+	Workers     int          // worker processes
+	Executable  string       // binary to run workers with; default os.Executable()
+	WorkerLevel string       // workers' log level (default warn)
+	Logger      hclog.Logger // coordinator and runner logs
+	Progress    io.Writer    // progress bar; nil = none
+	// OnWorker is called with each worker's process once started (tests use
+	// it to kill one).
+	OnWorker func(id string, p *os.Process)
+	// Coordinators is the number of coordinator processes (replicas that
+	// elect a leader); default 1.
+	Coordinators int
+	// CoordinatorLevel is the coordinators' log level (default info).
+	CoordinatorLevel string
+	// OnCoordinator is called with each coordinator's process once started.
+	OnCoordinator func(i int, p *os.Process)
+	// OnEtcd is called with the embedded etcd's client endpoints.
+	OnEtcd func(endpoints []string)
+}
+
+// Result is what the job reached.
+type Result struct {
+	Done        cluster.Done
+	Progress    cluster.Progress
+	Checkpoint  string // newest committed checkpoint dir
+	Resumed     bool   // the job existed already: it continued
+	EtcdDataDir string
+}
+
+// ErrFinished means the checkpoint dir holds this job, already done.
+var ErrFinished = errors.New("job already finished")
+
+// Run runs job j with o.Workers local workers until it is done.
+func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
+	log := o.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	if o.Workers <= 0 {
+		return Result{}, fmt.Errorf("localrun: --workers must be positive, got %d", o.Workers)
+	}
+	if err := j.Validate(); err != nil {
+		return Result{}, err
+	}
+	exe := o.Executable
+	if exe == "" {
+		var err error
+		if exe, err = os.Executable(); err != nil {
+			return Result{}, fmt.Errorf("localrun: %w", err)
+		}
+	}
+	if o.WorkerLevel == "" {
+		o.WorkerLevel = "warn"
+	}
+	if o.CoordinatorLevel == "" {
+		o.CoordinatorLevel = "info"
+	}
+	if err := os.MkdirAll(j.CheckpointDir, 0o755); err != nil {
+		return Result{}, fmt.Errorf("localrun: checkpoint dir: %w", err)
+	}
+	res := Result{EtcdDataDir: filepath.Join(j.CheckpointDir, "etcd")}
+	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, Logger: log.Named("etcd")})
+	if err != nil {
+		return res, err
+	}
+	defer srv.Close()
+	endpoints := srv.Endpoints()
+	if o.OnEtcd != nil {
+		o.OnEtcd(endpoints)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second})
+	if err != nil {
+		return res, fmt.Errorf("localrun: etcd: %w", err)
+	}
+	defer cli.Close()
+
+	prefix := cluster.Prefix(j.Name)
+	code, err := cluster.FileHash(exe)
+	if err != nil {
+		return res, fmt.Errorf("localrun: %w", err)
+	}
+	_, resumed, err := PutSpec(ctx, cli, j, o.Workers, code)
+	if err != nil {
+		return res, err
+	}
+	res.Resumed = resumed
+	if resp, err := cli.Get(ctx, prefix+cluster.KeyDone); err == nil && len(resp.Kvs) > 0 {
+		_ = cluster.Decode(cluster.KeyDone, resp.Kvs[0].Value, &res.Done)
+		res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
+		return res, fmt.Errorf("%w: %s reached step %d (val loss %.4f); choose another --checkpoint-dir to train again",
+			ErrFinished, j.CheckpointDir, res.Done.Step, res.Done.ValLoss)
+	}
+	if resumed {
+		log.Info("job exists; resuming from its latest checkpoint", "job", j.Name, "checkpoint", latestCheckpoint(ctx, cli, prefix))
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	coords := max(1, o.Coordinators)
+	coordExit := make(chan error, coords)
+	for i := range coords {
+		cmd := exec.CommandContext(ctx, exe, "coordinator", "--job", j.Name, "--etcd-endpoints", endpoints[0],
+			"--log-level", o.CoordinatorLevel)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 10 * time.Second
+		if err := cmd.Start(); err != nil {
+			return res, fmt.Errorf("localrun: start coordinator: %w", err)
+		}
+		if o.OnCoordinator != nil {
+			o.OnCoordinator(i, cmd.Process)
+		}
+		go func() { coordExit <- cmd.Wait() }()
+	}
+
+	threads := max(1, runtimeCPUs()/o.Workers)
+	exited := make(chan error, o.Workers)
+	for i := range o.Workers {
+		id := fmt.Sprintf("worker-%d", i)
+		cmd, err := StartWorker(ctx, exe, j.Name, endpoints[0], id, threads, o.WorkerLevel)
+		if err != nil {
+			return res, err
+		}
+		if o.OnWorker != nil {
+			o.OnWorker(id, cmd.Process)
+		}
+		go func() {
+			err := cmd.Wait()
+			if err != nil {
+				err = fmt.Errorf("%s: %w", id, err)
+			}
+			exited <- err
+		}()
+	}
+
+	var bar *progressbar.ProgressBar
+	if o.Progress != nil {
+		bar = progressbar.NewOptions(j.Steps, progressbar.OptionSetWriter(o.Progress),
+			progressbar.OptionSetDescription("train"), progressbar.OptionShowCount(),
+			progressbar.OptionSetPredictTime(true), progressbar.OptionSetElapsedTime(true),
+			progressbar.OptionSetWidth(24), progressbar.OptionThrottle(250*time.Millisecond),
+			progressbar.OptionOnCompletion(func() { fmt.Fprintln(o.Progress) }))
+	}
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	running := o.Workers
+	var workerErrs []error
+	for {
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case err := <-coordExit:
+			if err != nil && ctx.Err() == nil {
+				log.Warn("coordinator exited", "error", err)
+			}
+		case err := <-exited:
+			running--
+			if err != nil {
+				workerErrs = append(workerErrs, err)
+				log.Warn("worker exited", "error", err)
+			}
+			if running == 0 {
+				if done, ok := readDone(ctx, cli, prefix); ok {
+					res.Done = done
+					res.Progress = readProgress(ctx, cli, prefix)
+					res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
+					if bar != nil {
+						_ = bar.Finish()
+					}
+					return res, nil
+				}
+				return res, fmt.Errorf("localrun: every worker exited before the job finished: %w", errors.Join(workerErrs...))
+			}
+		case <-tick.C:
+			p := readProgress(ctx, cli, prefix)
+			res.Progress = p
+			if bar != nil && p.Step > 0 {
+				bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s  %d workers", p.Loss, p.TokensPerS, p.Workers))
+				_ = bar.Set(p.Step)
+			}
+		}
+	}
+}
+
+// PutSpec writes the job spec, or checks that the existing one is the same
+// job (then the run resumes: resumed is true). code is the build identity
+// (cluster.FileHash) of the binary the workers run.
+func PutSpec(ctx context.Context, cli *clientv3.Client, j train.Job, workers int, code string) (spec cluster.JobSpec, resumed bool, err error) {
+	prefix := cluster.Prefix(j.Name)
+	y, err := yaml.Marshal(j)
+	if err != nil {
+		return cluster.JobSpec{}, false, fmt.Errorf("localrun: encode job: %w", err)
+	}
+	spec = cluster.JobSpec{Protocol: cluster.ProtocolVersion, YAML: string(y), Hash: cluster.SpecHash(string(y)),
+		Workers: workers, MinRing: 1, CkptDir: j.CheckpointDir, Created: time.Now().UTC().Format(time.RFC3339),
+		CodeHash: code}
+	k := prefix + cluster.KeySpec
+	resp, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, cluster.Encode(spec))).Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return spec, false, fmt.Errorf("localrun: write job spec: %w", err)
+	}
+	if resp.Succeeded {
+		return spec, false, nil
+	}
+	var old cluster.JobSpec
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		return spec, false, fmt.Errorf("localrun: job spec vanished")
+	}
+	if err := cluster.Decode(k, kvs[0].Value, &old); err != nil {
+		return spec, false, err
+	}
+	if old.Hash != spec.Hash {
+		return spec, false, fmt.Errorf("localrun: %s holds job %q with another configuration; rerun with the same job to resume it, or choose another --checkpoint-dir",
+			j.CheckpointDir, j.Name)
+	}
+	// Same job; a rebuilt binary or another worker count is fine to resume with.
+	old.CodeHash, old.Workers = spec.CodeHash, workers
+	if _, err := cli.Put(ctx, k, cluster.Encode(old)); err != nil {
+		return spec, true, fmt.Errorf("localrun: update job spec: %w", err)
+	}
+	return old, true, nil
+}
+
+// StartWorker starts `exe worker` for job as a child process whose stderr
+// goes to ours; ctx cancellation sends it SIGTERM.
+func StartWorker(ctx context.Context, exe, job, endpoint, id string, threads int, level string) (*exec.Cmd, error) {
+	cmd := exec.CommandContext(ctx, exe, "worker", "--job", job, "--etcd-endpoints", endpoint,
+		"--id", id, "--threads", strconv.Itoa(threads), "--log-level", level)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 10 * time.Second
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("localrun: start %s: %w", id, err)
+	}
+	return cmd, nil
+}
+
+// ReadProgress returns the job's progress record (zero if none yet).
+func ReadProgress(ctx context.Context, cli *clientv3.Client, job string) cluster.Progress {
+	return readProgress(ctx, cli, cluster.Prefix(job))
+}
+
+func readProgress(ctx context.Context, cli *clientv3.Client, prefix string) cluster.Progress {
+	var p cluster.Progress
+	if resp, err := cli.Get(ctx, prefix+cluster.KeyProgress); err == nil && len(resp.Kvs) > 0 {
+		_ = cluster.Decode(cluster.KeyProgress, resp.Kvs[0].Value, &p)
+	}
+	return p
+}
+
+func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (cluster.Done, bool) {
+	var d cluster.Done
+	resp, err := cli.Get(ctx, prefix+cluster.KeyDone)
+	if err != nil || len(resp.Kvs) == 0 {
+		return d, false
+	}
+	return d, cluster.Decode(cluster.KeyDone, resp.Kvs[0].Value, &d) == nil
+}
+
+func latestCheckpoint(ctx context.Context, cli *clientv3.Client, prefix string) string {
+	resp, err := cli.Get(ctx, prefix+cluster.KeyLatestCkpt)
+	if err != nil || len(resp.Kvs) == 0 {
+		return ""
+	}
+	step, err := strconv.Atoi(string(resp.Kvs[0].Value))
+	if err != nil {
+		return ""
+	}
+	mresp, err := cli.Get(ctx, prefix+cluster.CheckpointKey(step))
+	if err != nil || len(mresp.Kvs) == 0 {
+		return ""
+	}
+	var m cluster.Manifest
+	if cluster.Decode("manifest", mresp.Kvs[0].Value, &m) != nil {
+		return ""
+	}
+	return m.Dir
+}
+
+func runtimeCPUs() int { return runtime.NumCPU() }

@@ -1,0 +1,311 @@
+package worker
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/model"
+)
+
+// committer writes progress and ledger records to etcd in order, in the
+// background, retrying while etcd is unavailable: training never waits for
+// etcd, and nothing queued is lost.
+type committer struct {
+	cli    *clientv3.Client
+	prefix string
+	log    hclog.Logger
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	queue   [][2]string
+	busy    bool
+	closed  bool
+	stopped chan struct{}
+}
+
+func newCommitter(cli *clientv3.Client, prefix string, log hclog.Logger) *committer {
+	c := &committer{cli: cli, prefix: prefix, log: log, stopped: make(chan struct{})}
+	c.cond = sync.NewCond(&c.mu)
+	go c.run()
+	return c
+}
+
+func (c *committer) add(key, value string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	// Consecutive progress records replace each other; ledger entries never do.
+	if n := len(c.queue); n > 0 && c.queue[n-1][0] == key && key == cluster.KeyProgress {
+		c.queue[n-1][1] = value
+	} else {
+		c.queue = append(c.queue, [2]string{key, value})
+	}
+	c.cond.Broadcast()
+}
+
+func (c *committer) run() {
+	defer close(c.stopped)
+	failures := 0
+	for {
+		c.mu.Lock()
+		for len(c.queue) == 0 && !c.closed {
+			c.cond.Wait()
+		}
+		if len(c.queue) == 0 && c.closed {
+			c.mu.Unlock()
+			return
+		}
+		batch := c.queue
+		c.busy = true
+		c.mu.Unlock()
+		ops := make([]clientv3.Op, 0, len(batch))
+		for _, kv := range batch {
+			ops = append(ops, clientv3.OpPut(c.prefix+kv[0], kv[1]))
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		var err error
+		for i := 0; i < len(ops) && err == nil; i += 64 { // etcd caps ops per txn
+			_, err = c.cli.Txn(ctx).Then(ops[i:min(i+64, len(ops))]...).Commit()
+		}
+		cancel()
+		c.mu.Lock()
+		c.busy = false
+		if err == nil {
+			c.queue = c.queue[len(batch):]
+			failures = 0
+		} else {
+			failures++
+		}
+		closed := c.closed
+		c.cond.Broadcast()
+		c.mu.Unlock()
+		if err != nil {
+			if failures == 1 || failures%20 == 0 {
+				c.log.Warn("etcd unavailable; progress and ledger queued", "queued", len(batch), "error", err)
+			}
+			if closed && failures > 20 {
+				return
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
+}
+
+// flush waits until everything queued so far is in etcd (or ctx ends).
+func (c *committer) flush(ctx context.Context) {
+	done := make(chan struct{})
+	go func() {
+		c.mu.Lock()
+		for (len(c.queue) > 0 || c.busy) && ctx.Err() == nil {
+			c.cond.Wait()
+		}
+		c.mu.Unlock()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		c.cond.Broadcast()
+	}
+}
+
+func (c *committer) close() {
+	c.mu.Lock()
+	if !c.closed {
+		c.closed = true
+		c.cond.Broadcast()
+	}
+	c.mu.Unlock()
+	select {
+	case <-c.stopped:
+	case <-time.After(10 * time.Second):
+	}
+}
+
+// checkpointer writes checkpoints in the background from a host snapshot,
+// then commits their manifest to etcd in one transaction.
+type checkpointer struct {
+	w       *worker
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	running bool
+}
+
+func (c *checkpointer) start(epoch uint64, val float64) {
+	c.mu.Lock()
+	if c.running {
+		c.mu.Unlock()
+		c.w.log.Warn("previous checkpoint still writing; skipping this one", "step", c.w.step)
+		return
+	}
+	c.running = true
+	c.mu.Unlock()
+	w := c.w
+	be := w.m.Backend()
+	host := func(b interface{ Len() int }) []float64 {
+		h := make([]float32, b.Len())
+		be.Download(h, b)
+		out := make([]float64, len(h))
+		for i, x := range h {
+			out[i] = float64(x)
+		}
+		return out
+	}
+	ck := train.Checkpoint{Config: w.m.Cfg, Params: host(w.m.Params), M: host(w.opt.M), V: host(w.opt.V),
+		State: train.State{Step: w.step, Seed: w.job.Seed, BatchSize: w.job.BatchSize, SeqLen: w.m.Cfg.SeqLen,
+			Skipped: w.skipped, ValLoss: val}}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() { c.mu.Lock(); c.running = false; c.mu.Unlock() }()
+		t0 := time.Now()
+		dir, err := train.SaveCheckpoint(w.job.CheckpointDir, ck)
+		if err != nil {
+			w.log.Warn("checkpoint failed", "step", ck.State.Step, "error", err)
+			return
+		}
+		man := cluster.Manifest{Step: ck.State.Step, Epoch: epoch, Dir: dir, Config: model.ConfigMetadata(ck.Config)[model.ConfigKey]}
+		for _, name := range []string{train.WeightsFile, train.OptimFile, train.StateFile} {
+			f, err := hashFile(filepath.Join(dir, name))
+			if err != nil {
+				w.log.Warn("checkpoint failed", "step", ck.State.Step, "error", err)
+				return
+			}
+			man.Files = append(man.Files, f)
+		}
+		for attempt := 0; ; attempt++ {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, err = w.cli.Txn(ctx).Then(
+				clientv3.OpPut(w.key(cluster.CheckpointKey(man.Step)), cluster.Encode(man)),
+				clientv3.OpPut(w.key(cluster.KeyLatestCkpt), strconv.Itoa(man.Step)),
+			).Commit()
+			cancel()
+			if err == nil || attempt > 40 {
+				break
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		if err != nil {
+			w.log.Warn("checkpoint written but not committed to etcd", "dir", dir, "error", err)
+			return
+		}
+		w.log.Info("checkpoint committed", "step", man.Step, "dir", dir, "duration", time.Since(t0).Round(time.Millisecond))
+	}()
+}
+
+func (c *checkpointer) wait() { c.wg.Wait() }
+
+func hashFile(path string) (cluster.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return cluster.File{}, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return cluster.File{}, fmt.Errorf("hash %s: %w", path, err)
+	}
+	return cluster.File{Name: filepath.Base(path), Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// resume loads the newest committed checkpoint whose files match their
+// manifest, falling back to older ones with a warning.
+func (w *worker) resume(ctx context.Context) error {
+	resp, err := w.cli.Get(ctx, w.key(cluster.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	if err != nil {
+		return fmt.Errorf("worker: read checkpoint manifests: %w", err)
+	}
+	for _, kv := range resp.Kvs {
+		if string(kv.Key) == w.key(cluster.KeyLatestCkpt) {
+			continue
+		}
+		var man cluster.Manifest
+		if err := cluster.Decode(string(kv.Key), kv.Value, &man); err != nil {
+			w.log.Warn("skipping checkpoint", "key", string(kv.Key), "error", err)
+			continue
+		}
+		if err := verify(man); err != nil {
+			w.log.Warn("skipping checkpoint", "dir", man.Dir, "error", err)
+			continue
+		}
+		ck, err := train.LoadCheckpoint(man.Dir)
+		if err != nil {
+			w.log.Warn("skipping checkpoint", "dir", man.Dir, "error", err)
+			continue
+		}
+		if a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(w.m.Cfg)[model.ConfigKey]; a != b {
+			return fmt.Errorf("worker: checkpoint %s has another model config than the job", man.Dir)
+		}
+		if err := w.m.SetParams(ck.Params); err != nil {
+			return err
+		}
+		be := w.m.Backend()
+		for _, p := range []struct {
+			dst interface{ Len() int }
+			src []float64
+		}{{w.opt.M, ck.M}, {w.opt.V, ck.V}} {
+			h := make([]float32, len(p.src))
+			for i, x := range p.src {
+				h[i] = float32(x)
+			}
+			be.Upload(p.dst, h)
+		}
+		w.step, w.skipped = ck.State.Step, ck.State.Skipped
+		w.opt.Step = ck.State.Step - ck.State.Skipped
+		w.log.Info("resumed from checkpoint", "dir", man.Dir, "step", w.step)
+		return be.Err()
+	}
+	return nil
+}
+
+var errManifest = errors.New("checkpoint does not match its manifest")
+
+func verify(man cluster.Manifest) error {
+	for _, f := range man.Files {
+		got, err := hashFile(filepath.Join(man.Dir, f.Name))
+		if err != nil {
+			return fmt.Errorf("%w: %v", errManifest, err)
+		}
+		if got.Size != f.Size || got.SHA256 != f.SHA256 {
+			return fmt.Errorf("%w: %s: size %d sha256 %s, manifest says size %d sha256 %s",
+				errManifest, filepath.Join(man.Dir, f.Name), got.Size, got.SHA256[:12], f.Size, f.SHA256[:12])
+		}
+	}
+	return nil
+}
+
+// listenRetry listens on addr again after the previous epoch's ring closed
+// it (the port may take a moment to be released).
+func listenRetry(ctx context.Context, addr string) (net.Listener, error) {
+	var err error
+	for i := 0; i < 50; i++ {
+		var lis net.Listener
+		if lis, err = net.Listen("tcp", addr); err == nil {
+			return lis, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return nil, fmt.Errorf("worker: listen on %s: %w", addr, err)
+}

@@ -1,0 +1,476 @@
+// Package worker owns one data-parallel replica of a job: it registers in
+// etcd under a lease, follows the coordinator's ring epochs (internal/cluster
+// documents the protocol), trains its share of every global batch with the
+// model on its backend, all-reduces gradients in buckets while backward is
+// still running, and commits progress, ledger entries and asynchronous
+// checkpoints. It never decides membership: that is the coordinator's.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bmojo/bmojo/allreduce"
+	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/model"
+)
+
+// Sentinel errors.
+var (
+	ErrDuplicateID = errors.New("worker id already registered")
+	ErrSpec        = errors.New("job spec")
+)
+
+// Config configures one worker.
+type Config struct {
+	Job       string           // job name: the etcd prefix
+	ID        string           // unique worker id
+	Listen    string           // all-reduce listen address; port 0 picks one (default 127.0.0.1:0)
+	Advertise string           // address peers dial; default: the listener's address
+	Etcd      *clientv3.Client // connected client (owned by the caller)
+	LeaseTTL  int              // seconds; default cluster.DefaultLeaseTTL
+	Threads   int              // kernel threads; 0 = all cores
+	// HopTimeout bounds one all-reduce hop (default 30 s). A killed peer is
+	// detected at once by its broken stream; this is for stalls.
+	HopTimeout time.Duration
+	Logger     hclog.Logger
+}
+
+// Validate checks c without side effects.
+func (c Config) Validate() error {
+	switch {
+	case c.Job == "":
+		return errors.New("worker: job name is empty")
+	case c.ID == "":
+		return errors.New("worker: worker id is empty")
+	case c.Etcd == nil:
+		return errors.New("worker: no etcd client")
+	case c.LeaseTTL < 0 || c.Threads < 0 || c.HopTimeout < 0:
+		return errors.New("worker: lease TTL, threads and hop timeout must be >= 0")
+	}
+	return nil
+}
+
+type worker struct {
+	cfg    Config
+	log    hclog.Logger
+	cli    *clientv3.Client
+	prefix string
+	job    train.Job
+	spec   cluster.JobSpec
+
+	m       *model.Model[float32]
+	opt     *model.Optimizer[float32]
+	train   *data.Sampler
+	val     *data.Sampler
+	step    int // completed steps
+	skipped int
+
+	lis      net.Listener
+	addr     string
+	leaseID  clientv3.LeaseID
+	ringMu   sync.Mutex
+	ring     *allreduce.Ring
+	ringInfo cluster.Ring
+	latest   chan cluster.Ring // newest published ring, size 1
+
+	commits *committer
+	ckpt    *checkpointer
+}
+
+// Run runs the worker until the job is done (nil) or ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.LeaseTTL == 0 {
+		cfg.LeaseTTL = cluster.DefaultLeaseTTL
+	}
+	if cfg.HopTimeout == 0 {
+		cfg.HopTimeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Threads > 0 {
+		runtime.GOMAXPROCS(cfg.Threads)
+	}
+	w := &worker{cfg: cfg, cli: cfg.Etcd, prefix: cluster.Prefix(cfg.Job),
+		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID), latest: make(chan cluster.Ring, 1)}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := w.loadSpec(ctx); err != nil {
+		return err
+	}
+	if err := w.build(); err != nil {
+		return err
+	}
+	if err := w.resume(ctx); err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("worker: listen on %s: %w", cfg.Listen, err)
+	}
+	w.lis, w.addr = lis, lis.Addr().String()
+	if cfg.Advertise != "" {
+		w.addr = cfg.Advertise
+	}
+	defer func() {
+		w.closeRing()
+		if w.lis != nil {
+			w.lis.Close()
+		}
+	}()
+	if err := w.register(ctx); err != nil {
+		return err
+	}
+	w.commits = newCommitter(w.cli, w.prefix, w.log)
+	defer w.commits.close()
+	w.ckpt = &checkpointer{w: w}
+	go w.watchRing(ctx)
+	go w.keepRegistered(ctx)
+	err = w.loop(ctx)
+	w.ckpt.wait()
+	w.commits.close()
+	cancel() // stop re-registering before the lease goes
+	if w.leaseID != 0 {
+		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = w.cli.Revoke(rctx, w.leaseID)
+		rcancel()
+	}
+	return err
+}
+
+func (w *worker) key(k string) string { return w.prefix + k }
+
+// loadSpec waits for the job spec and builds the job from it.
+func (w *worker) loadSpec(ctx context.Context) error {
+	for {
+		resp, err := w.cli.Get(ctx, w.key(cluster.KeySpec))
+		if err == nil && len(resp.Kvs) > 0 {
+			if err := cluster.Decode(cluster.KeySpec, resp.Kvs[0].Value, &w.spec); err != nil {
+				return err
+			}
+			break
+		}
+		if err != nil {
+			w.log.Warn("waiting for etcd", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("worker: no job spec for %q: %w", w.cfg.Job, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	if w.spec.Protocol != cluster.ProtocolVersion {
+		return fmt.Errorf("worker: %w: protocol %d, this build speaks %d", ErrSpec, w.spec.Protocol, cluster.ProtocolVersion)
+	}
+	if w.spec.CodeHash != cluster.CodeHash() {
+		return fmt.Errorf("worker: %w: job was started by build %s, this is build %s; run the same bmojo binary everywhere",
+			ErrSpec, w.spec.CodeHash, cluster.CodeHash())
+	}
+	j, err := train.ParseJob("job spec", []byte(w.spec.YAML))
+	if err != nil {
+		return fmt.Errorf("worker: %w: %w", ErrSpec, err)
+	}
+	w.job = j
+	return nil
+}
+
+func (w *worker) build() error {
+	mc, err := w.job.ModelConfig()
+	if err != nil {
+		return err
+	}
+	trainDS, err := data.Load(w.job.Data, data.SplitTrain)
+	if err != nil {
+		return fmt.Errorf("worker: data: %w", err)
+	}
+	valDS, err := data.Load(w.job.Data, data.SplitVal)
+	if err != nil {
+		return fmt.Errorf("worker: data: %w", err)
+	}
+	if w.train, err = data.NewSampler(trainDS, mc.SeqLen, w.job.Seed); err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	if w.val, err = data.EvalWindows(valDS, mc.SeqLen); err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	if w.m, err = model.New[float32](cpu.New[float32](), mc, w.job.Seed); err != nil {
+		return err
+	}
+	w.opt = model.NewOptimizer(w.m, w.job.Optim())
+	w.log.Info("model", "params", w.m.Layout.ParamCount(), "preset", w.job.Preset, "backend", "cpu", "threads", runtime.GOMAXPROCS(0))
+	return nil
+}
+
+// register creates members/<id> on a fresh lease, refusing an id that is
+// already registered.
+func (w *worker) register(ctx context.Context) error {
+	lease, err := w.cli.Grant(ctx, int64(w.cfg.LeaseTTL))
+	if err != nil {
+		return fmt.Errorf("worker: etcd lease: %w", err)
+	}
+	w.leaseID = lease.ID
+	// A record left by a killed process of this id lapses with its lease
+	// (etcd keeps leases across its own restarts): wait that long before
+	// calling it a live duplicate.
+	deadline := time.Now().Add(time.Duration(2*w.cfg.LeaseTTL+1) * time.Second)
+	for {
+		err := w.putMember(ctx)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrDuplicateID) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	ka, err := w.cli.KeepAlive(ctx, lease.ID)
+	if err != nil {
+		return fmt.Errorf("worker: etcd keepalive: %w", err)
+	}
+	go func() {
+		for range ka { // drain; the channel closes when ctx ends or the lease is lost
+		}
+	}()
+	w.log.Info("registered", "endpoint", w.addr, "lease_ttl_s", w.cfg.LeaseTTL)
+	return nil
+}
+
+func (w *worker) putMember(ctx context.Context) error {
+	rec := cluster.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: "cpu", PID: os.Getpid(),
+		SpecHash: w.spec.Hash, CodeHash: cluster.CodeHash(), Protocol: cluster.ProtocolVersion,
+		Registered: time.Now().UTC().Format(time.RFC3339Nano)}
+	k := w.key(cluster.KeyMembers + w.cfg.ID)
+	resp, err := w.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, cluster.Encode(rec), clientv3.WithLease(w.leaseID))).
+		Else(clientv3.OpGet(k)).Commit()
+	if err != nil {
+		return fmt.Errorf("worker: register: %w", err)
+	}
+	if !resp.Succeeded {
+		var other cluster.Member
+		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			_ = cluster.Decode(k, kvs[0].Value, &other)
+		}
+		return fmt.Errorf("worker: %w: %q is held by pid %d at %s; give this worker another --id",
+			ErrDuplicateID, w.cfg.ID, other.PID, other.Endpoint)
+	}
+	return nil
+}
+
+// keepRegistered re-creates the member key if the coordinator removed it
+// (this worker was reported as failed while alive) or the lease was lost.
+func (w *worker) keepRegistered(ctx context.Context) {
+	k := w.key(cluster.KeyMembers + w.cfg.ID)
+	for ctx.Err() == nil {
+		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), k)
+		for resp := range wc {
+			for _, ev := range resp.Events {
+				if ev.Type != clientv3.EventTypeDelete {
+					continue
+				}
+				w.log.Warn("membership removed; registering again")
+				for ctx.Err() == nil {
+					if _, err := w.cli.KeepAliveOnce(ctx, w.leaseID); err != nil {
+						if lease, err := w.cli.Grant(ctx, int64(w.cfg.LeaseTTL)); err == nil {
+							w.leaseID = lease.ID
+							if ka, err := w.cli.KeepAlive(ctx, lease.ID); err == nil {
+								go func() {
+									for range ka {
+									}
+								}()
+							}
+						}
+					}
+					if err := w.putMember(ctx); err == nil || errors.Is(err, ErrDuplicateID) {
+						break
+					}
+					time.Sleep(200 * time.Millisecond)
+				}
+			}
+		}
+		if ctx.Err() == nil {
+			time.Sleep(200 * time.Millisecond) // watch broke (etcd restarting): watch again
+		}
+	}
+}
+
+// watchRing publishes every new ring epoch to w.latest and aborts the
+// collective of an older epoch at once.
+func (w *worker) watchRing(ctx context.Context) {
+	var last uint64
+	publish := func(b []byte) {
+		var r cluster.Ring
+		if cluster.Decode(cluster.KeyRing, b, &r) != nil || r.Epoch <= last {
+			return
+		}
+		last = r.Epoch
+		w.ringMu.Lock()
+		if w.ring != nil && w.ringInfo.Epoch < r.Epoch {
+			_ = w.ring.Close() // fail the in-flight collective: the step is redone in the new epoch
+		}
+		w.ringMu.Unlock()
+		select {
+		case <-w.latest:
+		default:
+		}
+		w.latest <- r
+	}
+	for ctx.Err() == nil {
+		resp, err := w.cli.Get(ctx, w.key(cluster.KeyRing))
+		if err != nil {
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		if len(resp.Kvs) > 0 {
+			publish(resp.Kvs[0].Value)
+		}
+		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), w.key(cluster.KeyRing), clientv3.WithRev(resp.Header.Revision+1))
+		for wr := range wc {
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypePut {
+					publish(ev.Kv.Value)
+				}
+			}
+		}
+	}
+}
+
+func (w *worker) closeRing() {
+	w.ringMu.Lock()
+	defer w.ringMu.Unlock()
+	if w.ring != nil {
+		_ = w.ring.Close()
+		w.ring = nil
+	}
+}
+
+// loop follows epochs until the job is done.
+func (w *worker) loop(ctx context.Context) error {
+	var cur cluster.Ring
+	for {
+		if w.step >= w.job.Steps {
+			return w.finish(ctx)
+		}
+		var r cluster.Ring
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case r = <-w.latest:
+		}
+		if r.Epoch <= cur.Epoch {
+			continue
+		}
+		cur = r
+		rank := r.Rank(w.cfg.ID)
+		if rank < 0 {
+			w.log.Debug("not in ring", "epoch", r.Epoch)
+			continue
+		}
+		w.closeRing()
+		if err := w.put(ctx, cluster.ReadyKey(r.Epoch, w.cfg.ID), cluster.Encode(cluster.Ready{Epoch: r.Epoch, Step: w.step})); err != nil {
+			return err
+		}
+		st, ok, err := w.waitStart(ctx, r.Epoch)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			continue // a newer epoch superseded this one
+		}
+		if err := w.runEpoch(ctx, r, rank, st); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			var fatal *fatalError
+			if errors.As(err, &fatal) {
+				return fatal.err
+			}
+			w.log.Warn("epoch ended", "epoch", r.Epoch, "step", w.step, "error", err)
+		}
+	}
+}
+
+type fatalError struct{ err error }
+
+func (e *fatalError) Error() string { return e.err.Error() }
+
+// put writes a key, retrying while etcd is unavailable.
+func (w *worker) put(ctx context.Context, k, v string) error {
+	for {
+		_, err := w.cli.Put(ctx, w.key(k), v)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		w.log.Warn("etcd put failed; retrying", "key", k, "error", err)
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// waitStart waits for start/<epoch>; ok is false when a newer ring arrives
+// first (the new ring is put back for the loop).
+func (w *worker) waitStart(ctx context.Context, epoch uint64) (cluster.Start, bool, error) {
+	k := w.key(cluster.StartKey(epoch))
+	for {
+		resp, err := w.cli.Get(ctx, k)
+		if err == nil && len(resp.Kvs) > 0 {
+			var st cluster.Start
+			if err := cluster.Decode(k, resp.Kvs[0].Value, &st); err != nil {
+				return st, false, err
+			}
+			return st, true, nil
+		}
+		select {
+		case <-ctx.Done():
+			return cluster.Start{}, false, ctx.Err()
+		case r := <-w.latest:
+			if r.Epoch > epoch {
+				w.latest <- r
+				return cluster.Start{}, false, nil
+			}
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// finish waits for the job's done record (rank 0 of the last epoch writes it).
+func (w *worker) finish(ctx context.Context) error {
+	for {
+		resp, err := w.cli.Get(ctx, w.key(cluster.KeyDone))
+		if err == nil && len(resp.Kvs) > 0 {
+			w.log.Info("job done", "step", w.step)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
