@@ -206,6 +206,13 @@ func (w *worker) build() error {
 	if err != nil {
 		return fmt.Errorf("worker: data: %w", err)
 	}
+	// Any worker may become rank 0, which writes the checkpoints.
+	if err := os.MkdirAll(w.job.CheckpointDir, 0o755); err != nil {
+		return fmt.Errorf("worker: checkpoint dir: %w", err)
+	}
+	if err := train.CheckWritable(w.job.CheckpointDir); err != nil {
+		return err
+	}
 	if w.train, err = data.NewSampler(trainDS, mc.SeqLen, w.job.Seed); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}

@@ -72,7 +72,7 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 	if err := os.MkdirAll(j.CheckpointDir, 0o755); err != nil {
 		return Result{}, fmt.Errorf("train: checkpoint dir: %w", err)
 	}
-	if err := checkWritable(j.CheckpointDir); err != nil {
+	if err := CheckWritable(j.CheckpointDir); err != nil {
 		return Result{}, err
 	}
 
@@ -293,7 +293,8 @@ func hostF(m *model.Model[float32], b kernels.Buffer) []float64 {
 	return out
 }
 
-func checkWritable(dir string) error {
+// CheckWritable fails with a clear error when dir cannot take new files.
+func CheckWritable(dir string) error {
 	f, err := os.CreateTemp(dir, ".write-test-*")
 	if err != nil {
 		return fmt.Errorf("train: checkpoint dir %s is not writable: %w", dir, err)

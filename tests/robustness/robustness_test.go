@@ -281,7 +281,7 @@ func TestEverythingDiesThenResumes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("robustness suite: runs real processes")
 	}
-	const steps, batch = 30, 4
+	const steps, batch = 40, 4
 	ref := job(t, "resume", steps, batch)
 	r := start(t, ref, 2)
 	want := ledger(t, r.wait(t), ref.Name)
@@ -290,7 +290,7 @@ func TestEverythingDiesThenResumes(t *testing.T) {
 	r1 := start(t, j, 2)
 	cli1 := r1.client(t)
 	ctx := context.Background()
-	r1.until(t, 2*time.Minute, "step 15", func() bool { return localrun.ReadProgress(ctx, cli1, j.Name).Step >= 15 })
+	r1.until(t, 2*time.Minute, "step 25", func() bool { return localrun.ReadProgress(ctx, cli1, j.Name).Step >= 25 })
 	r1.mu.Lock()
 	for _, p := range r1.procs {
 		_ = p.Signal(syscall.SIGKILL)
@@ -298,6 +298,17 @@ func TestEverythingDiesThenResumes(t *testing.T) {
 	r1.mu.Unlock()
 	r1.cancel()
 	<-r1.done
+	// The newest checkpoint (step 20) is damaged on disk: the restart must
+	// detect it from its manifest's SHA-256 and fall back to step 10.
+	weights := filepath.Join(j.CheckpointDir, "step-00000020", train.WeightsFile)
+	b, err := os.ReadFile(weights)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)-1] ^= 0xff
+	if err := os.WriteFile(weights, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	r2 := start(t, j, 2)
 	res := r2.wait(t)
@@ -423,4 +434,29 @@ func leaderPID(v []byte) int {
 		return -1
 	}
 	return pid
+}
+
+// TestDuplicateWorkerID: a second worker claiming a live worker's id is
+// refused with an error naming the holder; the job is undisturbed.
+func TestDuplicateWorkerID(t *testing.T) {
+	if testing.Short() {
+		t.Skip("robustness suite: runs real processes")
+	}
+	const steps, batch = 100, 4
+	j := job(t, "dup", steps, batch)
+	r := start(t, j, 2)
+	cli := r.client(t)
+	ctx := context.Background()
+	r.until(t, 2*time.Minute, "step 2", func() bool { return localrun.ReadProgress(ctx, cli, j.Name).Step >= 2 })
+	var out strings.Builder
+	cmd := exec.Command(bmojoBin, "worker", "--job", j.Name, "--etcd-endpoints", r.endpoints[0], "--id", "worker-0", "--lease-ttl", "1")
+	cmd.Stderr = &out
+	err := cmd.Run()
+	if err == nil || !strings.Contains(out.String(), `"worker-0" is held by pid`) {
+		t.Fatalf("duplicate worker: err %v, stderr:\n%s", err, out.String())
+	}
+	res := r.wait(t)
+	if res.Done.Step != steps {
+		t.Fatalf("job ended at step %d", res.Done.Step)
+	}
 }
