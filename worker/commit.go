@@ -146,6 +146,13 @@ type checkpointer struct {
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	running bool
+	last    time.Duration // duration of the last committed checkpoint
+}
+
+func (c *checkpointer) lastSeconds() float64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.last.Seconds()
 }
 
 func (c *checkpointer) start(epoch uint64, val float64) {
@@ -206,6 +213,9 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 			w.log.Warn("checkpoint written but not committed to etcd", "dir", dir, "error", err)
 			return
 		}
+		c.mu.Lock()
+		c.last = time.Since(t0)
+		c.mu.Unlock()
 		w.log.Info("checkpoint committed", "step", man.Step, "dir", dir, "duration", time.Since(t0).Round(time.Millisecond))
 	}()
 }

@@ -58,6 +58,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 	log.Info("epoch started", "step", w.step, "ring_size", len(peers), "synced", st.Sync, "reason", r.Reason)
 	buckets := w.buckets()
 	t0, tokens0 := time.Now(), 0
+	var lastStats time.Time
 	finished := false
 	for w.step < w.job.Steps {
 		if err := ctx.Err(); err != nil {
@@ -71,11 +72,15 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 			}
 		default:
 		}
-		loss, rows, err := w.trainStep(ring, buckets, rank, len(peers))
+		var tm stepTimes
+		ts := time.Now()
+		loss, rows, err := w.trainStep(ring, buckets, rank, len(peers), &tm)
 		if err != nil {
 			return w.peerFailed(ctx, r, err)
 		}
+		to := time.Now()
 		res := w.opt.Apply()
+		optim := time.Since(to)
 		if res.Skipped || math.IsNaN(loss) || math.IsInf(loss, 0) {
 			w.skipped++
 			log.Warn("non-finite loss or gradient; step skipped", "step", w.step, "loss", loss, "grad_norm", res.GradNorm)
@@ -85,6 +90,16 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 		tps := float64(tokens0*len(peers)) / time.Since(t0).Seconds()
 		var val float64
 		last := w.step == w.job.Steps
+		if now := time.Now(); now.Sub(lastStats) >= time.Second || last {
+			lastStats = now
+			w.commits.add(cluster.KeyStats+w.cfg.ID, cluster.Encode(cluster.WorkerStats{
+				ID: w.cfg.ID, Rank: rank, Epoch: r.Epoch, Step: w.step, Device: "cpu",
+				StepSeconds: now.Sub(ts).Seconds(), DataSeconds: tm.data.Seconds(), ComputeSec: tm.compute.Seconds(),
+				WaitSeconds: tm.wait.Seconds(), OptimSeconds: optim.Seconds(),
+				TokensPerS: float64(rows*w.m.T) / now.Sub(ts).Seconds(), Loss: loss, GradNorm: res.GradNorm,
+				Skipped: w.skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: float64(now.UnixNano()) / 1e9,
+			}))
+		}
 		if (w.job.EvalEvery > 0 && w.step%w.job.EvalEvery == 0) || last {
 			if val, err = w.evaluate(ring, rank, len(peers)); err != nil {
 				return w.peerFailed(ctx, r, err)
@@ -175,7 +190,10 @@ func (w *worker) buckets() []*bucket {
 // averaged gradient of the whole batch in the model. Gradients are scaled
 // by rows/GB before the sum, so the result is the gradient of the global
 // mean loss whatever the split (model.md §6).
-func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int) (loss float64, rows int, err error) {
+// stepTimes splits one step's wall time (cluster.WorkerStats).
+type stepTimes struct{ data, compute, wait time.Duration }
+
+func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int, tm *stepTimes) (loss float64, rows int, err error) {
 	GB, T := w.job.BatchSize, w.m.Cfg.SeqLen
 	start, count, err := data.BatchRange(w.step, GB, rank, size)
 	if err != nil {
@@ -194,6 +212,7 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int) (
 	}
 	w.m.ZeroGrads()
 	var local float64
+	t0 := time.Now()
 	if count > 0 {
 		if err := w.m.Prepare(count, T); err != nil {
 			return 0, 0, &fatalError{err}
@@ -202,6 +221,7 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int) (
 		if err := w.train.Fill(0, start, count, tokens, targets); err != nil {
 			return 0, 0, &fatalError{err}
 		}
+		tm.data = time.Since(t0)
 		l, err := w.m.Forward(tokens, targets)
 		if err != nil {
 			return 0, 0, &fatalError{err}
@@ -225,6 +245,9 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int) (
 			send(bs[i])
 		}
 	}
+	t1 := time.Now()
+	tm.compute = t1.Sub(t0) - tm.data
+	defer func() { tm.wait = time.Since(t1) }()
 	var firstErr error
 	for _, b := range bs {
 		if err := b.h.Wait(context.Background()); err != nil && firstErr == nil {

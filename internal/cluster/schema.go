@@ -14,6 +14,7 @@
 //	reports/<worker-id>       Report: a worker saw a peer fail (the coordinator drops the suspect)
 //	ledger/<step>             LedgerEntry: which sample ranges a committed step consumed
 //	progress                  Progress: the latest committed step, loss, tokens/s (rank 0 writes)
+//	stats/<worker-id>         WorkerStats: one worker's latest step timings (about once a second)
 //	checkpoints/<step>        Manifest: a durable checkpoint (files with sizes and SHA-256)
 //	checkpoints/latest        the step of the newest committed Manifest, as decimal text
 //	done                      Done: the job finished (final step, val loss)
@@ -65,6 +66,7 @@ const (
 	KeyReports        = "reports/"
 	KeyLedger         = "ledger/"
 	KeyProgress       = "progress"
+	KeyStats          = "stats/"
 	KeyCheckpoints    = "checkpoints/"
 	KeyLatestCkpt     = "checkpoints/latest"
 	KeyDone           = "done"
@@ -186,6 +188,28 @@ type Progress struct {
 	Workers     int     `json:"workers"`
 	Skipped     int     `json:"skipped_steps"`
 	UpdatedUnix float64 `json:"updated"`
+}
+
+// WorkerStats is one worker's view of its latest step, for monitoring. The
+// all-reduce wait is the time from the end of backward to the last bucket's
+// arrival: a slow rank shows a short wait while everyone else waits on it.
+type WorkerStats struct {
+	ID            string  `json:"id"`
+	Rank          int     `json:"rank"`
+	Epoch         uint64  `json:"epoch"`
+	Step          int     `json:"step"`
+	Device        string  `json:"device"`
+	StepSeconds   float64 `json:"step_seconds"`    // whole step, data to optimizer
+	DataSeconds   float64 `json:"data_seconds"`    // sampling the local batch
+	ComputeSec    float64 `json:"compute_seconds"` // forward + backward
+	WaitSeconds   float64 `json:"allreduce_wait_seconds"`
+	OptimSeconds  float64 `json:"optimizer_seconds"`
+	TokensPerS    float64 `json:"tokens_per_s"` // this worker's tokens
+	Loss          float64 `json:"loss"`         // global loss of the step
+	GradNorm      float64 `json:"grad_norm"`
+	Skipped       int     `json:"skipped_steps"`
+	CheckpointSec float64 `json:"last_checkpoint_seconds,omitempty"`
+	UpdatedUnix   float64 `json:"updated"`
 }
 
 // File is one checkpoint file in a Manifest.
