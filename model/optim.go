@@ -1,6 +1,7 @@
 package model
 
 import (
+	"fmt"
 	"math"
 
 	"github.com/bmojo/bmojo/kernels"
@@ -88,4 +89,30 @@ func (o *Optimizer[F]) Apply() StepResult {
 		})
 	}
 	return r
+}
+
+// Moments downloads the AdamW moments as float64 in Layout order.
+func (o *Optimizer[F]) Moments() (m, v []float64) {
+	return o.m.download(o.M), o.m.download(o.V)
+}
+
+// SetMoments uploads AdamW moments (Layout order) and the count of applied
+// updates, as saved by a checkpoint.
+func (o *Optimizer[F]) SetMoments(m, v []float64, step int) error {
+	be := o.m.Backend()
+	for _, p := range []struct {
+		dst kernels.Buffer
+		src []float64
+	}{{o.M, m}, {o.V, v}} {
+		if len(p.src) != p.dst.Len() {
+			return fmt.Errorf("model: %d optimizer moments given, layout has %d", len(p.src), p.dst.Len())
+		}
+		h := make([]F, len(p.src))
+		for i, x := range p.src {
+			h[i] = F(x)
+		}
+		be.Upload(p.dst, h)
+	}
+	o.Step = step
+	return be.Err()
 }

@@ -165,17 +165,8 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 	c.running = true
 	c.mu.Unlock()
 	w := c.w
-	be := w.m.Backend()
-	host := func(b interface{ Len() int }) []float64 {
-		h := make([]float32, b.Len())
-		be.Download(h, b)
-		out := make([]float64, len(h))
-		for i, x := range h {
-			out[i] = float64(x)
-		}
-		return out
-	}
-	ck := train.Checkpoint{Config: w.m.Cfg, Params: host(w.m.Params), M: host(w.opt.M), V: host(w.opt.V),
+	mom, vel := w.opt.Moments()
+	ck := train.Checkpoint{Config: w.m.Cfg, Params: w.m.ParamsHost(), M: mom, V: vel,
 		State: train.State{Step: w.step, Seed: w.job.Seed, BatchSize: w.job.BatchSize, SeqLen: w.m.Cfg.SeqLen,
 			Skipped: w.skipped, ValLoss: val}}
 	c.wg.Add(1)
@@ -267,21 +258,12 @@ func (w *worker) resume(ctx context.Context) error {
 		if err := w.m.SetParams(ck.Params); err != nil {
 			return err
 		}
-		be := w.m.Backend()
-		for _, p := range []struct {
-			dst interface{ Len() int }
-			src []float64
-		}{{w.opt.M, ck.M}, {w.opt.V, ck.V}} {
-			h := make([]float32, len(p.src))
-			for i, x := range p.src {
-				h[i] = float32(x)
-			}
-			be.Upload(p.dst, h)
-		}
 		w.step, w.skipped = ck.State.Step, ck.State.Skipped
-		w.opt.Step = ck.State.Step - ck.State.Skipped
+		if err := w.opt.SetMoments(ck.M, ck.V, ck.State.Step-ck.State.Skipped); err != nil {
+			return err
+		}
 		w.log.Info("resumed from checkpoint", "dir", man.Dir, "step", w.step)
-		return be.Err()
+		return nil
 	}
 	return nil
 }

@@ -83,15 +83,12 @@ any field; flags given on the command line override the file.`,
 			if err != nil {
 				return err
 			}
-			fmt.Printf("steps            %d (skipped %d)\n", res.Steps, res.Skipped)
-			fmt.Printf("parameters       %d\n", res.Params)
+			var last float64
 			if n := len(res.Losses); n > 0 {
-				fmt.Printf("train loss       %.4f (first step %.4f)\n", res.Losses[n-1], res.Losses[0])
+				last = res.Losses[n-1]
 			}
-			fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", res.ValLoss, res.ValLoss/0.6931471805599453)
-			fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", res.UnigramEntropy, res.ValLoss/res.UnigramEntropy)
-			fmt.Printf("throughput       %.0f tokens/s\n", res.TokensPerSec)
-			fmt.Printf("checkpoint       %s\n", res.Checkpoint)
+			printSummary(summary{steps: res.Steps, skipped: res.Skipped, workers: 1, train: last, val: res.ValLoss,
+				entropy: res.UnigramEntropy, tps: res.TokensPerSec, checkpoint: res.Checkpoint})
 			return nil
 		},
 	}
@@ -137,12 +134,24 @@ func trainLocal(ctx context.Context, j train.Job, workers int, quiet bool, log h
 	if err != nil {
 		return err
 	}
-	h := ds.UnigramEntropy()
-	fmt.Printf("steps            %d (skipped %d) on %d workers\n", res.Done.Step, res.Progress.Skipped, workers)
-	fmt.Printf("train loss       %.4f\n", res.Done.Loss)
-	fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", res.Done.ValLoss, res.Done.ValLoss/math.Ln2)
-	fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", h, res.Done.ValLoss/h)
-	fmt.Printf("throughput       %.0f tokens/s\n", res.Progress.TokensPerS)
-	fmt.Printf("checkpoint       %s\n", res.Checkpoint)
+	printSummary(summary{steps: res.Done.Step, skipped: res.Progress.Skipped, workers: workers, train: res.Done.Loss,
+		val: res.Done.ValLoss, entropy: ds.UnigramEntropy(), tps: res.Progress.TokensPerS, checkpoint: res.Checkpoint})
 	return nil
+}
+
+type summary struct {
+	steps, skipped, workers  int
+	train, val, entropy, tps float64
+	checkpoint               string
+}
+
+// printSummary is the end-of-run report: the validation loss beside the
+// corpus's unigram entropy is the first sign the model learned anything.
+func printSummary(s summary) {
+	fmt.Printf("steps            %d (skipped %d) on %d worker(s)\n", s.steps, s.skipped, s.workers)
+	fmt.Printf("train loss       %.4f\n", s.train)
+	fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", s.val, s.val/math.Ln2)
+	fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", s.entropy, s.val/s.entropy)
+	fmt.Printf("throughput       %.0f tokens/s\n", s.tps)
+	fmt.Printf("checkpoint       %s\n", s.checkpoint)
 }

@@ -14,7 +14,6 @@ import (
 	"github.com/schollz/progressbar/v3"
 
 	"github.com/bmojo/bmojo/internal/data"
-	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cpu"
 	"github.com/bmojo/bmojo/model"
 )
@@ -109,7 +108,9 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 			if err := m.SetParams(ck.Params); err != nil {
 				return Result{}, err
 			}
-			setHost(m, opt, ck)
+			if err := opt.SetMoments(ck.M, ck.V, ck.State.Step-ck.State.Skipped); err != nil {
+				return Result{}, err
+			}
 			start = ck.State.Step
 			res.Losses = append(res.Losses, ck.State.Losses...)
 			res.Skipped = ck.State.Skipped
@@ -138,7 +139,8 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 
 	tokens, targets := make([]int32, B*T), make([]int32, B*T)
 	save := func(step int, valLoss float64) error {
-		ck := Checkpoint{Config: mc, Params: m.ParamsHost(), M: hostF(m, opt.M), V: hostF(m, opt.V),
+		mom, vel := opt.Moments()
+		ck := Checkpoint{Config: mc, Params: m.ParamsHost(), M: mom, V: vel,
 			State: State{Step: step, Seed: j.Seed, BatchSize: B, SeqLen: T, Skipped: res.Skipped, Losses: res.Losses, ValLoss: valLoss}}
 		t0 := time.Now()
 		dir, err := SaveCheckpoint(j.CheckpointDir, ck)
@@ -266,31 +268,6 @@ func compatible(ck *Checkpoint, mc model.Config, j Job) error {
 		return fmt.Errorf("train: checkpoint %s used seed %d, the job says %d", ck.Dir, ck.State.Seed, j.Seed)
 	}
 	return nil
-}
-
-func setHost(m *model.Model[float32], opt *model.Optimizer[float32], ck *Checkpoint) {
-	be := m.Backend()
-	for _, p := range []struct {
-		dst kernels.Buffer
-		src []float64
-	}{{opt.M, ck.M}, {opt.V, ck.V}} {
-		h := make([]float32, len(p.src))
-		for i, x := range p.src {
-			h[i] = float32(x)
-		}
-		be.Upload(p.dst, h)
-	}
-	opt.Step = ck.State.Step - ck.State.Skipped
-}
-
-func hostF(m *model.Model[float32], b kernels.Buffer) []float64 {
-	h := make([]float32, b.Len())
-	m.Backend().Download(h, b)
-	out := make([]float64, len(h))
-	for i, x := range h {
-		out[i] = float64(x)
-	}
-	return out
 }
 
 // CheckWritable fails with a clear error when dir cannot take new files.
