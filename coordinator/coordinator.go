@@ -99,6 +99,7 @@ type Record struct {
 	WorkerID string
 	Epoch    uint64
 	Reason   string
+	Recovery time.Duration // on started: membership change -> start published
 }
 
 const maxRecords = 1000
@@ -415,12 +416,24 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 		return err
 	}
 
+	last, err := cli.Get(ctx, p+cluster.KeyEvents, clientv3.WithLastKey()...)
+	if err != nil {
+		return fmt.Errorf("coordinator: read events: %w", err)
+	}
+	if len(last.Kvs) > 0 {
+		l.eventSeq, _ = strconv.ParseUint(strings.TrimPrefix(string(last.Kvs[0].Key), p+cluster.KeyEvents), 10, 64)
+	}
+
 	c.setLeader(true)
 	epoch := uint64(0)
 	if ring != nil {
 		epoch = ring.Epoch
 	}
 	c.log.Info("leading", "epoch", epoch, "started", start != nil, "members", len(members))
+	if err := l.event(ctx, Record{Time: time.Now(), Kind: KindLeaderElected, Epoch: epoch,
+		Reason: fmt.Sprintf("replica %s leads with %d members registered", c.cfg.ID, len(members))}); err != nil {
+		return err
+	}
 	now := time.Now()
 	l.batchStart = now
 	l.m.Step(LeaderElected{Ring: ring, Start: start})
@@ -547,6 +560,7 @@ type leader struct {
 
 	batchStart time.Time // when the first event of the current batch arrived
 	changeAt   time.Time // when the membership change being recovered from began
+	eventSeq   uint64    // the seq of the newest event in etcd
 }
 
 type timer struct {
@@ -650,7 +664,7 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 			args = append(args, "worker_id", a.WorkerID)
 		}
 		l.log.Info("membership "+strings.ReplaceAll(a.Kind, "_", " "), args...)
-		c.record(Record{Time: time.Now(), Kind: a.Kind, WorkerID: a.WorkerID, Epoch: a.Epoch, Reason: a.Reason})
+		return l.event(ctx, Record{Time: time.Now(), Kind: a.Kind, WorkerID: a.WorkerID, Epoch: a.Epoch, Reason: a.Reason})
 	case ArmTimer:
 		d := c.cfg.ReadyTimeout
 		if a.Timer == TimerBootstrap {
@@ -676,21 +690,22 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 			ids[i] = rm.ID
 		}
 		l.log.Info("published ring", "epoch", a.Ring.Epoch, "members", strings.Join(ids, ","), "reason", a.Ring.Reason)
-		c.record(Record{Time: time.Now(), Kind: "ring", Epoch: a.Ring.Epoch, Reason: a.Ring.Reason})
+		return l.event(ctx, Record{Time: time.Now(), Kind: KindRing, Epoch: a.Ring.Epoch, Reason: a.Ring.Reason})
 	case PublishStart:
 		if err := l.txn(ctx, "publish start", clientv3.OpPut(p+cluster.StartKey(a.Start.Epoch), cluster.Encode(a.Start))); err != nil {
 			return err
 		}
 		args := []any{"epoch", a.Start.Epoch, "step", a.Start.Step, "source", a.Start.Source}
 		reason := fmt.Sprintf("step %d from %s", a.Start.Step, a.Start.Source)
+		var rec time.Duration
 		if !l.changeAt.IsZero() {
-			rec := time.Since(l.changeAt)
+			rec = time.Since(l.changeAt)
 			args = append(args, "recovery", rec)
 			reason += fmt.Sprintf(", %s after the membership change", rec.Round(time.Millisecond))
 			l.changeAt = time.Time{}
 		}
 		l.log.Info("epoch started", args...)
-		c.record(Record{Time: time.Now(), Kind: "started", Epoch: a.Start.Epoch, Reason: reason})
+		return l.event(ctx, Record{Time: time.Now(), Kind: KindStarted, Epoch: a.Start.Epoch, Reason: reason, Recovery: rec})
 	case DeleteMember:
 		key := p + cluster.KeyMembers + a.ID
 		op := clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", a.Rev)},
@@ -702,6 +717,33 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 			[]clientv3.Op{clientv3.OpDelete(key)}, nil)
 		return l.txn(ctx, "delete report", op)
 	}
+	return nil
+}
+
+// Record kinds besides the Notice kinds.
+const (
+	KindRing          = "ring"
+	KindStarted       = "started"
+	KindLeaderElected = "leader_elected"
+)
+
+// event keeps r in memory and writes it to events/<seq> (guarded like every
+// leader write), deleting events older than the newest cluster.MaxEvents.
+func (l *leader) event(ctx context.Context, r Record) error {
+	l.c.record(r)
+	p := l.c.prefix
+	seq := l.eventSeq + 1
+	ev := cluster.Event{Seq: seq, TimeUnix: float64(r.Time.UnixNano()) / 1e9, Kind: r.Kind, WorkerID: r.WorkerID,
+		Epoch: r.Epoch, Reason: r.Reason, Leader: l.c.cfg.ID, RecoverySeconds: r.Recovery.Seconds()}
+	ops := []clientv3.Op{clientv3.OpPut(p+cluster.EventKey(seq), cluster.Encode(ev))}
+	if seq > cluster.MaxEvents {
+		// A range, not one key: seqs a failed leader skipped go too.
+		ops = append(ops, clientv3.OpDelete(p+cluster.KeyEvents, clientv3.WithRange(p+cluster.EventKey(seq-cluster.MaxEvents+1))))
+	}
+	if err := l.txn(ctx, "write event", clientv3.OpTxn(nil, ops, nil)); err != nil {
+		return err
+	}
+	l.eventSeq = seq
 	return nil
 }
 

@@ -390,6 +390,33 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 		t.Errorf("events %v, want 4 joined, 1 left, 3 started", kinds)
 	}
 
+	// The same events are in etcd, in order, the recovery on started ones.
+	stored := e.events()
+	if len(stored) != len(c.Events()) {
+		t.Fatalf("%d events in etcd, %d in memory", len(stored), len(c.Events()))
+	}
+	for i, ev := range stored {
+		r := c.Events()[i]
+		if ev.Seq != uint64(i+1) || ev.Kind != r.Kind || ev.WorkerID != r.WorkerID || ev.Epoch != r.Epoch || ev.Leader != "c1" {
+			t.Errorf("event %d in etcd %+v, in memory %+v", i, ev, r)
+		}
+	}
+	if stored[0].Kind != KindLeaderElected {
+		t.Errorf("first event %+v, want leader_elected", stored[0])
+	}
+	var recovered int
+	for _, ev := range stored {
+		if ev.Kind == KindStarted && ev.Epoch > 1 {
+			if ev.RecoverySeconds <= 0 || ev.RecoverySeconds > 10 {
+				t.Errorf("started event %+v: recovery %.3fs, want in (0, 10]", ev, ev.RecoverySeconds)
+			}
+			recovered++
+		}
+	}
+	if recovered != 2 {
+		t.Errorf("%d started events after a change, want 2", recovered)
+	}
+
 	// done ends Run with nil.
 	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyDone, cluster.Encode(cluster.Done{Step: 17})); err != nil {
 		t.Fatal(err)
@@ -397,6 +424,52 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !c.IsLeader(), "still leading after done" })
 	if err := stop(); err != nil {
 		t.Fatalf("Run after done = %v, want nil", err)
+	}
+}
+
+// events reads events/ in key order.
+func (e *env) events() []cluster.Event {
+	e.t.Helper()
+	p := cluster.Prefix(testJob)
+	resp, err := e.cli.Get(e.ctx, p+cluster.KeyEvents, clientv3.WithPrefix())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	out := make([]cluster.Event, len(resp.Kvs))
+	for i, kv := range resp.Kvs {
+		if err := cluster.Decode(string(kv.Key), kv.Value, &out[i]); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	return out
+}
+
+// A new leader continues the sequence after the newest stored event and
+// keeps only the newest cluster.MaxEvents.
+func TestEventsContinueAndTrim(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	e := newEnv(t, ctx, 1)
+	p := cluster.Prefix(testJob)
+	for seq := uint64(1); seq <= cluster.MaxEvents; seq++ {
+		if _, err := e.cli.Put(ctx, p+cluster.EventKey(seq), cluster.Encode(cluster.Event{Seq: seq, Kind: "old"})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.coordinator("c1", e.cli)
+	e.worker("w1", 30)
+	e.waitStarted(10*time.Second, 0, "w1")
+	var evs []cluster.Event
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) {
+		evs = e.events()
+		n := len(evs)
+		return n == cluster.MaxEvents && evs[n-1].Kind == KindStarted, fmt.Sprintf("%d events, want %d ending with started", n, cluster.MaxEvents)
+	})
+	// leader_elected, joined, ring, started: four new, four old gone.
+	first, last := evs[0], evs[len(evs)-1]
+	if first.Seq != 5 || last.Seq != cluster.MaxEvents+4 || evs[len(evs)-4].Kind != KindLeaderElected {
+		t.Fatalf("events run from seq %d to %d (the 4th newest %+v), want 5 to %d with leader_elected first of the new",
+			first.Seq, last.Seq, evs[len(evs)-4], cluster.MaxEvents+4)
 	}
 }
 

@@ -18,6 +18,7 @@
 //	checkpoints/<step>        Manifest: a durable checkpoint (files with sizes and SHA-256)
 //	checkpoints/latest        the step of the newest committed Manifest, as decimal text
 //	done                      Done: the job finished (final step, val loss)
+//	events/<seq>              Event: a membership event the coordinator leader saw (the newest MaxEvents kept)
 //
 // # Epoch protocol
 //
@@ -70,6 +71,8 @@ const (
 	KeyCheckpoints    = "checkpoints/"
 	KeyLatestCkpt     = "checkpoints/latest"
 	KeyDone           = "done"
+	KeyEvents         = "events/"
+	MaxEvents         = 1000 // events/ keeps the newest this many
 	ProtocolVersion   = 1
 	DefaultLeaseTTL   = 3 // seconds
 	DefaultReadyGrace = 5 // seconds a ring member has to report ready
@@ -88,6 +91,28 @@ func LedgerKey(step int) string { return fmt.Sprintf("%s%010d", KeyLedger, step)
 
 // CheckpointKey is checkpoints/<step>, zero-padded.
 func CheckpointKey(step int) string { return fmt.Sprintf("%s%010d", KeyCheckpoints, step) }
+
+// EventKey is events/<seq>, zero-padded so keys sort by sequence number.
+func EventKey(seq uint64) string { return fmt.Sprintf("%s%020d", KeyEvents, seq) }
+
+// Event is one membership event, written by the coordinator leader so any
+// process (the monitor, `bmojo status`) can show it. Seq grows by one per
+// event across leaders: a new leader continues after the newest stored one.
+type Event struct {
+	Seq      uint64  `json:"seq"`
+	TimeUnix float64 `json:"time"`
+	// Kind is a coordinator Notice kind (joined, left, reported, refused,
+	// not_ready, waiting, ignored), or ring (a ring was published), started
+	// (an epoch started) or leader_elected.
+	Kind     string `json:"kind"`
+	WorkerID string `json:"worker_id,omitempty"`
+	Epoch    uint64 `json:"epoch"`
+	Reason   string `json:"reason"`
+	Leader   string `json:"leader"` // the coordinator replica that wrote it
+	// RecoverySeconds, on started events, is the time from the membership
+	// change to the epoch's start being published.
+	RecoverySeconds float64 `json:"recovery_seconds,omitempty"`
+}
 
 // JobSpec is the job every process of the job runs.
 type JobSpec struct {
