@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/signal"
 	"strings"
@@ -12,7 +13,9 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/bmojo/bmojo/coordinator"
+	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/train"
 )
 
 // etcdClientFlags adds the flags that say how to reach etcd; the returned
@@ -59,17 +62,54 @@ over when the leader dies. It exits when the job is done.`,
 	cmd.Flags().DurationVar(&cfg.BootstrapTimeout, "bootstrap-timeout", cfg.BootstrapTimeout, "how long the first ring waits for all the job's workers before starting with fewer (at least min_ring)")
 	cmd.Flags().DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "election lease TTL (whole seconds): how long a crashed leader blocks a standby")
 	cmd.Flags().StringVar(&cfg.ID, "id", "", "replica name in the election and logs (default hostname-pid)")
+	var (
+		jobFile             string
+		workers, minWorkers int
+		healthAddr          string
+	)
+	cmd.Flags().StringVar(&jobFile, "job-file", "", "create the job from this job file if etcd does not hold it yet (how Kubernetes launches start a job)")
+	cmd.Flags().IntVar(&workers, "workers", 1, "with --job-file: workers the first ring waits for")
+	cmd.Flags().IntVar(&minWorkers, "min-workers", 1, "with --job-file: the smallest ring that may train")
+	cmd.Flags().StringVar(&healthAddr, "listen", "", "serve the gRPC health service here (e.g. :7000) for probes")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		fill()
 		log := newLogger().Named("coordinator")
 		cfg.Logger = log
 		cfg.Etcd.Logger = log.Named("etcd")
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		if jobFile != "" {
+			j, err := train.LoadJob(jobFile)
+			if err != nil {
+				return err
+			}
+			if cfg.JobName == "" {
+				cfg.JobName = j.Name
+			}
+			if j.Name != cfg.JobName {
+				return fmt.Errorf("coordinator: --job %q but the job file %s names job %q", cfg.JobName, jobFile, j.Name)
+			}
+			cli, err := etcdserver.Connect(ctx, cfg.Etcd)
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			if _, resumed, err := coordinator.PutSpec(ctx, cli, j, workers, minWorkers, cluster.CodeHash()); err != nil {
+				return err
+			} else if resumed {
+				log.Info("job exists in etcd; continuing it", "job", j.Name)
+			}
+			cfg.Client = cli
+		}
 		if err := cfg.Validate(); err != nil {
 			return err
 		}
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
-		err := coordinator.Run(ctx, cfg)
+		stopHealth, err := serveHealth(healthAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stopHealth()
+		err = coordinator.Run(ctx, cfg)
 		if errors.Is(err, context.Canceled) {
 			log.Info("stopped")
 			return nil

@@ -18,6 +18,8 @@ func init() {
 		cfg      worker.Config
 		etcdCfg  etcdserver.ClientConfig
 		fillEtcd func()
+		health   string
+		device   string
 	)
 	cmd := &cobra.Command{
 		Use:   "worker",
@@ -29,6 +31,12 @@ re-form the ring and continue; if it joins mid-run it receives the current
 parameters and optimizer state from a peer.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch device {
+			case "auto", "cpu":
+				// The CPU backend is the only one in this build.
+			default:
+				return fmt.Errorf("worker: --device %q: this build has the cpu backend only (auto or cpu)", device)
+			}
 			if cfg.ID == "" {
 				host, _ := os.Hostname()
 				cfg.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
@@ -45,6 +53,11 @@ parameters and optimizer state from a peer.`,
 			defer cli.Close()
 			cfg.Etcd = cli
 			cfg.Logger = log
+			stopHealth, err := serveHealth(health, log)
+			if err != nil {
+				return err
+			}
+			defer stopHealth()
 			return worker.Run(ctx, cfg)
 		},
 	}
@@ -57,6 +70,8 @@ parameters and optimizer state from a peer.`,
 	fl.IntVar(&cfg.Threads, "threads", 0, "kernel threads (0 = all cores)")
 	fl.IntVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL in seconds (default 3)")
 	fl.DurationVar(&cfg.HopTimeout, "hop-timeout", 0, "all-reduce per-hop deadline (default 30s)")
+	fl.StringVar(&health, "health", "", "serve the gRPC health service here (e.g. :7101) for probes")
+	fl.StringVar(&device, "device", "auto", "compute device: auto or cpu")
 	_ = cmd.MarkFlagRequired("job")
 	rootCmd.AddCommand(cmd)
 }

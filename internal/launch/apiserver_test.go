@@ -199,8 +199,10 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 			changed[a.Kind] = true
 		}
 	}
-	if !changed["Job"] || !changed["PodDisruptionBudget"] || len(changed) != 2 {
-		t.Errorf("resize changed %v, want the worker Job and its PDB only", changed)
+	// The coordinator Deployment changes too: it is told the ring size to
+	// wait for at the start.
+	if !changed["Job"] || !changed["PodDisruptionBudget"] || !changed["Deployment"] || len(changed) != 3 {
+		t.Errorf("resize changed %v, want the worker Job, its PDB and the coordinator Deployment only", changed)
 	}
 
 	// What may not change says what to do.

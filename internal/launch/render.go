@@ -207,7 +207,20 @@ func specPatches(s Spec) ([]string, error) {
 		"metadata":   map[string]any{"name": "worker"},
 		"spec":       map[string]any{"minAvailable": minW},
 	}
-	out := []map[string]any{job, pdb}
+	// The coordinator creates the job in etcd and waits for this many
+	// workers before the first ring (env merges by name).
+	coord := map[string]any{
+		"apiVersion": "apps/v1",
+		"kind":       "Deployment",
+		"metadata":   map[string]any{"name": "coordinator"},
+		"spec": map[string]any{"template": map[string]any{"spec": map[string]any{
+			"containers": []any{map[string]any{"name": "coordinator", "env": []any{
+				map[string]any{"name": "WORKERS", "value": strconv.Itoa(s.Workers)},
+				map[string]any{"name": "MIN_WORKERS", "value": strconv.Itoa(minW)},
+			}}},
+		}}},
+	}
+	out := []map[string]any{job, pdb, coord}
 	if s.Checkpoint.Size != "" || s.Checkpoint.StorageClass != "" {
 		spec := map[string]any{}
 		if s.Checkpoint.Size != "" {

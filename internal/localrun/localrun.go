@@ -20,10 +20,11 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/schollz/progressbar/v3"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.yaml.in/yaml/v3"
 
+	"github.com/bmojo/bmojo/coordinator"
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/monitor"
 	"github.com/bmojo/bmojo/internal/train"
 )
 
@@ -46,6 +47,16 @@ type Options struct {
 	OnCoordinator func(i int, p *os.Process)
 	// OnEtcd is called with the embedded etcd's client endpoints.
 	OnEtcd func(endpoints []string)
+	// HTTP, when set, is where the monitor (dashboard, /metrics,
+	// /api/v1/status) listens, in this process; a free port of the same
+	// host when that one is taken.
+	HTTP string
+	// OnHTTP is called with the monitor's URL once it listens.
+	OnHTTP func(url string)
+	// Token, when set, is the monitor's bearer token.
+	Token string
+	// TensorBoard, when set, is a directory for TensorBoard event files.
+	TensorBoard string
 }
 
 // Result is what the job reached.
@@ -104,12 +115,20 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	}
 	defer cli.Close()
 
+	if o.HTTP != "" || o.TensorBoard != "" {
+		stopMonitor, err := serveMonitor(ctx, j.Name, cli, o, log)
+		if err != nil {
+			return res, err
+		}
+		defer stopMonitor()
+	}
+
 	prefix := cluster.Prefix(j.Name)
 	code, err := cluster.FileHash(exe)
 	if err != nil {
 		return res, fmt.Errorf("localrun: %w", err)
 	}
-	_, resumed, err := PutSpec(ctx, cli, j, o.Workers, code)
+	_, resumed, err := coordinator.PutSpec(ctx, cli, j, o.Workers, 1, code)
 	if err != nil {
 		return res, err
 	}
@@ -212,47 +231,6 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	}
 }
 
-// PutSpec writes the job spec, or checks that the existing one is the same
-// job (then the run resumes: resumed is true). code is the build identity
-// (cluster.FileHash) of the binary the workers run.
-func PutSpec(ctx context.Context, cli *clientv3.Client, j train.Job, workers int, code string) (spec cluster.JobSpec, resumed bool, err error) {
-	prefix := cluster.Prefix(j.Name)
-	y, err := yaml.Marshal(j)
-	if err != nil {
-		return cluster.JobSpec{}, false, fmt.Errorf("localrun: encode job: %w", err)
-	}
-	spec = cluster.JobSpec{Protocol: cluster.ProtocolVersion, YAML: string(y), Hash: cluster.SpecHash(string(y)),
-		Workers: workers, MinRing: 1, CkptDir: j.CheckpointDir, Created: time.Now().UTC().Format(time.RFC3339),
-		CodeHash: code}
-	k := prefix + cluster.KeySpec
-	resp, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, cluster.Encode(spec))).Else(clientv3.OpGet(k)).Commit()
-	if err != nil {
-		return spec, false, fmt.Errorf("localrun: write job spec: %w", err)
-	}
-	if resp.Succeeded {
-		return spec, false, nil
-	}
-	var old cluster.JobSpec
-	kvs := resp.Responses[0].GetResponseRange().Kvs
-	if len(kvs) == 0 {
-		return spec, false, fmt.Errorf("localrun: job spec vanished")
-	}
-	if err := cluster.Decode(k, kvs[0].Value, &old); err != nil {
-		return spec, false, err
-	}
-	if old.Hash != spec.Hash {
-		return spec, false, fmt.Errorf("localrun: %s holds job %q with another configuration; rerun with the same job to resume it, or choose another --checkpoint-dir",
-			j.CheckpointDir, j.Name)
-	}
-	// Same job; a rebuilt binary or another worker count is fine to resume with.
-	old.CodeHash, old.Workers = spec.CodeHash, workers
-	if _, err := cli.Put(ctx, k, cluster.Encode(old)); err != nil {
-		return spec, true, fmt.Errorf("localrun: update job spec: %w", err)
-	}
-	return old, true, nil
-}
-
 // StartWorker starts `exe worker` for job as a child process whose stderr
 // goes to ours; ctx cancellation sends it SIGTERM.
 func StartWorker(ctx context.Context, exe, job, endpoint, id string, threads int, level string) (*exec.Cmd, error) {
@@ -310,3 +288,32 @@ func latestCheckpoint(ctx context.Context, cli *clientv3.Client, prefix string) 
 }
 
 func runtimeCPUs() int { return runtime.NumCPU() }
+
+// serveMonitor runs the monitor of job in this process until stop is called.
+func serveMonitor(ctx context.Context, job string, cli *clientv3.Client, o Options, log hclog.Logger) (stop func(), err error) {
+	m, err := monitor.New(monitor.Config{JobName: job, Client: cli, Token: o.Token, TensorBoardDir: o.TensorBoard, Logger: log.Named("monitor")})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	if o.HTTP == "" {
+		go func() { done <- m.Run(ctx) }()
+	} else {
+		ln, err := monitor.Listen(o.HTTP, true)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		if o.OnHTTP != nil {
+			o.OnHTTP(monitor.URL(ln))
+		}
+		go func() { done <- m.Serve(ctx, ln) }()
+	}
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			log.Warn("monitor stopped", "error", err)
+		}
+	}, nil
+}
