@@ -24,6 +24,7 @@ import (
 	"github.com/bmojo/bmojo/coordinator"
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/monitor"
 	"github.com/bmojo/bmojo/internal/train"
 )
 
@@ -46,6 +47,16 @@ type Options struct {
 	OnCoordinator func(i int, p *os.Process)
 	// OnEtcd is called with the embedded etcd's client endpoints.
 	OnEtcd func(endpoints []string)
+	// HTTP, when set, is where the monitor (dashboard, /metrics,
+	// /api/v1/status) listens, in this process; a free port of the same
+	// host when that one is taken.
+	HTTP string
+	// OnHTTP is called with the monitor's URL once it listens.
+	OnHTTP func(url string)
+	// Token, when set, is the monitor's bearer token.
+	Token string
+	// TensorBoard, when set, is a directory for TensorBoard event files.
+	TensorBoard string
 }
 
 // Result is what the job reached.
@@ -103,6 +114,14 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 		return res, fmt.Errorf("localrun: etcd: %w", err)
 	}
 	defer cli.Close()
+
+	if o.HTTP != "" || o.TensorBoard != "" {
+		stopMonitor, err := serveMonitor(ctx, j.Name, cli, o, log)
+		if err != nil {
+			return res, err
+		}
+		defer stopMonitor()
+	}
 
 	prefix := cluster.Prefix(j.Name)
 	code, err := cluster.FileHash(exe)
@@ -269,3 +288,32 @@ func latestCheckpoint(ctx context.Context, cli *clientv3.Client, prefix string) 
 }
 
 func runtimeCPUs() int { return runtime.NumCPU() }
+
+// serveMonitor runs the monitor of job in this process until stop is called.
+func serveMonitor(ctx context.Context, job string, cli *clientv3.Client, o Options, log hclog.Logger) (stop func(), err error) {
+	m, err := monitor.New(monitor.Config{JobName: job, Client: cli, Token: o.Token, TensorBoardDir: o.TensorBoard, Logger: log.Named("monitor")})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	if o.HTTP == "" {
+		go func() { done <- m.Run(ctx) }()
+	} else {
+		ln, err := monitor.Listen(o.HTTP, true)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		if o.OnHTTP != nil {
+			o.OnHTTP(monitor.URL(ln))
+		}
+		go func() { done <- m.Serve(ctx, ln) }()
+	}
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			log.Warn("monitor stopped", "error", err)
+		}
+	}, nil
+}
