@@ -71,6 +71,7 @@ over when the leader dies. It exits when the job is done.`,
 	cmd.Flags().IntVar(&workers, "workers", 1, "with --job-file: workers the first ring waits for")
 	cmd.Flags().IntVar(&minWorkers, "min-workers", 1, "with --job-file: the smallest ring that may train")
 	cmd.Flags().StringVar(&healthAddr, "listen", "", "serve the gRPC health service here (e.g. :7000) for probes")
+	mon := monitorFlags(cmd.Flags(), "")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		fill()
 		log := newLogger().Named("coordinator")
@@ -109,6 +110,11 @@ over when the leader dies. It exits when the job is done.`,
 			return err
 		}
 		defer stopHealth()
+		stopMon, err := mon.start(ctx, cfg.JobName, cfg.Client, cfg.Etcd, false, log.Named("monitor"))
+		if err != nil {
+			return err
+		}
+		defer stopMon()
 		err = coordinator.Run(ctx, cfg)
 		if errors.Is(err, context.Canceled) {
 			log.Info("stopped")

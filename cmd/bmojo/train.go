@@ -23,6 +23,7 @@ func init() {
 		resume  bool
 		quiet   bool
 		workers int
+		mon     *monitorOpts
 		f       = train.Default()
 	)
 	cmd := &cobra.Command{
@@ -73,7 +74,7 @@ any field; flags given on the command line override the file.`,
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			if workers > 0 {
-				return trainLocal(ctx, j, workers, quiet, log)
+				return trainLocal(ctx, j, workers, quiet, mon, log)
 			}
 			opts := train.Options{Logger: log.Named("train"), Resume: resume}
 			if !quiet {
@@ -97,6 +98,7 @@ any field; flags given on the command line override the file.`,
 	fl.IntVar(&workers, "workers", 2, "worker processes (embedded etcd + coordinator + N workers); 0 = train in this process")
 	fl.BoolVar(&resume, "resume", false, "with --workers 0: continue from the newest good checkpoint in --checkpoint-dir (worker runs always resume)")
 	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	mon = monitorFlags(fl, "127.0.0.1:8080") // with --workers N: a free port when this one is taken
 	fl.StringVar(&f.Preset, "preset", f.Preset, "model preset: FAMILY[-SIZE], families bmojo, bmojo-f, mamba, swa, transformer, hybrid; sizes tiny, small, 130m, 370m")
 	fl.IntVar(&f.Steps, "steps", f.Steps, "optimizer steps")
 	fl.IntVar(&f.BatchSize, "batch-size", f.BatchSize, "sequences per step")
@@ -114,8 +116,10 @@ any field; flags given on the command line override the file.`,
 
 // trainLocal runs the job with an embedded etcd, a coordinator and workers
 // worker processes; rerunning the same job resumes it.
-func trainLocal(ctx context.Context, j train.Job, workers int, quiet bool, log hclog.Logger) error {
-	opts := localrun.Options{Workers: workers, Logger: log.Named("train"), WorkerLevel: "warn"}
+func trainLocal(ctx context.Context, j train.Job, workers int, quiet bool, mon *monitorOpts, log hclog.Logger) error {
+	opts := localrun.Options{Workers: workers, Logger: log.Named("train"), WorkerLevel: "warn",
+		HTTP: mon.http, Token: mon.tokenOrEnv(), TensorBoard: mon.tensorboard,
+		OnHTTP: func(url string) { log.Info("dashboard (bmojo status reads it too)", "url", url) }}
 	if log.IsDebug() {
 		opts.WorkerLevel = "debug"
 	}
