@@ -124,7 +124,7 @@ func Downsample(pts []Point, n int) []Point {
 // by at least stragglerGap of its step, and the others spend at least
 // stragglerWait of that gap waiting in the all-reduce (they wait for it).
 const (
-	stragglerGap  = 0.10
+	stragglerGap  = 0.15
 	stragglerWait = 0.5
 )
 
