@@ -207,11 +207,48 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 		c.mu.Lock()
 		c.last = time.Since(t0)
 		c.mu.Unlock()
+		c.prune()
 		w.log.Info("checkpoint committed", "step", man.Step, "dir", dir, "duration", time.Since(t0).Round(time.Millisecond))
 	}()
 }
 
 func (c *checkpointer) wait() { c.wg.Wait() }
+
+// prune keeps the job's newest keep_checkpoints committed checkpoints: each
+// older manifest leaves etcd first, then its directory, so a resume never
+// finds a manifest without its files.
+func (c *checkpointer) prune() {
+	w := c.w
+	keep := w.job.KeepCheckpoints
+	if keep <= 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := w.cli.Get(ctx, w.key(cluster.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	if err != nil {
+		return // next time
+	}
+	n := 0
+	for _, kv := range resp.Kvs {
+		if string(kv.Key) == w.key(cluster.KeyLatestCkpt) {
+			continue
+		}
+		if n++; n <= keep {
+			continue
+		}
+		var man cluster.Manifest
+		if cluster.Decode(string(kv.Key), kv.Value, &man) != nil {
+			continue
+		}
+		if _, err := w.cli.Delete(ctx, string(kv.Key)); err != nil {
+			return
+		}
+		if err := os.RemoveAll(man.Dir); err != nil {
+			w.log.Warn("could not remove old checkpoint", "dir", man.Dir, "error", err)
+		}
+	}
+}
 
 func hashFile(path string) (cluster.File, error) {
 	f, err := os.Open(path)

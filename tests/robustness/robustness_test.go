@@ -245,6 +245,14 @@ func TestKillWorkerMidRun(t *testing.T) {
 		t.Fatalf("job ended at step %d, want %d", res.Done.Step, steps)
 	}
 	checkExactlyOnce(t, ledger(t, res, j.Name), steps, batch)
+	// keep_checkpoints (3) of the 4 written survive, the newest.
+	dirs, err := train.ListCheckpoints(j.CheckpointDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dirs) != j.KeepCheckpoints || filepath.Base(dirs[0]) != "step-00000040" {
+		t.Fatalf("checkpoints left: %v, want the newest %d", dirs, j.KeepCheckpoints)
+	}
 }
 
 func TestWorkerJoinsMidRun(t *testing.T) {
