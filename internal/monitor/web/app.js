@@ -71,7 +71,7 @@ function drawChart(canvas, series, opts) {
   for (let i = 0; i <= 4; i++) {
     const v = y0 + ((y1 - y0) * i) / 4, y = Y(v);
     ctx.beginPath(); ctx.moveTo(pad.l, y); ctx.lineTo(w - pad.r, y); ctx.stroke();
-    ctx.fillText(Math.abs(v) >= 1000 ? fmtInt(v) : v.toFixed(2), pad.l - 6, y);
+    ctx.fillText(Math.abs(y1 - y0) >= 20 ? fmtInt(v) : v.toFixed(2), pad.l - 6, y);
   }
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
@@ -106,7 +106,7 @@ function render(s) {
   $("valloss").textContent = s.val_loss ? fmt(s.val_loss, 4) : "–";
   $("tps").textContent = fmtInt(s.tokens_per_s);
   $("epoch").textContent = s.epoch;
-  $("ring").textContent = s.ring_size + " workers";
+  $("ring").textContent = s.ring_size + (s.ring_size === 1 ? " worker" : " workers");
   $("recovery").textContent = s.last_recovery_seconds ? fmt(s.last_recovery_seconds, 2) + " s" : "–";
   $("ckpt").textContent = s.checkpoint ? "step " + s.checkpoint.step : "–";
   $("ckpt").title = s.checkpoint ? s.checkpoint.dir : "";
