@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -345,5 +346,52 @@ func TestTensorBoardRoundTrip(t *testing.T) {
 	b[len(b)-6] ^= 1 // a flipped bit in the last record's data
 	if _, _, err := ReadTBScalars(bytes.NewReader(b)); !errors.Is(err, ErrTBCorrupt) {
 		t.Errorf("corrupt file read with err %v, want ErrTBCorrupt", err)
+	}
+}
+
+// The monitor exports what its watch sees, each step once per tag.
+func TestTensorBoardExport(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cli := startEtcd(t, ctx)
+	dir := t.TempDir()
+	m, err := New(Config{JobName: testJob, Client: cli, TensorBoardDir: dir, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(rctx) }()
+	waitFor(t, ctx, 10*time.Second, "monitor synced", m.Synced)
+	if err := monitortest.Populate(ctx, cli, testJob); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 10*time.Second, "step 40", func() bool { s, err := m.Status(); return err == nil && s.Step == 40 })
+	rcancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "events.out.tfevents.*"))
+	if len(files) != 1 {
+		t.Fatalf("event files %v, want one", files)
+	}
+	f, err := os.Open(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	_, got, err := ReadTBScalars(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := map[string]int{}
+	for _, s := range got {
+		n[s.Tag]++
+		if s.Tag == "val_loss" && s.Step == 40 && math.Abs(float64(s.Value)-2.6) > 1e-6 {
+			t.Errorf("val_loss at 40 = %v, want 2.6", s.Value)
+		}
+	}
+	if n["loss"] != 40 || n["val_loss"] != 2 || n["tokens_per_s"] != 40 {
+		t.Errorf("scalars per tag %v, want 40 loss, 2 val_loss, 40 tokens_per_s", n)
 	}
 }
