@@ -17,6 +17,7 @@ func init() {
 		preset       string
 		batch, steps int
 		seqLen       int
+		threadList   []int
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
@@ -59,13 +60,18 @@ func init() {
 			}
 			fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, m.Layout.ParamCount(), batch, c.SeqLen)
 			fmt.Printf("%-8s %12s %12s %9s\n", "threads", "step (s)", "tokens/s", "speed-up")
-			all := runtime.NumCPU()
-			threads := []int{1}
-			if all > 1 {
-				threads = append(threads, all)
+			threads := threadList
+			if len(threads) == 0 {
+				threads = []int{1}
+				if all := runtime.NumCPU(); all > 1 {
+					threads = append(threads, all)
+				}
 			}
 			var base float64
 			for _, n := range threads {
+				if n <= 0 {
+					return fmt.Errorf("bench step: --threads entries must be positive, got %d", n)
+				}
 				prev := runtime.GOMAXPROCS(n)
 				if err := step(); err != nil { // warm-up: page in buffers
 					return err
@@ -92,5 +98,6 @@ func init() {
 	fl.IntVar(&batch, "batch-size", 4, "sequences per step")
 	fl.IntVar(&steps, "steps", 3, "timed steps per thread count")
 	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
+	fl.IntSliceVar(&threadList, "threads", nil, "thread counts to time (default: 1 and all cores)")
 	benchCmd.AddCommand(cmd)
 }
