@@ -45,30 +45,10 @@ func (o *monitorOpts) start(ctx context.Context, job string, cli *clientv3.Clien
 	if o.http == "" && o.tensorboard == "" {
 		return func() {}, nil
 	}
-	m, err := monitor.New(monitor.Config{JobName: job, Client: cli, Etcd: ec, Token: o.tokenOrEnv(),
-		TensorBoardDir: o.tensorboard, Logger: log})
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	if o.http == "" {
-		go func() { done <- m.Run(ctx) }()
-	} else {
-		ln, err := monitor.Listen(o.http, fallback)
-		if err != nil {
-			cancel()
-			return nil, err
-		}
-		log.Info("dashboard", "url", monitor.URL(ln), "token_required", o.tokenOrEnv() != "")
-		go func() { done <- m.Serve(ctx, ln) }()
-	}
-	return func() {
-		cancel()
-		if err := <-done; err != nil {
-			log.Warn("monitor stopped", "error", err)
-		}
-	}, nil
+	return monitor.Start(ctx, monitor.Config{JobName: job, Client: cli, Etcd: ec, Token: o.tokenOrEnv(),
+		TensorBoardDir: o.tensorboard, Logger: log}, o.http, fallback, func(url string) {
+		log.Info("dashboard", "url", url, "token_required", o.tokenOrEnv() != "")
+	})
 }
 
 func init() {

@@ -291,29 +291,6 @@ func runtimeCPUs() int { return runtime.NumCPU() }
 
 // serveMonitor runs the monitor of job in this process until stop is called.
 func serveMonitor(ctx context.Context, job string, cli *clientv3.Client, o Options, log hclog.Logger) (stop func(), err error) {
-	m, err := monitor.New(monitor.Config{JobName: job, Client: cli, Token: o.Token, TensorBoardDir: o.TensorBoard, Logger: log.Named("monitor")})
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	if o.HTTP == "" {
-		go func() { done <- m.Run(ctx) }()
-	} else {
-		ln, err := monitor.Listen(o.HTTP, true)
-		if err != nil {
-			cancel()
-			return nil, err
-		}
-		if o.OnHTTP != nil {
-			o.OnHTTP(monitor.URL(ln))
-		}
-		go func() { done <- m.Serve(ctx, ln) }()
-	}
-	return func() {
-		cancel()
-		if err := <-done; err != nil {
-			log.Warn("monitor stopped", "error", err)
-		}
-	}, nil
+	return monitor.Start(ctx, monitor.Config{JobName: job, Client: cli, Token: o.Token, TensorBoardDir: o.TensorBoard,
+		Logger: log.Named("monitor")}, o.HTTP, true, o.OnHTTP)
 }

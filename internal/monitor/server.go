@@ -149,3 +149,35 @@ func (m *Monitor) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	return err
 }
+
+// Start runs a monitor for cfg in the background: serving HTTP on addr
+// (fallback: a free port of the same host when addr's is taken; onURL, if
+// set, gets the URL), or only following the job (TensorBoard export) when
+// addr is empty. stop ends it and waits.
+func Start(ctx context.Context, cfg Config, addr string, fallback bool, onURL func(url string)) (stop func(), err error) {
+	m, err := New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	if addr == "" {
+		go func() { done <- m.Run(ctx) }()
+	} else {
+		ln, err := Listen(addr, fallback)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		if onURL != nil {
+			onURL(URL(ln))
+		}
+		go func() { done <- m.Serve(ctx, ln) }()
+	}
+	return func() {
+		cancel()
+		if err := <-done; err != nil && cfg.Logger != nil {
+			cfg.Logger.Warn("monitor stopped", "error", err)
+		}
+	}, nil
+}
