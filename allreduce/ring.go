@@ -13,6 +13,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/experimental"
@@ -190,6 +191,12 @@ func (r *Ring) Connect(ctx context.Context) error {
 				grpc.WithReadBufferSize(r.cfg.readBuffer()),
 				grpc.WithWriteBufferSize(r.cfg.writeBuffer()),
 				grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
+				// Ranks of a new epoch come up within milliseconds of each
+				// other; gRPC's default first reconnect after 1 s would add
+				// a second to every ring re-formation.
+				grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+					BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second,
+				}, MinConnectTimeout: 5 * time.Second}),
 				experimental.WithBufferPool(framePool),
 				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
 			)

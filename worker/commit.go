@@ -51,12 +51,7 @@ func (c *committer) add(key, value string) {
 	if c.closed {
 		return
 	}
-	// Consecutive progress records replace each other; ledger entries never do.
-	if n := len(c.queue); n > 0 && c.queue[n-1][0] == key && key == cluster.KeyProgress {
-		c.queue[n-1][1] = value
-	} else {
-		c.queue = append(c.queue, [2]string{key, value})
-	}
+	c.queue = append(c.queue, [2]string{key, value})
 	c.cond.Broadcast()
 }
 
@@ -72,12 +67,21 @@ func (c *committer) run() {
 			c.mu.Unlock()
 			return
 		}
-		batch := c.queue
+		batch := c.queue[:len(c.queue):len(c.queue)] // appends during the write go to a new array
 		c.busy = true
 		c.mu.Unlock()
-		ops := make([]clientv3.Op, 0, len(batch))
-		for _, kv := range batch {
-			ops = append(ops, clientv3.OpPut(c.prefix+kv[0], kv[1]))
+		// etcd refuses a transaction that names a key twice, and progress
+		// and stats records repeat: keep each key's newest value, at its
+		// newest position (so done stays last).
+		last := make(map[string]int, len(batch))
+		for i, kv := range batch {
+			last[kv[0]] = i
+		}
+		ops := make([]clientv3.Op, 0, len(last))
+		for i, kv := range batch {
+			if last[kv[0]] == i {
+				ops = append(ops, clientv3.OpPut(c.prefix+kv[0], kv[1]))
+			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		var err error
@@ -98,7 +102,7 @@ func (c *committer) run() {
 		c.mu.Unlock()
 		if err != nil {
 			if failures == 1 || failures%20 == 0 {
-				c.log.Warn("etcd unavailable; progress and ledger queued", "queued", len(batch), "error", err)
+				c.log.Warn("etcd write failed; progress and ledger stay queued", "queued", len(batch), "error", err)
 			}
 			if closed && failures > 20 {
 				return
@@ -281,12 +285,12 @@ func (w *worker) resume(ctx context.Context) error {
 			continue
 		}
 		if err := verify(man); err != nil {
-			w.log.Warn("skipping checkpoint", "dir", man.Dir, "error", err)
+			w.setAside(man.Dir, err)
 			continue
 		}
 		ck, err := train.LoadCheckpoint(man.Dir)
 		if err != nil {
-			w.log.Warn("skipping checkpoint", "dir", man.Dir, "error", err)
+			w.setAside(man.Dir, err)
 			continue
 		}
 		if a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(w.m.Cfg)[model.ConfigKey]; a != b {
@@ -303,6 +307,17 @@ func (w *worker) resume(ctx context.Context) error {
 		return nil
 	}
 	return nil
+}
+
+// setAside warns about a damaged checkpoint and renames its directory
+// (kept for inspection) so the step can be checkpointed again. Another
+// worker sharing the directory may have renamed it first.
+func (w *worker) setAside(dir string, err error) {
+	aside := fmt.Sprintf("%s.damaged-%d", dir, time.Now().Unix())
+	w.log.Warn("skipping checkpoint", "dir", dir, "error", err, "moved_to", aside)
+	if rerr := os.Rename(dir, aside); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		w.log.Warn("could not set the damaged checkpoint aside", "dir", dir, "error", rerr)
+	}
 }
 
 var errManifest = errors.New("checkpoint does not match its manifest")

@@ -235,6 +235,15 @@ func (w *worker) register(ctx context.Context) error {
 		return fmt.Errorf("worker: etcd lease: %w", err)
 	}
 	w.leaseID = lease.ID
+	// Keep the lease alive from now on: the wait below may outlast its TTL.
+	ka, err := w.cli.KeepAlive(ctx, lease.ID)
+	if err != nil {
+		return fmt.Errorf("worker: etcd keepalive: %w", err)
+	}
+	go func() {
+		for range ka { // drain; the channel closes when ctx ends or the lease is lost
+		}
+	}()
 	// A record left by a killed process of this id lapses with its lease
 	// (etcd keeps leases across its own restarts): wait that long before
 	// calling it a live duplicate.
@@ -253,14 +262,6 @@ func (w *worker) register(ctx context.Context) error {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
-	ka, err := w.cli.KeepAlive(ctx, lease.ID)
-	if err != nil {
-		return fmt.Errorf("worker: etcd keepalive: %w", err)
-	}
-	go func() {
-		for range ka { // drain; the channel closes when ctx ends or the lease is lost
-		}
-	}()
 	w.log.Info("registered", "endpoint", w.addr, "lease_ttl_s", w.cfg.LeaseTTL)
 	return nil
 }
@@ -395,6 +396,12 @@ func (w *worker) loop(ctx context.Context) error {
 		rank := r.Rank(w.cfg.ID)
 		if rank < 0 {
 			w.log.Debug("not in ring", "epoch", r.Epoch)
+			continue
+		}
+		if r.Members[rank].Endpoint != w.addr {
+			// A ring of an earlier process with this id (the job was
+			// restarted): the coordinator will publish one with us.
+			w.log.Debug("ring names a previous incarnation", "epoch", r.Epoch, "endpoint", r.Members[rank].Endpoint)
 			continue
 		}
 		w.closeRing()
