@@ -11,7 +11,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -22,6 +21,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/bmojo/bmojo/internal/localrun"
+	"github.com/bmojo/bmojo/internal/testbin"
 	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/model"
 )
@@ -32,24 +32,8 @@ var bmojoBin string
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if _, err := os.Stat(chromium); err != nil || testing.Short() {
-		os.Exit(m.Run()) // the test skips and says why
-	}
-	dir, err := os.MkdirTemp("", "bmojo-dashboard-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bmojoBin = filepath.Join(dir, "bmojo")
-	build := exec.Command("go", "build", "-o", bmojoBin, "github.com/bmojo/bmojo/cmd/bmojo")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build bmojo:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	_, err := os.Stat(chromium)
+	testbin.Main(m.Run, &bmojoBin, err != nil || testing.Short()) // without chromium the test skips and says why
 }
 
 type testWriter struct{ t *testing.T }

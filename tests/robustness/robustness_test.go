@@ -25,6 +25,7 @@ import (
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/localrun"
+	"github.com/bmojo/bmojo/internal/testbin"
 	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/model"
 )
@@ -33,24 +34,7 @@ var bmojoBin string
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "bmojo-robustness-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	bmojoBin = filepath.Join(dir, "bmojo")
-	build := exec.Command("go", "build", "-o", bmojoBin, "github.com/bmojo/bmojo/cmd/bmojo")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build bmojo:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	testbin.Main(m.Run, &bmojoBin, testing.Short())
 }
 
 func job(t *testing.T, name string, steps, batch int) train.Job {
