@@ -217,7 +217,10 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int, t
 		if err := w.m.Prepare(count, T); err != nil {
 			return 0, 0, &fatalError{err}
 		}
-		tokens, targets := make([]int32, count*T), make([]int32, count*T)
+		if cap(w.tokens) < count*T {
+			w.tokens, w.targets = make([]int32, count*T), make([]int32, count*T)
+		}
+		tokens, targets := w.tokens[:count*T], w.targets[:count*T]
 		if err := w.train.Fill(0, start, count, tokens, targets); err != nil {
 			return 0, 0, &fatalError{err}
 		}

@@ -78,6 +78,8 @@ type worker struct {
 	step    int // completed steps
 	skipped int
 
+	tokens, targets []int32 // the local batch, reused across steps
+
 	lis      net.Listener
 	addr     string
 	leaseID  clientv3.LeaseID
