@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -45,6 +46,10 @@ type Options struct {
 	CoordinatorLevel string
 	// OnCoordinator is called with each coordinator's process once started.
 	OnCoordinator func(i int, p *os.Process)
+	// OnEtcdRestart, when set, receives a function that stops the embedded
+	// etcd, waits down, and starts it again on the same data and address
+	// (tests use it for "etcd is briefly unavailable").
+	OnEtcdRestart func(restart func(down time.Duration) error)
 	// OnEtcd is called with the embedded etcd's client endpoints.
 	OnEtcd func(endpoints []string)
 	// HTTP, when set, is where the monitor (dashboard, /metrics,
@@ -104,8 +109,27 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	defer srv.Close()
+	var srvMu sync.Mutex
+	defer func() { srvMu.Lock(); srv.Close(); srvMu.Unlock() }()
 	endpoints := srv.Endpoints()
+	if o.OnEtcdRestart != nil {
+		o.OnEtcdRestart(func(down time.Duration) error {
+			srvMu.Lock()
+			defer srvMu.Unlock()
+			srv.Close()
+			select {
+			case <-time.After(down):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			s, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, ClientURL: endpoints[0], Logger: log.Named("etcd")})
+			if err != nil {
+				return err
+			}
+			srv = s
+			return nil
+		})
+	}
 	if o.OnEtcd != nil {
 		o.OnEtcd(endpoints)
 	}

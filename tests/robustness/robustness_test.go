@@ -65,6 +65,7 @@ type run struct {
 	err       error
 	done      chan struct{}
 	cancel    context.CancelFunc
+	restart   func(down time.Duration) error // stops etcd, waits, starts it again
 }
 
 func start(t *testing.T, j train.Job, workers int) *run {
@@ -76,7 +77,8 @@ func start(t *testing.T, j train.Job, workers int) *run {
 		defer close(r.done)
 		r.res, r.err = localrun.Run(ctx, j, localrun.Options{
 			Workers: workers, Executable: bmojoBin, Logger: log, WorkerLevel: "info",
-			OnEtcd: func(ep []string) { r.endpoints = ep; close(r.ready) },
+			OnEtcd:        func(ep []string) { r.endpoints = ep; close(r.ready) },
+			OnEtcdRestart: func(f func(time.Duration) error) { r.restart = f },
 			OnWorker: func(id string, p *os.Process) {
 				r.mu.Lock()
 				r.procs[id] = p
@@ -451,4 +453,40 @@ func TestDuplicateWorkerID(t *testing.T) {
 	if res.Done.Step != steps {
 		t.Fatalf("job ended at step %d", res.Done.Step)
 	}
+}
+
+// TestEtcdBrieflyUnavailable: etcd goes away for 1.5 s mid-run (less than
+// the lease TTL). Training goes on meanwhile on the ring it has; progress and
+// ledger records queue and reach etcd once it is back; nothing is lost.
+func TestEtcdBrieflyUnavailable(t *testing.T) {
+	if testing.Short() {
+		t.Skip("robustness suite: runs real processes")
+	}
+	const steps, batch = 80, 4
+	j := job(t, "etcd-down", steps, batch)
+	r := start(t, j, 2)
+	cli := r.client(t)
+	ctx := context.Background()
+	r.until(t, 2*time.Minute, "step 10", func() bool { return localrun.ReadProgress(ctx, cli, j.Name).Step >= 10 })
+	before := localrun.ReadProgress(ctx, cli, j.Name)
+	if err := r.restart(1500 * time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	var after cluster.Progress
+	r.until(t, time.Minute, "progress after the restart", func() bool {
+		after = localrun.ReadProgress(ctx, cli, j.Name)
+		return after.Step > before.Step
+	})
+	t.Logf("etcd down 1.5 s: step %d before, %d on the first read after (epoch %d -> %d)", before.Step, after.Step, before.Epoch, after.Epoch)
+	if after.Step < before.Step+3 {
+		t.Errorf("training did not go on while etcd was down: step %d before, %d after", before.Step, after.Step)
+	}
+	if after.Epoch != before.Epoch {
+		t.Errorf("the ring was re-formed (epoch %d -> %d); a short etcd outage must not change membership", before.Epoch, after.Epoch)
+	}
+	res := r.wait(t)
+	if res.Done.Step != steps {
+		t.Fatalf("job ended at step %d", res.Done.Step)
+	}
+	checkExactlyOnce(t, ledger(t, res, j.Name), steps, batch)
 }
