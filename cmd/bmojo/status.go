@@ -16,6 +16,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/bmojo/bmojo/internal/launch"
+
 	"github.com/bmojo/bmojo/internal/monitor"
 )
 
@@ -23,6 +25,8 @@ func init() {
 	var (
 		watch, asJSON bool
 		addr, token   string
+		k8sJob        string
+		kf            kubeFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "status",
@@ -30,9 +34,25 @@ func init() {
 		Long: `Show a running job: a progress bar with ETA, the loss, tokens/s, the
 ring epoch and the worker table, read from the HTTP API that bmojo train
 --workers N (127.0.0.1:8080 by default), bmojo coordinator --http or
-bmojo monitor serves. --json prints /api/v1/status as it is.`,
+bmojo monitor serves. --json prints /api/v1/status as it is.
+
+--k8s JOB shows instead a job launched on Kubernetes: its etcd, coordinator
+and worker pods, as bmojo k8s-status does.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if k8sJob != "" {
+				kc, ns, err := kf.load("")
+				if err != nil {
+					return err
+				}
+				ctx, stop := signalContext()
+				defer stop()
+				st, err := launch.Status(ctx, kc.REST, ns, k8sJob)
+				if err != nil {
+					return err
+				}
+				return st.Write(os.Stdout)
+			}
 			if token == "" {
 				token = os.Getenv("BMOJO_TOKEN")
 			}
@@ -85,6 +105,8 @@ bmojo monitor serves. --json prints /api/v1/status as it is.`,
 	fl.BoolVar(&asJSON, "json", false, "print the /api/v1/status JSON as served")
 	fl.StringVar(&addr, "addr", "http://127.0.0.1:8080", "the monitor's address (bmojo train, bmojo coordinator --http, bmojo monitor)")
 	fl.StringVar(&token, "token", "", "bearer token (or set BMOJO_TOKEN)")
+	fl.StringVar(&k8sJob, "k8s", "", "show this job's Kubernetes state instead (uses your kubeconfig like kubectl)")
+	kf.add(fl)
 	rootCmd.AddCommand(cmd)
 }
 
