@@ -1,0 +1,101 @@
+package worker
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/model"
+)
+
+// TestCommitterRepeatedKeys: progress and stats records repeat between
+// flushes; etcd refuses a transaction naming a key twice, so a batch must
+// carry each key once, with its newest value (robustness bug 4).
+func TestCommitterRepeatedKeys(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: srv.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	const prefix = "/bmojo/jobs/t/"
+	c := newCommitter(cli, prefix, hclog.NewNullLogger())
+	defer c.close()
+	// Many records added faster than one transaction: batches hold repeats.
+	for step := range 300 {
+		c.add(cluster.LedgerKey(step), fmt.Sprintf(`{"step":%d}`, step))
+		c.add(cluster.KeyProgress, fmt.Sprintf(`{"step":%d}`, step+1))
+		c.add(cluster.KeyStats+"w0", fmt.Sprintf(`{"step":%d}`, step+1))
+	}
+	c.add(cluster.KeyDone, `{"step":300}`)
+	fctx, fcancel := context.WithTimeout(ctx, 10*time.Second)
+	c.flush(fctx)
+	timedOut := fctx.Err() != nil
+	fcancel()
+	if timedOut {
+		t.Fatal("flush did not finish: a batch is being refused")
+	}
+	resp, err := cli.Get(ctx, prefix+cluster.KeyLedger, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Count != 300 {
+		t.Fatalf("%d ledger entries in etcd, want 300", resp.Count)
+	}
+	for k, want := range map[string]string{cluster.KeyProgress: `{"step":300}`, cluster.KeyStats + "w0": `{"step":300}`, cluster.KeyDone: `{"step":300}`} {
+		r, err := cli.Get(ctx, prefix+k)
+		if err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != want {
+			t.Fatalf("%s: got %v (err %v), want %s", k, r.Kvs, err, want)
+		}
+	}
+}
+
+// TestBucketsCoverTheGradientOnce: the all-reduce buckets partition the flat
+// gradient vector, embedding and final norm first, then one per layer.
+func TestBucketsCoverTheGradientOnce(t *testing.T) {
+	for _, preset := range []string{"bmojo-tiny", "hybrid-tiny", "mamba-tiny"} {
+		c, err := model.Preset(preset)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := model.New[float32](cpu.New[float32](), c, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkBuckets(t, &worker{m: m})
+	}
+}
+
+func checkBuckets(t *testing.T, w *worker) {
+	t.Helper()
+	bs := w.buckets()
+	if len(bs) != w.m.Cfg.NLayer+1 {
+		t.Fatalf("%d buckets for %d layers", len(bs), w.m.Cfg.NLayer)
+	}
+	next := 0
+	for i, b := range bs {
+		if b.off != next || b.n <= 0 {
+			t.Fatalf("bucket %d covers [%d,%d), want it to start at %d", i, b.off, b.off+b.n, next)
+		}
+		next = b.off + b.n
+	}
+	if next != w.m.Layout.Total {
+		t.Fatalf("buckets end at %d, gradient has %d", next, w.m.Layout.Total)
+	}
+	if len(bs[0].host) != bs[0].n+1 {
+		t.Fatal("bucket 0 has no slot for the loss")
+	}
+}
