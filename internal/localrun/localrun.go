@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -104,6 +105,11 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	if err := os.MkdirAll(j.CheckpointDir, 0o755); err != nil {
 		return Result{}, fmt.Errorf("localrun: checkpoint dir: %w", err)
 	}
+	unlock, err := lockDir(j.CheckpointDir)
+	if err != nil {
+		return Result{}, err
+	}
+	defer unlock()
 	res := Result{EtcdDataDir: filepath.Join(j.CheckpointDir, "etcd")}
 	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, Logger: log.Named("etcd")})
 	if err != nil {
@@ -317,4 +323,25 @@ func runtimeCPUs() int { return runtime.NumCPU() }
 func serveMonitor(ctx context.Context, job string, cli *clientv3.Client, o Options, log hclog.Logger) (stop func(), err error) {
 	return monitor.Start(ctx, monitor.Config{JobName: job, Client: cli, Token: o.Token, TensorBoardDir: o.TensorBoard,
 		Logger: log.Named("monitor")}, o.HTTP, true, o.OnHTTP)
+}
+
+// lockDir takes an exclusive advisory lock on dir/.lock, so a second run on
+// the same checkpoint directory fails at once with a clear error (instead of
+// blocking on etcd's database lock).
+func lockDir(dir string) (unlock func(), err error) {
+	path := filepath.Join(dir, ".lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("localrun: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b := make([]byte, 32)
+		n, _ := f.ReadAt(b, 0)
+		f.Close()
+		return nil, fmt.Errorf("localrun: %s is in use by another bmojo train (pid %s); wait for it or choose another --checkpoint-dir",
+			dir, strings.TrimSpace(string(b[:n])))
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return func() { _ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
 }
