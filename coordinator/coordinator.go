@@ -174,18 +174,11 @@ func (c *Coordinator) setLeader(b bool) {
 // ctx's error when ctx ends, and an error at once only for a bad config or
 // job spec. etcd being unavailable is never an error: Run retries.
 func (c *Coordinator) Run(ctx context.Context) error {
-	cli := c.cfg.Client
-	if cli == nil {
-		ec := c.cfg.Etcd
-		if ec.Logger == nil {
-			ec.Logger = c.log.Named("etcd")
-		}
-		var err error
-		if cli, err = etcdserver.Connect(ctx, ec); err != nil {
-			return fmt.Errorf("coordinator: %w", err)
-		}
-		defer cli.Close()
+	cli, release, err := etcdserver.ClientOr(ctx, c.cfg.Client, c.cfg.Etcd, c.log.Named("etcd"))
+	if err != nil {
+		return fmt.Errorf("coordinator: %w", err)
 	}
+	defer release()
 
 	var wg sync.WaitGroup
 	defer wg.Wait() // after cancel, below

@@ -138,3 +138,20 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 		backoff = min(2*backoff, cfg.MaxBackoff)
 	}
 }
+
+// ClientOr returns cli when it is set (release does nothing), or connects
+// with cfg (logging under log when cfg has no logger; release closes the
+// new client). Components that accept either a client or a config use it.
+func ClientOr(ctx context.Context, cli *clientv3.Client, cfg ClientConfig, log hclog.Logger) (c *clientv3.Client, release func(), err error) {
+	if cli != nil {
+		return cli, func() {}, nil
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = log
+	}
+	c, err = Connect(ctx, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, func() { c.Close() }, nil
+}

@@ -117,21 +117,14 @@ func New(cfg Config) (*Monitor, error) {
 // Run keeps the cache in sync with etcd until ctx ends (it returns nil
 // then). etcd being unavailable is not an error: it retries.
 func (m *Monitor) Run(ctx context.Context) error {
-	cli := m.cfg.Client
-	if cli == nil {
-		ec := m.cfg.Etcd
-		if ec.Logger == nil {
-			ec.Logger = m.log.Named("etcd")
+	cli, release, err := etcdserver.ClientOr(ctx, m.cfg.Client, m.cfg.Etcd, m.log.Named("etcd"))
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
 		}
-		var err error
-		if cli, err = etcdserver.Connect(ctx, ec); err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("monitor: %w", err)
-		}
-		defer cli.Close()
+		return fmt.Errorf("monitor: %w", err)
 	}
+	defer release()
 	if m.cfg.TensorBoardDir != "" {
 		tb, err := newTBExport(m.cfg.TensorBoardDir)
 		if err != nil {
