@@ -24,15 +24,7 @@ func (be *Backend[F]) Embedding(out, table kernels.Buffer, tokens kernels.IntBuf
 		c.failf("table is nil")
 		return
 	}
-	c.cond(table.Len()%d == 0, "table has %d elements, not a multiple of d=%d", table.Len(), d)
-	tab := c.buf("table", table, table.Len(), "V*d")
-	V := len(tab) / d
-	for r, tk := range tok {
-		if tk < 0 || int(tk) >= V {
-			c.failf("tokens[%d]=%d out of range [0,%d)", r, tk, V)
-			return
-		}
-	}
+	tab := c.table("table", table, d, tok)
 	if !c.ok {
 		return
 	}
@@ -42,6 +34,21 @@ func (be *Backend[F]) Embedding(out, table kernels.Buffer, tokens kernels.IntBuf
 			copy(o[r*d:(r+1)*d], tab[t*d:(t+1)*d])
 		}
 	})
+}
+
+// table checks an embedding table [V,d] (V taken from its length) and that
+// every token indexes a row of it.
+func (c *checker[F]) table(name string, b kernels.Buffer, d int, tok []int32) []F {
+	c.cond(b.Len()%d == 0, "%s has %d elements, not a multiple of d=%d", name, b.Len(), d)
+	tab := c.buf(name, b, b.Len(), "V*d")
+	V := len(tab) / d
+	for r, tk := range tok {
+		if tk < 0 || int(tk) >= V {
+			c.failf("tokens[%d]=%d out of range [0,%d)", r, tk, V)
+			return nil
+		}
+	}
+	return tab
 }
 
 // EmbeddingBackward implements kernels.Backend. Tokens repeat, so workers
@@ -54,15 +61,7 @@ func (be *Backend[F]) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kern
 	if !c.ok || dtable == nil || d == 0 {
 		return
 	}
-	c.cond(dtable.Len()%d == 0, "dtable has %d elements, not a multiple of d=%d", dtable.Len(), d)
-	dt := c.buf("dtable", dtable, dtable.Len(), "V*d")
-	V := len(dt) / d
-	for r, tk := range tok {
-		if tk < 0 || int(tk) >= V {
-			c.failf("tokens[%d]=%d out of range [0,%d)", r, tk, V)
-			return
-		}
-	}
+	dt := c.table("dtable", dtable, d, tok)
 	if !c.ok {
 		return
 	}
