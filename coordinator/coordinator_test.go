@@ -261,12 +261,16 @@ func waitFor(t *testing.T, ctx context.Context, timeout time.Duration, cond func
 // on each ring that names it, it writes ready at its step; on start it
 // takes the start's step.
 type fakeWorker struct {
-	id     string
-	cli    *clientv3.Client
-	lease  clientv3.LeaseID
-	step   atomic.Int64
-	cancel context.CancelFunc
-	done   chan struct{}
+	id    string
+	cli   *clientv3.Client
+	lease clientv3.LeaseID
+	step  atomic.Int64
+	// started is the last epoch whose start record this worker acted on;
+	// tests wait on it before changing step, else a late start record
+	// would overwrite the step they set.
+	started atomic.Uint64
+	cancel  context.CancelFunc
+	done    chan struct{}
 }
 
 func (e *env) worker(id string, ttl int64) *fakeWorker {
@@ -339,6 +343,7 @@ func (w *fakeWorker) follow(ctx context.Context) {
 			if ring.Epoch > started && err == nil && len(sresp.Kvs) > 0 && cluster.Decode("start", sresp.Kvs[0].Value, &s) == nil {
 				w.step.Store(int64(s.Step))
 				started = ring.Epoch
+				w.started.Store(started)
 			}
 		}
 		check()
@@ -365,6 +370,11 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	}
 
 	// SIGKILL: w2's keep-alives stop; the ring re-forms when its lease expires.
+	for _, w := range []*fakeWorker{w1, w3} {
+		waitFor(t, ctx, 10*time.Second, func() (bool, string) {
+			return w.started.Load() >= ring.Epoch, w.id + " has not acted on the first start record"
+		})
+	}
 	w1.step.Store(17)
 	w3.step.Store(16)
 	t0 := time.Now()
