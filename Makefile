@@ -1,0 +1,17 @@
+# Developer shortcuts; CI runs .ci/run.
+.PHONY: ptx ptx-check build build-cuda test
+
+ptx: ## regenerate kernels/cuda/ptx from kernels/cuda/csrc (needs nvcc)
+	scripts/gen-ptx.sh
+
+ptx-check: ## fail if the committed PTX is stale
+	scripts/gen-ptx.sh --check
+
+build:
+	go build -o bin/bmojo ./cmd/bmojo
+
+build-cuda: ptx ## the GPU binary: CGO, links only libcuda.so.1
+	CGO_ENABLED=1 go build -tags cuda -ldflags "-s -w" -o bin/bmojo-cuda ./cmd/bmojo
+
+test:
+	go test ./...

@@ -1,0 +1,355 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"fmt"
+	"sync"
+	"unsafe"
+
+	"gorgonia.org/cu"
+
+	"github.com/bmojo/bmojo/kernels"
+)
+
+// floats is a device buffer of float32 (or a view of one).
+type floats struct {
+	ptr   cu.DevicePtr
+	n     int
+	owner *allocation
+}
+
+// Len implements kernels.Buffer.
+func (f *floats) Len() int { return f.n }
+
+// ints is a device buffer of int32.
+type ints struct {
+	ptr   cu.DevicePtr
+	n     int
+	owner *allocation
+}
+
+// Len implements kernels.IntBuffer.
+func (f *ints) Len() int { return f.n }
+
+// Backend is kernels.Backend[float32] on one Device. Ops validate shapes on
+// the calling goroutine and queue their kernels on the device's stream; the
+// first failure is kept and reported by Err.
+type Backend struct {
+	d  *Device
+	mu sync.Mutex
+	// err is the first failure recorded.
+	err error
+	// status is device memory where kernels report bad data they find
+	// (a token outside the vocabulary, a selected position outside the
+	// sequence): word 0 a code, words 1 and 2 the value and its index.
+	status *ints
+}
+
+var _ kernels.Backend[float32] = (*Backend)(nil)
+
+const statusWords = 4
+
+// Status codes written by kernels (csrc/common.cuh keeps the same list).
+var statusMessages = map[int32]string{
+	1: "embedding: token %d at row %d is outside the vocabulary",
+	2: "attention: sel holds position %d (entry %d), outside the sequence",
+	3: "cross_entropy: target %d at row %d is outside the vocabulary",
+	4: "select_chunks: chunk %d of sequence %d has fewer than S positions",
+}
+
+// Name implements kernels.Backend.
+func (b *Backend) Name() string { return "cuda" }
+
+// Device returns the device the backend runs on.
+func (b *Backend) Device() *Device { return b.d }
+
+// MatMulBF16 tells the conformance suite that matrix products round their
+// inputs to bfloat16 (tensor cores) and accumulate in float32.
+func (b *Backend) MatMulBF16() bool { return b.d.opt.MatMul == "bf16" }
+
+func (b *Backend) failf(format string, args ...any) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err == nil {
+		b.err = fmt.Errorf("kernels/cuda: "+format, args...)
+	}
+}
+
+func (b *Backend) failed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err != nil
+}
+
+// Err implements kernels.Backend: it waits for the queued work, then
+// reports the first failure, including bad data a kernel found.
+func (b *Backend) Err() error {
+	if b.failed() {
+		return b.err
+	}
+	var st [statusWords]int32
+	var err error
+	b.d.do(func() {
+		if err = b.d.stream.Synchronize(); err != nil {
+			return
+		}
+		err = cu.MemcpyDtoH(unsafe.Pointer(&st[0]), b.status.ptr, 4*statusWords)
+	})
+	if err != nil {
+		b.failf("the GPU failed running queued kernels: %v", err)
+	} else if st[0] != 0 {
+		msg, ok := statusMessages[st[0]]
+		if !ok {
+			msg = fmt.Sprintf("kernel status code %d (value %%d, index %%d)", st[0])
+		}
+		b.failf(msg, st[1], st[2])
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
+}
+
+// run executes f on the device thread unless an error is recorded already,
+// recording what f returns under op.
+func (b *Backend) run(op string, f func() error) {
+	if b.failed() {
+		return
+	}
+	var err error
+	b.d.do(func() { err = f() })
+	if err != nil {
+		b.failf("%s: %v", op, err)
+	}
+}
+
+// launch queues one kernel for op.
+func (b *Backend) launch(op, kernel string, grid, block dim, shmem int, args ...any) {
+	b.run(op, func() error { return b.d.launch(kernel, grid, block, shmem, args...) })
+}
+
+// Alloc implements kernels.Backend.
+func (b *Backend) Alloc(n int) kernels.Buffer {
+	f := &floats{n: n}
+	if n < 0 {
+		b.failf("alloc: negative length %d", n)
+		f.n = 0
+		return f
+	}
+	if n == 0 {
+		return f
+	}
+	b.run("alloc", func() error {
+		a, err := b.d.mem.alloc(int64(n) * 4)
+		if err != nil {
+			return err
+		}
+		f.ptr, f.owner = a.ptr, a
+		return cu.MemsetD32Async(f.ptr, 0, int64(n), b.d.stream)
+	})
+	return f
+}
+
+// AllocInt implements kernels.Backend.
+func (b *Backend) AllocInt(n int) kernels.IntBuffer {
+	f := &ints{n: n}
+	if n < 0 {
+		b.failf("alloc: negative length %d", n)
+		f.n = 0
+		return f
+	}
+	if n == 0 {
+		return f
+	}
+	b.run("alloc", func() error {
+		a, err := b.d.mem.alloc(int64(n) * 4)
+		if err != nil {
+			return err
+		}
+		f.ptr, f.owner = a.ptr, a
+		return cu.MemsetD32Async(f.ptr, 0, int64(n), b.d.stream)
+	})
+	return f
+}
+
+// Slice implements kernels.Backend.
+func (b *Backend) Slice(x kernels.Buffer, off, n int) kernels.Buffer {
+	f, ok := x.(*floats)
+	if !ok || f == nil {
+		b.failf("slice: buffer is a %T, not a cuda buffer", x)
+		return &floats{}
+	}
+	if off < 0 || n < 0 || off+n > f.n {
+		b.failf("slice: [%d, %d+%d) is outside a buffer of %d", off, off, n, f.n)
+		return &floats{}
+	}
+	return &floats{ptr: f.ptr + cu.DevicePtr(4*off), n: n, owner: f.owner}
+}
+
+// Upload implements kernels.Backend.
+func (b *Backend) Upload(dst kernels.Buffer, src []float32) {
+	c := b.check("upload")
+	d := c.buf("dst", dst, len(src), "len(src)")
+	if !c.ok || len(src) == 0 {
+		return
+	}
+	b.run("upload", func() error {
+		return cu.MemcpyHtoDAsync(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)), b.d.stream)
+	})
+}
+
+// Download implements kernels.Backend; it waits for the queued work.
+func (b *Backend) Download(dst []float32, src kernels.Buffer) {
+	c := b.check("download")
+	s := c.buf("src", src, len(dst), "len(dst)")
+	if !c.ok || len(dst) == 0 {
+		return
+	}
+	b.run("download", func() error {
+		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)), b.d.stream); err != nil {
+			return err
+		}
+		return b.d.stream.Synchronize()
+	})
+}
+
+// UploadInt implements kernels.Backend.
+func (b *Backend) UploadInt(dst kernels.IntBuffer, src []int32) {
+	c := b.check("upload")
+	d := c.ints("dst", dst, len(src), "len(src)")
+	if !c.ok || len(src) == 0 {
+		return
+	}
+	b.run("upload", func() error {
+		return cu.MemcpyHtoDAsync(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)), b.d.stream)
+	})
+}
+
+// DownloadInt implements kernels.Backend.
+func (b *Backend) DownloadInt(dst []int32, src kernels.IntBuffer) {
+	c := b.check("download")
+	s := c.ints("src", src, len(dst), "len(dst)")
+	if !c.ok || len(dst) == 0 {
+		return
+	}
+	b.run("download", func() error {
+		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)), b.d.stream); err != nil {
+			return err
+		}
+		return b.d.stream.Synchronize()
+	})
+}
+
+// Zero implements kernels.Backend.
+func (b *Backend) Zero(x kernels.Buffer) {
+	c := b.check("zero")
+	f := c.any("x", x)
+	if !c.ok || f.n == 0 {
+		return
+	}
+	b.run("zero", func() error { return cu.MemsetD32Async(f.ptr, 0, int64(f.n), b.d.stream) })
+}
+
+// Copy implements kernels.Backend.
+func (b *Backend) Copy(dst, src kernels.Buffer) {
+	c := b.check("copy")
+	s := c.any("src", src)
+	d := c.buf("dst", dst, s.Len(), "len(src)")
+	if !c.ok || s.n == 0 {
+		return
+	}
+	b.run("copy", func() error { return cu.MemcpyDtoDAsync(d.ptr, s.ptr, int64(4*s.n), b.d.stream) })
+}
+
+// checker validates the arguments of one op; after the first mismatch the
+// remaining checks are skipped and ok stays false.
+type checker struct {
+	b  *Backend
+	op string
+	ok bool
+}
+
+func (b *Backend) check(op string) *checker { return &checker{b: b, op: op, ok: !b.failed()} }
+
+func (c *checker) failf(format string, args ...any) {
+	if c.ok {
+		c.ok = false
+		c.b.failf("%s: "+format, append([]any{c.op}, args...)...)
+	}
+}
+
+func (c *checker) cond(ok bool, format string, args ...any) {
+	if !ok {
+		c.failf(format, args...)
+	}
+}
+
+// dims rejects negative dimensions before they are multiplied into lengths.
+func (c *checker) dims(names string, vals ...int) {
+	for _, v := range vals {
+		if v < 0 {
+			c.failf("negative dimension in %s=%v", names, vals)
+			return
+		}
+	}
+}
+
+var noFloats = &floats{}
+
+// any returns x as a device buffer of any length.
+func (c *checker) any(name string, x kernels.Buffer) *floats {
+	if !c.ok {
+		return noFloats
+	}
+	f, ok := x.(*floats)
+	if !ok || f == nil {
+		if x == nil {
+			c.failf("%s is nil", name)
+		} else {
+			c.failf("%s is a %T, not a cuda buffer", name, x)
+		}
+		return noFloats
+	}
+	return f
+}
+
+// buf returns x after checking it is a device buffer of want elements.
+func (c *checker) buf(name string, x kernels.Buffer, want int, expr string) *floats {
+	f := c.any(name, x)
+	if c.ok && f.n != want {
+		c.failf("%s has %d elements, want %s=%d", name, f.n, expr, want)
+	}
+	return f
+}
+
+// opt is buf for optional buffers: nil gives a nil *floats (a null
+// pointer in the kernel).
+func (c *checker) opt(name string, x kernels.Buffer, want int, expr string) *floats {
+	if x == nil || !c.ok {
+		return nil
+	}
+	if f, ok := x.(*floats); ok && f == nil {
+		return nil
+	}
+	return c.buf(name, x, want, expr)
+}
+
+// ints returns x after checking it is a device int buffer of want elements.
+func (c *checker) ints(name string, x kernels.IntBuffer, want int, expr string) *ints {
+	if !c.ok {
+		return &ints{}
+	}
+	f, ok := x.(*ints)
+	if !ok || f == nil {
+		if x == nil {
+			c.failf("%s is nil", name)
+		} else {
+			c.failf("%s is a %T, not a cuda int buffer", name, x)
+		}
+		return &ints{}
+	}
+	if f.n != want {
+		c.failf("%s has %d elements, want %s=%d", name, f.n, expr, want)
+	}
+	return f
+}

@@ -1,0 +1,163 @@
+// Elementwise ops, reductions, embedding, RMSNorm, SwiGLU, cross-entropy and
+// AdamW. Semantics: kernels/backend.go and the CPU reference kernels/cpu.
+#include "common.cuh"
+
+extern "C" __global__ void bm_accumulate(float *dst, const float *src, long long n) {
+    BM_FOR(i, n) dst[i] += src[i];
+}
+
+extern "C" __global__ void bm_scale(float *x, double s, long long n) {
+    BM_FOR(i, n) x[i] = (float)((double)x[i] * s);
+}
+
+// bm_sum_squares adds Σ x² (double) of this block's share into *acc.
+extern "C" __global__ void bm_sum_squares(double *acc, const float *x, long long n) {
+    __shared__ double shm[32];
+    double s = 0;
+    BM_FOR(i, n) {
+        double v = x[i];
+        s += v * v;
+    }
+    s = bm_block_sum_d(s, shm);
+    if (threadIdx.x == 0) atomicAdd(acc, s);
+}
+
+// One block per row; threads stride over d.
+extern "C" __global__ void bm_embedding(float *out, const float *table, const int *tokens, int Rw, int d, int V, int *status) {
+    int r = blockIdx.x;
+    int t = tokens[r];
+    if (t < 0 || t >= V) {
+        if (threadIdx.x == 0) bm_report(status, BM_BAD_TOKEN, t, r);
+        return;
+    }
+    const float *src = table + (long long)t * d;
+    float *dst = out + (long long)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// Tokens repeat, so rows are summed with atomics (fp32 add; the order of a
+// few terms per element is the only difference from the CPU).
+extern "C" __global__ void bm_embedding_backward(float *dtable, const float *dout, const int *tokens, int Rw, int d, int V, int *status) {
+    int r = blockIdx.x;
+    int t = tokens[r];
+    if (t < 0 || t >= V) {
+        if (threadIdx.x == 0) bm_report(status, BM_BAD_TOKEN, t, r);
+        return;
+    }
+    const float *src = dout + (long long)r * d;
+    float *dst = dtable + (long long)t * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) atomicAdd(dst + i, src[i]);
+}
+
+// One block per row.
+extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, const float *g, int Rw, int d) {
+    __shared__ float shm[32];
+    int r = blockIdx.x;
+    const float *xr = x + (long long)r * d;
+    float ss = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = bm_block_sum(ss, shm);
+    float s = rsqrtf(ss / d + 1e-5f);
+    if (threadIdx.x == 0) rstd[r] = s;
+    float *o = out + (long long)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * s * g[i];
+}
+
+// dx: one block per row. dx may be NULL.
+extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, const float *dout, const float *x, const float *g, const float *rstd, int Rw, int d) {
+    __shared__ float shm[32];
+    int r = blockIdx.x;
+    const float *xr = x + (long long)r * d, *dr = dout + (long long)r * d;
+    float s = rstd[r];
+    float dot = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += dr[i] * g[i] * xr[i];
+    dot = bm_block_sum(dot, shm);
+    float k = dot * s * s * s / d;
+    float *dxr = dx + (long long)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dxr[i] += dr[i] * g[i] * s - xr[i] * k;
+}
+
+// dg[i] += Σ_r dout[r,i]·x[r,i]·rstd[r]. Block (32 columns × 8 row lanes)
+// per column tile and row slab; one atomic per column per block.
+#define RMS_ROWS_PER_BLOCK 256
+extern "C" __global__ void bm_rmsnorm_backward_dg(float *dg, const float *dout, const float *x, const float *rstd, int Rw, int d) {
+    __shared__ float part[8][33];
+    int col = blockIdx.x * 32 + threadIdx.x;
+    int r0 = blockIdx.y * RMS_ROWS_PER_BLOCK;
+    int r1 = min(Rw, r0 + RMS_ROWS_PER_BLOCK);
+    float acc = 0;
+    if (col < d)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            long long i = (long long)r * d + col;
+            acc += dout[i] * x[i] * rstd[r];
+        }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < d) {
+        float s = 0;
+        for (int j = 0; j < 8; j++) s += part[j][threadIdx.x];
+        atomicAdd(dg + col, s);
+    }
+}
+
+extern "C" __global__ void bm_swiglu(float *h, const float *gate, const float *up, long long n) {
+    BM_FOR(i, n) {
+        float v = gate[i];
+        h[i] = v * bm_sigmoid(v) * up[i];
+    }
+}
+
+extern "C" __global__ void bm_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, long long n) {
+    BM_FOR(i, n) {
+        float v = gate[i], s = bm_sigmoid(v), g = dh[i];
+        if (dgate) dgate[i] += g * up[i] * s * (1.f + v * (1.f - s));
+        if (dup) dup[i] += g * v * s;
+    }
+}
+
+// Cross-entropy, one block per row: loss[r] = lse(row) − row[target], 0
+// for ignored rows (target < 0). With dlogits != NULL it instead adds
+// scale·(softmax − onehot) to dlogits (ignored rows get nothing).
+extern "C" __global__ void bm_cross_entropy(float *loss, float *dlogits, const float *logits, const int *targets, float scale, int Rw, int V, int *status) {
+    __shared__ float shm[32];
+    int r = blockIdx.x;
+    int t = targets[r];
+    if (t >= V) {
+        if (threadIdx.x == 0) bm_report(status, BM_BAD_TARGET, t, r);
+        return;
+    }
+    if (t < 0) {
+        if (loss && threadIdx.x == 0) loss[r] = 0;
+        return;
+    }
+    const float *row = logits + (long long)r * V;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = bm_block_max(m, shm);
+    float s = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(row[i] - m);
+    s = bm_block_sum(s, shm);
+    float lse = m + logf(s);
+    if (loss && threadIdx.x == 0) loss[r] = lse - row[t];
+    if (dlogits) {
+        float *drow = dlogits + (long long)r * V;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            float p = expf(row[i] - lse);
+            if (i == t) p -= 1.f;
+            drow[i] += scale * p;
+        }
+    }
+}
+
+// AdamW with decoupled weight decay; bc1, bc2 are the bias corrections.
+extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2, long long n) {
+    BM_FOR(i, n) {
+        float gi = g[i];
+        float mi = b1 * m[i] + (1.f - b1) * gi;
+        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float pi = p[i];
+        p[i] = pi - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
+    }
+}

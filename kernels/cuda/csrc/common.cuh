@@ -1,0 +1,72 @@
+// Shared helpers of the CUDA kernels. Every kernel is extern "C" so the Go
+// side finds it by name; float buffers are float32, int buffers int32.
+#pragma once
+#include <stdint.h>
+
+// Status codes a kernel reports through the backend's status words
+// (backend.go's statusMessages keeps the same list).
+#define BM_BAD_TOKEN 1
+#define BM_BAD_SEL 2
+#define BM_BAD_TARGET 3
+#define BM_SHORT_CHUNK 4
+
+// bm_report records the first bad value a kernel meets: status[0] = code,
+// status[1] = value, status[2] = index. Later reports are dropped.
+__device__ __forceinline__ void bm_report(int *status, int code, int value, int index) {
+    if (atomicCAS(status, 0, code) == 0) {
+        status[1] = value;
+        status[2] = index;
+    }
+}
+
+__device__ __forceinline__ float bm_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double bm_warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float bm_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// bm_block_sum returns the sum of v over the block (blockDim.x a multiple
+// of 32, at most 1024) to every thread. shm holds 32 floats.
+__device__ __forceinline__ float bm_block_sum(float v, float *shm) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = bm_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shm[lane] : 0.f;
+    return bm_warp_sum(v);
+}
+
+__device__ __forceinline__ double bm_block_sum_d(double v, double *shm) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = bm_warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shm[lane] : 0.0;
+    return bm_warp_sum_d(v);
+}
+
+__device__ __forceinline__ float bm_block_max(float v, float *shm) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = bm_warp_max(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    v = lane < nw ? shm[lane] : -INFINITY;
+    return bm_warp_max(v);
+}
+
+__device__ __forceinline__ float bm_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Grid-stride loop over n elements (64-bit index).
+#define BM_FOR(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); i += (long long)gridDim.x * blockDim.x)

@@ -1,0 +1,168 @@
+//go:build cuda
+
+package cuda
+
+/*
+#cgo LDFLAGS: -ldl
+#include <dlfcn.h>
+#include <stdlib.h>
+
+// cuBLAS is loaded at run time (dlopen) so one binary works with the CUDA
+// 11, 12 and 13 installs; the few entry points are declared here instead of
+// including cublas_v2.h.
+typedef int (*bm_create_t)(void **);
+typedef int (*bm_destroy_t)(void *);
+typedef int (*bm_set_stream_t)(void *, void *);
+typedef int (*bm_set_math_t)(void *, int);
+typedef int (*bm_set_workspace_t)(void *, void *, size_t);
+typedef int (*bm_gemm_ex_t)(void *, int, int, int, int, int, const void *,
+	const void *, int, int, const void *, int, int, const void *,
+	void *, int, int, int, int);
+
+static int bm_create(void *f, void **h) { return ((bm_create_t)f)(h); }
+static int bm_destroy(void *f, void *h) { return ((bm_destroy_t)f)(h); }
+static int bm_set_stream(void *f, void *h, void *s) { return ((bm_set_stream_t)f)(h, s); }
+static int bm_set_math(void *f, void *h, int m) { return ((bm_set_math_t)f)(h, m); }
+static int bm_gemm(void *f, void *h, int ta, int tb, int m, int n, int k,
+	float alpha, unsigned long long A, int lda, unsigned long long B, int ldb, float beta,
+	unsigned long long C, int ldc, int compute) {
+	// CUDA_R_32F = 0 for A, B and C; algorithm CUBLAS_GEMM_DEFAULT = -1.
+	return ((bm_gemm_ex_t)f)(h, ta, tb, m, n, k, &alpha, (const void *)A, 0, lda,
+		(const void *)B, 0, ldb, &beta, (void *)C, 0, ldc, compute, -1);
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"unsafe"
+
+	"gorgonia.org/cu"
+)
+
+// cuBLAS enum values (cublas_api.h; stable across CUDA 11–13).
+const (
+	cublasOpN             = 0
+	cublasOpT             = 1
+	cublasCompute32F      = 68 // CUBLAS_COMPUTE_32F
+	cublasCompute32FFast  = 75 // CUBLAS_COMPUTE_32F_FAST_16BF: bf16 tensor cores, fp32 accumulation
+	cublasDefaultMath     = 0
+	cublasPedanticMath    = 2 // CUBLAS_PEDANTIC_MATH: no reduced-precision shortcuts
+	cublasTF32TensorMath  = 3
+	cublasStatusSuccess   = 0
+	cublasNotInitialized  = 1
+	cublasArchMismatch    = 8
+	cublasExecutionFailed = 13
+)
+
+// cublasNames are the sonames tried in order (CUDA 13, 12, 11), then the
+// usual install directories.
+var cublasNames = []string{
+	"libcublas.so.13", "libcublas.so.12", "libcublas.so.11",
+	"/usr/local/cuda/lib64/libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.12",
+	"/usr/local/cuda-13.0/lib64/libcublas.so.13", "/usr/local/cuda-12/lib64/libcublas.so.12",
+	"/usr/lib/x86_64-linux-gnu/libcublas.so.11",
+}
+
+type cublas struct {
+	lib     string
+	dl      unsafe.Pointer
+	handle  unsafe.Pointer
+	gemm    unsafe.Pointer
+	destroy unsafe.Pointer
+	compute C.int
+}
+
+// loadCublas opens cuBLAS (BMOJO_CUBLAS names a library to use instead),
+// creates a handle bound to stream and picks the compute type.
+func loadCublas(stream unsafe.Pointer, bf16 bool) (*cublas, error) {
+	names := cublasNames
+	if p := os.Getenv("BMOJO_CUBLAS"); p != "" {
+		names = []string{p}
+	}
+	var tried []string
+	b := &cublas{}
+	for _, n := range names {
+		cn := C.CString(n)
+		h := C.dlopen(cn, C.RTLD_NOW|C.RTLD_LOCAL)
+		C.free(unsafe.Pointer(cn))
+		if h != nil {
+			b.lib, b.dl = n, h
+			break
+		}
+		tried = append(tried, C.GoString(C.dlerror()))
+	}
+	if b.dl == nil {
+		return nil, fmt.Errorf("cuda: cuBLAS not found (set BMOJO_CUBLAS to its path): %s", strings.Join(tried, "; "))
+	}
+	sym := func(name string) (unsafe.Pointer, error) {
+		cn := C.CString(name)
+		defer C.free(unsafe.Pointer(cn))
+		p := C.dlsym(b.dl, cn)
+		if p == nil {
+			return nil, fmt.Errorf("cuda: %s has no %s", b.lib, name)
+		}
+		return p, nil
+	}
+	create, err := sym("cublasCreate_v2")
+	if err != nil {
+		return nil, err
+	}
+	if b.destroy, err = sym("cublasDestroy_v2"); err != nil {
+		return nil, err
+	}
+	setStream, err := sym("cublasSetStream_v2")
+	if err != nil {
+		return nil, err
+	}
+	setMath, err := sym("cublasSetMathMode")
+	if err != nil {
+		return nil, err
+	}
+	if b.gemm, err = sym("cublasGemmEx"); err != nil {
+		return nil, err
+	}
+	if st := C.bm_create(create, &b.handle); st != cublasStatusSuccess {
+		return nil, fmt.Errorf("cuda: cublasCreate: status %d", int(st))
+	}
+	if st := C.bm_set_stream(setStream, b.handle, stream); st != cublasStatusSuccess {
+		return nil, fmt.Errorf("cuda: cublasSetStream: status %d", int(st))
+	}
+	math := C.int(cublasPedanticMath)
+	b.compute = cublasCompute32F
+	if bf16 {
+		math, b.compute = cublasDefaultMath, cublasCompute32FFast
+	}
+	if st := C.bm_set_math(setMath, b.handle, math); st != cublasStatusSuccess {
+		return nil, fmt.Errorf("cuda: cublasSetMathMode: status %d", int(st))
+	}
+	return b, nil
+}
+
+func (b *cublas) close() {
+	if b != nil && b.handle != nil {
+		C.bm_destroy(b.destroy, b.handle)
+		b.handle = nil
+	}
+}
+
+// gemm computes C = alpha·op(A)·op(B) + beta·C in cuBLAS's column-major
+// convention. Device thread only.
+func (b *cublas) gemmF32(transA, transB bool, m, n, k int, alpha float32, A cu.DevicePtr, lda int, B cu.DevicePtr, ldb int, beta float32, Cp cu.DevicePtr, ldc int) error {
+	ta, tb := C.int(cublasOpN), C.int(cublasOpN)
+	if transA {
+		ta = cublasOpT
+	}
+	if transB {
+		tb = cublasOpT
+	}
+	st := C.bm_gemm(b.gemm, b.handle, ta, tb, C.int(m), C.int(n), C.int(k), C.float(alpha),
+		C.ulonglong(A), C.int(lda), C.ulonglong(B), C.int(ldb), C.float(beta),
+		C.ulonglong(Cp), C.int(ldc), b.compute)
+	if st != cublasStatusSuccess {
+		return fmt.Errorf("cublasGemmEx(m=%d n=%d k=%d): status %d", m, n, k, int(st))
+	}
+	return nil
+}

@@ -1,0 +1,48 @@
+// Package cuda is the GPU backend of kernels.Backend[float32], on NVIDIA GPUs
+// through the CUDA driver API (gorgonia.org/cu). It is compiled only with the
+// build tag "cuda"; without it Open returns ErrNotBuilt and callers use the
+// CPU backend.
+//
+// # Runtime
+//
+// A Device owns one CUDA context (the device's primary context, which
+// cuBLAS shares) bound to one OS thread: every driver call runs on that
+// locked goroutine, handed over through Device.do. Work goes to one
+// non-blocking stream, so kernels of one step run in issue order with no
+// host round trip; Download, SumSquares and Err are the only points that
+// wait for the GPU. Device memory comes from a caching allocator (blocks are
+// recycled by size when the buffers that used them are garbage collected).
+// Kernels are compiled from csrc/*.cu to PTX (`make ptx`), embedded with
+// go:embed, and JIT-compiled by the driver when a Device opens.
+//
+// # Precision
+//
+// Matrix products run on tensor cores: cuBLAS (loaded at run time, never
+// linked) with bf16 inputs and fp32 accumulation (Options.MatMul = "bf16",
+// the default), or in plain fp32 ("fp32") for exact comparisons. Every
+// other op computes in fp32 with fp32 (or wider) state and reductions.
+package cuda
+
+import "errors"
+
+// ErrNotBuilt is returned by Open in a binary built without -tags cuda.
+var ErrNotBuilt = errors.New("cuda: this binary was built without GPU support (rebuild with -tags cuda)")
+
+// Options tune a Device.
+type Options struct {
+	// MatMul is the matrix-product precision: "bf16" (tensor cores, bf16
+	// inputs, fp32 accumulation; the default) or "fp32".
+	MatMul string
+}
+
+// Info describes an opened device.
+type Info struct {
+	Ordinal      int
+	Name         string
+	MemTotal     int64
+	Driver       int // CUDA driver API version, e.g. 13000
+	ComputeMajor int
+	ComputeMinor int
+	SMs          int
+	CuBLAS       string // the cuBLAS library loaded (path or soname)
+}

@@ -1,0 +1,224 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"math"
+	"unsafe"
+
+	"gorgonia.org/cu"
+
+	"github.com/bmojo/bmojo/kernels"
+)
+
+// threads is the block size of the elementwise kernels.
+const threads = 256
+
+// gridFor covers n elements with grid-stride loops, capped so huge buffers
+// reuse threads rather than launch millions of blocks.
+func (b *Backend) gridFor(n int) dim {
+	g := (n + threads - 1) / threads
+	return dim{max(1, min(g, 32*max(1, b.d.info.SMs))), 1, 1}
+}
+
+var block256 = dim{threads, 1, 1}
+
+// Accumulate implements kernels.Backend.
+func (b *Backend) Accumulate(dst, src kernels.Buffer) {
+	c := b.check("accumulate")
+	s := c.any("src", src)
+	d := c.buf("dst", dst, s.n, "len(src)")
+	if !c.ok || s.n == 0 {
+		return
+	}
+	b.launch("accumulate", "bm_accumulate", b.gridFor(s.n), block256, 0, d, s, int64(s.n))
+}
+
+// Scale implements kernels.Backend.
+func (b *Backend) Scale(x kernels.Buffer, s float64) {
+	c := b.check("scale")
+	f := c.any("x", x)
+	if !c.ok || f.n == 0 {
+		return
+	}
+	b.launch("scale", "bm_scale", b.gridFor(f.n), block256, 0, f, s, int64(f.n))
+}
+
+// SumSquares implements kernels.Backend. It waits for the result.
+func (b *Backend) SumSquares(x kernels.Buffer) float64 {
+	c := b.check("sum_squares")
+	f := c.any("x", x)
+	if !c.ok || f.n == 0 {
+		return 0
+	}
+	acc := b.Alloc(2).(*floats) // one double
+	var out float64
+	b.launch("sum_squares", "bm_sum_squares", b.gridFor(f.n), block256, 0, acc, f, int64(f.n))
+	b.run("sum_squares", func() error {
+		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&out), acc.ptr, 8, b.d.stream); err != nil {
+			return err
+		}
+		return b.d.stream.Synchronize()
+	})
+	return out
+}
+
+// Embedding implements kernels.Backend. Tokens are checked on the device.
+func (b *Backend) Embedding(out, table kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
+	c := b.check("embedding")
+	c.dims("Rw,d", Rw, d)
+	o := c.buf("out", out, Rw*d, "Rw*d")
+	tok := c.ints("tokens", tokens, Rw, "Rw")
+	if !c.ok || d == 0 {
+		return
+	}
+	tab := c.any("table", table)
+	c.cond(tab.n%d == 0, "table has %d elements, not a multiple of d=%d", tab.n, d)
+	if !c.ok || Rw == 0 {
+		return
+	}
+	b.launch("embedding", "bm_embedding", dim{Rw, 1, 1}, dim{min(256, roundUp(d, 32)), 1, 1}, 0, o, tab, tok, Rw, d, tab.n/d, b.status)
+}
+
+// EmbeddingBackward implements kernels.Backend.
+func (b *Backend) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
+	c := b.check("embedding_backward")
+	c.dims("Rw,d", Rw, d)
+	do := c.buf("dout", dout, Rw*d, "Rw*d")
+	tok := c.ints("tokens", tokens, Rw, "Rw")
+	if !c.ok || dtable == nil || d == 0 {
+		return
+	}
+	dt := c.any("dtable", dtable)
+	c.cond(dt.n%d == 0, "dtable has %d elements, not a multiple of d=%d", dt.n, d)
+	if !c.ok || Rw == 0 {
+		return
+	}
+	b.launch("embedding_backward", "bm_embedding_backward", dim{Rw, 1, 1}, dim{min(256, roundUp(d, 32)), 1, 1}, 0, dt, do, tok, Rw, d, dt.n/d, b.status)
+}
+
+func roundUp(n, m int) int { return (n + m - 1) / m * m }
+
+// rowBlock is the block size of one-block-per-row kernels over width n.
+func rowBlock(n int) dim { return dim{min(1024, max(32, roundUp(n, 32))), 1, 1} }
+
+// RMSNorm implements kernels.Backend.
+func (b *Backend) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
+	c := b.check("rmsnorm")
+	c.dims("Rw,d", Rw, d)
+	o := c.buf("out", out, Rw*d, "Rw*d")
+	rs := c.buf("rstd", rstd, Rw, "Rw")
+	xs := c.buf("x", x, Rw*d, "Rw*d")
+	gs := c.buf("g", g, d, "d")
+	if !c.ok || d == 0 || Rw == 0 {
+		return
+	}
+	b.launch("rmsnorm", "bm_rmsnorm", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, o, rs, xs, gs, Rw, d)
+}
+
+// RMSNormBackward implements kernels.Backend.
+func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d int) {
+	c := b.check("rmsnorm_backward")
+	c.dims("Rw,d", Rw, d)
+	dxs := c.opt("dx", dx, Rw*d, "Rw*d")
+	dgs := c.opt("dg", dg, d, "d")
+	do := c.buf("dout", dout, Rw*d, "Rw*d")
+	xs := c.buf("x", x, Rw*d, "Rw*d")
+	gs := c.buf("g", g, d, "d")
+	rs := c.buf("rstd", rstd, Rw, "Rw")
+	if !c.ok || d == 0 || Rw == 0 {
+		return
+	}
+	if dxs != nil {
+		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, dxs, do, xs, gs, rs, Rw, d)
+	}
+	if dgs != nil {
+		const rowsPerBlock = 256 // RMS_ROWS_PER_BLOCK in basic.cu
+		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dg", dim{(d + 31) / 32, (Rw + rowsPerBlock - 1) / rowsPerBlock, 1}, dim{32, 8, 1}, 0, dgs, do, xs, rs, Rw, d)
+	}
+}
+
+// SwiGLU implements kernels.Backend.
+func (b *Backend) SwiGLU(h, gate, up kernels.Buffer) {
+	c := b.check("swiglu")
+	if h == nil {
+		c.failf("h is nil")
+		return
+	}
+	n := h.Len()
+	hs := c.buf("h", h, n, "h.Len()")
+	gs := c.buf("gate", gate, n, "h.Len()")
+	us := c.buf("up", up, n, "h.Len()")
+	if !c.ok || n == 0 {
+		return
+	}
+	b.launch("swiglu", "bm_swiglu", b.gridFor(n), block256, 0, hs, gs, us, int64(n))
+}
+
+// SwiGLUBackward implements kernels.Backend.
+func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
+	c := b.check("swiglu_backward")
+	if dh == nil {
+		c.failf("dh is nil")
+		return
+	}
+	n := dh.Len()
+	dhs := c.buf("dh", dh, n, "dh.Len()")
+	gs := c.buf("gate", gate, n, "dh.Len()")
+	us := c.buf("up", up, n, "dh.Len()")
+	dgs := c.opt("dgate", dgate, n, "dh.Len()")
+	dus := c.opt("dup", dup, n, "dh.Len()")
+	if !c.ok || n == 0 || (dgs == nil && dus == nil) {
+		return
+	}
+	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n))
+}
+
+// CrossEntropy implements kernels.Backend. Targets ≥ V are found on the
+// device and reported by Err.
+func (b *Backend) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntBuffer, Rw, V int) {
+	c := b.check("cross_entropy")
+	c.dims("Rw,V", Rw, V)
+	ls := c.buf("loss", loss, Rw, "Rw")
+	lg := c.buf("logits", logits, Rw*V, "Rw*V")
+	tg := c.ints("targets", targets, Rw, "Rw")
+	if !c.ok || Rw == 0 {
+		return
+	}
+	b.launch("cross_entropy", "bm_cross_entropy", dim{Rw, 1, 1}, rowBlock(min(V, 512)), 0, ls, (*floats)(nil), lg, tg, float32(0), Rw, V, b.status)
+}
+
+// CrossEntropyBackward implements kernels.Backend.
+func (b *Backend) CrossEntropyBackward(dlogits, logits kernels.Buffer, targets kernels.IntBuffer, scale float64, Rw, V int) {
+	c := b.check("cross_entropy_backward")
+	c.dims("Rw,V", Rw, V)
+	dl := c.opt("dlogits", dlogits, Rw*V, "Rw*V")
+	lg := c.buf("logits", logits, Rw*V, "Rw*V")
+	tg := c.ints("targets", targets, Rw, "Rw")
+	if !c.ok || dl == nil || Rw == 0 {
+		return
+	}
+	b.launch("cross_entropy_backward", "bm_cross_entropy", dim{Rw, 1, 1}, rowBlock(min(V, 512)), 0, (*floats)(nil), dl, lg, tg, float32(scale), Rw, V, b.status)
+}
+
+// AdamWStep implements kernels.Backend.
+func (b *Backend) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
+	c := b.check("adamw")
+	if param == nil {
+		c.failf("param is nil")
+		return
+	}
+	n := param.Len()
+	ps := c.buf("param", param, n, "param.Len()")
+	gs := c.buf("grad", grad, n, "param.Len()")
+	ms := c.buf("m", m, n, "param.Len()")
+	vs := c.buf("v", v, n, "param.Len()")
+	c.cond(h.Step >= 1, "step=%d, want >= 1 (1-based)", h.Step)
+	if !c.ok || n == 0 {
+		return
+	}
+	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
+	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))
+	b.launch("adamw", "bm_adamw", b.gridFor(n), block256, 0, ps, gs, ms, vs,
+		float32(h.LR), float32(h.Beta1), float32(h.Beta2), float32(h.Eps), float32(h.WeightDecay), float32(bc1), float32(bc2), int64(n))
+}
