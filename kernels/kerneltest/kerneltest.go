@@ -140,6 +140,32 @@ func (h *harness[F]) randn(n int, scale float64) []float64 {
 	return x
 }
 
+// BF16MatMul is implemented by backends whose matrix products round their
+// inputs to bfloat16 (tensor cores) and accumulate in float32. The suite
+// then draws matrix-product inputs that bfloat16 represents exactly, so the
+// products are exact and the float32 tolerance still holds; the effect of
+// the rounding itself is checked at model level (model.md §5).
+type BF16MatMul interface{ MatMulBF16() bool }
+
+// mmIn returns n normal values for a matrix-product input, representable in
+// bfloat16 when the backend rounds to it.
+func (h *harness[F]) mmIn(n int) []float64 {
+	x := h.randn(n, 1)
+	if r, ok := h.be.(BF16MatMul); ok && r.MatMulBF16() {
+		for i, v := range x {
+			x[i] = float64(roundBF16(float32(v)))
+		}
+	}
+	return x
+}
+
+// roundBF16 rounds to the nearest bfloat16 (ties to even), as float32.
+func roundBF16(v float32) float32 {
+	u := math.Float32bits(v)
+	u += 0x7fff + (u>>16)&1
+	return math.Float32frombits(u &^ 0xffff)
+}
+
 func (h *harness[F]) uniform(n int, lo, hi float64) []float64 {
 	x := make([]float64, n)
 	for i := range x {

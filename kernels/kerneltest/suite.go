@@ -188,7 +188,7 @@ func testMatMul[F kernels.Float](h *harness[F]) {
 		{"single_row", 1, 9, 3, false},
 	}
 	for _, c := range cases {
-		x, w := h.randn(c.Rw*c.K, 1), h.randn(c.N*c.K, 1)
+		x, w := h.mmIn(c.Rw*c.K), h.mmIn(c.N*c.K)
 		pre := h.randn(c.Rw*c.N, 1)
 		var out kernels.Buffer
 		if c.acc {
@@ -209,8 +209,8 @@ func testMatMul[F kernels.Float](h *harness[F]) {
 
 func testMatMulBackward[F kernels.Float](h *harness[F]) {
 	const Rw, N, K = 7, 5, 13
-	x, w := h.randn(Rw*K, 1), h.randn(N*K, 1)
-	dout := h.randn(Rw*N, 1)
+	x, w := h.mmIn(Rw*K), h.mmIn(N*K)
+	dout := h.mmIn(Rw * N)
 	preX, preW := h.randn(Rw*K, 1), h.randn(N*K, 1)
 	dx, dw := h.buf("dx", preX), h.buf("dw", preW)
 	h.be.MatMulBackward(dx, dw, h.buf("dout", dout), h.buf("x", x), h.buf("w", w), Rw, N, K)

@@ -1,0 +1,88 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"sync"
+	"testing"
+
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/kernels/kerneltest"
+)
+
+var (
+	devs   = map[string]*Device{}
+	devsMu sync.Mutex
+)
+
+// openDevice opens GPU 0 once per matmul precision for the whole test run.
+func openDevice(t testing.TB, matmul string) *Device {
+	t.Helper()
+	devsMu.Lock()
+	defer devsMu.Unlock()
+	if d, ok := devs[matmul]; ok {
+		return d
+	}
+	d, err := Open(0, Options{MatMul: matmul})
+	if err != nil {
+		t.Fatalf("opening GPU 0: %v", err)
+	}
+	i := d.Info()
+	t.Logf("GPU 0: %s, sm_%d%d, %d SMs, %.1f GiB, driver API %d, %s", i.Name, i.ComputeMajor, i.ComputeMinor, i.SMs, float64(i.MemTotal)/(1<<30), i.Driver, i.CuBLAS)
+	devs[matmul] = d
+	return d
+}
+
+// The conformance suite against the CPU reference, with the production
+// precision (bf16 tensor-core matmuls) and with fp32 matmuls.
+func TestConformanceBF16(t *testing.T) {
+	d := openDevice(t, "bf16")
+	kerneltest.Run(t, func() kernels.Backend[float32] { return d.Backend() })
+}
+
+func TestConformanceFP32(t *testing.T) {
+	d := openDevice(t, "fp32")
+	kerneltest.Run(t, func() kernels.Backend[float32] { return d.Backend() })
+}
+
+// A failed kernel argument check must not poison later work on the device.
+func TestErrorIsPerBackend(t *testing.T) {
+	d := openDevice(t, "bf16")
+	bad := d.Backend()
+	bad.Copy(bad.Alloc(3), bad.Alloc(4))
+	if bad.Err() == nil {
+		t.Fatal("no error for a length mismatch")
+	}
+	good := d.Backend()
+	x := good.Alloc(3)
+	good.Upload(x, []float32{1, 2, 3})
+	if s := good.SumSquares(x); s != 14 || good.Err() != nil {
+		t.Fatalf("SumSquares = %v (err %v), want 14", s, good.Err())
+	}
+}
+
+// Out of memory names the size asked and what is free.
+func TestOutOfMemory(t *testing.T) {
+	d := openDevice(t, "bf16")
+	be := d.Backend()
+	be.Alloc(1 << 40) // 4 TiB
+	err := be.Err()
+	if err == nil {
+		t.Fatal("a 4 TiB allocation succeeded")
+	}
+	t.Log(err)
+	for _, want := range []string{"out of device memory", "4194304.0 MiB", "free of"} {
+		if !contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+func contains(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return true
+		}
+	}
+	return false
+}
