@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
-
-	"gorgonia.org/cu"
 )
 
 // cache is the caching device-memory allocator: cuMemAlloc is slow and
@@ -17,8 +15,8 @@ import (
 // makes reuse safe: a later kernel using the block runs after every earlier
 // kernel that used it.
 type cache struct {
-	d    *Device
-	free map[int64][]cu.DevicePtr
+	drv  driver
+	free map[int64][]devptr
 	held int64 // bytes obtained from cuMemAlloc and not yet freed
 	peak int64
 
@@ -27,14 +25,14 @@ type cache struct {
 }
 
 type block struct {
-	ptr  cu.DevicePtr
+	ptr  devptr
 	size int64
 }
 
 // allocation owns one block; views (floats, ints) keep it alive.
-type allocation struct{ ptr cu.DevicePtr }
+type allocation struct{ ptr devptr }
 
-func newCache(d *Device) *cache { return &cache{d: d, free: map[int64][]cu.DevicePtr{}} }
+func newCache(drv driver) *cache { return &cache{drv: drv, free: map[int64][]devptr{}} }
 
 // roundSize buckets sizes: 512 B steps up to 1 MiB, then 2 MiB steps, so a
 // freed block fits the next request of a similar size.
@@ -49,19 +47,19 @@ func roundSize(n int64) int64 {
 func (c *cache) alloc(n int64) (*allocation, error) {
 	c.drain()
 	size := roundSize(n)
-	var ptr cu.DevicePtr
+	var ptr devptr
 	if l := c.free[size]; len(l) > 0 {
 		ptr = l[len(l)-1]
 		c.free[size] = l[:len(l)-1]
 	} else {
-		p, err := cu.MemAlloc(size)
+		p, err := c.drv.malloc(size)
 		if err != nil {
 			// Give the cached blocks back and try once more.
 			c.releaseCached()
-			p, err = cu.MemAlloc(size)
+			p, err = c.drv.malloc(size)
 		}
 		if err != nil {
-			free, total, _ := cu.MemInfo()
+			free, total := c.drv.memInfo()
 			return nil, fmt.Errorf("cuda: out of device memory allocating %s (%s free of %s; this process holds %s): %w",
 				mib(size), mib(free), mib(total), mib(c.held), err)
 		}
@@ -93,18 +91,16 @@ func (c *cache) drain() {
 
 // releaseCached frees every cached block (after the stream is idle).
 func (c *cache) releaseCached() {
-	_ = c.d.stream.Synchronize()
+	_ = c.drv.sync()
 	c.drain()
 	for size, l := range c.free {
 		for _, p := range l {
-			if cu.MemFree(p) == nil {
+			if c.drv.free(p) == nil {
 				c.held -= size
 			}
 		}
 	}
-	c.free = map[int64][]cu.DevicePtr{}
+	c.free = map[int64][]devptr{}
 }
-
-func (c *cache) releaseAll() { c.releaseCached() }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }

@@ -7,14 +7,12 @@ import (
 	"sync"
 	"unsafe"
 
-	"gorgonia.org/cu"
-
 	"github.com/bmojo/bmojo/kernels"
 )
 
 // floats is a device buffer of float32 (or a view of one).
 type floats struct {
-	ptr   cu.DevicePtr
+	ptr   devptr
 	n     int
 	owner *allocation
 }
@@ -24,7 +22,7 @@ func (f *floats) Len() int { return f.n }
 
 // ints is a device buffer of int32.
 type ints struct {
-	ptr   cu.DevicePtr
+	ptr   devptr
 	n     int
 	owner *allocation
 }
@@ -91,10 +89,7 @@ func (b *Backend) Err() error {
 	var st [statusWords]int32
 	var err error
 	b.d.do(func() {
-		if err = b.d.stream.Synchronize(); err != nil {
-			return
-		}
-		err = cu.MemcpyDtoH(unsafe.Pointer(&st[0]), b.status.ptr, 4*statusWords)
+		err = b.d.drv.dtoh(unsafe.Pointer(&st[0]), b.status.ptr, 4*statusWords)
 	})
 	if err != nil {
 		b.failf("the GPU failed running queued kernels: %v", err)
@@ -145,7 +140,7 @@ func (b *Backend) Alloc(n int) kernels.Buffer {
 			return err
 		}
 		f.ptr, f.owner = a.ptr, a
-		return cu.MemsetD32Async(f.ptr, 0, int64(n), b.d.stream)
+		return b.d.drv.memset32(f.ptr, int64(n))
 	})
 	return f
 }
@@ -167,7 +162,7 @@ func (b *Backend) AllocInt(n int) kernels.IntBuffer {
 			return err
 		}
 		f.ptr, f.owner = a.ptr, a
-		return cu.MemsetD32Async(f.ptr, 0, int64(n), b.d.stream)
+		return b.d.drv.memset32(f.ptr, int64(n))
 	})
 	return f
 }
@@ -183,7 +178,7 @@ func (b *Backend) Slice(x kernels.Buffer, off, n int) kernels.Buffer {
 		b.failf("slice: [%d, %d+%d) is outside a buffer of %d", off, off, n, f.n)
 		return &floats{}
 	}
-	return &floats{ptr: f.ptr + cu.DevicePtr(4*off), n: n, owner: f.owner}
+	return &floats{ptr: f.ptr + devptr(4*off), n: n, owner: f.owner}
 }
 
 // Upload implements kernels.Backend.
@@ -194,7 +189,7 @@ func (b *Backend) Upload(dst kernels.Buffer, src []float32) {
 		return
 	}
 	b.run("upload", func() error {
-		return cu.MemcpyHtoDAsync(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)), b.d.stream)
+		return b.d.drv.htod(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)))
 	})
 }
 
@@ -206,10 +201,7 @@ func (b *Backend) Download(dst []float32, src kernels.Buffer) {
 		return
 	}
 	b.run("download", func() error {
-		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)), b.d.stream); err != nil {
-			return err
-		}
-		return b.d.stream.Synchronize()
+		return b.d.drv.dtoh(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)))
 	})
 }
 
@@ -221,7 +213,7 @@ func (b *Backend) UploadInt(dst kernels.IntBuffer, src []int32) {
 		return
 	}
 	b.run("upload", func() error {
-		return cu.MemcpyHtoDAsync(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)), b.d.stream)
+		return b.d.drv.htod(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)))
 	})
 }
 
@@ -233,10 +225,7 @@ func (b *Backend) DownloadInt(dst []int32, src kernels.IntBuffer) {
 		return
 	}
 	b.run("download", func() error {
-		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)), b.d.stream); err != nil {
-			return err
-		}
-		return b.d.stream.Synchronize()
+		return b.d.drv.dtoh(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)))
 	})
 }
 
@@ -247,7 +236,7 @@ func (b *Backend) Zero(x kernels.Buffer) {
 	if !c.ok || f.n == 0 {
 		return
 	}
-	b.run("zero", func() error { return cu.MemsetD32Async(f.ptr, 0, int64(f.n), b.d.stream) })
+	b.run("zero", func() error { return b.d.drv.memset32(f.ptr, int64(f.n)) })
 }
 
 // Copy implements kernels.Backend.
@@ -258,7 +247,7 @@ func (b *Backend) Copy(dst, src kernels.Buffer) {
 	if !c.ok || s.n == 0 {
 		return
 	}
-	b.run("copy", func() error { return cu.MemcpyDtoDAsync(d.ptr, s.ptr, int64(4*s.n), b.d.stream) })
+	b.run("copy", func() error { return b.d.drv.dtod(d.ptr, s.ptr, int64(4*s.n)) })
 }
 
 // checker validates the arguments of one op; after the first mismatch the

@@ -1,4 +1,4 @@
-//go:build cuda
+//go:build cuda && !cudaemu
 
 package cuda
 
@@ -38,8 +38,6 @@ import (
 	"os"
 	"strings"
 	"unsafe"
-
-	"gorgonia.org/cu"
 )
 
 // cuBLAS enum values (cublas_api.h; stable across CUDA 11–13).
@@ -150,7 +148,7 @@ func (b *cublas) close() {
 
 // gemm computes C = alpha·op(A)·op(B) + beta·C in cuBLAS's column-major
 // convention. Device thread only.
-func (b *cublas) gemmF32(transA, transB bool, m, n, k int, alpha float32, A cu.DevicePtr, lda int, B cu.DevicePtr, ldb int, beta float32, Cp cu.DevicePtr, ldc int) error {
+func (b *cublas) gemmF32(transA, transB bool, m, n, k int, alpha float32, A uint64, lda int, B uint64, ldb int, beta float32, Cp uint64, ldc int) error {
 	ta, tb := C.int(cublasOpN), C.int(cublasOpN)
 	if transA {
 		ta = cublasOpT

@@ -6,8 +6,6 @@ import (
 	"math"
 	"unsafe"
 
-	"gorgonia.org/cu"
-
 	"github.com/bmojo/bmojo/kernels"
 )
 
@@ -55,10 +53,7 @@ func (b *Backend) SumSquares(x kernels.Buffer) float64 {
 	var out float64
 	b.launch("sum_squares", "bm_sum_squares", b.gridFor(f.n), block256, 0, acc, f, int64(f.n))
 	b.run("sum_squares", func() error {
-		if err := cu.MemcpyDtoHAsync(unsafe.Pointer(&out), acc.ptr, 8, b.d.stream); err != nil {
-			return err
-		}
-		return b.d.stream.Synchronize()
+		return b.d.drv.dtoh(unsafe.Pointer(&out), acc.ptr, 8)
 	})
 	return out
 }

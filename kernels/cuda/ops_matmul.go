@@ -29,7 +29,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 		beta = 1
 	}
 	b.run("matmul", func() error {
-		return b.d.blas.gemmF32(true, false, N, Rw, K, 1, wb.ptr, K, xb.ptr, K, beta, o.ptr, N)
+		return b.d.drv.gemm(true, false, N, Rw, K, 1, wb.ptr, K, xb.ptr, K, beta, o.ptr, N)
 	})
 }
 
@@ -47,12 +47,12 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	}
 	b.run("matmul_backward", func() error {
 		if dxb != nil { // dxᶜ[K,Rw] += wᶜ[K,N]·doutᶜ[N,Rw]
-			if err := b.d.blas.gemmF32(false, false, K, Rw, N, 1, wb.ptr, K, do.ptr, N, 1, dxb.ptr, K); err != nil {
+			if err := b.d.drv.gemm(false, false, K, Rw, N, 1, wb.ptr, K, do.ptr, N, 1, dxb.ptr, K); err != nil {
 				return err
 			}
 		}
 		if dwb != nil { // dwᶜ[K,N] += xᶜ[K,Rw]·doutᶜᵀ[Rw,N]
-			return b.d.blas.gemmF32(false, true, K, N, Rw, 1, xb.ptr, K, do.ptr, N, 1, dwb.ptr, K)
+			return b.d.drv.gemm(false, true, K, N, Rw, 1, xb.ptr, K, do.ptr, N, 1, dwb.ptr, K)
 		}
 		return nil
 	})

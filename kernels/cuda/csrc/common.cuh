@@ -3,6 +3,12 @@
 #pragma once
 #include <stdint.h>
 
+// BM_DYN_SMEM declares the dynamic shared memory of a kernel; the CPU
+// emulation (emu/emu.h) defines its own.
+#ifndef BM_DYN_SMEM
+#define BM_DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 // Status codes a kernel reports through the backend's status words
 // (backend.go's statusMessages keeps the same list).
 #define BM_BAD_TOKEN 1

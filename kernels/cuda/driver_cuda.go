@@ -1,0 +1,169 @@
+//go:build cuda && !cudaemu
+
+package cuda
+
+import (
+	"embed"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strings"
+	"unsafe"
+
+	"gorgonia.org/cu"
+)
+
+// Built reports whether this binary contains the CUDA backend.
+const Built = true
+
+//go:embed ptx/*.ptx
+var ptxFiles embed.FS
+
+// gpu is the driver of a real GPU: the device's primary context (which
+// cuBLAS shares), one non-blocking stream, the modules JIT-compiled from
+// the embedded PTX, and cuBLAS.
+type gpu struct {
+	dev    cu.Device
+	ctx    cu.CUContext
+	stream cu.Stream
+	mods   []cu.Module
+	fns    map[string]cu.Function
+	blas   *cublas
+}
+
+func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
+
+func (g *gpu) start(ordinal int, opt Options) (Info, error) {
+	var info Info
+	// gorgonia.org/cu initialises the driver when the program starts.
+	n, err := cu.NumDevices()
+	if err != nil {
+		return info, fmt.Errorf("cuda: counting devices: %w", err)
+	}
+	if ordinal < 0 || ordinal >= n {
+		return info, fmt.Errorf("cuda: device %d does not exist (this machine has %d)", ordinal, n)
+	}
+	if g.dev, err = cu.GetDevice(ordinal); err != nil {
+		return info, fmt.Errorf("cuda: device %d: %w", ordinal, err)
+	}
+	if g.ctx, err = g.dev.RetainPrimaryCtx(); err != nil {
+		return info, fmt.Errorf("cuda: device %d: retaining its context: %w", ordinal, err)
+	}
+	if err := cu.SetCurrentContext(g.ctx); err != nil {
+		return info, fmt.Errorf("cuda: device %d: making its context current: %w", ordinal, err)
+	}
+	info.Ordinal = ordinal
+	info.Name, _ = g.dev.Name()
+	info.MemTotal, _ = g.dev.TotalMem()
+	info.Driver = cu.Version()
+	info.ComputeMajor, _ = g.dev.Attribute(cu.ComputeCapabilityMajor)
+	info.ComputeMinor, _ = g.dev.Attribute(cu.ComputeCapabilityMinor)
+	info.SMs, _ = g.dev.Attribute(cu.MultiprocessorCount)
+	if g.stream, err = cu.MakeStream(cu.NonBlocking); err != nil {
+		return info, fmt.Errorf("cuda: creating a stream: %w", err)
+	}
+	if err := g.loadModules(info); err != nil {
+		return info, err
+	}
+	if g.blas, err = loadCublas(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), opt.MatMul == "bf16"); err != nil {
+		return info, err
+	}
+	info.CuBLAS = g.blas.lib
+	return info, nil
+}
+
+func (g *gpu) loadModules(info Info) error {
+	names, err := fs.Glob(ptxFiles, "ptx/*.ptx")
+	if err != nil || len(names) == 0 {
+		return fmt.Errorf("cuda: no embedded PTX (run make ptx): %v", err)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		src, err := ptxFiles.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		mod, err := cu.LoadData(string(src))
+		if err != nil {
+			if strings.Contains(strings.ToLower(err.Error()), "ptx") {
+				return fmt.Errorf("cuda: the driver (CUDA %d.%d) cannot compile %s, built as PTX ISA 7.8 (CUDA 11.8) for sm_90; update the NVIDIA driver: %w",
+					info.Driver/1000, info.Driver%1000/10, name, err)
+			}
+			return fmt.Errorf("cuda: loading %s: %w", name, err)
+		}
+		g.mods = append(g.mods, mod)
+	}
+	return nil
+}
+
+func (g *gpu) stop() {
+	g.blas.close()
+	for _, m := range g.mods {
+		_ = m.Unload()
+	}
+	_ = g.dev.ReleasePrimaryCtx()
+}
+
+func (g *gpu) function(name string) (cu.Function, error) {
+	if f, ok := g.fns[name]; ok {
+		return f, nil
+	}
+	for _, m := range g.mods {
+		if f, err := m.Function(name); err == nil {
+			g.fns[name] = f
+			return f, nil
+		}
+	}
+	return cu.Function{}, fmt.Errorf("kernel %s is in no loaded module", name)
+}
+
+func (g *gpu) malloc(bytes int64) (devptr, error) {
+	p, err := cu.MemAlloc(bytes)
+	return devptr(p), err
+}
+
+func (g *gpu) free(p devptr) error { return cu.MemFree(cu.DevicePtr(p)) }
+
+func (g *gpu) memInfo() (free, total int64) {
+	free, total, _ = cu.MemInfo()
+	return free, total
+}
+
+func (g *gpu) memset32(p devptr, n int64) error {
+	return cu.MemsetD32Async(cu.DevicePtr(p), 0, n, g.stream)
+}
+
+// htod copies from pageable host memory: the driver stages the source
+// before returning, so the caller may reuse it at once.
+func (g *gpu) htod(dst devptr, src unsafe.Pointer, bytes int64) error {
+	return cu.MemcpyHtoDAsync(cu.DevicePtr(dst), src, bytes, g.stream)
+}
+
+func (g *gpu) dtoh(dst unsafe.Pointer, src devptr, bytes int64) error {
+	if err := cu.MemcpyDtoHAsync(dst, cu.DevicePtr(src), bytes, g.stream); err != nil {
+		return err
+	}
+	return g.stream.Synchronize()
+}
+
+func (g *gpu) dtod(dst, src devptr, bytes int64) error {
+	return cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), bytes, g.stream)
+}
+
+func (g *gpu) sync() error { return g.stream.Synchronize() }
+
+func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) error {
+	fn, err := g.function(name)
+	if err != nil {
+		return err
+	}
+	argv := make([]unsafe.Pointer, len(args))
+	for i := range args {
+		argv[i] = unsafe.Pointer(&args[i])
+	}
+	return fn.Launch(grid.x, grid.y, grid.z, block.x, block.y, block.z, shmem, g.stream, argv)
+}
+
+func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int) error {
+	return g.blas.gemmF32(transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc)
+}

@@ -1,0 +1,143 @@
+//go:build cuda && cudaemu
+
+package cuda
+
+/*
+#cgo CXXFLAGS: -std=c++17 -O2 -Wno-unknown-pragmas -Wno-unused-variable -Wno-unused-function -Wno-unused-but-set-variable
+#include <stdlib.h>
+#include <string.h>
+int bm_emu_launch(const char *name, int gx, int gy, int gz, int bx, int by, int bz, int shmem,
+                  unsigned long long *args, int nargs, char *err, int errlen);
+*/
+import "C"
+
+import (
+	"errors"
+	"math"
+	"unsafe"
+)
+
+// Built reports whether this binary contains the CUDA backend (here its
+// CPU emulation).
+const Built = true
+
+// emu is the driver of the cudaemu build: device memory is host memory and
+// the kernels of csrc/*.cu, compiled for the host, run block by block with
+// every thread a fiber (emu/emu.h). It checks kernels and their launch code
+// on machines without a GPU; it is slow and never used for training.
+type emu struct {
+	held int64
+	bf16 bool
+}
+
+func newDriver() driver { return &emu{} }
+
+func (e *emu) start(ordinal int, opt Options) (Info, error) {
+	if ordinal != 0 {
+		return Info{}, errors.New("cuda: the emulator has one device, 0")
+	}
+	e.bf16 = opt.MatMul == "bf16"
+	return Info{Name: "CPU emulation (cudaemu)", MemTotal: 8 << 30, SMs: 2, ComputeMajor: 9, CuBLAS: "emulated"}, nil
+}
+
+func (e *emu) stop() {}
+
+func (e *emu) malloc(bytes int64) (devptr, error) {
+	if e.held+bytes > 8<<30 {
+		return 0, errors.New("CUDA_ERROR_OUT_OF_MEMORY (emulated 8 GiB device)")
+	}
+	p := C.calloc(1, C.size_t(bytes))
+	if p == nil {
+		return 0, errors.New("CUDA_ERROR_OUT_OF_MEMORY (host calloc failed)")
+	}
+	e.held += bytes
+	return devptr(uintptr(p)), nil
+}
+
+func (e *emu) free(p devptr) error {
+	C.free(ptrOf(p))
+	return nil
+}
+
+func (e *emu) memInfo() (free, total int64) { return 8<<30 - e.held, 8 << 30 }
+
+// ptrOf turns an emulated device address (C memory) into a pointer.
+func ptrOf(p devptr) unsafe.Pointer { return unsafe.Add(unsafe.Pointer(nil), uintptr(p)) }
+
+func (e *emu) memset32(p devptr, n int64) error {
+	C.memset(ptrOf(p), 0, C.size_t(4*n))
+	return nil
+}
+
+func (e *emu) htod(dst devptr, src unsafe.Pointer, bytes int64) error {
+	C.memcpy(ptrOf(dst), src, C.size_t(bytes))
+	return nil
+}
+
+func (e *emu) dtoh(dst unsafe.Pointer, src devptr, bytes int64) error {
+	C.memcpy(dst, ptrOf(src), C.size_t(bytes))
+	return nil
+}
+
+func (e *emu) dtod(dst, src devptr, bytes int64) error {
+	C.memmove(ptrOf(dst), ptrOf(src), C.size_t(bytes))
+	return nil
+}
+
+func (e *emu) sync() error { return nil }
+
+func (e *emu) launch(name string, grid, block dim, shmem int, args []uint64) error {
+	cn := C.CString(name)
+	defer C.free(unsafe.Pointer(cn))
+	var msg [512]C.char
+	var argp *C.ulonglong
+	if len(args) > 0 {
+		argp = (*C.ulonglong)(unsafe.Pointer(&args[0]))
+	}
+	if C.bm_emu_launch(cn, C.int(grid.x), C.int(grid.y), C.int(grid.z), C.int(block.x), C.int(block.y), C.int(block.z),
+		C.int(shmem), argp, C.int(len(args)), &msg[0], C.int(len(msg))) != 0 {
+		return errors.New(C.GoString(&msg[0]))
+	}
+	return nil
+}
+
+// gemm is cuBLAS's column-major product in plain loops, with bf16 rounding
+// of A and B when the device computes in bf16.
+func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, Cp devptr, ldc int) error {
+	a := unsafe.Slice((*float32)(ptrOf(A)), lda*max(m, k))
+	b := unsafe.Slice((*float32)(ptrOf(B)), ldb*max(n, k))
+	c := unsafe.Slice((*float32)(ptrOf(Cp)), ldc*n)
+	round := func(v float32) float32 {
+		if !e.bf16 {
+			return v
+		}
+		u := math.Float32bits(v)
+		u += 0x7fff + (u>>16)&1
+		return math.Float32frombits(u &^ 0xffff)
+	}
+	for j := 0; j < n; j++ {
+		for i := 0; i < m; i++ {
+			var s float32
+			for l := 0; l < k; l++ {
+				var x, y float32
+				if transA {
+					x = a[l+i*lda]
+				} else {
+					x = a[i+l*lda]
+				}
+				if transB {
+					y = b[j+l*ldb]
+				} else {
+					y = b[l+j*ldb]
+				}
+				s += round(x) * round(y)
+			}
+			if beta == 0 {
+				c[i+j*ldc] = alpha * s
+			} else {
+				c[i+j*ldc] = alpha*s + beta*c[i+j*ldc]
+			}
+		}
+	}
+	return nil
+}
