@@ -1,0 +1,186 @@
+//go:build cuda
+
+package cuda
+
+import "github.com/bmojo/bmojo/kernels"
+
+// The SSM ops (csrc/scan.cu): SiLU, the causal depthwise Conv1d and the
+// selective scan.
+
+// scanStrideGrid covers n elements with 256-thread blocks for a grid-stride
+// loop, capped at 16 blocks per SM (each thread then handles several).
+func (b *Backend) scanStrideGrid(n int) dim {
+	g := (n + 255) / 256
+	if m := 16 * max(b.d.info.SMs, 1); g > m {
+		g = m
+	}
+	return dim{g, 1, 1}
+}
+
+// SiLU implements kernels.Backend.
+func (b *Backend) SiLU(out, x kernels.Buffer) {
+	c := b.check("silu")
+	o := c.any("out", out)
+	n := o.n
+	xb := c.buf("x", x, n, "out.Len()")
+	if !c.ok || n == 0 {
+		return
+	}
+	b.launch("silu", "bm_silu_fwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, o, xb, int64(n))
+}
+
+// SiLUBackward implements kernels.Backend.
+func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
+	c := b.check("silu_backward")
+	do := c.any("dout", dout)
+	n := do.n
+	xb := c.buf("x", x, n, "dout.Len()")
+	dxb := c.opt("dx", dx, n, "dout.Len()")
+	if !c.ok || dxb == nil || n == 0 {
+		return
+	}
+	b.launch("silu_backward", "bm_silu_bwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, dxb, do, xb, int64(n))
+}
+
+// Conv1d implements kernels.Backend.
+func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
+	c := b.check("conv1d")
+	c.dims("B,T,E,K", B, T, E, K)
+	o := c.buf("out", out, B*T*E, "B·T·E")
+	xb := c.buf("x", x, B*T*E, "B·T·E")
+	wb := c.buf("w", w, E*K, "E·K")
+	bb := c.buf("bias", bias, E, "E")
+	if !c.ok || B*T*E == 0 {
+		return
+	}
+	b.launch("conv1d", "bm_conv1d_fwd", b.scanStrideGrid(B*T*E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+}
+
+// conv1dKC and conv1dRY mirror BM_CONV_KC and BM_CONV_RY in scan.cu.
+const (
+	conv1dKC = 8
+	conv1dRY = 8
+)
+
+// Conv1dBackward implements kernels.Backend. dx is a gather (one writer per
+// element). dw and dbias sum over the B·T rows in two stages: P row slices
+// of 32-channel blocks write partial sums to scratch, then one thread per
+// (e, k) adds the P partials (in a fixed order) into dw or dbias.
+func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T, E, K int) {
+	c := b.check("conv1d_backward")
+	c.dims("B,T,E,K", B, T, E, K)
+	dxb := c.opt("dx", dx, B*T*E, "B·T·E")
+	dwb := c.opt("dw", dw, E*K, "E·K")
+	dbb := c.opt("dbias", dbias, E, "E")
+	do := c.buf("dout", dout, B*T*E, "B·T·E")
+	xb := c.buf("x", x, B*T*E, "B·T·E")
+	wb := c.buf("w", w, E*K, "E·K")
+	if !c.ok || E == 0 {
+		return
+	}
+	rows := B * T
+	if dxb != nil && rows > 0 && K > 0 {
+		b.launch("conv1d_backward", "bm_conv1d_bwd_dx", b.scanStrideGrid(rows*E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K)
+	}
+	if (dwb == nil || K == 0) && dbb == nil || rows == 0 {
+		return
+	}
+	// About 256 rows per block (32 per thread), at most 64 slices.
+	P := min(max((rows+255)/256, 1), 64)
+	part := b.Alloc(P * E * (K + 1))
+	grid := dim{(E + 31) / 32, P, (K + 1 + conv1dKC - 1) / conv1dKC}
+	b.launch("conv1d_backward", "bm_conv1d_bwd_wpart", grid, dim{32, conv1dRY, 1}, 0, part, do, xb, B, T, E, K)
+	b.launch("conv1d_backward", "bm_conv1d_bwd_wsum", b.scanStrideGrid(E*(K+1)), dim{256, 1, 1}, 0, dwb, dbb, part, P, E, K)
+}
+
+// scanMaxN is the largest N the scan kernels take: 16 lanes per channel
+// with at most 8 states each.
+const scanMaxN = 128
+
+// scanBuffers are the validated inputs of one SelectiveScan(Backward) call.
+type scanBuffers struct{ x, dt, dtBias, Alog, Bm, Cm, Dskip, z *floats }
+
+func (c *checker) scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) scanBuffers {
+	c.dims("B,T,E,N", B, T, E, N)
+	s := scanBuffers{
+		x:      c.buf("x", x, B*T*E, "B·T·E"),
+		dt:     c.buf("dt", dt, B*T*E, "B·T·E"),
+		dtBias: c.buf("dtBias", dtBias, E, "E"),
+		Alog:   c.buf("Alog", Alog, E*N, "E·N"),
+		Bm:     c.buf("Bm", Bm, B*T*N, "B·T·N"),
+		Cm:     c.buf("Cm", Cm, B*T*N, "B·T·N"),
+		Dskip:  c.buf("Dskip", Dskip, E, "E"),
+		z:      c.buf("z", z, B*T*E, "B·T·E"),
+	}
+	c.cond(N <= scanMaxN, "N=%d is more than the %d states per channel the CUDA scan keeps", N, scanMaxN)
+	return s
+}
+
+// scanVariant picks the kernel instance for N: NP = ceil(N/16) states per
+// lane (1, 2, 4 or 8) and the backward chunk length L of that instance
+// (BM_SCAN_KERNELS in scan.cu).
+func scanVariant(N int) (fwd, bwd string, L int) {
+	switch {
+	case N <= 16:
+		return "bm_selective_scan_fwd_np1", "bm_selective_scan_bwd_np1", 16
+	case N <= 32:
+		return "bm_selective_scan_fwd_np2", "bm_selective_scan_bwd_np2", 8
+	case N <= 64:
+		return "bm_selective_scan_fwd_np4", "bm_selective_scan_bwd_np4", 8
+	default:
+		return "bm_selective_scan_fwd_np8", "bm_selective_scan_bwd_np8", 4
+	}
+}
+
+// scanChannels is the channels per block of the scan kernels (16 channels
+// × 16 lanes = 256 threads).
+const scanChannels = 16
+
+// SelectiveScan implements kernels.Backend: one thread per (b, e, 16-lane
+// slot of n), a sequential loop over t with fp32 state; Σ_n by half-warp
+// shuffles.
+func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
+	c := b.check("selective_scan")
+	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
+	o := c.buf("out", out, B*T*E, "B·T·E")
+	if !c.ok || B*T*E == 0 {
+		return
+	}
+	fwd, _, _ := scanVariant(N)
+	grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
+	b.launch("selective_scan", fwd, grid, dim{256, 1, 1}, 0,
+		o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+}
+
+// SelectiveScanBackward implements kernels.Backend. The states are
+// recomputed: the kernel stores the state entering every chunk of L steps
+// in scratch ([ceil(T/L)−1][B][E][N] floats), then walks the chunks in
+// reverse, recomputing each chunk's states in registers.
+func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
+	c := b.check("selective_scan_backward")
+	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
+	do := c.buf("dout", dout, B*T*E, "B·T·E")
+	gx := c.opt("dx", dx, B*T*E, "B·T·E")
+	gdt := c.opt("ddt", ddt, B*T*E, "B·T·E")
+	gbias := c.opt("ddtBias", ddtBias, E, "E")
+	gA := c.opt("dAlog", dAlog, E*N, "E·N")
+	gB := c.opt("dBm", dBm, B*T*N, "B·T·N")
+	gC := c.opt("dCm", dCm, B*T*N, "B·T·N")
+	gD := c.opt("dDskip", dDskip, E, "E")
+	gz := c.opt("dz", dz, B*T*E, "B·T·E")
+	if !c.ok || B*T*E == 0 {
+		return
+	}
+	if gx == nil && gdt == nil && gbias == nil && gA == nil && gB == nil && gC == nil && gD == nil && gz == nil {
+		return
+	}
+	_, bwd, L := scanVariant(N)
+	var ck *floats // nil (never read) when T fits one chunk
+	if nC := (T + L - 1) / L; nC > 1 && N > 0 {
+		ck = b.Alloc((nC - 1) * B * E * N).(*floats)
+	}
+	grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
+	b.launch("selective_scan_backward", bwd, grid, dim{256, 1, 1}, 0,
+		ck, gx, gdt, gbias, gA, gB, gC, gD, gz, do,
+		s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+}
