@@ -11,7 +11,7 @@ build:
 	go build -o bin/bmojo ./cmd/bmojo
 
 build-cuda: ptx ## the GPU binary: CGO, links only libcuda.so.1
-	CGO_ENABLED=1 go build -tags cuda -ldflags "-s -w" -o bin/bmojo-cuda ./cmd/bmojo
+	CGO_ENABLED=1 go build -tags cuda,kustomize_disable_go_plugin_support -ldflags "-s -w" -o bin/bmojo-cuda ./cmd/bmojo
 
 test:
 	go test ./...

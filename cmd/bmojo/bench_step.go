@@ -1,28 +1,65 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/internal/device"
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/kernels/cuda"
+	"github.com/bmojo/bmojo/kernels/profile"
 	"github.com/bmojo/bmojo/model"
 )
 
+// stepReport is what bench step measured (--json).
+type stepReport struct {
+	Preset        string  `json:"preset"`
+	Device        string  `json:"device"`
+	Params        int     `json:"params"`
+	Batch         int     `json:"batch"`
+	SeqLen        int     `json:"seq_len"`
+	StepSeconds   float64 `json:"step_seconds"`
+	TokensPerS    float64 `json:"tokens_per_s"`
+	FLOPsPerToken float64 `json:"flops_per_token"`
+	TFLOPs        float64 `json:"achieved_tflops"`
+	PeakTFLOPs    float64 `json:"peak_tflops"`
+	PeakSource    string  `json:"peak_source"`
+	MFU           float64 `json:"mfu"`
+	PeakMemGiB    float64 `json:"peak_mem_gib"`
+	LargestBatch  int     `json:"largest_batch,omitempty"`
+	Profile       []struct {
+		Op    string  `json:"op"`
+		Calls int     `json:"calls"`
+		Ms    float64 `json:"ms"`
+		Share float64 `json:"share"`
+	} `json:"profile,omitempty"`
+}
+
 func init() {
 	var (
-		preset       string
-		batch, steps int
-		seqLen       int
-		threadList   []int
+		preset, dev, jsonOut string
+		batch, steps, seqLen int
+		threadList           []int
+		peakTFLOPs           float64
+		maxBatch, prof       bool
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
-		Short: "Time one training step (forward, backward, AdamW) on the CPU: 1 core vs all cores",
-		Args:  cobra.NoArgs,
+		Short: "Time training steps (forward, backward, AdamW): CPU thread scaling, or GPU tokens/s, MFU and memory",
+		Long: `Time training steps of a preset on random tokens.
+
+On the CPU (--device cpu) it compares 1 core with all cores. On a GPU
+(--device cuda, a binary built with -tags cuda) it prints tokens/s, the
+model FLOPs per token (model.FLOPsPerToken), MFU against the GPU's matrix
+rate measured in the same run (or --peak-tflops from a reference such as
+torch.matmul), the peak device memory, and the largest batch that fits.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := model.Preset(preset)
 			if err != nil {
@@ -34,61 +71,41 @@ func init() {
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
 			}
-			m, err := model.New[float32](cpu.New[float32](), c, 1)
+			o, err := device.Open(dev, cuda.Options{}, newLogger())
 			if err != nil {
 				return err
 			}
-			if err := m.Prepare(batch, c.SeqLen); err != nil {
+			defer o.Close()
+			if o.Kind == "cpu" {
+				return benchStepCPU(c, preset, batch, steps, threadList)
+			}
+			r := stepReport{Preset: preset, Device: o.Desc, Batch: batch, SeqLen: c.SeqLen}
+			if peakTFLOPs > 0 {
+				r.PeakTFLOPs, r.PeakSource = peakTFLOPs, "given (--peak-tflops)"
+			} else {
+				r.PeakTFLOPs, r.PeakSource = matmulPeak(o.Backend), "measured: this backend's MatMul, 8192³"
+			}
+			fmt.Printf("device %s; matrix peak %.1f TFLOP/s (%s)\n", o.Desc, r.PeakTFLOPs, r.PeakSource)
+			if err := timeSteps(o.Backend, c, &r, steps); err != nil {
 				return err
 			}
-			opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, steps+1))
-			r := rand.New(rand.NewPCG(1, 2))
-			tokens, targets := make([]int32, batch*c.SeqLen), make([]int32, batch*c.SeqLen)
-			for i := range tokens {
-				tokens[i], targets[i] = int32(r.IntN(c.VocabSize)), int32(r.IntN(c.VocabSize))
-			}
-			step := func() error {
-				m.ZeroGrads()
-				if _, err := m.Forward(tokens, targets); err != nil {
+			r.PeakMemGiB = float64(o.PeakMemory()) / (1 << 30)
+			fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, r.Params, batch, c.SeqLen)
+			fmt.Printf("step %.1f ms, %.0f tokens/s, %.3g model FLOPs/token, %.1f TFLOP/s, MFU %.1f%%, peak device memory %.2f GiB\n",
+				1e3*r.StepSeconds, r.TokensPerS, r.FLOPsPerToken, r.TFLOPs, 100*r.MFU, r.PeakMemGiB)
+			if prof {
+				pb := profile.Wrap[float32](o.Dev.Backend())
+				if err := profileStep(pb, c, batch, &r); err != nil {
 					return err
 				}
-				if err := m.Backward(); err != nil {
-					return err
-				}
-				opt.Apply()
-				return nil
 			}
-			fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, m.Layout.ParamCount(), batch, c.SeqLen)
-			fmt.Printf("%-8s %12s %12s %9s\n", "threads", "step (s)", "tokens/s", "speed-up")
-			threads := threadList
-			if len(threads) == 0 {
-				threads = []int{1}
-				if all := runtime.NumCPU(); all > 1 {
-					threads = append(threads, all)
-				}
+			if maxBatch {
+				r.LargestBatch = largestBatch(o.Dev, c, batch)
+				fmt.Printf("largest batch that fits: %d × %d tokens\n", r.LargestBatch, c.SeqLen)
 			}
-			var base float64
-			for _, n := range threads {
-				if n <= 0 {
-					return fmt.Errorf("bench step: --threads entries must be positive, got %d", n)
-				}
-				prev := runtime.GOMAXPROCS(n)
-				if err := step(); err != nil { // warm-up: page in buffers
-					return err
-				}
-				t0 := time.Now()
-				for range steps {
-					if err := step(); err != nil {
-						return err
-					}
-				}
-				sec := time.Since(t0).Seconds() / float64(steps)
-				runtime.GOMAXPROCS(prev)
-				tps := float64(batch*c.SeqLen) / sec
-				if base == 0 {
-					base = tps
-				}
-				fmt.Printf("%-8d %12.3f %12.0f %8.2fx\n", n, sec, tps, tps/base)
+			if jsonOut != "" {
+				b, _ := json.MarshalIndent(r, "", "  ")
+				return os.WriteFile(jsonOut, append(b, '\n'), 0o644)
 			}
 			return nil
 		},
@@ -96,8 +113,199 @@ func init() {
 	fl := cmd.Flags()
 	fl.StringVar(&preset, "preset", "bmojo", "model preset")
 	fl.IntVar(&batch, "batch-size", 4, "sequences per step")
-	fl.IntVar(&steps, "steps", 3, "timed steps per thread count")
+	fl.IntVar(&steps, "steps", 3, "timed steps (per thread count on the CPU)")
 	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
-	fl.IntSliceVar(&threadList, "threads", nil, "thread counts to time (default: 1 and all cores)")
+	fl.IntSliceVar(&threadList, "threads", nil, "CPU: thread counts to time (default: 1 and all cores)")
+	fl.StringVar(&dev, "device", "auto", "auto, cpu, cuda or cuda:N")
+	fl.Float64Var(&peakTFLOPs, "peak-tflops", 0, "GPU: the reference matrix rate for MFU (default: measured here)")
+	fl.BoolVar(&maxBatch, "max-batch", true, "GPU: find the largest batch that fits (doubling)")
+	fl.BoolVar(&prof, "profile", false, "GPU: time each op of one step (synchronising after each)")
+	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
 	benchCmd.AddCommand(cmd)
+}
+
+// randomTokens fills a batch deterministically.
+func randomTokens(n, vocab int) (tokens, targets []int32) {
+	r := rand.New(rand.NewPCG(1, 2))
+	tokens, targets = make([]int32, n), make([]int32, n)
+	for i := range tokens {
+		tokens[i], targets[i] = int32(r.IntN(vocab)), int32(r.IntN(vocab))
+	}
+	return tokens, targets
+}
+
+// trainStep is one step: zero, forward, backward, AdamW.
+func trainStep(m *model.Model[float32], opt *model.Optimizer[float32], tokens, targets []int32) error {
+	m.ZeroGrads()
+	if _, err := m.Forward(tokens, targets); err != nil {
+		return err
+	}
+	if err := m.Backward(); err != nil {
+		return err
+	}
+	opt.Apply()
+	return m.Backend().Err()
+}
+
+func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []int) error {
+	be := device.CPU()
+	m, err := model.New[float32](be, c, 1)
+	if err != nil {
+		return err
+	}
+	if err := m.Prepare(batch, c.SeqLen); err != nil {
+		return err
+	}
+	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
+	tokens, targets := randomTokens(batch*c.SeqLen, c.VocabSize)
+	fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, m.Layout.ParamCount(), batch, c.SeqLen)
+	fmt.Printf("%-8s %12s %12s %9s\n", "threads", "step (s)", "tokens/s", "speed-up")
+	threads := threadList
+	if len(threads) == 0 {
+		threads = []int{1}
+		if all := runtime.NumCPU(); all > 1 {
+			threads = append(threads, all)
+		}
+	}
+	var base float64
+	for _, n := range threads {
+		if n <= 0 {
+			return fmt.Errorf("bench step: --threads entries must be positive, got %d", n)
+		}
+		prev := runtime.GOMAXPROCS(n)
+		if err := trainStep(m, opt, tokens, targets); err != nil { // warm-up: page in buffers
+			return err
+		}
+		t0 := time.Now()
+		for range steps {
+			if err := trainStep(m, opt, tokens, targets); err != nil {
+				return err
+			}
+		}
+		sec := time.Since(t0).Seconds() / float64(steps)
+		runtime.GOMAXPROCS(prev)
+		tps := float64(batch*c.SeqLen) / sec
+		if base == 0 {
+			base = tps
+		}
+		fmt.Printf("%-8d %12.3f %12.0f %8.2fx\n", n, sec, tps, tps/base)
+	}
+	return nil
+}
+
+// timeSteps times steps training steps after two warm-up steps.
+func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps int) error {
+	m, err := model.New[float32](be, c, 1)
+	if err != nil {
+		return err
+	}
+	if err := m.Prepare(r.Batch, c.SeqLen); err != nil {
+		return err
+	}
+	r.Params = m.Layout.ParamCount()
+	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
+	tokens, targets := randomTokens(r.Batch*c.SeqLen, c.VocabSize)
+	for range 2 {
+		if err := trainStep(m, opt, tokens, targets); err != nil {
+			return err
+		}
+	}
+	t0 := time.Now()
+	for range steps {
+		if err := trainStep(m, opt, tokens, targets); err != nil {
+			return err
+		}
+	}
+	r.StepSeconds = time.Since(t0).Seconds() / float64(steps)
+	r.TokensPerS = float64(r.Batch*c.SeqLen) / r.StepSeconds
+	r.FLOPsPerToken = model.FLOPsPerToken(c, c.SeqLen)
+	r.TFLOPs = r.FLOPsPerToken * r.TokensPerS / 1e12
+	r.MFU = r.TFLOPs / r.PeakTFLOPs
+	return nil
+}
+
+// matmulPeak measures the backend's MatMul on 8192³ in TFLOP/s.
+func matmulPeak(be kernels.Backend[float32]) float64 {
+	const n = 8192
+	x, w, out := be.Alloc(n*n), be.Alloc(n*n), be.Alloc(n*n)
+	be.MatMul(out, x, w, n, n, n, false) // warm-up
+	be.Err()
+	const reps = 10
+	t0 := time.Now()
+	for range reps {
+		be.MatMul(out, x, w, n, n, n, false)
+	}
+	if be.Err() != nil {
+		return 0
+	}
+	return 2 * n * n * n * reps / time.Since(t0).Seconds() / 1e12
+}
+
+// profileStep times each op of one step and prints the top of the table.
+func profileStep(pb *profile.Backend[float32], c model.Config, batch int, r *stepReport) error {
+	m, err := model.New[float32](pb, c, 1)
+	if err != nil {
+		return err
+	}
+	if err := m.Prepare(batch, c.SeqLen); err != nil {
+		return err
+	}
+	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
+	tokens, targets := randomTokens(batch*c.SeqLen, c.VocabSize)
+	if err := trainStep(m, opt, tokens, targets); err != nil {
+		return err
+	}
+	pb.Reset()
+	if err := trainStep(m, opt, tokens, targets); err != nil {
+		return err
+	}
+	rows := pb.Rows()
+	var total time.Duration
+	for _, row := range rows {
+		total += row.Time
+	}
+	fmt.Printf("one step, each op synchronised (%.1f ms in ops):\n%-24s %6s %10s %7s\n", 1e3*total.Seconds(), "op", "calls", "ms", "share")
+	for i, row := range rows {
+		share := row.Time.Seconds() / total.Seconds()
+		if i < 14 {
+			fmt.Printf("%-24s %6d %10.2f %6.1f%%\n", row.Op, row.Calls, 1e3*row.Time.Seconds(), 100*share)
+		}
+		r.Profile = append(r.Profile, struct {
+			Op    string  `json:"op"`
+			Calls int     `json:"calls"`
+			Ms    float64 `json:"ms"`
+			Share float64 `json:"share"`
+		}{row.Op, row.Calls, 1e3 * row.Time.Seconds(), share})
+	}
+	return nil
+}
+
+// largestBatch doubles the batch from start until a step fails (out of
+// memory) and returns the last that worked. Each try gets a fresh backend
+// (errors are sticky) and the garbage collector returns the previous try's
+// memory to the cache.
+func largestBatch(d *cuda.Device, c model.Config, start int) int {
+	ok := 0
+	for b := start; b <= 1024; b *= 2 {
+		runtime.GC()
+		if err := tryBatch(d.Backend(), c, b); err != nil {
+			break
+		}
+		ok = b
+	}
+	runtime.GC()
+	return ok
+}
+
+func tryBatch(be kernels.Backend[float32], c model.Config, b int) error {
+	m, err := model.New[float32](be, c, 1)
+	if err != nil {
+		return err
+	}
+	if err := m.Prepare(b, c.SeqLen); err != nil {
+		return err
+	}
+	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
+	tokens, targets := randomTokens(b*c.SeqLen, c.VocabSize)
+	return trainStep(m, opt, tokens, targets)
 }

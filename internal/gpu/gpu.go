@@ -1,3 +1,5 @@
+//go:build cuda
+
 // Package gpu discovers NVIDIA GPUs and samples their telemetry through NVML
 // (github.com/NVIDIA/go-nvml). It needs no CUDA toolkit: NVML is loaded from
 // the driver at run time, so a machine without a driver gets a clear error
@@ -38,6 +40,9 @@ type Telemetry struct {
 
 // ErrNoDriver means NVML (and so the NVIDIA driver) is not installed.
 var ErrNoDriver = errors.New("gpu: no NVIDIA driver")
+
+// Tags is the build tags of a GPU binary (see buildtag_guard.go).
+const Tags = "cuda,kustomize_disable_go_plugin_support"
 
 var (
 	initOnce sync.Once
