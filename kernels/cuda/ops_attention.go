@@ -1,0 +1,306 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/bmojo/bmojo/kernels"
+)
+
+// Attention, RoPE, ShiftRows, Innovation and SelectChunks; kernels in
+// csrc/attention.cu (its header comment describes the tiling).
+
+// attnMaxD is the widest head the attention kernels take: a forward/dq
+// thread keeps 32 dims of a query row and up to 4 threads share one row.
+const attnMaxD = 128
+
+// attnQT is the query tile of the forward and dq kernels (BM_ATTN_QT).
+const attnQT = 64
+
+// attnKNT is the block size of the dk/dv kernels (BM_ATTN_KNT); a block
+// covers attnKNT·16/DM keys.
+const attnKNT = 256
+
+// maxGridYZ is CUDA's limit on gridDim.y and gridDim.z.
+const maxGridYZ = 65535
+
+// attnArgs are the checked buffers of one Attention(Backward) call and the
+// kernel arguments derived from its shape.
+type attnArgs struct {
+	q, k, v, kf, vf, qm, km *floats
+	sel                     *ints
+	// dm is the padded head width of the kernels (32, 64 or 128).
+	dm int
+	// Bounds capped to T so nothing overflows a C int; every capped value
+	// selects the same keys as the original.
+	wc, wf, cc, delta int
+	nC, nCS, m        int // complete chunks, sel row length nC·S, memory keys (0 = none)
+	scale             float32
+}
+
+// attnCheck validates an attention call like the CPU reference does.
+func (b *Backend) attnCheck(c *checker, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) *attnArgs {
+	c.dims("B,T,H,G,D,Wc,Wf,C,S,M,Delta", s.B, s.T, s.H, s.G, s.D, s.Wc, s.Wf, s.C, s.S, s.M, s.Delta)
+	c.cond(s.H >= 1 && s.G >= 1 && s.G <= s.H, "heads H=%d, G=%d: want 1 <= G <= H", s.H, s.G)
+	c.cond(s.D >= 1, "head width D=%d, want >= 1", s.D)
+	c.cond(s.D <= attnMaxD, "head width D=%d exceeds the CUDA kernels' limit of %d", s.D, attnMaxD)
+	c.cond(s.Wc >= 1, "context window Wc=%d, want >= 1", s.Wc)
+	c.cond(s.M == 0 || s.C >= 1, "chunk length C=%d, want >= 1 when M=%d > 0", s.C, s.M)
+	c.cond(s.B <= maxGridYZ && s.H <= maxGridYZ, "B=%d, H=%d: the CUDA grid takes at most %d of each", s.B, s.H, maxGridYZ)
+	if !c.ok {
+		return nil
+	}
+	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
+	a := &attnArgs{}
+	a.q = c.buf("q", q, nq, "B·T·H·D")
+	a.k = c.buf("k", k, nk, "B·T·G·D")
+	a.v = c.buf("v", v, nk, "B·T·G·D")
+	if s.Wf > 0 {
+		a.kf = c.buf("kf", kf, nk, "B·T·G·D")
+		a.vf = c.buf("vf", vf, nk, "B·T·G·D")
+	}
+	if s.M > 0 {
+		a.qm = c.buf("qm", qm, nq, "B·T·H·D")
+		a.km = c.buf("km", km, nk, "B·T·G·D")
+		a.nC = s.T / s.C
+		a.nCS = a.nC * s.S
+		a.sel = c.ints("sel", sel, s.B*a.nCS, "B·(T/C)·S")
+		a.m = min(s.M, a.nCS)
+		a.cc = min(s.C, s.T+1)
+		a.delta = min(s.Delta, s.T+1)
+	}
+	if !c.ok {
+		return nil
+	}
+	a.dm = 32
+	for a.dm < s.D {
+		a.dm *= 2
+	}
+	a.wc = min(s.Wc, s.T)
+	if s.Wf > 0 {
+		a.wf = min(s.Wf, s.T)
+	}
+	if a.cc == 0 {
+		a.cc = 1 // unused without memory keys, but never a divisor of 0
+	}
+	a.scale = float32(1 / math.Sqrt(float64(s.D)))
+	return a
+}
+
+// attnMemIndex builds the memory-key index on the device (sel positions
+// outside [0,T) are reported there): comp [B, nC·S] the valid selections in
+// chunk order, pre [B, nC+1] their prefix counts per chunk, dup set when a
+// position may repeat. It runs whenever M > 0, so bad sel is always caught.
+func (b *Backend) attnMemIndex(op string, a *attnArgs, s kernels.AttnShape) (comp, pre, dup *ints) {
+	comp = b.AllocInt(s.B * a.nCS).(*ints)
+	pre = b.AllocInt(s.B * (a.nC + 1)).(*ints)
+	dup = b.AllocInt(1).(*ints)
+	b.launch(op, "bm_attn_mem_index", dim{s.B, 1, 1}, dim{256, 1, 1}, 0, comp, pre, dup, a.sel, a.nC, s.S, s.T, b.status)
+	return comp, pre, dup
+}
+
+// Attention implements kernels.Backend: one block per (64 queries, head,
+// sequence) runs one online softmax over the context, fading and memory
+// keys, staged through shared memory 32 keys at a time.
+func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
+	const op = "attention"
+	c := b.check(op)
+	a := b.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
+	if a == nil {
+		return
+	}
+	o := c.buf("out", out, s.B*s.T*s.H*s.D, "B·T·H·D")
+	ls := c.buf("lse", lse, s.B*s.T*s.H, "B·T·H")
+	if !c.ok || s.B*s.T == 0 {
+		return
+	}
+	var comp, pre *ints
+	if s.M > 0 {
+		comp, pre, _ = b.attnMemIndex(op, a, s)
+	}
+	tpq := a.dm / 32
+	b.launch(op, fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * tpq, 1, 1}, 0,
+		o, ls, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
+		s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+}
+
+// AttentionBackward implements kernels.Backend. dq and dqm are query-centric
+// (one kernel, the same thread adds both, so they may alias); dk/dv of the
+// context keys, dkf/dvf of the fading keys and dkm/dv of the memory keys are
+// key-centric, each key summing over the queries (of every head of its kv
+// group) that see it, in three launches in that order on the one stream: dv
+// and an aliased dkm = dk are added to one launch after another, without
+// atomics.
+func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
+	const op = "attention_backward"
+	c := b.check(op)
+	a := b.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
+	if a == nil {
+		return
+	}
+	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
+	do := c.buf("dout", dout, nq, "B·T·H·D")
+	os := c.buf("out", out, nq, "B·T·H·D")
+	ls := c.buf("lse", lse, s.B*s.T*s.H, "B·T·H")
+	gq := c.opt("dq", dq, nq, "B·T·H·D")
+	gk := c.opt("dk", dk, nk, "B·T·G·D")
+	gv := c.opt("dv", dv, nk, "B·T·G·D")
+	var gkf, gvf, gqm, gkm *floats
+	if s.Wf > 0 {
+		gkf = c.opt("dkf", dkf, nk, "B·T·G·D")
+		gvf = c.opt("dvf", dvf, nk, "B·T·G·D")
+	}
+	if s.M > 0 {
+		gqm = c.opt("dqm", dqm, nq, "B·T·H·D")
+		gkm = c.opt("dkm", dkm, nk, "B·T·G·D")
+	}
+	c.cond(s.G <= maxGridYZ, "G=%d: the CUDA grid takes at most %d", s.G, maxGridYZ)
+	if !c.ok || s.B*s.T == 0 {
+		return
+	}
+	var comp, pre, dup *ints
+	if s.M > 0 {
+		comp, pre, dup = b.attnMemIndex(op, a, s)
+	}
+	hasMem := a.m > 0
+	if !hasMem {
+		gqm, gkm = nil, nil
+	}
+	if gq == nil && gk == nil && gv == nil && gkf == nil && gvf == nil && gqm == nil && gkm == nil {
+		return
+	}
+	// dd = Σ dout·out per query row.
+	rows := s.B * s.T * s.H
+	dd := b.Alloc(rows).(*floats)
+	b.launch(op, "bm_attn_bwd_dot", grid1(rows, 8), dim{256, 1, 1}, 0, dd, do, os, rows, s.D)
+
+	if gq != nil || gqm != nil {
+		tpq := a.dm / 32
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * tpq, 1, 1}, 0,
+			gq, gqm, do, ls, dd, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
+			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+	}
+	kt := attnKNT * 16 / a.dm // keys per dk/dv block
+	dkv := fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm)
+	if gk != nil || gv != nil { // context keys: queries [j, j+Wc-1]
+		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+			gk, gv, a.k, a.v, a.q, do, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale)
+	}
+	if a.wf > 0 && (gkf != nil || gvf != nil) { // fading keys: queries [j+Wc, j+Wc+Wf-1]
+		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+			gkf, gvf, a.kf, a.vf, a.q, do, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale)
+	}
+	if hasMem && (gkm != nil || gv != nil) { // memory keys, after the context launch (dv, dkm = dk)
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_mem_d%d", a.dm), dim{(a.nCS + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+			gkm, gv, a.km, a.v, a.qm, do, ls, dd, comp, pre, dup, s.T, s.H, s.G, s.D, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+	}
+}
+
+// rope is RoPE (sign 1, overwrite) and its backward (sign −1, accumulate).
+func (b *Backend) rope(op, outName, xName string, out, x kernels.Buffer, B, T, nh, D int, theta, sign float64, accumulate bool) {
+	c := b.check(op)
+	c.dims("B,T,nh,D", B, T, nh, D)
+	c.cond(D%2 == 0, "head width D=%d is odd", D)
+	n := B * T * nh * D
+	o := c.opt(outName, out, n, "B·T·nh·D")
+	xs := c.buf(xName, x, n, "B·T·nh·D")
+	if !c.ok || o == nil || n == 0 {
+		return
+	}
+	pairs := B * T * (D / 2)
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	b.launch(op, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs))
+}
+
+// RoPE implements kernels.Backend. out may alias x.
+func (b *Backend) RoPE(out, x kernels.Buffer, B, T, nh, D int, theta float64) {
+	if out == nil {
+		b.failf("rope: out is nil")
+		return
+	}
+	b.rope("rope", "out", "x", out, x, B, T, nh, D, theta, 1, false)
+}
+
+// RoPEBackward implements kernels.Backend.
+func (b *Backend) RoPEBackward(dx, dout kernels.Buffer, B, T, nh, D int, theta float64) {
+	b.rope("rope_backward", "dx", "dout", dx, dout, B, T, nh, D, theta, -1, true)
+}
+
+// ShiftRows implements kernels.Backend. out may alias x: x is then staged
+// through a copy, since the rows of one sequence shift in parallel.
+func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
+	const op = "shift_rows"
+	c := b.check(op)
+	c.dims("B,T,d", B, T, d)
+	n := B * T * d
+	o := c.buf("out", out, n, "B·T·d")
+	xs := c.buf("x", x, n, "B·T·d")
+	if !c.ok || n == 0 {
+		return
+	}
+	if o.ptr < xs.ptr+devptr(4*n) && xs.ptr < o.ptr+devptr(4*n) {
+		tmp := b.Alloc(n).(*floats)
+		b.Copy(tmp, xs)
+		xs = tmp
+	}
+	b.launch(op, "bm_shift_rows", grid1(n, 256), dim{256, 1, 1}, 0, o, xs, T, d, int64(n))
+}
+
+// Innovation implements kernels.Backend: one warp per row, float64 sums.
+func (b *Backend) Innovation(e, u, p kernels.Buffer, Rw, d int) {
+	const op = "innovation"
+	c := b.check(op)
+	c.dims("Rw,d", Rw, d)
+	es := c.buf("e", e, Rw, "Rw")
+	us := c.buf("u", u, Rw*d, "Rw·d")
+	ps := c.buf("p", p, Rw*d, "Rw·d")
+	c.cond(d > 0, "d=%d, want > 0", d)
+	if !c.ok || Rw == 0 {
+		return
+	}
+	b.launch(op, "bm_innovation", grid1(Rw, 8), dim{256, 1, 1}, 0, es, us, ps, Rw, d)
+}
+
+// InnovationBackward implements kernels.Backend: one block per row.
+func (b *Backend) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
+	const op = "innovation_backward"
+	c := b.check(op)
+	c.dims("Rw,d", Rw, d)
+	dps := c.opt("dp", dp, Rw*d, "Rw·d")
+	des := c.buf("de", de, Rw, "Rw")
+	us := c.buf("u", u, Rw*d, "Rw·d")
+	ps := c.buf("p", p, Rw*d, "Rw·d")
+	c.cond(d > 0, "d=%d, want > 0", d)
+	if !c.ok || dps == nil || Rw == 0 {
+		return
+	}
+	threads := min(256, (d+31)/32*32)
+	b.launch(op, "bm_innovation_backward", dim{Rw, 1, 1}, dim{threads, 1, 1}, 0, dps, des, us, ps, d)
+}
+
+// SelectChunks implements kernels.Backend: one block per (chunk, sequence)
+// ranks the chunk's e (O(C²) comparisons from shared memory) and writes the
+// top S in position order.
+func (b *Backend) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T, C, S int) {
+	const op = "select_chunks"
+	c := b.check(op)
+	c.dims("B,T,C,S", B, T, C, S)
+	c.cond(C > 0, "chunk length C=%d, want > 0", C)
+	c.cond(S <= C, "S=%d selected per chunk exceeds chunk length C=%d", S, C)
+	c.cond(B <= maxGridYZ, "B=%d: the CUDA grid takes at most %d", B, maxGridYZ)
+	if !c.ok {
+		return
+	}
+	nC := T / C
+	ss := c.ints("sel", sel, B*nC*S, "B·(T/C)·S")
+	es := c.buf("e", e, B*T, "B·T")
+	if !c.ok || B*nC*S == 0 {
+		return
+	}
+	b.launch(op, "bm_select_chunks", dim{nC, B, 1}, dim{256, 1, 1}, 0, ss, es, T, C, S, nC, b.status)
+}
