@@ -93,7 +93,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 		if now := time.Now(); now.Sub(lastStats) >= time.Second || last {
 			lastStats = now
 			w.commits.add(cluster.KeyStats+w.cfg.ID, cluster.Encode(cluster.WorkerStats{
-				ID: w.cfg.ID, Rank: rank, Epoch: r.Epoch, Step: w.step, Device: "cpu",
+				ID: w.cfg.ID, Rank: rank, Epoch: r.Epoch, Step: w.step, Device: w.deviceDesc(),
 				StepSeconds: now.Sub(ts).Seconds(), DataSeconds: tm.data.Seconds(), ComputeSec: tm.compute.Seconds(),
 				WaitSeconds: tm.wait.Seconds(), OptimSeconds: optim.Seconds(),
 				TokensPerS: float64(rows*w.m.T) / now.Sub(ts).Seconds(), Loss: loss, GradNorm: res.GradNorm,

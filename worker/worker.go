@@ -22,8 +22,9 @@ import (
 	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/train"
-	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -42,6 +43,9 @@ type Config struct {
 	Etcd      *clientv3.Client // connected client (owned by the caller)
 	LeaseTTL  int              // seconds; default cluster.DefaultLeaseTTL
 	Threads   int              // kernel threads; 0 = all cores
+	// Device is the compute device: auto (a GPU when built with -tags cuda
+	// and one is present, else the CPU), cpu, cuda or cuda:N.
+	Device string
 	// HopTimeout bounds one all-reduce hop (default 30 s). A killed peer is
 	// detected at once by its broken stream; this is for stalls.
 	HopTimeout time.Duration
@@ -71,6 +75,7 @@ type worker struct {
 	job    train.Job
 	spec   cluster.JobSpec
 
+	dev     *device.Opened
 	m       *model.Model[float32]
 	opt     *model.Optimizer[float32]
 	train   *data.Sampler
@@ -122,6 +127,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := w.build(); err != nil {
 		return err
 	}
+	defer w.dev.Close()
 	if err := w.resume(ctx); err != nil {
 		return err
 	}
@@ -221,12 +227,23 @@ func (w *worker) build() error {
 	if w.val, err = data.EvalWindows(valDS, mc.SeqLen); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	if w.m, err = model.New[float32](cpu.New[float32](), mc, w.job.Seed); err != nil {
+	if w.dev, err = device.Open(w.cfg.Device, cuda.Options{}, w.log.Named("device")); err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	if w.m, err = model.New[float32](w.dev.Backend, mc, w.job.Seed); err != nil {
 		return err
 	}
 	w.opt = model.NewOptimizer(w.m, w.job.Optim())
-	w.log.Info("model", "params", w.m.Layout.ParamCount(), "preset", w.job.Preset, "backend", "cpu", "threads", runtime.GOMAXPROCS(0))
+	w.log.Info("model", "params", w.m.Layout.ParamCount(), "preset", w.job.Preset, "device", w.dev.Desc, "threads", runtime.GOMAXPROCS(0))
 	return nil
+}
+
+// deviceDesc names the worker's compute device for membership records.
+func (w *worker) deviceDesc() string {
+	if w.dev == nil {
+		return "cpu"
+	}
+	return w.dev.Desc
 }
 
 // register creates members/<id> on a fresh lease, refusing an id that is
@@ -269,7 +286,7 @@ func (w *worker) register(ctx context.Context) error {
 }
 
 func (w *worker) putMember(ctx context.Context) error {
-	rec := cluster.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: "cpu", PID: os.Getpid(),
+	rec := cluster.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: w.deviceDesc(), PID: os.Getpid(),
 		SpecHash: w.spec.Hash, CodeHash: cluster.CodeHash(), Protocol: cluster.ProtocolVersion,
 		Registered: time.Now().UTC().Format(time.RFC3339Nano)}
 	k := w.key(cluster.KeyMembers + w.cfg.ID)

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bmojo/bmojo/internal/data"
+	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/internal/train"
 )
@@ -23,6 +24,7 @@ func init() {
 		resume  bool
 		quiet   bool
 		workers int
+		devSpec string
 		mon     *monitorOpts
 		f       = train.Default()
 	)
@@ -70,13 +72,22 @@ any field; flags given on the command line override the file.`,
 			if err := j.Validate(); err != nil {
 				return err
 			}
+			if _, _, err := devicepkg.Parse(devSpec); err != nil {
+				return fmt.Errorf("train: --device: %w", err)
+			}
 			log := newLogger()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			if workers > 0 {
-				return trainLocal(ctx, j, workers, quiet, mon, log)
+			if !fl.Changed("workers") && devSpec != "cpu" {
+				// One worker per GPU when this build can use the GPUs.
+				if gpus, err := devicepkg.GPUs(); err == nil && len(gpus) > 0 {
+					workers = len(gpus)
+				}
 			}
-			opts := train.Options{Logger: log.Named("train"), Resume: resume}
+			if workers > 0 {
+				return trainLocal(ctx, j, workers, devSpec, quiet, mon, log)
+			}
+			opts := train.Options{Logger: log.Named("train"), Resume: resume, Device: devSpec}
 			if !quiet {
 				opts.Progress = os.Stderr
 			}
@@ -98,6 +109,7 @@ any field; flags given on the command line override the file.`,
 	fl.IntVar(&workers, "workers", 2, "worker processes (embedded etcd + coordinator + N workers); 0 = train in this process")
 	fl.BoolVar(&resume, "resume", false, "with --workers 0: continue from the newest good checkpoint in --checkpoint-dir (worker runs always resume)")
 	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	fl.StringVar(&devSpec, "device", "auto", "compute device: auto (the GPUs, one worker each, when built with -tags cuda; else the CPU), cpu, cuda or cuda:N")
 	mon = monitorFlags(fl, "127.0.0.1:8080") // with --workers N: a free port when this one is taken
 	fl.StringVar(&f.Preset, "preset", f.Preset, "model preset: FAMILY[-SIZE], families bmojo, bmojo-f, mamba, swa, transformer, hybrid; sizes tiny, small, 130m, 370m")
 	fl.IntVar(&f.Steps, "steps", f.Steps, "optimizer steps")
@@ -116,8 +128,8 @@ any field; flags given on the command line override the file.`,
 
 // trainLocal runs the job with an embedded etcd, a coordinator and workers
 // worker processes; rerunning the same job resumes it.
-func trainLocal(ctx context.Context, j train.Job, workers int, quiet bool, mon *monitorOpts, log hclog.Logger) error {
-	opts := localrun.Options{Workers: workers, Logger: log.Named("train"), WorkerLevel: "warn",
+func trainLocal(ctx context.Context, j train.Job, workers int, devSpec string, quiet bool, mon *monitorOpts, log hclog.Logger) error {
+	opts := localrun.Options{Workers: workers, Device: devSpec, Logger: log.Named("train"), WorkerLevel: "warn",
 		HTTP: mon.http, Token: mon.tokenOrEnv(), TensorBoard: mon.tensorboard,
 		OnHTTP: func(url string) { log.Info("dashboard (bmojo status reads it too)", "url", url) }}
 	if log.IsDebug() {

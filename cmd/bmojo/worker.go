@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/worker"
 )
@@ -31,12 +32,10 @@ re-form the ring and continue; if it joins mid-run it receives the current
 parameters and optimizer state from a peer.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			switch device {
-			case "auto", "cpu":
-				// The CPU backend is the only one in this build.
-			default:
-				return fmt.Errorf("worker: --device %q: this build has the cpu backend only (auto or cpu)", device)
+			if _, _, err := devicepkg.Parse(device); err != nil {
+				return fmt.Errorf("worker: --device: %w", err)
 			}
+			cfg.Device = device
 			if cfg.ID == "" {
 				host, _ := os.Hostname()
 				cfg.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
@@ -71,7 +70,7 @@ parameters and optimizer state from a peer.`,
 	fl.IntVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL in seconds (default 3)")
 	fl.DurationVar(&cfg.HopTimeout, "hop-timeout", 0, "all-reduce per-hop deadline (default 30s)")
 	fl.StringVar(&health, "health", "", "serve the gRPC health service here (e.g. :7101) for probes")
-	fl.StringVar(&device, "device", "auto", "compute device: auto or cpu")
+	fl.StringVar(&device, "device", "auto", "compute device: auto (a GPU if this build has -tags cuda and one is present, else the CPU), cpu, cuda or cuda:N")
 	_ = cmd.MarkFlagRequired("job")
 	rootCmd.AddCommand(cmd)
 }

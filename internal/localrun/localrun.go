@@ -25,6 +25,7 @@ import (
 
 	"github.com/bmojo/bmojo/coordinator"
 	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/monitor"
 	"github.com/bmojo/bmojo/internal/train"
@@ -32,7 +33,10 @@ import (
 
 // Options configure a local run.
 type Options struct {
-	Workers     int          // worker processes
+	Workers int // worker processes
+	// Device is the workers' device spec (see internal/device): with auto
+	// or cuda and GPUs present, worker i gets GPU i mod the GPU count.
+	Device      string
 	Executable  string       // binary to run workers with; default os.Executable()
 	WorkerLevel string       // workers' log level (default warn)
 	Logger      hclog.Logger // coordinator and runner logs
@@ -193,10 +197,11 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	}
 
 	threads := max(1, runtimeCPUs()/o.Workers)
+	devs := WorkerDevices(o.Device, o.Workers)
 	exited := make(chan error, o.Workers)
 	for i := range o.Workers {
 		id := fmt.Sprintf("worker-%d", i)
-		cmd, err := StartWorker(ctx, exe, j.Name, endpoints[0], id, threads, o.WorkerLevel)
+		cmd, err := StartWorker(ctx, exe, j.Name, endpoints[0], id, threads, o.WorkerLevel, "--device", devs[i])
 		if err != nil {
 			return res, err
 		}
@@ -261,11 +266,37 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	}
 }
 
+// WorkerDevices assigns a device spec to each of n workers: one GPU each
+// (round-robin when there are more workers than GPUs) when spec is auto or
+// cuda and this binary sees GPUs, else spec itself.
+func WorkerDevices(spec string, n int) []string {
+	out := make([]string, n)
+	kind, ordinal, err := device.Parse(spec)
+	gpus, gerr := device.GPUs()
+	for i := range out {
+		switch {
+		case err != nil || kind == "cpu":
+			out[i] = spec
+		case ordinal > 0 || strings.HasPrefix(spec, "cuda:"):
+			out[i] = spec // one named GPU for everyone
+		case gerr == nil && len(gpus) > 0:
+			out[i] = fmt.Sprintf("cuda:%d", i%len(gpus))
+		default:
+			out[i] = spec // auto falls back to the CPU in the worker; cuda fails there, naming why
+		}
+		if out[i] == "" {
+			out[i] = "auto"
+		}
+	}
+	return out
+}
+
 // StartWorker starts `exe worker` for job as a child process whose stderr
 // goes to ours; ctx cancellation sends it SIGTERM.
-func StartWorker(ctx context.Context, exe, job, endpoint, id string, threads int, level string) (*exec.Cmd, error) {
-	cmd := exec.CommandContext(ctx, exe, "worker", "--job", job, "--etcd-endpoints", endpoint,
-		"--id", id, "--threads", strconv.Itoa(threads), "--log-level", level)
+func StartWorker(ctx context.Context, exe, job, endpoint, id string, threads int, level string, extra ...string) (*exec.Cmd, error) {
+	args := append([]string{"worker", "--job", job, "--etcd-endpoints", endpoint,
+		"--id", id, "--threads", strconv.Itoa(threads), "--log-level", level}, extra...)
+	cmd := exec.CommandContext(ctx, exe, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 10 * time.Second

@@ -14,7 +14,8 @@ import (
 	"github.com/schollz/progressbar/v3"
 
 	"github.com/bmojo/bmojo/internal/data"
-	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/internal/device"
+	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -23,6 +24,7 @@ type Options struct {
 	Logger   hclog.Logger // nil = silent
 	Progress io.Writer    // progress bar; nil = none
 	Resume   bool         // continue from the newest good checkpoint in CheckpointDir
+	Device   string       // compute device (internal/device): auto, cpu, cuda or cuda:N
 }
 
 // Result summarises a finished run.
@@ -75,7 +77,12 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 		return Result{}, err
 	}
 
-	m, err := model.New[float32](cpu.New[float32](), mc, j.Seed)
+	dev, err := device.Open(o.Device, cuda.Options{}, log.Named("device"))
+	if err != nil {
+		return Result{}, fmt.Errorf("train: %w", err)
+	}
+	defer dev.Close()
+	m, err := model.New[float32](dev.Backend, mc, j.Seed)
 	if err != nil {
 		return Result{}, err
 	}
@@ -85,7 +92,7 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 	opt := model.NewOptimizer(m, j.Optim())
 	res := Result{Params: m.Layout.ParamCount(), UnigramEntropy: trainDS.UnigramEntropy()}
 	log.Info("model", "preset", j.Preset, "params", res.Params, "layers", mc.NLayer, "d_model", mc.DModel,
-		"mixers", mixerSummary(mc.Mixers), "seq_len", T, "batch", B, "threads", runtime.GOMAXPROCS(0))
+		"mixers", mixerSummary(mc.Mixers), "seq_len", T, "batch", B, "device", dev.Desc)
 
 	existing, err := ListCheckpoints(j.CheckpointDir)
 	if err != nil {
