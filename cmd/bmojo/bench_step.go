@@ -33,6 +33,8 @@ type stepReport struct {
 	MFU           float64 `json:"mfu"`
 	PeakMemGiB    float64 `json:"peak_mem_gib"`
 	LargestBatch  int     `json:"largest_batch,omitempty"`
+	// LargestCapped: the search stopped at its time cap, not at an out-of-memory.
+	LargestCapped bool `json:"largest_batch_capped,omitempty"`
 	Profile       []struct {
 		Op    string  `json:"op"`
 		Calls int     `json:"calls"`
@@ -83,7 +85,9 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if peakTFLOPs > 0 {
 				r.PeakTFLOPs, r.PeakSource = peakTFLOPs, "given (--peak-tflops)"
 			} else {
-				r.PeakTFLOPs, r.PeakSource = matmulPeak(o.Backend), "measured: this backend's MatMul, 8192³"
+				var n int
+				r.PeakTFLOPs, n = matmulPeak(o.Backend)
+				r.PeakSource = fmt.Sprintf("measured: this backend's MatMul, %d³", n)
 			}
 			fmt.Printf("device %s; matrix peak %.1f TFLOP/s (%s)\n", o.Desc, r.PeakTFLOPs, r.PeakSource)
 			if err := timeSteps(o.Backend, c, &r, steps); err != nil {
@@ -100,8 +104,12 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 				}
 			}
 			if maxBatch {
-				r.LargestBatch = largestBatch(o.Dev, c, batch)
-				fmt.Printf("largest batch that fits: %d × %d tokens\n", r.LargestBatch, c.SeqLen)
+				r.LargestBatch, r.LargestCapped = largestBatch(o.Dev, c, batch, 5*time.Second)
+				if r.LargestCapped {
+					fmt.Printf("largest batch tried: %d × %d tokens fits (search stopped: a step took over 5 s)\n", r.LargestBatch, c.SeqLen)
+				} else {
+					fmt.Printf("largest batch that fits: %d × %d tokens (the next doubling ran out of memory)\n", r.LargestBatch, c.SeqLen)
+				}
 			}
 			if jsonOut != "" {
 				b, _ := json.MarshalIndent(r, "", "  ")
@@ -224,9 +232,13 @@ func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps
 	return nil
 }
 
-// matmulPeak measures the backend's MatMul on 8192³ in TFLOP/s.
-func matmulPeak(be kernels.Backend[float32]) float64 {
-	const n = 8192
+// matmulPeak measures the backend's MatMul on n³ (8192³ on a GPU) in
+// TFLOP/s.
+func matmulPeak(be kernels.Backend[float32]) (float64, int) {
+	n := 8192
+	if cuda.Emulated {
+		n = 128 // the CPU emulation multiplies in plain loops
+	}
 	x, w, out := be.Alloc(n*n), be.Alloc(n*n), be.Alloc(n*n)
 	be.MatMul(out, x, w, n, n, n, false) // warm-up
 	be.Err()
@@ -236,9 +248,9 @@ func matmulPeak(be kernels.Backend[float32]) float64 {
 		be.MatMul(out, x, w, n, n, n, false)
 	}
 	if be.Err() != nil {
-		return 0
+		return 0, n
 	}
-	return 2 * n * n * n * reps / time.Since(t0).Seconds() / 1e12
+	return 2 * float64(n*n) * float64(n) * reps / time.Since(t0).Seconds() / 1e12, n
 }
 
 // profileStep times each op of one step and prints the top of the table.
@@ -281,20 +293,23 @@ func profileStep(pb *profile.Backend[float32], c model.Config, batch int, r *ste
 }
 
 // largestBatch doubles the batch from start until a step fails (out of
-// memory) and returns the last that worked. Each try gets a fresh backend
-// (errors are sticky) and the garbage collector returns the previous try's
-// memory to the cache.
-func largestBatch(d *cuda.Device, c model.Config, start int) int {
-	ok := 0
-	for b := start; b <= 1024; b *= 2 {
+// memory) and returns the last that worked; capped is true when it stopped
+// because one step took longer than limit instead. Each try gets a fresh
+// backend (errors are sticky) and the garbage collector returns the
+// previous try's memory to the cache.
+func largestBatch(d *cuda.Device, c model.Config, start int, limit time.Duration) (ok int, capped bool) {
+	defer runtime.GC()
+	for b := start; ; b *= 2 {
 		runtime.GC()
+		t0 := time.Now()
 		if err := tryBatch(d.Backend(), c, b); err != nil {
-			break
+			return ok, false
 		}
 		ok = b
+		if time.Since(t0) > limit {
+			return ok, true
+		}
 	}
-	runtime.GC()
-	return ok
 }
 
 func tryBatch(be kernels.Backend[float32], c model.Config, b int) error {

@@ -101,6 +101,9 @@ func Open(spec string, opt cuda.Options, log hclog.Logger) (*Opened, error) {
 		return &Opened{Backend: cpu.New[float32](), Kind: "cpu", GPU: -1,
 			Desc: fmt.Sprintf("cpu (%d threads)", runtime.GOMAXPROCS(0))}, nil
 	}
+	if opt.MatMul == "" {
+		opt.MatMul = "bf16"
+	}
 	d, err := cuda.Open(ordinal, opt)
 	if err != nil {
 		return nil, err

@@ -16,6 +16,9 @@ import (
 // Built reports whether this binary contains the CUDA backend.
 const Built = true
 
+// Emulated reports whether the backend is the CPU emulation (cudaemu).
+const Emulated = false
+
 //go:embed ptx/*.ptx
 var ptxFiles embed.FS
 

@@ -21,6 +21,9 @@ import (
 // CPU emulation).
 const Built = true
 
+// Emulated reports whether the backend is the CPU emulation (cudaemu).
+const Emulated = true
+
 // emu is the driver of the cudaemu build: device memory is host memory and
 // the kernels of csrc/*.cu, compiled for the host, run block by block with
 // every thread a fiber (emu/emu.h). It checks kernels and their launch code

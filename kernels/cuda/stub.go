@@ -7,6 +7,9 @@ import "github.com/bmojo/bmojo/kernels"
 // Built reports whether this binary contains the CUDA backend.
 const Built = false
 
+// Emulated reports whether the backend is the CPU emulation (cudaemu).
+const Emulated = false
+
 // Device is an opened GPU; in this build none can be opened.
 type Device struct{}
 

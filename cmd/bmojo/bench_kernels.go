@@ -1,0 +1,407 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/bmojo/bmojo/internal/device"
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/kernels/cuda"
+	"github.com/bmojo/bmojo/model"
+)
+
+// kernelRow is one line of bench kernels.
+type kernelRow struct {
+	Op     string  `json:"op"`
+	Shape  string  `json:"shape"`
+	RelErr float64 `json:"rel_err"` // max |gpu−cpu| / max |cpu| at the validation size
+	Ms     float64 `json:"ms"`
+	TFLOPs float64 `json:"tflops,omitempty"`
+	GBs    float64 `json:"gb_per_s,omitempty"`
+}
+
+func init() {
+	var (
+		preset, dev, jsonOut string
+		batch, seqLen, reps  int
+	)
+	cmd := &cobra.Command{
+		Use:   "kernels",
+		Short: "Validate each GPU kernel against the CPU reference, then time it at a preset's shapes",
+		Long: `For the matrix products of one layer (and the head) and the main ops of a
+preset, run the GPU backend and the CPU reference on the same inputs at a
+small size and report the largest relative difference, then time the GPU op
+at the full training shape (batch × seq-len) and report ms with TFLOP/s
+(matrix products) or GB/s (the rest: bytes read + written once).
+bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := model.Preset(preset)
+			if err != nil {
+				return err
+			}
+			if seqLen > 0 {
+				c.SeqLen = seqLen
+			}
+			o, err := device.Open(dev, cuda.Options{}, newLogger())
+			if err != nil {
+				return err
+			}
+			defer o.Close()
+			if o.Kind != "cuda" {
+				return fmt.Errorf("bench kernels: needs a GPU (--device cuda in a binary built with -tags %s)", "cuda")
+			}
+			rows, err := benchKernels(o.Backend, device.CPU(), c, batch, reps)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s, preset %s, batch %d × %d\n", o.Desc, preset, batch, c.SeqLen)
+			fmt.Printf("%-26s %-22s %10s %10s %10s\n", "op", "shape", "rel err", "ms", "TFLOP/s|GB/s")
+			for _, r := range rows {
+				rate := fmt.Sprintf("%.1f GB/s", r.GBs)
+				if r.TFLOPs > 0 {
+					rate = fmt.Sprintf("%.1f TFLOP/s", r.TFLOPs)
+				}
+				fmt.Printf("%-26s %-22s %10.2e %10.3f %14s\n", r.Op, r.Shape, r.RelErr, r.Ms, rate)
+			}
+			if jsonOut != "" {
+				b, _ := json.MarshalIndent(rows, "", "  ")
+				return os.WriteFile(jsonOut, append(b, '\n'), 0o644)
+			}
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&preset, "preset", "bmojo-130m", "model preset whose shapes are used")
+	fl.IntVar(&batch, "batch-size", 8, "sequences")
+	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
+	fl.IntVar(&reps, "reps", 10, "timed repetitions per op")
+	fl.StringVar(&dev, "device", "cuda", "cuda or cuda:N")
+	fl.StringVar(&jsonOut, "json", "", "also write the rows to this JSON file")
+	benchCmd.AddCommand(cmd)
+}
+
+// pair holds the same data on the GPU (g) and the CPU (c).
+type pair struct{ g, c kernels.Buffer }
+
+type kbench struct {
+	gpu, cpu kernels.Backend[float32]
+	rng      *rand.Rand
+}
+
+func (k *kbench) rand(n int, scale float64) pair {
+	h := make([]float32, n)
+	for i := range h {
+		h[i] = float32(k.rng.NormFloat64() * scale)
+	}
+	p := pair{k.gpu.Alloc(n), k.cpu.Alloc(n)}
+	k.gpu.Upload(p.g, h)
+	k.cpu.Upload(p.c, h)
+	return p
+}
+
+func (k *kbench) zeros(n int) pair { return pair{k.gpu.Alloc(n), k.cpu.Alloc(n)} }
+
+// relErr compares the GPU and CPU contents of p.
+func (k *kbench) relErr(ps ...pair) float64 {
+	worst := 0.0
+	for _, p := range ps {
+		g, c := make([]float32, p.g.Len()), make([]float32, p.c.Len())
+		k.gpu.Download(g, p.g)
+		k.cpu.Download(c, p.c)
+		var maxRef, maxDiff float64
+		for i := range g {
+			maxRef = max(maxRef, math.Abs(float64(c[i])))
+			d := math.Abs(float64(g[i]) - float64(c[i]))
+			if math.IsNaN(d) {
+				d = math.Inf(1)
+			}
+			maxDiff = max(maxDiff, d)
+		}
+		if maxRef > 0 {
+			worst = max(worst, maxDiff/maxRef)
+		} else {
+			worst = max(worst, maxDiff)
+		}
+	}
+	return worst
+}
+
+// timeOp runs f reps times on the GPU after one warm-up; ms per call.
+func (k *kbench) timeOp(reps int, f func()) (float64, error) {
+	f()
+	if err := k.gpu.Err(); err != nil {
+		return 0, err
+	}
+	t0 := time.Now()
+	for range reps {
+		f()
+	}
+	if err := k.gpu.Err(); err != nil {
+		return 0, err
+	}
+	return 1e3 * time.Since(t0).Seconds() / float64(reps), nil
+}
+
+// kernelCase is one op: run it on one backend's buffers (made by setup at
+// a batch × length) and say how much work that is.
+type kernelCase struct {
+	name  string
+	setup func(k *kbench, B, T int) (run func(gpu bool), outs []pair, flops, bytes float64, shape string)
+}
+
+func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps int) ([]kernelRow, error) {
+	k := &kbench{gpu: gpu, cpu: cpu, rng: rand.New(rand.NewPCG(5, 6))}
+	var cases []kernelCase
+	// The matrix products of one layer and the head, forward and backward.
+	l := model.NewLayout(c)
+	seen := map[string]bool{}
+	prefix := "layers.0."
+	for _, t := range l.Tensors {
+		if !t.Decay || len(t.Shape) != 2 || strings.HasSuffix(t.Name, "conv.weight") {
+			continue
+		}
+		if !strings.HasPrefix(t.Name, prefix) {
+			if strings.HasPrefix(t.Name, "layers.") {
+				continue
+			}
+		}
+		N, K := t.Shape[0], t.Shape[1]
+		key := fmt.Sprintf("%dx%d", N, K)
+		if seen[key] {
+			continue
+		}
+		seen[key] = true
+		name := strings.TrimSuffix(strings.TrimPrefix(t.Name, prefix), ".weight")
+		cases = append(cases, matmulCase(name, N, K, false), matmulCase(name, N, K, true))
+	}
+	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false))
+	d, E, N := c.DModel, c.DInner, c.DState
+	cases = append(cases,
+		kernelCase{"RMSNorm", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, g, out, rs := k.rand(B*T*d, 1), k.rand(d, 1), k.zeros(B*T*d), k.zeros(B*T)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.RMSNorm(p(out), p(rs), p(x), p(g), B*T, d)
+			}, []pair{out}, 0, 8 * float64(B*T*d), fmt.Sprintf("%d×%d", B*T, d)
+		}},
+		kernelCase{"SwiGLU", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			n := B * T * max(c.DFF, 1)
+			g, u, h := k.rand(n, 1), k.rand(n, 1), k.zeros(n)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.SwiGLU(p(h), p(g), p(u))
+			}, []pair{h}, 0, 12 * float64(n), fmt.Sprintf("%d", n)
+		}},
+		kernelCase{"Conv1d", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, w, bias, out := k.rand(B*T*E, 1), k.rand(E*c.DConv, 0.5), k.rand(E, 1), k.zeros(B*T*E)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.Conv1d(p(out), p(x), p(w), p(bias), B, T, E, c.DConv)
+			}, []pair{out}, 0, 8 * float64(B*T*E), fmt.Sprintf("%d×%d×%d", B, T, E)
+		}},
+		kernelCase{"SelectiveScan", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, dt, z := k.rand(B*T*E, 1), k.rand(B*T*E, 1), k.rand(B*T*E, 1)
+			dtb, alog, dsk := k.rand(E, 0.5), k.rand(E*N, 0.5), k.rand(E, 1)
+			bm, cm, out := k.rand(B*T*N, 1), k.rand(B*T*N, 1), k.zeros(B*T*E)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.SelectiveScan(p(out), p(x), p(dt), p(dtb), p(alog), p(bm), p(cm), p(dsk), p(z), B, T, E, N)
+			}, []pair{out}, 0, 16 * float64(B*T*E), fmt.Sprintf("%d×%d×%d×%d", B, T, E, N)
+		}},
+		kernelCase{"SelectiveScanBackward", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, dt, z := k.rand(B*T*E, 1), k.rand(B*T*E, 1), k.rand(B*T*E, 1)
+			dtb, alog, dsk := k.rand(E, 0.5), k.rand(E*N, 0.5), k.rand(E, 1)
+			bm, cm, dout := k.rand(B*T*N, 1), k.rand(B*T*N, 1), k.rand(B*T*E, 1)
+			dx, ddt, dz := k.zeros(B*T*E), k.zeros(B*T*E), k.zeros(B*T*E)
+			ddtb, dalog, ddsk := k.zeros(E), k.zeros(E*N), k.zeros(E)
+			dbm, dcm := k.zeros(B*T*N), k.zeros(B*T*N)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.SelectiveScanBackward(p(dx), p(ddt), p(ddtb), p(dalog), p(dbm), p(dcm), p(ddsk), p(dz), p(dout),
+					p(x), p(dt), p(dtb), p(alog), p(bm), p(cm), p(dsk), p(z), B, T, E, N)
+			}, []pair{dx, ddt, dz, dbm, dcm}, 0, 32 * float64(B*T*E), fmt.Sprintf("%d×%d×%d×%d", B, T, E, N)
+		}},
+	)
+	if c.NHead > 0 {
+		cases = append(cases, attnCase(c, false), attnCase(c, true))
+	}
+	cases = append(cases,
+		kernelCase{"CrossEntropy+Backward", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			V := c.VocabSize
+			lg, loss, dl := k.rand(B*T*V, 2), k.zeros(B*T), k.zeros(B*T*V)
+			tg := make([]int32, B*T)
+			for i := range tg {
+				tg[i] = int32(k.rng.IntN(V))
+			}
+			tgG, tgC := k.gpu.AllocInt(B*T), k.cpu.AllocInt(B*T)
+			k.gpu.UploadInt(tgG, tg)
+			k.cpu.UploadInt(tgC, tg)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				t := tgC
+				if onGPU {
+					t = tgG
+				}
+				be.CrossEntropy(p(loss), p(lg), t, B*T, V)
+				be.CrossEntropyBackward(p(dl), p(lg), t, 1.0/float64(B*T), B*T, V)
+			}, []pair{loss}, 0, 12 * float64(B*T*V), fmt.Sprintf("%d×%d", B*T, V)
+		}},
+	)
+	var rows []kernelRow
+	for _, kc := range cases {
+		// Validate at a small size against the CPU.
+		vT := min(c.SeqLen, 256)
+		run, outs, _, _, _ := kc.setup(k, 1, vT)
+		run(true)
+		run(false)
+		if err := k.gpu.Err(); err != nil {
+			return rows, fmt.Errorf("%s: %w", kc.name, err)
+		}
+		rel := k.relErr(outs...)
+		// Time at the full shape.
+		run, _, flops, bytes, shape := kc.setup(k, batch, c.SeqLen)
+		ms, err := k.timeOp(reps, func() { run(true) })
+		if err != nil {
+			return rows, fmt.Errorf("%s: %w", kc.name, err)
+		}
+		r := kernelRow{Op: kc.name, Shape: shape, RelErr: rel, Ms: ms}
+		if flops > 0 {
+			r.TFLOPs = flops / (ms / 1e3) / 1e12
+		} else {
+			r.GBs = bytes / (ms / 1e3) / 1e9
+		}
+		rows = append(rows, r)
+	}
+	return rows, nil
+}
+
+// pick returns the backend and a selector of its half of a pair.
+func (k *kbench) pick(onGPU bool) (kernels.Backend[float32], func(pair) kernels.Buffer) {
+	if onGPU {
+		return k.gpu, func(p pair) kernels.Buffer { return p.g }
+	}
+	return k.cpu, func(p pair) kernels.Buffer { return p.c }
+}
+
+// matmulCase is out[Rw,N] = x[Rw,K]·w[N,K]ᵀ, or its backward (dx and dw).
+func matmulCase(name string, N, K int, backward bool) kernelCase {
+	op := "MatMul " + name
+	if backward {
+		op = "MatMulBackward " + name
+	}
+	return kernelCase{op, func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+		Rw := B * T
+		x, w := k.rand(Rw*K, 1), k.rand(N*K, 1/math.Sqrt(float64(K)))
+		shape := fmt.Sprintf("%d×%d×%d", Rw, N, K)
+		if !backward {
+			out := k.zeros(Rw * N)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.MatMul(p(out), p(x), p(w), Rw, N, K, false)
+			}, []pair{out}, 2 * float64(Rw) * float64(N) * float64(K), 0, shape
+		}
+		dout, dx, dw := k.rand(Rw*N, 1), k.zeros(Rw*K), k.zeros(N*K)
+		return func(onGPU bool) {
+			be, p := k.pick(onGPU)
+			be.Zero(p(dx))
+			be.Zero(p(dw))
+			be.MatMulBackward(p(dx), p(dw), p(dout), p(x), p(w), Rw, N, K)
+		}, []pair{dx, dw}, 4 * float64(Rw) * float64(N) * float64(K), 0, shape
+	}}
+}
+
+// attnCase is the B'MOJO attention of the preset's first attention layer.
+func attnCase(c model.Config, backward bool) kernelCase {
+	name := "Attention"
+	if backward {
+		name = "AttentionBackward"
+	}
+	return kernelCase{name, func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+		H, G, D := c.NHead, c.NKVHead, c.HeadDim
+		s := kernels.AttnShape{B: B, T: T, H: H, G: G, D: D, Wc: c.Window}
+		bmojo := false
+		for _, m := range c.Mixers {
+			bmojo = bmojo || m == model.MixerBMOJO
+		}
+		if bmojo {
+			s.Wf = c.FadingWindow
+			if c.HasMemory() {
+				s.C, s.S, s.M, s.Delta = c.Chunk, c.SelectPerChunk, c.Memory, c.MemoryDelay()
+			}
+		}
+		q, kk, v := k.rand(B*T*H*D, 1), k.rand(B*T*G*D, 1), k.rand(B*T*G*D, 1)
+		var kf, vf pair
+		if s.Wf > 0 {
+			kf, vf = k.rand(B*T*G*D, 1), k.rand(B*T*G*D, 1)
+		}
+		var selG, selC kernels.IntBuffer
+		if s.M > 0 {
+			nC := T / s.C
+			sel := make([]int32, B*nC*s.S)
+			for b := 0; b < B; b++ {
+				for ch := 0; ch < nC; ch++ {
+					for i := 0; i < s.S; i++ {
+						sel[(b*nC+ch)*s.S+i] = int32(ch*s.C + i*s.C/s.S)
+					}
+				}
+			}
+			selG, selC = k.gpu.AllocInt(len(sel)), k.cpu.AllocInt(len(sel))
+			k.gpu.UploadInt(selG, sel)
+			k.cpu.UploadInt(selC, sel)
+		}
+		out, lse := k.zeros(B*T*H*D), k.zeros(B*T*H)
+		opt := func(p func(pair) kernels.Buffer, x pair) kernels.Buffer {
+			if x.g == nil {
+				return nil
+			}
+			return p(x)
+		}
+		fwd := func(onGPU bool) {
+			be, p := k.pick(onGPU)
+			sel := selC
+			if onGPU {
+				sel = selG
+			}
+			var qm, km kernels.Buffer
+			if s.M > 0 {
+				qm, km = p(q), p(kk)
+			}
+			be.Attention(p(out), p(lse), p(q), p(kk), p(v), opt(p, kf), opt(p, vf), qm, km, sel, s)
+		}
+		keys := float64(min(T, c.Window) + s.Wf + s.M)
+		flops := 4 * float64(B*T*H*D) * keys
+		shape := fmt.Sprintf("%d×%d×%d×%d", B, T, H, D)
+		if !backward {
+			return fwd, []pair{out, lse}, flops, 0, shape
+		}
+		fwd(true)
+		fwd(false)
+		dout := k.rand(B*T*H*D, 1)
+		dq, dk, dv := k.zeros(B*T*H*D), k.zeros(B*T*G*D), k.zeros(B*T*G*D)
+		var dkf, dvf pair
+		if s.Wf > 0 {
+			dkf, dvf = k.zeros(B*T*G*D), k.zeros(B*T*G*D)
+		}
+		return func(onGPU bool) {
+			be, p := k.pick(onGPU)
+			sel := selC
+			if onGPU {
+				sel = selG
+			}
+			var qm, km, dqm, dkm kernels.Buffer
+			if s.M > 0 {
+				qm, km, dqm, dkm = p(q), p(kk), p(dq), p(dk)
+			}
+			be.AttentionBackward(p(dq), p(dk), p(dv), opt(p, dkf), opt(p, dvf), dqm, dkm, p(dout), p(out), p(lse),
+				p(q), p(kk), p(v), opt(p, kf), opt(p, vf), qm, km, sel, s)
+		}, []pair{dq, dk, dv}, 2.5 * flops, 0, shape
+	}}
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA backend in one pass, for a machine with an
+# NVIDIA GPU (and PyTorch for the torch.matmul reference). Build here first:
+#
+#   T=cuda,kustomize_disable_go_plugin_support
+#   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9 .dev/bmojo
+#   go test -c -tags cuda -o .dev/cuda.test ./kernels/cuda
+#   go test -c -tags cuda -o .dev/model.test ./model
+#
+# then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
+# OUTDIR; a summary is printed as it goes, so a run cut short still reports.
+set -u
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.dev}
+OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
+mkdir -p "$OUT"
+[ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -k "$BIN/bmojo.gz"
+
+step() { # name timeout-seconds command...
+	local name=$1 t=$2
+	shift 2
+	local t0=$SECONDS
+	timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+	local rc=$?
+	echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+	return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+step conformance 60 "$BIN/cuda.test" -test.v -test.run 'TestConformance|TestError|TestOutOfMemory'
+grep -m1 "GPU 0:" "$OUT/conformance.log"
+echo "subtests passed: $(grep -c -- '--- PASS' "$OUT/conformance.log"), failed: $(grep -c -- '--- FAIL' "$OUT/conformance.log")"
+grep -- '--- FAIL' "$OUT/conformance.log" | head -20
+
+step parity 90 "$BIN/model.test" -test.v -test.run TestCUDAParity
+grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40
+
+step step 75 "$BIN/bmojo" bench step --device cuda --preset bmojo-130m --seq-len 2048 --batch-size 8 --steps 5 --profile --json "$OUT/step.json"
+grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
+
+step kernels 45 "$BIN/bmojo" bench kernels --preset bmojo-130m --batch-size 8 --json "$OUT/kernels.json"
+grep -v '^20..-' "$OUT/kernels.log" | head -30
+step torch 45 python3 bench/torch_matmul.py "$OUT/kernels.json" --peak
+cat "$OUT/torch.log" | tail -20
+
+step train 90 "$BIN/bmojo" train --device cuda --workers 1 --preset bmojo-130m --steps 40 --batch-size 8 \
+	--eval-every 20 --eval-batches 4 --checkpoint-every 40 --checkpoint-dir "$OUT/run-130m" -q
+grep -v '^\s*$' "$OUT/train.log" | tail -20
+
+if [ -x "$BIN/torchref-dump" ]; then
+	DUMP_BIN="$BIN/torchref-dump" step torchref 60 tools/torchref/run.sh "$OUT/torchref"
+	tail -25 "$OUT/torchref.log"
+fi
