@@ -98,6 +98,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 				WaitSeconds: tm.wait.Seconds(), OptimSeconds: optim.Seconds(),
 				TokensPerS: float64(rows*w.m.T) / now.Sub(ts).Seconds(), Loss: loss, GradNorm: res.GradNorm,
 				Skipped: w.skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: float64(now.UnixNano()) / 1e9,
+				GPU: w.gpuStats(),
 			}))
 		}
 		if (w.job.EvalEvery > 0 && w.step%w.job.EvalEvery == 0) || last {

@@ -23,6 +23,7 @@ import (
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/data"
 	"github.com/bmojo/bmojo/internal/device"
+	"github.com/bmojo/bmojo/internal/gpu"
 	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
@@ -236,6 +237,21 @@ func (w *worker) build() error {
 	w.opt = model.NewOptimizer(w.m, w.job.Optim())
 	w.log.Info("model", "params", w.m.Layout.ParamCount(), "preset", w.job.Preset, "device", w.dev.Desc, "threads", runtime.GOMAXPROCS(0))
 	return nil
+}
+
+// gpuStats samples the worker's GPU through NVML (nil on the CPU or when
+// NVML cannot read it). NVML and CUDA number devices alike unless
+// CUDA_DEVICE_ORDER or CUDA_VISIBLE_DEVICES reorder them.
+func (w *worker) gpuStats() *cluster.GPUStats {
+	if w.dev == nil || w.dev.Kind != "cuda" {
+		return nil
+	}
+	t, err := gpu.Sample(w.dev.GPU)
+	if err != nil {
+		return nil
+	}
+	return &cluster.GPUStats{UUID: t.UUID, UtilPercent: t.UtilPercent, MemUsedBytes: t.MemUsedBytes,
+		MemTotal: t.MemTotal, PowerWatts: t.PowerWatts, TempCelsius: t.TempCelsius}
 }
 
 // deviceDesc names the worker's compute device for membership records.

@@ -31,6 +31,7 @@ func (g GPU) String() string {
 
 // Telemetry is one sample of a device's state.
 type Telemetry struct {
+	UUID         string  `json:"uuid"`
 	UtilPercent  float64 `json:"util_percent"`
 	MemUsedBytes float64 `json:"mem_used_bytes"`
 	MemTotal     float64 `json:"mem_total_bytes"`
@@ -115,6 +116,7 @@ func Sample(index int) (Telemetry, error) {
 		return Telemetry{}, err
 	}
 	var t Telemetry
+	t.UUID, _ = d.GetUUID()
 	if u, ret := d.GetUtilizationRates(); ret == nvml.SUCCESS {
 		t.UtilPercent = float64(u.Gpu)
 	}

@@ -21,6 +21,7 @@ func (g GPU) String() string { return fmt.Sprintf("GPU %d: %s", g.Index, g.Name)
 
 // Telemetry is one sample of a device's state.
 type Telemetry struct {
+	UUID         string  `json:"uuid"`
 	UtilPercent  float64 `json:"util_percent"`
 	MemUsedBytes float64 `json:"mem_used_bytes"`
 	MemTotal     float64 `json:"mem_total_bytes"`

@@ -12,10 +12,10 @@ import (
 // constant label bmojo_job (the job name); per-worker metrics add
 // worker_id and rank (-1 when not in the ring).
 //
-// GPU telemetry (NVML, once GPU workers exist) will use, per worker:
-// bmojo_worker_gpu_utilization_ratio, bmojo_worker_gpu_memory_used_bytes,
-// bmojo_worker_gpu_memory_total_bytes, bmojo_worker_gpu_power_watts and
-// bmojo_worker_gpu_temperature_celsius (label gpu: the device UUID).
+// GPU workers add their NVML telemetry: bmojo_worker_gpu_utilization_ratio,
+// bmojo_worker_gpu_memory_used_bytes, bmojo_worker_gpu_memory_total_bytes,
+// bmojo_worker_gpu_power_watts and bmojo_worker_gpu_temperature_celsius
+// (extra label gpu: the device UUID).
 var (
 	workerLabels = []string{"worker_id", "rank"}
 
@@ -45,7 +45,16 @@ var (
 	descWStraggler  = wdesc("bmojo_worker_straggler", "1 for the worker the others wait for in the all-reduce.")
 	descWLastStep   = wdesc("bmojo_worker_step", "The worker's newest completed step.")
 	descWCheckpoint = wdesc("bmojo_checkpoint_seconds", "Duration of the worker's newest checkpoint write.")
+	descGPUUtil     = gdesc("bmojo_worker_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period.")
+	descGPUMem      = gdesc("bmojo_worker_gpu_memory_used_bytes", "GPU memory in use (all processes).")
+	descGPUMemTotal = gdesc("bmojo_worker_gpu_memory_total_bytes", "GPU memory in total.")
+	descGPUPower    = gdesc("bmojo_worker_gpu_power_watts", "GPU power draw.")
+	descGPUTemp     = gdesc("bmojo_worker_gpu_temperature_celsius", "GPU core temperature.")
 )
+
+func gdesc(name, help string) *prometheus.Desc {
+	return prometheus.NewDesc(name, help, append(append([]string{}, workerLabels...), "gpu"), nil)
+}
 
 func desc(name, help string) *prometheus.Desc { return prometheus.NewDesc(name, help, nil, nil) }
 
@@ -61,7 +70,7 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descStep, descSteps, descProgress, descETA, descLoss, descValLoss, descTPS,
 		descEpoch, descWorkers, descWorkersUp, descSkipped, descDone, descCkptStep, descRecovery, descEvents,
 		descWStep, descWData, descWCompute, descWWait, descWOptim, descWTPS, descWGrad, descWUp, descWStraggler,
-		descWLastStep, descWCheckpoint} {
+		descWLastStep, descWCheckpoint, descGPUUtil, descGPUMem, descGPUMemTotal, descGPUPower, descGPUTemp} {
 		ch <- d
 	}
 }
@@ -130,6 +139,14 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		g(descWGrad, w.GradNorm, l...)
 		g(descWLastStep, float64(w.LastStep), l...)
 		g(descWCheckpoint, w.Ckpt, l...)
+		if gs := w.GPU; gs != nil {
+			gl := append(l, gs.UUID)
+			g(descGPUUtil, gs.UtilPercent/100, gl...)
+			g(descGPUMem, gs.MemUsedBytes, gl...)
+			g(descGPUMemTotal, gs.MemTotal, gl...)
+			g(descGPUPower, gs.PowerWatts, gl...)
+			g(descGPUTemp, gs.TempCelsius, gl...)
+		}
 	}
 }
 

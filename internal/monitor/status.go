@@ -68,6 +68,8 @@ type WorkerStatus struct {
 	Ckpt      float64 `json:"last_checkpoint_seconds"`
 	Straggler bool    `json:"straggler"`
 	Updated   float64 `json:"updated"`
+	// GPU is the worker's newest NVML sample (GPU workers only).
+	GPU *cluster.GPUStats `json:"gpu,omitempty"`
 }
 
 // Sample is one progress record's (time, step), for the ETA.
