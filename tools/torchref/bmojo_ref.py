@@ -13,15 +13,19 @@ replays the same optimizer steps with its own AdamW, and compares:
 
   logits            max abs error <= 2e-2                  (model.md section 5)
   loss_ce/aux/total relative error <= 1e-3
-  grad.NAME         cosine similarity >= 0.999 (max abs and scale-relative
+  grad.NAME         cosine similarity >= 0.999 (max abs and max-abs/max|ref|
                     errors are reported, not gated)
   curve[s]          loss of optimizer step s, relative error <= 1e-3
   curve.lr          the warm-up + cosine schedule, relative error <= 1e-9
-  curve.grad_norm   global gradient norm before clipping, rel. error <= 1e-3
+  curve.grad_norm[0] global gradient norm before clipping, rel. error <= 1e-3
+  innovation, select  the eidetic innovation and top-k selection (near-ties
+                    below float32 resolution follow the Go choice)
   layout, decay     tensor names/shapes of model.md section 7 and the
                     weight-decay groups of section 6
 
-Usage: bmojo_ref.py GOLDEN.safetensors [--device cpu|cuda] [--dtype float64|float32]
+--strict tightens these for an fp32 CPU golden (see STRICT below).
+
+Usage: bmojo_ref.py GOLDEN.safetensors [--device cpu|cuda] [--dtype float64|float32] [--strict]
 Exit status: 0 all checks pass, 1 some check failed, 2 unusable input
 (missing or garbled file, missing tensor, torch not installed).
 
@@ -594,8 +598,12 @@ def compare_tensor(rep, name, go, ref, *, abs_tol=None, cos_tol=None, rel_tol=No
     rep.add(name, ok, maxabs, rel, cs, ", ".join(notes))
 
 
+def scalar(x):
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def compare_scalar(rep, name, go, ref, rel_tol, extra=""):
-    go, ref = float(go), float(ref)
+    go, ref = scalar(go), scalar(ref)
     err = abs(go - ref)
     rel = err / abs(ref) if ref != 0 else (0.0 if err == 0 else math.inf)
     ok = math.isfinite(go) and rel <= rel_tol
@@ -750,7 +758,7 @@ def run(args):
             gs = torch.autograd.grad(tot, [W[k] for k in names], allow_unused=True)
             gd = {k: (g if g is not None else torch.zeros_like(W[k])) for k, g in zip(names, gs)}
             gn, lr, skipped = opt.apply(W, gd, s)
-            my_curve.append(float(tot))
+            my_curve.append(scalar(tot))
             my_lr.append(lr)
             my_gn.append(gn)
             if skipped:
@@ -763,10 +771,13 @@ def run(args):
         lr_rel = max(lr_abs[s] / abs(my_lr[s]) for s in range(nsteps))
         rep.add("curve.lr", lr_rel <= 1e-9, max(lr_abs), lr_rel, "",
                 f"rel <= 1e-9  (schedule {' '.join(f'{x:.3g}' for x in my_lr)})")
-        gn_abs = [abs(float(gns[s]) - my_gn[s]) for s in range(nsteps)]
-        gn_rel = max(gn_abs[s] / my_gn[s] for s in range(nsteps))
-        rep.add("curve.grad_norm", gn_rel <= tol["gnorm_rel"], max(gn_abs), gn_rel, "",
-                f"rel <= {tol['gnorm_rel']:g}  (norms {' '.join(f'{x:.3g}' for x in my_gn)}; clip {oj['clip_norm']:g})")
+        # The gradient norm is gated at step 0 only, where both sides start
+        # from the same weights; later norms follow float32 vs float64
+        # trajectories and can move 1e-3 relative at a loss spike.
+        gn_rel = [abs(float(gns[s]) - my_gn[s]) / my_gn[s] for s in range(nsteps)]
+        later = f"; later steps max rel {max(gn_rel[1:]):.1e}, not gated" if nsteps > 1 else ""
+        rep.add("curve.grad_norm[0]", gn_rel[0] <= tol["gnorm_rel"], abs(float(gns[0]) - my_gn[0]), gn_rel[0], "",
+                f"rel <= {tol['gnorm_rel']:g}  (norms {' '.join(f'{x:.3g}' for x in my_gn)}; clip {oj['clip_norm']:g}{later})")
 
     rep.print()
     for line in info:
@@ -786,7 +797,6 @@ def selftest(P, c, tokens, rep):
                 u = rmsnorm(x, P[p + "norm1.weight"])
                 a = ssm(u, P, p, c, scan=selective_scan)
                 b = ssm(u, P, p, c, scan=scan_loop)
-            scale = max(1e-30, float(b.abs().max()))
             compare_tensor(rep, f"selftest: chunked scan, layer {i}", a, b,
                            rel_tol=1e-12 if a.dtype == torch.float64 else 1e-5)
             return

@@ -69,10 +69,12 @@ for size in $sizes; do
 		for f in bmojo bmojo-f mamba swa transformer hybrid; do
 			cases+=("$f-tiny|-preset $f-tiny -batch 2")
 		done
-		# eidetic options: FIFO eviction (10 visible selections, memory 5) with
-		# unrotated memory scores; grouped-query attention (4 heads, 2 kv heads).
-		cases+=("bmojo-tiny-evict-norope|-preset bmojo-tiny -batch 2 -seq-len 256 -set memory=5 -set memory_rope=none")
-		cases+=("bmojo-tiny-gqa|-preset bmojo-tiny -batch 2 -set n_head=4 -set head_dim=16 -set n_kv_head=2")
+		# Options the presets leave alone: FIFO eviction (chunk 16 so the delay
+		# is 5 chunks and up to 22 selections are visible, memory 5) with
+		# unrotated memory scores; grouped-query attention (4 heads over 2 kv
+		# heads) with a fading window shorter than the context window.
+		cases+=("bmojo-tiny-evict-norope|-preset bmojo-tiny -batch 2 -seq-len 256 -set chunk=16 -set memory=5 -set memory_rope=none")
+		cases+=("bmojo-tiny-gqa-wf16|-preset bmojo-tiny -batch 2 -set n_head=4 -set head_dim=16 -set n_kv_head=2 -set fading_window=16")
 		;;
 	small)
 		# T = 512 so that the memory (visible from chunk 3 on, C = 128) is used.
