@@ -46,6 +46,7 @@ static void **cur_args;
 static void fiber_entry() {
     cur_fn(cur_args);
     st.cur->wait = DONE;
+    _longjmp(st.sched, 1); // never returns: the scheduler's frame is current
 }
 
 } // namespace bm_emu
@@ -97,10 +98,11 @@ extern "C" int bm_emu_launch(const char *name, int gx, int gy, int gz, int bx, i
                     f.lane = i % 32;
                     f.wait = RUN;
                     f.shfl_seq = 0;
+                    f.started = false;
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = stacks[i];
                     f.ctx.uc_stack.ss_size = kStack;
-                    f.ctx.uc_link = &st.sched;
+                    f.ctx.uc_link = nullptr;
                     makecontext(&f.ctx, (void (*)())fiber_entry, 0);
                 }
                 for (;;) {
@@ -109,7 +111,14 @@ extern "C" int bm_emu_launch(const char *name, int gx, int gy, int gz, int bx, i
                         Fiber &f = fibers[i];
                         if (f.wait == RUN) {
                             st.cur = &f;
-                            swapcontext(&st.sched, &f.ctx);
+                            if (!_setjmp(st.sched)) {
+                                if (!f.started) {
+                                    f.started = true;
+                                    swapcontext(&st.sched_ctx, &f.ctx);
+                                } else {
+                                    _longjmp(f.env, 1);
+                                }
+                            }
                             ran = true;
                         }
                         if (f.wait != DONE) live = true;

@@ -1,6 +1,8 @@
 // emu.h runs the CUDA kernel sources of kernels/cuda/csrc on the CPU, for
 // the cudaemu build (tests on machines without a GPU). Each thread of a
-// block is a fiber (ucontext) on the calling OS thread; blocks run one after
+// block is a fiber on the calling OS thread (started with makecontext, then
+// switched with _setjmp/_longjmp, which unlike swapcontext makes no
+// signal-mask system call); blocks run one after
 // another. __syncthreads waits for every live thread of the block, warp
 // shuffles and __syncwarp for every live thread of the warp, so kernels
 // that rely on undefined ordering (missing barriers, divergent barriers)
@@ -12,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <csetjmp>
 #include <ucontext.h>
 #include <utility>
 
@@ -26,7 +29,9 @@ namespace bm_emu {
 enum Wait { RUN, BLOCK, WARP, DONE };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx; // the first entry only
+    jmp_buf env;    // where the fiber resumes
+    bool started;
     dim3 tid;
     int lin, warp, lane;
     Wait wait;
@@ -38,7 +43,8 @@ struct State {
     Fiber *fibers = nullptr;
     int nthreads = 0;
     Fiber *cur = nullptr;
-    ucontext_t sched;
+    ucontext_t sched_ctx;
+    jmp_buf sched;
     // Two banks of shuffle slots per warp so a fast lane cannot overwrite a
     // value its warp-mates have not read yet.
     unsigned long long slots[32][2][32];
@@ -49,7 +55,9 @@ struct State {
 
 extern State st;
 
-inline void yield_to_sched() { swapcontext(&st.cur->ctx, &st.sched); }
+inline void yield_to_sched() {
+    if (!_setjmp(st.cur->env)) _longjmp(st.sched, 1);
+}
 
 inline void sync_block() {
     st.cur->wait = BLOCK;
