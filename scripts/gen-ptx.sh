@@ -17,7 +17,11 @@ command -v nvcc >/dev/null || { echo "gen-ptx: nvcc not found (apt-get install n
 mkdir -p "$out"
 for cu in "$src"/*.cu; do
 	name="$(basename "$cu" .cu)"
-	nvcc -arch=compute_90 -ptx -O3 -std=c++17 -I"$src" "$cu" -o "$out/$name.ptx"
+	nvcc -arch=compute_90 -ptx -O3 -std=c++17 -I"$src" "$cu" -o "$out/$name.ptx.tmp"
+	# nvcc names file-local symbols _INTERNAL_<hash>_ with a hash that depends
+	# on where it ran; a fixed name keeps the output reproducible.
+	sed -E 's/_INTERNAL_[0-9a-f]{8}_/_INTERNAL_bmojo_/g' "$out/$name.ptx.tmp" >"$out/$name.ptx"
+	rm -f "$out/$name.ptx.tmp"
 done
 # The CPU emulation (build tag cudaemu) compiles the same sources: list them
 # and their kernels.
