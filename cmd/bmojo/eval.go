@@ -7,14 +7,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bmojo/bmojo/internal/data"
+	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/train"
-	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
 func init() {
 	var (
 		ckpt, dataDir string
+		devSpec       string
 		seqLen, batch int
 		maxBatches    int
 	)
@@ -45,7 +47,12 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 			if err != nil {
 				return err
 			}
-			m, err := model.New[float32](cpu.New[float32](), c, 0)
+			dev, err := devicepkg.Open(devSpec, cuda.Options{}, log)
+			if err != nil {
+				return err
+			}
+			defer dev.Close()
+			m, err := model.New[float32](dev.Backend, c, 0)
 			if err != nil {
 				return err
 			}
@@ -73,6 +80,7 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 	fl.StringVar(&dataDir, "data", "", "dataset directory from `bmojo data prepare` (default: the bundled corpus)")
 	fl.IntVar(&seqLen, "seq-len", 0, "evaluation length (default: the training length)")
 	fl.IntVar(&batch, "batch-size", 4, "sequences per forward pass")
+	fl.StringVar(&devSpec, "device", "auto", "compute device: auto, cpu, cuda or cuda:N")
 	fl.IntVar(&maxBatches, "max-batches", 0, "stop after this many batches (0 = the whole split)")
 	rootCmd.AddCommand(cmd)
 }
