@@ -125,46 +125,38 @@ func (b *Backend) launch(op, kernel string, grid, block dim, shmem int, args ...
 
 // Alloc implements kernels.Backend.
 func (b *Backend) Alloc(n int) kernels.Buffer {
-	f := &floats{n: n}
-	if n < 0 {
-		b.failf("alloc: negative length %d", n)
-		f.n = 0
-		return f
-	}
-	if n == 0 {
-		return f
-	}
-	b.run("alloc", func() error {
-		a, err := b.d.mem.alloc(int64(n) * 4)
-		if err != nil {
-			return err
-		}
-		f.ptr, f.owner = a.ptr, a
-		return b.d.drv.memset32(f.ptr, int64(n))
-	})
-	return f
+	ptr, owner, n := b.alloc(n)
+	return &floats{ptr: ptr, n: n, owner: owner}
 }
 
 // AllocInt implements kernels.Backend.
 func (b *Backend) AllocInt(n int) kernels.IntBuffer {
-	f := &ints{n: n}
+	ptr, owner, n := b.alloc(n)
+	return &ints{ptr: ptr, n: n, owner: owner}
+}
+
+// alloc returns n zeroed 4-byte words from the device's cache (n is 0
+// after a failure, recorded for Err).
+func (b *Backend) alloc(n int) (devptr, *allocation, int) {
 	if n < 0 {
 		b.failf("alloc: negative length %d", n)
-		f.n = 0
-		return f
+		return 0, nil, 0
 	}
 	if n == 0 {
-		return f
+		return 0, nil, 0
 	}
+	var a *allocation
 	b.run("alloc", func() error {
-		a, err := b.d.mem.alloc(int64(n) * 4)
-		if err != nil {
+		var err error
+		if a, err = b.d.mem.alloc(int64(n) * 4); err != nil {
 			return err
 		}
-		f.ptr, f.owner = a.ptr, a
-		return b.d.drv.memset32(f.ptr, int64(n))
+		return b.d.drv.memset32(a.ptr, int64(n))
 	})
-	return f
+	if a == nil {
+		return 0, nil, n
+	}
+	return a.ptr, a, n
 }
 
 // Slice implements kernels.Backend.
@@ -185,48 +177,47 @@ func (b *Backend) Slice(x kernels.Buffer, off, n int) kernels.Buffer {
 func (b *Backend) Upload(dst kernels.Buffer, src []float32) {
 	c := b.check("upload")
 	d := c.buf("dst", dst, len(src), "len(src)")
-	if !c.ok || len(src) == 0 {
-		return
+	if c.ok && len(src) > 0 {
+		b.copyIn(d.ptr, unsafe.Pointer(&src[0]), len(src))
 	}
-	b.run("upload", func() error {
-		return b.d.drv.htod(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)))
-	})
 }
 
 // Download implements kernels.Backend; it waits for the queued work.
 func (b *Backend) Download(dst []float32, src kernels.Buffer) {
 	c := b.check("download")
 	s := c.buf("src", src, len(dst), "len(dst)")
-	if !c.ok || len(dst) == 0 {
-		return
+	if c.ok && len(dst) > 0 {
+		b.copyOut(unsafe.Pointer(&dst[0]), s.ptr, len(dst))
 	}
-	b.run("download", func() error {
-		return b.d.drv.dtoh(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)))
-	})
 }
 
 // UploadInt implements kernels.Backend.
 func (b *Backend) UploadInt(dst kernels.IntBuffer, src []int32) {
 	c := b.check("upload")
 	d := c.ints("dst", dst, len(src), "len(src)")
-	if !c.ok || len(src) == 0 {
-		return
+	if c.ok && len(src) > 0 {
+		b.copyIn(d.ptr, unsafe.Pointer(&src[0]), len(src))
 	}
-	b.run("upload", func() error {
-		return b.d.drv.htod(d.ptr, unsafe.Pointer(&src[0]), int64(4*len(src)))
-	})
 }
 
 // DownloadInt implements kernels.Backend.
 func (b *Backend) DownloadInt(dst []int32, src kernels.IntBuffer) {
 	c := b.check("download")
 	s := c.ints("src", src, len(dst), "len(dst)")
-	if !c.ok || len(dst) == 0 {
-		return
+	if c.ok && len(dst) > 0 {
+		b.copyOut(unsafe.Pointer(&dst[0]), s.ptr, len(dst))
 	}
-	b.run("download", func() error {
-		return b.d.drv.dtoh(unsafe.Pointer(&dst[0]), s.ptr, int64(4*len(dst)))
-	})
+}
+
+// copyIn queues a copy of n 4-byte words from host memory; the driver
+// stages pageable memory before returning, so src may be reused at once.
+func (b *Backend) copyIn(dst devptr, src unsafe.Pointer, n int) {
+	b.run("upload", func() error { return b.d.drv.htod(dst, src, int64(4*n)) })
+}
+
+// copyOut copies n 4-byte words to host memory after the queued work.
+func (b *Backend) copyOut(dst unsafe.Pointer, src devptr, n int) {
+	b.run("download", func() error { return b.d.drv.dtoh(dst, src, int64(4*n)) })
 }
 
 // Zero implements kernels.Backend.
