@@ -6,6 +6,7 @@
 #   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9 .dev/bmojo
 #   go test -c -tags cuda -o .dev/cuda.test ./kernels/cuda
 #   go test -c -tags cuda -o .dev/model.test ./model
+#   go build -tags $T -o .dev/torchref-dump ./tools/torchref/dump
 #
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
 # OUTDIR; a summary is printed as it goes, so a run cut short still reports.
@@ -49,6 +50,7 @@ step train 90 "$BIN/bmojo" train --device cuda --workers 1 --preset bmojo-130m -
 grep -v '^\s*$' "$OUT/train.log" | tail -20
 
 if [ -x "$BIN/torchref-dump" ]; then
-	DUMP_BIN="$BIN/torchref-dump" step torchref 60 tools/torchref/run.sh "$OUT/torchref"
+	# The GPU model against the PyTorch reference of model.md (model.md §5 tolerances).
+	GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 90 tools/torchref/run.sh "$OUT/torchref"
 	tail -25 "$OUT/torchref.log"
 fi

@@ -530,15 +530,20 @@ class AdamW:
 # checks
 
 # model.md section 5 (CUDA bf16 vs CPU fp32), the contract every backend meets.
+# The gradient norm and the eidetic selection have no model.md figure: bf16
+# matrix products move innovations by ~1e-3 relative, which can reorder a
+# chunk's top-k, and the norm by up to a few 1e-3 (cosine 0.999 allows more),
+# so this tier follows the Go selection when the values differ by <= 1e-2 and
+# holds the norm to 1e-2.
 CONTRACT = dict(logits_abs=2e-2, loss_rel=1e-3, grad_cos=0.999, grad_rel=None, curve_rel=1e-3,
-                gnorm_rel=1e-3, innov_abs=1e-3)
+                gnorm_rel=1e-2, innov_abs=1e-3, tie_rel=1e-2)
 # --strict: for an fp32 CPU golden against the float64 reference. Measured
 # errors are ~1e-7 relative; a wrong mask, delay or rotation of the memory
 # path moves gradients by 1e-3..1e-1 relative but can stay inside CONTRACT
 # (at initialisation attention is nearly uniform), so the CPU backend is held
 # to this.
 STRICT = dict(logits_abs=1e-4, loss_rel=1e-5, grad_cos=0.99999, grad_rel=1e-4, curve_rel=1e-4,
-              gnorm_rel=1e-5, innov_abs=1e-5)
+              gnorm_rel=1e-5, innov_abs=1e-5, tie_rel=2e-6)
 
 
 class Report:
@@ -653,6 +658,8 @@ def run(args):
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     SCAN_CHUNK = args.scan_chunk or (32 if dev.type == "cuda" else 4)
     tol = STRICT if args.strict else CONTRACT
+    global TIE_REL
+    TIE_REL = tol["tie_rel"]
 
     ts, meta = load_safetensors(args.golden)
     if meta.get("format") != FORMAT:

@@ -48,9 +48,11 @@ import (
 	"strings"
 
 	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cpu"
+	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -113,13 +115,20 @@ func fail(err error) {
 	os.Exit(1)
 }
 
-// openBackend returns the float32 kernel backend called name.
+// openBackend returns the float32 kernel backend called name: cpu, or a
+// GPU (cuda, cuda:N) in a binary built with -tags cuda.
 func openBackend(name string) (kernels.Backend[float32], error) {
-	switch name {
-	case "cpu":
+	if name == "cpu" {
 		return cpu.New[float32](), nil
 	}
-	return nil, fmt.Errorf("unknown -device %q (known: cpu)", name)
+	if kind, _, err := device.Parse(name); err != nil || kind != "cuda" {
+		return nil, fmt.Errorf("unknown -device %q (known: cpu, cuda, cuda:N)", name)
+	}
+	o, err := device.Open(name, cuda.Options{}, nil)
+	if err != nil {
+		return nil, err
+	}
+	return o.Backend, nil
 }
 
 // recorder wraps a backend to keep what SelectChunks and Innovation wrote
