@@ -345,6 +345,18 @@ func (c *Coordinator) waitKey(ctx context.Context, cli *clientv3.Client, key str
 // lead runs the state machine while this replica leads. It returns when
 // ctx ends, leadership is lost (ErrNotLeader) or a watch fails.
 func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *concurrency.Session, election *concurrency.Election, spec cluster.JobSpec) error {
+	// Every etcd call of this term ends when the election lease does: with
+	// etcd down a read would otherwise block past the lease and the replica
+	// would go on calling itself leader.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-session.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	l := &leader{
 		c:       c,
 		cli:     cli,

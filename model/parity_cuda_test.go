@@ -5,6 +5,7 @@ package model
 import (
 	"fmt"
 	"math"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -37,9 +38,9 @@ func TestCUDAParity(t *testing.T) {
 				if size == "small" {
 					T = 256 + 7 // an incomplete last chunk
 				}
-				if cuda.Emulated { // the CPU emulation of the kernels is slow
+				if cuda.Emulated && os.Getenv("BMOJO_EMU_FULL") == "" { // the CPU emulation of the kernels is slow
 					if size != "tiny" {
-						t.Skip("emulated: tiny presets only")
+						t.Skip("emulated: tiny presets only (BMOJO_EMU_FULL=1 runs every case)")
 					}
 					B, T, steps = 1, 67, 2
 				}
