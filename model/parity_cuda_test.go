@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/bmojo/bmojo/kernels/cpu"
@@ -43,6 +44,9 @@ func TestCUDAParity(t *testing.T) {
 						t.Skip("emulated: tiny presets only (BMOJO_EMU_FULL=1 runs every case)")
 					}
 					B, T, steps = 1, 67, 2
+				}
+				if v, err := strconv.Atoi(os.Getenv("BMOJO_PARITY_STEPS")); err == nil && v >= 0 {
+					steps = v // shorter curves for emulated runs of the larger cases
 				}
 				cm, err := New[float32](cpu.New[float32](), c, 7)
 				if err != nil {
