@@ -136,10 +136,10 @@ func TestCUDAParity(t *testing.T) {
 					worstStep = max(worstStep, math.Abs(cg[i]-cc[i])/math.Abs(cc[i]))
 				}
 				if worstStep > 5e-3 {
-					t.Errorf("10-step curves differ by %.2e relative: cpu %v gpu %v", worstStep, fmtCurve(cc), fmtCurve(cg))
+					t.Errorf("%d-step curves differ by %.2e relative: cpu %v gpu %v", steps, worstStep, fmtCurve(cc), fmtCurve(cg))
 				}
-				t.Logf("loss cpu %.6f gpu %.6f; max |Δlogit| %.2e; min grad cosine %.6f; 10-step curve max rel diff %.2e",
-					lcpu.Total, lgpu.Total, worst, minCos, worstStep)
+				t.Logf("loss cpu %.6f gpu %.6f; max |Δlogit| %.2e; min grad cosine %.6f; %d-step curve max rel diff %.2e",
+					lcpu.Total, lgpu.Total, worst, minCos, steps, worstStep)
 			})
 		}
 	}
