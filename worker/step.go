@@ -98,7 +98,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 				WaitSeconds: tm.wait.Seconds(), OptimSeconds: optim.Seconds(),
 				TokensPerS: float64(rows*w.m.T) / now.Sub(ts).Seconds(), Loss: loss, GradNorm: res.GradNorm,
 				Skipped: w.skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: float64(now.UnixNano()) / 1e9,
-				GPU: w.gpuStats(),
+				GPU: w.gpuStats(), ArrivalUnix: float64(tm.arrive.UnixNano()) / 1e9,
 			}))
 		}
 		if (w.job.EvalEvery > 0 && w.step%w.job.EvalEvery == 0) || last {
@@ -192,7 +192,10 @@ func (w *worker) buckets() []*bucket {
 // by rows/GB before the sum, so the result is the gradient of the global
 // mean loss whatever the split (model.md §6).
 // stepTimes splits one step's wall time (cluster.WorkerStats).
-type stepTimes struct{ data, compute, wait time.Duration }
+type stepTimes struct {
+	data, compute, wait time.Duration
+	arrive              time.Time // the last bucket entered the ring
+}
 
 func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int, tm *stepTimes) (loss float64, rows int, err error) {
 	GB, T := w.job.BatchSize, w.m.Cfg.SeqLen
@@ -250,7 +253,7 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int, t
 		}
 	}
 	t1 := time.Now()
-	tm.compute = t1.Sub(t0) - tm.data
+	tm.compute, tm.arrive = t1.Sub(t0)-tm.data, t1
 	defer func() { tm.wait = time.Since(t1) }()
 	var firstErr error
 	for _, b := range bs {

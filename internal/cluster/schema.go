@@ -236,6 +236,10 @@ type WorkerStats struct {
 	CheckpointSec float64   `json:"last_checkpoint_seconds,omitempty"`
 	UpdatedUnix   float64   `json:"updated"`
 	GPU           *GPUStats `json:"gpu,omitempty"` // NVML sample; absent on CPU workers
+	// ArrivalUnix is when this rank's last gradient bucket entered the ring
+	// (its backward ended) in step Step, wall clock: comparing ranks of one
+	// step names the one the all-reduce waits for.
+	ArrivalUnix float64 `json:"arrival_unix,omitempty"`
 }
 
 // GPUStats is one NVML sample of a worker's GPU.

@@ -45,6 +45,7 @@ var (
 	descWStraggler  = wdesc("bmojo_worker_straggler", "1 for the worker the others wait for in the all-reduce.")
 	descWLastStep   = wdesc("bmojo_worker_step", "The worker's newest completed step.")
 	descWCheckpoint = wdesc("bmojo_checkpoint_seconds", "Duration of the worker's newest checkpoint write.")
+	descWArrival    = wdesc("bmojo_worker_ring_arrival_seconds", "Seconds after the ring's first rank that this rank's gradients entered the all-reduce, in the newest step the workers share; the largest names the rank the others wait for.")
 	descGPUUtil     = gdesc("bmojo_worker_gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period.")
 	descGPUMem      = gdesc("bmojo_worker_gpu_memory_used_bytes", "GPU memory in use (all processes).")
 	descGPUMemTotal = gdesc("bmojo_worker_gpu_memory_total_bytes", "GPU memory in total.")
@@ -70,7 +71,7 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descStep, descSteps, descProgress, descETA, descLoss, descValLoss, descTPS,
 		descEpoch, descWorkers, descWorkersUp, descSkipped, descDone, descCkptStep, descRecovery, descEvents,
 		descWStep, descWData, descWCompute, descWWait, descWOptim, descWTPS, descWGrad, descWUp, descWStraggler,
-		descWLastStep, descWCheckpoint, descGPUUtil, descGPUMem, descGPUMemTotal, descGPUPower, descGPUTemp} {
+		descWLastStep, descWCheckpoint, descWArrival, descGPUUtil, descGPUMem, descGPUMemTotal, descGPUPower, descGPUTemp} {
 		ch <- d
 	}
 }
@@ -139,6 +140,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		g(descWGrad, w.GradNorm, l...)
 		g(descWLastStep, float64(w.LastStep), l...)
 		g(descWCheckpoint, w.Ckpt, l...)
+		if w.RingArrival != nil {
+			g(descWArrival, *w.RingArrival, l...)
+		}
 		if gs := w.GPU; gs != nil {
 			gl := append(l, gs.UUID)
 			g(descGPUUtil, gs.UtilPercent/100, gl...)

@@ -400,7 +400,7 @@ func workers(st *state) []WorkerStatus {
 			w.LastStep, w.Step, w.Data, w.Compute = ws.Step, ws.StepSeconds, ws.DataSeconds, ws.ComputeSec
 			w.Wait, w.Optimizer, w.TokensPS = ws.WaitSeconds, ws.OptimSeconds, finite(ws.TokensPerS)
 			w.GradNorm, w.Ckpt, w.Updated = finite(ws.GradNorm), ws.CheckpointSec, ws.UpdatedUnix
-			w.GPU = ws.GPU
+			w.GPU, w.arrival = ws.GPU, ws.ArrivalUnix
 		}
 		out = append(out, w)
 	}
@@ -421,6 +421,7 @@ func workers(st *state) []WorkerStatus {
 		return out[i].ID < out[j].ID
 	})
 	MarkStraggler(out)
+	MarkArrivals(out)
 	return out
 }
 

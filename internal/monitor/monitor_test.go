@@ -235,6 +235,8 @@ func TestMetricsAndStatus(t *testing.T) {
 		{"bmojo_worker_straggler", w1, 1, 1},
 		{"bmojo_worker_up", []string{"worker_id", "w2", "rank", "-1"}, 0, 0},
 		{"bmojo_checkpoint_seconds", []string{"worker_id", "w0"}, 0.3, 0.3},
+		{"bmojo_worker_ring_arrival_seconds", []string{"worker_id", "w0"}, 0, 0},
+		{"bmojo_worker_ring_arrival_seconds", w1, 0.5, 0.5}, // w1 is the straggler: its gradients came 0.5 s later
 		{"bmojo_worker_gpu_utilization_ratio", []string{"worker_id", "w0", "gpu", "GPU-0000"}, 0.87, 0.87},
 		{"bmojo_worker_gpu_memory_used_bytes", []string{"worker_id", "w0"}, 40e9, 40e9},
 		{"bmojo_worker_gpu_memory_total_bytes", []string{"worker_id", "w0"}, 141e9, 141e9},

@@ -70,6 +70,12 @@ type WorkerStatus struct {
 	Updated   float64 `json:"updated"`
 	// GPU is the worker's newest NVML sample (GPU workers only).
 	GPU *cluster.GPUStats `json:"gpu,omitempty"`
+	// RingArrival is how long after the ring's first rank this rank's
+	// gradients entered the all-reduce, in the newest step every up worker
+	// has reported (0 for the first rank; the largest is the slow rank).
+	// Absent with fewer than two such workers.
+	RingArrival *float64 `json:"ring_arrival_seconds,omitempty"`
+	arrival     float64
 }
 
 // Sample is one progress record's (time, step), for the ETA.
@@ -129,6 +135,39 @@ const (
 	stragglerGap  = 0.15
 	stragglerWait = 0.5
 )
+
+// MarkArrivals sets RingArrival for the up workers whose newest stats are
+// of the same step (the newest step at least two of them share).
+func MarkArrivals(ws []WorkerStatus) {
+	count := map[int]int{}
+	for i := range ws {
+		ws[i].RingArrival = nil
+		if ws[i].Up && ws[i].arrival > 0 {
+			count[ws[i].LastStep]++
+		}
+	}
+	step := -1
+	for s, n := range count {
+		if n >= 2 && s > step {
+			step = s
+		}
+	}
+	if step < 0 {
+		return
+	}
+	first := math.Inf(1)
+	for i := range ws {
+		if ws[i].Up && ws[i].arrival > 0 && ws[i].LastStep == step {
+			first = min(first, ws[i].arrival)
+		}
+	}
+	for i := range ws {
+		if ws[i].Up && ws[i].arrival > 0 && ws[i].LastStep == step {
+			d := ws[i].arrival - first
+			ws[i].RingArrival = &d
+		}
+	}
+}
 
 // MarkStraggler sets Straggler on the up worker with the largest compute
 // time when the others' all-reduce wait shows they wait for it. With fewer

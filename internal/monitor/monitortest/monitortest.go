@@ -41,8 +41,8 @@ func Populate(ctx context.Context, cli *clientv3.Client, job string) error {
 		{cluster.KeyMembers + "w1", cluster.Member{ID: "w1", Endpoint: "10.0.0.2:7000", Device: "cpu"}},
 		{cluster.KeyRing, cluster.Ring{Epoch: 2, Reason: "w2 left", Members: []cluster.RingMember{{ID: "w0", Endpoint: "10.0.0.1:7000"}, {ID: "w1", Endpoint: "10.0.0.2:7000"}}}},
 		{cluster.KeyStats + "w0", cluster.WorkerStats{ID: "w0", Rank: 0, Epoch: 2, Step: Step, Device: "cuda:0 NVIDIA H200", StepSeconds: 1.6, DataSeconds: 0.01, ComputeSec: 1.0, WaitSeconds: 0.55, OptimSeconds: 0.04, TokensPerS: 640, Loss: 2.5, GradNorm: 0.8, CheckpointSec: 0.3, UpdatedUnix: t0 + 60,
-			GPU: &cluster.GPUStats{UUID: "GPU-0000", UtilPercent: 87, MemUsedBytes: 40e9, MemTotal: 141e9, PowerWatts: 550, TempCelsius: 61}}},
-		{cluster.KeyStats + "w1", cluster.WorkerStats{ID: "w1", Rank: 1, Epoch: 2, Step: Step, Device: "cpu", StepSeconds: 1.6, DataSeconds: 0.01, ComputeSec: 1.5, WaitSeconds: 0.05, OptimSeconds: 0.04, TokensPerS: 640, Loss: 2.5, GradNorm: 0.8, UpdatedUnix: t0 + 60}},
+			GPU: &cluster.GPUStats{UUID: "GPU-0000", UtilPercent: 87, MemUsedBytes: 40e9, MemTotal: 141e9, PowerWatts: 550, TempCelsius: 61}, ArrivalUnix: t0 + 59.0}},
+		{cluster.KeyStats + "w1", cluster.WorkerStats{ID: "w1", Rank: 1, Epoch: 2, Step: Step, Device: "cpu", StepSeconds: 1.6, DataSeconds: 0.01, ComputeSec: 1.5, WaitSeconds: 0.05, OptimSeconds: 0.04, TokensPerS: 640, Loss: 2.5, GradNorm: 0.8, UpdatedUnix: t0 + 60, ArrivalUnix: t0 + 59.5}},
 		{cluster.KeyStats + "w2", cluster.WorkerStats{ID: "w2", Rank: 2, Epoch: 1, Step: 20, Device: "cpu", StepSeconds: 1.2, ComputeSec: 1.0, UpdatedUnix: t0 + 30}},
 		{cluster.KeyEvents + "x", "not json"}, // malformed records are skipped
 	}
