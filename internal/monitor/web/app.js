@@ -130,7 +130,10 @@ function render(s) {
       num(w.step_seconds, 3) + num(w.data_seconds, 3) + num(w.compute_seconds, 3) +
       num(w.allreduce_wait_seconds, 3) + num(w.optimizer_seconds, 3) +
       '<td class="num">' + (w.updated ? fmtInt(w.tokens_per_s) : "–") + "</td>" +
-      num(w.grad_norm, 3) + num(w.last_checkpoint_seconds, 2) + "</tr>";
+      num(w.grad_norm, 3) + num(w.last_checkpoint_seconds, 2) +
+      '<td class="num">' + (w.ring_arrival_seconds != null ? fmt(w.ring_arrival_seconds, 3) : "–") + "</td>" +
+      "<td>" + (w.gpu ? Math.round(w.gpu.util_percent) + "% · " + fmt(w.gpu.mem_used_bytes / 2 ** 30, 1) + " GiB · " +
+        Math.round(w.gpu.power_watts) + " W · " + Math.round(w.gpu.temp_celsius) + " °C" : "–") + "</td></tr>";
   });
   $("workers").tBodies[0].innerHTML = rows.join("");
 
