@@ -10,9 +10,16 @@
 #
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
 # OUTDIR; a summary is printed as it goes, so a run cut short still reports.
+# PRESET, SEQ, BATCH and TRAIN_STEPS shrink the runs (e.g. a rehearsal on
+# the CPU emulation: binaries built with -tags cuda,cudaemu).
 set -u
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.dev}
+PRESET=${PRESET:-bmojo-130m}
+SEQ=${SEQ:-2048}
+BATCH=${BATCH:-8}
+TRAIN_STEPS=${TRAIN_STEPS:-40}
+PYTHON=${PYTHON:-python3}
 OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
 [ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -k "$BIN/bmojo.gz"
@@ -37,20 +44,20 @@ grep -- '--- FAIL' "$OUT/conformance.log" | head -20
 step parity 90 "$BIN/model.test" -test.v -test.run TestCUDAParity
 grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40
 
-step step 75 "$BIN/bmojo" bench step --device cuda --preset bmojo-130m --seq-len 2048 --batch-size 8 --steps 5 --profile --json "$OUT/step.json"
+step step 75 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
 
-step kernels 45 "$BIN/bmojo" bench kernels --preset bmojo-130m --batch-size 8 --json "$OUT/kernels.json"
+step kernels 45 "$BIN/bmojo" bench kernels --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels.json"
 grep -v '^20..-' "$OUT/kernels.log" | head -30
-step torch 45 python3 bench/torch_matmul.py "$OUT/kernels.json" --peak
+step torch 45 "$PYTHON" bench/torch_matmul.py "$OUT/kernels.json" --peak
 cat "$OUT/torch.log" | tail -20
 
-step train 90 "$BIN/bmojo" train --device cuda --workers 1 --preset bmojo-130m --steps 40 --batch-size 8 \
-	--eval-every 20 --eval-batches 4 --checkpoint-every 40 --checkpoint-dir "$OUT/run-130m" -q
+step train 90 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
+	--lr 1e-3 --eval-every "$TRAIN_STEPS" --eval-batches 4 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run" -q
 grep -v '^\s*$' "$OUT/train.log" | tail -20
 
 if [ -x "$BIN/torchref-dump" ]; then
 	# The GPU model against the PyTorch reference of model.md (model.md §5 tolerances).
-	GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 90 tools/torchref/run.sh "$OUT/torchref"
+	PYTHON="$PYTHON" GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 90 tools/torchref/run.sh "$OUT/torchref"
 	tail -25 "$OUT/torchref.log"
 fi
