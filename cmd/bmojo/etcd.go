@@ -50,5 +50,8 @@ It prints the client URL to give the other commands as --etcd-endpoints.`,
 	fl.StringVar(&cfg.DataDir, "data-dir", "bmojo-etcd", "directory of etcd's WAL and database (created if missing)")
 	fl.StringVar(&cfg.ClientURL, "listen-client", "http://127.0.0.1:2379", "client URL to listen on (empty: a free port on 127.0.0.1)")
 	fl.StringVar(&cfg.PeerURL, "listen-peer", "http://127.0.0.1:2380", "peer URL to listen on (empty: a free port on 127.0.0.1)")
+	fl.StringVar(&cfg.CertFile, "cert-file", "", "serve clients over TLS with this certificate (--listen-client must be https)")
+	fl.StringVar(&cfg.KeyFile, "key-file", "", "the key of --cert-file")
+	fl.StringVar(&cfg.ClientCAFile, "client-ca-file", "", "require client certificates signed by this CA (mutual TLS)")
 	rootCmd.AddCommand(cmd)
 }

@@ -46,6 +46,10 @@ type Config struct {
 	// PeerURL is the raft peer URL (unused by a single node, but etcd binds
 	// it). Default: http://127.0.0.1 on a free port.
 	PeerURL string
+	// CertFile and KeyFile serve the client port over TLS (ClientURL must
+	// be https); with ClientCAFile, clients must present a certificate
+	// that CA signed (mutual TLS).
+	CertFile, KeyFile, ClientCAFile string
 	// StartTimeout bounds the wait for the server to become ready.
 	// Default 10 s.
 	StartTimeout time.Duration
@@ -76,11 +80,15 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.StartTimeout <= 0 {
 		cfg.StartTimeout = 10 * time.Second
 	}
-	curl, err := urlOrFree(cfg.ClientURL, "ClientURL (--listen-client)")
+	scheme := "http"
+	if cfg.CertFile != "" {
+		scheme = "https"
+	}
+	curl, err := urlOrFree(cfg.ClientURL, "ClientURL (--listen-client)", scheme)
 	if err != nil {
 		return nil, err
 	}
-	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)")
+	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)", "http")
 	if err != nil {
 		return nil, err
 	}
@@ -92,8 +100,19 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("%w: data dir: %w", ErrStart, err)
 	}
 
+	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
+		return nil, fmt.Errorf("%w: CertFile and KeyFile go together", ErrBadConfig)
+	}
+	if (cfg.CertFile != "") != (curl.Scheme == "https") {
+		return nil, fmt.Errorf("%w: ClientURL %s: TLS needs https and a certificate, plain needs http", ErrBadConfig, curl)
+	}
 	ec := embed.NewConfig()
 	ec.Name = cfg.Name
+	if cfg.CertFile != "" {
+		ec.ClientTLSInfo.CertFile, ec.ClientTLSInfo.KeyFile = cfg.CertFile, cfg.KeyFile
+		ec.ClientTLSInfo.TrustedCAFile = cfg.ClientCAFile
+		ec.ClientTLSInfo.ClientCertAuth = cfg.ClientCAFile != ""
+	}
 	ec.Dir = cfg.DataDir
 	ec.ListenClientUrls = []url.URL{*curl}
 	ec.AdvertiseClientUrls = []url.URL{*curl}
@@ -155,14 +174,14 @@ func (s *Server) Close() {
 	})
 }
 
-// urlOrFree parses u, or returns http://127.0.0.1:<a free port> when empty.
-func urlOrFree(u, field string) (*url.URL, error) {
+// urlOrFree parses u, or returns scheme://127.0.0.1:<a free port> when empty.
+func urlOrFree(u, field, scheme string) (*url.URL, error) {
 	if u == "" {
 		port, err := freePort()
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s: no free port: %w", ErrStart, field, err)
 		}
-		u = "http://127.0.0.1:" + strconv.Itoa(port)
+		u = scheme + "://127.0.0.1:" + strconv.Itoa(port)
 	}
 	p, err := url.Parse(u)
 	if err != nil || p.Host == "" || (p.Scheme != "http" && p.Scheme != "https") {
