@@ -697,7 +697,14 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 		l.log.Info("published ring", "epoch", a.Ring.Epoch, "members", strings.Join(ids, ","), "reason", a.Ring.Reason)
 		return l.event(ctx, Record{Time: time.Now(), Kind: KindRing, Epoch: a.Ring.Epoch, Reason: a.Ring.Reason})
 	case PublishStart:
-		if err := l.txn(ctx, "publish start", clientv3.OpPut(p+cluster.StartKey(a.Start.Epoch), cluster.Encode(a.Start))); err != nil {
+		// The previous epoch's barrier keys go in the same transaction: a
+		// worker still waiting on them sees the newer ring instead.
+		ops := []clientv3.Op{clientv3.OpPut(p+cluster.StartKey(a.Start.Epoch), cluster.Encode(a.Start))}
+		if prev := a.Start.Epoch - 1; prev > 0 {
+			ops = append(ops, clientv3.OpDelete(p+cluster.StartKey(prev)),
+				clientv3.OpDelete(p+cluster.KeyReady+strconv.FormatUint(prev, 10)+"/", clientv3.WithPrefix()))
+		}
+		if err := l.txn(ctx, "publish start", clientv3.OpTxn(nil, ops, nil)); err != nil {
 			return err
 		}
 		args := []any{"epoch", a.Start.Epoch, "step", a.Start.Step, "source", a.Start.Source}

@@ -393,6 +393,19 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	if start.Step != 17 || start.Source != "w1" || !start.Sync {
 		t.Fatalf("after the join: start %+v, want step 17 from w1 with sync", start)
 	}
+	// Only the current epoch's barrier keys are left.
+	for _, prefix := range []string{cluster.KeyReady, cluster.KeyStart} {
+		resp, err := e.cli.Get(ctx, cluster.Prefix(testJob)+prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			k := strings.TrimPrefix(string(kv.Key), cluster.Prefix(testJob))
+			if !strings.HasPrefix(k, cluster.StartKey(ring.Epoch)) && !strings.HasPrefix(k, cluster.KeyReady+fmt.Sprint(ring.Epoch)+"/") {
+				t.Errorf("barrier key %s of an old epoch is left (epoch %d)", k, ring.Epoch)
+			}
+		}
+	}
 
 	kinds := map[string]int{}
 	for _, r := range c.Events() {

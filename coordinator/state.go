@@ -384,7 +384,7 @@ func (m *Machine) reportSeen(ev ReportSeen) {
 func (m *Machine) timerFired(ev TimerFired) {
 	switch ev.Timer {
 	case TimerBootstrap:
-		if m.ring.Epoch != 0 || !m.bootstrapArmed {
+		if (m.ring.Epoch != 0 && !m.restarting()) || !m.bootstrapArmed {
 			return
 		}
 		if len(m.members) >= m.minRing {
@@ -428,10 +428,14 @@ func (m *Machine) Actions() []Action {
 }
 
 func (m *Machine) decide() {
-	if m.ring.Epoch == 0 {
+	if m.ring.Epoch == 0 || m.restarting() {
 		switch {
-		case len(m.members) >= m.spec.Workers:
+		case len(m.members) >= m.spec.Workers && m.ring.Epoch == 0:
 			m.publish(fmt.Sprintf("initial ring of %d workers", len(m.members)))
+		case len(m.members) >= m.spec.Workers:
+			m.publish(fmt.Sprintf("restart: every worker of epoch %d is gone; ring of %d workers", m.ring.Epoch, len(m.members)))
+		case len(m.members) == 0 && m.ring.Epoch > 0:
+			m.wait(fmt.Sprintf("every worker of epoch %d is gone; waiting for %d to register", m.ring.Epoch, m.spec.Workers))
 		case len(m.members) > 0 && !m.bootstrapArmed:
 			m.bootstrapArmed = true
 			m.out = append(m.out, ArmTimer{Timer: TimerBootstrap})
@@ -497,6 +501,7 @@ func (m *Machine) publish(reason string) {
 	m.started = false
 	m.ready = map[string]int{}
 	m.waiting = ""
+	m.bootstrapArmed = false // a later restart of the whole ring arms it again
 	m.out = append(m.out, PublishRing{Ring: m.ring})
 	m.armReady()
 }
@@ -550,6 +555,24 @@ func (m *Machine) diff(want []cluster.RingMember) string {
 
 // reregistered returns a ring member whose key was deleted and created
 // again (a restarted process with the same id and endpoint), or "".
+// restarting reports whether no worker of the current ring is still there
+// as it was (each left, or registered again at a new endpoint): the whole
+// job was restarted. The next ring then waits, like the first, for
+// JobSpec.Workers members or the bootstrap timer, so a resumed job does
+// not start on whichever worker registers first.
+func (m *Machine) restarting() bool {
+	if m.ring.Epoch == 0 || len(m.ring.Members) == 0 {
+		return false
+	}
+	for _, rm := range m.ring.Members {
+		mi, ok := m.members[rm.ID]
+		if ok && mi.Member.Endpoint == rm.Endpoint && (m.ringRevs[rm.ID] == 0 || mi.Rev == m.ringRevs[rm.ID]) {
+			return false
+		}
+	}
+	return true
+}
+
 func (m *Machine) reregistered() string {
 	for _, rm := range m.ring.Members {
 		if mi, ok := m.members[rm.ID]; ok && m.ringRevs[rm.ID] != 0 && mi.Rev != m.ringRevs[rm.ID] {

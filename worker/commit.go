@@ -83,7 +83,10 @@ func (c *committer) run() {
 				ops = append(ops, clientv3.OpPut(c.prefix+kv[0], kv[1]))
 			}
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		// A short deadline: a write caught by an etcd outage is retried with
+		// everything queued meanwhile instead of landing late with a stale
+		// batch (progress would then lag the workers after the outage).
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		var err error
 		for i := 0; i < len(ops) && err == nil; i += 64 { // etcd caps ops per txn
 			_, err = c.cli.Txn(ctx).Then(ops[i:min(i+64, len(ops))]...).Commit()
@@ -193,7 +196,10 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 			man.Files = append(man.Files, f)
 		}
 		for attempt := 0; ; attempt++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			// A short deadline: a write caught by an etcd outage is retried with
+		// everything queued meanwhile instead of landing late with a stale
+		// batch (progress would then lag the workers after the outage).
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			_, err = w.cli.Txn(ctx).Then(
 				clientv3.OpPut(w.key(cluster.CheckpointKey(man.Step)), cluster.Encode(man)),
 				clientv3.OpPut(w.key(cluster.KeyLatestCkpt), strconv.Itoa(man.Step)),
