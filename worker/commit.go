@@ -196,10 +196,7 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 			man.Files = append(man.Files, f)
 		}
 		for attempt := 0; ; attempt++ {
-			// A short deadline: a write caught by an etcd outage is retried with
-			// everything queued meanwhile instead of landing late with a stale
-			// batch (progress would then lag the workers after the outage).
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_, err = w.cli.Txn(ctx).Then(
 				clientv3.OpPut(w.key(cluster.CheckpointKey(man.Step)), cluster.Encode(man)),
 				clientv3.OpPut(w.key(cluster.KeyLatestCkpt), strconv.Itoa(man.Step)),
