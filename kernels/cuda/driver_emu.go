@@ -13,8 +13,9 @@ import "C"
 
 import (
 	"errors"
-	"math"
 	"unsafe"
+
+	"github.com/bmojo/bmojo/kernels"
 )
 
 // Built reports whether this binary contains the CUDA backend (here its
@@ -114,9 +115,7 @@ func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, ld
 		if !e.bf16 {
 			return v
 		}
-		u := math.Float32bits(v)
-		u += 0x7fff + (u>>16)&1
-		return math.Float32frombits(u &^ 0xffff)
+		return kernels.RoundBF16(v)
 	}
 	for j := 0; j < n; j++ {
 		for i := 0; i < m; i++ {

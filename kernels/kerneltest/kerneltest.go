@@ -153,17 +153,10 @@ func (h *harness[F]) mmIn(n int) []float64 {
 	x := h.randn(n, 1)
 	if r, ok := h.be.(BF16MatMul); ok && r.MatMulBF16() {
 		for i, v := range x {
-			x[i] = float64(roundBF16(float32(v)))
+			x[i] = float64(kernels.RoundBF16(float32(v)))
 		}
 	}
 	return x
-}
-
-// roundBF16 rounds to the nearest bfloat16 (ties to even), as float32.
-func roundBF16(v float32) float32 {
-	u := math.Float32bits(v)
-	u += 0x7fff + (u>>16)&1
-	return math.Float32frombits(u &^ 0xffff)
 }
 
 func (h *harness[F]) uniform(n int, lo, hi float64) []float64 {
