@@ -12,12 +12,15 @@ import (
 // threads is the block size of the elementwise kernels.
 const threads = 256
 
-// gridFor covers n elements with grid-stride loops, capped so huge buffers
-// reuse threads rather than launch millions of blocks.
-func (b *Backend) gridFor(n int) dim {
-	g := (n + threads - 1) / threads
-	return dim{max(1, min(g, 32*max(1, b.d.info.SMs))), 1, 1}
+// strideGrid covers n elements with blocks of 256 threads running a
+// grid-stride loop, capped at perSM blocks per SM so huge buffers reuse
+// threads rather than launch millions of blocks (0 blocks for n = 0).
+func (b *Backend) strideGrid(n, perSM int) dim {
+	return dim{min((n+threads-1)/threads, perSM*max(1, b.d.info.SMs)), 1, 1}
 }
+
+// gridFor is the grid of the elementwise kernels: up to 32 blocks per SM.
+func (b *Backend) gridFor(n int) dim { return b.strideGrid(n, 32) }
 
 var block256 = dim{threads, 1, 1}
 

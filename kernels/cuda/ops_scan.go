@@ -7,15 +7,9 @@ import "github.com/bmojo/bmojo/kernels"
 // The SSM ops (csrc/scan.cu): SiLU, the causal depthwise Conv1d and the
 // selective scan.
 
-// scanStrideGrid covers n elements with 256-thread blocks for a grid-stride
-// loop, capped at 16 blocks per SM (each thread then handles several).
-func (b *Backend) scanStrideGrid(n int) dim {
-	g := (n + 255) / 256
-	if m := 16 * max(b.d.info.SMs, 1); g > m {
-		g = m
-	}
-	return dim{g, 1, 1}
-}
+// scanStrideGrid is the grid of this file's elementwise kernels: 256-thread
+// blocks, up to 16 per SM (each thread then handles several elements).
+func (b *Backend) scanStrideGrid(n int) dim { return b.strideGrid(n, 16) }
 
 // SiLU implements kernels.Backend.
 func (b *Backend) SiLU(out, x kernels.Buffer) {
