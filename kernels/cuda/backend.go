@@ -84,6 +84,8 @@ func (b *Backend) failed() bool {
 // reports the first failure, including bad data a kernel found.
 func (b *Backend) Err() error {
 	if b.failed() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
 		return b.err
 	}
 	var st [statusWords]int32

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"strings"
 	"sync"
 	"testing"
 
@@ -72,17 +73,8 @@ func TestOutOfMemory(t *testing.T) {
 	}
 	t.Log(err)
 	for _, want := range []string{"out of device memory", "4194304.0 MiB", "free of"} {
-		if !contains(err.Error(), want) {
+		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not say %q", err, want)
 		}
 	}
-}
-
-func contains(s, sub string) bool {
-	for i := 0; i+len(sub) <= len(s); i++ {
-		if s[i:i+len(sub)] == sub {
-			return true
-		}
-	}
-	return false
 }
