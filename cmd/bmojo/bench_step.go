@@ -132,41 +132,51 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	benchCmd.AddCommand(cmd)
 }
 
-// randomTokens fills a batch deterministically.
-func randomTokens(n, vocab int) (tokens, targets []int32) {
-	r := rand.New(rand.NewPCG(1, 2))
-	tokens, targets = make([]int32, n), make([]int32, n)
-	for i := range tokens {
-		tokens[i], targets[i] = int32(r.IntN(vocab)), int32(r.IntN(vocab))
-	}
-	return tokens, targets
+// benchRun is what every timed step runs: a model on one backend, its
+// optimizer and one deterministic random batch.
+type benchRun struct {
+	m               *model.Model[float32]
+	opt             *model.Optimizer[float32]
+	tokens, targets []int32
 }
 
-// trainStep is one step: zero, forward, backward, AdamW.
-func trainStep(m *model.Model[float32], opt *model.Optimizer[float32], tokens, targets []int32) error {
-	m.ZeroGrads()
-	if _, err := m.Forward(tokens, targets); err != nil {
+func newBenchRun(be kernels.Backend[float32], c model.Config, batch int) (*benchRun, error) {
+	m, err := model.New[float32](be, c, 1)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Prepare(batch, c.SeqLen); err != nil {
+		return nil, err
+	}
+	r := &benchRun{m: m, opt: model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))}
+	rng := rand.New(rand.NewPCG(1, 2))
+	n := batch * c.SeqLen
+	r.tokens, r.targets = make([]int32, n), make([]int32, n)
+	for i := range r.tokens {
+		r.tokens[i], r.targets[i] = int32(rng.IntN(c.VocabSize)), int32(rng.IntN(c.VocabSize))
+	}
+	return r, nil
+}
+
+// step is one training step: zero, forward, backward, AdamW.
+func (r *benchRun) step() error {
+	r.m.ZeroGrads()
+	if _, err := r.m.Forward(r.tokens, r.targets); err != nil {
 		return err
 	}
-	if err := m.Backward(); err != nil {
+	if err := r.m.Backward(); err != nil {
 		return err
 	}
-	opt.Apply()
-	return m.Backend().Err()
+	r.opt.Apply()
+	return r.m.Backend().Err()
 }
 
 func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []int) error {
-	be := device.CPU()
-	m, err := model.New[float32](be, c, 1)
+	run, err := newBenchRun(device.CPU(), c, batch)
 	if err != nil {
 		return err
 	}
-	if err := m.Prepare(batch, c.SeqLen); err != nil {
-		return err
-	}
-	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
-	tokens, targets := randomTokens(batch*c.SeqLen, c.VocabSize)
-	fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, m.Layout.ParamCount(), batch, c.SeqLen)
+	fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, run.m.Layout.ParamCount(), batch, c.SeqLen)
 	fmt.Printf("%-8s %12s %12s %9s\n", "threads", "step (s)", "tokens/s", "speed-up")
 	threads := threadList
 	if len(threads) == 0 {
@@ -181,12 +191,12 @@ func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []
 			return fmt.Errorf("bench step: --threads entries must be positive, got %d", n)
 		}
 		prev := runtime.GOMAXPROCS(n)
-		if err := trainStep(m, opt, tokens, targets); err != nil { // warm-up: page in buffers
+		if err := run.step(); err != nil { // warm-up: page in buffers
 			return err
 		}
 		t0 := time.Now()
 		for range steps {
-			if err := trainStep(m, opt, tokens, targets); err != nil {
+			if err := run.step(); err != nil {
 				return err
 			}
 		}
@@ -203,24 +213,19 @@ func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []
 
 // timeSteps times steps training steps after two warm-up steps.
 func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps int) error {
-	m, err := model.New[float32](be, c, 1)
+	run, err := newBenchRun(be, c, r.Batch)
 	if err != nil {
 		return err
 	}
-	if err := m.Prepare(r.Batch, c.SeqLen); err != nil {
-		return err
-	}
-	r.Params = m.Layout.ParamCount()
-	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
-	tokens, targets := randomTokens(r.Batch*c.SeqLen, c.VocabSize)
+	r.Params = run.m.Layout.ParamCount()
 	for range 2 {
-		if err := trainStep(m, opt, tokens, targets); err != nil {
+		if err := run.step(); err != nil {
 			return err
 		}
 	}
 	t0 := time.Now()
 	for range steps {
-		if err := trainStep(m, opt, tokens, targets); err != nil {
+		if err := run.step(); err != nil {
 			return err
 		}
 	}
@@ -255,20 +260,15 @@ func matmulPeak(be kernels.Backend[float32]) (float64, int) {
 
 // profileStep times each op of one step and prints the top of the table.
 func profileStep(pb *profile.Backend[float32], c model.Config, batch int, r *stepReport) error {
-	m, err := model.New[float32](pb, c, 1)
+	run, err := newBenchRun(pb, c, batch)
 	if err != nil {
 		return err
 	}
-	if err := m.Prepare(batch, c.SeqLen); err != nil {
-		return err
-	}
-	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
-	tokens, targets := randomTokens(batch*c.SeqLen, c.VocabSize)
-	if err := trainStep(m, opt, tokens, targets); err != nil {
+	if err := run.step(); err != nil {
 		return err
 	}
 	pb.Reset()
-	if err := trainStep(m, opt, tokens, targets); err != nil {
+	if err := run.step(); err != nil {
 		return err
 	}
 	rows := pb.Rows()
@@ -313,14 +313,9 @@ func largestBatch(d *cuda.Device, c model.Config, start int, limit time.Duration
 }
 
 func tryBatch(be kernels.Backend[float32], c model.Config, b int) error {
-	m, err := model.New[float32](be, c, 1)
+	run, err := newBenchRun(be, c, b)
 	if err != nil {
 		return err
 	}
-	if err := m.Prepare(b, c.SeqLen); err != nil {
-		return err
-	}
-	opt := model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20))
-	tokens, targets := randomTokens(b*c.SeqLen, c.VocabSize)
-	return trainStep(m, opt, tokens, targets)
+	return run.step()
 }
