@@ -165,13 +165,9 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 	seen := map[string]bool{}
 	prefix := "layers.0."
 	for _, t := range l.Tensors {
-		if !t.Decay || len(t.Shape) != 2 || strings.HasSuffix(t.Name, "conv.weight") {
-			continue
-		}
-		if !strings.HasPrefix(t.Name, prefix) {
-			if strings.HasPrefix(t.Name, "layers.") {
-				continue
-			}
+		if !t.Decay || len(t.Shape) != 2 || strings.HasSuffix(t.Name, "conv.weight") ||
+			(strings.HasPrefix(t.Name, "layers.") && !strings.HasPrefix(t.Name, prefix)) {
+			continue // not a matrix product of layer 0
 		}
 		N, K := t.Shape[0], t.Shape[1]
 		key := fmt.Sprintf("%dx%d", N, K)
