@@ -618,7 +618,7 @@ extern "C" __global__ void bm_innovation(float *e, const float *u, const float *
         const double df = (double)u[o + i] - (double)p[o + i];
         s += df * df;
     }
-    s = bm_warp_sum_d(s);
+    s = bm_warp_sum(s);
     if (lane == 0) e[r] = (float)(s / d);
 }
 

@@ -18,7 +18,7 @@ extern "C" __global__ void bm_sum_squares(double *acc, const float *x, long long
         double v = x[i];
         s += v * v;
     }
-    s = bm_block_sum_d(s, shm);
+    s = bm_block_sum(s, shm);
     if (threadIdx.x == 0) atomicAdd(acc, s);
 }
 

@@ -25,12 +25,9 @@ __device__ __forceinline__ void bm_report(int *status, int code, int value, int 
     }
 }
 
-__device__ __forceinline__ float bm_warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ double bm_warp_sum_d(double v) {
+// bm_warp_sum returns the sum of v over the warp to every lane (T float or
+// double).
+template <class T> __device__ __forceinline__ T bm_warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
@@ -41,25 +38,15 @@ __device__ __forceinline__ float bm_warp_max(float v) {
 }
 
 // bm_block_sum returns the sum of v over the block (blockDim.x a multiple
-// of 32, at most 1024) to every thread. shm holds 32 floats.
-__device__ __forceinline__ float bm_block_sum(float v, float *shm) {
+// of 32, at most 1024) to every thread. shm holds 32 values of T.
+template <class T> __device__ __forceinline__ T bm_block_sum(T v, T *shm) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = bm_warp_sum(v);
     __syncthreads();
     if (lane == 0) shm[warp] = v;
     __syncthreads();
-    v = lane < nw ? shm[lane] : 0.f;
+    v = lane < nw ? shm[lane] : T(0);
     return bm_warp_sum(v);
-}
-
-__device__ __forceinline__ double bm_block_sum_d(double v, double *shm) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = bm_warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    v = lane < nw ? shm[lane] : 0.0;
-    return bm_warp_sum_d(v);
 }
 
 __device__ __forceinline__ float bm_block_max(float v, float *shm) {
