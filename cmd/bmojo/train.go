@@ -7,7 +7,6 @@ import (
 	"math"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -135,13 +134,6 @@ func trainLocal(ctx context.Context, j train.Job, workers int, devSpec string, q
 		OnHTTP: func(url string) { log.Info("dashboard (bmojo status reads it too)", "url", url) }}
 	if log.IsDebug() {
 		opts.WorkerLevel = "debug"
-	}
-	// Workers log at warn: say here where they compute and why.
-	devs := localrun.WorkerDevices(devSpec, workers)
-	if _, err := devicepkg.GPUs(); err != nil && devSpec != "cpu" && !strings.HasPrefix(devs[0], "cuda") {
-		log.Info("workers compute on the CPU", "reason", err)
-	} else {
-		log.Info("worker devices", "devices", strings.Join(devs, " "))
 	}
 	if !quiet {
 		opts.Progress = os.Stderr

@@ -198,6 +198,12 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 
 	threads := max(1, runtimeCPUs()/o.Workers)
 	devs := WorkerDevices(o.Device, o.Workers)
+	// Workers log at warn: say here where they compute and why.
+	if _, err := device.GPUs(); err != nil && o.Device != "cpu" && !strings.HasPrefix(devs[0], "cuda") {
+		log.Info("workers compute on the CPU", "reason", err)
+	} else {
+		log.Info("worker devices", "devices", strings.Join(devs, " "))
+	}
 	exited := make(chan error, o.Workers)
 	for i := range o.Workers {
 		id := fmt.Sprintf("worker-%d", i)
@@ -271,13 +277,13 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 // cuda and this binary sees GPUs, else spec itself.
 func WorkerDevices(spec string, n int) []string {
 	out := make([]string, n)
-	kind, ordinal, err := device.Parse(spec)
+	kind, _, err := device.Parse(spec)
 	gpus, gerr := device.GPUs()
 	for i := range out {
 		switch {
 		case err != nil || kind == "cpu":
 			out[i] = spec
-		case ordinal > 0 || strings.HasPrefix(spec, "cuda:"):
+		case strings.HasPrefix(spec, "cuda:"):
 			out[i] = spec // one named GPU for everyone
 		case gerr == nil && len(gpus) > 0:
 			out[i] = fmt.Sprintf("cuda:%d", i%len(gpus))

@@ -4,7 +4,8 @@
 // dominate" tables (bmojo bench step --profile), not for throughput.
 package profile
 
-// Code generated from kernels/backend.go's Backend interface; keep in step.
+// One method per kernels.Backend method, in the interface's order; the
+// assertion at the end fails to compile when the interface gains one.
 
 import (
 	"sort"
