@@ -9,8 +9,9 @@
 #   go build -tags $T -o .dev/torchref-dump ./tools/torchref/dump
 #
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
-# OUTDIR; a summary is printed as it goes, so a run cut short still reports.
-# PRESET, SEQ, BATCH and TRAIN_STEPS shrink the runs (e.g. a rehearsal on
+# OUTDIR (packed into OUTDIR/logs.tar.gz at the end, beside the JSON
+# results); a summary is printed as it goes, so a run cut short still reports.
+# PRESET, SEQ, BATCH, TRAIN_STEPS and TRAIN_LR shrink the runs (e.g. a rehearsal on
 # the CPU emulation: binaries built with -tags cuda,cudaemu).
 set -u
 cd "$(dirname "$0")/.."
@@ -18,7 +19,8 @@ BIN=${BIN:-.dev}
 PRESET=${PRESET:-bmojo-130m}
 SEQ=${SEQ:-2048}
 BATCH=${BATCH:-8}
-TRAIN_STEPS=${TRAIN_STEPS:-40}
+TRAIN_STEPS=${TRAIN_STEPS:-200}
+TRAIN_LR=${TRAIN_LR:-1e-3}
 PYTHON=${PYTHON:-python3}
 OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
@@ -36,28 +38,39 @@ step() { # name timeout-seconds command...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-step conformance 60 "$BIN/cuda.test" -test.v -test.run 'TestConformance|TestError|TestOutOfMemory'
+step conformance 90 "$BIN/cuda.test" -test.v -test.run 'TestConformance|TestError|TestOutOfMemory'
 grep -m1 "GPU 0:" "$OUT/conformance.log"
 echo "subtests passed: $(grep -c -- '--- PASS' "$OUT/conformance.log"), failed: $(grep -c -- '--- FAIL' "$OUT/conformance.log")"
 grep -- '--- FAIL' "$OUT/conformance.log" | head -20
 
-step parity 90 "$BIN/model.test" -test.v -test.run TestCUDAParity
+step parity 120 "$BIN/model.test" -test.v -test.run TestCUDAParity
 grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40
 
-step step 75 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile --json "$OUT/step.json"
+step kernels 60 "$BIN/bmojo" bench kernels --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels.json"
+grep -v '^20..-' "$OUT/kernels.log" | head -30
+# torch.matmul on the same shapes, and its 8192³ bf16 rate: the H200's
+# measured matrix peak, the reference for MFU below.
+step torch 60 "$PYTHON" bench/torch_matmul.py "$OUT/kernels.json" --peak
+tail -20 "$OUT/torch.log"
+PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/torch.log")
+peakflag=()
+[ -n "$PEAK" ] && peakflag=(--peak-tflops "$PEAK")
+
+step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile "${peakflag[@]}" --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
 
-step kernels 45 "$BIN/bmojo" bench kernels --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels.json"
-grep -v '^20..-' "$OUT/kernels.log" | head -30
-step torch 45 "$PYTHON" bench/torch_matmul.py "$OUT/kernels.json" --peak
-cat "$OUT/torch.log" | tail -20
-
-step train 90 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
-	--lr 1e-3 --eval-every "$TRAIN_STEPS" --eval-batches 4 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run" -q
-grep -v '^\s*$' "$OUT/train.log" | tail -20
+step train 180 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
+	--lr "$TRAIN_LR" --eval-every "$((TRAIN_STEPS / 4))" --eval-batches 8 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run"
+grep -E 'eval|skipped|loss|throughput|unigram' "$OUT/train.log" | grep -v '^\s*$' | tail -14
+rm -rf "$OUT/run"
 
 if [ -x "$BIN/torchref-dump" ]; then
 	# The GPU model against the PyTorch reference of model.md (model.md §5 tolerances).
-	PYTHON="$PYTHON" GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 90 tools/torchref/run.sh "$OUT/torchref"
-	tail -25 "$OUT/torchref.log"
+	PYTHON="$PYTHON" GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 120 tools/torchref/run.sh "$OUT/torchref"
+	tail -12 "$OUT/torchref.log"
 fi
+
+# Everything but the JSON results in one archive (the device tool returns
+# at most 8 files).
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" --exclude='*.json' --exclude=logs.tar.gz . && \
+	find "$OUT" -mindepth 1 ! -name '*.json' ! -name logs.tar.gz -delete

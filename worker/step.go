@@ -233,7 +233,13 @@ func (w *worker) trainStep(ring *allreduce.Ring, bs []*bucket, rank, size int, t
 		if err != nil {
 			return 0, 0, &fatalError{err}
 		}
-		local = l.Total
+		// The reported loss is the language-model cross-entropy (what the
+		// validation loss measures); a non-finite auxiliary loss still
+		// marks the step as skipped.
+		local = l.CE
+		if math.IsNaN(l.Total) || math.IsInf(l.Total, 0) {
+			local = l.Total
+		}
 		bs[0].host[bs[0].n] = float32(local * scale)
 		err = w.m.BackwardHook(func(layer int) {
 			if layer >= 0 {

@@ -276,7 +276,14 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 		}
 		rows = append(rows, r)
 	}
-	return rows, nil
+	// What every op costs the host before any GPU work: a one-element Scale
+	// (checks, the hop to the device thread, the launch), many times over.
+	one := k.gpu.Alloc(1)
+	ms, err := k.timeOp(1000*reps, func() { k.gpu.Scale(one, 1) })
+	if err != nil {
+		return rows, fmt.Errorf("dispatch: %w", err)
+	}
+	return append(rows, kernelRow{Op: "dispatch (1-element Scale)", Shape: "1", Ms: ms}), nil
 }
 
 // pick returns the backend and a selector of its half of a pair.

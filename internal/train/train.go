@@ -186,11 +186,14 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 			res.Skipped++
 			log.Warn("non-finite loss or gradient; step skipped", "step", step, "loss", l.Total, "grad_norm", r.GradNorm)
 		}
-		res.Losses = append(res.Losses, l.Total)
+		// The reported loss is the language-model cross-entropy, comparable
+		// with the validation loss; λ·aux only trains the innovation
+		// predictor and is logged beside it.
+		res.Losses = append(res.Losses, l.CE)
 		trained++
 		tps := float64(trained*B*T) / time.Since(t0).Seconds()
 		if bar != nil {
-			bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s", l.Total, tps))
+			bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s", l.CE, tps))
 			_ = bar.Add(1)
 		}
 		last := step+1 == j.Steps
@@ -200,7 +203,7 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 				return res, err
 			}
 			res.ValLoss = val
-			log.Info("eval", "step", step+1, "train_loss", round(l.Total), "val_loss", round(val),
+			log.Info("eval", "step", step+1, "train_loss", round(l.CE), "innovation_aux", round(l.Aux), "val_loss", round(val),
 				"tokens_per_s", math.Round(tps), "lr", r.LR, "grad_norm", round(r.GradNorm))
 		}
 		if (j.CheckpointEvery > 0 && (step+1)%j.CheckpointEvery == 0) || last {

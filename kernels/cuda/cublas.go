@@ -25,10 +25,13 @@ static int bm_set_stream(void *f, void *h, void *s) { return ((bm_set_stream_t)f
 static int bm_set_math(void *f, void *h, int m) { return ((bm_set_math_t)f)(h, m); }
 static int bm_gemm(void *f, void *h, int ta, int tb, int m, int n, int k,
 	float alpha, unsigned long long A, int lda, unsigned long long B, int ldb, float beta,
-	unsigned long long C, int ldc, int compute) {
-	// CUDA_R_32F = 0 for A, B and C; algorithm CUBLAS_GEMM_DEFAULT = -1.
-	return ((bm_gemm_ex_t)f)(h, ta, tb, m, n, k, &alpha, (const void *)A, 0, lda,
-		(const void *)B, 0, ldb, &beta, (void *)C, 0, ldc, compute, -1);
+	unsigned long long C, int ldc, int abType, int compute) {
+	// C is CUDA_R_32F (0); A and B are abType; algorithm CUBLAS_GEMM_DEFAULT = -1.
+	return ((bm_gemm_ex_t)f)(h, ta, tb, m, n, k, &alpha, (const void *)A, abType, lda,
+		(const void *)B, abType, ldb, &beta, (void *)C, 0, ldc, compute, -1);
+}
+static int bm_set_workspace(void *f, void *h, unsigned long long w, size_t bytes) {
+	return ((bm_set_workspace_t)f)(h, (void *)w, bytes);
 }
 */
 import "C"
@@ -42,6 +45,8 @@ import (
 
 // cuBLAS enum values (cublas_api.h; stable across CUDA 11–13).
 const (
+	cudaR32F              = 0  // cudaDataType CUDA_R_32F
+	cudaR16BF             = 14 // CUDA_R_16BF
 	cublasOpN             = 0
 	cublasOpT             = 1
 	cublasCompute32F      = 68 // CUBLAS_COMPUTE_32F
@@ -70,6 +75,7 @@ type cublas struct {
 	handle  unsafe.Pointer
 	gemm    unsafe.Pointer
 	destroy unsafe.Pointer
+	setWS   unsafe.Pointer
 	compute C.int
 }
 
@@ -122,6 +128,9 @@ func loadCublas(stream unsafe.Pointer, bf16 bool) (*cublas, error) {
 	if b.gemm, err = sym("cublasGemmEx"); err != nil {
 		return nil, err
 	}
+	if b.setWS, err = sym("cublasSetWorkspace_v2"); err != nil {
+		return nil, err
+	}
 	if st := C.bm_create(create, &b.handle); st != cublasStatusSuccess {
 		return nil, fmt.Errorf("cuda: cublasCreate: status %d", int(st))
 	}
@@ -146,9 +155,24 @@ func (b *cublas) close() {
 	}
 }
 
+// setWorkspace gives cuBLAS a workspace of its own (Hopper's fastest
+// kernels need more than the default). Device thread only.
+func (b *cublas) setWorkspace(p uint64, bytes int64) error {
+	if st := C.bm_set_workspace(b.setWS, b.handle, C.ulonglong(p), C.size_t(bytes)); st != cublasStatusSuccess {
+		return fmt.Errorf("cuda: cublasSetWorkspace: status %d", int(st))
+	}
+	return nil
+}
+
 // gemm computes C = alpha·op(A)·op(B) + beta·C in cuBLAS's column-major
-// convention. Device thread only.
-func (b *cublas) gemmF32(transA, transB bool, m, n, k int, alpha float32, A uint64, lda int, B uint64, ldb int, beta float32, Cp uint64, ldc int) error {
+// convention: A and B float32 computed at the handle's precision, or
+// bfloat16 (bf16in) on tensor cores with fp32 accumulation; C float32.
+// Device thread only.
+func (b *cublas) gemmEx(transA, transB bool, m, n, k int, alpha float32, A uint64, lda int, B uint64, ldb int, beta float32, Cp uint64, ldc int, bf16in bool) error {
+	abType, compute := C.int(cudaR32F), b.compute
+	if bf16in {
+		abType, compute = cudaR16BF, cublasCompute32F
+	}
 	ta, tb := C.int(cublasOpN), C.int(cublasOpN)
 	if transA {
 		ta = cublasOpT
@@ -158,7 +182,7 @@ func (b *cublas) gemmF32(transA, transB bool, m, n, k int, alpha float32, A uint
 	}
 	st := C.bm_gemm(b.gemm, b.handle, ta, tb, C.int(m), C.int(n), C.int(k), C.float(alpha),
 		C.ulonglong(A), C.int(lda), C.ulonglong(B), C.int(ldb), C.float(beta),
-		C.ulonglong(Cp), C.int(ldc), b.compute)
+		C.ulonglong(Cp), C.int(ldc), abType, compute)
 	if st != cublasStatusSuccess {
 		return fmt.Errorf("cublasGemmEx(m=%d n=%d k=%d): status %d", m, n, k, int(st))
 	}

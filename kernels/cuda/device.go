@@ -29,8 +29,9 @@ type driver interface {
 	dtod(dst, src devptr, bytes int64) error
 	sync() error
 	launch(name string, grid, block dim, shmem int, args []uint64) error
-	// gemm is cuBLAS's column-major C = alpha·op(A)·op(B) + beta·C.
-	gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int) error
+	// gemm is cuBLAS's column-major C = alpha·op(A)·op(B) + beta·C; C is
+	// float32, A and B float32 or (bf16in) bfloat16.
+	gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int, bf16in bool) error
 }
 
 // Device is one GPU: the OS thread that owns its context, the driver and the
@@ -46,6 +47,8 @@ type Device struct {
 	drv   driver
 	mem   *cache
 	slots []uint64
+	half  [3]*allocation // bf16 copies of matrix-product inputs (ops_matmul.go)
+	halfN [3]int64       // their capacity, in bf16 values
 }
 
 // Open starts device ordinal on a new locked OS thread.

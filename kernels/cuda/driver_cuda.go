@@ -32,6 +32,7 @@ type gpu struct {
 	mods   []cu.Module
 	fns    map[string]cu.Function
 	blas   *cublas
+	ws     cu.DevicePtr // cuBLAS workspace
 }
 
 func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
@@ -72,6 +73,14 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 		return info, err
 	}
 	info.CuBLAS = g.blas.lib
+	// 32 MiB of cuBLAS workspace, as PyTorch gives it on Hopper: some of the
+	// fastest kernels (split-K among them) need more than the default.
+	if g.ws, err = cu.MemAlloc(32 << 20); err != nil {
+		return info, fmt.Errorf("cuda: allocating the cuBLAS workspace: %w", err)
+	}
+	if err := g.blas.setWorkspace(uint64(g.ws), 32<<20); err != nil {
+		return info, err
+	}
 	return info, nil
 }
 
@@ -101,6 +110,9 @@ func (g *gpu) loadModules(info Info) error {
 
 func (g *gpu) stop() {
 	g.blas.close()
+	if g.ws != 0 {
+		_ = cu.MemFree(g.ws)
+	}
 	for _, m := range g.mods {
 		_ = m.Unload()
 	}
@@ -167,6 +179,6 @@ func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) err
 	return fn.Launch(grid.x, grid.y, grid.z, block.x, block.y, block.z, shmem, g.stream, argv)
 }
 
-func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int) error {
-	return g.blas.gemmF32(transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc)
+func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int, bf16in bool) error {
+	return g.blas.gemmEx(transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc, bf16in)
 }

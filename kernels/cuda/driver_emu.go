@@ -13,6 +13,7 @@ import "C"
 
 import (
 	"errors"
+	"math"
 	"unsafe"
 
 	"github.com/bmojo/bmojo/kernels"
@@ -105,34 +106,35 @@ func (e *emu) launch(name string, grid, block dim, shmem int, args []uint64) err
 	return nil
 }
 
-// gemm is cuBLAS's column-major product in plain loops, with bf16 rounding
-// of A and B when the device computes in bf16.
-func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, Cp devptr, ldc int) error {
-	a := unsafe.Slice((*float32)(ptrOf(A)), lda*max(m, k))
-	b := unsafe.Slice((*float32)(ptrOf(B)), ldb*max(n, k))
-	c := unsafe.Slice((*float32)(ptrOf(Cp)), ldc*n)
-	round := func(v float32) float32 {
-		if !e.bf16 {
-			return v
+// gemm is cuBLAS's column-major product in plain loops: float32 inputs
+// (rounded to bf16 when the device computes in bf16) or bfloat16 inputs
+// (bf16in), float32 sums.
+func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, Cp devptr, ldc int, bf16in bool) error {
+	at := func(p devptr, ld, rows int) func(i int) float32 {
+		if bf16in {
+			h := unsafe.Slice((*uint16)(ptrOf(p)), ld*rows)
+			return func(i int) float32 { return math.Float32frombits(uint32(h[i]) << 16) }
 		}
-		return kernels.RoundBF16(v)
+		f := unsafe.Slice((*float32)(ptrOf(p)), ld*rows)
+		if e.bf16 {
+			return func(i int) float32 { return kernels.RoundBF16(f[i]) }
+		}
+		return func(i int) float32 { return f[i] }
 	}
+	a, b := at(A, lda, max(m, k)), at(B, ldb, max(n, k))
+	c := unsafe.Slice((*float32)(ptrOf(Cp)), ldc*n)
 	for j := 0; j < n; j++ {
 		for i := 0; i < m; i++ {
 			var s float32
 			for l := 0; l < k; l++ {
-				var x, y float32
+				ia, ib := i+l*lda, l+j*ldb
 				if transA {
-					x = a[l+i*lda]
-				} else {
-					x = a[i+l*lda]
+					ia = l + i*lda
 				}
 				if transB {
-					y = b[j+l*ldb]
-				} else {
-					y = b[l+j*ldb]
+					ib = j + l*ldb
 				}
-				s += round(x) * round(y)
+				s += a(ia) * b(ib)
 			}
 			if beta == 0 {
 				c[i+j*ldc] = alpha * s

@@ -7,6 +7,51 @@ import "github.com/bmojo/bmojo/kernels"
 // The backend's matrices are row-major; cuBLAS is column-major. A row-major
 // [R,C] matrix is a column-major [C,R] one, so out[Rw,N] = x[Rw,K]·w[N,K]ᵀ
 // is, in cuBLAS terms, outᶜ[N,Rw] = wᶜᵀ·xᶜ with wᶜ [K,N] and xᶜ [K,Rw].
+//
+// In bf16 mode (the default) each float32 input is first rounded to a
+// bfloat16 copy (bm_to_bf16, a bandwidth-bound pass), and cuBLAS multiplies
+// the copies on tensor cores with fp32 accumulation into the float32
+// output: cuBLAS's own fp32-input path (COMPUTE_32F_FAST_16BF) converts
+// inside every kernel tile and reached about 60 % of the bf16-input rate on
+// an H200 (bmojo bench kernels).
+
+// operand is one matrix-product input as cuBLAS reads it.
+type operand struct {
+	ptr  devptr
+	bf16 bool
+}
+
+// gemmInput returns x as the matrix product should read it: x itself in
+// fp32 mode, else its bf16 copy in scratch slot (0..2). Device thread only.
+func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
+	if d.opt.MatMul != "bf16" {
+		return operand{x.ptr, false}, nil
+	}
+	n := int64(x.n)
+	if d.halfN[slot] < n {
+		// Grow by at least half, so slowly growing shapes do not reallocate
+		// every call. The old block returns to the cache once unreachable;
+		// work already queued on the stream still finds it intact.
+		size := max(n, d.halfN[slot]*3/2)
+		a, err := d.mem.alloc(2 * size)
+		if err != nil {
+			return operand{}, err
+		}
+		d.half[slot], d.halfN[slot] = a, size
+	}
+	dst := d.half[slot].ptr
+	words := (n + 1) / 2
+	grid := dim{int(min((words+threads-1)/threads, int64(32*max(1, d.info.SMs)))), 1, 1}
+	if err := d.launch("bm_to_bf16", grid, block256, 0, uint64(dst), x, n); err != nil {
+		return operand{}, err
+	}
+	return operand{dst, true}, nil
+}
+
+// gemm is the driver's product of two operands (both bf16 or both fp32).
+func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B operand, ldb int, beta float32, C devptr, ldc int) error {
+	return d.drv.gemm(transA, transB, m, n, k, 1, A.ptr, lda, B.ptr, ldb, beta, C, ldc, A.bf16)
+}
 
 // MatMul implements kernels.Backend.
 func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool) {
@@ -29,7 +74,15 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 		beta = 1
 	}
 	b.run("matmul", func() error {
-		return b.d.drv.gemm(true, false, N, Rw, K, 1, wb.ptr, K, xb.ptr, K, beta, o.ptr, N)
+		wh, err := b.d.gemmInput(0, wb)
+		if err != nil {
+			return err
+		}
+		xh, err := b.d.gemmInput(1, xb)
+		if err != nil {
+			return err
+		}
+		return b.d.gemm(true, false, N, Rw, K, wh, K, xh, K, beta, o.ptr, N)
 	})
 }
 
@@ -42,17 +95,29 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	do := c.buf("dout", dout, Rw*N, "Rw·N")
 	xb := c.buf("x", x, Rw*K, "Rw·K")
 	wb := c.buf("w", w, N*K, "N·K")
-	if !c.ok || Rw*N*K == 0 {
+	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
 		return
 	}
 	b.run("matmul_backward", func() error {
+		doh, err := b.d.gemmInput(2, do)
+		if err != nil {
+			return err
+		}
 		if dxb != nil { // dxᶜ[K,Rw] += wᶜ[K,N]·doutᶜ[N,Rw]
-			if err := b.d.drv.gemm(false, false, K, Rw, N, 1, wb.ptr, K, do.ptr, N, 1, dxb.ptr, K); err != nil {
+			wh, err := b.d.gemmInput(0, wb)
+			if err != nil {
+				return err
+			}
+			if err := b.d.gemm(false, false, K, Rw, N, wh, K, doh, N, 1, dxb.ptr, K); err != nil {
 				return err
 			}
 		}
 		if dwb != nil { // dwᶜ[K,N] += xᶜ[K,Rw]·doutᶜᵀ[Rw,N]
-			return b.d.drv.gemm(false, true, K, N, Rw, 1, xb.ptr, K, do.ptr, N, 1, dwb.ptr, K)
+			xh, err := b.d.gemmInput(1, xb)
+			if err != nil {
+				return err
+			}
+			return b.d.gemm(false, true, K, N, Rw, xh, K, doh, N, 1, dwb.ptr, K)
 		}
 		return nil
 	})

@@ -161,3 +161,19 @@ extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v
         p[i] = pi - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
     }
 }
+
+// bm_to_bf16 rounds n floats to bfloat16 (to nearest, ties to even, as
+// kernels.RoundBF16), two per thread, packed into 32-bit words: the inputs
+// of the tensor-core matrix products.
+static __device__ __forceinline__ unsigned bm_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+extern "C" __global__ void bm_to_bf16(unsigned *dst, const float *src, long long n) {
+    BM_FOR(i, (n + 1) / 2) {
+        const float lo = src[2 * i];
+        const float hi = 2 * i + 1 < n ? src[2 * i + 1] : 0.f;
+        dst[i] = bm_bf16_bits(lo) | (bm_bf16_bits(hi) << 16);
+    }
+}
