@@ -129,7 +129,9 @@ func TestCUDAParity(t *testing.T) {
 					t.Fatal(err)
 				}
 				curve := func(m *Model[float32]) []float64 {
-					o := NewOptimizer(m, DefaultOptim(3e-3, steps))
+					// 1e-3: at 3e-3 hybrid-small's loss spiked at step 5 on both
+					// backends and the spike magnified bf16 differences to 3e-2.
+					o := NewOptimizer(m, DefaultOptim(1e-3, steps))
 					var out []float64
 					tk, tg := make([]int32, B*T), make([]int32, B*T)
 					for s := 0; s < steps; s++ {

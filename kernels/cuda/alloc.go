@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // cache is the caching device-memory allocator: cuMemAlloc is slow and
@@ -15,10 +16,12 @@ import (
 // makes reuse safe: a later kernel using the block runs after every earlier
 // kernel that used it.
 type cache struct {
-	drv  driver
-	free map[int64][]devptr
-	held int64 // bytes obtained from cuMemAlloc and not yet freed
-	peak int64
+	drv   driver
+	free  map[int64][]devptr
+	held  int64 // bytes obtained from cuMemAlloc and not yet freed
+	peak  int64
+	grown int64 // bytes handed out since the last collection
+	gcAt  int64 // collect when grown passes this (0 = derive from the device size)
 
 	mu      sync.Mutex // pending is filled by GC cleanups on other goroutines
 	pending []block
@@ -29,8 +32,13 @@ type block struct {
 	size int64
 }
 
-// allocation owns one block; views (floats, ints) keep it alive.
-type allocation struct{ ptr devptr }
+// allocation owns one block; views (floats, ints) keep it alive. It is 16
+// bytes on purpose: Go packs smaller pointer-free objects together (the tiny
+// allocator) and runs their cleanups only when every neighbour is dead too.
+type allocation struct {
+	ptr  devptr
+	size int64
+}
 
 func newCache(drv driver) *cache { return &cache{drv: drv, free: map[int64][]devptr{}} }
 
@@ -47,14 +55,25 @@ func roundSize(n int64) int64 {
 func (c *cache) alloc(n int64) (*allocation, error) {
 	c.drain()
 	size := roundSize(n)
+	if len(c.free[size]) == 0 && c.grown+size > c.threshold() {
+		// The Go collector does not see device memory: buffers dropped by
+		// their owners (an op's temporaries, activations of an old shape)
+		// come back only after a collection. Before growing, collect if
+		// this many bytes were handed out since the last one, so the cache
+		// holds at most about the live buffers plus the threshold (the
+		// millisecond lets the cleanups run; this happens every few GiB).
+		c.collect(time.Millisecond)
+	}
 	var ptr devptr
 	if l := c.free[size]; len(l) > 0 {
 		ptr = l[len(l)-1]
 		c.free[size] = l[:len(l)-1]
+		c.grown += size
 	} else {
 		p, err := c.drv.malloc(size)
-		if err != nil {
-			// Give the cached blocks back and try once more.
+		for try := 0; err != nil && try < 3; try++ {
+			// Collect, give every cached block back and try again.
+			c.collect(time.Duration(try+1) * 5 * time.Millisecond)
 			c.releaseCached()
 			p, err = c.drv.malloc(size)
 		}
@@ -65,9 +84,10 @@ func (c *cache) alloc(n int64) (*allocation, error) {
 		}
 		ptr = p
 		c.held += size
+		c.grown += size
 		c.peak = max(c.peak, c.held)
 	}
-	a := &allocation{ptr: ptr}
+	a := &allocation{ptr: ptr, size: size}
 	runtime.AddCleanup(a, c.put, block{ptr, size})
 	return a, nil
 }
@@ -87,6 +107,27 @@ func (c *cache) drain() {
 	for _, b := range p {
 		c.free[b.size] = append(c.free[b.size], b.ptr)
 	}
+}
+
+// threshold is how many bytes of cuMemAlloc growth trigger a collection:
+// a sixteenth of the device, at least 1 GiB.
+func (c *cache) threshold() int64 {
+	if c.gcAt == 0 {
+		_, total := c.drv.memInfo()
+		c.gcAt = max(1<<30, total/16)
+	}
+	return c.gcAt
+}
+
+// collect runs the Go collector so that unreachable buffers queue their
+// blocks, waits up to wait for the cleanups to run, and takes the blocks.
+func (c *cache) collect(wait time.Duration) {
+	runtime.GC()
+	if wait > 0 {
+		time.Sleep(wait)
+	}
+	c.drain()
+	c.grown = 0
 }
 
 // releaseCached frees every cached block (after the stream is idle).

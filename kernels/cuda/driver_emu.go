@@ -31,8 +31,9 @@ const Emulated = true
 // every thread a fiber (emu/emu.h). It checks kernels and their launch code
 // on machines without a GPU; it is slow and never used for training.
 type emu struct {
-	held int64
-	bf16 bool
+	held  int64
+	sizes map[devptr]int64 // live blocks (held counts them)
+	bf16  bool
 }
 
 func newDriver() driver { return &emu{} }
@@ -56,11 +57,17 @@ func (e *emu) malloc(bytes int64) (devptr, error) {
 		return 0, errors.New("CUDA_ERROR_OUT_OF_MEMORY (host calloc failed)")
 	}
 	e.held += bytes
+	if e.sizes == nil {
+		e.sizes = map[devptr]int64{}
+	}
+	e.sizes[devptr(uintptr(p))] = bytes
 	return devptr(uintptr(p)), nil
 }
 
 func (e *emu) free(p devptr) error {
 	C.free(ptrOf(p))
+	e.held -= e.sizes[p]
+	delete(e.sizes, p)
 	return nil
 }
 
