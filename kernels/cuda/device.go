@@ -60,7 +60,7 @@ func Open(ordinal int, opt Options) (*Device, error) {
 	default:
 		return nil, fmt.Errorf("cuda: matmul precision %q: want bf16 or fp32", opt.MatMul)
 	}
-	d := &Device{opt: opt, work: make(chan func()), closed: make(chan struct{}), drv: newDriver()}
+	d := &Device{opt: opt, work: make(chan func(), 1024), closed: make(chan struct{}), drv: newDriver()}
 	started := make(chan error, 1)
 	go d.loop(ordinal, started)
 	if err := <-started; err != nil {
@@ -90,6 +90,10 @@ func (d *Device) loop(ordinal int, started chan<- error) {
 		}
 	}
 }
+
+// post queues f for the device thread and returns at once. Work runs in
+// the order it was posted or done, so a later do sees its effects.
+func (d *Device) post(f func()) { d.work <- f }
 
 // do runs f on the device thread and waits for it.
 func (d *Device) do(f func()) {

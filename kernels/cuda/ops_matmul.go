@@ -73,7 +73,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	if accumulate {
 		beta = 1
 	}
-	b.run("matmul", func() error {
+	b.queue("matmul", func() error {
 		wh, err := b.d.gemmInput(0, wb)
 		if err != nil {
 			return err
@@ -98,7 +98,7 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
 		return
 	}
-	b.run("matmul_backward", func() error {
+	b.queue("matmul_backward", func() error {
 		doh, err := b.d.gemmInput(2, do)
 		if err != nil {
 			return err

@@ -110,13 +110,11 @@ func (c *checker) scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffe
 	return s
 }
 
-// scanVariant picks the kernel instance for N: NP = ceil(N/16) states per
-// lane (1, 2, 4 or 8) and the backward chunk length L of that instance
-// (BM_SCAN_KERNELS in scan.cu).
+// scanVariant picks the generic kernel instance for N > 16: NP = ceil(N/16)
+// states per lane (2, 4 or 8) and the backward chunk length L of that
+// instance (BM_SCAN_KERNELS in scan.cu).
 func scanVariant(N int) (fwd, bwd string, L int) {
 	switch {
-	case N <= 16:
-		return "bm_selective_scan_fwd_np1", "bm_selective_scan_bwd_np1", 16
 	case N <= 32:
 		return "bm_selective_scan_fwd_np2", "bm_selective_scan_bwd_np2", 8
 	case N <= 64:
@@ -126,13 +124,29 @@ func scanVariant(N int) (fwd, bwd string, L int) {
 	}
 }
 
-// scanChannels is the channels per block of the scan kernels (16 channels
-// × 16 lanes = 256 threads).
+// scanChannels is the channels per block of the generic scan kernels (16
+// channels × 16 lanes = 256 threads).
 const scanChannels = 16
 
-// SelectiveScan implements kernels.Backend: one thread per (b, e, 16-lane
-// slot of n), a sequential loop over t with fp32 state; Σ_n by half-warp
-// shuffles.
+// The fast path for N ≤ 16 (the BM_SS_* constants of scan.cu): 32
+// channels per block, 16 state slots per channel, forward tiles of 32 steps,
+// backward segments of 64 steps.
+const (
+	scanFastN    = 16
+	scanFastCh   = 32
+	scanFastNL   = 16
+	scanFastTile = 32
+	scanFastSeg  = 64
+)
+
+// SelectiveScan implements kernels.Backend (the CPU's SelectiveScan).
+// For N ≤ 16: blocks of 32 channels × 8 lanes (2 states each) of one
+// sequence run a time segment each, staging tiles of x, dt, z, Bm, Cm in
+// shared memory. When B·E/32 blocks leave the GPU short of work (fewer than
+// 2 per SM), T is split into segments: a local pass from zero per segment
+// and a fix-up over segments give each one its entering state first.
+// Larger N: the generic kernels, one thread per (b, e, 16-lane slot of n),
+// a sequential loop over t.
 func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
 	c := b.check("selective_scan")
 	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
@@ -140,16 +154,46 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 	if !c.ok || B*T*E == 0 {
 		return
 	}
-	fwd, _, _ := scanVariant(N)
-	grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
-	b.launch("selective_scan", fwd, grid, dim{256, 1, 1}, 0,
-		o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+	if N > scanFastN {
+		fwd, _, _ := scanVariant(N)
+		grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
+		b.launch("selective_scan", fwd, grid, dim{256, 1, 1}, 0,
+			o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+		return
+	}
+	eb := (E + scanFastCh - 1) / scanFastCh
+	tiles := (T + scanFastTile - 1) / scanFastTile
+	nSeg := 1
+	if want := 2 * max(1, b.d.info.SMs); eb*B < want {
+		nSeg = min((want+eb*B-1)/(eb*B), tiles)
+	}
+	Ls := (tiles + nSeg - 1) / nSeg * scanFastTile
+	nSeg = (T + Ls - 1) / Ls
+	grid := dim{eb, nSeg, B}
+	var hin *floats // nil: one segment, from h = 0
+	if nSeg > 1 {
+		hin = b.Alloc(B * nSeg * E * scanFastNL).(*floats)
+		S := b.Alloc(B * nSeg * E).(*floats)
+		b.launch("selective_scan", "bm_selective_scan_loc16", grid, dim{256, 1, 1}, 0,
+			hin, S, s.x, s.dt, s.dtBias, s.Alog, s.Bm, B, T, E, N, Ls)
+		b.launch("selective_scan", "bm_selective_scan_fix16", b.scanStrideGrid(B*E*scanFastNL), dim{256, 1, 1}, 0,
+			hin, (*floats)(nil), S, s.Alog, B, E, N, nSeg)
+	}
+	b.launch("selective_scan", "bm_selective_scan_fwd16", grid, dim{256, 1, 1}, 0,
+		o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, hin, B, T, E, N, Ls)
 }
 
-// SelectiveScanBackward implements kernels.Backend. The states are
-// recomputed: the kernel stores the state entering every chunk of L steps
-// in scratch ([ceil(T/L)−1][B][E][N] floats), then walks the chunks in
-// reverse, recomputing each chunk's states in registers.
+// SelectiveScanBackward implements kernels.Backend (the CPU's
+// SelectiveScanBackward). For N ≤ 16, T splits into segments of 64 steps:
+// a local pass per segment (state from zero, and the gradient it would pass
+// left) and a fix-up over segments give every segment its entering state
+// and the gradient carried into it; then one block per (32 channels,
+// segment, b) recomputes its states in sub-chunks of 8 and back-propagates.
+// Sums over blocks (dBm, dCm over channel groups; dAlog, ddtBias, dDskip
+// over b and segments) go to scratch and are added in a fixed order.
+// Larger N: the generic kernel, which stores the state entering every chunk
+// of L steps in scratch ([ceil(T/L)−1][B][E][N] floats), then walks the
+// chunks in reverse, recomputing each chunk's states in registers.
 func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
 	c := b.check("selective_scan_backward")
 	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
@@ -168,13 +212,56 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 	if gx == nil && gdt == nil && gbias == nil && gA == nil && gB == nil && gC == nil && gD == nil && gz == nil {
 		return
 	}
-	_, bwd, L := scanVariant(N)
-	var ck *floats // nil (never read) when T fits one chunk
-	if nC := (T + L - 1) / L; nC > 1 && N > 0 {
-		ck = b.Alloc((nC - 1) * B * E * N).(*floats)
+	if N > scanFastN {
+		_, bwd, L := scanVariant(N)
+		var ck *floats // nil (never read) when T fits one chunk
+		if nC := (T + L - 1) / L; nC > 1 && N > 0 {
+			ck = b.Alloc((nC - 1) * B * E * N).(*floats)
+		}
+		grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
+		b.launch("selective_scan_backward", bwd, grid, dim{256, 1, 1}, 0,
+			ck, gx, gdt, gbias, gA, gB, gC, gD, gz, do,
+			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+		return
 	}
-	grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
-	b.launch("selective_scan_backward", bwd, grid, dim{256, 1, 1}, 0,
-		ck, gx, gdt, gbias, gA, gB, gC, gD, gz, do,
+	const op = "selective_scan_backward"
+	eb := (E + scanFastCh - 1) / scanFastCh
+	nSeg := (T + scanFastSeg - 1) / scanFastSeg
+	grid := dim{eb, nSeg, B}
+	var hin, din *floats // nil: one segment, nothing carried
+	if nSeg > 1 {
+		hin = b.Alloc(B * nSeg * E * scanFastNL).(*floats)
+		din = b.Alloc(B * nSeg * E * scanFastNL).(*floats)
+		S := b.Alloc(B * nSeg * E).(*floats)
+		b.launch(op, "bm_selective_scan_locq16", grid, dim{256, 1, 1}, 0,
+			hin, din, S, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.z, do, B, T, E, N, scanFastSeg)
+		b.launch(op, "bm_selective_scan_fix16", b.scanStrideGrid(B*E*scanFastNL), dim{256, 1, 1}, 0,
+			hin, din, S, s.Alog, B, E, N, nSeg)
+	}
+	part := func(g *floats, n int) *floats {
+		if g == nil || n == 0 {
+			return nil
+		}
+		return b.Alloc(n).(*floats)
+	}
+	pB, pC := part(gB, eb*B*T*N), part(gC, eb*B*T*N)
+	pA := part(gA, B*nSeg*E*N)
+	pBias, pD := part(gbias, B*nSeg*E), part(gD, B*nSeg*E)
+	b.launch(op, "bm_selective_scan_bwd16", grid, dim{256, 1, 1}, 0,
+		gx, gdt, gz, pB, pC, pA, pBias, pD, hin, din, do,
 		s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+	b.scanSumParts(op, gB, pB, eb, B*T*N)
+	b.scanSumParts(op, gC, pC, eb, B*T*N)
+	b.scanSumParts(op, gA, pA, B*nSeg, E*N)
+	b.scanSumParts(op, gbias, pBias, B*nSeg, E)
+	b.scanSumParts(op, gD, pD, B*nSeg, E)
+}
+
+// scanSumParts adds the P partial sums part[p][0:n] into dst, in a fixed
+// order; nothing when dst is nil.
+func (b *Backend) scanSumParts(op string, dst, part *floats, P, n int) {
+	if dst == nil || part == nil || n == 0 {
+		return
+	}
+	b.launch(op, "bm_scan_sum_parts", dim{(n + 31) / 32, 1, 1}, dim{256, 1, 1}, 0, dst, part, P, int64(n))
 }

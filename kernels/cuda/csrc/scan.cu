@@ -159,8 +159,9 @@ extern "C" __global__ void bm_conv1d_bwd_wsum(float *dw, float *dbias, const flo
     }
 }
 
-// ---------------------------------------------------------------- selective scan
+// ---------------------------------------------------------------- selective scan, generic N
 //
+// The generic path (N > 16; the models' N = 16 takes the fast path below).
 // Both scan kernels use blocks of 256 threads = 16 channels × 16 lanes,
 // blockIdx.x the channel group (e = 16·blockIdx.x + threadIdx.x/16) and
 // blockIdx.y the sequence b. Lane l of a channel owns the states
@@ -415,10 +416,10 @@ static __device__ __forceinline__ void scan_bwd(float *ck, float *dx, float *ddt
 }
 
 // One kernel per NP (states per lane) with backward chunk length L and at
-// least MINB resident blocks per SM: for N ≤ 32 (the models' N = 16),
-// L·NP = 16 registers of recomputed states keep 3 blocks of 256 threads
-// per SM without spills (16 KiB of staging shared memory each); larger N
-// keep L·NP = 32 with 2 blocks (N ≤ 64) or 1 (N ≤ 128).
+// least MINB resident blocks per SM: for N ≤ 32, L·NP = 16 registers of
+// recomputed states keep 3 blocks of 256 threads per SM without spills
+// (16 KiB of staging shared memory each); larger N keep L·NP = 32 with 2
+// blocks (N ≤ 64) or 1 (N ≤ 128).
 #define BM_SCAN_KERNELS(NP, L, MINB)                                                                               \
     extern "C" __global__ void __launch_bounds__(BM_SCAN_THREADS)                                                  \
         bm_selective_scan_fwd_np##NP(float *out, const float *x, const float *dt, const float *dtBias,             \
@@ -434,7 +435,519 @@ static __device__ __forceinline__ void scan_bwd(float *ck, float *dx, float *ddt
                         Dskip, z, B, T, E, N);                                                                     \
     }
 
-BM_SCAN_KERNELS(1, 16, 3)
 BM_SCAN_KERNELS(2, 8, 3)
 BM_SCAN_KERNELS(4, 8, 2)
 BM_SCAN_KERNELS(8, 4, 1)
+
+// ---------------------------------------------------------------- selective scan, N ≤ 16
+//
+// The fast path for N ≤ 16 (the models' N). Blocks of 256 threads cover
+// BM_SS_CH = 32 channels of one sequence b (blockIdx.z) and one segment of
+// time (blockIdx.y). Each thread has two roles:
+//   compute: channel ch = tid/8 of the block, lane l = tid%8 owning the
+//     states n = 2l, 2l+1 (slots n ≥ N hold A = 0, B = C = 0 and stay 0);
+//     sums over n are 8-lane shuffles.
+//   staging: channel sc = tid%32, row sj = tid/32 of each group of 8
+//     timesteps; it loads x, dt, z, dout with coalesced 128-byte rows (the
+//     next tile's while the current one is scanned), computes the
+//     per-element softplus and sigmoid once, and writes the per-element
+//     results back.
+// So the sequential loop reads only shared memory and waits on nothing but
+// exp2 and FMA. Timesteps past T and channels past E are staged as Δ = 0,
+// x = 0, dout = 0: a = 1, no input, no gradient.
+//
+// Time parallelism: the recurrence h_t = a_t·h_{t−1} + u_t composes over a
+// segment as h_end = exp(A·ΣΔ)·h_in + h_local, and the backward one of dh
+// the same way, so T splits into segments scanned in parallel from zero
+// (bm_selective_scan_loc16), a cheap sequential fix-up over segments per
+// (b, e, n) turns the local results into each segment's entering state and
+// entering gradient (bm_selective_scan_fix16), and the main kernels run
+// every segment from its true boundary values.
+//
+// Reductions are deterministic: per-block partial sums go to scratch and
+// bm_scan_sum_parts adds them in a fixed order (no atomics).
+
+#define BM_SS_T 256    // threads per block
+#define BM_SS_NL 16    // state slots per channel (8 lanes × 2)
+#define BM_SS_CH 32    // channels per block
+#define BM_SS_TT 32    // timesteps per staged tile (forward, local pass)
+#define BM_SS_L 8      // backward sub-chunk: states recomputed into registers
+#define BM_SS_NCK 8    // sub-chunks per backward segment
+#define BM_SS_SEG (BM_SS_L * BM_SS_NCK) // backward segment length (64)
+#define BM_LOG2E 1.4426950408889634f
+
+// bm_ex2 is 2^x from one MUFU.EX2 (ex2.approx.ftz: 2 ulp, results below
+// 2^−126 flush to 0, which a decay factor may); exp2f adds a denormal
+// fix-up of three instructions per call. The emulation uses exp2f.
+#ifdef __CUDACC__
+static __device__ __forceinline__ float bm_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#else
+static inline float bm_ex2(float x) { return exp2f(x); }
+#endif
+
+// bm_sum8 sums v over the 8 lanes of each group (every lane must call it).
+static __device__ __forceinline__ float bm_sum8(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    return v;
+}
+
+// ScanRaw holds one tile of TT timesteps as loaded from global memory by
+// one staging thread: KE elements of its channel, KB slots of the tile's
+// B and C rows (laid out as the shared sBC[2][TT][16]).
+template <int TT> struct ScanRaw {
+    static constexpr int KE = TT * BM_SS_CH / BM_SS_T;
+    static constexpr int KB = TT * BM_SS_NL * 2 / BM_SS_T;
+    float x[KE], dt[KE], z[KE], g[KE], bc[KB];
+};
+
+// scan_load fills r with the tile starting at t0 of sequence b (zeros past
+// T, past E and for n ≥ N); z and g (dout) only when WZ / WG.
+template <int TT, bool WZ, bool WG>
+static __device__ __forceinline__ void scan_load(ScanRaw<TT> &r, const float *x, const float *dt, const float *z,
+                                                 const float *g, const float *Bm, const float *Cm, int b, int t0,
+                                                 int T, int E, int N, int es, bool sact) {
+    const int sj = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < ScanRaw<TT>::KE; k++) {
+        const int t = t0 + k * 8 + sj;
+        const bool v = sact && t < T;
+        const long long i = ((long long)b * T + t) * E + es;
+        r.x[k] = v ? x[i] : 0.f;
+        r.dt[k] = v ? dt[i] : 0.f;
+        r.z[k] = WZ && v ? z[i] : 0.f;
+        r.g[k] = WG && v ? g[i] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < ScanRaw<TT>::KB; k++) {
+        const int idx = threadIdx.x + k * BM_SS_T;
+        const int which = idx / (TT * BM_SS_NL), rem = idx % (TT * BM_SS_NL);
+        const int t = t0 + rem / BM_SS_NL, n = rem % BM_SS_NL;
+        const bool v = t < T && n < N;
+        const float *src = which ? Cm : Bm;
+        r.bc[k] = v ? src[((long long)b * T + t) * N + n] : 0.f;
+    }
+}
+
+// scan_lane_A sets A (and A2 = A·log₂e, so exp(Δ·A) = exp2(Δ·A2)) of the
+// compute thread's two states.
+static __device__ __forceinline__ void scan_lane_A(float A[2], float A2[2], const float *Alog, int ec, int l, int N) {
+#pragma unroll
+    for (int p = 0; p < 2; p++) {
+        const int n = 2 * l + p;
+        A[p] = n < N ? -expf(Alog[(long long)ec * N + n]) : 0.f;
+        A2[p] = A[p] * BM_LOG2E;
+    }
+}
+
+// Forward: out[b,t,e] = (Σ_n h_t[e,n]·Cm[b,t,n] + Dskip[e]·x)·SiLU(z) over
+// the segment [seg·Ls, seg·Ls+Ls) (Ls a multiple of BM_SS_TT), starting
+// from hin[b][seg][e][16] (null: from 0, one segment).
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_fwd16(float *out, const float *x, const float *dt, const float *dtBias, const float *Alog,
+                        const float *Bm, const float *Cm, const float *Dskip, const float *z, const float *hin,
+                        int B, int T, int E, int N, int Ls) {
+    constexpr int TT = BM_SS_TT;
+    using Raw = ScanRaw<TT>;
+    __shared__ float sD[TT][BM_SS_CH], sU[TT][BM_SS_CH], sY[TT][BM_SS_CH];
+    __shared__ float sBC[2 * TT * BM_SS_NL];
+    const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
+    const int e0 = blockIdx.x * BM_SS_CH, seg = blockIdx.y, nSeg = gridDim.y, b = blockIdx.z;
+    const int e = e0 + ch, es = e0 + sc;
+    const bool act = e < E, sact = es < E;
+    const int ec = act ? e : E - 1, esc = sact ? es : E - 1;
+    float A[2], A2[2], h[2];
+    scan_lane_A(A, A2, Alog, ec, l, N);
+#pragma unroll
+    for (int p = 0; p < 2; p++) h[p] = hin && act ? hin[(((long long)b * nSeg + seg) * E + e) * BM_SS_NL + 2 * l + p] : 0.f;
+    const float bias = dtBias[esc], D = Dskip[esc];
+    const int tBeg = seg * Ls, tEnd = min(T, tBeg + Ls);
+    Raw r;
+    scan_load<TT, true, false>(r, x, dt, z, nullptr, Bm, Cm, b, tBeg, T, E, N, es, sact);
+    float xs[Raw::KE], gz[Raw::KE]; // x and SiLU(z) of the staged elements
+    float *yc = &sY[0][ch];          // this channel's column of sY
+    for (int t0 = tBeg; t0 < tEnd; t0 += TT) {
+#pragma unroll
+        for (int k = 0; k < Raw::KE; k++) {
+            const int j = k * 8 + sj;
+            float d = 0.f;
+            xs[k] = r.x[k];
+            gz[k] = 0.f;
+            if (sact && t0 + j < T) {
+                float sig;
+                d = bm_softplus_sig(r.dt[k] + bias, sig);
+                gz[k] = r.z[k] / (1.f + expf(-r.z[k]));
+            }
+            sD[j][sc] = d;
+            sU[j][sc] = d * r.x[k];
+        }
+#pragma unroll
+        for (int k = 0; k < Raw::KB; k++) sBC[tid + k * BM_SS_T] = r.bc[k];
+        if (t0 + TT < tEnd) scan_load<TT, true, false>(r, x, dt, z, nullptr, Bm, Cm, b, t0 + TT, T, E, N, es, sact);
+        __syncthreads();
+#pragma unroll 8
+        for (int j = 0; j < TT; j++) {
+            const float d = sD[j][ch], u = sU[j][ch];
+            float y = 0.f;
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                const float bm = sBC[j * BM_SS_NL + 2 * l + p], cm = sBC[(TT + j) * BM_SS_NL + 2 * l + p];
+                h[p] = fmaf(bm_ex2(d * A2[p]), h[p], u * bm);
+                y = fmaf(h[p], cm, y);
+            }
+            y = bm_sum8(y);
+            if (l == 0) yc[j * BM_SS_CH] = y;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < Raw::KE; k++) {
+            const int j = k * 8 + sj, t = t0 + j;
+            if (sact && t < T) out[((long long)b * T + t) * E + es] = (sY[j][sc] + D * xs[k]) * gz[k];
+        }
+    }
+}
+
+// Local pass over segment seg (length Ls, a multiple of BM_SS_TT) from zero:
+// hloc[b][seg][e][16] = the state after the segment, S[b][seg][e] = ΣΔ over
+// it and, when WQ, Q[b][seg][e][16] = Σ_t (Π_{s ≤ t in the segment} a_s)·
+// dy_t·C_t, the gradient the segment passes to the state before it when
+// nothing comes from its right (dy = dout·z·sigmoid(z), a_s = exp(Δ_s·A)).
+template <bool WQ>
+static __device__ __forceinline__ void scan_loc(float *hloc, float *Q, float *S, const float *x, const float *dt,
+                                                const float *dtBias, const float *Alog, const float *Bm,
+                                                const float *Cm, const float *z, const float *dout, int B, int T,
+                                                int E, int N, int Ls) {
+    constexpr int TT = BM_SS_TT;
+    using Raw = ScanRaw<TT>;
+    __shared__ float sD[TT][BM_SS_CH], sU[TT][BM_SS_CH], sDY[TT][BM_SS_CH];
+    __shared__ float sBC[2 * TT * BM_SS_NL];
+    const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
+    const int e0 = blockIdx.x * BM_SS_CH, seg = blockIdx.y, nSeg = gridDim.y, b = blockIdx.z;
+    const int e = e0 + ch, es = e0 + sc;
+    const bool act = e < E, sact = es < E;
+    const int ec = act ? e : E - 1, esc = sact ? es : E - 1;
+    float A[2], A2[2], h[2] = {0.f, 0.f}, P[2] = {1.f, 1.f}, acc[2] = {0.f, 0.f};
+    scan_lane_A(A, A2, Alog, ec, l, N);
+    const float bias = dtBias[esc];
+    const int tBeg = seg * Ls, tEnd = min(T, tBeg + Ls);
+    float sum = 0.f;
+    Raw r;
+    scan_load<TT, WQ, WQ>(r, x, dt, z, dout, Bm, Cm, b, tBeg, T, E, N, es, sact);
+    for (int t0 = tBeg; t0 < tEnd; t0 += TT) {
+#pragma unroll
+        for (int k = 0; k < Raw::KE; k++) {
+            const int j = k * 8 + sj;
+            float d = 0.f, dy = 0.f;
+            if (sact && t0 + j < T) {
+                float sig;
+                d = bm_softplus_sig(r.dt[k] + bias, sig);
+                if (WQ) dy = r.g[k] * r.z[k] / (1.f + expf(-r.z[k]));
+            }
+            sD[j][sc] = d;
+            sU[j][sc] = d * r.x[k];
+            if (WQ) sDY[j][sc] = dy;
+        }
+#pragma unroll
+        for (int k = 0; k < Raw::KB; k++) sBC[tid + k * BM_SS_T] = r.bc[k];
+        if (t0 + TT < tEnd) scan_load<TT, WQ, WQ>(r, x, dt, z, dout, Bm, Cm, b, t0 + TT, T, E, N, es, sact);
+        __syncthreads();
+#pragma unroll 8
+        for (int j = 0; j < TT; j++) {
+            const float d = sD[j][ch], u = sU[j][ch];
+            sum += d;
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                const float a = bm_ex2(d * A2[p]);
+                h[p] = fmaf(a, h[p], u * sBC[j * BM_SS_NL + 2 * l + p]);
+                if (WQ) {
+                    P[p] *= a;
+                    acc[p] = fmaf(P[p], sDY[j][ch] * sBC[(TT + j) * BM_SS_NL + 2 * l + p], acc[p]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!act) return;
+    const long long o = ((long long)b * nSeg + seg) * E + e;
+#pragma unroll
+    for (int p = 0; p < 2; p++) {
+        hloc[o * BM_SS_NL + 2 * l + p] = h[p];
+        if (WQ) Q[o * BM_SS_NL + 2 * l + p] = acc[p];
+    }
+    if (l == 0) S[o] = sum;
+}
+
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_loc16(float *hloc, float *S, const float *x, const float *dt, const float *dtBias,
+                        const float *Alog, const float *Bm, int B, int T, int E, int N, int Ls) {
+    scan_loc<false>(hloc, nullptr, S, x, dt, dtBias, Alog, Bm, Bm, nullptr, nullptr, B, T, E, N, Ls);
+}
+
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_locq16(float *hloc, float *Q, float *S, const float *x, const float *dt, const float *dtBias,
+                         const float *Alog, const float *Bm, const float *Cm, const float *z, const float *dout,
+                         int B, int T, int E, int N, int Ls) {
+    scan_loc<true>(hloc, Q, S, x, dt, dtBias, Alog, Bm, Cm, z, dout, B, T, E, N, Ls);
+}
+
+// Fix-up over the nSeg segments, one thread per (b, e, slot n), in place:
+// hloc[b][s][e][n] becomes the state entering segment s (h_in[0] = 0,
+// h_in[s+1] = exp(A·S_s)·h_in[s] + hloc_s) and, when Q is not null,
+// Q[b][s][e][n] the gradient carried into segment s's backward walk from
+// its right (D[nSeg−1] = 0, D[s] = Q_{s+1} + exp(A·S_{s+1})·D[s+1]).
+extern "C" __global__ void bm_selective_scan_fix16(float *hloc, float *Q, const float *S, const float *Alog, int B,
+                                                   int E, int N, int nSeg) {
+    const long long n16 = (long long)B * E * BM_SS_NL;
+    BM_FOR(i, n16) {
+        const int n = (int)(i % BM_SS_NL);
+        const long long be = i / BM_SS_NL; // b·E + e
+        const int e = (int)(be % E), b = (int)(be / E);
+        const float A2 = n < N ? -expf(Alog[(long long)e * N + n]) * BM_LOG2E : 0.f;
+        float h = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < nSeg; s++) {
+            const long long o = ((long long)b * nSeg + s) * E + e;
+            const float hl = hloc[o * BM_SS_NL + n];
+            hloc[o * BM_SS_NL + n] = h;
+            h = fmaf(bm_ex2(A2 * S[o]), h, hl);
+        }
+        if (!Q) continue;
+        float c = 0.f;
+#pragma unroll 4
+        for (int s = nSeg - 1; s >= 0; s--) {
+            const long long o = ((long long)b * nSeg + s) * E + e;
+            const float q = Q[o * BM_SS_NL + n];
+            Q[o * BM_SS_NL + n] = c;
+            c = fmaf(bm_ex2(A2 * S[o]), c, q);
+        }
+    }
+}
+
+// Backward over one segment of BM_SS_SEG steps, entering state hin and
+// carried gradient din ([b][seg][e][16], from the fix-up; null: zero, one
+// segment). Phase 1 runs the segment forward and keeps the state entering
+// each sub-chunk of BM_SS_L steps in shared memory; phase 2 walks the
+// sub-chunks in reverse, recomputing each one's states into registers and
+// back-propagating through them. dx, ddt, dz are accumulated (one writer
+// per element); everything summed across blocks goes to scratch:
+// partB/partC[blockIdx.x][b][t][n] (the block's 32 channels),
+// partA[b][seg][e][n] (= dAlog's terms), partBias/partD[b][seg][e].
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *partC, float *partA,
+                        float *partBias, float *partD, const float *hin, const float *din, const float *dout,
+                        const float *x, const float *dt, const float *dtBias, const float *Alog, const float *Bm,
+                        const float *Cm, const float *Dskip, const float *z, int B, int T, int E, int N) {
+    constexpr int L = BM_SS_L;
+    constexpr int NQ = BM_SS_T / 16; // channel pairs after one shuffle (16)
+    using Raw = ScanRaw<L>;
+    __shared__ float sD[L][BM_SS_CH], sX[L][BM_SS_CH], sDY[L][BM_SS_CH];
+    __shared__ float sBC[2 * L * BM_SS_NL];
+    __shared__ float sCk[BM_SS_NCK][BM_SS_CH][BM_SS_NL];
+    __shared__ float sR[3][L][BM_SS_CH];
+    // dB, dC partials over channel pairs; rows padded to 20 floats so the
+    // row sums' 16-byte reads are conflict-free.
+    alignas(16) __shared__ float sPB[L][BM_SS_NL][NQ + 4], sPC[L][BM_SS_NL][NQ + 4];
+
+    const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
+    const int warp = tid >> 5, wl = tid & 31;
+    const int e0 = blockIdx.x * BM_SS_CH, seg = blockIdx.y, nSeg = gridDim.y, b = blockIdx.z;
+    const int e = e0 + ch, es = e0 + sc;
+    const bool act = e < E, sact = es < E;
+    const int ec = act ? e : E - 1, esc = sact ? es : E - 1;
+    float A[2], A2[2], h[2];
+    scan_lane_A(A, A2, Alog, ec, l, N);
+    const long long so = ((long long)b * nSeg + seg) * E; // [b][seg] row of the per-segment arrays
+#pragma unroll
+    for (int p = 0; p < 2; p++) h[p] = hin && act ? hin[(so + e) * BM_SS_NL + 2 * l + p] : 0.f;
+    const float bias = dtBias[esc], D = Dskip[esc];
+    const int tBeg = seg * BM_SS_SEG;
+    const int nc = min(BM_SS_NCK, (T - tBeg + L - 1) / L); // sub-chunks that start before T
+
+    // Phase 1: the state entering each sub-chunk (each thread reads back
+    // only its own sCk slots, so they need no barrier).
+    Raw r;
+    scan_load<L, false, false>(r, x, dt, z, dout, Bm, Cm, b, tBeg, T, E, N, es, sact);
+    for (int c = 0; c < nc; c++) {
+        const int t0 = tBeg + c * L;
+#pragma unroll
+        for (int p = 0; p < 2; p++) sCk[c][ch][2 * l + p] = h[p];
+        {
+            float d = 0.f;
+            if (sact && t0 + sj < T) {
+                float sig;
+                d = bm_softplus_sig(r.dt[0] + bias, sig);
+            }
+            sD[sj][sc] = d;
+            sX[sj][sc] = d * r.x[0]; // Δ·x here
+            sBC[tid] = r.bc[0];
+        }
+        if (c + 1 < nc) scan_load<L, false, false>(r, x, dt, z, dout, Bm, Cm, b, t0 + L, T, E, N, es, sact);
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < L; j++) {
+            const float d = sD[j][ch], u = sX[j][ch];
+#pragma unroll
+            for (int p = 0; p < 2; p++) h[p] = fmaf(bm_ex2(d * A2[p]), h[p], u * sBC[j * BM_SS_NL + 2 * l + p]);
+        }
+        __syncthreads();
+    }
+
+    // Phase 2.
+    float dh[2], dA[2] = {0.f, 0.f};
+#pragma unroll
+    for (int p = 0; p < 2; p++) dh[p] = din && act ? din[(so + e) * BM_SS_NL + 2 * l + p] : 0.f;
+    float accBias = 0.f, accD = 0.f; // staging role: channel sc
+    scan_load<L, true, true>(r, x, dt, z, dout, Bm, Cm, b, tBeg + (nc - 1) * L, T, E, N, es, sact);
+    for (int c = nc - 1; c >= 0; c--) {
+        const int t0 = tBeg + c * L;
+        // Stage this thread's element (t0+sj, es); keep what the write-back needs.
+        const int tw = t0 + sj;
+        const bool vw = sact && tw < T;
+        const float xw = r.x[0], zw = r.z[0], gw = r.g[0];
+        float dw = 0.f, sigw = 0.f, szw = 0.f, dyw = 0.f;
+        if (vw) {
+            dw = bm_softplus_sig(r.dt[0] + bias, sigw);
+            szw = 1.f / (1.f + expf(-zw));
+            dyw = gw * zw * szw;
+        }
+        sD[sj][sc] = dw;
+        sX[sj][sc] = vw ? xw : 0.f;
+        sDY[sj][sc] = dyw;
+        sBC[tid] = r.bc[0];
+        if (c > 0) scan_load<L, true, true>(r, x, dt, z, dout, Bm, Cm, b, t0 - L, T, E, N, es, sact);
+        __syncthreads();
+
+        // Recompute the sub-chunk's states from its checkpoint.
+        float h0[2], hs[L][2];
+#pragma unroll
+        for (int p = 0; p < 2; p++) h0[p] = sCk[c][ch][2 * l + p];
+        {
+            float hc[2] = {h0[0], h0[1]};
+#pragma unroll
+            for (int j = 0; j < L; j++) {
+                const float d = sD[j][ch], u = d * sX[j][ch];
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    hc[p] = fmaf(bm_ex2(d * A2[p]), hc[p], u * sBC[j * BM_SS_NL + 2 * l + p]);
+                    hs[j][p] = hc[p];
+                }
+            }
+        }
+        // Back-propagate through it.
+#pragma unroll
+        for (int j = L - 1; j >= 0; j--) {
+            const float d = sD[j][ch], xv = sX[j][ch], dy = sDY[j][ch];
+            const float u = d * xv;
+            float yp = 0.f, dxp = 0.f, ddp = 0.f, cB[2], cC[2];
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                const float bm = sBC[j * BM_SS_NL + 2 * l + p], cm = sBC[(L + j) * BM_SS_NL + 2 * l + p];
+                const float a = bm_ex2(d * A2[p]);
+                const float ht = hs[j][p], hp = j > 0 ? hs[j > 0 ? j - 1 : 0][p] : h0[p];
+                const float dhn = fmaf(dy, cm, dh[p]); // ∂L/∂h_t
+                yp = fmaf(ht, cm, yp);
+                cC[p] = dy * ht;
+                cB[p] = dhn * u;
+                dxp = fmaf(dhn, bm, dxp);
+                const float pa = hp * a;
+                ddp = fmaf(dhn, fmaf(pa, A[p], xv * bm), ddp);
+                dA[p] = fmaf(dhn * pa, d, dA[p]);
+                dh[p] = dhn * a;
+            }
+            yp = bm_sum8(yp);
+            dxp = bm_sum8(dxp);
+            ddp = bm_sum8(ddp);
+            if (l == 0) {
+                sR[0][j][ch] = yp;
+                sR[1][j][ch] = dxp;
+                sR[2][j][ch] = ddp;
+            }
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                cB[p] += __shfl_xor_sync(0xffffffffu, cB[p], 16);
+                cC[p] += __shfl_xor_sync(0xffffffffu, cC[p], 16);
+            }
+            if (wl < 16) {
+                const int q = warp * 2 + (wl >> 3);
+#pragma unroll
+                for (int p = 0; p < 2; p++) {
+                    sPB[j][2 * l + p][q] = cB[p];
+                    sPC[j][2 * l + p][q] = cC[p];
+                }
+            }
+        }
+        __syncthreads();
+
+        // dB, dC of the sub-chunk over the block's channels: thread (which, j, n).
+        {
+            const int which = tid >> 7, j = (tid >> 4) & 7, n = tid & 15;
+            const float *row = which ? sPC[j][n] : sPB[j][n];
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < NQ; q++) s += row[q];
+            float *part = which ? partC : partB;
+            const int t = t0 + j;
+            if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
+        }
+        // Per-element gradients of the staged element.
+        if (vw) {
+            const long long i = ((long long)b * T + tw) * E + es;
+            const float y = sR[0][sj][sc] + D * xw;
+            if (dz) dz[i] += gw * y * szw * (1.f + zw * (1.f - szw));
+            if (dx) dx[i] += dyw * D + dw * sR[1][sj][sc];
+            const float du = sR[2][sj][sc] * sigw; // ∂L/∂dt
+            if (ddt) ddt[i] += du;
+            accBias += du;
+            accD += dyw * xw;
+        }
+    }
+    if (act && partA) {
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            const int n = 2 * l + p;
+            if (n < N) partA[(so + e) * N + n] = dA[p] * A[p]; // dA/dAlog = A
+        }
+    }
+    // ddtBias, dDskip: the block's 8 rows per channel, in a fixed order.
+    __syncthreads();
+    sR[0][sj][sc] = accBias;
+    sR[1][sj][sc] = accD;
+    __syncthreads();
+    if (sj == 0 && sact) {
+        float sb = 0.f, sd = 0.f;
+#pragma unroll
+        for (int j = 0; j < L; j++) {
+            sb += sR[0][j][sc];
+            sd += sR[1][j][sc];
+        }
+        if (partBias) partBias[so + es] = sb;
+        if (partD) partD[so + es] = sd;
+    }
+}
+
+// dst[i] += Σ_p part[p·n + i] for i < n, p < P, in a fixed order: 32
+// columns per block, 8 row slices summed in registers, then in shared memory.
+extern "C" __global__ void __launch_bounds__(BM_SS_T) bm_scan_sum_parts(float *dst, const float *part, int P,
+                                                                        long long n) {
+    __shared__ float sh[8][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const long long i = (long long)blockIdx.x * 32 + tx;
+    float s = 0.f;
+    if (i < n) {
+#pragma unroll 4
+        for (int p = ty; p < P; p += 8) s += part[(long long)p * n + i];
+    }
+    sh[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && i < n) {
+        float t = 0.f;
+#pragma unroll
+        for (int y = 0; y < 8; y++) t += sh[y][tx];
+        dst[i] += t;
+    }
+}
