@@ -72,5 +72,5 @@ fi
 
 # Everything but the JSON results in one archive (the device tool returns
 # at most 8 files).
-tar -czf "$OUT/logs.tar.gz" -C "$OUT" --exclude='*.json' --exclude=logs.tar.gz . && \
-	find "$OUT" -mindepth 1 ! -name '*.json' ! -name logs.tar.gz -delete
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" --warning=no-file-changed --exclude='*.json' --exclude=logs.tar.gz .
+find "$OUT" -mindepth 1 ! -name '*.json' ! -name logs.tar.gz -delete
