@@ -23,6 +23,15 @@ const attnQT = 64
 // covers attnKNT·16/DM keys.
 const attnKNT = 256
 
+// The tensor-core kernels (csrc/attention.cu, "tensor-core attention"): a
+// block of attnTCThreads threads covers attnTCRows queries (forward, dq) or
+// keys (dk/dv), for padded head widths up to attnTCMaxDM.
+const (
+	attnTCRows    = 64  // BM_TC_T
+	attnTCThreads = 128 // BM_TC_NT
+	attnTCMaxDM   = 64
+)
+
 // maxGridYZ is CUDA's limit on gridDim.y and gridDim.z.
 const maxGridYZ = 65535
 
@@ -89,6 +98,17 @@ func (b *Backend) attnCheck(c *checker, q, k, v, kf, vf, qm, km kernels.Buffer, 
 	return a
 }
 
+// AttentionBF16 tells the conformance suite that attention rounds the
+// operands of its matrix products (q, k, v, dout, and the probabilities and
+// score gradients) to bfloat16 and accumulates in float32: true when the
+// backend computes matrix products in bf16.
+func (b *Backend) AttentionBF16() bool { return b.d.opt.MatMul == "bf16" }
+
+// attnTC reports whether a call takes the tensor-core kernels: bf16 matrix
+// products and a padded head width they cover; other calls take the fp32
+// CUDA-core kernels.
+func (b *Backend) attnTC(a *attnArgs) bool { return b.AttentionBF16() && a.dm <= attnTCMaxDM }
+
 // attnMemIndex builds the memory-key index on the device (sel positions
 // outside [0,T) are reported there): comp [B, nC·S] the valid selections in
 // chunk order, pre [B, nC+1] their prefix counts per chunk, dup set when a
@@ -103,7 +123,8 @@ func (b *Backend) attnMemIndex(op string, a *attnArgs, s kernels.AttnShape) (com
 
 // Attention implements kernels.Backend: one block per (64 queries, head,
 // sequence) runs one online softmax over the context, fading and memory
-// keys, staged through shared memory 32 keys at a time.
+// keys, staged through shared memory 32 keys at a time (fp32), or 64 at a
+// time as bf16 tiles for the tensor-core kernels (attnTC).
 func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
 	const op = "attention"
 	c := b.check(op)
@@ -120,8 +141,11 @@ func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, se
 	if s.M > 0 {
 		comp, pre, _ = b.attnMemIndex(op, a, s)
 	}
-	tpq := a.dm / 32
-	b.launch(op, fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * tpq, 1, 1}, 0,
+	name, grid, block := fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}
+	if b.attnTC(a) {
+		name, grid, block = fmt.Sprintf("bm_attn_fwd_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}
+	}
+	b.launch(op, name, grid, block, 0,
 		o, ls, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
 		s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 }
@@ -176,24 +200,32 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 	dd := b.Alloc(rows).(*floats)
 	b.launch(op, "bm_attn_bwd_dot", grid1(rows, 8), dim{256, 1, 1}, 0, dd, do, os, rows, s.D)
 
+	tc := b.attnTC(a)
 	if gq != nil || gqm != nil {
-		tpq := a.dm / 32
-		b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * tpq, 1, 1}, 0,
+		name, grid, block := fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}
+		if tc {
+			name, grid, block = fmt.Sprintf("bm_attn_bwd_dq_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}
+		}
+		b.launch(op, name, grid, block, 0,
 			gq, gqm, do, ls, dd, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
 			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 	}
 	kt := attnKNT * 16 / a.dm // keys per dk/dv block
-	dkv := fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm)
+	dkv, dkvMem, block := fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm), fmt.Sprintf("bm_attn_bwd_dkv_mem_d%d", a.dm), dim{attnKNT, 1, 1}
+	if tc {
+		kt = attnTCRows
+		dkv, dkvMem, block = fmt.Sprintf("bm_attn_bwd_dkv_tc_d%d", a.dm), fmt.Sprintf("bm_attn_bwd_dkv_mem_tc_d%d", a.dm), dim{attnTCThreads, 1, 1}
+	}
 	if gk != nil || gv != nil { // context keys: queries [j, j+Wc-1]
-		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, block, 0,
 			gk, gv, a.k, a.v, a.q, do, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale)
 	}
 	if a.wf > 0 && (gkf != nil || gvf != nil) { // fading keys: queries [j+Wc, j+Wc+Wf-1]
-		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, block, 0,
 			gkf, gvf, a.kf, a.vf, a.q, do, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale)
 	}
 	if hasMem && (gkm != nil || gv != nil) { // memory keys, after the context launch (dv, dkm = dk)
-		b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_mem_d%d", a.dm), dim{(a.nCS + kt - 1) / kt, s.G, s.B}, dim{attnKNT, 1, 1}, 0,
+		b.launch(op, dkvMem, dim{(a.nCS + kt - 1) / kt, s.G, s.B}, block, 0,
 			gkm, gv, a.km, a.v, a.qm, do, ls, dd, comp, pre, dup, s.T, s.H, s.G, s.D, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 	}
 }

@@ -67,6 +67,17 @@ var tolerances = map[string]tolerance{
 	"AdamWStep":             {tol{1e-6, 1e-5}, tol{1e-14, 1e-13}, "float64 update; moments stored in F between steps"},
 }
 
+// bf16Tolerances replace the float32 rows of the attention ops on a backend
+// whose attention runs its matrix products on bf16 tensor cores
+// (BF16Attention). Its inputs are then drawn bf16-representable, so Q·Kᵀ and
+// dO·Vᵀ are exact, but the probabilities P and score gradients dS are
+// rounded to bf16 (relative error ≤ 2⁻⁹) as operands of P·V, Pᵀ·dO, dS·K and
+// dSᵀ·Q. A wrong fragment index or mask shows up as errors of order 1.
+var bf16Tolerances = map[string]tol{
+	"Attention":         {3e-3, 3e-3},
+	"AttentionBackward": {1e-2, 1e-2},
+}
+
 // seed makes every run draw the same inputs.
 const seed = 20240611
 
@@ -106,6 +117,9 @@ func runSuite[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F
 				be:  newBackend(),
 				rng: rand.New(rand.NewPCG(seed, uint64(len(op.name)))),
 				tol: tl,
+			}
+			if bt, ok := bf16Tolerances[op.name]; ok && h.attnBF16() {
+				h.tol = bt
 			}
 			op.fn(h)
 			h.done()
@@ -152,6 +166,29 @@ type BF16MatMul interface{ MatMulBF16() bool }
 func (h *harness[F]) mmIn(n int) []float64 {
 	x := h.randn(n, 1)
 	if r, ok := h.be.(BF16MatMul); ok && r.MatMulBF16() {
+		for i, v := range x {
+			x[i] = float64(kernels.RoundBF16(float32(v)))
+		}
+	}
+	return x
+}
+
+// BF16Attention is implemented by backends whose attention rounds the
+// operands of its matrix products to bfloat16 and accumulates in float32
+// (flash-attention on tensor cores). The suite then draws attention inputs
+// that bfloat16 represents exactly and compares with bf16Tolerances.
+type BF16Attention interface{ AttentionBF16() bool }
+
+func (h *harness[F]) attnBF16() bool {
+	r, ok := h.be.(BF16Attention)
+	return ok && r.AttentionBF16()
+}
+
+// attnIn returns n normal values for an attention input, representable in
+// bfloat16 when the backend's attention rounds to it.
+func (h *harness[F]) attnIn(n int) []float64 {
+	x := h.randn(n, 1)
+	if h.attnBF16() {
 		for i, v := range x {
 			x[i] = float64(kernels.RoundBF16(float32(v)))
 		}

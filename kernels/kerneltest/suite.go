@@ -377,15 +377,15 @@ type attnInputs struct {
 func newAttnInputs[F kernels.Float](h *harness[F], c attnCase) *attnInputs {
 	s := c.s
 	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	in := &attnInputs{c: c, q: h.randn(nq, 1), k: h.randn(nk, 1), v: h.randn(nk, 1)}
+	in := &attnInputs{c: c, q: h.attnIn(nq), k: h.attnIn(nk), v: h.attnIn(nk)}
 	if s.Wf > 0 {
-		in.kf, in.vf = h.randn(nk, 1), h.randn(nk, 1)
+		in.kf, in.vf = h.attnIn(nk), h.attnIn(nk)
 	}
 	if s.M > 0 {
 		if c.alias {
 			in.qm, in.km = in.q, in.k
 		} else {
-			in.qm, in.km = h.randn(nq, 1), h.randn(nk, 1)
+			in.qm, in.km = h.attnIn(nq), h.attnIn(nk)
 		}
 		nC := s.T / s.C
 		for b := 0; b < s.B; b++ {
@@ -462,7 +462,7 @@ func testAttentionBackward[F kernels.Float](h *harness[F]) {
 		s := c.s
 		nq := s.B * s.T * s.H * s.D
 		wo, wl := in.fwd()
-		dout := h.randn(nq, 1)
+		dout := h.attnIn(nq)
 		q, k, v, kf, vf, qm, km, sel := in.bufs(h)
 		type gin struct {
 			name string

@@ -20,7 +20,10 @@
 // b); TPK threads per key, each owning 16 of DM = 16·TPK dims; queries of
 // every head of the kv group are staged 32 at a time. Each key has one
 // writer, so dk/dv need no atomics (memory keys fall back to atomics only
-// when sel repeats a position).
+// when sel repeats a position). These CUDA-core kernels compute in fp32;
+// when the backend rounds matrix products to bf16 the Go side takes the
+// tensor-core kernels instead (section "tensor-core attention" below: the
+// same block roles and guarantees, flash-attention-2 on mma.sync).
 #include "common.cuh"
 
 #define BM_FULL 0xffffffffu
@@ -499,6 +502,563 @@ BM_ATTN_DKV(bm_attn_bwd_dkv_d128, 8)
 BM_ATTN_DKV_MEM(bm_attn_bwd_dkv_mem_d32, 2)
 BM_ATTN_DKV_MEM(bm_attn_bwd_dkv_mem_d64, 4)
 BM_ATTN_DKV_MEM(bm_attn_bwd_dkv_mem_d128, 8)
+
+// ------------------------------------------------- tensor-core attention
+//
+// The flash-attention-2 structure on bf16 tensor cores (mma.sync m16n8k16,
+// common.cuh), for padded head widths DM = 32 and 64; the Go side takes
+// these kernels when the backend rounds matrix products to bf16 and the
+// CUDA-core kernels above otherwise. Inputs are rounded to bf16 (to nearest
+// even) on their way into registers or shared memory, products accumulate
+// in fp32, and the softmax statistics (running max and sum, lse, dd) stay
+// fp32; P and dS are rounded to bf16 as the A operand of P·V, dS·K, Pᵀ·dO
+// and dSᵀ·Q.
+//
+// Forward and dq: one block of 4 warps per (64 queries, h, b); warp w owns
+// queries 16w..16w+15 of the tile, its Q (and dO) fragments in registers,
+// and the block stages the keys and values of a part 64 at a time as bf16
+// tiles. dk/dv: one block of 4 warps per (64 keys, g, b); warp w owns 16 keys
+// (K and V fragments in registers) and the block stages 64 queries (Q, dO)
+// at a time, of every head of the kv group; it computes the transposed
+// products Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, so Pᵀ and dSᵀ are already the A
+// operands of dV += Pᵀ·dO and dK += dSᵀ·Q. A warp skips the tiles none of
+// its rows can see (the band of the context and fading windows).
+
+#define BM_TC_T 64   // queries (forward, dq) or keys (dk/dv) per block
+#define BM_TC_KT 64  // keys (forward, dq) or queries (dk/dv) per staged tile
+#define BM_TC_NT 128 // threads per block: 4 warps of 16 rows
+#define BM_LOG2E 1.4426950408889634f
+#define BM_LN2 0.6931471805599453f
+
+__device__ __forceinline__ bool bm_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// bm_tc_stage writes two BM_TC_KT×DM bf16 tiles xs, ys with row stride
+// DM+8 (the 16-byte pad puts the 8 rows an ldmatrix reads in different
+// banks): row r holds entry idx = first+r of x and y, at base +
+// map[idx]·stride (map nullptr: idx·stride), and zeros when idx > last and
+// beyond D. vec: D, base and stride are multiples of 4 and x, y 16-byte
+// aligned, so rows are read as float4.
+template <int DM>
+__device__ __forceinline__ void bm_tc_stage1(uint16_t *xs, const float *x, int first, int last, const int *map, long long base,
+                                             long long stride, int D, bool vec) {
+    constexpr int NCH = DM / 4, LD = DM + 8, IT = BM_TC_KT * NCH / BM_TC_NT;
+    // Every load of the tile first (IT·4 floats in flight per thread), then
+    // the bf16 stores.
+    float a[IT][4];
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        const int i = threadIdx.x + it * BM_TC_NT, r = i / NCH, d = 4 * (i % NCH), idx = first + r;
+#pragma unroll
+        for (int e = 0; e < 4; e++) a[it][e] = 0.f;
+        if (idx <= last && d < D) {
+            const long long o = base + (long long)(map ? map[idx] : idx) * stride + d;
+            if (vec) {
+                const bm_f4 u = *(const bm_f4 *)(x + o);
+                a[it][0] = u.x, a[it][1] = u.y, a[it][2] = u.z, a[it][3] = u.w;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (d + e < D) a[it][e] = x[o + e];
+            }
+        }
+    }
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        const int i = threadIdx.x + it * BM_TC_NT, r = i / NCH, d = 4 * (i % NCH);
+        unsigned *px = (unsigned *)(xs + r * LD + d);
+        px[0] = bm_bf16x2(a[it][0], a[it][1]);
+        px[1] = bm_bf16x2(a[it][2], a[it][3]);
+    }
+}
+
+template <int DM>
+__device__ __forceinline__ void bm_tc_stage(uint16_t *xs, uint16_t *ys, const float *x, const float *y, int first, int last,
+                                            const int *map, long long base, long long stride, int D, bool vec) {
+    bm_tc_stage1<DM>(xs, x, first, last, map, base, stride, D, vec);
+    bm_tc_stage1<DM>(ys, y, first, last, map, base, stride, D, vec);
+}
+
+// bm_tc_afrag loads the lane's A fragments of a 16×DM bf16 operand straight
+// from global memory: rows row0 (= g of the fragment) and row1 (= g+8),
+// zero when invalid or beyond D.
+template <int NK>
+__device__ __forceinline__ void bm_tc_afrag(unsigned (&f)[NK][4], const float *src, long long row0, long long row1, bool v0, bool v1,
+                                            int D, int c) {
+    auto ld = [&](bool ok, long long row, int d) { return ok && d < D ? src[row + d] : 0.f; };
+#pragma unroll
+    for (int kk = 0; kk < NK; kk++) {
+        const int d = 16 * kk + 2 * c;
+        f[kk][0] = bm_bf16x2(ld(v0, row0, d), ld(v0, row0, d + 1));
+        f[kk][1] = bm_bf16x2(ld(v1, row1, d), ld(v1, row1, d + 1));
+        f[kk][2] = bm_bf16x2(ld(v0, row0, d + 8), ld(v0, row0, d + 9));
+        f[kk][3] = bm_bf16x2(ld(v1, row1, d + 8), ld(v1, row1, d + 9));
+    }
+}
+
+// bm_tc_qk: sc[2·NJ][4] (16 rows × 16·NJ columns) += A·Xᵀ, A the warp's
+// fragments, X rows 0..16·NJ−1 of a staged [·][DM] tile (ldmatrix without
+// .trans: matrix i of lane l is rows 8·(l/16)+l%8, columns 8·((l/8)%2) of a
+// 16×16 block, i.e. the B fragments of two 8-column tiles).
+template <int DM, int NJ>
+__device__ __forceinline__ void bm_tc_qk(float (&sc)[2 * NJ][4], const unsigned (&a)[DM / 16][4], const uint16_t *xs, int lane) {
+    constexpr int LD = DM + 8;
+    const uint16_t *base = xs + ((lane & 7) + 8 * (lane >> 4)) * LD + 8 * ((lane >> 3) & 1);
+#pragma unroll
+    for (int j2 = 0; j2 < NJ; j2++)
+#pragma unroll
+        for (int kk = 0; kk < DM / 16; kk++) {
+            unsigned bx[4];
+            bm_ldsm_x4(bx, base + 16 * j2 * LD + 16 * kk);
+            bm_mma_16816(sc[2 * j2], a[kk], bx[0], bx[1]);
+            bm_mma_16816(sc[2 * j2 + 1], a[kk], bx[2], bx[3]);
+        }
+}
+
+// bm_tc_pv: acc[DM/8][4] (16 rows × DM) += P·X, P the 16×16·NJ bf16 A
+// fragments pa (from the C fragments of bm_tc_qk), X rows 0..16·NJ−1 of a
+// staged [·][DM] tile (ldmatrix .trans: matrix i of lane l is rows
+// 8·((l/8)%2)+l%8, columns 8·(l/16) of a 16×16 block).
+template <int DM, int NJ>
+__device__ __forceinline__ void bm_tc_pv(float (&acc)[DM / 8][4], const unsigned (&pa)[NJ][4], const uint16_t *xs, int lane) {
+    constexpr int LD = DM + 8;
+    const uint16_t *base = xs + ((lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 8 * (lane >> 4);
+#pragma unroll
+    for (int dp = 0; dp < DM / 16; dp++)
+#pragma unroll
+        for (int kk = 0; kk < NJ; kk++) {
+            unsigned bx[4];
+            bm_ldsm_x4_t(bx, base + 16 * kk * LD + 16 * dp);
+            bm_mma_16816(acc[2 * dp], pa[kk], bx[0], bx[1]);
+            bm_mma_16816(acc[2 * dp + 1], pa[kk], bx[2], bx[3]);
+        }
+}
+
+// bm_tc_pack turns the C fragments of 16×16·NJ fp32 values into the bf16
+// A fragments of the same matrix (NJ 16-column steps).
+template <int NJ>
+__device__ __forceinline__ void bm_tc_pack(unsigned (&pa)[NJ][4], const float (&x)[2 * NJ][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NJ; kk++) {
+        pa[kk][0] = bm_bf16x2(x[2 * kk][0], x[2 * kk][1]);
+        pa[kk][1] = bm_bf16x2(x[2 * kk][2], x[2 * kk][3]);
+        pa[kk][2] = bm_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        pa[kk][3] = bm_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+    }
+}
+
+// bm_tc_ranges sets the key ranges lo, hi of part for the lane's query rows
+// rt (g and g+8 of its warp's 16; empty for a row past T), the union range
+// [wlo, whi] of the warp's rows w0..w0+15 (empty when it has none) and their
+// intersection [flo, fhi] (empty unless all 16 rows exist): a key tile
+// inside it needs no mask.
+__device__ __forceinline__ void bm_tc_ranges(int part, const int (&rt)[2], int w0, const BmAttn &s, const int *bpre, int (&lo)[2],
+                                             int (&hi)[2], int &wlo, int &whi, int &flo, int &fhi) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        lo[i] = 1, hi[i] = 0;
+        if (rt[i] < s.T) bm_attn_range(part, rt[i], s, bpre, lo[i], hi[i]);
+    }
+    wlo = 1, whi = 0, flo = 1, fhi = 0;
+    if (w0 < s.T) {
+        bm_attn_range(part, w0, s, bpre, wlo, fhi);
+        bm_attn_range(part, min(s.T - 1, w0 + 15), s, bpre, flo, whi);
+        if (w0 + 15 >= s.T) flo = 1, fhi = 0;
+    }
+}
+
+// The block's common setup of the forward and dq kernels.
+struct BmTcQ {
+    int lane, c, b, h, t0, tl, w0, rt[2];
+    long long kbase, qrow[2];
+    const int *bpre, *bcomp;
+};
+
+__device__ __forceinline__ BmTcQ bm_tc_qsetup(const int *comp, const int *pre, const BmAttn &s) {
+    BmTcQ x;
+    x.lane = threadIdx.x & 31, x.c = x.lane & 3;
+    x.b = blockIdx.z, x.h = blockIdx.y, x.t0 = blockIdx.x * BM_TC_T;
+    x.tl = min(s.T - 1, x.t0 + BM_TC_T - 1);
+    x.w0 = x.t0 + 16 * (threadIdx.x >> 5);
+    x.rt[0] = x.w0 + (x.lane >> 2), x.rt[1] = x.rt[0] + 8;
+    const int g = x.h * s.G / s.H;
+    x.kbase = (long long)x.b * s.T * s.G * s.D + (long long)g * s.D;
+#pragma unroll
+    for (int i = 0; i < 2; i++) x.qrow[i] = (((long long)x.b * s.T + x.rt[i]) * s.H + x.h) * s.D;
+    x.bpre = s.M > 0 ? pre + (long long)x.b * (s.nC + 1) : nullptr;
+    x.bcomp = s.M > 0 ? comp + (long long)x.b * s.nCS : nullptr;
+    return x;
+}
+
+template <int DM>
+__device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, const float *q, const float *k, const float *v,
+                                                    const float *kf, const float *vf, const float *qm, const float *km, const int *comp,
+                                                    const int *pre, const BmAttn s, float scale) {
+    constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
+    alignas(16) __shared__ uint16_t ks[BM_TC_KT * LD], vs[BM_TC_KT * LD];
+    const BmTcQ x = bm_tc_qsetup(comp, pre, s);
+    const float sl2 = scale * BM_LOG2E; // scores in log2 units: exp2f
+    float o[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}; // l: this lane's partial sums
+    unsigned qf[NK][4];
+    for (int part = 0; part < 3; part++) {
+        const float *kb = k, *vb = v;
+        if (part == 1) {
+            if (s.Wf == 0) continue;
+            kb = kf, vb = vf;
+        } else if (part == 2) {
+            if (s.M == 0) continue;
+            kb = km;
+        }
+        if (part != 1) bm_tc_afrag<NK>(qf, part == 2 ? qm : q, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
+        int lo[2], hi[2], wlo, whi, flo, fhi, klo, khi, unused;
+        bm_tc_ranges(part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
+        bm_attn_range(part, x.t0, s, x.bpre, klo, unused);
+        bm_attn_range(part, x.tl, s, x.bpre, unused, khi);
+        const bool vec = s.D % 4 == 0 && bm_aligned16(kb) && bm_aligned16(vb);
+        for (int kt = klo; kt <= khi; kt += BM_TC_KT) {
+            __syncthreads(); // every warp is done with the previous tile
+            bm_tc_stage<DM>(ks, vs, kb, vb, kt, khi, part == 2 ? x.bcomp : nullptr, x.kbase, s.G * s.D, s.D, vec);
+            __syncthreads();
+            if (wlo > whi || whi < kt || wlo > kt + BM_TC_KT - 1) continue; // the whole warp
+            float sc[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+            bm_tc_qk<DM, 4>(sc, qf, ks, x.lane);
+            const bool full = kt >= flo && kt + BM_TC_KT - 1 <= fhi; // no key of the tile masked for the warp
+            float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = kt + 8 * j + 2 * x.c + (e & 1), i = e >> 1;
+                    const float y = (full || (key >= lo[i] && key <= hi[i])) ? sc[j][e] * sl2 : -INFINITY;
+                    sc[j][e] = y;
+                    mt[i] = fmaxf(mt[i], y);
+                }
+            float mu[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) { // the 4 lanes of a row agree on m
+                mt[i] = fmaxf(mt[i], __shfl_xor_sync(BM_FULL, mt[i], 1));
+                mt[i] = fmaxf(mt[i], __shfl_xor_sync(BM_FULL, mt[i], 2));
+                const float mn = fmaxf(m[i], mt[i]);
+                mu[i] = mn == -INFINITY ? 0.f : mn; // a row with no key yet: exp2f(−∞) = 0
+                const float alpha = exp2f(m[i] - mu[i]);
+                m[i] = mn;
+                l[i] *= alpha;
+#pragma unroll
+                for (int j = 0; j < ND; j++) o[j][2 * i] *= alpha, o[j][2 * i + 1] *= alpha;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = exp2f(sc[j][e] - mu[e >> 1]);
+                    l[e >> 1] += p;
+                    sc[j][e] = p;
+                }
+            unsigned pa[4][4];
+            bm_tc_pack<4>(pa, sc);
+            bm_tc_pv<DM, 4>(o, pa, vs, x.lane);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(BM_FULL, l[i], 1);
+        l[i] += __shfl_xor_sync(BM_FULL, l[i], 2);
+    }
+    // A valid query always has its own context key, so l > 0.
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (x.rt[i] >= s.T) continue;
+#pragma unroll
+        for (int j = 0; j < ND; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = 8 * j + 2 * x.c + e;
+                if (d < s.D) out[x.qrow[i] + d] = o[j][2 * i + e] / l[i];
+            }
+        if (x.c == 0) lse[((long long)x.b * s.T + x.rt[i]) * s.H + x.h] = m[i] * BM_LN2 + logf(l[i]);
+    }
+}
+
+#define BM_ATTN_FWD_TC(NAME, DM)                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                              \
+        NAME(float *out, float *lse, const float *q, const float *k, const float *v, const float *kf, const float *vf, const float *qm, \
+             const float *km, const int *comp, const int *pre, int T, int H, int G, int D, int Wc, int Wf, int C, int M, int Delta,     \
+             int nC, int nCS, float scale) {                                                                                            \
+        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                    \
+        bm_attn_fwd_tc_impl<DM>(out, lse, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                                \
+    }
+
+BM_ATTN_FWD_TC(bm_attn_fwd_tc_d32, 32)
+BM_ATTN_FWD_TC(bm_attn_fwd_tc_d64, 64)
+
+// bm_attn_dq_tc_impl: dq += the context and fading parts, then dqm += the
+// memory part, each from a fresh accumulator (the same lane adds both, so
+// dqm may alias dq). p = exp(q·k·scale − lse), ds = p·(dout·v − dd)·scale,
+// dq += ds·k.
+template <int DM>
+__device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd,
+                                                   const float *q, const float *k, const float *v, const float *kf, const float *vf,
+                                                   const float *qm, const float *km, const int *comp, const int *pre, const BmAttn s,
+                                                   float scale) {
+    constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
+    alignas(16) __shared__ uint16_t ks[BM_TC_KT * LD], vs[BM_TC_KT * LD];
+    const BmTcQ x = bm_tc_qsetup(comp, pre, s);
+    const float sl2 = scale * BM_LOG2E;
+    float lt[2], dd[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const long long lr = ((long long)x.b * s.T + x.rt[i]) * s.H + x.h;
+        const bool ok = x.rt[i] < s.T;
+        lt[i] = ok ? lse[lr] * BM_LOG2E : 0.f;
+        dd[i] = ok ? Dd[lr] : 0.f;
+    }
+    unsigned of[NK][4], qf[NK][4];
+    bm_tc_afrag<NK>(of, dout, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
+    float acc[ND][4];
+    for (int pass = 0; pass < 2; pass++) { // dq (parts 0, 1), then dqm (part 2)
+        float *dst = pass == 0 ? dq : dqm;
+        if (!dst || (pass == 1 && s.M == 0)) continue;
+#pragma unroll
+        for (int j = 0; j < ND; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        bm_tc_afrag<NK>(qf, pass == 0 ? q : qm, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
+        for (int part = 2 * pass; part < 2 + pass; part++) {
+            const float *kb = k, *vb = v;
+            if (part == 1) {
+                if (s.Wf == 0) continue;
+                kb = kf, vb = vf;
+            } else if (part == 2) {
+                kb = km;
+            }
+            int lo[2], hi[2], wlo, whi, flo, fhi, klo, khi, unused;
+            bm_tc_ranges(part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
+            bm_attn_range(part, x.t0, s, x.bpre, klo, unused);
+            bm_attn_range(part, x.tl, s, x.bpre, unused, khi);
+            const bool vec = s.D % 4 == 0 && bm_aligned16(kb) && bm_aligned16(vb);
+            for (int kt = klo; kt <= khi; kt += BM_TC_KT) {
+                __syncthreads(); // every warp is done with the previous tile
+                bm_tc_stage<DM>(ks, vs, kb, vb, kt, khi, part == 2 ? x.bcomp : nullptr, x.kbase, s.G * s.D, s.D, vec);
+                __syncthreads();
+                if (wlo > whi || whi < kt || wlo > kt + BM_TC_KT - 1) continue; // the whole warp
+                const bool full = kt >= flo && kt + BM_TC_KT - 1 <= fhi; // no key of the tile masked for the warp
+                // Two halves of 32 keys: fewer live registers.
+#pragma unroll 1
+                for (int k0 = 0; k0 < BM_TC_KT; k0 += 32) {
+                    float sc[4][4], dp[4][4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) sc[j][e] = dp[j][e] = 0.f;
+                    bm_tc_qk<DM, 2>(sc, qf, ks + k0 * LD, x.lane);
+                    bm_tc_qk<DM, 2>(dp, of, vs + k0 * LD, x.lane);
+#pragma unroll
+                    for (int j = 0; j < 4; j++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int key = kt + k0 + 8 * j + 2 * x.c + (e & 1), i = e >> 1;
+                            const float ds = exp2f(sc[j][e] * sl2 - lt[i]) * (dp[j][e] - dd[i]) * scale;
+                            sc[j][e] = (full || (key >= lo[i] && key <= hi[i])) ? ds : 0.f; // a select: a masked ds may be inf or NaN
+                        }
+                    unsigned da[2][4];
+                    bm_tc_pack<2>(da, sc);
+                    bm_tc_pv<DM, 2>(acc, da, ks + k0 * LD, x.lane);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (x.rt[i] >= s.T) continue;
+#pragma unroll
+            for (int j = 0; j < ND; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int d = 8 * j + 2 * x.c + e;
+                    if (d < s.D) dst[x.qrow[i] + d] += acc[j][2 * i + e];
+                }
+        }
+    }
+}
+
+#define BM_ATTN_DQ_TC(NAME, DM)                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                              \
+        NAME(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd, const float *q, const float *k, const float *v, \
+             const float *kf, const float *vf, const float *qm, const float *km, const int *comp, const int *pre, int T, int H, int G,   \
+             int D, int Wc, int Wf, int C, int M, int Delta, int nC, int nCS, float scale) {                                            \
+        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                    \
+        bm_attn_dq_tc_impl<DM>(dq, dqm, dout, lse, Dd, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                   \
+    }
+
+BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d32, 32)
+BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d64, 64)
+
+// bm_attn_dkv_tc_impl: key-centric dk, dv over the same key sets as
+// bm_attn_dkv_impl (MEM, qa, qb, dup as there).
+template <int DM, bool MEM>
+__device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const float *k, const float *v, const float *q,
+                                                    const float *dout, const float *lse, const float *Dd, const int *comp, const int *pre,
+                                                    const int *dup, const BmAttn s, int qa, int qb, float scale) {
+    constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
+    alignas(16) __shared__ uint16_t qs[BM_TC_KT * LD], os[BM_TC_KT * LD];
+    __shared__ float ls[BM_TC_KT], dds[BM_TC_KT];
+    __shared__ int qlo[BM_TC_KT], qhi[BM_TC_KT];
+    const int lane = threadIdx.x & 31, c = lane & 3;
+    const int b = blockIdx.z, g = blockIdx.y, j0 = blockIdx.x * BM_TC_T;
+    const int *bpre = MEM ? pre + (long long)b * (s.nC + 1) : nullptr;
+    const int *bcomp = MEM ? comp + (long long)b * s.nCS : nullptr;
+    const int nkeys = MEM ? bpre[s.nC] : s.T;
+    if (j0 >= nkeys) return; // the whole block
+    const int j1 = min(nkeys, j0 + BM_TC_T) - 1;
+    const int kw0 = j0 + 16 * (threadIdx.x >> 5), kw1 = min(nkeys - 1, kw0 + 15); // the warp's keys (none when kw0 > kw1)
+    int key[2];
+    bool kvalid[2];
+    long long krow[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        key[i] = kw0 + (lane >> 2) + 8 * i;
+        kvalid[i] = key[i] < nkeys;
+        const int pos = kvalid[i] ? (MEM ? bcomp[key[i]] : key[i]) : 0;
+        krow[i] = (((long long)b * s.T + pos) * s.G + g) * s.D;
+    }
+    unsigned kfr[NK][4], vfr[NK][4];
+    bm_tc_afrag<NK>(kfr, k, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
+    bm_tc_afrag<NK>(vfr, v, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[j][e] = dva[j][e] = 0.f;
+
+    // Queries that can see a key of this block: [tA, tB].
+    int tA, tB;
+    if (!MEM) {
+        tA = j0 + qa;
+        tB = min(s.T - 1, j1 + qb);
+    } else { // bounds are non-decreasing in t: binary searches
+        int lo = 0, hi = s.T;
+        while (lo < hi) { // first t whose range ends after j0
+            const int mid = (lo + hi) >> 1;
+            if (bm_mem_end(bpre, mid, s) > j0)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        tA = lo;
+        lo = 0;
+        hi = s.T;
+        while (lo < hi) { // first t whose range starts after j1
+            const int mid = (lo + hi) >> 1;
+            if (max(0, bm_mem_end(bpre, mid, s) - s.M) > j1)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        tB = lo - 1;
+    }
+    const float sl2 = scale * BM_LOG2E;
+    const bool vec = s.D % 4 == 0 && bm_aligned16(q) && bm_aligned16(dout);
+
+    // Query heads of kv head g: h with h·G/H == g.
+    const int hA = (g * s.H + s.G - 1) / s.G, hE = ((g + 1) * s.H + s.G - 1) / s.G;
+    for (int h = hA; h < hE; h++) {
+        for (int tq = tA; tq <= tB; tq += BM_TC_KT) {
+            __syncthreads(); // every warp is done with the previous tile
+            bm_tc_stage<DM>(qs, os, q, dout, tq, tB, nullptr, ((long long)b * s.T * s.H + h) * s.D, (long long)s.H * s.D, s.D, vec);
+            if (threadIdx.x < BM_TC_KT) {
+                const int t = tq + threadIdx.x;
+                float lv = 0.f, d0 = 0.f;
+                int lo = 1, hi = 0;
+                if (t <= tB) {
+                    const long long lr = ((long long)b * s.T + t) * s.H + h;
+                    lv = lse[lr] * BM_LOG2E;
+                    d0 = Dd[lr];
+                    if (MEM) bm_attn_range(2, t, s, bpre, lo, hi);
+                }
+                ls[threadIdx.x] = lv;
+                dds[threadIdx.x] = d0;
+                qlo[threadIdx.x] = lo;
+                qhi[threadIdx.x] = hi;
+            }
+            __syncthreads();
+            if (kw0 > kw1) continue; // the whole warp
+            if (!MEM && (tq > kw1 + qb || tq + BM_TC_KT - 1 < kw0 + qa)) continue;
+            // full: every key of the warp sees every query of the tile.
+            const bool full = !MEM && kw1 == kw0 + 15 && tq + BM_TC_KT - 1 <= tB && tq >= kw1 + qa && tq + BM_TC_KT - 1 <= kw0 + qb;
+            // Two halves of 32 queries: fewer live registers.
+#pragma unroll 1
+            for (int q0 = 0; q0 < BM_TC_KT; q0 += 32) {
+                float st[4][4], dpt[4][4];
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) st[j][e] = dpt[j][e] = 0.f;
+                bm_tc_qk<DM, 2>(st, kfr, qs + q0 * LD, lane); // Sᵀ: rows keys, columns queries
+                bm_tc_qk<DM, 2>(dpt, vfr, os + q0 * LD, lane);
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int col = q0 + 8 * j + 2 * c + (e & 1), t = tq + col, i = e >> 1;
+                        const bool ok = full || (kvalid[i] && t <= tB &&
+                                                 (MEM ? (key[i] >= qlo[col] && key[i] <= qhi[col]) : (t >= key[i] + qa && t <= key[i] + qb)));
+                        const float p = exp2f(st[j][e] * sl2 - ls[col]);
+                        const float ds = p * (dpt[j][e] - dds[col]) * scale;
+                        st[j][e] = ok ? p : 0.f; // selects: a masked p may be inf
+                        dpt[j][e] = ok ? ds : 0.f;
+                    }
+                unsigned pa[2][4];
+                bm_tc_pack<2>(pa, st);
+                bm_tc_pv<DM, 2>(dva, pa, os + q0 * LD, lane);
+                bm_tc_pack<2>(pa, dpt);
+                bm_tc_pv<DM, 2>(dka, pa, qs + q0 * LD, lane);
+            }
+        }
+    }
+    const bool atomic = MEM && *dup != 0;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (!kvalid[i]) continue;
+#pragma unroll
+        for (int j = 0; j < ND; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = 8 * j + 2 * c + e;
+                if (d >= s.D) continue;
+                const long long o = krow[i] + d;
+                if (atomic) {
+                    if (dk) atomicAdd(dk + o, dka[j][2 * i + e]);
+                    if (dv) atomicAdd(dv + o, dva[j][2 * i + e]);
+                } else {
+                    if (dk) dk[o] += dka[j][2 * i + e];
+                    if (dv) dv[o] += dva[j][2 * i + e];
+                }
+            }
+    }
+}
+
+#define BM_ATTN_DKV_TC(NAME, DM)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                \
+        NAME(float *dk, float *dv, const float *k, const float *v, const float *q, const float *dout, const float *lse,   \
+             const float *Dd, int T, int H, int G, int D, int qa, int qb, float scale) {                                 \
+        const BmAttn s = {T, H, G, D, 1, 0, 1, 0, 0, 0, 0};                                                              \
+        bm_attn_dkv_tc_impl<DM, false>(dk, dv, k, v, q, dout, lse, Dd, nullptr, nullptr, nullptr, s, qa, qb, scale);     \
+    }
+
+#define BM_ATTN_DKV_MEM_TC(NAME, DM)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
+        NAME(float *dk, float *dv, const float *k, const float *v, const float *q, const float *dout, const float *lse,           \
+             const float *Dd, const int *comp, const int *pre, const int *dup, int T, int H, int G, int D, int C, int M, int Delta, \
+             int nC, int nCS, float scale) {                                                                                     \
+        const BmAttn s = {T, H, G, D, 1, 0, C, M, Delta, nC, nCS};                                                               \
+        bm_attn_dkv_tc_impl<DM, true>(dk, dv, k, v, q, dout, lse, Dd, comp, pre, dup, s, 0, 0, scale);                           \
+    }
+
+BM_ATTN_DKV_TC(bm_attn_bwd_dkv_tc_d32, 32)
+BM_ATTN_DKV_TC(bm_attn_bwd_dkv_tc_d64, 64)
+BM_ATTN_DKV_MEM_TC(bm_attn_bwd_dkv_mem_tc_d32, 32)
+BM_ATTN_DKV_MEM_TC(bm_attn_bwd_dkv_mem_tc_d64, 64)
 
 // ----------------------------------------------------------- memory index
 
