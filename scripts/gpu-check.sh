@@ -38,7 +38,7 @@ step() { # name timeout-seconds command...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-step conformance 90 "$BIN/cuda.test" -test.v -test.run 'TestConformance|TestError|TestOutOfMemory'
+step conformance 90 "$BIN/cuda.test" -test.v
 grep -m1 "GPU 0:" "$OUT/conformance.log"
 echo "subtests passed: $(grep -c -- '--- PASS' "$OUT/conformance.log"), failed: $(grep -c -- '--- FAIL' "$OUT/conformance.log")"
 grep -- '--- FAIL' "$OUT/conformance.log" | head -20
