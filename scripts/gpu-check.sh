@@ -61,7 +61,7 @@ grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
 
 step train 180 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
 	--lr "$TRAIN_LR" --eval-every "$((TRAIN_STEPS / 4))" --eval-batches 8 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run"
-grep -E 'eval|skipped|loss|throughput|unigram' "$OUT/train.log" | grep -v '^\s*$' | tail -14
+tr '\r' '\n' <"$OUT/train.log" | grep -E 'eval|skipped|loss|throughput|unigram' | grep -v 'tok/s ' | tail -14
 rm -rf "$OUT/run"
 
 if [ -x "$BIN/torchref-dump" ]; then
