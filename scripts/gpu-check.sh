@@ -59,9 +59,14 @@ peakflag=()
 step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile "${peakflag[@]}" --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
 
+# The 130m model trains on the bundled corpus (bytes); halfway through, the
+# dashboard's /metrics must carry the worker's NVML telemetry.
+( sleep 30; "$PYTHON" -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/metrics").read().decode())' | grep -E '^bmojo_worker_(gpu|tokens)' >"$OUT/nvml.txt" ) &
 step train 180 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
 	--lr "$TRAIN_LR" --eval-every "$((TRAIN_STEPS / 4))" --eval-batches 8 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run"
 tr '\r' '\n' <"$OUT/train.log" | grep -E 'eval|skipped|loss|throughput|unigram' | grep -v 'tok/s ' | tail -14
+wait
+echo "NVML telemetry in /metrics during training:"; cat "$OUT/nvml.txt"
 rm -rf "$OUT/run"
 
 if [ -x "$BIN/torchref-dump" ]; then
