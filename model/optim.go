@@ -78,17 +78,41 @@ func (o *Optimizer[F]) Apply() StepResult {
 		be.Scale(m.Grads, o.Cfg.ClipNorm/norm)
 	}
 	o.Step++
-	for _, t := range m.Layout.Tensors {
+	// The update is elementwise and tensors lie back to back in Layout
+	// order, so each run of neighbours with the same decay is one call (on
+	// a GPU one launch instead of one per tensor).
+	for _, run := range decayRuns(m.Layout) {
 		wd := 0.0
-		if t.Decay {
+		if run.decay {
 			wd = o.Cfg.WeightDecay
 		}
-		n := t.Size()
-		be.AdamWStep(m.p[t.Name], m.g[t.Name], be.Slice(o.M, t.Offset, n), be.Slice(o.V, t.Offset, n), kernels.AdamW{
+		sl := func(b kernels.Buffer) kernels.Buffer { return be.Slice(b, run.off, run.n) }
+		be.AdamWStep(sl(m.Params), sl(m.Grads), sl(o.M), sl(o.V), kernels.AdamW{
 			LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, WeightDecay: wd, Step: o.Step,
 		})
 	}
 	return r
+}
+
+// paramRun is a range of the flat parameter buffer whose tensors share one
+// weight-decay setting.
+type paramRun struct {
+	off, n int
+	decay  bool
+}
+
+// decayRuns splits the layout into maximal runs of neighbouring tensors
+// with the same Decay.
+func decayRuns(l *Layout) []paramRun {
+	var runs []paramRun
+	for _, t := range l.Tensors {
+		if k := len(runs) - 1; k >= 0 && runs[k].decay == t.Decay && runs[k].off+runs[k].n == t.Offset {
+			runs[k].n += t.Size()
+			continue
+		}
+		runs = append(runs, paramRun{t.Offset, t.Size(), t.Decay})
+	}
+	return runs
 }
 
 // Moments downloads the AdamW moments as float64 in Layout order.
