@@ -114,7 +114,10 @@ func (b *Backend) run(op string, f func() error) {
 		return
 	}
 	var err error
-	b.d.do(func() { err = f() })
+	b.d.do(func() {
+		b.d.gen++
+		err = f()
+	})
 	if err != nil {
 		b.failf("%s: %v", op, err)
 	}
@@ -130,6 +133,7 @@ func (b *Backend) queue(op string, f func() error) {
 		return
 	}
 	b.d.post(func() {
+		b.d.gen++
 		if err := f(); err != nil {
 			b.failf("%s: %v", op, err)
 		}

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"testing"
@@ -99,5 +100,60 @@ func TestDroppedBuffersReused(t *testing.T) {
 	d.do(func() { held = d.mem.held })
 	if grew := held - held0; grew > 16<<20 {
 		t.Errorf("64 dropped 1 MiB buffers left the cache holding %d MiB more (want ≤ 16 MiB)", grew>>20)
+	}
+}
+
+// TestMatMulInputCopyReuse: consecutive products share the bf16 copy of
+// their input, and an op or a product writing over that input drops it.
+func TestMatMulInputCopyReuse(t *testing.T) {
+	be := openDevice(t, "bf16").Backend()
+	const Rw, K = 37, 24
+	rng := rand.New(rand.NewPCG(3, 4))
+	up := func(n int) kernels.Buffer {
+		h := make([]float32, n)
+		for i := range h {
+			h[i] = float32(rng.NormFloat64())
+		}
+		b := be.Alloc(n)
+		be.Upload(b, h)
+		return b
+	}
+	get := func(b kernels.Buffer) []float32 {
+		h := make([]float32, b.Len())
+		be.Download(h, b)
+		return h
+	}
+	same := func(what string, a, b kernels.Buffer) {
+		t.Helper()
+		ha, hb := get(a), get(b)
+		for i := range ha {
+			if ha[i] != hb[i] {
+				t.Fatalf("%s: element %d is %v, want %v", what, i, ha[i], hb[i])
+			}
+		}
+	}
+	buf := up(2 * Rw * K)
+	x := be.Slice(buf, 0, Rw*K)
+	w1, w2 := up(K*K), up(K*K)
+	o1, o2, ref := be.Alloc(Rw*K), be.Alloc(Rw*K), be.Alloc(Rw*K)
+	be.MatMul(o1, x, w1, Rw, K, K, false)
+	be.MatMul(o2, x, w2, Rw, K, K, false) // reuses x's copy
+	be.Scale(buf, 1)                      // any other op: the copy is dropped
+	be.MatMul(ref, x, w2, Rw, K, K, false)
+	same("reused copy", o2, ref)
+
+	be.Scale(x, 2) // x changes: the product doubles exactly
+	be.MatMul(o2, x, w1, Rw, K, K, false)
+	be.Scale(o1, 2)
+	same("after an op wrote x", o2, o1)
+
+	be.MatMul(o1, x, w1, Rw, K, K, false)                      // copy of x
+	be.MatMul(be.Slice(buf, K, Rw*K), o2, w2, Rw, K, K, false) // a product overwrites most of x
+	be.MatMul(o2, x, w1, Rw, K, K, false)
+	be.Scale(buf, 1)
+	be.MatMul(ref, x, w1, Rw, K, K, false)
+	same("after a product wrote over x", o2, ref)
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -49,6 +49,8 @@ type Device struct {
 	slots []uint64
 	half  [3]*allocation // bf16 copies of matrix-product inputs (ops_matmul.go)
 	halfN [3]int64       // their capacity, in bf16 values
+	gen   uint64         // counts the ops run that may write device memory
+	halfX halfKey        // what half[1] holds a copy of
 }
 
 // Open starts device ordinal on a new locked OS thread.

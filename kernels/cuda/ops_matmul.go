@@ -15,6 +15,13 @@ import "github.com/bmojo/bmojo/kernels"
 // inside every kernel tile and reached about 60 % of the bf16-input rate on
 // an H200 (bmojo bench kernels).
 
+// halfKey names the float32 range a bf16 copy was made from, and when.
+type halfKey struct {
+	src devptr
+	n   int64
+	gen uint64
+}
+
 // operand is one matrix-product input as cuBLAS reads it.
 type operand struct {
 	ptr  devptr
@@ -28,6 +35,14 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 		return operand{x.ptr, false}, nil
 	}
 	n := int64(x.n)
+	// The model multiplies one activation by several weights in a row (q,
+	// k, v; the halves of in_proj; the three parts of x_proj): slot 1
+	// keeps its copy while no op other than matrix products has run since
+	// (d.gen) and no product wrote over its source (queueMatMul).
+	key := halfKey{x.ptr, n, d.gen}
+	if slot == 1 && d.halfX == key {
+		return operand{d.half[1].ptr, true}, nil
+	}
 	if d.halfN[slot] < n {
 		// Grow by at least half, so slowly growing shapes do not reallocate
 		// every call. The old block returns to the cache once unreachable;
@@ -38,14 +53,40 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 			return operand{}, err
 		}
 		d.half[slot], d.halfN[slot] = a, size
+		d.halfX = halfKey{}
 	}
 	dst := d.half[slot].ptr
 	words := (n + 1) / 2
 	grid := dim{int(min((words+threads-1)/threads, int64(32*max(1, d.info.SMs)))), 1, 1}
 	if err := d.launch("bm_to_bf16", grid, block256, 0, uint64(dst), x, n); err != nil {
+		d.halfX = halfKey{}
 		return operand{}, err
 	}
+	if slot == 1 {
+		d.halfX = key
+	}
 	return operand{dst, true}, nil
+}
+
+// queueMatMul queues a matrix product. Unlike other ops it leaves d.gen
+// alone, so consecutive products can share slot 1's copy, but it drops that
+// copy when one of outs overlaps its source.
+func (b *Backend) queueMatMul(op string, f func() error, outs ...*floats) {
+	if b.failed() {
+		return
+	}
+	b.d.post(func() {
+		err := f()
+		k := b.d.halfX
+		for _, o := range outs {
+			if o != nil && o.ptr < k.src+devptr(4*k.n) && k.src < o.ptr+devptr(4*o.n) {
+				b.d.halfX = halfKey{}
+			}
+		}
+		if err != nil {
+			b.failf("%s: %v", op, err)
+		}
+	})
 }
 
 // gemm is the driver's product of two operands (both bf16 or both fp32).
@@ -73,7 +114,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	if accumulate {
 		beta = 1
 	}
-	b.queue("matmul", func() error {
+	b.queueMatMul("matmul", func() error {
 		wh, err := b.d.gemmInput(0, wb)
 		if err != nil {
 			return err
@@ -83,7 +124,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 			return err
 		}
 		return b.d.gemm(true, false, N, Rw, K, wh, K, xh, K, beta, o.ptr, N)
-	})
+	}, o)
 }
 
 // MatMulBackward implements kernels.Backend.
@@ -98,7 +139,7 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
 		return
 	}
-	b.queue("matmul_backward", func() error {
+	b.queueMatMul("matmul_backward", func() error {
 		doh, err := b.d.gemmInput(2, do)
 		if err != nil {
 			return err
@@ -120,5 +161,5 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 			return b.d.gemm(false, true, K, N, Rw, xh, K, doh, N, 1, dwb.ptr, K)
 		}
 		return nil
-	})
+	}, dxb, dwb)
 }
