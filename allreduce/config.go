@@ -24,10 +24,26 @@ type Config struct {
 	// Default 256 KiB (see README.md for the measurements).
 	ChunkBytes int
 	// Streams is the number of TCP connections (one gRPC stream each) to
-	// the successor carrying data; a separate stream carries aborts. Each
-	// incoming stream also applies its chunks on its own goroutine, so this
-	// is the receive-side parallelism too. Default 8.
+	// the successor carrying data over gRPC; a separate stream carries
+	// aborts. Each incoming stream also applies its chunks on its own
+	// goroutine, so this is the receive-side parallelism too. Default 8.
 	Streams int
+	// Transport picks the data path to the successor: "auto" (default)
+	// moves chunk payloads through shared memory when the successor runs
+	// on the same host and agrees (see shm.go), and over gRPC otherwise;
+	// "grpc" always uses gRPC streams (and refuses a predecessor's
+	// shared-memory offer). gRPC carries the handshake and aborts either
+	// way. TLS does not apply to a shared-memory hop: its data never leaves
+	// the host's memory.
+	Transport string
+	// ShmQueues is the number of shared-memory slot rings to a same-host
+	// successor; each has its own sender and receiver goroutine, so this
+	// is the same-host path's parallelism (as Streams is gRPC's). At most
+	// 31. Default 4.
+	ShmQueues int
+	// ShmSlots is the number of chunk-sized slots per ring, i.e. how many
+	// chunks a rank may run ahead of its successor on that ring. Default 8.
+	ShmSlots int
 	// HopTimeout bounds how long a rank waits for the next chunk from its
 	// predecessor before the collective fails naming it. Default 10 s.
 	HopTimeout time.Duration
@@ -47,7 +63,21 @@ type Config struct {
 	// Logger is the parent logger; the ring logs under Named("allreduce").
 	// Default: a null logger.
 	Logger hclog.Logger
+
+	// hostID replaces hostIdentity() when set: tests make ranks of one
+	// process look like ranks on different hosts.
+	hostID string
 }
+
+// Transport values.
+const (
+	// TransportAuto: shared memory to a same-host successor, gRPC otherwise.
+	TransportAuto = "auto"
+	// TransportGRPC: gRPC streams for every hop.
+	TransportGRPC = "grpc"
+	// TransportShm is what Ring.Transport reports for a shared-memory hop.
+	TransportShm = "shm"
+)
 
 // Default returns a Config with every tunable at its default; callers fill in
 // Rank, Peers and Epoch.
@@ -55,6 +85,9 @@ func Default() Config {
 	return Config{
 		ChunkBytes:       256 << 10,
 		Streams:          8,
+		Transport:        TransportAuto,
+		ShmQueues:        4,
+		ShmSlots:         8,
 		HopTimeout:       10 * time.Second,
 		WindowBytes:      32 << 20,
 		ReadBufferBytes:  -1,
@@ -69,6 +102,15 @@ func (c *Config) fillDefaults() {
 	}
 	if c.Streams == 0 {
 		c.Streams = d.Streams
+	}
+	if c.Transport == "" {
+		c.Transport = d.Transport
+	}
+	if c.ShmQueues == 0 {
+		c.ShmQueues = d.ShmQueues
+	}
+	if c.ShmSlots == 0 {
+		c.ShmSlots = d.ShmSlots
 	}
 	if c.HopTimeout == 0 {
 		c.HopTimeout = d.HopTimeout
@@ -101,6 +143,12 @@ func (c Config) Validate() error {
 		return fmt.Errorf("allreduce: ChunkBytes %d outside [4, 64 MiB]: %w", c.ChunkBytes, ErrConfig)
 	case c.Streams < 1 || c.Streams > 64:
 		return fmt.Errorf("allreduce: Streams %d outside [1, 64]: %w", c.Streams, ErrConfig)
+	case c.Transport != TransportAuto && c.Transport != TransportGRPC:
+		return fmt.Errorf("allreduce: Transport %q is not %q or %q: %w", c.Transport, TransportAuto, TransportGRPC, ErrConfig)
+	case c.ShmQueues < 1 || c.ShmQueues > shmMaxQueues:
+		return fmt.Errorf("allreduce: ShmQueues %d outside [1, %d]: %w", c.ShmQueues, shmMaxQueues, ErrConfig)
+	case c.ShmSlots < 2 || c.ShmSlots > 1024:
+		return fmt.Errorf("allreduce: ShmSlots %d outside [2, 1024]: %w", c.ShmSlots, ErrConfig)
 	case c.HopTimeout <= 0:
 		return fmt.Errorf("allreduce: HopTimeout %v must be positive: %w", c.HopTimeout, ErrConfig)
 	case c.WindowBytes < 64<<10:

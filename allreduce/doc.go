@@ -1,10 +1,15 @@
 // Package allreduce owns the gradient all-reduce between workers: a ring
 // reduce-scatter followed by a ring all-gather, chunked and pipelined, over
-// gRPC streams between ring neighbours (proto/allreduce.proto).
+// gRPC streams between ring neighbours (proto/allreduce.proto), or, between
+// neighbours on the same host, through shared memory with gRPC as the
+// control plane.
 //
 // Layout: schedule.go is the algorithm as a pure plan with no I/O (tested by
 // simulating every rank in memory); frame.go is the wire format and the
-// pass-through gRPC codec; ring.go is the thin transport that runs a plan.
+// pass-through gRPC codec; ring.go is the thin transport that runs a plan;
+// shm.go is the same-host data path (slot rings in a shared-memory file,
+// negotiated in the gRPC handshake), which runs the same plan and applies
+// chunks through the same checks and loops.
 // The package knows nothing about membership, etcd or the model: the caller
 // gives it the ordered peer list and the ring epoch, and re-forms the ring
 // (with a higher epoch) after a failure.
@@ -27,10 +32,15 @@
 // pipelining change only when chunks move, never the order of the additions
 // within an element. Tests check this bit for bit for 1–8 ranks.
 //
+// The transport does not enter into it: a chunk that arrives through shared
+// memory is applied by the same code, in the same order, as one that
+// arrives over gRPC, so a ring whose hops mix the two ends bitwise identical
+// too.
+//
 // # Failures
 //
-// Every frame carries the ring epoch; a frame or stream of another epoch is
-// refused (ErrEpoch). Each hop has a deadline (Config.HopTimeout): a rank
+// Every frame (and every shared-memory slot) carries the ring epoch; a frame
+// or stream of another epoch is refused (ErrEpoch). Each hop has a deadline (Config.HopTimeout): a rank
 // that waits longer for the next chunk fails the collective with a
 // *PeerError naming its predecessor, the step and the chunk. A rank that
 // notices a failure first-hand (a broken stream, a bad frame, a deadline)

@@ -110,11 +110,15 @@ type outFrame struct {
 // rawFrame puts arbitrary bytes on the wire; tests use it to send garbage.
 type rawFrame []byte
 
-// inFrame is a decoded frame whose payload still lives in gRPC's buffers.
+// inFrame is a decoded frame whose payload still lives in gRPC's buffers,
+// or in a shared-memory slot.
 type inFrame struct {
 	hdr     *pb.FrameHeader
 	payload [][]byte
 	bufs    mem.BufferSlice
+	// slot is the payload when it is one contiguous shared-memory slot
+	// that this rank may overwrite until it frees the slot.
+	slot []byte
 }
 
 // release returns the frame's buffers to gRPC's pool.

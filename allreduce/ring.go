@@ -46,10 +46,18 @@ type Ring struct {
 	dtype            pb.DType
 	chunkElems       int
 	graceAfterExpiry time.Duration
+	host             string // hostIdentity(), "" when unknown (no shared memory)
 
-	srv  *grpc.Server
-	lis  net.Listener
-	outs []*outStream // Streams data streams, then the control stream
+	srv   *grpc.Server
+	lis   net.Listener
+	conns []*grpc.ClientConn // to the successor
+	outs  []*outStream       // every stream to the successor, for shutdown
+	data  []*outStream       // gRPC data streams (none on a shared-memory hop)
+	ctl   *outStream         // control stream: aborts; a shared-memory hop's only stream
+	// shmOut is the successor hop's shared memory (nil: gRPC); set by
+	// Connect. shmIn is the predecessor hop's, set (under mu) when its
+	// offer is accepted. Both are unmapped by Close.
+	shmOut, shmIn *shmRegion
 
 	mu       sync.Mutex
 	cur      *opState
@@ -58,6 +66,8 @@ type Ring struct {
 	inCount  int
 	inWant   int
 	inReady  chan struct{}
+	inDone   bool          // inReady is closed
+	opCh     chan struct{} // closed and replaced whenever a collective starts
 	failed   error
 	failedCh chan struct{}
 	refused  error // last stream refused without breaking the ring
@@ -105,8 +115,10 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 		log:        cfg.Logger.Named("allreduce").With("rank", cfg.Rank, "epoch", cfg.Epoch),
 		dtype:      pb.DType_DTYPE_F32,
 		chunkElems: cfg.ChunkBytes / 4,
+		host:       cfg.hostID,
 		stash:      map[uint64][]*inFrame{},
 		inReady:    make(chan struct{}),
+		opCh:       make(chan struct{}),
 		failedCh:   make(chan struct{}),
 		queueSig:   make(chan struct{}, 1),
 		stopCh:     make(chan struct{}),
@@ -117,6 +129,9 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 	r.graceAfterExpiry = min(cfg.HopTimeout/2, 2*time.Second)
 	if cfg.WireBF16 {
 		r.dtype = pb.DType_DTYPE_BF16
+	}
+	if r.host == "" {
+		r.host = hostIdentity()
 	}
 	if n > 1 {
 		if lis == nil {
@@ -149,6 +164,7 @@ func New(cfg Config, lis net.Listener) (*Ring, error) {
 		}()
 	} else {
 		close(r.inReady)
+		r.inDone = true
 	}
 	r.wg.Add(1)
 	go r.executor()
@@ -171,107 +187,185 @@ func (r *Ring) Stats() *Stats { return &r.stats }
 
 // Connect opens the streams to the successor (waiting for it to come up)
 // and waits until the predecessor's streams have arrived. ctx bounds both.
+//
+// With Transport "auto" the first stream's HELLO offers a shared-memory
+// file (shm.go); if the successor accepts, that stream is the only one and
+// chunk payloads go through the file. Otherwise Streams data streams and a
+// control stream are opened as usual.
 func (r *Ring) Connect(ctx context.Context) error {
 	if r.n == 1 {
 		return nil
 	}
 	addr := r.cfg.Peers[r.succ]
+	var offer *shmRegion
+	if r.cfg.Transport == TransportAuto && r.host != "" {
+		reg, err := createShmRegion(newShmGeometry(r.cfg), r.cfg.Epoch, r.rank, r.n)
+		if err != nil {
+			r.log.Info("same-host path unavailable, using grpc", "error", err)
+		} else {
+			offer = reg
+		}
+	}
+	k := r.cfg.Streams
+	hello := func(i int) *pb.FrameHeader {
+		return &pb.FrameHeader{
+			Kind: pb.Kind_KIND_HELLO, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
+			WorldSize: uint32(r.n), Stream: uint32(i), Streams: uint32(k + 1),
+		}
+	}
+	h0 := hello(0)
+	h0.Host = r.host
+	if offer != nil {
+		h0.ShmPath, h0.ShmNonce = offer.path, offer.nonce
+	}
+	conn0, err := r.dial(addr)
+	var s0 *outStream
+	var md metadata.MD
+	if err == nil {
+		s0, md, err = r.openStream(ctx, conn0, 0, h0)
+	}
+	if offer != nil {
+		// Whatever the answer, the name goes now: the successor has
+		// mapped the file if it accepted, and nobody else needs it.
+		offer.unlink()
+		if ans := md.Get(shmMetaKey); err == nil && len(ans) == 1 && ans[0] == "ok" {
+			r.mu.Lock()
+			r.ctl, r.shmOut = s0, offer
+			r.mu.Unlock()
+			r.log.Debug("successor hop over shared memory", "queues", offer.geo.queues, "slots", offer.geo.slots)
+			return r.awaitInbound(ctx)
+		} else if err == nil {
+			r.log.Debug("successor declined the same-host path, using grpc", "answer", ans)
+		}
+		offer.unmap()
+	}
+	if err != nil {
+		return err
+	}
+	data := []*outStream{s0}
+	for i := 1; i <= k; i++ {
+		conn := conn0 // the control stream shares the first connection
+		if i < k {
+			if conn, err = r.dial(addr); err != nil {
+				return err
+			}
+		}
+		st, _, err := r.openStream(ctx, conn, i, hello(i))
+		if err != nil {
+			return err
+		}
+		if i < k {
+			data = append(data, st)
+		} else {
+			r.mu.Lock()
+			r.data, r.ctl = data, st
+			r.mu.Unlock()
+		}
+	}
+	return r.awaitInbound(ctx)
+}
+
+// dial makes one connection to the successor.
+func (r *Ring) dial(addr string) (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if r.cfg.ClientTLS != nil {
 		creds = credentials.NewTLS(r.cfg.ClientTLS)
 	}
-	k := r.cfg.Streams
-	for i := 0; i <= k; i++ {
-		var conn *grpc.ClientConn
-		if i < k {
-			c, err := grpc.NewClient(addr,
-				grpc.WithTransportCredentials(creds),
-				grpc.WithStaticStreamWindowSize(r.cfg.WindowBytes),
-				grpc.WithStaticConnWindowSize(r.cfg.WindowBytes),
-				grpc.WithReadBufferSize(r.cfg.readBuffer()),
-				grpc.WithWriteBufferSize(r.cfg.writeBuffer()),
-				grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
-				// Ranks of a new epoch come up within milliseconds of each
-				// other; gRPC's default first reconnect after 1 s would add
-				// a second to every ring re-formation.
-				grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
-					BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second,
-				}, MinConnectTimeout: 5 * time.Second}),
-				experimental.WithBufferPool(framePool),
-				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
-			)
-			if err != nil {
-				return fmt.Errorf("allreduce: rank %d dial successor rank %d at %s: %w", r.rank, r.succ, addr, err)
-			}
-			conn = c
-		} else {
-			conn = r.outs[0].conn // the control stream shares the first connection
-		}
-		sctx, cancel := context.WithCancel(context.Background())
-		// Open the stream under ctx's deadline, but keep it alive past it.
-		type res struct {
-			s   grpc.ClientStream
-			err error
-		}
-		ch := make(chan res, 1)
-		go func() {
-			s, err := conn.NewStream(sctx, &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
-				grpc.ForceCodecV2(frameCodec{}), grpc.WaitForReady(true))
-			ch <- res{s, err}
-		}()
-		var rs res
-		select {
-		case rs = <-ch:
-		case <-ctx.Done():
-			cancel()
-			rs = <-ch
-			if rs.err == nil {
-				rs.err = ctx.Err()
-			}
-		}
-		os := &outStream{conn: conn, stream: rs.s, cancel: cancel}
-		if rs.err != nil {
-			cancel()
-			if i < k {
-				_ = conn.Close()
-			}
-			return fmt.Errorf("allreduce: rank %d open stream %d to successor rank %d at %s: %w", r.rank, i, r.succ, addr, rs.err)
-		}
-		r.outs = append(r.outs, os)
-		hello := &pb.FrameHeader{
-			Kind: pb.Kind_KIND_HELLO, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
-			WorldSize: uint32(r.n), Stream: uint32(i), Streams: uint32(k + 1),
-		}
-		if err := rs.s.SendMsg(&outFrame{hdr: hello}); err != nil {
-			return fmt.Errorf("allreduce: rank %d hello to successor rank %d on stream %d: %w", r.rank, r.succ, i, fromStatus(rs.s.RecvMsg(&pb.PushSummary{})))
-		}
-		// The successor sends headers once it accepts the hello. Until
-		// then gRPC keeps every message for a transparent retry, which
-		// would pin our zero-copy payloads; after it, the stream is
-		// committed and payloads are released as soon as they are written.
-		if md, _ := rs.s.Header(); md == nil {
-			err := rs.s.RecvMsg(&pb.PushSummary{})
-			return &PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
-				Err: fmt.Errorf("successor at %s refused stream %d: %w", addr, i, fromStatus(err))}
-		}
-		// The successor answers only by ending the stream: with an error
-		// when it refuses us (wrong epoch, rank or world size), or when
-		// its process dies. Either breaks the ring.
-		r.wg.Add(1)
-		r.outWG.Add(1)
-		go func(i int, s grpc.ClientStream) {
-			defer r.wg.Done()
-			defer r.outWG.Done()
-			err := s.RecvMsg(&pb.PushSummary{})
-			if err == nil || r.isStopping() {
-				// nil: the successor saw our half-close and confirmed it
-				// has every frame (graceful Close).
-				return
-			}
-			r.fail(&PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
-				Err: fmt.Errorf("successor ended stream %d: %w", i, fromStatus(err))})
-		}(i, rs.s)
+	c, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(creds),
+		grpc.WithStaticStreamWindowSize(r.cfg.WindowBytes),
+		grpc.WithStaticConnWindowSize(r.cfg.WindowBytes),
+		grpc.WithReadBufferSize(r.cfg.readBuffer()),
+		grpc.WithWriteBufferSize(r.cfg.writeBuffer()),
+		grpc.WithDisableRetry(), // retries would buffer payloads we hand over zero-copy
+		// Ranks of a new epoch come up within milliseconds of each
+		// other; gRPC's default first reconnect after 1 s would add
+		// a second to every ring re-formation.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+			BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second,
+		}, MinConnectTimeout: 5 * time.Second}),
+		experimental.WithBufferPool(framePool),
+		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(r.cfg.ChunkBytes+4096)),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("allreduce: rank %d dial successor rank %d at %s: %w", r.rank, r.succ, addr, err)
 	}
+	r.mu.Lock()
+	r.conns = append(r.conns, c)
+	r.mu.Unlock()
+	return c, nil
+}
+
+// openStream opens stream i to the successor on conn, sends hello and waits
+// for the successor to accept it; it returns the successor's response
+// headers.
+func (r *Ring) openStream(ctx context.Context, conn *grpc.ClientConn, i int, hello *pb.FrameHeader) (*outStream, metadata.MD, error) {
+	addr := r.cfg.Peers[r.succ]
+	sctx, cancel := context.WithCancel(context.Background())
+	// Open the stream under ctx's deadline, but keep it alive past it.
+	type res struct {
+		s   grpc.ClientStream
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		s, err := conn.NewStream(sctx, &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
+			grpc.ForceCodecV2(frameCodec{}), grpc.WaitForReady(true))
+		ch <- res{s, err}
+	}()
+	var rs res
+	select {
+	case rs = <-ch:
+	case <-ctx.Done():
+		cancel()
+		rs = <-ch
+		if rs.err == nil {
+			rs.err = ctx.Err()
+		}
+	}
+	if rs.err != nil {
+		cancel()
+		return nil, nil, fmt.Errorf("allreduce: rank %d open stream %d to successor rank %d at %s: %w", r.rank, i, r.succ, addr, rs.err)
+	}
+	os := &outStream{conn: conn, stream: rs.s, cancel: cancel}
+	r.mu.Lock()
+	r.outs = append(r.outs, os)
+	r.mu.Unlock()
+	if err := rs.s.SendMsg(&outFrame{hdr: hello}); err != nil {
+		return nil, nil, fmt.Errorf("allreduce: rank %d hello to successor rank %d on stream %d: %w", r.rank, r.succ, i, fromStatus(rs.s.RecvMsg(&pb.PushSummary{})))
+	}
+	// The successor sends headers once it accepts the hello. Until
+	// then gRPC keeps every message for a transparent retry, which
+	// would pin our zero-copy payloads; after it, the stream is
+	// committed and payloads are released as soon as they are written.
+	md, _ := rs.s.Header()
+	if md == nil {
+		err := rs.s.RecvMsg(&pb.PushSummary{})
+		return nil, nil, &PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
+			Err: fmt.Errorf("successor at %s refused stream %d: %w", addr, i, fromStatus(err))}
+	}
+	// The successor answers only by ending the stream: with an error
+	// when it refuses us (wrong epoch, rank or world size), or when
+	// its process dies. Either breaks the ring.
+	r.wg.Add(1)
+	r.outWG.Add(1)
+	go func(i int, s grpc.ClientStream) {
+		defer r.wg.Done()
+		defer r.outWG.Done()
+		err := s.RecvMsg(&pb.PushSummary{})
+		if err == nil || r.isStopping() {
+			// nil: the successor saw our half-close and confirmed it
+			// has every frame (graceful Close).
+			return
+		}
+		r.fail(&PeerError{Rank: r.succ, Via: r.rank, Step: -1, Chunk: -1,
+			Err: fmt.Errorf("successor ended stream %d: %w", i, fromStatus(err))})
+	}(i, rs.s)
+	return os, md, nil
+}
+
+// awaitInbound waits until the predecessor's streams have all arrived.
+func (r *Ring) awaitInbound(ctx context.Context) error {
 	select {
 	case <-r.inReady:
 		return nil
@@ -286,6 +380,26 @@ func (r *Ring) Connect(ctx context.Context) error {
 		}
 		return fmt.Errorf("allreduce: rank %d waiting for streams from predecessor rank %d: %w", r.rank, r.pred, ctx.Err())
 	}
+}
+
+// Transport reports how this rank's two hops carry data: TransportShm or
+// TransportGRPC, or "" before Connect has settled it (and on a 1-rank ring).
+func (r *Ring) Transport() (toSuccessor, fromPredecessor string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case r.shmOut != nil:
+		toSuccessor = TransportShm
+	case r.ctl != nil:
+		toSuccessor = TransportGRPC
+	}
+	switch {
+	case r.shmIn != nil:
+		fromPredecessor = TransportShm
+	case r.inDone && r.n > 1:
+		fromPredecessor = TransportGRPC
+	}
+	return toSuccessor, fromPredecessor
 }
 
 // Handle is a collective in flight.
@@ -360,14 +474,15 @@ func (r *Ring) Close() error {
 		return nil
 	}
 	r.closed = true
-	idle := r.failed == nil && !r.active && len(r.queue) == 0 && len(r.outs) == r.cfg.Streams+1
+	idle := r.failed == nil && !r.active && len(r.queue) == 0 && r.ctl != nil
+	outs, conns := r.outs, r.conns
 	r.mu.Unlock()
 	bound := min(r.cfg.HopTimeout, 5*time.Second)
 	if idle {
 		// Graceful: half-close our streams and wait (bounded) until the
 		// successor confirms it has read everything, so our last frames
 		// are not lost in a connection torn down under them.
-		for _, o := range r.outs {
+		for _, o := range outs {
 			_ = o.stream.CloseSend()
 		}
 		done := make(chan struct{})
@@ -392,7 +507,7 @@ func (r *Ring) Close() error {
 	}
 	r.fail(fmt.Errorf("allreduce: rank %d: %w", r.rank, ErrClosed))
 	close(r.stopCh)
-	for _, o := range r.outs {
+	for _, o := range outs {
 		o.cancel()
 	}
 	if r.srv != nil {
@@ -401,10 +516,8 @@ func (r *Ring) Close() error {
 	if drained != nil {
 		<-drained
 	}
-	for i, o := range r.outs {
-		if i < r.cfg.Streams {
-			_ = o.conn.Close()
-		}
+	for _, c := range conns {
+		_ = c.Close()
 	}
 	r.wg.Wait()
 	r.mu.Lock()
@@ -414,6 +527,12 @@ func (r *Ring) Close() error {
 		}
 	}
 	r.stash = nil
+	// Every goroutine that touched the shared memory has returned.
+	for _, reg := range []*shmRegion{r.shmOut, r.shmIn} {
+		if reg != nil {
+			reg.unmap()
+		}
+	}
 	r.mu.Unlock()
 	r.log.Debug("ring closed")
 	return nil
@@ -445,6 +564,7 @@ func (r *Ring) fail(err error) {
 	r.failed = err
 	close(r.failedCh)
 	closing := r.closed
+	ctl, data := r.ctl, r.data
 	r.mu.Unlock()
 	if closing {
 		return
@@ -455,8 +575,7 @@ func (r *Ring) fail(err error) {
 	if errors.As(err, &pe) {
 		blame = int32(pe.Rank)
 	}
-	if len(r.outs) > r.cfg.Streams {
-		ctl := r.outs[r.cfg.Streams]
+	if ctl != nil {
 		hdr := &pb.FrameHeader{Kind: pb.Kind_KIND_ABORT, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
 			WorldSize: uint32(r.n), BlameRank: blame, Reason: err.Error()}
 		// Best effort, bounded: a dead successor cannot take it.
@@ -470,11 +589,10 @@ func (r *Ring) fail(err error) {
 		case <-time.After(time.Second):
 		}
 	}
-	// Unblock senders stuck on flow control towards a stalled successor.
-	for i, o := range r.outs {
-		if i < r.cfg.Streams {
-			o.cancel()
-		}
+	// Unblock senders stuck on flow control towards a stalled successor
+	// (shared-memory senders watch failedCh).
+	for _, o := range data {
+		o.cancel()
 	}
 }
 
@@ -563,6 +681,8 @@ func (r *Ring) run(h *Handle) error {
 		return r.failed
 	}
 	r.cur, r.lastOp = op, op.id
+	close(r.opCh) // wakes the shared-memory consumers
+	r.opCh = make(chan struct{})
 	stashed := r.stash[op.id]
 	delete(r.stash, op.id)
 	r.mu.Unlock()
@@ -573,11 +693,15 @@ func (r *Ring) run(h *Handle) error {
 	}
 
 	var senders sync.WaitGroup
-	for k := 0; k < r.cfg.Streams; k++ {
+	send, lanes := r.sendLoop, len(r.data)
+	if r.shmOut != nil {
+		send, lanes = r.shmSendLoop, len(r.shmOut.queues)
+	}
+	for k := 0; k < lanes; k++ {
 		senders.Add(1)
 		go func(k int) {
 			defer senders.Done()
-			if err := r.sendLoop(op, k); err != nil {
+			if err := send(op, k); err != nil {
 				r.fail(err)
 			}
 		}(k)
@@ -637,9 +761,9 @@ func (r *Ring) awaitRecv(op *opState) error {
 // sendLoop sends the chunks j ≡ k (mod Streams) of every step on data stream k.
 func (r *Ring) sendLoop(op *opState, k int) error {
 	p := op.plan
-	st := r.outs[k].stream
+	st := r.data[k].stream
 	for s := 0; s < p.Steps(); s++ {
-		for j := k; j < p.Chunks; j += r.cfg.Streams {
+		for j := k; j < p.Chunks; j += len(r.data) {
 			if s > 0 {
 				select {
 				case <-op.done[p.Index(s-1, j)]:
@@ -728,15 +852,9 @@ const maxStashed = 1 << 16
 // deliver routes a frame from the predecessor to the collective it belongs to.
 func (r *Ring) deliver(f *inFrame, stream int) error {
 	h := f.hdr
-	if h.GetEpoch() != r.cfg.Epoch {
+	if err := r.checkSender(h, fmt.Sprintf("stream %d", stream)); err != nil {
 		f.release()
-		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
-			Err: fmt.Errorf("frame of epoch %d on stream %d, ring is at epoch %d: %w", h.GetEpoch(), stream, r.cfg.Epoch, ErrEpoch)}
-	}
-	if int(h.GetSrcRank()) != r.pred {
-		f.release()
-		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
-			Err: fmt.Errorf("frame claims source rank %d on stream %d: %w", h.GetSrcRank(), stream, ErrProtocol)}
+		return err
 	}
 	switch h.GetKind() {
 	case pb.Kind_KIND_ABORT:
@@ -757,6 +875,11 @@ func (r *Ring) deliver(f *inFrame, stream int) error {
 	r.mu.Lock()
 	op := r.cur
 	switch {
+	case r.shmIn != nil:
+		r.mu.Unlock()
+		f.release()
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: int(h.GetStep()), Chunk: int(h.GetChunk()),
+			Err: fmt.Errorf("data frame on stream %d of a shared-memory hop: %w", stream, ErrProtocol)}
 	case op != nil && h.GetOp() == op.id:
 		r.mu.Unlock()
 		return r.apply(op, f)
@@ -772,6 +895,20 @@ func (r *Ring) deliver(f *inFrame, stream int) error {
 		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: int(h.GetStep()), Chunk: int(h.GetChunk()),
 			Err: fmt.Errorf("frame for op %d while at op %d: %w", h.GetOp(), last, ErrProtocol)}
 	}
+}
+
+// checkSender checks what every frame from the predecessor must carry: this
+// ring's epoch and the predecessor's rank. where names the stream or queue.
+func (r *Ring) checkSender(h *pb.FrameHeader, where string) error {
+	if h.GetEpoch() != r.cfg.Epoch {
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
+			Err: fmt.Errorf("frame of epoch %d on %s, ring is at epoch %d: %w", h.GetEpoch(), where, r.cfg.Epoch, ErrEpoch)}
+	}
+	if int(h.GetSrcRank()) != r.pred {
+		return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: -1, Chunk: -1,
+			Err: fmt.Errorf("frame claims source rank %d on %s: %w", h.GetSrcRank(), where, ErrProtocol)}
+	}
+	return nil
 }
 
 // apply checks a data frame against the collective's plan and reduces or
@@ -805,7 +942,13 @@ func (r *Ring) apply(op *opState, f *inFrame) error {
 		return bad("duplicate chunk")
 	}
 	dst := op.buf[lo:hi]
-	if r.dtype == pb.DType_DTYPE_BF16 {
+	if r.dtype == pb.DType_DTYPE_BF16 && f.slot != nil && r.shmOut != nil {
+		// Slot in, slot out: the fused pass works in the slot itself, and
+		// the shared-memory sender encodes the next step's payload from
+		// dst, which gives the same bits (bf16 values widen and round
+		// back exactly) without a staging copy.
+		applyBF16Fused(dst, nil, f.slot, p.IsReduce(s), p.Finishes(s), op.kind, r.n)
+	} else if r.dtype == pb.DType_DTYPE_BF16 {
 		// One pass over dst that also writes the payload of the next
 		// step's send of this chunk, instead of a separate conversion
 		// pass over memory later.
@@ -868,13 +1011,28 @@ func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSum
 		return toStatus(err)
 	}
 	streamIdx := int(h.GetStream())
-	if err := stream.SendHeader(metadata.MD{}); err != nil {
+	md := metadata.MD{}
+	useShm := false
+	if h.GetShmPath() != "" {
+		if why := r.acceptShm(h); why != "" {
+			r.log.Debug("declined the predecessor's same-host path", "reason", why)
+			md.Set(shmMetaKey, "declined: "+metaSafe(why))
+		} else {
+			md.Set(shmMetaKey, "ok")
+			useShm = true
+		}
+	}
+	if err := stream.SendHeader(md); err != nil {
 		return toStatus(fmt.Errorf("allreduce: rank %d: accept stream %d from rank %d: %w", r.rank, streamIdx, r.pred, err))
 	}
 	r.mu.Lock()
 	r.inCount++
 	r.inWant = int(h.GetStreams())
-	if r.inCount == r.inWant {
+	if useShm {
+		r.inWant = 1 // this stream is the hop's only one
+	}
+	if r.inCount >= r.inWant && !r.inDone {
+		r.inDone = true
 		close(r.inReady)
 	}
 	r.mu.Unlock()
@@ -912,6 +1070,44 @@ func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSum
 			return toStatus(err)
 		}
 	}
+}
+
+// acceptShm maps the shared-memory file a predecessor's hello offers and
+// starts its consumers; it returns why not when it does not.
+func (r *Ring) acceptShm(h *pb.FrameHeader) string {
+	switch {
+	case r.cfg.Transport != TransportAuto:
+		return "transport " + r.cfg.Transport + " configured"
+	case h.GetHost() == "" || h.GetHost() != r.host:
+		return "another host"
+	}
+	reg, err := openShmRegion(h.GetShmPath(), h.GetShmNonce(), r.cfg.Epoch, r.pred, r.n)
+	if err != nil {
+		return err.Error()
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed || r.shmIn != nil || r.inDone {
+		reg.unmap()
+		return "ring closed or already connected"
+	}
+	r.shmIn = reg
+	// Added under mu while not closed, so before Close waits on wg.
+	r.wg.Add(len(reg.queues))
+	for q := range reg.queues {
+		go r.shmConsume(reg, q)
+	}
+	return ""
+}
+
+// metaSafe keeps a header value to printable ASCII.
+func metaSafe(s string) string {
+	return strings.Map(func(c rune) rune {
+		if c < ' ' || c > '~' {
+			return '?'
+		}
+		return c
+	}, s)
 }
 
 // finish completes the owned segment. This rank owns it: its value is final

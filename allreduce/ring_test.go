@@ -55,6 +55,58 @@ func checkNoLeaks(t *testing.T) {
 	})
 }
 
+// transports are the data paths every ring test runs over: gRPC streams,
+// and the same-host shared-memory path that "auto" picks on one machine.
+var transports = []string{TransportGRPC, TransportAuto}
+
+// forTransports runs body once per transport, as a named subtest.
+func forTransports(t *testing.T, body func(t *testing.T, transport string)) {
+	for _, tr := range transports {
+		name := tr
+		if tr == TransportAuto {
+			name = "shm"
+		}
+		t.Run(name, func(t *testing.T) { body(t, tr) })
+	}
+}
+
+// wantTransport is the data path of the hop from a rank configured with
+// from to one configured with to.
+func wantTransport(from, to Config) string {
+	if from.Transport == TransportGRPC || to.Transport == TransportGRPC || from.hostID != to.hostID ||
+		(from.hostID == "" && hostIdentity() == "") {
+		return TransportGRPC
+	}
+	return TransportShm
+}
+
+// requireShm skips a test of the same-host path where it does not exist.
+func requireShm(t testing.TB) {
+	t.Helper()
+	if hostIdentity() == "" {
+		t.Skip("no same-host path on this platform (it needs Linux's boot id)")
+	}
+}
+
+// checkTransports fails the test unless every hop uses the data path its
+// two ends' configs call for, so a test meant for shared memory cannot
+// silently run over gRPC.
+func checkTransports(t *testing.T, rings []*Ring, cfgs []Config) {
+	t.Helper()
+	n := len(rings)
+	if n == 1 {
+		return
+	}
+	for i, r := range rings {
+		out, in := r.Transport()
+		wantOut := wantTransport(cfgs[i], cfgs[(i+1)%n])
+		wantIn := wantTransport(cfgs[(i+n-1)%n], cfgs[i])
+		if out != wantOut || in != wantIn {
+			t.Fatalf("rank %d: transport to successor %q, from predecessor %q; want %q, %q", i, out, in, wantOut, wantIn)
+		}
+	}
+}
+
 // listeners opens n loopback listeners and returns them with their addresses.
 func listeners(t *testing.T, n int) ([]net.Listener, []string) {
 	t.Helper()
@@ -84,6 +136,7 @@ func newRings(t *testing.T, n int, mod func(rank int, c *Config)) []*Ring {
 	t.Helper()
 	lis, addrs := listeners(t, n)
 	rings := make([]*Ring, n)
+	cfgs := make([]Config, n)
 	for i := range rings {
 		c := testConfig()
 		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
@@ -94,7 +147,7 @@ func newRings(t *testing.T, n int, mod func(rank int, c *Config)) []*Ring {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rings[i] = r
+		rings[i], cfgs[i] = r, c
 	}
 	t.Cleanup(func() {
 		// Together, as real ranks do: a graceful Close waits for the
@@ -109,6 +162,7 @@ func newRings(t *testing.T, n int, mod func(rank int, c *Config)) []*Ring {
 			t.Fatalf("rank %d connect: %v", i, err)
 		}
 	}
+	checkTransports(t, rings, cfgs)
 	return rings
 }
 
@@ -148,19 +202,53 @@ func allReduceAll(t *testing.T, rings []*Ring, inputs [][]float32, kind Op) [][]
 // bitwise identical on every rank.
 func TestRingOddLengths(t *testing.T) {
 	checkNoLeaks(t)
-	for n := 1; n <= 8; n++ {
-		for _, bf16 := range []bool{false, true} {
-			if n == 1 && bf16 {
-				continue
-			}
-			t.Run(fmt.Sprintf("ranks=%d/bf16=%v", n, bf16), func(t *testing.T) {
-				rings := newRings(t, n, func(_ int, c *Config) { c.WireBF16 = bf16 })
-				for _, l := range oddLengths(n, 1024) {
-					for _, kind := range []Op{Sum, Avg} {
-						in := seededInputs(uint64(l), n, l)
-						got := allReduceAll(t, rings, in, kind)
-						checkResults(t, in, got, kind, bf16)
+	forTransports(t, func(t *testing.T, transport string) {
+		for n := 1; n <= 8; n++ {
+			for _, bf16 := range []bool{false, true} {
+				if n == 1 && bf16 {
+					continue
+				}
+				t.Run(fmt.Sprintf("ranks=%d/bf16=%v", n, bf16), func(t *testing.T) {
+					rings := newRings(t, n, func(_ int, c *Config) { c.WireBF16, c.Transport = bf16, transport })
+					for _, l := range oddLengths(n, 1024) {
+						for _, kind := range []Op{Sum, Avg} {
+							in := seededInputs(uint64(l), n, l)
+							got := allReduceAll(t, rings, in, kind)
+							checkResults(t, in, got, kind, bf16)
+						}
 					}
+				})
+			}
+		}
+	})
+}
+
+// TestRingMixedTransports: hops of one ring may differ (a rank that forces
+// gRPC, ranks on other hosts); the results are the same bits either way.
+func TestRingMixedTransports(t *testing.T) {
+	checkNoLeaks(t)
+	cases := []struct {
+		name string
+		mod  func(rank int, c *Config)
+	}{
+		{"one rank forces grpc", func(rank int, c *Config) {
+			if rank == 1 {
+				c.Transport = TransportGRPC
+			}
+		}},
+		{"two hosts", func(rank int, c *Config) { c.hostID = fmt.Sprintf("host-%d", rank/2) }},
+		{"every rank on its own host", func(rank int, c *Config) { c.hostID = fmt.Sprintf("host-%d", rank) }},
+		{"one queue, two slots", func(_ int, c *Config) { c.ShmQueues, c.ShmSlots = 1, 2 }},
+		{"more queues than chunks", func(_ int, c *Config) { c.ShmQueues = 7 }},
+	}
+	for _, c := range cases {
+		for _, bf16 := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/bf16=%v", c.name, bf16), func(t *testing.T) {
+				const n = 4
+				rings := newRings(t, n, func(rank int, cfg *Config) { cfg.WireBF16 = bf16; c.mod(rank, cfg) })
+				for _, l := range []int{0, 1, 1009, 4*1024 + 1, 50_003} {
+					in := seededInputs(uint64(l), n, l)
+					checkResults(t, in, allReduceAll(t, rings, in, Avg), Avg, bf16)
 				}
 			})
 		}
@@ -171,8 +259,12 @@ func TestRingOddLengths(t *testing.T) {
 // would, and waits on them in reverse order.
 func TestRingBucketsOverlap(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testRingBucketsOverlap)
+}
+
+func testRingBucketsOverlap(t *testing.T, transport string) {
 	const n = 3
-	rings := newRings(t, n, nil)
+	rings := newRings(t, n, func(_ int, c *Config) { c.Transport = transport })
 	sizes := []int{50_000, 1, 0, 12_345, 7}
 	inputs := make([][][]float32, len(sizes))
 	bufs := make([][][]float32, len(sizes))
@@ -215,7 +307,11 @@ func TestRingBucketsOverlap(t *testing.T) {
 // error naming the peer, not a hang.
 func TestRingLengthMismatch(t *testing.T) {
 	checkNoLeaks(t)
-	rings := newRings(t, 3, nil)
+	forTransports(t, testRingLengthMismatch)
+}
+
+func testRingLengthMismatch(t *testing.T, transport string) {
+	rings := newRings(t, 3, func(_ int, c *Config) { c.Transport = transport })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -248,11 +344,15 @@ func boolInt(b bool) int {
 // error says why.
 func TestRingEpochMismatch(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testRingEpochMismatch)
+}
+
+func testRingEpochMismatch(t *testing.T, transport string) {
 	lis, addrs := listeners(t, 2)
 	var rings []*Ring
 	for i := 0; i < 2; i++ {
 		c := testConfig()
-		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, uint64(5+i), testLogger(t)
+		c.Rank, c.Peers, c.Epoch, c.Logger, c.Transport = i, addrs, uint64(5+i), testLogger(t), transport
 		r, err := New(c, lis[i])
 		if err != nil {
 			t.Fatal(err)
@@ -286,6 +386,9 @@ func TestConfigValidate(t *testing.T) {
 		{"streams", func(c *Config) { c.Streams = 0 }, "Streams"},
 		{"timeout", func(c *Config) { c.HopTimeout = -1 }, "HopTimeout"},
 		{"window", func(c *Config) { c.WindowBytes = 10 }, "WindowBytes"},
+		{"transport", func(c *Config) { c.Transport = "tcp" }, "Transport"},
+		{"queues", func(c *Config) { c.ShmQueues = 32 }, "ShmQueues"},
+		{"slots", func(c *Config) { c.ShmSlots = 1 }, "ShmSlots"},
 	} {
 		c2 := ok
 		c.mod(&c2)
@@ -302,12 +405,16 @@ func TestConfigValidate(t *testing.T) {
 // last collective).
 func TestCloseRightAfterCollective(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testCloseRightAfterCollective)
+}
+
+func testCloseRightAfterCollective(t *testing.T, transport string) {
 	for rep := 0; rep < 5; rep++ {
 		lis, addrs := listeners(t, 3)
 		rings := make([]*Ring, 3)
 		for i := range rings {
 			c := testConfig()
-			c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+			c.Rank, c.Peers, c.Epoch, c.Logger, c.Transport = i, addrs, 5, testLogger(t), transport
 			r, err := New(c, lis[i])
 			if err != nil {
 				t.Fatal(err)
@@ -336,6 +443,10 @@ func TestCloseRightAfterCollective(t *testing.T) {
 // TestRingUnixSockets: ranks on one machine may use Unix sockets.
 func TestRingUnixSockets(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testRingUnixSockets)
+}
+
+func testRingUnixSockets(t *testing.T, transport string) {
 	dir := t.TempDir()
 	const n = 3
 	addrs := make([]string, n)
@@ -343,9 +454,11 @@ func TestRingUnixSockets(t *testing.T) {
 		addrs[i] = fmt.Sprintf("unix:%s/r%d.sock", dir, i)
 	}
 	rings := make([]*Ring, n)
+	cfgs := make([]Config, n)
 	for i := range rings {
 		c := testConfig()
-		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		c.Rank, c.Peers, c.Epoch, c.Logger, c.Transport = i, addrs, 5, testLogger(t), transport
+		cfgs[i] = c
 		r, err := New(c, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -360,6 +473,7 @@ func TestRingUnixSockets(t *testing.T) {
 			t.Fatalf("rank %d: %v", i, err)
 		}
 	}
+	checkTransports(t, rings, cfgs)
 	in := seededInputs(11, n, 100_003)
 	checkResults(t, in, allReduceAll(t, rings, in, Avg), Avg, false)
 }
@@ -367,9 +481,13 @@ func TestRingUnixSockets(t *testing.T) {
 // TestStartAfterClose: a closed ring answers at once instead of hanging.
 func TestStartAfterClose(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testStartAfterClose)
+}
+
+func testStartAfterClose(t *testing.T, transport string) {
 	// A short hop deadline bounds how long the first Close waits for its
 	// neighbour, which is not closing.
-	rings := newRings(t, 2, func(_ int, c *Config) { c.HopTimeout = 300 * time.Millisecond })
+	rings := newRings(t, 2, func(_ int, c *Config) { c.HopTimeout, c.Transport = 300*time.Millisecond, transport })
 	_ = rings[0].Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

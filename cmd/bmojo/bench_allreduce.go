@@ -37,6 +37,9 @@ type benchAllreduceFlags struct {
 	cpuProfile string
 	procs      int
 	unix       bool
+	transport  string
+	shmQueues  int
+	shmSlots   int
 }
 
 func (f *benchAllreduceFlags) register(c *cobra.Command) {
@@ -55,6 +58,9 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
 	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
 	c.Flags().BoolVar(&f.unix, "unix", false, "connect the ranks over Unix sockets instead of loopback TCP")
+	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise) or "grpc"`)
+	c.Flags().IntVar(&f.shmQueues, "shm-queues", d.ShmQueues, "shared-memory slot rings per neighbour (the same-host path's parallelism)")
+	c.Flags().IntVar(&f.shmSlots, "shm-slots", d.ShmSlots, "chunk-sized slots per shared-memory ring")
 }
 
 func (f *benchAllreduceFlags) sizeList() ([]int, error) {
@@ -111,7 +117,10 @@ func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
 		return c, err
 	}
 	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
-	return c, nil
+	c.Transport, c.ShmQueues, c.ShmSlots = f.transport, f.shmQueues, f.shmSlots
+	v := c
+	v.Peers = []string{"-"} // the launcher checks the flags before it knows the peers
+	return c, v.Validate()
 }
 
 func parseBytes(s string) (int, error) {
@@ -167,7 +176,9 @@ func init() {
 		Long: `Starts --ranks separate processes on loopback that form one ring and all-reduce
 float32 buffers of each size. Prints, per size, the slowest rank's mean time,
 algbw = size/time and busbw = algbw * 2(N-1)/N (the nccl-tests definitions,
-GB = 1e9 bytes), then the latency at 1 MiB.`,
+GB = 1e9 bytes), then the latency at 1 MiB. With --transport auto (the
+default) the ranks, all on this host, move data through shared memory and use
+gRPC only as the control plane; --transport grpc measures the gRPC streams.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBenchAllreduce(cmd.Context(), &f, cmd.OutOrStdout())
@@ -249,10 +260,6 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 			return fmt.Errorf("bench allreduce: listener fd for rank %d: %w", i, err)
 		}
 	}
-	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on %s, float32 buffers, wire %s\n",
-		f.ranks, map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix], map[bool]string{false: "float32", true: "bf16"}[f.bf16])
-	fmt.Fprintf(out, "# streams/neighbour %d, chunk %s, window %s, read buffer %s, write buffer %s\n",
-		cfg.Streams, fmtBytes(cfg.ChunkBytes), fmtBytes(int(cfg.WindowBytes)), fmtBuf(cfg.ReadBufferBytes), fmtBuf(cfg.WriteBufferBytes))
 
 	type result struct {
 		size, iters   int
@@ -260,6 +267,7 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	}
 	var mu sync.Mutex
 	results := map[int][]result{} // size -> per rank
+	hops := map[string]int{}      // data path -> ranks sending over it
 	var wg sync.WaitGroup
 	errs := make([]error, f.ranks)
 	cmds := make([]*exec.Cmd, f.ranks)
@@ -267,7 +275,8 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(i), "--peers", strings.Join(addrs, ","),
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
 			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--rbuf", f.rbuf, "--wbuf", f.wbuf,
-			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel}
+			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel,
+			"--transport", f.transport, "--shm-queues", strconv.Itoa(f.shmQueues), "--shm-slots", strconv.Itoa(f.shmSlots)}
 		if f.cpuProfile != "" && i == 0 {
 			args = append(args, "--cpuprofile", f.cpuProfile)
 		}
@@ -294,6 +303,13 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 			defer wg.Done()
 			sc := bufio.NewScanner(stdout)
 			for sc.Scan() {
+				var hop string
+				if _, err := fmt.Sscanf(sc.Text(), "TRANSPORT %s", &hop); err == nil {
+					mu.Lock()
+					hops[hop]++
+					mu.Unlock()
+					continue
+				}
 				var r result
 				var meanNs, minNs int64
 				if _, err := fmt.Sscanf(sc.Text(), "RESULT %d %d %d %d", &r.size, &r.iters, &meanNs, &minNs); err == nil {
@@ -312,6 +328,20 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("bench allreduce: %w", err)
 	}
+	// Say what was measured: how each hop actually carried its data.
+	var paths []string
+	for hop, k := range hops {
+		paths = append(paths, fmt.Sprintf("%d via %s", k, hop))
+	}
+	sort.Strings(paths)
+	how := "data and control over gRPC on " + map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
+	if hops[allreduce.TransportShm] == f.ranks && f.ranks > 1 {
+		how = "data over shared memory, control over gRPC on " + map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
+	}
+	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on one host, %s, float32 buffers, wire %s\n",
+		f.ranks, how, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
+	fmt.Fprintf(out, "# transport %s: hops %s; chunk %s; grpc: streams/neighbour %d, window %s, read buffer %s, write buffer %s; shm: queues/neighbour %d, slots/queue %d\n",
+		f.transport, strings.Join(paths, ", "), fmtBytes(cfg.ChunkBytes), cfg.Streams, fmtBytes(int(cfg.WindowBytes)), fmtBuf(cfg.ReadBufferBytes), fmtBuf(cfg.WriteBufferBytes), cfg.ShmQueues, cfg.ShmSlots)
 	n := float64(f.ranks)
 	fmt.Fprintf(out, "%12s %12s %6s %12s %12s %10s %10s\n", "size", "count", "iters", "time(us)", "min(us)", "algbw(GB/s)", "busbw(GB/s)")
 	sort.Ints(sizes)
@@ -382,6 +412,10 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	defer cancel()
 	if err := ring.Connect(cctx); err != nil {
 		return err
+	}
+	if len(peers) > 1 {
+		toSucc, _ := ring.Transport()
+		fmt.Fprintf(out, "TRANSPORT %s\n", toSucc)
 	}
 	maxSize := 0
 	for _, s := range sizes {
