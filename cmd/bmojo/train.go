@@ -49,8 +49,11 @@ any field; flags given on the command line override the file.`,
 			fl := cmd.Flags()
 			if fl.Changed("preset") {
 				j.Preset, j.Model = f.Preset, f.Model // the preset replaces file overrides
-				if !fl.Changed("checkpoint-dir") && file == "" {
-					j.CheckpointDir = "runs/" + f.Preset
+				if file == "" { // the job is named after its preset (metrics, dashboard)
+					j.Name = f.Preset
+					if !fl.Changed("checkpoint-dir") {
+						j.CheckpointDir = "runs/" + f.Preset
+					}
 				}
 			}
 			set := func(name string, apply func()) {
