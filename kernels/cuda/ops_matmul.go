@@ -68,6 +68,11 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 	return operand{dst, true}, nil
 }
 
+// ForgetInputCopies drops the bf16 input copy that consecutive products
+// share, so the next product converts its input again (bench kernels times
+// products that way).
+func (b *Backend) ForgetInputCopies() { b.queue("forget_input_copies", func() error { return nil }) }
+
 // queueMatMul queues a matrix product. Unlike other ops it leaves d.gen
 // alone, so consecutive products can share slot 1's copy, but it drops that
 // copy when one of outs overlaps its source.
