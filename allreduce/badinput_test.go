@@ -38,6 +38,29 @@ type fakePred struct {
 
 func newFakePred(t *testing.T, cfg Config) (*fakePred, *Ring) {
 	t.Helper()
+	real, conn := fakePredSetup(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	fp := &fakePred{}
+	k := cfg.Streams + 1
+	for i := 0; i < k; i++ {
+		s := pushStream(t, conn)
+		if err := s.SendMsg(&outFrame{hdr: &pb.FrameHeader{Kind: pb.Kind_KIND_HELLO, Epoch: 5, SrcRank: 0, WorldSize: 2, Stream: uint32(i), Streams: uint32(k)}}); err != nil {
+			t.Fatal(err)
+		}
+		fp.streams = append(fp.streams, s)
+	}
+	if err := real.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return fp, real
+}
+
+// fakePredSetup starts a real rank 1 of a 2-rank ring (epoch 5) whose
+// successor drains everything, and a client connection to it on which the
+// test plays rank 0.
+func fakePredSetup(t *testing.T, cfg Config) (*Ring, *grpc.ClientConn) {
+	t.Helper()
 	lis, addrs := listeners(t, 2)
 	srv := grpc.NewServer(grpc.ForceServerCodecV2(frameCodec{}))
 	pb.RegisterRingServer(srv, drainServer{})
@@ -50,31 +73,23 @@ func newFakePred(t *testing.T, cfg Config) (*fakePred, *Ring) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = real.Close() })
-
 	conn, err := grpc.NewClient(addrs[1], grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	fp := &fakePred{}
-	k := cfg.Streams + 1
-	for i := 0; i < k; i++ {
-		s, err := conn.NewStream(context.Background(), &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
-			grpc.ForceCodecV2(frameCodec{}))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.SendMsg(&outFrame{hdr: &pb.FrameHeader{Kind: pb.Kind_KIND_HELLO, Epoch: 5, SrcRank: 0, WorldSize: 2, Stream: uint32(i), Streams: uint32(k)}}); err != nil {
-			t.Fatal(err)
-		}
-		fp.streams = append(fp.streams, s)
-	}
-	if err := real.Connect(ctx); err != nil {
+	return real, conn
+}
+
+// pushStream opens one Push stream on conn with the frame codec.
+func pushStream(t *testing.T, conn *grpc.ClientConn) grpc.ClientStream {
+	t.Helper()
+	s, err := conn.NewStream(context.Background(), &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
+		grpc.ForceCodecV2(frameCodec{}))
+	if err != nil {
 		t.Fatal(err)
 	}
-	return fp, real
+	return s
 }
 
 func (fp *fakePred) send(t *testing.T, m any) {

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/bmojo/bmojo/proto/allreducepb"
 )
@@ -24,36 +23,15 @@ type shmFakePred struct {
 
 func newShmFakePred(t *testing.T, cfg Config) (*shmFakePred, *Ring) {
 	t.Helper()
-	lis, addrs := listeners(t, 2)
-	srv := grpc.NewServer(grpc.ForceServerCodecV2(frameCodec{}))
-	pb.RegisterRingServer(srv, drainServer{})
-	go func() { _ = srv.Serve(lis[0]) }()
-	t.Cleanup(srv.Stop)
-
-	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.Logger = 1, addrs, 5, testLogger(t)
-	real, err := New(cfg, lis[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = real.Close() })
-
+	real, conn := fakePredSetup(t, cfg)
 	reg, err := createShmRegion(newShmGeometry(cfg), 5, 0, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(reg.unmap)
-	conn, err := grpc.NewClient(addrs[1], grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = conn.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := conn.NewStream(context.Background(), &pb.Ring_ServiceDesc.Streams[0], "/"+pb.Ring_ServiceDesc.ServiceName+"/Push",
-		grpc.ForceCodecV2(frameCodec{}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := pushStream(t, conn)
 	if err := s.SendMsg(&outFrame{hdr: &pb.FrameHeader{Kind: pb.Kind_KIND_HELLO, Epoch: 5, SrcRank: 0, WorldSize: 2,
 		Stream: 0, Streams: uint32(cfg.Streams + 1), Host: real.host, ShmPath: reg.path, ShmNonce: reg.nonce}}); err != nil {
 		t.Fatal(err)
