@@ -49,7 +49,8 @@ any field; flags given on the command line override the file.`,
 			fl := cmd.Flags()
 			if fl.Changed("preset") {
 				j.Preset, j.Model = f.Preset, f.Model // the preset replaces file overrides
-				if file == "" {                       // the job is named after its preset (metrics, dashboard)
+				// Without a job file the job is named after its preset (metrics, dashboard).
+				if file == "" {
 					j.Name = f.Preset
 					if !fl.Changed("checkpoint-dir") {
 						j.CheckpointDir = "runs/" + f.Preset
