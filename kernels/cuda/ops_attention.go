@@ -40,8 +40,9 @@ const maxGridYZ = 65535
 type attnArgs struct {
 	q, k, v, kf, vf, qm, km *floats
 	sel                     *ints
-	// dm is the padded head width of the kernels (32, 64 or 128).
-	dm int
+	// d is the head width, dm the padded head width of the kernels (32,
+	// 64 or 128).
+	d, dm int
 	// Bounds capped to T so nothing overflows a C int; every capped value
 	// selects the same keys as the original.
 	wc, wf, cc, delta int
@@ -83,7 +84,7 @@ func (b *Backend) attnCheck(c *checker, q, k, v, kf, vf, qm, km kernels.Buffer, 
 	if !c.ok {
 		return nil
 	}
-	a.dm = 32
+	a.d, a.dm = s.D, 32
 	for a.dm < s.D {
 		a.dm *= 2
 	}
@@ -123,8 +124,9 @@ func (b *Backend) attnMemIndex(op string, a *attnArgs, s kernels.AttnShape) (com
 
 // Attention implements kernels.Backend: one block per (64 queries, head,
 // sequence) runs one online softmax over the context, fading and memory
-// keys, staged through shared memory 32 keys at a time (fp32), or 64 at a
-// time as bf16 tiles for the tensor-core kernels (attnTC).
+// keys, staged through shared memory 32 keys at a time (fp32), or, for the
+// tensor-core kernels (attnTC), 64 at a time with cp.async from bf16 copies
+// of the keys and values made first (attnConv), double-buffered.
 func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
 	const op = "attention"
 	c := b.check(op)
@@ -141,13 +143,57 @@ func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, se
 	if s.M > 0 {
 		comp, pre, _ = b.attnMemIndex(op, a, s)
 	}
-	name, grid, block := fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}
 	if b.attnTC(a) {
-		name, grid, block = fmt.Sprintf("bm_attn_fwd_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}
+		cv := b.attnConverter(op, a)
+		kr := s.B * s.T * s.G
+		k16, v16, kf16, vf16, km16 := cv.bf16(a.k, kr), cv.bf16(a.v, kr), cv.bf16(a.kf, kr), cv.bf16(a.vf, kr), (*floats)(nil)
+		if a.m > 0 {
+			km16 = cv.bf16(a.km, kr)
+		}
+		b.launch(op, fmt.Sprintf("bm_attn_fwd_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}, 0,
+			o, ls, a.q, k16, v16, kf16, vf16, a.qm, km16, comp, pre,
+			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+		return
 	}
-	b.launch(op, name, grid, block, 0,
+	b.launch(op, fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}, 0,
 		o, ls, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
 		s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+}
+
+// attnConv makes the padded bf16 copies the tensor-core kernels stage
+// with cp.async (csrc/attention.cu, bm_attn_to_bf16): rows of D floats
+// become rows of dm bf16 (zeros beyond D), held in a float32 buffer of half
+// the length. A buffer passed twice (km = k, qm = q) is converted once.
+type attnConv struct {
+	b    *Backend
+	op   string
+	d    int
+	dm   int
+	done map[attnConvKey]*floats
+}
+
+type attnConvKey struct {
+	ptr  devptr
+	rows int
+}
+
+func (b *Backend) attnConverter(op string, a *attnArgs) *attnConv {
+	return &attnConv{b: b, op: op, d: a.d, dm: a.dm, done: map[attnConvKey]*floats{}}
+}
+
+// bf16 returns the copy of x [rows, D] (nil for nil).
+func (c *attnConv) bf16(x *floats, rows int) *floats {
+	if x == nil {
+		return nil
+	}
+	key := attnConvKey{x.ptr, rows}
+	if y, ok := c.done[key]; ok {
+		return y
+	}
+	y := c.b.Alloc(rows * c.dm / 2).(*floats)
+	c.b.launch(c.op, fmt.Sprintf("bm_attn_to_bf16_d%d", c.dm), grid1(rows*c.dm/2, 256), dim{256, 1, 1}, 0, y, x, int64(rows), c.d)
+	c.done[key] = y
+	return y
 }
 
 // AttentionBackward implements kernels.Backend. dq and dqm are query-centric
@@ -198,34 +244,67 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 	// dd = Σ dout·out per query row.
 	rows := s.B * s.T * s.H
 	dd := b.Alloc(rows).(*floats)
-	b.launch(op, "bm_attn_bwd_dot", grid1(rows, 8), dim{256, 1, 1}, 0, dd, do, os, rows, s.D)
+	if !b.attnTC(a) {
+		b.launch(op, "bm_attn_bwd_dot", grid1(rows, 8), dim{256, 1, 1}, 0, dd, do, os, rows, s.D)
+	}
 
-	tc := b.attnTC(a)
-	if gq != nil || gqm != nil {
-		name, grid, block := fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}
-		if tc {
-			name, grid, block = fmt.Sprintf("bm_attn_bwd_dq_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}
+	doK := gk != nil || gv != nil                 // context keys: queries [j, j+Wc-1]
+	doF := a.wf > 0 && (gkf != nil || gvf != nil) // fading keys: queries [j+Wc, j+Wc+Wf-1]
+	doM := hasMem && (gkm != nil || gv != nil)    // memory keys, after the context launch (dv, dkm = dk)
+	kgrid := func(keys, kt int) dim { return dim{(keys + kt - 1) / kt, s.G, s.B} }
+	if b.attnTC(a) {
+		// The operands staged as tiles, as padded bf16 copies: k, v, kf,
+		// vf, km for dq; q, qm, dout for dk/dv (dout's written by the dd
+		// kernel, which reads it anyway).
+		cv := b.attnConverter(op, a)
+		kr, qr := s.B*s.T*s.G, s.B*s.T*s.H
+		do16 := b.Alloc(qr * a.dm / 2).(*floats)
+		cv.done[attnConvKey{do.ptr, qr}] = do16
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dot_bf16_d%d", a.dm), grid1(rows, 8), dim{256, 1, 1}, 0, dd, do16, do, os, rows, s.D)
+		if gq != nil || gqm != nil {
+			var kf16, vf16, km16 *floats
+			if gq != nil {
+				kf16, vf16 = cv.bf16(a.kf, kr), cv.bf16(a.vf, kr)
+			}
+			if gqm != nil {
+				km16 = cv.bf16(a.km, kr)
+			}
+			b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}, 0,
+				gq, gqm, do, ls, dd, a.q, cv.bf16(a.k, kr), cv.bf16(a.v, kr), kf16, vf16, a.qm, km16, comp, pre,
+				s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 		}
-		b.launch(op, name, grid, block, 0,
+		dkv, block := fmt.Sprintf("bm_attn_bwd_dkv_tc_d%d", a.dm), dim{attnTCThreads, 1, 1}
+		if doK {
+			b.launch(op, dkv, kgrid(s.T, attnTCRows), block, 0,
+				gk, gv, a.k, a.v, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale)
+		}
+		if doF {
+			b.launch(op, dkv, kgrid(s.T, attnTCRows), block, 0,
+				gkf, gvf, a.kf, a.vf, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale)
+		}
+		if doM {
+			b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_mem_tc_d%d", a.dm), kgrid(a.nCS, attnTCRows), block, 0,
+				gkm, gv, a.km, a.v, cv.bf16(a.qm, qr), do16, ls, dd, comp, pre, dup, s.T, s.H, s.G, s.D, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+		}
+		return
+	}
+	if gq != nil || gqm != nil {
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}, 0,
 			gq, gqm, do, ls, dd, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,
 			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 	}
 	kt := attnKNT * 16 / a.dm // keys per dk/dv block
-	dkv, dkvMem, block := fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm), fmt.Sprintf("bm_attn_bwd_dkv_mem_d%d", a.dm), dim{attnKNT, 1, 1}
-	if tc {
-		kt = attnTCRows
-		dkv, dkvMem, block = fmt.Sprintf("bm_attn_bwd_dkv_tc_d%d", a.dm), fmt.Sprintf("bm_attn_bwd_dkv_mem_tc_d%d", a.dm), dim{attnTCThreads, 1, 1}
-	}
-	if gk != nil || gv != nil { // context keys: queries [j, j+Wc-1]
-		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, block, 0,
+	block := dim{attnKNT, 1, 1}
+	if doK {
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm), kgrid(s.T, kt), block, 0,
 			gk, gv, a.k, a.v, a.q, do, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale)
 	}
-	if a.wf > 0 && (gkf != nil || gvf != nil) { // fading keys: queries [j+Wc, j+Wc+Wf-1]
-		b.launch(op, dkv, dim{(s.T + kt - 1) / kt, s.G, s.B}, block, 0,
+	if doF {
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_d%d", a.dm), kgrid(s.T, kt), block, 0,
 			gkf, gvf, a.kf, a.vf, a.q, do, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale)
 	}
-	if hasMem && (gkm != nil || gv != nil) { // memory keys, after the context launch (dv, dkm = dk)
-		b.launch(op, dkvMem, dim{(a.nCS + kt - 1) / kt, s.G, s.B}, block, 0,
+	if doM {
+		b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_mem_d%d", a.dm), kgrid(a.nCS, kt), block, 0,
 			gkm, gv, a.km, a.v, a.qm, do, ls, dd, comp, pre, dup, s.T, s.H, s.G, s.D, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
 	}
 }

@@ -509,16 +509,24 @@ BM_ATTN_DKV_MEM(bm_attn_bwd_dkv_mem_d128, 8)
 // common.cuh), for padded head widths DM = 32 and 64; the Go side takes
 // these kernels when the backend rounds matrix products to bf16 and the
 // CUDA-core kernels above otherwise. Inputs are rounded to bf16 (to nearest
-// even) on their way into registers or shared memory, products accumulate
-// in fp32, and the softmax statistics (running max and sum, lse, dd) stay
-// fp32; P and dS are rounded to bf16 as the A operand of P·V, dS·K, Pᵀ·dO
-// and dSᵀ·Q.
+// even), products accumulate in fp32, and the softmax statistics (running
+// max and sum, lse, dd) stay fp32; P and dS are rounded to bf16 as the A
+// operand of P·V, dS·K, Pᵀ·dO and dSᵀ·Q.
+//
+// The operands read as staged tiles (k, v, kf, vf, km in the forward and dq
+// kernels; q, qm, dout in dk/dv) come as bf16 copies made once per call by
+// bm_attn_to_bf16: rows padded with zeros to DM columns, so a tile row is
+// DM/8 aligned 16-byte words, copied to shared memory with cp.async (no
+// registers, no conversion) into one of two buffers while the warps compute
+// on the other. The operands a warp keeps in registers (Q and dO in the
+// forward and dq kernels, K and V in dk/dv) are read once from the fp32
+// buffers.
 //
 // Forward and dq: one block of 4 warps per (64 queries, h, b); warp w owns
 // queries 16w..16w+15 of the tile, its Q (and dO) fragments in registers,
-// and the block stages the keys and values of a part 64 at a time as bf16
-// tiles. dk/dv: one block of 4 warps per (64 keys, g, b); warp w owns 16 keys
-// (K and V fragments in registers) and the block stages 64 queries (Q, dO)
+// and the block walks the keys of the context, fading and memory parts 64
+// at a time. dk/dv: one block of 4 warps per (64 keys, g, b); warp w owns
+// 16 keys (K and V fragments in registers) and the block walks 64 queries
 // at a time, of every head of the kv group; it computes the transposed
 // products Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ, so Pᵀ and dSᵀ are already the A
 // operands of dV += Pᵀ·dO and dK += dSᵀ·Q. A warp skips the tiles none of
@@ -530,52 +538,70 @@ BM_ATTN_DKV_MEM(bm_attn_bwd_dkv_mem_d128, 8)
 #define BM_LOG2E 1.4426950408889634f
 #define BM_LN2 0.6931471805599453f
 
-__device__ __forceinline__ bool bm_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-// bm_tc_stage writes two BM_TC_KT×DM bf16 tiles xs, ys with row stride
-// DM+8 (the 16-byte pad puts the 8 rows an ldmatrix reads in different
-// banks): row r holds entry idx = first+r of x and y, at base +
-// map[idx]·stride (map nullptr: idx·stride), and zeros when idx > last and
-// beyond D. vec: D, base and stride are multiples of 4 and x, y 16-byte
-// aligned, so rows are read as float4.
+// bm_attn_to_bf16_d<DM>: dst [rows][DM] bf16 (zero beyond D) = src [rows][D]
+// rounded to nearest even; one thread per pair of columns.
 template <int DM>
-__device__ __forceinline__ void bm_tc_stage1(uint16_t *xs, const float *x, int first, int last, const int *map, long long base,
-                                             long long stride, int D, bool vec) {
-    constexpr int NCH = DM / 4, LD = DM + 8, IT = BM_TC_KT * NCH / BM_TC_NT;
-    // Every load of the tile first (IT·4 floats in flight per thread), then
-    // the bf16 stores.
-    float a[IT][4];
-#pragma unroll
-    for (int it = 0; it < IT; it++) {
-        const int i = threadIdx.x + it * BM_TC_NT, r = i / NCH, d = 4 * (i % NCH), idx = first + r;
-#pragma unroll
-        for (int e = 0; e < 4; e++) a[it][e] = 0.f;
-        if (idx <= last && d < D) {
-            const long long o = base + (long long)(map ? map[idx] : idx) * stride + d;
-            if (vec) {
-                const bm_f4 u = *(const bm_f4 *)(x + o);
-                a[it][0] = u.x, a[it][1] = u.y, a[it][2] = u.z, a[it][3] = u.w;
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (d + e < D) a[it][e] = x[o + e];
-            }
-        }
-    }
-#pragma unroll
-    for (int it = 0; it < IT; it++) {
-        const int i = threadIdx.x + it * BM_TC_NT, r = i / NCH, d = 4 * (i % NCH);
-        unsigned *px = (unsigned *)(xs + r * LD + d);
-        px[0] = bm_bf16x2(a[it][0], a[it][1]);
-        px[1] = bm_bf16x2(a[it][2], a[it][3]);
+__device__ __forceinline__ void bm_attn_to_bf16_impl(unsigned *dst, const float *src, long long rows, int D) {
+    constexpr int HP = DM / 2;
+    BM_FOR(i, rows * HP) {
+        const long long r = i / HP;
+        const int d = 2 * (int)(i % HP);
+        const float *row = src + r * D;
+        dst[i] = bm_bf16x2(d < D ? row[d] : 0.f, d + 1 < D ? row[d + 1] : 0.f);
     }
 }
 
+extern "C" __global__ void bm_attn_to_bf16_d32(unsigned *dst, const float *src, long long rows, int D) {
+    bm_attn_to_bf16_impl<32>(dst, src, rows, D);
+}
+extern "C" __global__ void bm_attn_to_bf16_d64(unsigned *dst, const float *src, long long rows, int D) {
+    bm_attn_to_bf16_impl<64>(dst, src, rows, D);
+}
+
+// bm_attn_bwd_dot_bf16_d<DM>: dd[r] = Σ dout[r]·out[r] over D (one warp per
+// row, like bm_attn_bwd_dot) and do16 = dout as bm_attn_to_bf16_d<DM>
+// writes it, for the tensor-core backward.
 template <int DM>
-__device__ __forceinline__ void bm_tc_stage(uint16_t *xs, uint16_t *ys, const float *x, const float *y, int first, int last,
-                                            const int *map, long long base, long long stride, int D, bool vec) {
-    bm_tc_stage1<DM>(xs, x, first, last, map, base, stride, D, vec);
-    bm_tc_stage1<DM>(ys, y, first, last, map, base, stride, D, vec);
+__device__ __forceinline__ void bm_attn_bwd_dot_bf16_impl(float *dd, unsigned *do16, const float *dout, const float *out, int rows, int D) {
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows) return; // whole warps leave
+    const long long o = (long long)r * D;
+    float a = 0.f;
+#pragma unroll
+    for (int p = lane; p < DM / 2; p += 32) {
+        const int d = 2 * p;
+        float x0 = 0.f, x1 = 0.f;
+        if (d < D) x0 = dout[o + d], a = fmaf(x0, out[o + d], a);
+        if (d + 1 < D) x1 = dout[o + d + 1], a = fmaf(x1, out[o + d + 1], a);
+        do16[(long long)r * (DM / 2) + p] = bm_bf16x2(x0, x1);
+    }
+    a = bm_warp_sum(a);
+    if (lane == 0) dd[r] = a;
+}
+
+extern "C" __global__ void bm_attn_bwd_dot_bf16_d32(float *dd, unsigned *do16, const float *dout, const float *out, int rows, int D) {
+    bm_attn_bwd_dot_bf16_impl<32>(dd, do16, dout, out, rows, D);
+}
+extern "C" __global__ void bm_attn_bwd_dot_bf16_d64(float *dd, unsigned *do16, const float *dout, const float *out, int rows, int D) {
+    bm_attn_bwd_dot_bf16_impl<64>(dd, do16, dout, out, rows, D);
+}
+
+// bm_tc_load starts the cp.async copies of a BM_TC_KT×DM tile xs (row stride
+// DM+8: the 16-byte pad puts the 8 rows an ldmatrix reads in different
+// banks) from the padded bf16 tensor x: row r holds entry idx = first+r, at
+// base + map[idx]·stride (map nullptr: idx·stride; base and stride in bf16
+// elements), and zeros when idx > last.
+template <int DM>
+__device__ __forceinline__ void bm_tc_load(uint16_t *xs, const uint16_t *x, int first, int last, const int *map, long long base,
+                                           long long stride) {
+    constexpr int NCH = DM / 8, LD = DM + 8, IT = BM_TC_KT * NCH / BM_TC_NT;
+#pragma unroll
+    for (int it = 0; it < IT; it++) {
+        const int i = threadIdx.x + it * BM_TC_NT, r = i / NCH, d = 8 * (i % NCH), idx = first + r;
+        const bool ok = idx <= last;
+        const uint16_t *src = ok ? x + base + (long long)(map ? map[idx] : idx) * stride + d : x;
+        bm_cp_async<16>(xs + r * LD + d, src, ok);
+    }
 }
 
 // bm_tc_afrag loads the lane's A fragments of a 16×DM bf16 operand straight
@@ -689,43 +715,88 @@ __device__ __forceinline__ BmTcQ bm_tc_qsetup(const int *comp, const int *pre, c
     return x;
 }
 
+
+// BmTcSeq is a position in the key tiles a forward or dq block walks: part
+// (3 once past the last), the first key kt of the tile and the last key khi
+// of the part's union range. Parts not in mask, off (Wf or M zero) or empty
+// for the block are skipped.
+struct BmTcSeq {
+    int part, kt, khi;
+};
+
+// bm_tc_seq_from moves q to the first tile of the first part ≥ part.
+__device__ __forceinline__ void bm_tc_seq_from(BmTcSeq &q, int part, int mask, const BmTcQ &x, const BmAttn &s) {
+    for (; part < 3; part++) {
+        if (!((mask >> part) & 1) || (part == 1 && s.Wf == 0) || (part == 2 && s.M == 0)) continue;
+        int unused;
+        bm_attn_range(part, x.t0, s, x.bpre, q.kt, unused);
+        bm_attn_range(part, x.tl, s, x.bpre, unused, q.khi);
+        if (q.kt <= q.khi) break;
+    }
+    q.part = part;
+}
+
+__device__ __forceinline__ void bm_tc_seq_next(BmTcSeq &q, int mask, const BmTcQ &x, const BmAttn &s) {
+    q.kt += BM_TC_KT;
+    if (q.kt > q.khi) bm_tc_seq_from(q, q.part + 1, mask, x, s);
+}
+
+// bm_tc_seq_load starts the copies of tile q's keys and values (part 0: k,
+// v; 1: kf, vf; 2: km and v at the compacted positions).
 template <int DM>
-__device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, const float *q, const float *k, const float *v,
-                                                    const float *kf, const float *vf, const float *qm, const float *km, const int *comp,
-                                                    const int *pre, const BmAttn s, float scale) {
+__device__ __forceinline__ void bm_tc_seq_load(uint16_t *ks, uint16_t *vs, const BmTcSeq &q, const BmTcQ &x, const BmAttn &s,
+                                               const uint16_t *k, const uint16_t *v, const uint16_t *kf, const uint16_t *vf,
+                                               const uint16_t *km, long long kb16) {
+    const uint16_t *kb = q.part == 0 ? k : q.part == 1 ? kf : km, *vb = q.part == 1 ? vf : v;
+    const int *map = q.part == 2 ? x.bcomp : nullptr;
+    bm_tc_load<DM>(ks, kb, q.kt, q.khi, map, kb16, (long long)s.G * DM);
+    bm_tc_load<DM>(vs, vb, q.kt, q.khi, map, kb16, (long long)s.G * DM);
+}
+
+// The kv head's first element in the padded bf16 key tensors.
+__device__ __forceinline__ long long bm_tc_kb16(const BmTcQ &x, const BmAttn &s, int DM) {
+    return ((long long)x.b * s.T * s.G + x.h * s.G / s.H) * DM;
+}
+
+template <int DM>
+__device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, const float *q, const uint16_t *k, const uint16_t *v,
+                                                    const uint16_t *kf, const uint16_t *vf, const float *qm, const uint16_t *km,
+                                                    const int *comp, const int *pre, const BmAttn s, float scale) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
-    alignas(16) __shared__ uint16_t ks[BM_TC_KT * LD], vs[BM_TC_KT * LD];
+    alignas(16) __shared__ uint16_t ks[2][BM_TC_KT * LD], vs[2][BM_TC_KT * LD];
     const BmTcQ x = bm_tc_qsetup(comp, pre, s);
+    const long long kb16 = bm_tc_kb16(x, s, DM);
     const float sl2 = scale * BM_LOG2E; // scores in log2 units: exp2f
     float o[ND][4];
 #pragma unroll
     for (int j = 0; j < ND; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}; // l: this lane's partial sums
     unsigned qf[NK][4];
-    for (int part = 0; part < 3; part++) {
-        const float *kb = k, *vb = v;
-        if (part == 1) {
-            if (s.Wf == 0) continue;
-            kb = kf, vb = vf;
-        } else if (part == 2) {
-            if (s.M == 0) continue;
-            kb = km;
+    int lo[2], hi[2], wlo, whi, flo, fhi, cur = -1; // cur: the part of the last computed tile
+    BmTcSeq nx;
+    bm_tc_seq_from(nx, 0, 7, x, s);
+    if (nx.part < 3) bm_tc_seq_load<DM>(ks[0], vs[0], nx, x, s, k, v, kf, vf, km, kb16);
+    bm_cp_async_commit();
+    for (int bf = 0; nx.part < 3; bf ^= 1) {
+        const BmTcSeq t = nx;
+        bm_tc_seq_next(nx, 7, x, s);
+        // The next tile's copies run while the warps compute this one.
+        if (nx.part < 3) bm_tc_seq_load<DM>(ks[bf ^ 1], vs[bf ^ 1], nx, x, s, k, v, kf, vf, km, kb16);
+        bm_cp_async_commit();
+        bm_cp_async_wait<1>(); // this thread's copies of tile t are done
+        __syncthreads();       // and every thread's
+        if (t.part != cur) {
+            if (cur < 0 || t.part == 2)
+                bm_tc_afrag<NK>(qf, t.part == 2 ? qm : q, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
+            bm_tc_ranges(t.part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
+            cur = t.part;
         }
-        if (part != 1) bm_tc_afrag<NK>(qf, part == 2 ? qm : q, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
-        int lo[2], hi[2], wlo, whi, flo, fhi, klo, khi, unused;
-        bm_tc_ranges(part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
-        bm_attn_range(part, x.t0, s, x.bpre, klo, unused);
-        bm_attn_range(part, x.tl, s, x.bpre, unused, khi);
-        const bool vec = s.D % 4 == 0 && bm_aligned16(kb) && bm_aligned16(vb);
-        for (int kt = klo; kt <= khi; kt += BM_TC_KT) {
-            __syncthreads(); // every warp is done with the previous tile
-            bm_tc_stage<DM>(ks, vs, kb, vb, kt, khi, part == 2 ? x.bcomp : nullptr, x.kbase, s.G * s.D, s.D, vec);
-            __syncthreads();
-            if (wlo > whi || whi < kt || wlo > kt + BM_TC_KT - 1) continue; // the whole warp
+        const int kt = t.kt;
+        if (wlo <= whi && whi >= kt && wlo <= kt + BM_TC_KT - 1) { // else no row of the warp sees a key of the tile
             float sc[8][4];
 #pragma unroll
             for (int j = 0; j < 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
-            bm_tc_qk<DM, 4>(sc, qf, ks, x.lane);
+            bm_tc_qk<DM, 4>(sc, qf, ks[bf], x.lane);
             const bool full = kt >= flo && kt + BM_TC_KT - 1 <= fhi; // no key of the tile masked for the warp
             float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -760,8 +831,9 @@ __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, cons
                 }
             unsigned pa[4][4];
             bm_tc_pack<4>(pa, sc);
-            bm_tc_pv<DM, 4>(o, pa, vs, x.lane);
+            bm_tc_pv<DM, 4>(o, pa, vs[bf], x.lane);
         }
+        __syncthreads(); // every warp is done with buffer bf before it is refilled
     }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -783,17 +855,34 @@ __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, cons
     }
 }
 
-#define BM_ATTN_FWD_TC(NAME, DM)                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                              \
-        NAME(float *out, float *lse, const float *q, const float *k, const float *v, const float *kf, const float *vf, const float *qm, \
-             const float *km, const int *comp, const int *pre, int T, int H, int G, int D, int Wc, int Wf, int C, int M, int Delta,     \
-             int nC, int nCS, float scale) {                                                                                            \
-        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                    \
-        bm_attn_fwd_tc_impl<DM>(out, lse, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                                \
+#define BM_ATTN_FWD_TC(NAME, DM)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
+        NAME(float *out, float *lse, const float *q, const uint16_t *k, const uint16_t *v, const uint16_t *kf, const uint16_t *vf, \
+             const float *qm, const uint16_t *km, const int *comp, const int *pre, int T, int H, int G, int D, int Wc, int Wf,     \
+             int C, int M, int Delta, int nC, int nCS, float scale) {                                                             \
+        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                              \
+        bm_attn_fwd_tc_impl<DM>(out, lse, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                          \
     }
 
 BM_ATTN_FWD_TC(bm_attn_fwd_tc_d32, 32)
 BM_ATTN_FWD_TC(bm_attn_fwd_tc_d64, 64)
+
+// bm_tc_add_rows: dst[row + d] += acc for the lane's rows (past T: none)
+// and dims (< D).
+template <int ND>
+__device__ __forceinline__ void bm_tc_add_rows(float *dst, const float (&acc)[ND][4], const BmTcQ &x, const BmAttn &s) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (x.rt[i] >= s.T) continue;
+#pragma unroll
+        for (int j = 0; j < ND; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = 8 * j + 2 * x.c + e;
+                if (d < s.D) dst[x.qrow[i] + d] += acc[j][2 * i + e];
+            }
+    }
+}
 
 // bm_attn_dq_tc_impl: dq += the context and fading parts, then dqm += the
 // memory part, each from a fresh accumulator (the same lane adds both, so
@@ -801,13 +890,19 @@ BM_ATTN_FWD_TC(bm_attn_fwd_tc_d64, 64)
 // dq += ds·k.
 template <int DM>
 __device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd,
-                                                   const float *q, const float *k, const float *v, const float *kf, const float *vf,
-                                                   const float *qm, const float *km, const int *comp, const int *pre, const BmAttn s,
-                                                   float scale) {
+                                                   const float *q, const uint16_t *k, const uint16_t *v, const uint16_t *kf,
+                                                   const uint16_t *vf, const float *qm, const uint16_t *km, const int *comp,
+                                                   const int *pre, const BmAttn s, float scale) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
-    alignas(16) __shared__ uint16_t ks[BM_TC_KT * LD], vs[BM_TC_KT * LD];
+    alignas(16) __shared__ uint16_t ks[2][BM_TC_KT * LD], vs[2][BM_TC_KT * LD];
     const BmTcQ x = bm_tc_qsetup(comp, pre, s);
+    const long long kb16 = bm_tc_kb16(x, s, DM);
     const float sl2 = scale * BM_LOG2E;
+    const int mask = (dq ? 3 : 0) | (dqm ? 4 : 0);
+    BmTcSeq nx;
+    bm_tc_seq_from(nx, 0, mask, x, s);
+    if (nx.part < 3) bm_tc_seq_load<DM>(ks[0], vs[0], nx, x, s, k, v, kf, vf, km, kb16);
+    bm_cp_async_commit();
     float lt[2], dd[2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -819,91 +914,82 @@ __device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const 
     unsigned of[NK][4], qf[NK][4];
     bm_tc_afrag<NK>(of, dout, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
     float acc[ND][4];
-    for (int pass = 0; pass < 2; pass++) { // dq (parts 0, 1), then dqm (part 2)
-        float *dst = pass == 0 ? dq : dqm;
-        if (!dst || (pass == 1 && s.M == 0)) continue;
 #pragma unroll
-        for (int j = 0; j < ND; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-        bm_tc_afrag<NK>(qf, pass == 0 ? q : qm, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
-        for (int part = 2 * pass; part < 2 + pass; part++) {
-            const float *kb = k, *vb = v;
-            if (part == 1) {
-                if (s.Wf == 0) continue;
-                kb = kf, vb = vf;
-            } else if (part == 2) {
-                kb = km;
+    for (int j = 0; j < ND; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    int lo[2], hi[2], wlo, whi, flo, fhi, cur = -1; // cur: the part of the last computed tile
+    for (int bf = 0; nx.part < 3; bf ^= 1) {
+        const BmTcSeq t = nx;
+        bm_tc_seq_next(nx, mask, x, s);
+        if (nx.part < 3) bm_tc_seq_load<DM>(ks[bf ^ 1], vs[bf ^ 1], nx, x, s, k, v, kf, vf, km, kb16);
+        bm_cp_async_commit();
+        bm_cp_async_wait<1>();
+        __syncthreads();
+        if (t.part != cur) {
+            if (t.part == 2 && cur >= 0) { // dq is complete: the memory part goes to dqm
+                bm_tc_add_rows<ND>(dq, acc, x, s);
+#pragma unroll
+                for (int j = 0; j < ND; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
             }
-            int lo[2], hi[2], wlo, whi, flo, fhi, klo, khi, unused;
-            bm_tc_ranges(part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
-            bm_attn_range(part, x.t0, s, x.bpre, klo, unused);
-            bm_attn_range(part, x.tl, s, x.bpre, unused, khi);
-            const bool vec = s.D % 4 == 0 && bm_aligned16(kb) && bm_aligned16(vb);
-            for (int kt = klo; kt <= khi; kt += BM_TC_KT) {
-                __syncthreads(); // every warp is done with the previous tile
-                bm_tc_stage<DM>(ks, vs, kb, vb, kt, khi, part == 2 ? x.bcomp : nullptr, x.kbase, s.G * s.D, s.D, vec);
-                __syncthreads();
-                if (wlo > whi || whi < kt || wlo > kt + BM_TC_KT - 1) continue; // the whole warp
-                const bool full = kt >= flo && kt + BM_TC_KT - 1 <= fhi; // no key of the tile masked for the warp
-                // Two halves of 32 keys: fewer live registers.
+            if (cur < 0 || t.part == 2)
+                bm_tc_afrag<NK>(qf, t.part == 2 ? qm : q, x.qrow[0], x.qrow[1], x.rt[0] < s.T, x.rt[1] < s.T, s.D, x.c);
+            bm_tc_ranges(t.part, x.rt, x.w0, s, x.bpre, lo, hi, wlo, whi, flo, fhi);
+            cur = t.part;
+        }
+        const int kt = t.kt;
+        if (wlo <= whi && whi >= kt && wlo <= kt + BM_TC_KT - 1) { // else no row of the warp sees a key of the tile
+            const bool full = kt >= flo && kt + BM_TC_KT - 1 <= fhi; // no key of the tile masked for the warp
+            const uint16_t *kss = ks[bf], *vss = vs[bf];
+            // Two halves of 32 keys: fewer live registers.
 #pragma unroll 1
-                for (int k0 = 0; k0 < BM_TC_KT; k0 += 32) {
-                    float sc[4][4], dp[4][4];
+            for (int k0 = 0; k0 < BM_TC_KT; k0 += 32) {
+                float sc[4][4], dp[4][4];
 #pragma unroll
-                    for (int j = 0; j < 4; j++)
+                for (int j = 0; j < 4; j++)
 #pragma unroll
-                        for (int e = 0; e < 4; e++) sc[j][e] = dp[j][e] = 0.f;
-                    bm_tc_qk<DM, 2>(sc, qf, ks + k0 * LD, x.lane);
-                    bm_tc_qk<DM, 2>(dp, of, vs + k0 * LD, x.lane);
+                    for (int e = 0; e < 4; e++) sc[j][e] = dp[j][e] = 0.f;
+                bm_tc_qk<DM, 2>(sc, qf, kss + k0 * LD, x.lane);
+                bm_tc_qk<DM, 2>(dp, of, vss + k0 * LD, x.lane);
 #pragma unroll
-                    for (int j = 0; j < 4; j++)
+                for (int j = 0; j < 4; j++)
 #pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            const int key = kt + k0 + 8 * j + 2 * x.c + (e & 1), i = e >> 1;
-                            const float ds = exp2f(sc[j][e] * sl2 - lt[i]) * (dp[j][e] - dd[i]) * scale;
-                            sc[j][e] = (full || (key >= lo[i] && key <= hi[i])) ? ds : 0.f; // a select: a masked ds may be inf or NaN
-                        }
-                    unsigned da[2][4];
-                    bm_tc_pack<2>(da, sc);
-                    bm_tc_pv<DM, 2>(acc, da, ks + k0 * LD, x.lane);
-                }
+                    for (int e = 0; e < 4; e++) {
+                        const int key = kt + k0 + 8 * j + 2 * x.c + (e & 1), i = e >> 1;
+                        const float ds = exp2f(sc[j][e] * sl2 - lt[i]) * (dp[j][e] - dd[i]) * scale;
+                        sc[j][e] = (full || (key >= lo[i] && key <= hi[i])) ? ds : 0.f; // a select: a masked ds may be inf or NaN
+                    }
+                unsigned da[2][4];
+                bm_tc_pack<2>(da, sc);
+                bm_tc_pv<DM, 2>(acc, da, kss + k0 * LD, x.lane);
             }
         }
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            if (x.rt[i] >= s.T) continue;
-#pragma unroll
-            for (int j = 0; j < ND; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int d = 8 * j + 2 * x.c + e;
-                    if (d < s.D) dst[x.qrow[i] + d] += acc[j][2 * i + e];
-                }
-        }
+        __syncthreads(); // every warp is done with buffer bf before it is refilled
     }
+    if (cur >= 0) bm_tc_add_rows<ND>(cur == 2 ? dqm : dq, acc, x, s);
 }
 
-#define BM_ATTN_DQ_TC(NAME, DM)                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                              \
-        NAME(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd, const float *q, const float *k, const float *v, \
-             const float *kf, const float *vf, const float *qm, const float *km, const int *comp, const int *pre, int T, int H, int G,   \
-             int D, int Wc, int Wf, int C, int M, int Delta, int nC, int nCS, float scale) {                                            \
-        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                    \
-        bm_attn_dq_tc_impl<DM>(dq, dqm, dout, lse, Dd, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                   \
+#define BM_ATTN_DQ_TC(NAME, DM)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                           \
+        NAME(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd, const float *q, const uint16_t *k,          \
+             const uint16_t *v, const uint16_t *kf, const uint16_t *vf, const float *qm, const uint16_t *km, const int *comp,       \
+             const int *pre, int T, int H, int G, int D, int Wc, int Wf, int C, int M, int Delta, int nC, int nCS, float scale) { \
+        const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                 \
+        bm_attn_dq_tc_impl<DM>(dq, dqm, dout, lse, Dd, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                \
     }
 
 BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d32, 32)
 BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d64, 64)
 
 // bm_attn_dkv_tc_impl: key-centric dk, dv over the same key sets as
-// bm_attn_dkv_impl (MEM, qa, qb, dup as there).
+// bm_attn_dkv_impl (MEM, qa, qb, dup as there); q and dout are the padded
+// bf16 copies, k and v fp32.
 template <int DM, bool MEM>
-__device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const float *k, const float *v, const float *q,
-                                                    const float *dout, const float *lse, const float *Dd, const int *comp, const int *pre,
-                                                    const int *dup, const BmAttn s, int qa, int qb, float scale) {
+__device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const float *k, const float *v, const uint16_t *q,
+                                                    const uint16_t *dout, const float *lse, const float *Dd, const int *comp,
+                                                    const int *pre, const int *dup, const BmAttn s, int qa, int qb, float scale) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
-    alignas(16) __shared__ uint16_t qs[BM_TC_KT * LD], os[BM_TC_KT * LD];
-    __shared__ float ls[BM_TC_KT], dds[BM_TC_KT];
-    __shared__ int qlo[BM_TC_KT], qhi[BM_TC_KT];
+    alignas(16) __shared__ uint16_t qs[2][BM_TC_KT * LD], os[2][BM_TC_KT * LD];
+    alignas(16) __shared__ float ls[2][BM_TC_KT], dds[2][BM_TC_KT];
+    __shared__ int qlo[MEM ? 2 : 1][BM_TC_KT], qhi[MEM ? 2 : 1][BM_TC_KT];
     const int lane = threadIdx.x & 31, c = lane & 3;
     const int b = blockIdx.z, g = blockIdx.y, j0 = blockIdx.x * BM_TC_T;
     const int *bpre = MEM ? pre + (long long)b * (s.nC + 1) : nullptr;
@@ -911,25 +997,6 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
     const int nkeys = MEM ? bpre[s.nC] : s.T;
     if (j0 >= nkeys) return; // the whole block
     const int j1 = min(nkeys, j0 + BM_TC_T) - 1;
-    const int kw0 = j0 + 16 * (threadIdx.x >> 5), kw1 = min(nkeys - 1, kw0 + 15); // the warp's keys (none when kw0 > kw1)
-    int key[2];
-    bool kvalid[2];
-    long long krow[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        key[i] = kw0 + (lane >> 2) + 8 * i;
-        kvalid[i] = key[i] < nkeys;
-        const int pos = kvalid[i] ? (MEM ? bcomp[key[i]] : key[i]) : 0;
-        krow[i] = (((long long)b * s.T + pos) * s.G + g) * s.D;
-    }
-    unsigned kfr[NK][4], vfr[NK][4];
-    bm_tc_afrag<NK>(kfr, k, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
-    bm_tc_afrag<NK>(vfr, v, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
-    float dka[ND][4], dva[ND][4];
-#pragma unroll
-    for (int j = 0; j < ND; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dka[j][e] = dva[j][e] = 0.f;
 
     // Queries that can see a key of this block: [tA, tB].
     int tA, tB;
@@ -957,35 +1024,69 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
         }
         tB = lo - 1;
     }
-    const float sl2 = scale * BM_LOG2E;
-    const bool vec = s.D % 4 == 0 && bm_aligned16(q) && bm_aligned16(dout);
-
-    // Query heads of kv head g: h with h·G/H == g.
+    // Query heads of kv head g: h with h·G/H == g. The block walks (h, tq)
+    // for h in [hA, hE), tq = tA, tA+BM_TC_KT, … ≤ tB.
     const int hA = (g * s.H + s.G - 1) / s.G, hE = ((g + 1) * s.H + s.G - 1) / s.G;
-    for (int h = hA; h < hE; h++) {
-        for (int tq = tA; tq <= tB; tq += BM_TC_KT) {
-            __syncthreads(); // every warp is done with the previous tile
-            bm_tc_stage<DM>(qs, os, q, dout, tq, tB, nullptr, ((long long)b * s.T * s.H + h) * s.D, (long long)s.H * s.D, s.D, vec);
-            if (threadIdx.x < BM_TC_KT) {
-                const int t = tq + threadIdx.x;
-                float lv = 0.f, d0 = 0.f;
+    // load starts the copies of tile (h, tq) into buffer bf: the rows of q
+    // and dout, lse and dd (zeros past tB), and for memory keys each query's
+    // index range (written directly).
+    auto load = [&](int h, int tq, int bf) {
+        const long long base = ((long long)b * s.T * s.H + h) * DM, stride = (long long)s.H * DM;
+        bm_tc_load<DM>(qs[bf], q, tq, tB, nullptr, base, stride);
+        bm_tc_load<DM>(os[bf], dout, tq, tB, nullptr, base, stride);
+        if (threadIdx.x < BM_TC_KT) {
+            const int t = tq + threadIdx.x;
+            const bool ok = t <= tB;
+            const long long lr = ok ? ((long long)b * s.T + t) * s.H + h : 0;
+            bm_cp_async<4>(&ls[bf][threadIdx.x], lse + lr, ok);
+            bm_cp_async<4>(&dds[bf][threadIdx.x], Dd + lr, ok);
+            if (MEM) {
                 int lo = 1, hi = 0;
-                if (t <= tB) {
-                    const long long lr = ((long long)b * s.T + t) * s.H + h;
-                    lv = lse[lr] * BM_LOG2E;
-                    d0 = Dd[lr];
-                    if (MEM) bm_attn_range(2, t, s, bpre, lo, hi);
-                }
-                ls[threadIdx.x] = lv;
-                dds[threadIdx.x] = d0;
-                qlo[threadIdx.x] = lo;
-                qhi[threadIdx.x] = hi;
+                if (ok) bm_attn_range(2, t, s, bpre, lo, hi);
+                qlo[bf][threadIdx.x] = lo;
+                qhi[bf][threadIdx.x] = hi;
             }
-            __syncthreads();
-            if (kw0 > kw1) continue; // the whole warp
-            if (!MEM && (tq > kw1 + qb || tq + BM_TC_KT - 1 < kw0 + qa)) continue;
-            // full: every key of the warp sees every query of the tile.
-            const bool full = !MEM && kw1 == kw0 + 15 && tq + BM_TC_KT - 1 <= tB && tq >= kw1 + qa && tq + BM_TC_KT - 1 <= kw0 + qb;
+        }
+    };
+    int nh = hA, ntq = tA; // the next tile to load
+    if (tA <= tB && hA < hE) load(nh, ntq, 0);
+    bm_cp_async_commit();
+
+    const int kw0 = j0 + 16 * (threadIdx.x >> 5), kw1 = min(nkeys - 1, kw0 + 15); // the warp's keys (none when kw0 > kw1)
+    int key[2];
+    bool kvalid[2];
+    long long krow[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        key[i] = kw0 + (lane >> 2) + 8 * i;
+        kvalid[i] = key[i] < nkeys;
+        const int pos = kvalid[i] ? (MEM ? bcomp[key[i]] : key[i]) : 0;
+        krow[i] = (((long long)b * s.T + pos) * s.G + g) * s.D;
+    }
+    unsigned kfr[NK][4], vfr[NK][4];
+    bm_tc_afrag<NK>(kfr, k, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
+    bm_tc_afrag<NK>(vfr, v, krow[0], krow[1], kvalid[0], kvalid[1], s.D, c);
+    float dka[ND][4], dva[ND][4];
+#pragma unroll
+    for (int j = 0; j < ND; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[j][e] = dva[j][e] = 0.f;
+    const float sl2 = scale * BM_LOG2E;
+
+    for (int bf = 0; tA <= tB && nh < hE; bf ^= 1) {
+        const int tq = ntq;
+        ntq += BM_TC_KT;
+        if (ntq > tB) nh++, ntq = tA;
+        if (nh < hE) load(nh, ntq, bf ^ 1);
+        bm_cp_async_commit();
+        bm_cp_async_wait<1>(); // this thread's copies of tile tq are done
+        __syncthreads();       // and every thread's
+        // full: every key of the warp sees every query of the tile.
+        const bool full = !MEM && kw1 == kw0 + 15 && tq + BM_TC_KT - 1 <= tB && tq >= kw1 + qa && tq + BM_TC_KT - 1 <= kw0 + qb;
+        if (kw0 <= kw1 && (MEM || (tq <= kw1 + qb && tq + BM_TC_KT - 1 >= kw0 + qa))) { // else no key of the warp sees the tile
+            const uint16_t *qss = qs[bf], *oss = os[bf];
+            const float *lss = ls[bf], *ddss = dds[bf];
+            const int *qlos = qlo[MEM ? bf : 0], *qhis = qhi[MEM ? bf : 0];
             // Two halves of 32 queries: fewer live registers.
 #pragma unroll 1
             for (int q0 = 0; q0 < BM_TC_KT; q0 += 32) {
@@ -994,27 +1095,28 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
                 for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) st[j][e] = dpt[j][e] = 0.f;
-                bm_tc_qk<DM, 2>(st, kfr, qs + q0 * LD, lane); // Sᵀ: rows keys, columns queries
-                bm_tc_qk<DM, 2>(dpt, vfr, os + q0 * LD, lane);
+                bm_tc_qk<DM, 2>(st, kfr, qss + q0 * LD, lane); // Sᵀ: rows keys, columns queries
+                bm_tc_qk<DM, 2>(dpt, vfr, oss + q0 * LD, lane);
 #pragma unroll
                 for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int col = q0 + 8 * j + 2 * c + (e & 1), t = tq + col, i = e >> 1;
                         const bool ok = full || (kvalid[i] && t <= tB &&
-                                                 (MEM ? (key[i] >= qlo[col] && key[i] <= qhi[col]) : (t >= key[i] + qa && t <= key[i] + qb)));
-                        const float p = exp2f(st[j][e] * sl2 - ls[col]);
-                        const float ds = p * (dpt[j][e] - dds[col]) * scale;
+                                                 (MEM ? (key[i] >= qlos[col] && key[i] <= qhis[col]) : (t >= key[i] + qa && t <= key[i] + qb)));
+                        const float p = exp2f(st[j][e] * sl2 - lss[col] * BM_LOG2E);
+                        const float ds = p * (dpt[j][e] - ddss[col]) * scale;
                         st[j][e] = ok ? p : 0.f; // selects: a masked p may be inf
                         dpt[j][e] = ok ? ds : 0.f;
                     }
                 unsigned pa[2][4];
                 bm_tc_pack<2>(pa, st);
-                bm_tc_pv<DM, 2>(dva, pa, os + q0 * LD, lane);
+                bm_tc_pv<DM, 2>(dva, pa, oss + q0 * LD, lane);
                 bm_tc_pack<2>(pa, dpt);
-                bm_tc_pv<DM, 2>(dka, pa, qs + q0 * LD, lane);
+                bm_tc_pv<DM, 2>(dka, pa, qss + q0 * LD, lane);
             }
         }
+        __syncthreads(); // every warp is done with buffer bf before it is refilled
     }
     const bool atomic = MEM && *dup != 0;
 #pragma unroll
@@ -1038,17 +1140,17 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
     }
 }
 
-#define BM_ATTN_DKV_TC(NAME, DM)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                \
-        NAME(float *dk, float *dv, const float *k, const float *v, const float *q, const float *dout, const float *lse,   \
-             const float *Dd, int T, int H, int G, int D, int qa, int qb, float scale) {                                 \
-        const BmAttn s = {T, H, G, D, 1, 0, 1, 0, 0, 0, 0};                                                              \
-        bm_attn_dkv_tc_impl<DM, false>(dk, dv, k, v, q, dout, lse, Dd, nullptr, nullptr, nullptr, s, qa, qb, scale);     \
+#define BM_ATTN_DKV_TC(NAME, DM)                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
+        NAME(float *dk, float *dv, const float *k, const float *v, const uint16_t *q, const uint16_t *dout, const float *lse,     \
+             const float *Dd, int T, int H, int G, int D, int qa, int qb, float scale) {                                         \
+        const BmAttn s = {T, H, G, D, 1, 0, 1, 0, 0, 0, 0};                                                                      \
+        bm_attn_dkv_tc_impl<DM, false>(dk, dv, k, v, q, dout, lse, Dd, nullptr, nullptr, nullptr, s, qa, qb, scale);             \
     }
 
 #define BM_ATTN_DKV_MEM_TC(NAME, DM)                                                                                              \
     extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
-        NAME(float *dk, float *dv, const float *k, const float *v, const float *q, const float *dout, const float *lse,           \
+        NAME(float *dk, float *dv, const float *k, const float *v, const uint16_t *q, const uint16_t *dout, const float *lse,     \
              const float *Dd, const int *comp, const int *pre, const int *dup, int T, int H, int G, int D, int C, int M, int Delta, \
              int nC, int nCS, float scale) {                                                                                     \
         const BmAttn s = {T, H, G, D, 1, 0, C, M, Delta, nC, nCS};                                                               \

@@ -200,3 +200,46 @@ __device__ __forceinline__ void bm_ldsm_x4_t(unsigned (&r)[4], const void *row) 
     __syncwarp();
 #endif
 }
+
+// ------------------------------------------------------------- cp.async
+//
+// bm_cp_async<N> starts an asynchronous copy of N (4, 8 or 16) bytes from
+// global src to shared dst, both N-byte aligned (cp.async.ca, or .cg for 16
+// bytes: through L2 only); with valid false it writes N zero bytes and
+// reads nothing (src-size 0; src must still be a valid address).
+// bm_cp_async_commit closes the thread's group of copies started since the
+// last commit; bm_cp_async_wait<N> waits until at most N of the thread's
+// groups are pending. Other threads see the data only after a barrier that
+// follows the wait. The emulation copies at issue time and waits for
+// nothing: the barriers the kernels need on the GPU still order it.
+template <int N> __device__ __forceinline__ void bm_cp_async(void *dst, const void *src, bool valid) {
+    static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+#ifdef __CUDACC__
+    const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+    if (N == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(valid ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(a), "l"(src), "n"(N), "r"(valid ? N : 0) : "memory");
+#else
+    if (((uintptr_t)dst | (uintptr_t)src) & (N - 1)) {
+        fprintf(stderr, "%s: cp.async of %d bytes from %p to %p is not aligned\n", bm_emu::st.kernel, N, src, dst);
+        abort();
+    }
+    if (valid)
+        memcpy(dst, src, N);
+    else
+        memset(dst, 0, N);
+#endif
+}
+
+__device__ __forceinline__ void bm_cp_async_commit() {
+#ifdef __CUDACC__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N> __device__ __forceinline__ void bm_cp_async_wait() {
+#ifdef __CUDACC__
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}

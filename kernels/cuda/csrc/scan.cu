@@ -489,6 +489,23 @@ static __device__ __forceinline__ float bm_ex2(float x) {
 static inline float bm_ex2(float x) { return exp2f(x); }
 #endif
 
+// bm_softplus_sig16 is bm_softplus_sig with the reciprocal from one
+// MUFU.RCP (__fdividef, within 2 ulp; 1 + y is in [1, 2]) instead of an
+// IEEE division with its slow-path branch; bm_sigmoid16 likewise (for
+// 1 + e^(−z) > 2^126, z < −87, it gives 0, as it should).
+static __device__ __forceinline__ float bm_softplus_sig16(float v, float &sig) {
+    const float y = expf(-fabsf(v)); // in (0, 1]
+    const float l = log1pf(y);
+    const float inv = __fdividef(1.f, 1.f + y);
+    if (v >= 0.f) {
+        sig = inv;
+        return v + l;
+    }
+    sig = y * inv;
+    return l;
+}
+static __device__ __forceinline__ float bm_sigmoid16(float z) { return __fdividef(1.f, 1.f + expf(-z)); }
+
 // bm_sum8 sums v over the 8 lanes of each group (every lane must call it).
 static __device__ __forceinline__ float bm_sum8(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -496,6 +513,11 @@ static __device__ __forceinline__ float bm_sum8(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 4);
     return v;
 }
+
+// ScanF2: two floats moved as one 8-byte access (the emulation has no float2).
+struct alignas(8) ScanF2 {
+    float x, y;
+};
 
 // ScanRaw holds one tile of TT timesteps as loaded from global memory by
 // one staging thread: KE elements of its channel, KB slots of the tile's
@@ -580,8 +602,8 @@ bm_selective_scan_fwd16(float *out, const float *x, const float *dt, const float
             gz[k] = 0.f;
             if (sact && t0 + j < T) {
                 float sig;
-                d = bm_softplus_sig(r.dt[k] + bias, sig);
-                gz[k] = r.z[k] / (1.f + expf(-r.z[k]));
+                d = bm_softplus_sig16(r.dt[k] + bias, sig);
+                gz[k] = r.z[k] * bm_sigmoid16(r.z[k]);
             }
             sD[j][sc] = d;
             sU[j][sc] = d * r.x[k];
@@ -645,8 +667,8 @@ static __device__ __forceinline__ void scan_loc(float *hloc, float *Q, float *S,
             float d = 0.f, dy = 0.f;
             if (sact && t0 + j < T) {
                 float sig;
-                d = bm_softplus_sig(r.dt[k] + bias, sig);
-                if (WQ) dy = r.g[k] * r.z[k] / (1.f + expf(-r.z[k]));
+                d = bm_softplus_sig16(r.dt[k] + bias, sig);
+                if (WQ) dy = r.g[k] * r.z[k] * bm_sigmoid16(r.z[k]);
             }
             sD[j][sc] = d;
             sU[j][sc] = d * r.x[k];
@@ -743,18 +765,25 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
                         const float *x, const float *dt, const float *dtBias, const float *Alog, const float *Bm,
                         const float *Cm, const float *Dskip, const float *z, int B, int T, int E, int N) {
     constexpr int L = BM_SS_L;
-    constexpr int NQ = BM_SS_T / 16; // channel pairs after one shuffle (16)
+    constexpr int NW = BM_SS_T / 32; // warps per block
     using Raw = ScanRaw<L>;
     __shared__ float sD[L][BM_SS_CH], sX[L][BM_SS_CH], sDY[L][BM_SS_CH];
     __shared__ float sBC[2 * L * BM_SS_NL];
     __shared__ float sCk[BM_SS_NCK][BM_SS_CH][BM_SS_NL];
-    __shared__ float sR[3][L][BM_SS_CH];
-    // dB, dC partials over channel pairs; rows padded to 20 floats so the
-    // row sums' 16-byte reads are conflict-free.
-    alignas(16) __shared__ float sPB[L][BM_SS_NL][NQ + 4], sPC[L][BM_SS_NL][NQ + 4];
+    // Sums over n, half done: sQ[j][ch][slot] holds, for lane l < 4, (y, dx)
+    // of states {2l, 2l+1, 2l+8, 2l+9} and for l ≥ 4 (dΔ, −) of states
+    // {2l−8, 2l−7, 2l, 2l+1}; slot = l ^ ((ch/2)%8) keeps both the compute
+    // threads' 8-byte writes and the staging threads' reads conflict-free.
+    __shared__ ScanF2 sQ[L][BM_SS_CH][8];
+    // dB, dC summed over each warp's 4 channels: sP[j][warp][k] is which =
+    // k/16 (0: dB, 1: dC) of state n = 2(k%8) + (k/8)%2.
+    __shared__ float sP[L][NW][32];
+    __shared__ float sR[2][L][BM_SS_CH];
 
     const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
     const int warp = tid >> 5, wl = tid & 31;
+    const bool hi4 = l & 4, hi8 = wl & 8, hi16 = wl & 16;
+    const int qslot = l ^ ((ch >> 1) & 7), rslot = (sc >> 1) & 7; // sQ swizzle (write, read)
     const int e0 = blockIdx.x * BM_SS_CH, seg = blockIdx.y, nSeg = gridDim.y, b = blockIdx.z;
     const int e = e0 + ch, es = e0 + sc;
     const bool act = e < E, sact = es < E;
@@ -780,7 +809,7 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
             float d = 0.f;
             if (sact && t0 + sj < T) {
                 float sig;
-                d = bm_softplus_sig(r.dt[0] + bias, sig);
+                d = bm_softplus_sig16(r.dt[0] + bias, sig);
             }
             sD[sj][sc] = d;
             sX[sj][sc] = d * r.x[0]; // Δ·x here
@@ -807,12 +836,13 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
         const int t0 = tBeg + c * L;
         // Stage this thread's element (t0+sj, es); keep what the write-back needs.
         const int tw = t0 + sj;
+        const long long iw = ((long long)b * T + tw) * E + es; // the staged element
         const bool vw = sact && tw < T;
         const float xw = r.x[0], zw = r.z[0], gw = r.g[0];
         float dw = 0.f, sigw = 0.f, szw = 0.f, dyw = 0.f;
         if (vw) {
-            dw = bm_softplus_sig(r.dt[0] + bias, sigw);
-            szw = 1.f / (1.f + expf(-zw));
+            dw = bm_softplus_sig16(r.dt[0] + bias, sigw);
+            szw = bm_sigmoid16(zw);
             dyw = gw * zw * szw;
         }
         sD[sj][sc] = dw;
@@ -859,49 +889,53 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
                 dA[p] = fmaf(dhn * pa, d, dA[p]);
                 dh[p] = dhn * a;
             }
-            yp = bm_sum8(yp);
-            dxp = bm_sum8(dxp);
-            ddp = bm_sum8(ddp);
-            if (l == 0) {
-                sR[0][j][ch] = yp;
-                sR[1][j][ch] = dxp;
-                sR[2][j][ch] = ddp;
+            // y, dx, dΔ over n: one exchange of a transposed reduction
+            // (lanes l and l^4 swap halves), the rest in the write-back.
+            {
+                const float snd = hi4 ? yp : ddp, kp = hi4 ? ddp : yp;
+                const float r0 = __shfl_xor_sync(0xffffffffu, snd, 4);
+                const float r1 = __shfl_xor_sync(0xffffffffu, dxp, 4);
+                sQ[j][ch][qslot] = ScanF2{kp + r0, dxp + r1};
             }
-#pragma unroll
-            for (int p = 0; p < 2; p++) {
-                cB[p] += __shfl_xor_sync(0xffffffffu, cB[p], 16);
-                cC[p] += __shfl_xor_sync(0xffffffffu, cC[p], 16);
-            }
-            if (wl < 16) {
-                const int q = warp * 2 + (wl >> 3);
-#pragma unroll
-                for (int p = 0; p < 2; p++) {
-                    sPB[j][2 * l + p][q] = cB[p];
-                    sPC[j][2 * l + p][q] = cC[p];
-                }
+            // dB, dC over the warp's 4 channels, transposed: after lane bit
+            // 4 (dB | dC) and bit 3 (state 2l | 2l+1) each lane holds one sum.
+            {
+                float k0 = hi16 ? cC[0] : cB[0], k1 = hi16 ? cC[1] : cB[1];
+                const float s0 = hi16 ? cB[0] : cC[0], s1 = hi16 ? cB[1] : cC[1];
+                k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+                k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+                const float snd = hi8 ? k0 : k1, kp = hi8 ? k1 : k0;
+                sP[j][warp][wl] = kp + __shfl_xor_sync(0xffffffffu, snd, 8);
             }
         }
         __syncthreads();
 
-        // dB, dC of the sub-chunk over the block's channels: thread (which, j, n).
+        // dB, dC of the sub-chunk over the block's channels: thread (j, which, n).
         {
-            const int which = tid >> 7, j = (tid >> 4) & 7, n = tid & 15;
-            const float *row = which ? sPC[j][n] : sPB[j][n];
+            const int j = tid >> 5, which = (tid >> 4) & 1, n = tid & 15;
+            const int k = which * 16 + (n & 1) * 8 + (n >> 1);
             float s = 0.f;
 #pragma unroll
-            for (int q = 0; q < NQ; q++) s += row[q];
+            for (int w = 0; w < NW; w++) s += sP[j][w][k];
             float *part = which ? partC : partB;
             const int t = t0 + j;
             if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
         }
         // Per-element gradients of the staged element.
         if (vw) {
-            const long long i = ((long long)b * T + tw) * E + es;
-            const float y = sR[0][sj][sc] + D * xw;
-            if (dz) dz[i] += gw * y * szw * (1.f + zw * (1.f - szw));
-            if (dx) dx[i] += dyw * D + dw * sR[1][sj][sc];
-            const float du = sR[2][sj][sc] * sigw; // ∂L/∂dt
-            if (ddt) ddt[i] += du;
+            float ys = 0.f, dxs = 0.f, dds = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const ScanF2 lo = sQ[sj][sc][q ^ rslot], hi = sQ[sj][sc][(q + 4) ^ rslot];
+                ys += lo.x;
+                dxs += lo.y;
+                dds += hi.x;
+            }
+            const float y = ys + D * xw;
+            if (dz) dz[iw] += gw * y * szw * (1.f + zw * (1.f - szw));
+            if (dx) dx[iw] += dyw * D + dw * dxs;
+            const float du = dds * sigw; // ∂L/∂dt
+            if (ddt) ddt[iw] += du;
             accBias += du;
             accD += dyw * xw;
         }
