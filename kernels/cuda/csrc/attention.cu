@@ -56,6 +56,38 @@ __device__ __forceinline__ int bm_mem_end(const int *pre, int t, const BmAttn &s
     return last < 0 ? 0 : pre[last + 1];
 }
 
+// bm_key_block_queries sets [tA, tB], the queries that can see a key of
+// the block [j0, j1]: context/fading keys (qa, qb the window offsets) or,
+// for MEM, memory entries (bounds non-decreasing in t: binary searches).
+template <bool MEM>
+__device__ __forceinline__ void bm_key_block_queries(int &tA, int &tB, int j0, int j1, int qa, int qb, const int *bpre,
+                                                     const BmAttn &s) {
+    if (!MEM) {
+        tA = j0 + qa;
+        tB = min(s.T - 1, j1 + qb);
+        return;
+    }
+    int lo = 0, hi = s.T;
+    while (lo < hi) { // first t whose range ends after j0
+        const int mid = (lo + hi) >> 1;
+        if (bm_mem_end(bpre, mid, s) > j0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    tA = lo;
+    lo = 0;
+    hi = s.T;
+    while (lo < hi) { // first t whose range starts after j1
+        const int mid = (lo + hi) >> 1;
+        if (max(0, bm_mem_end(bpre, mid, s) - s.M) > j1)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    tB = lo - 1;
+}
+
 // bm_attn_range sets query t's key index range [lo, hi] of part (empty when
 // hi < lo).
 __device__ __forceinline__ void bm_attn_range(int part, int t, const BmAttn &s, const int *pre, int &lo, int &hi) {
@@ -390,30 +422,7 @@ __device__ __forceinline__ void bm_attn_dkv_impl(bm_f4 *qs4, bm_f4 *os4, float *
 
     // Queries that can see a key of this block: [tA, tB].
     int tA, tB;
-    if (!MEM) {
-        tA = j0 + qa;
-        tB = min(s.T - 1, j1 + qb);
-    } else { // bounds are non-decreasing in t: binary searches
-        int lo = 0, hi = s.T;
-        while (lo < hi) { // first t whose range ends after j0
-            const int mid = (lo + hi) >> 1;
-            if (bm_mem_end(bpre, mid, s) > j0)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        tA = lo;
-        lo = 0;
-        hi = s.T;
-        while (lo < hi) { // first t whose range starts after j1
-            const int mid = (lo + hi) >> 1;
-            if (max(0, bm_mem_end(bpre, mid, s) - s.M) > j1)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        tB = lo - 1;
-    }
+    bm_key_block_queries<MEM>(tA, tB, j0, j1, qa, qb, bpre, s);
 
     // Query heads of kv head g: h with h·G/H == g.
     const int hA = (g * s.H + s.G - 1) / s.G, hE = ((g + 1) * s.H + s.G - 1) / s.G;
@@ -1000,30 +1009,7 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
 
     // Queries that can see a key of this block: [tA, tB].
     int tA, tB;
-    if (!MEM) {
-        tA = j0 + qa;
-        tB = min(s.T - 1, j1 + qb);
-    } else { // bounds are non-decreasing in t: binary searches
-        int lo = 0, hi = s.T;
-        while (lo < hi) { // first t whose range ends after j0
-            const int mid = (lo + hi) >> 1;
-            if (bm_mem_end(bpre, mid, s) > j0)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        tA = lo;
-        lo = 0;
-        hi = s.T;
-        while (lo < hi) { // first t whose range starts after j1
-            const int mid = (lo + hi) >> 1;
-            if (max(0, bm_mem_end(bpre, mid, s) - s.M) > j1)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        tB = lo - 1;
-    }
+    bm_key_block_queries<MEM>(tA, tB, j0, j1, qa, qb, bpre, s);
     // Query heads of kv head g: h with h·G/H == g. The block walks (h, tq)
     // for h in [hA, hE), tq = tA, tA+BM_TC_KT, … ≤ tB.
     const int hA = (g * s.H + s.G - 1) / s.G, hE = ((g + 1) * s.H + s.G - 1) / s.G;

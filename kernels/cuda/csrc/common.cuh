@@ -147,6 +147,21 @@ __device__ __forceinline__ void bm_mma_16816(float (&c)[4], const unsigned (&a)[
 #endif
 }
 
+#ifndef __CUDACC__
+// bm_emu_ldsm_rows (emulation of ldmatrix) checks this lane's row address
+// and publishes it to the warp: s[lane][0] holds every lane's row.
+inline unsigned long long (&bm_emu_ldsm_rows(const void *row))[32][8] {
+    unsigned long long(&s)[32][8] = bm_emu::warp_scratch();
+    if ((uintptr_t)row & 15) {
+        fprintf(stderr, "%s: ldmatrix row address %p is not 16-byte aligned\n", bm_emu::st.kernel, row);
+        abort();
+    }
+    s[bm_emu::st.cur->lane][0] = (uintptr_t)row;
+    __syncwarp();
+    return s;
+}
+#endif
+
 // bm_ldsm_x4 loads four 8×8 bf16 matrices from shared memory
 // (ldmatrix.sync.aligned.m8n8.x4.shared.b16): lane l passes the address of
 // row l%8 of matrix l/8 (16 bytes, 16-byte aligned) and receives in r[i]
@@ -160,14 +175,8 @@ __device__ __forceinline__ void bm_ldsm_x4(unsigned (&r)[4], const void *row) {
                  : "r"(a)
                  : "memory");
 #else
-    unsigned long long(&s)[32][8] = bm_emu::warp_scratch();
+    unsigned long long(&s)[32][8] = bm_emu_ldsm_rows(row);
     const int l = bm_emu::st.cur->lane;
-    if ((uintptr_t)row & 15) {
-        fprintf(stderr, "%s: ldmatrix row address %p is not 16-byte aligned\n", bm_emu::st.kernel, row);
-        abort();
-    }
-    s[l][0] = (uintptr_t)row;
-    __syncwarp();
     for (int i = 0; i < 4; i++) {
         const uint16_t *p = (const uint16_t *)(uintptr_t)s[8 * i + (l >> 2)][0];
         r[i] = (unsigned)p[2 * (l & 3)] | (unsigned)p[2 * (l & 3) + 1] << 16;
@@ -184,14 +193,8 @@ __device__ __forceinline__ void bm_ldsm_x4_t(unsigned (&r)[4], const void *row) 
                  : "r"(a)
                  : "memory");
 #else
-    unsigned long long(&s)[32][8] = bm_emu::warp_scratch();
+    unsigned long long(&s)[32][8] = bm_emu_ldsm_rows(row);
     const int l = bm_emu::st.cur->lane;
-    if ((uintptr_t)row & 15) {
-        fprintf(stderr, "%s: ldmatrix row address %p is not 16-byte aligned\n", bm_emu::st.kernel, row);
-        abort();
-    }
-    s[l][0] = (uintptr_t)row;
-    __syncwarp();
     for (int i = 0; i < 4; i++) {
         const uint16_t *p0 = (const uint16_t *)(uintptr_t)s[8 * i + 2 * (l & 3)][0];
         const uint16_t *p1 = (const uint16_t *)(uintptr_t)s[8 * i + 2 * (l & 3) + 1][0];
