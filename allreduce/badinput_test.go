@@ -145,24 +145,30 @@ func TestBadInput(t *testing.T) {
 			for _, f := range c.frames {
 				fp.send(t, f)
 			}
-			err := h.Wait(ctx)
-			el := time.Since(start)
-			var pe *PeerError
-			if !errors.Is(err, c.want) || !errors.As(err, &pe) {
-				t.Fatalf("err = %v, want a PeerError wrapping %v", err, c.want)
-			}
-			if pe.Rank != 0 {
-				t.Errorf("blames rank %d, want 0: %v", pe.Rank, err)
-			}
-			if c.step >= 0 && pe.Step != c.step {
-				t.Errorf("names step %d, want %d: %v", pe.Step, c.step, err)
-			}
-			if el < c.wantDelay || el > c.wantDelay+3*time.Second {
-				t.Errorf("failed after %v, want within [%v, %v]", el, c.wantDelay, c.wantDelay+3*time.Second)
-			}
-			t.Logf("%v: %v", el.Round(time.Millisecond), err)
+			checkPeerFailure(t, h.Wait(ctx), time.Since(start), c.want, c.step, c.wantDelay)
 		})
 	}
+}
+
+// checkPeerFailure: err is a *PeerError wrapping want that blames rank 0
+// (and step, unless step < 0), returned within 3 s after wantDelay.
+func checkPeerFailure(t *testing.T, err error, el time.Duration, want error, step int, wantDelay time.Duration) *PeerError {
+	t.Helper()
+	var pe *PeerError
+	if !errors.Is(err, want) || !errors.As(err, &pe) {
+		t.Fatalf("err = %v, want a PeerError wrapping %v", err, want)
+	}
+	if pe.Rank != 0 {
+		t.Errorf("blames rank %d, want 0: %v", pe.Rank, err)
+	}
+	if step >= 0 && pe.Step != step {
+		t.Errorf("names step %d, want %d: %v", pe.Step, step, err)
+	}
+	if el < wantDelay || el > wantDelay+3*time.Second {
+		t.Errorf("failed after %v, want within [%v, %v]", el, wantDelay, wantDelay+3*time.Second)
+	}
+	t.Logf("%v: %v", el.Round(time.Millisecond), err)
+	return pe
 }
 
 // TestStrangerRefused: a process that is not the predecessor cannot inject

@@ -2,7 +2,6 @@ package allreduce
 
 import (
 	"context"
-	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -132,25 +131,10 @@ func TestShmBadInput(t *testing.T) {
 					t.Logf("fake send: %v", err)
 				}
 			}
-			err := h.Wait(ctx)
-			el := time.Since(start)
-			var pe *PeerError
-			if !errors.Is(err, c.want) || !errors.As(err, &pe) {
-				t.Fatalf("err = %v, want a PeerError wrapping %v", err, c.want)
-			}
-			if pe.Rank != 0 {
-				t.Errorf("blames rank %d, want 0: %v", pe.Rank, err)
-			}
-			if c.step >= 0 && pe.Step != c.step {
-				t.Errorf("names step %d, want %d: %v", pe.Step, c.step, err)
-			}
+			pe := checkPeerFailure(t, h.Wait(ctx), time.Since(start), c.want, c.step, c.wantDelay)
 			if c.want == ErrHopTimeout && pe.Chunk != 0 {
-				t.Errorf("names chunk %d, want 0: %v", pe.Chunk, err)
+				t.Errorf("names chunk %d, want 0: %v", pe.Chunk, pe)
 			}
-			if el < c.wantDelay || el > c.wantDelay+3*time.Second {
-				t.Errorf("failed after %v, want within [%v, %v]", el, c.wantDelay, c.wantDelay+3*time.Second)
-			}
-			t.Logf("%v: %v", el.Round(time.Millisecond), err)
 		})
 	}
 }
