@@ -109,8 +109,8 @@ func (c *cache) drain() {
 	}
 }
 
-// threshold is how many bytes of cuMemAlloc growth trigger a collection:
-// a sixteenth of the device, at least 1 GiB.
+// threshold is how many bytes handed out since the last collection make the
+// next growth collect first: a sixteenth of the device, at least 1 GiB.
 func (c *cache) threshold() int64 {
 	if c.gcAt == 0 {
 		_, total := c.drv.memInfo()

@@ -129,11 +129,19 @@ func (b *Backend) run(op string, f func() error) {
 // must not read memory the caller may change after queue returns. What f
 // returns is recorded under op and reported by Err.
 func (b *Backend) queue(op string, f func() error) {
+	b.post(op, func() error {
+		b.d.gen++ // the op may write device memory (ops_matmul.go)
+		return f()
+	})
+}
+
+// post hands f to the device thread unless an error is recorded already,
+// recording what f returns under op.
+func (b *Backend) post(op string, f func() error) {
 	if b.failed() {
 		return
 	}
 	b.d.post(func() {
-		b.d.gen++
 		if err := f(); err != nil {
 			b.failf("%s: %v", op, err)
 		}

@@ -75,10 +75,11 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	info.CuBLAS = g.blas.lib
 	// 32 MiB of cuBLAS workspace, as PyTorch gives it on Hopper: some of the
 	// fastest kernels (split-K among them) need more than the default.
-	if g.ws, err = cu.MemAlloc(32 << 20); err != nil {
+	const wsBytes = 32 << 20
+	if g.ws, err = cu.MemAlloc(wsBytes); err != nil {
 		return info, fmt.Errorf("cuda: allocating the cuBLAS workspace: %w", err)
 	}
-	if err := g.blas.setWorkspace(uint64(g.ws), 32<<20); err != nil {
+	if err := g.blas.setWorkspace(uint64(g.ws), wsBytes); err != nil {
 		return info, err
 	}
 	return info, nil

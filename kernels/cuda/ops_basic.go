@@ -15,12 +15,12 @@ const threads = 256
 // strideGrid covers n elements with blocks of 256 threads running a
 // grid-stride loop, capped at perSM blocks per SM so huge buffers reuse
 // threads rather than launch millions of blocks (0 blocks for n = 0).
-func (b *Backend) strideGrid(n, perSM int) dim {
-	return dim{min((n+threads-1)/threads, perSM*max(1, b.d.info.SMs)), 1, 1}
+func (d *Device) strideGrid(n, perSM int) dim {
+	return dim{min((n+threads-1)/threads, perSM*max(1, d.info.SMs)), 1, 1}
 }
 
 // gridFor is the grid of the elementwise kernels: up to 32 blocks per SM.
-func (b *Backend) gridFor(n int) dim { return b.strideGrid(n, 32) }
+func (b *Backend) gridFor(n int) dim { return b.d.strideGrid(n, 32) }
 
 var block256 = dim{threads, 1, 1}
 

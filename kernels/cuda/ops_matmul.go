@@ -56,9 +56,8 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 		d.halfX = halfKey{}
 	}
 	dst := d.half[slot].ptr
-	words := (n + 1) / 2
-	grid := dim{int(min((words+threads-1)/threads, int64(32*max(1, d.info.SMs)))), 1, 1}
-	if err := d.launch("bm_to_bf16", grid, block256, 0, uint64(dst), x, n); err != nil {
+	// One thread per pair of values (packed into one 32-bit word).
+	if err := d.launch("bm_to_bf16", d.strideGrid(int((n+1)/2), 32), block256, 0, uint64(dst), x, n); err != nil {
 		d.halfX = halfKey{}
 		return operand{}, err
 	}
@@ -73,14 +72,11 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 // products that way).
 func (b *Backend) ForgetInputCopies() { b.queue("forget_input_copies", func() error { return nil }) }
 
-// queueMatMul queues a matrix product. Unlike other ops it leaves d.gen
-// alone, so consecutive products can share slot 1's copy, but it drops that
-// copy when one of outs overlaps its source.
+// queueMatMul queues a matrix product. Unlike other ops (queue) it leaves
+// d.gen alone, so consecutive products can share slot 1's copy, but it
+// drops that copy when one of outs overlaps its source.
 func (b *Backend) queueMatMul(op string, f func() error, outs ...*floats) {
-	if b.failed() {
-		return
-	}
-	b.d.post(func() {
+	b.post(op, func() error {
 		err := f()
 		k := b.d.halfX
 		for _, o := range outs {
@@ -88,9 +84,7 @@ func (b *Backend) queueMatMul(op string, f func() error, outs ...*floats) {
 				b.d.halfX = halfKey{}
 			}
 		}
-		if err != nil {
-			b.failf("%s: %v", op, err)
-		}
+		return err
 	})
 }
 

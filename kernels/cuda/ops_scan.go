@@ -9,7 +9,7 @@ import "github.com/bmojo/bmojo/kernels"
 
 // scanStrideGrid is the grid of this file's elementwise kernels: 256-thread
 // blocks, up to 16 per SM (each thread then handles several elements).
-func (b *Backend) scanStrideGrid(n int) dim { return b.strideGrid(n, 16) }
+func (b *Backend) scanStrideGrid(n int) dim { return b.d.strideGrid(n, 16) }
 
 // SiLU implements kernels.Backend.
 func (b *Backend) SiLU(out, x kernels.Buffer) {
