@@ -71,11 +71,7 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 				}
 				fmt.Printf("%-26s %-22s %10.2e %10.3f %14s\n", r.Op, r.Shape, r.RelErr, r.Ms, rate)
 			}
-			if jsonOut != "" {
-				b, _ := json.MarshalIndent(rows, "", "  ")
-				return os.WriteFile(jsonOut, append(b, '\n'), 0o644)
-			}
-			return nil
+			return writeJSON(jsonOut, rows)
 		},
 	}
 	fl := cmd.Flags()
@@ -416,4 +412,17 @@ func attnCase(c model.Config, backward bool) kernelCase {
 				p(q), p(kk), p(v), opt(p, kf), opt(p, vf), qm, km, sel, s)
 		}, []pair{dq, dk, dv}, 2.5 * flops, 0, shape
 	}}
+}
+
+// writeJSON writes v, indented, to path (the benchmarks' --json); an empty
+// path writes nothing.
+func writeJSON(path string, v any) error {
+	if path == "" {
+		return nil
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
 }

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"runtime"
 	"time"
 
@@ -111,11 +109,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 					fmt.Printf("largest batch that fits: %d × %d tokens (the next doubling ran out of memory)\n", r.LargestBatch, c.SeqLen)
 				}
 			}
-			if jsonOut != "" {
-				b, _ := json.MarshalIndent(r, "", "  ")
-				return os.WriteFile(jsonOut, append(b, '\n'), 0o644)
-			}
-			return nil
+			return writeJSON(jsonOut, r)
 		},
 	}
 	fl := cmd.Flags()
