@@ -250,8 +250,8 @@ func (w *worker) gpuStats() *cluster.GPUStats {
 	if err != nil {
 		return nil
 	}
-	return &cluster.GPUStats{UUID: t.UUID, UtilPercent: t.UtilPercent, MemUsedBytes: t.MemUsedBytes,
-		MemTotal: t.MemTotal, PowerWatts: t.PowerWatts, TempCelsius: t.TempCelsius}
+	s := cluster.GPUStats(t) // the same fields: a field added to one fails the build
+	return &s
 }
 
 // deviceDesc names the worker's compute device for membership records.

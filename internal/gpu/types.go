@@ -25,14 +25,15 @@ func (g GPU) String() string {
 		float64(g.MemTotal)/(1<<30), float64(g.MemFree)/(1<<30), g.UUID)
 }
 
-// Telemetry is one sample of a device's state.
+// Telemetry is one sample of a device's state. Workers report it as
+// cluster.GPUStats (the wire format), a conversion of this type.
 type Telemetry struct {
-	UUID         string  `json:"uuid"`
-	UtilPercent  float64 `json:"util_percent"`
-	MemUsedBytes float64 `json:"mem_used_bytes"`
-	MemTotal     float64 `json:"mem_total_bytes"`
-	PowerWatts   float64 `json:"power_watts"`
-	TempCelsius  float64 `json:"temp_celsius"`
+	UUID         string
+	UtilPercent  float64
+	MemUsedBytes float64
+	MemTotal     float64
+	PowerWatts   float64
+	TempCelsius  float64
 }
 
 // ErrNoDriver means NVML (and so the NVIDIA driver) is not usable, or this
