@@ -1,11 +1,18 @@
 package model
 
-import "strings"
+import (
+	"fmt"
+	"strings"
+)
 
 // FLOPsPerToken is the model FLOPs of one training token (forward and
 // backward) for sequences of length T, the numerator of MFU:
 //
-//	6·(Σ linear weights + V·d)              matrix products (the tied head is V·d)
+//	6·(Σ linear weights + V·d)              matrix products (the tied head is V·d),
+//	                                         except: W_k and W_v of a layer with a
+//	                                         fading window also make k_f, v_f from the
+//	                                         SSM output (12·); the innovation predictor
+//	                                         has no input gradient (4·, or 2· with λ = 0)
 //	+ Σ_attention layers 12·H·D·k̄           scores and values, forward ×3, where k̄
 //	                                         is the mean number of keys a query sees
 //	                                         (context + fading + memory, exact for T)
@@ -14,13 +21,26 @@ import "strings"
 // Elementwise work (norms, activations, softmax) is not counted, as usual.
 func FLOPsPerToken(c Config, T int) float64 {
 	l := NewLayout(c)
-	var lin float64
+	f := 6 * float64(c.VocabSize*c.DModel)
 	for _, t := range l.Tensors {
-		if t.Decay && len(t.Shape) == 2 && !strings.HasSuffix(t.Name, "conv.weight") {
-			lin += float64(t.Size())
+		if !t.Decay || len(t.Shape) != 2 || strings.HasSuffix(t.Name, "conv.weight") {
+			continue
 		}
+		mult := 6.0
+		var layer int
+		fmt.Sscanf(t.Name, "layers.%d.", &layer)
+		switch {
+		case strings.HasSuffix(t.Name, "attn.predictor.weight"):
+			mult = 2
+			if c.InnovationLoss > 0 {
+				mult = 4
+			}
+		case (strings.HasSuffix(t.Name, "attn.k_proj.weight") || strings.HasSuffix(t.Name, "attn.v_proj.weight")) &&
+			c.Mixers[layer] == MixerBMOJO && c.FadingWindow > 0:
+			mult = 12
+		}
+		f += mult * float64(t.Size())
 	}
-	f := 6 * (lin + float64(c.VocabSize*c.DModel))
 	for _, mx := range c.Mixers {
 		switch mx {
 		case MixerMamba:

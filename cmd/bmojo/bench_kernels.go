@@ -172,9 +172,11 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 		}
 		seen[key] = true
 		name := strings.TrimSuffix(strings.TrimPrefix(t.Name, prefix), ".weight")
-		cases = append(cases, matmulCase(name, N, K, false), matmulCase(name, N, K, true))
+		for _, convert := range []bool{false, true} {
+			cases = append(cases, matmulCase(name, N, K, false, convert), matmulCase(name, N, K, true, convert))
+		}
 	}
-	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false))
+	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false, false), matmulCase("head", c.VocabSize, c.DModel, false, true))
 	d, E, N := c.DModel, c.DInner, c.DState
 	cases = append(cases,
 		kernelCase{"RMSNorm", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
@@ -290,9 +292,8 @@ func (k *kbench) pick(onGPU bool) (kernels.Backend[float32], func(pair) kernels.
 	return k.cpu, func(p pair) kernels.Buffer { return p.c }
 }
 
-// forgetInputCopies makes the next product convert its input to bf16 again,
-// as the first product of a group does in the model: repeating one product
-// would otherwise time only the first repetition's conversion.
+// forgetInputCopies makes the next product convert its inputs to bf16
+// again, as the first product after a write does in the model.
 func forgetInputCopies(be kernels.Backend[float32]) {
 	if f, ok := be.(interface{ ForgetInputCopies() }); ok {
 		f.ForgetInputCopies()
@@ -300,10 +301,17 @@ func forgetInputCopies(be kernels.Backend[float32]) {
 }
 
 // matmulCase is out[Rw,N] = x[Rw,K]·w[N,K]ᵀ, or its backward (dx and dw).
-func matmulCase(name string, N, K int, backward bool) kernelCase {
+// Without convert, x and w are read from the bf16 copies the backend keeps
+// (a training step converts each weight and saved activation once and reads
+// it several times); dout, a fresh gradient, is converted by every backward.
+// With convert, every input is converted in every call.
+func matmulCase(name string, N, K int, backward, convert bool) kernelCase {
 	op := "MatMul " + name
 	if backward {
 		op = "MatMulBackward " + name
+	}
+	if convert {
+		op += " +conv"
 	}
 	return kernelCase{op, func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
 		Rw := B * T
@@ -313,14 +321,18 @@ func matmulCase(name string, N, K int, backward bool) kernelCase {
 			out := k.zeros(Rw * N)
 			return func(onGPU bool) {
 				be, p := k.pick(onGPU)
-				forgetInputCopies(be)
+				if convert {
+					forgetInputCopies(be)
+				}
 				be.MatMul(p(out), p(x), p(w), Rw, N, K, false)
 			}, []pair{out}, 2 * float64(Rw) * float64(N) * float64(K), 0, shape
 		}
 		dout, dx, dw := k.rand(Rw*N, 1), k.zeros(Rw*K), k.zeros(N*K)
 		return func(onGPU bool) { // dx and dw start at zero; timed repetitions accumulate
 			be, p := k.pick(onGPU)
-			forgetInputCopies(be)
+			if convert {
+				forgetInputCopies(be)
+			}
 			be.MatMulBackward(p(dx), p(dw), p(dout), p(x), p(w), Rw, N, K)
 		}, []pair{dx, dw}, 4 * float64(Rw) * float64(N) * float64(K), 0, shape
 	}}

@@ -114,10 +114,7 @@ func (b *Backend) run(op string, f func() error) {
 		return
 	}
 	var err error
-	b.d.do(func() {
-		b.d.gen++
-		err = f()
-	})
+	b.d.do(func() { err = f() })
 	if err != nil {
 		b.failf("%s: %v", op, err)
 	}
@@ -129,15 +126,6 @@ func (b *Backend) run(op string, f func() error) {
 // must not read memory the caller may change after queue returns. What f
 // returns is recorded under op and reported by Err.
 func (b *Backend) queue(op string, f func() error) {
-	b.post(op, func() error {
-		b.d.gen++ // the op may write device memory (ops_matmul.go)
-		return f()
-	})
-}
-
-// post hands f to the device thread unless an error is recorded already,
-// recording what f returns under op.
-func (b *Backend) post(op string, f func() error) {
 	if b.failed() {
 		return
 	}
@@ -215,7 +203,7 @@ func (b *Backend) Upload(dst kernels.Buffer, src []float32) {
 // Download implements kernels.Backend; it waits for the queued work.
 func (b *Backend) Download(dst []float32, src kernels.Buffer) {
 	c := b.check("download")
-	s := c.buf("src", src, len(dst), "len(dst)")
+	s := c.in("src", src, len(dst), "len(dst)")
 	if c.ok && len(dst) > 0 {
 		b.copyOut(unsafe.Pointer(&dst[0]), s.ptr, len(dst))
 	}
@@ -263,7 +251,7 @@ func (b *Backend) Zero(x kernels.Buffer) {
 // Copy implements kernels.Backend.
 func (b *Backend) Copy(dst, src kernels.Buffer) {
 	c := b.check("copy")
-	s := c.any("src", src)
+	s := c.anyIn("src", src)
 	d := c.buf("dst", dst, s.Len(), "len(src)")
 	if !c.ok || s.n == 0 {
 		return
@@ -277,6 +265,10 @@ type checker struct {
 	b  *Backend
 	op string
 	ok bool
+	// reading is set while in and optIn check a read-only argument; every
+	// other buffer argument may be written and invalidates the bf16
+	// shadows it overlaps (shadow.go).
+	reading bool
 }
 
 func (b *Backend) check(op string) *checker { return &checker{b: b, op: op, ok: !b.failed()} }
@@ -320,7 +312,31 @@ func (c *checker) any(name string, x kernels.Buffer) *floats {
 		}
 		return noFloats
 	}
+	if !c.reading {
+		c.b.d.shadows.touch(f)
+	}
 	return f
+}
+
+// in is buf for an argument the op only reads.
+func (c *checker) in(name string, x kernels.Buffer, want int, expr string) *floats {
+	c.reading = true
+	defer func() { c.reading = false }()
+	return c.buf(name, x, want, expr)
+}
+
+// optIn is opt for an argument the op only reads.
+func (c *checker) optIn(name string, x kernels.Buffer, want int, expr string) *floats {
+	c.reading = true
+	defer func() { c.reading = false }()
+	return c.opt(name, x, want, expr)
+}
+
+// anyIn is any for an argument the op only reads.
+func (c *checker) anyIn(name string, x kernels.Buffer) *floats {
+	c.reading = true
+	defer func() { c.reading = false }()
+	return c.any(name, x)
 }
 
 // buf returns x after checking it is a device buffer of want elements.

@@ -103,19 +103,23 @@ func TestDroppedBuffersReused(t *testing.T) {
 	}
 }
 
-// TestMatMulInputCopyReuse: consecutive products share the bf16 copy of
-// their input, and an op or a product writing over that input drops it.
-func TestMatMulInputCopyReuse(t *testing.T) {
-	be := openDevice(t, "bf16").Backend()
+// TestMatMulInputCopies: products keep bf16 copies of their inputs and
+// reuse them until an op writes any part of the input; the results are
+// those of products that convert every time.
+func TestMatMulInputCopies(t *testing.T) {
+	be := openDevice(t, "bf16").NewBackend()
 	const Rw, K = 37, 24
 	rng := rand.New(rand.NewPCG(3, 4))
-	up := func(n int) kernels.Buffer {
+	host := func(n int) []float32 {
 		h := make([]float32, n)
 		for i := range h {
 			h[i] = float32(rng.NormFloat64())
 		}
+		return h
+	}
+	up := func(n int) kernels.Buffer {
 		b := be.Alloc(n)
-		be.Upload(b, h)
+		be.Upload(b, host(n))
 		return b
 	}
 	get := func(b kernels.Buffer) []float32 {
@@ -123,36 +127,55 @@ func TestMatMulInputCopyReuse(t *testing.T) {
 		be.Download(h, b)
 		return h
 	}
-	same := func(what string, a, b kernels.Buffer) {
-		t.Helper()
-		ha, hb := get(a), get(b)
-		for i := range ha {
-			if ha[i] != hb[i] {
-				t.Fatalf("%s: element %d is %v, want %v", what, i, ha[i], hb[i])
-			}
-		}
-	}
+	conversions := func() int { return be.InputCopies().Conversions }
 	buf := up(2 * Rw * K)
 	x := be.Slice(buf, 0, Rw*K)
 	w1, w2 := up(K*K), up(K*K)
-	o1, o2, ref := be.Alloc(Rw*K), be.Alloc(Rw*K), be.Alloc(Rw*K)
+	o1, o2, ref, tmp := be.Alloc(Rw*K), be.Alloc(Rw*K), be.Alloc(Rw*K), be.Alloc(Rw*K)
+	g, rstd := up(K), be.Alloc(Rw)
+
+	c0 := conversions()
+	be.MatMul(o1, x, w1, Rw, K, K, false) // converts x and w1
+	be.MatMul(o2, x, w2, Rw, K, K, false) // converts w2 only
+	be.SiLU(tmp, x)                       // reads x: the copy stays
+	be.MatMulBackward(tmp, nil, o1, x, w1, Rw, K, K)
 	be.MatMul(o1, x, w1, Rw, K, K, false)
-	be.MatMul(o2, x, w2, Rw, K, K, false) // reuses x's copy
-	be.Scale(buf, 1)                      // any other op: the copy is dropped
-	be.MatMul(ref, x, w2, Rw, K, K, false)
-	same("reused copy", o2, ref)
+	if got := conversions() - c0; got != 3 {
+		t.Errorf("three distinct inputs took %d conversions, want 3", got)
+	}
+	if st := be.InputCopies(); st.Copies < 3 || st.Bytes < 2*int64(Rw*K+2*K*K) {
+		t.Errorf("copies %+v, want at least x, w1 and w2", st)
+	}
 
-	be.Scale(x, 2) // x changes: the product doubles exactly
-	be.MatMul(o2, x, w1, Rw, K, K, false)
-	be.Scale(o1, 2)
-	same("after an op wrote x", o2, o1)
-
-	be.MatMul(o1, x, w1, Rw, K, K, false)                      // copy of x
-	be.MatMul(be.Slice(buf, K, Rw*K), o2, w2, Rw, K, K, false) // a product overwrites most of x
-	be.MatMul(o2, x, w1, Rw, K, K, false)
-	be.Scale(buf, 1)
-	be.MatMul(ref, x, w1, Rw, K, K, false)
-	same("after a product wrote over x", o2, ref)
+	// Each writer changes x (or w1); the next product must see the change.
+	writers := []struct {
+		name  string
+		write func()
+	}{
+		{"Scale of the whole buffer", func() { be.Scale(buf, 1.5) }},
+		{"Upload into the view", func() { be.Upload(x, host(Rw*K)) }},
+		{"a product writing over part of x", func() { be.MatMul(be.Slice(buf, K, Rw*K), o2, w2, Rw, K, K, false) }},
+		{"RMSNorm into x", func() { be.RMSNorm(x, rstd, o2, g, Rw, K) }},
+		{"Copy into x", func() { be.Copy(x, o2) }},
+		{"Accumulate into x", func() { be.Accumulate(x, o2) }},
+		{"a backward accumulating into x", func() { be.MatMulBackward(x, nil, o2, o1, w2, Rw, K, K) }},
+		{"AdamW on w1", func() {
+			be.AdamWStep(w1, up(K*K), be.Alloc(K*K), be.Alloc(K*K), kernels.AdamW{LR: 0.1, Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, Step: 1})
+		}},
+	}
+	for _, wr := range writers {
+		be.MatMul(o1, x, w1, Rw, K, K, false) // copies of x and w1 are current
+		wr.write()
+		be.MatMul(o1, x, w1, Rw, K, K, false)
+		be.ForgetInputCopies()
+		be.MatMul(ref, x, w1, Rw, K, K, false)
+		a, r := get(o1), get(ref)
+		for i := range a {
+			if a[i] != r[i] {
+				t.Fatalf("after %s: element %d is %v, want %v (a stale copy)", wr.name, i, a[i], r[i])
+			}
+		}
+	}
 	if err := be.Err(); err != nil {
 		t.Fatal(err)
 	}

@@ -47,10 +47,12 @@ type Device struct {
 	drv   driver
 	mem   *cache
 	slots []uint64
-	half  [3]*allocation // bf16 copies of matrix-product inputs (ops_matmul.go)
+	half  [3]*allocation // scratch bf16 copies of matrix-product inputs (ops_matmul.go)
 	halfN [3]int64       // their capacity, in bf16 values
-	gen   uint64         // counts the ops run that may write device memory
-	halfX halfKey        // what half[1] holds a copy of
+
+	// shadows are the bf16 copies products keep (shadow.go); used by the
+	// calling goroutines.
+	shadows shadowTable
 }
 
 // Open starts device ordinal on a new locked OS thread.

@@ -64,16 +64,16 @@ func (b *Backend) attnCheck(c *checker, q, k, v, kf, vf, qm, km kernels.Buffer, 
 	}
 	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
 	a := &attnArgs{}
-	a.q = c.buf("q", q, nq, "B·T·H·D")
-	a.k = c.buf("k", k, nk, "B·T·G·D")
-	a.v = c.buf("v", v, nk, "B·T·G·D")
+	a.q = c.in("q", q, nq, "B·T·H·D")
+	a.k = c.in("k", k, nk, "B·T·G·D")
+	a.v = c.in("v", v, nk, "B·T·G·D")
 	if s.Wf > 0 {
-		a.kf = c.buf("kf", kf, nk, "B·T·G·D")
-		a.vf = c.buf("vf", vf, nk, "B·T·G·D")
+		a.kf = c.in("kf", kf, nk, "B·T·G·D")
+		a.vf = c.in("vf", vf, nk, "B·T·G·D")
 	}
 	if s.M > 0 {
-		a.qm = c.buf("qm", qm, nq, "B·T·H·D")
-		a.km = c.buf("km", km, nk, "B·T·G·D")
+		a.qm = c.in("qm", qm, nq, "B·T·H·D")
+		a.km = c.in("km", km, nk, "B·T·G·D")
 		a.nC = s.T / s.C
 		a.nCS = a.nC * s.S
 		a.sel = c.ints("sel", sel, s.B*a.nCS, "B·(T/C)·S")
@@ -211,9 +211,9 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 		return
 	}
 	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	do := c.buf("dout", dout, nq, "B·T·H·D")
-	os := c.buf("out", out, nq, "B·T·H·D")
-	ls := c.buf("lse", lse, s.B*s.T*s.H, "B·T·H")
+	do := c.in("dout", dout, nq, "B·T·H·D")
+	os := c.in("out", out, nq, "B·T·H·D")
+	ls := c.in("lse", lse, s.B*s.T*s.H, "B·T·H")
 	gq := c.opt("dq", dq, nq, "B·T·H·D")
 	gk := c.opt("dk", dk, nk, "B·T·G·D")
 	gv := c.opt("dv", dv, nk, "B·T·G·D")
@@ -316,7 +316,7 @@ func (b *Backend) rope(op, outName, xName string, out, x kernels.Buffer, B, T, n
 	c.cond(D%2 == 0, "head width D=%d is odd", D)
 	n := B * T * nh * D
 	o := c.opt(outName, out, n, "B·T·nh·D")
-	xs := c.buf(xName, x, n, "B·T·nh·D")
+	xs := c.in(xName, x, n, "B·T·nh·D")
 	if !c.ok || o == nil || n == 0 {
 		return
 	}
@@ -350,7 +350,7 @@ func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 	c.dims("B,T,d", B, T, d)
 	n := B * T * d
 	o := c.buf("out", out, n, "B·T·d")
-	xs := c.buf("x", x, n, "B·T·d")
+	xs := c.in("x", x, n, "B·T·d")
 	if !c.ok || n == 0 {
 		return
 	}
@@ -368,8 +368,8 @@ func (b *Backend) Innovation(e, u, p kernels.Buffer, Rw, d int) {
 	c := b.check(op)
 	c.dims("Rw,d", Rw, d)
 	es := c.buf("e", e, Rw, "Rw")
-	us := c.buf("u", u, Rw*d, "Rw·d")
-	ps := c.buf("p", p, Rw*d, "Rw·d")
+	us := c.in("u", u, Rw*d, "Rw·d")
+	ps := c.in("p", p, Rw*d, "Rw·d")
 	c.cond(d > 0, "d=%d, want > 0", d)
 	if !c.ok || Rw == 0 {
 		return
@@ -383,9 +383,9 @@ func (b *Backend) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
 	c := b.check(op)
 	c.dims("Rw,d", Rw, d)
 	dps := c.opt("dp", dp, Rw*d, "Rw·d")
-	des := c.buf("de", de, Rw, "Rw")
-	us := c.buf("u", u, Rw*d, "Rw·d")
-	ps := c.buf("p", p, Rw*d, "Rw·d")
+	des := c.in("de", de, Rw, "Rw")
+	us := c.in("u", u, Rw*d, "Rw·d")
+	ps := c.in("p", p, Rw*d, "Rw·d")
 	c.cond(d > 0, "d=%d, want > 0", d)
 	if !c.ok || dps == nil || Rw == 0 {
 		return
@@ -409,7 +409,7 @@ func (b *Backend) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T, C,
 	}
 	nC := T / C
 	ss := c.ints("sel", sel, B*nC*S, "B·(T/C)·S")
-	es := c.buf("e", e, B*T, "B·T")
+	es := c.in("e", e, B*T, "B·T")
 	if !c.ok || B*nC*S == 0 {
 		return
 	}

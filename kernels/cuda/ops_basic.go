@@ -27,7 +27,7 @@ var block256 = dim{threads, 1, 1}
 // Accumulate implements kernels.Backend.
 func (b *Backend) Accumulate(dst, src kernels.Buffer) {
 	c := b.check("accumulate")
-	s := c.any("src", src)
+	s := c.anyIn("src", src)
 	d := c.buf("dst", dst, s.n, "len(src)")
 	if !c.ok || s.n == 0 {
 		return
@@ -48,7 +48,7 @@ func (b *Backend) Scale(x kernels.Buffer, s float64) {
 // SumSquares implements kernels.Backend. It waits for the result.
 func (b *Backend) SumSquares(x kernels.Buffer) float64 {
 	c := b.check("sum_squares")
-	f := c.any("x", x)
+	f := c.anyIn("x", x)
 	if !c.ok || f.n == 0 {
 		return 0
 	}
@@ -70,7 +70,7 @@ func (b *Backend) Embedding(out, table kernels.Buffer, tokens kernels.IntBuffer,
 	if !c.ok || d == 0 {
 		return
 	}
-	tab := c.any("table", table)
+	tab := c.anyIn("table", table)
 	c.cond(tab.n%d == 0, "table has %d elements, not a multiple of d=%d", tab.n, d)
 	if !c.ok || Rw == 0 {
 		return
@@ -82,7 +82,7 @@ func (b *Backend) Embedding(out, table kernels.Buffer, tokens kernels.IntBuffer,
 func (b *Backend) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
 	c := b.check("embedding_backward")
 	c.dims("Rw,d", Rw, d)
-	do := c.buf("dout", dout, Rw*d, "Rw*d")
+	do := c.in("dout", dout, Rw*d, "Rw*d")
 	tok := c.ints("tokens", tokens, Rw, "Rw")
 	if !c.ok || dtable == nil || d == 0 {
 		return
@@ -106,8 +106,8 @@ func (b *Backend) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
 	c.dims("Rw,d", Rw, d)
 	o := c.buf("out", out, Rw*d, "Rw*d")
 	rs := c.buf("rstd", rstd, Rw, "Rw")
-	xs := c.buf("x", x, Rw*d, "Rw*d")
-	gs := c.buf("g", g, d, "d")
+	xs := c.in("x", x, Rw*d, "Rw*d")
+	gs := c.in("g", g, d, "d")
 	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
@@ -120,10 +120,10 @@ func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d
 	c.dims("Rw,d", Rw, d)
 	dxs := c.opt("dx", dx, Rw*d, "Rw*d")
 	dgs := c.opt("dg", dg, d, "d")
-	do := c.buf("dout", dout, Rw*d, "Rw*d")
-	xs := c.buf("x", x, Rw*d, "Rw*d")
-	gs := c.buf("g", g, d, "d")
-	rs := c.buf("rstd", rstd, Rw, "Rw")
+	do := c.in("dout", dout, Rw*d, "Rw*d")
+	xs := c.in("x", x, Rw*d, "Rw*d")
+	gs := c.in("g", g, d, "d")
+	rs := c.in("rstd", rstd, Rw, "Rw")
 	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
@@ -145,8 +145,8 @@ func (b *Backend) SwiGLU(h, gate, up kernels.Buffer) {
 	}
 	n := h.Len()
 	hs := c.buf("h", h, n, "h.Len()")
-	gs := c.buf("gate", gate, n, "h.Len()")
-	us := c.buf("up", up, n, "h.Len()")
+	gs := c.in("gate", gate, n, "h.Len()")
+	us := c.in("up", up, n, "h.Len()")
 	if !c.ok || n == 0 {
 		return
 	}
@@ -161,9 +161,9 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 		return
 	}
 	n := dh.Len()
-	dhs := c.buf("dh", dh, n, "dh.Len()")
-	gs := c.buf("gate", gate, n, "dh.Len()")
-	us := c.buf("up", up, n, "dh.Len()")
+	dhs := c.in("dh", dh, n, "dh.Len()")
+	gs := c.in("gate", gate, n, "dh.Len()")
+	us := c.in("up", up, n, "dh.Len()")
 	dgs := c.opt("dgate", dgate, n, "dh.Len()")
 	dus := c.opt("dup", dup, n, "dh.Len()")
 	if !c.ok || n == 0 || (dgs == nil && dus == nil) {
@@ -178,7 +178,7 @@ func (b *Backend) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntB
 	c := b.check("cross_entropy")
 	c.dims("Rw,V", Rw, V)
 	ls := c.buf("loss", loss, Rw, "Rw")
-	lg := c.buf("logits", logits, Rw*V, "Rw*V")
+	lg := c.in("logits", logits, Rw*V, "Rw*V")
 	tg := c.ints("targets", targets, Rw, "Rw")
 	if !c.ok || Rw == 0 {
 		return
@@ -191,7 +191,7 @@ func (b *Backend) CrossEntropyBackward(dlogits, logits kernels.Buffer, targets k
 	c := b.check("cross_entropy_backward")
 	c.dims("Rw,V", Rw, V)
 	dl := c.opt("dlogits", dlogits, Rw*V, "Rw*V")
-	lg := c.buf("logits", logits, Rw*V, "Rw*V")
+	lg := c.in("logits", logits, Rw*V, "Rw*V")
 	tg := c.ints("targets", targets, Rw, "Rw")
 	if !c.ok || dl == nil || Rw == 0 {
 		return
@@ -208,7 +208,7 @@ func (b *Backend) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
 	}
 	n := param.Len()
 	ps := c.buf("param", param, n, "param.Len()")
-	gs := c.buf("grad", grad, n, "param.Len()")
+	gs := c.in("grad", grad, n, "param.Len()")
 	ms := c.buf("m", m, n, "param.Len()")
 	vs := c.buf("v", v, n, "param.Len()")
 	c.cond(h.Step >= 1, "step=%d, want >= 1 (1-based)", h.Step)

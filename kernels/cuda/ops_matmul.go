@@ -15,33 +15,56 @@ import "github.com/bmojo/bmojo/kernels"
 // inside every kernel tile and reached about 60 % of the bf16-input rate on
 // an H200 (bmojo bench kernels).
 
-// halfKey names the float32 range a bf16 copy was made from, and when.
-type halfKey struct {
-	src devptr
-	n   int64
-	gen uint64
-}
-
 // operand is one matrix-product input as cuBLAS reads it.
 type operand struct {
 	ptr  devptr
 	bf16 bool
 }
 
-// gemmInput returns x as the matrix product should read it: x itself in
-// fp32 mode, else its bf16 copy in scratch slot (0..2). Device thread only.
-func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
-	if d.opt.MatMul != "bf16" {
-		return operand{x.ptr, false}, nil
+// gemmIn is one product input as the calling goroutine resolved it: the
+// float32 source, and in bf16 mode the shadow that keeps its copy (nil: a
+// scratch copy made for this product only) and whether it is stale.
+type gemmIn struct {
+	x       *floats
+	s       *shadow
+	convert bool
+}
+
+// input resolves x for a product. keep: x is read again before it changes
+// (weights, saved activations), so its copy is kept in the shadow table;
+// otherwise (a fresh gradient) it is converted into scratch each time.
+func (b *Backend) input(x *floats, keep bool) gemmIn {
+	if b.d.opt.MatMul != "bf16" || !keep {
+		return gemmIn{x: x}
 	}
-	n := int64(x.n)
-	// The model multiplies one activation by several weights in a row (q,
-	// k, v; the halves of in_proj; the three parts of x_proj): slot 1
-	// keeps its copy while no op other than matrix products has run since
-	// (d.gen) and no product wrote over its source (queueMatMul).
-	key := halfKey{x.ptr, n, d.gen}
-	if slot == 1 && d.halfX == key {
-		return operand{d.half[1].ptr, true}, nil
+	s, convert := b.d.shadows.lookup(x)
+	return gemmIn{x: x, s: s, convert: convert}
+}
+
+// operand returns in as the product reads it: the float32 source in fp32
+// mode, else its bf16 shadow (converted when stale) or a copy in scratch
+// slot (0..2). Device thread only.
+func (d *Device) operand(slot int, in gemmIn) (operand, error) {
+	if d.opt.MatMul != "bf16" {
+		return operand{in.x.ptr, false}, nil
+	}
+	n := int64(in.x.n)
+	if s := in.s; s != nil {
+		convert := in.convert
+		if s.a == nil {
+			if a, err := d.mem.alloc(2 * n); err == nil {
+				s.a, convert = a, true
+			}
+		}
+		if s.a != nil {
+			if convert {
+				if err := d.toBF16(s.a.ptr, in.x); err != nil {
+					return operand{}, err
+				}
+			}
+			return operand{s.a.ptr, true}, nil
+		}
+		// No memory for a shadow: convert into scratch, and again next time.
 	}
 	if d.halfN[slot] < n {
 		// Grow by at least half, so slowly growing shapes do not reallocate
@@ -53,40 +76,26 @@ func (d *Device) gemmInput(slot int, x *floats) (operand, error) {
 			return operand{}, err
 		}
 		d.half[slot], d.halfN[slot] = a, size
-		d.halfX = halfKey{}
 	}
-	dst := d.half[slot].ptr
-	// One thread per pair of values (packed into one 32-bit word).
-	if err := d.launch("bm_to_bf16", d.strideGrid(int((n+1)/2), 32), block256, 0, uint64(dst), x, n); err != nil {
-		d.halfX = halfKey{}
+	if err := d.toBF16(d.half[slot].ptr, in.x); err != nil {
 		return operand{}, err
 	}
-	if slot == 1 {
-		d.halfX = key
-	}
-	return operand{dst, true}, nil
+	return operand{d.half[slot].ptr, true}, nil
 }
 
-// ForgetInputCopies drops the bf16 input copy that consecutive products
-// share, so the next product converts its input again (bench kernels times
-// products that way).
-func (b *Backend) ForgetInputCopies() { b.queue("forget_input_copies", func() error { return nil }) }
-
-// queueMatMul queues a matrix product. Unlike other ops (queue) it leaves
-// d.gen alone, so consecutive products can share slot 1's copy, but it
-// drops that copy when one of outs overlaps its source.
-func (b *Backend) queueMatMul(op string, f func() error, outs ...*floats) {
-	b.post(op, func() error {
-		err := f()
-		k := b.d.halfX
-		for _, o := range outs {
-			if o != nil && o.ptr < k.src+devptr(4*k.n) && k.src < o.ptr+devptr(4*o.n) {
-				b.d.halfX = halfKey{}
-			}
-		}
-		return err
-	})
+// toBF16 queues the rounding of x into the bf16 array at dst, one thread
+// per pair of values (packed into one 32-bit word).
+func (d *Device) toBF16(dst devptr, x *floats) error {
+	n := int64(x.n)
+	return d.launch("bm_to_bf16", d.strideGrid(int((n+1)/2), 32), block256, 0, uint64(dst), x, n)
 }
+
+// ForgetInputCopies drops every kept bf16 copy, so the next products
+// convert their inputs again (bench kernels times products both ways).
+func (b *Backend) ForgetInputCopies() { b.d.shadows.forget() }
+
+// InputCopies reports the bf16 copies of product inputs the device keeps.
+func (b *Backend) InputCopies() InputCopyStats { return b.d.shadows.stats() }
 
 // gemm is the driver's product of two operands (both bf16 or both fp32).
 func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B operand, ldb int, beta float32, C devptr, ldc int) error {
@@ -98,8 +107,8 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	c := b.check("matmul")
 	c.dims("Rw,N,K", Rw, N, K)
 	o := c.buf("out", out, Rw*N, "Rw·N")
-	xb := c.buf("x", x, Rw*K, "Rw·K")
-	wb := c.buf("w", w, N*K, "N·K")
+	xb := c.in("x", x, Rw*K, "Rw·K")
+	wb := c.in("w", w, N*K, "N·K")
 	if !c.ok || Rw*N == 0 {
 		return
 	}
@@ -113,17 +122,18 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	if accumulate {
 		beta = 1
 	}
-	b.queueMatMul("matmul", func() error {
-		wh, err := b.d.gemmInput(0, wb)
+	wi, xi := b.input(wb, true), b.input(xb, true)
+	b.queue("matmul", func() error {
+		wh, err := b.d.operand(0, wi)
 		if err != nil {
 			return err
 		}
-		xh, err := b.d.gemmInput(1, xb)
+		xh, err := b.d.operand(1, xi)
 		if err != nil {
 			return err
 		}
 		return b.d.gemm(true, false, N, Rw, K, wh, K, xh, K, beta, o.ptr, N)
-	}, o)
+	})
 }
 
 // MatMulBackward implements kernels.Backend.
@@ -132,19 +142,21 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	c.dims("Rw,N,K", Rw, N, K)
 	dxb := c.opt("dx", dx, Rw*K, "Rw·K")
 	dwb := c.opt("dw", dw, N*K, "N·K")
-	do := c.buf("dout", dout, Rw*N, "Rw·N")
-	xb := c.buf("x", x, Rw*K, "Rw·K")
-	wb := c.buf("w", w, N*K, "N·K")
+	do := c.in("dout", dout, Rw*N, "Rw·N")
+	xb := c.in("x", x, Rw*K, "Rw·K")
+	wb := c.in("w", w, N*K, "N·K")
 	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
 		return
 	}
-	b.queueMatMul("matmul_backward", func() error {
-		doh, err := b.d.gemmInput(2, do)
+	// dout is a fresh gradient, read by this op only: converted to scratch.
+	doi, wi, xi := b.input(do, false), b.input(wb, dxb != nil), b.input(xb, dwb != nil)
+	b.queue("matmul_backward", func() error {
+		doh, err := b.d.operand(2, doi)
 		if err != nil {
 			return err
 		}
 		if dxb != nil { // dxᶜ[K,Rw] += wᶜ[K,N]·doutᶜ[N,Rw]
-			wh, err := b.d.gemmInput(0, wb)
+			wh, err := b.d.operand(0, wi)
 			if err != nil {
 				return err
 			}
@@ -153,12 +165,12 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 			}
 		}
 		if dwb != nil { // dwᶜ[K,N] += xᶜ[K,Rw]·doutᶜᵀ[Rw,N]
-			xh, err := b.d.gemmInput(1, xb)
+			xh, err := b.d.operand(1, xi)
 			if err != nil {
 				return err
 			}
 			return b.d.gemm(false, true, K, N, Rw, xh, K, doh, N, 1, dwb.ptr, K)
 		}
 		return nil
-	}, dxb, dwb)
+	})
 }

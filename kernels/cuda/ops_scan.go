@@ -16,7 +16,7 @@ func (b *Backend) SiLU(out, x kernels.Buffer) {
 	c := b.check("silu")
 	o := c.any("out", out)
 	n := o.n
-	xb := c.buf("x", x, n, "out.Len()")
+	xb := c.in("x", x, n, "out.Len()")
 	if !c.ok || n == 0 {
 		return
 	}
@@ -26,9 +26,9 @@ func (b *Backend) SiLU(out, x kernels.Buffer) {
 // SiLUBackward implements kernels.Backend.
 func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
 	c := b.check("silu_backward")
-	do := c.any("dout", dout)
+	do := c.anyIn("dout", dout)
 	n := do.n
-	xb := c.buf("x", x, n, "dout.Len()")
+	xb := c.in("x", x, n, "dout.Len()")
 	dxb := c.opt("dx", dx, n, "dout.Len()")
 	if !c.ok || dxb == nil || n == 0 {
 		return
@@ -41,9 +41,9 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	c := b.check("conv1d")
 	c.dims("B,T,E,K", B, T, E, K)
 	o := c.buf("out", out, B*T*E, "B·T·E")
-	xb := c.buf("x", x, B*T*E, "B·T·E")
-	wb := c.buf("w", w, E*K, "E·K")
-	bb := c.buf("bias", bias, E, "E")
+	xb := c.in("x", x, B*T*E, "B·T·E")
+	wb := c.in("w", w, E*K, "E·K")
+	bb := c.in("bias", bias, E, "E")
 	if !c.ok || B*T*E == 0 {
 		return
 	}
@@ -66,9 +66,9 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 	dxb := c.opt("dx", dx, B*T*E, "B·T·E")
 	dwb := c.opt("dw", dw, E*K, "E·K")
 	dbb := c.opt("dbias", dbias, E, "E")
-	do := c.buf("dout", dout, B*T*E, "B·T·E")
-	xb := c.buf("x", x, B*T*E, "B·T·E")
-	wb := c.buf("w", w, E*K, "E·K")
+	do := c.in("dout", dout, B*T*E, "B·T·E")
+	xb := c.in("x", x, B*T*E, "B·T·E")
+	wb := c.in("w", w, E*K, "E·K")
 	if !c.ok || E == 0 {
 		return
 	}
@@ -97,14 +97,14 @@ type scanBuffers struct{ x, dt, dtBias, Alog, Bm, Cm, Dskip, z *floats }
 func (c *checker) scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) scanBuffers {
 	c.dims("B,T,E,N", B, T, E, N)
 	s := scanBuffers{
-		x:      c.buf("x", x, B*T*E, "B·T·E"),
-		dt:     c.buf("dt", dt, B*T*E, "B·T·E"),
-		dtBias: c.buf("dtBias", dtBias, E, "E"),
-		Alog:   c.buf("Alog", Alog, E*N, "E·N"),
-		Bm:     c.buf("Bm", Bm, B*T*N, "B·T·N"),
-		Cm:     c.buf("Cm", Cm, B*T*N, "B·T·N"),
-		Dskip:  c.buf("Dskip", Dskip, E, "E"),
-		z:      c.buf("z", z, B*T*E, "B·T·E"),
+		x:      c.in("x", x, B*T*E, "B·T·E"),
+		dt:     c.in("dt", dt, B*T*E, "B·T·E"),
+		dtBias: c.in("dtBias", dtBias, E, "E"),
+		Alog:   c.in("Alog", Alog, E*N, "E·N"),
+		Bm:     c.in("Bm", Bm, B*T*N, "B·T·N"),
+		Cm:     c.in("Cm", Cm, B*T*N, "B·T·N"),
+		Dskip:  c.in("Dskip", Dskip, E, "E"),
+		z:      c.in("z", z, B*T*E, "B·T·E"),
 	}
 	c.cond(N <= scanMaxN, "N=%d is more than the %d states per channel the CUDA scan keeps", N, scanMaxN)
 	return s
@@ -197,7 +197,7 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
 	c := b.check("selective_scan_backward")
 	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
-	do := c.buf("dout", dout, B*T*E, "B·T·E")
+	do := c.in("dout", dout, B*T*E, "B·T·E")
 	gx := c.opt("dx", dx, B*T*E, "B·T·E")
 	gdt := c.opt("ddt", ddt, B*T*E, "B·T·E")
 	gbias := c.opt("ddtBias", ddtBias, E, "E")

@@ -1,0 +1,137 @@
+//go:build cuda
+
+package cuda
+
+import (
+	"sync"
+	"weak"
+)
+
+// Matrix products read bfloat16 copies of their float32 inputs (bf16 mode,
+// ops_matmul.go). A model multiplies the same matrices many times between
+// writes: every weight in the forward and again in the backward of a step,
+// every saved activation in its forward product and again in the weight
+// gradient. The shadow table keeps those copies ("shadows") so that each
+// range is converted once per write instead of once per product, the way a
+// mixed-precision framework keeps bf16 weights and activations.
+//
+// Validity is tracked on the calling goroutine, in the order ops are issued
+// (the stream runs them in that order): every buffer argument an op does
+// not declare read-only (checker.in) may be written, and invalidates the
+// shadows it overlaps. An op that forgets a declaration costs a conversion,
+// never a stale copy.
+
+// shadowKey is one float32 range: a buffer or a view of one.
+type shadowKey struct {
+	ptr devptr
+	n   int
+}
+
+// shadow is the bf16 copy of one range. valid belongs to the calling side;
+// a (the storage, 2n bytes) to the device thread, which allocates it at
+// the first conversion.
+type shadow struct {
+	valid bool
+	a     *allocation
+}
+
+// shadowTable is a Device's shadows, grouped by the allocation of their
+// source. Sources are held weakly: a dropped buffer's shadows go at the next
+// prune, and their storage returns to the cache with them.
+type shadowTable struct {
+	mu      sync.Mutex
+	owners  map[weak.Pointer[allocation]]map[shadowKey]*shadow
+	created int // shadows made since the last prune
+	// conversions counts the lookups that found a shadow stale.
+	conversions int
+}
+
+// pruneEvery is how many new shadows trigger a sweep for dead sources.
+const pruneEvery = 256
+
+// lookup returns the shadow of f, creating it, and whether it must be
+// (re)converted; the caller queues that conversion before any product that
+// reads the shadow, so the shadow counts as valid from here on.
+func (t *shadowTable) lookup(f *floats) (s *shadow, convert bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.owners == nil {
+		t.owners = map[weak.Pointer[allocation]]map[shadowKey]*shadow{}
+	}
+	w := weak.Make(f.owner)
+	m := t.owners[w]
+	if m == nil {
+		m = map[shadowKey]*shadow{}
+		t.owners[w] = m
+	}
+	k := shadowKey{f.ptr, f.n}
+	s = m[k]
+	if s == nil {
+		s = &shadow{}
+		m[k] = s
+		if t.created++; t.created >= pruneEvery {
+			t.prune()
+		}
+	}
+	convert = !s.valid
+	if convert {
+		t.conversions++
+	}
+	s.valid = true
+	return s, convert
+}
+
+// touch invalidates the shadows that overlap f (it may be written).
+func (t *shadowTable) touch(f *floats) {
+	if f == nil || f.owner == nil || f.n == 0 {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, s := range t.owners[weak.Make(f.owner)] {
+		if s.valid && k.ptr < f.ptr+devptr(4*f.n) && f.ptr < k.ptr+devptr(4*k.n) {
+			s.valid = false
+		}
+	}
+}
+
+// forget invalidates every shadow.
+func (t *shadowTable) forget() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, m := range t.owners {
+		for _, s := range m {
+			s.valid = false
+		}
+	}
+}
+
+// prune drops the shadows of collected sources. Called with mu held.
+func (t *shadowTable) prune() {
+	t.created = 0
+	for w := range t.owners {
+		if w.Value() == nil {
+			delete(t.owners, w)
+		}
+	}
+}
+
+// InputCopyStats describes the bf16 copies a device keeps of product inputs.
+type InputCopyStats struct {
+	Copies      int   // ranges with a copy
+	Bytes       int64 // bf16 bytes they cover
+	Conversions int   // products so far that had to (re)convert a kept input
+}
+
+func (t *shadowTable) stats() InputCopyStats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := InputCopyStats{Conversions: t.conversions}
+	for _, m := range t.owners {
+		for k := range m {
+			st.Copies++
+			st.Bytes += 2 * int64(k.n)
+		}
+	}
+	return st
+}
