@@ -12,7 +12,9 @@
 # OUTDIR (packed into OUTDIR/logs.tar.gz at the end, beside the JSON
 # results); a summary is printed as it goes, so a run cut short still reports.
 # PRESET, SEQ, BATCH, TRAIN_STEPS and TRAIN_LR shrink the runs (e.g. a rehearsal on
-# the CPU emulation: binaries built with -tags cuda,cudaemu).
+# the CPU emulation: binaries built with -tags cuda,cudaemu). CHECKS picks the
+# steps (default: all of "conformance parity kernels torch step train torchref");
+# STEP_BATCHES adds bench step runs at more batch sizes (e.g. "32").
 set -u
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.dev}
@@ -26,9 +28,13 @@ OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
 [ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -k "$BIN/bmojo.gz"
 
+CHECKS=${CHECKS:-conformance parity kernels torch step train torchref}
+STEP_BATCHES=${STEP_BATCHES:-}
+
 step() { # name timeout-seconds command...
 	local name=$1 t=$2
 	shift 2
+	case " $CHECKS " in *" ${name%%-*} "*) ;; *) echo "=== $name: skipped (CHECKS)"; return 0 ;; esac
 	local t0=$SECONDS
 	timeout "$t" "$@" >"$OUT/$name.log" 2>&1
 	local rc=$?
@@ -58,6 +64,10 @@ peakflag=()
 
 step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile "${peakflag[@]}" --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
+for b in $STEP_BATCHES; do
+	step "step-b$b" 150 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$b" --steps 3 --max-batch=false "${peakflag[@]}" --json "$OUT/step-b$b.json"
+	grep -v '^\s*$' "$OUT/step-b$b.log" | grep -v '^20..-' | head -12
+done
 
 # The 130m model trains on the bundled corpus (bytes); halfway through, the
 # dashboard's /metrics must carry the worker's NVML telemetry.
