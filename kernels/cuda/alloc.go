@@ -25,19 +25,30 @@ type cache struct {
 
 	mu      sync.Mutex // pending is filled by GC cleanups on other goroutines
 	pending []block
+	nextID  uint64
+
+	// freed, when set, hears of every allocation the collector frees (on
+	// the collector's goroutine); pressure is called before the allocator
+	// collects to retry after out of memory (device thread).
+	freed    func(id uint64)
+	pressure func()
 }
 
 type block struct {
 	ptr  devptr
 	size int64
+	id   uint64
 }
 
-// allocation owns one block; views (floats, ints) keep it alive. It is 16
-// bytes on purpose: Go packs smaller pointer-free objects together (the tiny
-// allocator) and runs their cleanups only when every neighbour is dead too.
+// allocation owns one block; views (floats, ints) keep it alive. It is at
+// least 16 bytes on purpose: Go packs smaller pointer-free objects together
+// (the tiny allocator) and runs their cleanups only when every neighbour is
+// dead too. id is unique for the device's lifetime: tables that follow
+// buffers (shadow.go, lazyzero.go) key on it, never on a reusable address.
 type allocation struct {
 	ptr  devptr
 	size int64
+	id   uint64
 }
 
 func newCache(drv driver) *cache { return &cache{drv: drv, free: map[int64][]devptr{}} }
@@ -52,7 +63,13 @@ func roundSize(n int64) int64 {
 }
 
 // alloc returns a block of at least n bytes. Device thread only.
-func (c *cache) alloc(n int64) (*allocation, error) {
+func (c *cache) alloc(n int64) (*allocation, error) { return c.get(n, true) }
+
+// tryAlloc is alloc for memory that is nice to have (a kept bf16 copy): on
+// out of memory it fails at once instead of collecting and retrying.
+func (c *cache) tryAlloc(n int64) (*allocation, error) { return c.get(n, false) }
+
+func (c *cache) get(n int64, retry bool) (*allocation, error) {
 	c.drain()
 	size := roundSize(n)
 	if len(c.free[size]) == 0 && c.grown+size > c.threshold() {
@@ -71,8 +88,12 @@ func (c *cache) alloc(n int64) (*allocation, error) {
 		c.grown += size
 	} else {
 		p, err := c.drv.malloc(size)
-		for try := 0; err != nil && try < 3; try++ {
-			// Collect, give every cached block back and try again.
+		for try := 0; err != nil && retry && try < 3; try++ {
+			// Collect, give every cached block back and try again; the
+			// kept bf16 copies of product inputs go first.
+			if c.pressure != nil {
+				c.pressure()
+			}
 			c.collect(time.Duration(try+1) * 5 * time.Millisecond)
 			c.releaseCached()
 			p, err = c.drv.malloc(size)
@@ -87,8 +108,9 @@ func (c *cache) alloc(n int64) (*allocation, error) {
 		c.grown += size
 		c.peak = max(c.peak, c.held)
 	}
-	a := &allocation{ptr: ptr, size: size}
-	runtime.AddCleanup(a, c.put, block{ptr, size})
+	c.nextID++
+	a := &allocation{ptr: ptr, size: size, id: c.nextID}
+	runtime.AddCleanup(a, c.put, block{ptr, size, c.nextID})
 	return a, nil
 }
 
@@ -97,6 +119,9 @@ func (c *cache) put(b block) {
 	c.mu.Lock()
 	c.pending = append(c.pending, b)
 	c.mu.Unlock()
+	if c.freed != nil {
+		c.freed(b.id)
+	}
 }
 
 func (c *cache) drain() {

@@ -241,11 +241,14 @@ func (b *Backend) copyOut(dst unsafe.Pointer, src devptr, n int) {
 // Zero implements kernels.Backend.
 func (b *Backend) Zero(x kernels.Buffer) {
 	c := b.check("zero")
-	f := c.any("x", x)
+	f, _ := c.optFresh("x", x, lenOf(x), "len(x)") // a pending Zero of x merges
+	if c.ok && f == nil {
+		c.failf("x is nil")
+	}
 	if !c.ok || f.n == 0 {
 		return
 	}
-	b.queue("zero", func() error { return b.d.drv.memset32(f.ptr, int64(f.n)) })
+	b.d.zeros.add(f) // done by the next op that uses f (lazyzero.go)
 }
 
 // Copy implements kernels.Backend.
@@ -269,6 +272,9 @@ type checker struct {
 	// other buffer argument may be written and invalidates the bf16
 	// shadows it overlaps (shadow.go).
 	reading bool
+	// freshing is set while optFresh checks an output; overwrite reports
+	// that it was pending a Zero.
+	freshing, overwrite bool
 }
 
 func (b *Backend) check(op string) *checker { return &checker{b: b, op: op, ok: !b.failed()} }
@@ -298,6 +304,17 @@ func (c *checker) dims(names string, vals ...int) {
 
 var noFloats = &floats{}
 
+// lenOf is x.Len(), or 0 for a nil x.
+func lenOf(x kernels.Buffer) int {
+	if x == nil {
+		return 0
+	}
+	if f, ok := x.(*floats); ok && f == nil {
+		return 0
+	}
+	return x.Len()
+}
+
 // any returns x as a device buffer of any length.
 func (c *checker) any(name string, x kernels.Buffer) *floats {
 	if !c.ok {
@@ -315,7 +332,28 @@ func (c *checker) any(name string, x kernels.Buffer) *floats {
 	if !c.reading {
 		c.b.d.shadows.touch(f)
 	}
+	// A deferred Zero of f (lazyzero.go) is done now, before this op's
+	// work, unless the op takes f as an output it overwrites (fresh).
+	flush, exact := c.b.d.zeros.take(f)
+	if exact {
+		if c.freshing {
+			c.overwrite = true
+		} else {
+			flush = append(flush, shadowKey{f.ptr, f.n})
+		}
+	}
+	c.b.zeroNow(flush)
 	return f
+}
+
+// optFresh is opt for a gradient output the op accumulates into, and
+// overwrite reports that x is pending a Zero (which is dropped): the op
+// must then write x instead of adding to it.
+func (c *checker) optFresh(name string, x kernels.Buffer, want int, expr string) (f *floats, overwrite bool) {
+	c.freshing, c.overwrite = true, false
+	defer func() { c.freshing = false }()
+	f = c.opt(name, x, want, expr)
+	return f, c.overwrite && f != nil
 }
 
 // in is buf for an argument the op only reads.

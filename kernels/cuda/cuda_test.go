@@ -180,3 +180,67 @@ func TestMatMulInputCopies(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestDeferredZero: Zero is carried out by the next op that uses the
+// buffer, or skipped when that op overwrites it; every use sees zeros.
+func TestDeferredZero(t *testing.T) {
+	be := openDevice(t, "bf16").NewBackend()
+	const Rw, K = 21, 16
+	rng := rand.New(rand.NewPCG(7, 8))
+	up := func(n int) kernels.Buffer {
+		h := make([]float32, n)
+		for i := range h {
+			h[i] = float32(rng.NormFloat64())
+		}
+		b := be.Alloc(n)
+		be.Upload(b, h)
+		return b
+	}
+	get := func(b kernels.Buffer) []float32 {
+		h := make([]float32, b.Len())
+		be.Download(h, b)
+		return h
+	}
+	x, w, dout, src := up(Rw*K), up(K*K), up(Rw*K), up(Rw*K)
+	half := Rw / 2 * K
+	ops := []struct {
+		name string
+		op   func(dst kernels.Buffer)
+	}{
+		{"nothing", func(kernels.Buffer) {}},
+		{"MatMul accumulating", func(dst kernels.Buffer) { be.MatMul(dst, x, w, Rw, K, K, true) }},
+		{"MatMulBackward into dx", func(dst kernels.Buffer) { be.MatMulBackward(dst, nil, dout, x, w, Rw, K, K) }},
+		{"MatMulBackward twice", func(dst kernels.Buffer) {
+			be.MatMulBackward(dst, nil, dout, x, w, Rw, K, K)
+			be.MatMulBackward(dst, nil, src, x, w, Rw, K, K)
+		}},
+		{"Accumulate", func(dst kernels.Buffer) { be.Accumulate(dst, src) }},
+		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
+		{"Scale", func(dst kernels.Buffer) { be.Scale(dst, 3) }},
+		{"Zero again, then Accumulate", func(dst kernels.Buffer) { be.Zero(dst); be.Accumulate(dst, src) }},
+		{"a product into half of it", func(dst kernels.Buffer) {
+			be.MatMul(be.Slice(dst, 0, half), be.Slice(x, 0, half), w, Rw/2, K, K, true)
+		}},
+		{"Zero of half, then MatMulBackward", func(dst kernels.Buffer) {
+			be.Accumulate(dst, src)
+			be.Zero(be.Slice(dst, half, Rw*K-half))
+			be.MatMulBackward(dst, nil, dout, x, w, Rw, K, K)
+		}},
+	}
+	for _, o := range ops {
+		dst := up(Rw * K) // garbage the Zero must clear
+		be.Zero(dst)
+		o.op(dst)
+		ref := be.Alloc(Rw * K) // allocated as zeros
+		o.op(ref)
+		got, want := get(dst), get(ref)
+		for i := range got {
+			if got[i] != want[i] {
+				t.Fatalf("Zero, then %s: element %d is %v, want %v", o.name, i, got[i], want[i])
+			}
+		}
+	}
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+}

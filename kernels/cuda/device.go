@@ -53,6 +53,8 @@ type Device struct {
 	// shadows are the bf16 copies products keep (shadow.go); used by the
 	// calling goroutines.
 	shadows shadowTable
+	// zeros are the deferred Zero calls (lazyzero.go), likewise.
+	zeros zeroTable
 }
 
 // Open starts device ordinal on a new locked OS thread.
@@ -82,6 +84,11 @@ func (d *Device) loop(ordinal int, started chan<- error) {
 	}
 	d.info = info
 	d.mem = newCache(d.drv)
+	d.mem.freed = func(id uint64) {
+		d.shadows.drop(id)
+		d.zeros.drop(id)
+	}
+	d.mem.pressure = d.shadows.dropAll
 	started <- nil
 	for {
 		select {

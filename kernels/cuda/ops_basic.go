@@ -28,8 +28,15 @@ var block256 = dim{threads, 1, 1}
 func (b *Backend) Accumulate(dst, src kernels.Buffer) {
 	c := b.check("accumulate")
 	s := c.anyIn("src", src)
-	d := c.buf("dst", dst, s.n, "len(src)")
+	d, zeroed := c.optFresh("dst", dst, s.n, "len(src)")
+	if c.ok && d == nil {
+		c.failf("dst is nil")
+	}
 	if !c.ok || s.n == 0 {
+		return
+	}
+	if zeroed { // dst was pending a Zero: dst = src
+		b.queue("accumulate", func() error { return b.d.drv.dtod(d.ptr, s.ptr, int64(4*s.n)) })
 		return
 	}
 	b.launch("accumulate", "bm_accumulate", b.gridFor(s.n), block256, 0, d, s, int64(s.n))

@@ -52,7 +52,7 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 	if s := in.s; s != nil {
 		convert := in.convert
 		if s.a == nil {
-			if a, err := d.mem.alloc(2 * n); err == nil {
+			if a, err := d.mem.tryAlloc(2 * n); err == nil {
 				s.a, convert = a, true
 			}
 		}
@@ -106,20 +106,23 @@ func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B op
 func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool) {
 	c := b.check("matmul")
 	c.dims("Rw,N,K", Rw, N, K)
-	o := c.buf("out", out, Rw*N, "Rw·N")
+	o, zeroed := c.optFresh("out", out, Rw*N, "Rw·N")
+	if c.ok && o == nil {
+		c.failf("out is nil")
+	}
 	xb := c.in("x", x, Rw*K, "Rw·K")
 	wb := c.in("w", w, N*K, "N·K")
 	if !c.ok || Rw*N == 0 {
 		return
 	}
 	if K == 0 {
-		if !accumulate {
+		if !accumulate || zeroed {
 			b.Zero(out)
 		}
 		return
 	}
 	beta := float32(0)
-	if accumulate {
+	if accumulate && !zeroed {
 		beta = 1
 	}
 	wi, xi := b.input(wb, true), b.input(xb, true)
@@ -140,12 +143,15 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int) {
 	c := b.check("matmul_backward")
 	c.dims("Rw,N,K", Rw, N, K)
-	dxb := c.opt("dx", dx, Rw*K, "Rw·K")
+	dxb, dxZeroed := c.optFresh("dx", dx, Rw*K, "Rw·K")
 	dwb := c.opt("dw", dw, N*K, "N·K")
 	do := c.in("dout", dout, Rw*N, "Rw·N")
 	xb := c.in("x", x, Rw*K, "Rw·K")
 	wb := c.in("w", w, N*K, "N·K")
 	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
+		if dxZeroed {
+			b.Zero(dx) // still pending
+		}
 		return
 	}
 	// dout is a fresh gradient, read by this op only: converted to scratch.
@@ -160,7 +166,11 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 			if err != nil {
 				return err
 			}
-			if err := b.d.gemm(false, false, K, Rw, N, wh, K, doh, N, 1, dxb.ptr, K); err != nil {
+			beta := float32(1)
+			if dxZeroed {
+				beta = 0 // dx was pending a Zero: write it
+			}
+			if err := b.d.gemm(false, false, K, Rw, N, wh, K, doh, N, beta, dxb.ptr, K); err != nil {
 				return err
 			}
 		}

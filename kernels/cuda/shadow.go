@@ -2,10 +2,7 @@
 
 package cuda
 
-import (
-	"sync"
-	"weak"
-)
+import "sync"
 
 // Matrix products read bfloat16 copies of their float32 inputs (bf16 mode,
 // ops_matmul.go). A model multiplies the same matrices many times between
@@ -36,18 +33,14 @@ type shadow struct {
 }
 
 // shadowTable is a Device's shadows, grouped by the allocation of their
-// source. Sources are held weakly: a dropped buffer's shadows go at the next
-// prune, and their storage returns to the cache with them.
+// source (allocation.id): when the garbage collector frees a source, its
+// shadows go too (drop), and their storage returns to the cache with them.
 type shadowTable struct {
-	mu      sync.Mutex
-	owners  map[weak.Pointer[allocation]]map[shadowKey]*shadow
-	created int // shadows made since the last prune
+	mu     sync.Mutex
+	owners map[uint64]map[shadowKey]*shadow
 	// conversions counts the lookups that found a shadow stale.
 	conversions int
 }
-
-// pruneEvery is how many new shadows trigger a sweep for dead sources.
-const pruneEvery = 256
 
 // lookup returns the shadow of f, creating it, and whether it must be
 // (re)converted; the caller queues that conversion before any product that
@@ -56,22 +49,18 @@ func (t *shadowTable) lookup(f *floats) (s *shadow, convert bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.owners == nil {
-		t.owners = map[weak.Pointer[allocation]]map[shadowKey]*shadow{}
+		t.owners = map[uint64]map[shadowKey]*shadow{}
 	}
-	w := weak.Make(f.owner)
-	m := t.owners[w]
+	m := t.owners[f.owner.id]
 	if m == nil {
 		m = map[shadowKey]*shadow{}
-		t.owners[w] = m
+		t.owners[f.owner.id] = m
 	}
 	k := shadowKey{f.ptr, f.n}
 	s = m[k]
 	if s == nil {
 		s = &shadow{}
 		m[k] = s
-		if t.created++; t.created >= pruneEvery {
-			t.prune()
-		}
 	}
 	convert = !s.valid
 	if convert {
@@ -88,7 +77,7 @@ func (t *shadowTable) touch(f *floats) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for k, s := range t.owners[weak.Make(f.owner)] {
+	for k, s := range t.owners[f.owner.id] {
 		if s.valid && k.ptr < f.ptr+devptr(4*f.n) && f.ptr < k.ptr+devptr(4*k.n) {
 			s.valid = false
 		}
@@ -106,14 +95,19 @@ func (t *shadowTable) forget() {
 	}
 }
 
-// prune drops the shadows of collected sources. Called with mu held.
-func (t *shadowTable) prune() {
-	t.created = 0
-	for w := range t.owners {
-		if w.Value() == nil {
-			delete(t.owners, w)
-		}
-	}
+// drop forgets the shadows of allocation id (freed by the collector).
+func (t *shadowTable) drop(id uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.owners, id)
+}
+
+// dropAll forgets every shadow, so that their storage can be collected
+// (the allocator does this before it reports out of memory).
+func (t *shadowTable) dropAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.owners = nil
 }
 
 // InputCopyStats describes the bf16 copies a device keeps of product inputs.
