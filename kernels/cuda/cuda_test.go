@@ -217,6 +217,11 @@ func TestDeferredZero(t *testing.T) {
 		{"Accumulate", func(dst kernels.Buffer) { be.Accumulate(dst, src) }},
 		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
 		{"Scale", func(dst kernels.Buffer) { be.Scale(dst, 3) }},
+		{"SwiGLUBackward into dgate", func(dst kernels.Buffer) { be.SwiGLUBackward(dst, nil, dout, x, src) }},
+		{"SwiGLUBackward into dup", func(dst kernels.Buffer) { be.SwiGLUBackward(nil, dst, dout, x, src) }},
+		{"SwiGLUBackward into both", func(dst kernels.Buffer) { be.SwiGLUBackward(dst, dst, dout, x, src) }},
+		{"RoPEBackward", func(dst kernels.Buffer) { be.RoPEBackward(dst, dout, 1, Rw, 1, K, 1e4) }},
+		{"RoPEBackward of itself", func(dst kernels.Buffer) { be.RoPEBackward(dst, dst, 1, Rw, 1, K, 1e4) }},
 		{"Zero again, then Accumulate", func(dst kernels.Buffer) { be.Zero(dst); be.Accumulate(dst, src) }},
 		{"a product into half of it", func(dst kernels.Buffer) {
 			be.MatMul(be.Slice(dst, 0, half), be.Slice(x, 0, half), w, Rw/2, K, K, true)

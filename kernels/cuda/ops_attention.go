@@ -315,14 +315,14 @@ func (b *Backend) rope(op, outName, xName string, out, x kernels.Buffer, B, T, n
 	c.dims("B,T,nh,D", B, T, nh, D)
 	c.cond(D%2 == 0, "head width D=%d is odd", D)
 	n := B * T * nh * D
-	o := c.opt(outName, out, n, "B·T·nh·D")
-	xs := c.in(xName, x, n, "B·T·nh·D")
+	xs := c.in(xName, x, n, "B·T·nh·D") // before out: a pending Zero of x is done first
+	o, zeroed := c.optFresh(outName, out, n, "B·T·nh·D")
 	if !c.ok || o == nil || n == 0 {
 		return
 	}
 	pairs := B * T * (D / 2)
 	acc := 0
-	if accumulate {
+	if accumulate && !zeroed {
 		acc = 1
 	}
 	b.launch(op, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs))

@@ -171,12 +171,19 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 	dhs := c.in("dh", dh, n, "dh.Len()")
 	gs := c.in("gate", gate, n, "dh.Len()")
 	us := c.in("up", up, n, "dh.Len()")
-	dgs := c.opt("dgate", dgate, n, "dh.Len()")
-	dus := c.opt("dup", dup, n, "dh.Len()")
+	dgs, og := c.optFresh("dgate", dgate, n, "dh.Len()")
+	dus, ou := c.optFresh("dup", dup, n, "dh.Len()")
 	if !c.ok || n == 0 || (dgs == nil && dus == nil) {
 		return
 	}
-	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n))
+	over := 0 // outputs pending a Zero are written, not added to
+	if og {
+		over |= 1
+	}
+	if ou {
+		over |= 2
+	}
+	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n), over)
 }
 
 // CrossEntropy implements kernels.Backend. Targets ≥ V are found on the

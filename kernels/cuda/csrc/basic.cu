@@ -107,11 +107,14 @@ extern "C" __global__ void bm_swiglu(float *h, const float *gate, const float *u
     }
 }
 
-extern "C" __global__ void bm_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, long long n) {
+// dgate += dh·up·silu'(gate), dup += dh·silu(gate); bit 0 of over makes
+// dgate, bit 1 dup, written instead (the host's deferred zero).
+extern "C" __global__ void bm_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up,
+                                              long long n, int over) {
     BM_FOR(i, n) {
         float v = gate[i], s = bm_sigmoid(v), g = dh[i];
-        if (dgate) dgate[i] += g * up[i] * s * (1.f + v * (1.f - s));
-        if (dup) dup[i] += g * v * s;
+        if (dgate) dgate[i] = (over & 1 ? 0.f : dgate[i]) + g * up[i] * s * (1.f + v * (1.f - s));
+        if (dup) dup[i] = (over & 2 ? 0.f : dup[i]) + g * v * s;
     }
 }
 
