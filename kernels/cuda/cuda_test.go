@@ -138,10 +138,10 @@ func TestMatMulInputCopies(t *testing.T) {
 	be.MatMul(o1, x, w1, Rw, K, K, false) // converts x and w1
 	be.MatMul(o2, x, w2, Rw, K, K, false) // converts w2 only
 	be.SiLU(tmp, x)                       // reads x: the copy stays
-	be.MatMulBackward(tmp, nil, o1, x, w1, Rw, K, K)
+	be.MatMulBackward(tmp, nil, o1, x, w1, Rw, K, K) // converts dout = o1
 	be.MatMul(o1, x, w1, Rw, K, K, false)
-	if got := conversions() - c0; got != 3 {
-		t.Errorf("three distinct inputs took %d conversions, want 3", got)
+	if got := conversions() - c0; got != 4 {
+		t.Errorf("four distinct inputs took %d conversions, want 4", got)
 	}
 	if st := be.InputCopies(); st.Copies < 3 || st.Bytes < 2*int64(Rw*K+2*K*K) {
 		t.Errorf("copies %+v, want at least x, w1 and w2", st)
@@ -173,6 +173,40 @@ func TestMatMulInputCopies(t *testing.T) {
 		for i := range a {
 			if a[i] != r[i] {
 				t.Fatalf("after %s: element %d is %v, want %v (a stale copy)", wr.name, i, a[i], r[i])
+			}
+		}
+	}
+
+	// Producers write the copy of an output that products read: after the
+	// first round, the products convert nothing, and read current values.
+	src, src2 := up(Rw*K), up(Rw*K)
+	producers := []struct {
+		name string
+		make func(dst, in kernels.Buffer)
+	}{
+		{"RMSNorm", func(dst, in kernels.Buffer) { be.RMSNorm(dst, rstd, in, g, Rw, K) }},
+		{"RMSNormBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.RMSNormBackward(dst, nil, in, src2, g, rstd, Rw, K) }},
+		{"SwiGLU", func(dst, in kernels.Buffer) { be.SwiGLU(dst, in, src2) }},
+		{"SwiGLUBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.SwiGLUBackward(nil, dst, in, src2, src2) }},
+		{"ShiftRows", func(dst, in kernels.Buffer) { be.ShiftRows(dst, in, 1, Rw, K) }},
+		{"RoPEBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.RoPEBackward(dst, in, 1, Rw, 1, K, 1e4) }},
+	}
+	for _, p := range producers {
+		dst := be.Alloc(Rw * K)
+		p.make(dst, src)
+		be.MatMul(o1, dst, w2, Rw, K, K, false) // the product's first use: converts
+		before := conversions()
+		p.make(dst, o2)
+		be.MatMul(o1, dst, w2, Rw, K, K, false)
+		if got := conversions() - before; got != 0 {
+			t.Errorf("%s: the product converted %d inputs, want 0 (the producer writes the copy)", p.name, got)
+		}
+		be.ForgetInputCopies()
+		be.MatMul(ref, dst, w2, Rw, K, K, false)
+		a, r := get(o1), get(ref)
+		for i := range a {
+			if a[i] != r[i] {
+				t.Fatalf("%s: element %d is %v, want %v (a stale or wrong copy)", p.name, i, a[i], r[i])
 			}
 		}
 	}

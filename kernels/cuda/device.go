@@ -172,6 +172,11 @@ func (d *Device) launch(name string, grid, block dim, shmem int, args ...any) er
 			if v != nil {
 				slots[i] = uint64(v.ptr)
 			}
+		case *shadow: // a bf16 copy written by the kernel (shadow.go)
+			slots[i] = 0
+			if v != nil {
+				slots[i] = uint64(d.storage(v))
+			}
 		case int:
 			slots[i] = uint64(uint32(int32(v)))
 		case int64:

@@ -325,7 +325,7 @@ func (b *Backend) rope(op, outName, xName string, out, x kernels.Buffer, B, T, n
 	if accumulate && !zeroed {
 		acc = 1
 	}
-	b.launch(op, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs))
+	b.launch(op, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs), b.d.shadows.produce(o))
 }
 
 // RoPE implements kernels.Backend. out may alias x.
@@ -359,7 +359,7 @@ func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 		b.Copy(tmp, xs)
 		xs = tmp
 	}
-	b.launch(op, "bm_shift_rows", grid1(n, 256), dim{256, 1, 1}, 0, o, xs, T, d, int64(n))
+	b.launch(op, "bm_shift_rows", grid1(n, 256), dim{256, 1, 1}, 0, o, xs, T, d, int64(n), b.d.shadows.produce(o))
 }
 
 // Innovation implements kernels.Backend: one warp per row, float64 sums.

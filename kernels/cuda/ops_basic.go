@@ -118,7 +118,7 @@ func (b *Backend) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
 	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
-	b.launch("rmsnorm", "bm_rmsnorm", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, o, rs, xs, gs, Rw, d)
+	b.launch("rmsnorm", "bm_rmsnorm", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, o, rs, xs, gs, Rw, d, b.d.shadows.produce(o))
 }
 
 // RMSNormBackward implements kernels.Backend.
@@ -135,7 +135,8 @@ func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d
 		return
 	}
 	if dxs != nil {
-		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, dxs, do, xs, gs, rs, Rw, d)
+		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, dxs, do, xs, gs, rs, Rw, d,
+			b.d.shadows.produce(dxs))
 	}
 	if dgs != nil {
 		const rowsPerBlock = 256 // RMS_ROWS_PER_BLOCK in basic.cu
@@ -157,7 +158,7 @@ func (b *Backend) SwiGLU(h, gate, up kernels.Buffer) {
 	if !c.ok || n == 0 {
 		return
 	}
-	b.launch("swiglu", "bm_swiglu", b.gridFor(n), block256, 0, hs, gs, us, int64(n))
+	b.launch("swiglu", "bm_swiglu", b.gridFor(n), block256, 0, hs, gs, us, int64(n), b.d.shadows.produce(hs))
 }
 
 // SwiGLUBackward implements kernels.Backend.
@@ -183,7 +184,8 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 	if ou {
 		over |= 2
 	}
-	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n), over)
+	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n), over,
+		b.d.shadows.produce(dgs), b.d.shadows.produce(dus))
 }
 
 // CrossEntropy implements kernels.Backend. Targets ≥ V are found on the

@@ -30,9 +30,9 @@ type gemmIn struct {
 	convert bool
 }
 
-// input resolves x for a product. keep: x is read again before it changes
-// (weights, saved activations), so its copy is kept in the shadow table;
-// otherwise (a fresh gradient) it is converted into scratch each time.
+// input resolves x for a product. keep: its copy is kept in the shadow
+// table (read again before x changes, like weights and saved activations,
+// or written by x's producer); otherwise it is converted into scratch.
 func (b *Backend) input(x *floats, keep bool) gemmIn {
 	if b.d.opt.MatMul != "bf16" || !keep {
 		return gemmIn{x: x}
@@ -50,13 +50,8 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 	}
 	n := int64(in.x.n)
 	if s := in.s; s != nil {
-		convert := in.convert
-		if s.a == nil {
-			if a, err := d.mem.tryAlloc(2 * n); err == nil {
-				s.a, convert = a, true
-			}
-		}
-		if s.a != nil {
+		convert := in.convert || s.a == nil
+		if d.storage(s) != 0 {
 			if convert {
 				if err := d.toBF16(s.a.ptr, in.x); err != nil {
 					return operand{}, err
@@ -154,8 +149,9 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 		}
 		return
 	}
-	// dout is a fresh gradient, read by this op only: converted to scratch.
-	doi, wi, xi := b.input(do, false), b.input(wb, dxb != nil), b.input(xb, dwb != nil)
+	// dout is a gradient: its bf16 copy is kept too, so that the op that
+	// writes it next step can write the copy beside it (shadowTable.produce).
+	doi, wi, xi := b.input(do, true), b.input(wb, dxb != nil), b.input(xb, dwb != nil)
 	b.queue("matmul_backward", func() error {
 		doh, err := b.d.operand(2, doi)
 		if err != nil {

@@ -29,6 +29,7 @@ type shadowKey struct {
 // the first conversion.
 type shadow struct {
 	valid bool
+	n     int // float32 values of the source
 	a     *allocation
 }
 
@@ -59,7 +60,7 @@ func (t *shadowTable) lookup(f *floats) (s *shadow, convert bool) {
 	k := shadowKey{f.ptr, f.n}
 	s = m[k]
 	if s == nil {
-		s = &shadow{}
+		s = &shadow{n: f.n}
 		m[k] = s
 	}
 	convert = !s.valid
@@ -68,6 +69,38 @@ func (t *shadowTable) lookup(f *floats) (s *shadow, convert bool) {
 	}
 	s.valid = true
 	return s, convert
+}
+
+// produce returns the shadow of f if products read f through one (nil
+// otherwise), marked valid: the calling op, which writes f, writes the bf16
+// copy too (a *shadow launch argument), so the next product converts
+// nothing. Call it after the op's checks, which invalidated f's shadow.
+func (t *shadowTable) produce(f *floats) *shadow {
+	if f == nil || f.owner == nil || f.n == 0 {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := t.owners[f.owner.id][shadowKey{f.ptr, f.n}]
+	if s != nil {
+		s.valid = true
+	}
+	return s
+}
+
+// storage returns the device address of s's bf16 copy, allocating it at
+// first use; 0 when there is no memory for it (the kernel then skips the
+// copy, and the product that reads s finds no storage and converts).
+// Device thread only.
+func (d *Device) storage(s *shadow) devptr {
+	if s.a == nil {
+		a, err := d.mem.tryAlloc(2 * int64(s.n))
+		if err != nil {
+			return 0
+		}
+		s.a = a
+	}
+	return s.a.ptr
 }
 
 // touch invalidates the shadows that overlap f (it may be written).

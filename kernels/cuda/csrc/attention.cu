@@ -1217,9 +1217,9 @@ extern "C" __global__ void __launch_bounds__(256) bm_attn_mem_index(int *comp, i
 // bm_rope rotates the pairs (i, i+D/2) of x[B,T,nh,D] by sign·t·theta^(−2i/D)
 // into out (out += when accumulate), in float64 like the CPU reference. One
 // thread per (b, t, i): the angle is computed once for the nh heads. out may
-// alias x.
+// alias x. out16, when set, gets a bf16 copy of out (a product's operand).
 extern "C" __global__ void bm_rope(float *out, const float *x, int T, int nh, int D, double theta, double sign, int accumulate,
-                                   long long npairs) {
+                                   long long npairs, unsigned short *out16) {
     const int half = D / 2;
     BM_FOR(idx, npairs) {
         const int i = (int)(idx % half);
@@ -1233,12 +1233,13 @@ extern "C" __global__ void bm_rope(float *out, const float *x, int T, int nh, in
             const long long o = (bt * nh + hd) * D + i;
             const double a = x[o], c = x[o + half];
             const double ra = a * cs - c * sn, rb = c * cs + a * sn;
-            if (accumulate) {
-                out[o] += (float)ra;
-                out[o + half] += (float)rb;
-            } else {
-                out[o] = (float)ra;
-                out[o + half] = (float)rb;
+            const float fa = accumulate ? out[o] + (float)ra : (float)ra;
+            const float fb = accumulate ? out[o + half] + (float)rb : (float)rb;
+            out[o] = fa;
+            out[o + half] = fb;
+            if (out16) {
+                out16[o] = (unsigned short)bm_bf16_bits(fa);
+                out16[o + half] = (unsigned short)bm_bf16_bits(fb);
             }
         }
     }
@@ -1248,10 +1249,13 @@ extern "C" __global__ void bm_rope(float *out, const float *x, int T, int nh, in
 
 // bm_shift_rows: out[b,t,:] = x[b,t-1,:], out[b,0,:] = 0 (out must not
 // overlap x; the host stages in-place calls through a copy).
-extern "C" __global__ void bm_shift_rows(float *out, const float *x, int T, int d, long long n) {
+// out16, when set, gets a bf16 copy of out (a matrix product's operand).
+extern "C" __global__ void bm_shift_rows(float *out, const float *x, int T, int d, long long n, unsigned short *out16) {
     BM_FOR(i, n) {
         const long long row = i / d;
-        out[i] = row % T == 0 ? 0.f : x[i - d];
+        const float v = row % T == 0 ? 0.f : x[i - d];
+        out[i] = v;
+        if (out16) out16[i] = (unsigned short)bm_bf16_bits(v);
     }
 }
 

@@ -50,7 +50,8 @@ extern "C" __global__ void bm_embedding_backward(float *dtable, const float *dou
 }
 
 // One block per row.
-extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, const float *g, int Rw, int d) {
+// out16, when set, gets a bf16 copy of out (a matrix product's operand).
+extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, const float *g, int Rw, int d, unsigned short *out16) {
     __shared__ float shm[32];
     int r = blockIdx.x;
     const float *xr = x + (long long)r * d;
@@ -60,11 +61,16 @@ extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, c
     float s = rsqrtf(ss / d + 1e-5f);
     if (threadIdx.x == 0) rstd[r] = s;
     float *o = out + (long long)r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * s * g[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = xr[i] * s * g[i];
+        o[i] = v;
+        if (out16) out16[(long long)r * d + i] = (unsigned short)bm_bf16_bits(v);
+    }
 }
 
 // dx: one block per row. dx may be NULL.
-extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, const float *dout, const float *x, const float *g, const float *rstd, int Rw, int d) {
+extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, const float *dout, const float *x, const float *g, const float *rstd, int Rw, int d,
+                                                   unsigned short *dx16) {
     __shared__ float shm[32];
     int r = blockIdx.x;
     const float *xr = x + (long long)r * d, *dr = dout + (long long)r * d;
@@ -74,7 +80,11 @@ extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, const float *dout, 
     dot = bm_block_sum(dot, shm);
     float k = dot * s * s * s / d;
     float *dxr = dx + (long long)r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dxr[i] += dr[i] * g[i] * s - xr[i] * k;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = dxr[i] + dr[i] * g[i] * s - xr[i] * k;
+        dxr[i] = v;
+        if (dx16) dx16[(long long)r * d + i] = (unsigned short)bm_bf16_bits(v);
+    }
 }
 
 // dg[i] += Σ_r dout[r,i]·x[r,i]·rstd[r]. Block (32 columns × 8 row lanes)
@@ -100,21 +110,34 @@ extern "C" __global__ void bm_rmsnorm_backward_dg(float *dg, const float *dout, 
     }
 }
 
-extern "C" __global__ void bm_swiglu(float *h, const float *gate, const float *up, long long n) {
+// h16, when set, gets a bf16 copy of h (a matrix product's operand).
+extern "C" __global__ void bm_swiglu(float *h, const float *gate, const float *up, long long n, unsigned short *h16) {
     BM_FOR(i, n) {
         float v = gate[i];
-        h[i] = v * bm_sigmoid(v) * up[i];
+        const float r = v * bm_sigmoid(v) * up[i];
+        h[i] = r;
+        if (h16) h16[i] = (unsigned short)bm_bf16_bits(r);
     }
 }
 
 // dgate += dh·up·silu'(gate), dup += dh·silu(gate); bit 0 of over makes
-// dgate, bit 1 dup, written instead (the host's deferred zero).
+// dgate, bit 1 dup, written instead (the host's deferred zero). dgate16 and
+// dup16, when set, get bf16 copies of the results (the matrix products'
+// operands).
 extern "C" __global__ void bm_swiglu_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up,
-                                              long long n, int over) {
+                                              long long n, int over, unsigned short *dgate16, unsigned short *dup16) {
     BM_FOR(i, n) {
         float v = gate[i], s = bm_sigmoid(v), g = dh[i];
-        if (dgate) dgate[i] = (over & 1 ? 0.f : dgate[i]) + g * up[i] * s * (1.f + v * (1.f - s));
-        if (dup) dup[i] = (over & 2 ? 0.f : dup[i]) + g * v * s;
+        if (dgate) {
+            const float r = (over & 1 ? 0.f : dgate[i]) + g * up[i] * s * (1.f + v * (1.f - s));
+            dgate[i] = r;
+            if (dgate16) dgate16[i] = (unsigned short)bm_bf16_bits(r);
+        }
+        if (dup) {
+            const float r = (over & 2 ? 0.f : dup[i]) + g * v * s;
+            dup[i] = r;
+            if (dup16) dup16[i] = (unsigned short)bm_bf16_bits(r);
+        }
     }
 }
 
@@ -165,13 +188,8 @@ extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v
     }
 }
 
-// bm_to_bf16 rounds n floats to bfloat16 (to nearest, ties to even, as
-// kernels.RoundBF16), two per thread, packed into 32-bit words: the inputs
-// of the tensor-core matrix products.
-static __device__ __forceinline__ unsigned bm_bf16_bits(float f) {
-    unsigned u = __float_as_uint(f);
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
+// bm_to_bf16 rounds n floats to bfloat16 (bm_bf16_bits), two per thread,
+// packed into 32-bit words: the inputs of the tensor-core matrix products.
 
 extern "C" __global__ void bm_to_bf16(unsigned *dst, const float *src, long long n) {
     BM_FOR(i, (n + 1) / 2) {

@@ -61,6 +61,13 @@ __device__ __forceinline__ float bm_block_max(float v, float *shm) {
 
 __device__ __forceinline__ float bm_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
+// bm_bf16_bits rounds f to bfloat16 (to nearest, ties to even, as
+// kernels.RoundBF16) and returns its 16 bits.
+static __device__ __forceinline__ unsigned bm_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 // Grid-stride loop over n elements (64-bit index).
 #define BM_FOR(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); i += (long long)gridDim.x * blockDim.x)
 
