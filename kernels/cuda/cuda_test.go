@@ -103,6 +103,55 @@ func TestDroppedBuffersReused(t *testing.T) {
 	}
 }
 
+// TestMatMulInputCopiesNoMemory: with no memory to spare for kept copies,
+// products convert into scratch every time and still compute the same.
+func TestMatMulInputCopiesNoMemory(t *testing.T) {
+	d := openDevice(t, "bf16")
+	be := d.NewBackend()
+	const Rw, K = 29, 40
+	rng := rand.New(rand.NewPCG(9, 10))
+	up := func(n int) kernels.Buffer {
+		h := make([]float32, n)
+		for i := range h {
+			h[i] = float32(rng.NormFloat64())
+		}
+		b := be.Alloc(n)
+		be.Upload(b, h)
+		return b
+	}
+	x, w := up(Rw*K), up(K*K)
+	want, got := be.Alloc(Rw*K), be.Alloc(Rw*K)
+	be.MatMul(want, x, w, Rw, K, K, false)
+	be.ForgetInputCopies()
+	x2, w2 := up(Rw*K), up(K*K)
+	be.Copy(x2, x)
+	be.Copy(w2, w)
+	// Nothing is spare, and no cached block can be reused.
+	d.do(func() { d.mem.reserveAt = 1 << 50; d.mem.releaseCached() })
+	defer d.do(func() { d.mem.reserveAt = 0 })
+	for range 3 {
+		be.MatMul(got, x2, w2, Rw, K, K, false)
+	}
+	be.Err()
+	for _, b := range []kernels.Buffer{x2, w2} {
+		f := b.(*floats)
+		if s := d.shadows.owners[f.owner.id][shadowKey{f.ptr, f.n}]; s == nil || s.a != nil {
+			t.Fatalf("the copy of a product input: %+v, want one without storage", s)
+		}
+	}
+	a, r := make([]float32, Rw*K), make([]float32, Rw*K)
+	be.Download(a, got)
+	be.Download(r, want)
+	for i := range a {
+		if a[i] != r[i] {
+			t.Fatalf("element %d is %v, want %v", i, a[i], r[i])
+		}
+	}
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestMatMulInputCopies: products keep bf16 copies of their inputs and
 // reuse them until an op writes any part of the input; the results are
 // those of products that convert every time.
@@ -135,9 +184,9 @@ func TestMatMulInputCopies(t *testing.T) {
 	g, rstd := up(K), be.Alloc(Rw)
 
 	c0 := conversions()
-	be.MatMul(o1, x, w1, Rw, K, K, false) // converts x and w1
-	be.MatMul(o2, x, w2, Rw, K, K, false) // converts w2 only
-	be.SiLU(tmp, x)                       // reads x: the copy stays
+	be.MatMul(o1, x, w1, Rw, K, K, false)            // converts x and w1
+	be.MatMul(o2, x, w2, Rw, K, K, false)            // converts w2 only
+	be.SiLU(tmp, x)                                  // reads x: the copy stays
 	be.MatMulBackward(tmp, nil, o1, x, w1, Rw, K, K) // converts dout = o1
 	be.MatMul(o1, x, w1, Rw, K, K, false)
 	if got := conversions() - c0; got != 4 {
