@@ -125,3 +125,52 @@ func TestAttentionTensorCores(t *testing.T) {
 		}
 	}
 }
+
+// TestAttentionKeptCopies: the tensor-core attention reads the kept bf16
+// copies of q, k, v (shadow.go) when D needs no padding; after RoPE rewrites
+// k (and writes its copy) and Scale rewrites v (dropping its copy), both
+// passes compute what fresh buffers give.
+func TestAttentionKeptCopies(t *testing.T) {
+	be := openDevice(t, "bf16").NewBackend()
+	s := kernels.AttnShape{B: 1, T: 150, H: 2, G: 1, D: 64, Wc: 48, Wf: 32}
+	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
+	rng := rand.New(rand.NewPCG(11, 12))
+	up := func(n int) kernels.Buffer {
+		h := make([]float32, n)
+		for i := range h {
+			h[i] = float32(rng.NormFloat64())
+		}
+		b := be.Alloc(n)
+		be.Upload(b, h)
+		return b
+	}
+	get := func(b kernels.Buffer) []float32 {
+		h := make([]float32, b.Len())
+		be.Download(h, b)
+		return h
+	}
+	q, k0, k, v, kf, vf, dout := up(nq), up(nk), up(nk), up(nk), up(nk), up(nk), up(nq)
+	pass := func(q, k, v, kf, vf kernels.Buffer) [][]float32 {
+		o, l := be.Alloc(nq), be.Alloc(s.B*s.T*s.H)
+		be.Attention(o, l, q, k, v, kf, vf, nil, nil, nil, s)
+		dq, dk, dv, dkf, dvf := be.Alloc(nq), be.Alloc(nk), be.Alloc(nk), be.Alloc(nk), be.Alloc(nk)
+		be.AttentionBackward(dq, dk, dv, dkf, dvf, nil, nil, dout, o, l, q, k, v, kf, vf, nil, nil, nil, s)
+		return [][]float32{get(o), get(dq), get(dk), get(dv), get(dkf)}
+	}
+	pass(q, k, v, kf, vf) // makes the copies
+	be.RoPE(k, k0, s.B, s.T, s.G, s.D, 1e4)
+	be.Scale(v, 0.5)
+	got := pass(q, k, v, kf, vf)
+	fresh := func(x kernels.Buffer) kernels.Buffer { y := be.Alloc(x.Len()); be.Copy(y, x); return y }
+	want := pass(fresh(q), fresh(k), fresh(v), fresh(kf), fresh(vf))
+	for i, name := range []string{"out", "dq", "dk", "dv", "dkf"} {
+		for j := range got[i] {
+			if got[i][j] != want[i][j] {
+				t.Fatalf("%s: element %d is %v, want %v (a stale copy)", name, j, got[i][j], want[i][j])
+			}
+		}
+	}
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -172,6 +172,8 @@ func (d *Device) launch(name string, grid, block dim, shmem int, args ...any) er
 			if v != nil {
 				slots[i] = uint64(v.ptr)
 			}
+		case *bf16Ref: // a bf16 copy the kernel reads (ops_matmul.go)
+			slots[i] = uint64(v.ptr)
 		case *shadow: // a bf16 copy written by the kernel (shadow.go)
 			slots[i] = 0
 			if v != nil {

@@ -146,7 +146,7 @@ func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, se
 	if b.attnTC(a) {
 		cv := b.attnConverter(op, a)
 		kr := s.B * s.T * s.G
-		k16, v16, kf16, vf16, km16 := cv.bf16(a.k, kr), cv.bf16(a.v, kr), cv.bf16(a.kf, kr), cv.bf16(a.vf, kr), (*floats)(nil)
+		k16, v16, kf16, vf16, km16 := cv.bf16(a.k, kr), cv.bf16(a.v, kr), cv.bf16(a.kf, kr), cv.bf16(a.vf, kr), any((*floats)(nil))
 		if a.m > 0 {
 			km16 = cv.bf16(a.km, kr)
 		}
@@ -169,7 +169,7 @@ type attnConv struct {
 	op   string
 	d    int
 	dm   int
-	done map[attnConvKey]*floats
+	done map[attnConvKey]any
 }
 
 type attnConvKey struct {
@@ -178,13 +178,18 @@ type attnConvKey struct {
 }
 
 func (b *Backend) attnConverter(op string, a *attnArgs) *attnConv {
-	return &attnConv{b: b, op: op, d: a.d, dm: a.dm, done: map[attnConvKey]*floats{}}
+	return &attnConv{b: b, op: op, d: a.d, dm: a.dm, done: map[attnConvKey]any{}}
 }
 
-// bf16 returns the copy of x [rows, D] (nil for nil).
-func (c *attnConv) bf16(x *floats, rows int) *floats {
+// bf16 returns the copy of x [rows, D] (nil for nil). Unpadded copies
+// (D = dm) are the kept copies of shadow.go, shared with the backward and
+// with matrix products, and written beside x by RoPE.
+func (c *attnConv) bf16(x *floats, rows int) any {
 	if x == nil {
-		return nil
+		return (*floats)(nil)
+	}
+	if c.d == c.dm && x.n == rows*c.d {
+		return c.b.keptBF16(c.op, x)
 	}
 	key := attnConvKey{x.ptr, rows}
 	if y, ok := c.done[key]; ok {
@@ -262,7 +267,7 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 		cv.done[attnConvKey{do.ptr, qr}] = do16
 		b.launch(op, fmt.Sprintf("bm_attn_bwd_dot_bf16_d%d", a.dm), grid1(rows, 8), dim{256, 1, 1}, 0, dd, do16, do, os, rows, s.D)
 		if gq != nil || gqm != nil {
-			var kf16, vf16, km16 *floats
+			var kf16, vf16, km16 any = (*floats)(nil), (*floats)(nil), (*floats)(nil)
 			if gq != nil {
 				kf16, vf16 = cv.bf16(a.kf, kr), cv.bf16(a.vf, kr)
 			}

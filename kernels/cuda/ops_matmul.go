@@ -30,11 +30,11 @@ type gemmIn struct {
 	convert bool
 }
 
-// input resolves x for a product. keep: its copy is kept in the shadow
-// table (read again before x changes, like weights and saved activations,
-// or written by x's producer); otherwise it is converted into scratch.
-func (b *Backend) input(x *floats, keep bool) gemmIn {
-	if b.d.opt.MatMul != "bf16" || !keep {
+// input resolves x for a product: in bf16 mode its copy is kept in the
+// shadow table (read again before x changes, like weights and saved
+// activations, or written beside x by its producer).
+func (b *Backend) input(x *floats) gemmIn {
+	if b.d.opt.MatMul != "bf16" {
 		return gemmIn{x: x}
 	}
 	s, convert := b.d.shadows.lookup(x)
@@ -76,6 +76,39 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 		return operand{}, err
 	}
 	return operand{d.half[slot].ptr, true}, nil
+}
+
+// bf16Ref is a bf16 copy that a later launch of the same op reads (a launch
+// argument), resolved on the device thread: a kept copy, or a temporary.
+type bf16Ref struct {
+	ptr devptr
+	tmp *allocation
+}
+
+// keptBF16 returns x's bf16 copy for the kernels of op: the kept copy
+// (shadow.go), converted first when stale, or without memory for one a
+// temporary copy.
+func (b *Backend) keptBF16(op string, x *floats) *bf16Ref {
+	in, r := b.input(x), &bf16Ref{}
+	b.queue(op, func() error {
+		if s := in.s; s != nil {
+			convert := in.convert || s.a == nil
+			if p := b.d.storage(s); p != 0 {
+				r.ptr = p
+				if convert {
+					return b.d.toBF16(p, x)
+				}
+				return nil
+			}
+		}
+		a, err := b.d.mem.alloc(2 * int64(x.n))
+		if err != nil {
+			return err
+		}
+		r.ptr, r.tmp = a.ptr, a
+		return b.d.toBF16(a.ptr, x)
+	})
+	return r
 }
 
 // toBF16 queues the rounding of x into the bf16 array at dst, one thread
@@ -120,7 +153,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	if accumulate && !zeroed {
 		beta = 1
 	}
-	wi, xi := b.input(wb, true), b.input(xb, true)
+	wi, xi := b.input(wb), b.input(xb)
 	b.queue("matmul", func() error {
 		wh, err := b.d.operand(0, wi)
 		if err != nil {
@@ -151,7 +184,7 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 	}
 	// dout is a gradient: its bf16 copy is kept too, so that the op that
 	// writes it next step can write the copy beside it (shadowTable.produce).
-	doi, wi, xi := b.input(do, true), b.input(wb, dxb != nil), b.input(xb, dwb != nil)
+	doi, wi, xi := b.input(do), b.input(wb), b.input(xb)
 	b.queue("matmul_backward", func() error {
 		doh, err := b.d.operand(2, doi)
 		if err != nil {
