@@ -150,9 +150,12 @@ func TestAttentionKeptCopies(t *testing.T) {
 		return h
 	}
 	q, k0, k, v, kf, vf, dout := up(nq), up(nk), up(nk), up(nk), up(nk), up(nk), up(nq)
+	o, l := be.Alloc(nq), be.Alloc(s.B*s.T*s.H)
+	w, p1, p2 := up(s.H*s.D*s.H*s.D), be.Alloc(nq), be.Alloc(nq)
+	rows, hd := s.B*s.T, s.H*s.D
 	pass := func(q, k, v, kf, vf kernels.Buffer) [][]float32 {
-		o, l := be.Alloc(nq), be.Alloc(s.B*s.T*s.H)
 		be.Attention(o, l, q, k, v, kf, vf, nil, nil, nil, s)
+		be.MatMul(p1, o, w, rows, hd, hd, false) // o's copy: written by Attention after the first pass
 		dq, dk, dv, dkf, dvf := be.Alloc(nq), be.Alloc(nk), be.Alloc(nk), be.Alloc(nk), be.Alloc(nk)
 		be.AttentionBackward(dq, dk, dv, dkf, dvf, nil, nil, dout, o, l, q, k, v, kf, vf, nil, nil, nil, s)
 		return [][]float32{get(o), get(dq), get(dk), get(dv), get(dkf)}
@@ -160,7 +163,19 @@ func TestAttentionKeptCopies(t *testing.T) {
 	pass(q, k, v, kf, vf) // makes the copies
 	be.RoPE(k, k0, s.B, s.T, s.G, s.D, 1e4)
 	be.Scale(v, 0.5)
+	c0 := be.InputCopies().Conversions
 	got := pass(q, k, v, kf, vf)
+	if n := be.InputCopies().Conversions - c0; n != 1 {
+		t.Errorf("the second pass converted %d inputs, want 1 (v; RoPE and Attention write the others' copies)", n)
+	}
+	be.ForgetInputCopies()
+	be.MatMul(p2, o, w, rows, hd, hd, false)
+	a, r := get(p1), get(p2)
+	for j := range a {
+		if a[j] != r[j] {
+			t.Fatalf("product of the attention output: element %d is %v, want %v (a stale copy)", j, a[j], r[j])
+		}
+	}
 	fresh := func(x kernels.Buffer) kernels.Buffer { y := be.Alloc(x.Len()); be.Copy(y, x); return y }
 	want := pass(fresh(q), fresh(k), fresh(v), fresh(kf), fresh(vf))
 	for i, name := range []string{"out", "dq", "dk", "dv", "dkf"} {

@@ -152,7 +152,7 @@ func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, se
 		}
 		b.launch(op, fmt.Sprintf("bm_attn_fwd_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}, 0,
 			o, ls, a.q, k16, v16, kf16, vf16, a.qm, km16, comp, pre,
-			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+			s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale, b.d.shadows.produce(o))
 		return
 	}
 	b.launch(op, fmt.Sprintf("bm_attn_fwd_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}, 0,

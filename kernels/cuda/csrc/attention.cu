@@ -770,7 +770,8 @@ __device__ __forceinline__ long long bm_tc_kb16(const BmTcQ &x, const BmAttn &s,
 template <int DM>
 __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, const float *q, const uint16_t *k, const uint16_t *v,
                                                     const uint16_t *kf, const uint16_t *vf, const float *qm, const uint16_t *km,
-                                                    const int *comp, const int *pre, const BmAttn s, float scale) {
+                                                    const int *comp, const int *pre, const BmAttn s, float scale,
+                                                    uint16_t *out16) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
     alignas(16) __shared__ uint16_t ks[2][BM_TC_KT * LD], vs[2][BM_TC_KT * LD];
     const BmTcQ x = bm_tc_qsetup(comp, pre, s);
@@ -858,7 +859,11 @@ __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, cons
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int d = 8 * j + 2 * x.c + e;
-                if (d < s.D) out[x.qrow[i] + d] = o[j][2 * i + e] / l[i];
+                if (d < s.D) {
+                    const float r = o[j][2 * i + e] / l[i];
+                    out[x.qrow[i] + d] = r;
+                    if (out16) out16[x.qrow[i] + d] = (uint16_t)bm_bf16_bits(r);
+                }
             }
         if (x.c == 0) lse[((long long)x.b * s.T + x.rt[i]) * s.H + x.h] = m[i] * BM_LN2 + logf(l[i]);
     }
@@ -868,9 +873,9 @@ __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, cons
     extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
         NAME(float *out, float *lse, const float *q, const uint16_t *k, const uint16_t *v, const uint16_t *kf, const uint16_t *vf, \
              const float *qm, const uint16_t *km, const int *comp, const int *pre, int T, int H, int G, int D, int Wc, int Wf,     \
-             int C, int M, int Delta, int nC, int nCS, float scale) {                                                             \
+             int C, int M, int Delta, int nC, int nCS, float scale, uint16_t *out16) {                                            \
         const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                              \
-        bm_attn_fwd_tc_impl<DM>(out, lse, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                          \
+        bm_attn_fwd_tc_impl<DM>(out, lse, q, k, v, kf, vf, qm, km, comp, pre, s, scale, out16);                                   \
     }
 
 BM_ATTN_FWD_TC(bm_attn_fwd_tc_d32, 32)
