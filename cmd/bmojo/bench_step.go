@@ -30,7 +30,11 @@ type stepReport struct {
 	PeakSource    string  `json:"peak_source"`
 	MFU           float64 `json:"mfu"`
 	PeakMemGiB    float64 `json:"peak_mem_gib"`
-	LargestBatch  int     `json:"largest_batch,omitempty"`
+	// The bf16 copies the GPU backend keeps of product inputs, and how many
+	// inputs per timed step it still had to convert.
+	CopiesGiB          float64 `json:"bf16_copies_gib,omitempty"`
+	ConversionsPerStep float64 `json:"conversions_per_step,omitempty"`
+	LargestBatch       int     `json:"largest_batch,omitempty"`
 	// LargestCapped: the search stopped at its time cap, not at an out-of-memory.
 	LargestCapped bool `json:"largest_batch_capped,omitempty"`
 	Profile       []struct {
@@ -95,6 +99,9 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			fmt.Printf("preset %s: %d parameters, batch %d × %d tokens\n", preset, r.Params, batch, c.SeqLen)
 			fmt.Printf("step %.1f ms, %.0f tokens/s, %.3g model FLOPs/token, %.1f TFLOP/s, MFU %.1f%%, peak device memory %.2f GiB\n",
 				1e3*r.StepSeconds, r.TokensPerS, r.FLOPsPerToken, r.TFLOPs, 100*r.MFU, r.PeakMemGiB)
+			if r.CopiesGiB > 0 {
+				fmt.Printf("bf16 copies of product inputs: %.2f GiB kept, %.0f conversions per step\n", r.CopiesGiB, r.ConversionsPerStep)
+			}
 			if prof {
 				pb := profile.Wrap[float32](o.Dev.Backend())
 				if err := profileStep(pb, c, batch, &r); err != nil {
@@ -217,6 +224,11 @@ func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps
 			return err
 		}
 	}
+	copies, _ := be.(interface{ InputCopies() cuda.InputCopyStats })
+	var conv0 int
+	if copies != nil {
+		conv0 = copies.InputCopies().Conversions
+	}
 	t0 := time.Now()
 	for range steps {
 		if err := run.step(); err != nil {
@@ -224,6 +236,11 @@ func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps
 		}
 	}
 	r.StepSeconds = time.Since(t0).Seconds() / float64(steps)
+	if copies != nil {
+		st := copies.InputCopies()
+		r.CopiesGiB = float64(st.Bytes) / (1 << 30)
+		r.ConversionsPerStep = float64(st.Conversions-conv0) / float64(steps)
+	}
 	r.TokensPerS = float64(r.Batch*c.SeqLen) / r.StepSeconds
 	r.FLOPsPerToken = model.FLOPsPerToken(c, c.SeqLen)
 	r.TFLOPs = r.FLOPsPerToken * r.TokensPerS / 1e12

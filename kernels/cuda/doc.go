@@ -46,3 +46,11 @@ type Info struct {
 	SMs          int
 	CuBLAS       string // the cuBLAS library loaded (path or soname)
 }
+
+// InputCopyStats describes the bf16 copies a device keeps of matrix-product
+// inputs (weights, saved activations, gradients).
+type InputCopyStats struct {
+	Copies      int   // ranges with a copy
+	Bytes       int64 // bf16 bytes they cover
+	Conversions int   // reads so far that had to (re)convert a kept input
+}

@@ -123,7 +123,7 @@ func (d *Device) toBF16(dst devptr, x *floats) error {
 func (b *Backend) ForgetInputCopies() { b.d.shadows.forget() }
 
 // InputCopies reports the bf16 copies of product inputs the device keeps.
-func (b *Backend) InputCopies() InputCopyStats { return b.d.shadows.stats() }
+func (b *Backend) InputCopies() InputCopyStats { return b.d.InputCopies() }
 
 // gemm is the driver's product of two operands (both bf16 or both fp32).
 func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B operand, ldb int, beta float32, C devptr, ldc int) error {

@@ -143,13 +143,6 @@ func (t *shadowTable) dropAll() {
 	t.owners = nil
 }
 
-// InputCopyStats describes the bf16 copies a device keeps of product inputs.
-type InputCopyStats struct {
-	Copies      int   // ranges with a copy
-	Bytes       int64 // bf16 bytes they cover
-	Conversions int   // products so far that had to (re)convert a kept input
-}
-
 func (t *shadowTable) stats() InputCopyStats {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -162,3 +155,6 @@ func (t *shadowTable) stats() InputCopyStats {
 	}
 	return st
 }
+
+// InputCopies reports the bf16 copies of product inputs the device keeps.
+func (d *Device) InputCopies() InputCopyStats { return d.shadows.stats() }

@@ -27,3 +27,6 @@ func (d *Device) Close() error { return nil }
 
 // PeakMemory is never reached in this build.
 func (d *Device) PeakMemory() int64 { return 0 }
+
+// InputCopies is never reached in this build.
+func (d *Device) InputCopies() InputCopyStats { return InputCopyStats{} }
