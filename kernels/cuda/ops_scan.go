@@ -130,21 +130,42 @@ const scanChannels = 16
 
 // The fast path for N ≤ 16 (the BM_SS_* constants of scan.cu): 32
 // channels per block, 16 state slots per channel, forward tiles of 32 steps,
-// backward segments of 64 steps.
+// backward sub-chunks of 8 steps and segments of 64.
 const (
 	scanFastN    = 16
 	scanFastCh   = 32
 	scanFastNL   = 16
 	scanFastTile = 32
+	scanFastL    = 8
 	scanFastSeg  = 64
 )
+
+// scanFastWhole reports whether the N ≤ 16 kernels run one block per
+// (32 channels, b) over all of T: when eb·B such blocks give every SM two
+// or more (each SM holds three). Fewer leave the GPU short of work, and T
+// splits into segments scanned in parallel at the cost of extra passes.
+func scanFastWhole(eb, B, SMs int) bool { return eb*B >= 2*max(1, SMs) }
+
+// scanOverlap reports whether two of the non-nil buffers share memory.
+func scanOverlap(fs ...*floats) bool {
+	for i, a := range fs {
+		for _, c := range fs[i+1:] {
+			if a != nil && c != nil && a.n > 0 && c.n > 0 &&
+				a.ptr < c.ptr+devptr(4*c.n) && c.ptr < a.ptr+devptr(4*a.n) {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 // SelectiveScan implements kernels.Backend (the CPU's SelectiveScan).
 // For N ≤ 16: blocks of 32 channels × 8 lanes (2 states each) of one
 // sequence run a time segment each, staging tiles of x, dt, z, Bm, Cm in
 // shared memory. When B·E/32 blocks leave the GPU short of work (fewer than
-// 2 per SM), T is split into segments: a local pass from zero per segment
-// and a fix-up over segments give each one its entering state first.
+// 2 per SM, scanFastWhole), T is split into segments: a local pass from zero
+// per segment and a fix-up over segments give each one its entering state
+// first.
 // Larger N: the generic kernels, one thread per (b, e, 16-lane slot of n),
 // a sequential loop over t.
 func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
@@ -164,7 +185,8 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 	eb := (E + scanFastCh - 1) / scanFastCh
 	tiles := (T + scanFastTile - 1) / scanFastTile
 	nSeg := 1
-	if want := 2 * max(1, b.d.info.SMs); eb*B < want {
+	if !scanFastWhole(eb, B, b.d.info.SMs) {
+		want := 2 * max(1, b.d.info.SMs)
 		nSeg = min((want+eb*B-1)/(eb*B), tiles)
 	}
 	Ls := (tiles + nSeg - 1) / nSeg * scanFastTile
@@ -184,13 +206,19 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 }
 
 // SelectiveScanBackward implements kernels.Backend (the CPU's
-// SelectiveScanBackward). For N ≤ 16, T splits into segments of 64 steps:
-// a local pass per segment (state from zero, and the gradient it would pass
-// left) and a fix-up over segments give every segment its entering state
-// and the gradient carried into it; then one block per (32 channels,
-// segment, b) recomputes its states in sub-chunks of 8 and back-propagates.
-// Sums over blocks (dBm, dCm over channel groups; dAlog, ddtBias, dDskip
-// over b and segments) go to scratch and are added in a fixed order.
+// SelectiveScanBackward). For N ≤ 16, when B·E/32 blocks fill the GPU
+// (scanFastWhole) and dx, ddt, dz do not overlap: a forward pass stores the
+// state entering every sub-chunk of 8 steps ([B][ceil(T/8)−1][E][16] floats
+// of scratch, 2·B·T·E words), then one block per (32 channels, b) walks the
+// sub-chunks in reverse, recomputing each one's states and back-propagating,
+// the gradient of the state carried in registers. Otherwise T splits into
+// segments of 64 steps: a local pass per segment (state from zero, and the
+// gradient it would pass left) and a fix-up over segments give every segment
+// its entering state and the gradient carried into it; then one block per
+// (32 channels, segment, b) recomputes its states in sub-chunks of 8 and
+// back-propagates. Sums over blocks (dBm, dCm over channel groups; dAlog,
+// ddtBias, dDskip over b and segments) go to scratch and are added in a
+// fixed order.
 // Larger N: the generic kernel, which stores the state entering every chunk
 // of L steps in scratch ([ceil(T/L)−1][B][E][N] floats), then walks the
 // chunks in reverse, recomputing each chunk's states in registers.
@@ -226,6 +254,35 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 	}
 	const op = "selective_scan_backward"
 	eb := (E + scanFastCh - 1) / scanFastCh
+	part := func(g *floats, n int) *floats {
+		if g == nil || n == 0 {
+			return nil
+		}
+		return b.Alloc(n).(*floats)
+	}
+	pB, pC := part(gB, eb*B*T*N), part(gC, eb*B*T*N)
+	if scanFastWhole(eb, B, b.d.info.SMs) && !scanOverlap(gx, gdt, gz) {
+		// The walk reads the old dx, ddt, dz of a sub-chunk before it
+		// writes any, so they must not overlap.
+		grid := dim{eb, B, 1}
+		var ck *floats // nil (never read) when T fits one sub-chunk
+		if nC := (T + scanFastL - 1) / scanFastL; nC > 1 {
+			ck = b.Alloc(B * (nC - 1) * E * scanFastNL).(*floats)
+			b.launch(op, "bm_selective_scan_ck16", grid, dim{256, 1, 1}, 0,
+				ck, s.x, s.dt, s.dtBias, s.Alog, s.Bm, B, T, E, N)
+		}
+		pA := part(gA, B*E*N)
+		pBias, pD := part(gbias, B*E), part(gD, B*E)
+		b.launch(op, "bm_selective_scan_bwdw16", grid, dim{256, 1, 1}, 0,
+			gx, gdt, gz, pB, pC, pA, pBias, pD, ck, do,
+			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+		b.scanSumParts(op, gB, pB, eb, B*T*N)
+		b.scanSumParts(op, gC, pC, eb, B*T*N)
+		b.scanSumParts(op, gA, pA, B, E*N)
+		b.scanSumParts(op, gbias, pBias, B, E)
+		b.scanSumParts(op, gD, pD, B, E)
+		return
+	}
 	nSeg := (T + scanFastSeg - 1) / scanFastSeg
 	grid := dim{eb, nSeg, B}
 	var hin, din *floats // nil: one segment, nothing carried
@@ -238,13 +295,6 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		b.launch(op, "bm_selective_scan_fix16", b.scanStrideGrid(B*E*scanFastNL), dim{256, 1, 1}, 0,
 			hin, din, S, s.Alog, B, E, N, nSeg)
 	}
-	part := func(g *floats, n int) *floats {
-		if g == nil || n == 0 {
-			return nil
-		}
-		return b.Alloc(n).(*floats)
-	}
-	pB, pC := part(gB, eb*B*T*N), part(gC, eb*B*T*N)
 	pA := part(gA, B*nSeg*E*N)
 	pBias, pD := part(gbias, B*nSeg*E), part(gD, B*nSeg*E)
 	b.launch(op, "bm_selective_scan_bwd16", grid, dim{256, 1, 1}, 0,

@@ -15,12 +15,40 @@ import (
 // TestScanShapes checks the selective scan, forward and backward, against
 // the CPU reference at shapes the conformance suite does not reach: several
 // time segments and tiles, channel groups with a partial last one, the
-// N ≤ 16 fast path and the generic one (N = 20, 100).
+// N ≤ 16 fast path and the generic one (N = 20, 100). The fast path's
+// backward runs whole sequences per block (scanFastWhole) or time segments;
+// the shapes cover both (the emulation has 2 SMs, so eb·B ≥ 4 walks), with
+// T not a multiple of the sub-chunk or segment and E not of 32, T within one
+// sub-chunk, some gradients nil, and dx aliasing ddt (which the walk leaves
+// to the segments).
 func TestScanShapes(t *testing.T) {
 	d := openDevice(t, "fp32")
-	for _, sh := range [][4]int{{1, 300, 40, 16}, {2, 200, 5, 3}, {2, 130, 37, 9}, {1, 64, 33, 16}, {1, 1000, 64, 16}, {2, 77, 20, 20}, {1, 90, 17, 100}} {
-		B, T, E, N := sh[0], sh[1], sh[2], sh[3]
-		t.Run(fmt.Sprint(sh), func(t *testing.T) {
+	type scanCase struct {
+		B, T, E, N int
+		nils       []int // gradients passed as nil (indices into names below)
+		alias      bool  // ddt is dx
+	}
+	cases := []scanCase{
+		{B: 1, T: 300, E: 40, N: 16}, {B: 2, T: 200, E: 5, N: 3}, {B: 2, T: 130, E: 37, N: 9},
+		{B: 1, T: 64, E: 33, N: 16}, {B: 1, T: 1000, E: 64, N: 16}, {B: 2, T: 77, E: 20, N: 20},
+		{B: 1, T: 90, E: 17, N: 100},
+		{B: 4, T: 333, E: 70, N: 16}, {B: 3, T: 5, E: 33, N: 16}, {B: 2, T: 9, E: 64, N: 1},
+		{B: 3, T: 150, E: 45, N: 16, nils: []int{0, 3, 4}}, {B: 3, T: 150, E: 45, N: 12, nils: []int{1, 2, 5, 6, 7}},
+		{B: 2, T: 100, E: 64, N: 16, alias: true},
+	}
+	names := []string{"dx", "ddt", "ddtBias", "dAlog", "dBm", "dCm", "dDskip", "dz"}
+	var walks, segs int
+	for _, sc := range cases {
+		B, T, E, N := sc.B, sc.T, sc.E, sc.N
+		eb := (E + scanFastCh - 1) / scanFastCh
+		if N <= scanFastN {
+			if scanFastWhole(eb, B, d.Info().SMs) && !sc.alias {
+				walks++
+			} else {
+				segs++
+			}
+		}
+		t.Run(fmt.Sprintf("%v_%v_%v_%v_nil%v_alias%v", B, T, E, N, sc.nils, sc.alias), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(1, uint64(T*E+N)))
 			r := func(n int, s float64) []float32 {
 				v := make([]float32, n)
@@ -36,10 +64,13 @@ func TestScanShapes(t *testing.T) {
 			ins := [][]float32{r(B*T*E, 1), r(B*T*E, 0.5), r(E, 0.5), alog, r(B*T*N, 1), r(B*T*N, 1), r(E, 1), r(B*T*E, 1)}
 			dout := r(B*T*E, 1)
 			sizes := []int{B * T * E, B * T * E, E, E * N, B * T * N, B * T * N, E, B * T * E}
-			names := []string{"dx", "ddt", "ddtBias", "dAlog", "dBm", "dCm", "dDskip", "dz"}
 			pre := make([][]float32, 8)
 			for i := range pre {
 				pre[i] = r(sizes[i], 1)
+			}
+			isNil := make([]bool, 8)
+			for _, i := range sc.nils {
+				isNil[i] = true
 			}
 			run := func(be kernels.Backend[float32]) ([]float32, [][]float32) {
 				up := func(v []float32) kernels.Buffer { b := be.Alloc(len(v)); be.Upload(b, v); return b }
@@ -47,7 +78,12 @@ func TestScanShapes(t *testing.T) {
 				grads := make([]kernels.Buffer, 8)
 				for i := range bufs {
 					bufs[i] = up(ins[i])
-					grads[i] = up(pre[i])
+					if !isNil[i] {
+						grads[i] = up(pre[i])
+					}
+				}
+				if sc.alias {
+					grads[1] = grads[0]
 				}
 				out := be.Alloc(B * T * E)
 				be.SelectiveScan(out, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5], bufs[6], bufs[7], B, T, E, N)
@@ -57,8 +93,10 @@ func TestScanShapes(t *testing.T) {
 				be.Download(o, out)
 				gs := make([][]float32, 8)
 				for i := range gs {
-					gs[i] = make([]float32, sizes[i])
-					be.Download(gs[i], grads[i])
+					if grads[i] != nil {
+						gs[i] = make([]float32, sizes[i])
+						be.Download(gs[i], grads[i])
+					}
 				}
 				if err := be.Err(); err != nil {
 					t.Fatal(err)
@@ -81,8 +119,17 @@ func TestScanShapes(t *testing.T) {
 			}
 			cmp("out", o1, o2)
 			for i := range g1 {
-				cmp(names[i], g1[i], g2[i])
+				if (g1[i] == nil) != (g2[i] == nil) {
+					t.Fatalf("%s: nil on one backend only", names[i])
+				}
+				if g1[i] != nil {
+					cmp(names[i], g1[i], g2[i])
+				}
 			}
 		})
+	}
+	// Both backward paths of the fast path must have run.
+	if walks < 5 || segs < 4 {
+		t.Errorf("N ≤ 16 shapes cover %d whole-sequence and %d segmented backward passes; want ≥ 5 and ≥ 4", walks, segs)
 	}
 }

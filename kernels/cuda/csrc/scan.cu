@@ -462,7 +462,10 @@ BM_SCAN_KERNELS(8, 4, 1)
 // (bm_selective_scan_loc16), a cheap sequential fix-up over segments per
 // (b, e, n) turns the local results into each segment's entering state and
 // entering gradient (bm_selective_scan_fix16), and the main kernels run
-// every segment from its true boundary values.
+// every segment from its true boundary values. That is only worth its extra
+// passes when B·E/32 blocks leave the GPU short of work; otherwise one block
+// walks all of T (the forward with one segment; the backward through
+// bm_selective_scan_ck16 and bm_selective_scan_bwdw16).
 //
 // Reductions are deterministic: per-block partial sums go to scratch and
 // bm_scan_sum_parts adds them in a fixed order (no atomics).
@@ -475,6 +478,7 @@ BM_SCAN_KERNELS(8, 4, 1)
 #define BM_SS_NCK 8    // sub-chunks per backward segment
 #define BM_SS_SEG (BM_SS_L * BM_SS_NCK) // backward segment length (64)
 #define BM_LOG2E 1.4426950408889634f
+#define BM_LN2 0.6931471805599453f
 
 // bm_ex2 is 2^x from one MUFU.EX2 (ex2.approx.ftz: 2 ulp, results below
 // 2^−126 flush to 0, which a decay factor may); exp2f adds a denormal
@@ -514,9 +518,13 @@ static __device__ __forceinline__ float bm_sum8(float v) {
     return v;
 }
 
-// ScanF2: two floats moved as one 8-byte access (the emulation has no float2).
+// ScanF2, ScanF4: two or four floats moved as one 8- or 16-byte access (the
+// emulation has no float2, float4).
 struct alignas(8) ScanF2 {
     float x, y;
+};
+struct alignas(16) ScanF4 {
+    float x, y, z, w;
 };
 
 // ScanRaw holds one tile of TT timesteps as loaded from global memory by
@@ -961,6 +969,295 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
         }
         if (partBias) partBias[so + es] = sb;
         if (partD) partD[so + es] = sd;
+    }
+}
+
+// ---------------------------------------------------------------- N ≤ 16 backward, one block per (channels, b)
+//
+// When B·E/32 blocks fill the GPU the backward needs neither the local pass
+// nor the fix-up: bm_selective_scan_ck16 runs the recurrence forward over T
+// once and stores the state entering every sub-chunk of BM_SS_L steps, then
+// bm_selective_scan_bwdw16 walks the sub-chunks of its (32 channels, b) in
+// reverse, recomputing each one's states from its checkpoint and carrying
+// ∂L/∂h in registers into the one before. Per step that is two forward
+// recurrences and the backward one; the segmented path runs three forward
+// ones (local pass with its Q terms, phase 1, recompute) and the fix-up.
+// The checkpoints cost 2·B·T·E words of scratch, written once and read once.
+
+// ck[b][c−1][e][16] = the state entering sub-chunk c (steps c·L …) for
+// 1 ≤ c < ceil(T/L), L = BM_SS_L; one block per (32 channels, b) walks T in
+// tiles of BM_SS_TT steps (Bm only: C is not needed).
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_ck16(float *ck, const float *x, const float *dt, const float *dtBias, const float *Alog,
+                       const float *Bm, int B, int T, int E, int N) {
+    constexpr int TT = BM_SS_TT, L = BM_SS_L;
+    constexpr int KE = TT * BM_SS_CH / BM_SS_T, KB = TT * BM_SS_NL / BM_SS_T;
+    __shared__ ScanF2 sDU[TT][BM_SS_CH]; // Δ, Δ·x
+    __shared__ float sB[TT * BM_SS_NL];
+    const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
+    const int e0 = blockIdx.x * BM_SS_CH, b = blockIdx.y;
+    const int e = e0 + ch, es = e0 + sc;
+    const bool act = e < E, sact = es < E;
+    const int ec = act ? e : E - 1, esc = sact ? es : E - 1;
+    float A[2], A2[2], h[2] = {0.f, 0.f};
+    scan_lane_A(A, A2, Alog, ec, l, N);
+    const float bias = dtBias[esc];
+    const int nC = (T + L - 1) / L;
+    // This thread's slots of the next checkpoint (sub-chunk 1 first).
+    ScanF2 *ckp = (ScanF2 *)(ck + ((long long)b * (nC - 1) * E + e) * BM_SS_NL + 2 * l);
+    const long long ckRow = (long long)E * BM_SS_NL / 2; // one sub-chunk of ck, in ScanF2
+    float rx[KE], rdt[KE], rb[KB];
+    auto load = [&](int t0) {
+#pragma unroll
+        for (int k = 0; k < KE; k++) {
+            const int t = t0 + k * 8 + sj;
+            const bool v = sact && t < T;
+            const long long i = ((long long)b * T + t) * E + es;
+            rx[k] = v ? x[i] : 0.f;
+            rdt[k] = v ? dt[i] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < KB; k++) {
+            const int idx = tid + k * BM_SS_T, t = t0 + idx / BM_SS_NL, n = idx % BM_SS_NL;
+            rb[k] = t < T && n < N ? Bm[((long long)b * T + t) * N + n] : 0.f;
+        }
+    };
+    load(0);
+    for (int t0 = 0; t0 < T; t0 += TT) {
+#pragma unroll
+        for (int k = 0; k < KE; k++) {
+            const int j = k * 8 + sj;
+            float d = 0.f;
+            if (sact && t0 + j < T) {
+                float sig;
+                d = bm_softplus_sig16(rdt[k] + bias, sig);
+            }
+            sDU[j][sc] = ScanF2{d, d * rx[k]};
+        }
+#pragma unroll
+        for (int k = 0; k < KB; k++) sB[tid + k * BM_SS_T] = rb[k];
+        if (t0 + TT < T) load(t0 + TT);
+        __syncthreads();
+#pragma unroll 1
+        for (int j0 = 0; j0 < TT; j0 += L) {
+#pragma unroll
+            for (int j = j0; j < j0 + L; j++) {
+                const ScanF2 du = sDU[j][ch];
+                const ScanF2 bm = *(const ScanF2 *)&sB[j * BM_SS_NL + 2 * l];
+                h[0] = fmaf(bm_ex2(du.x * A2[0]), h[0], du.y * bm.x);
+                h[1] = fmaf(bm_ex2(du.x * A2[1]), h[1], du.y * bm.y);
+            }
+            if (act && (t0 + j0) / L + 1 < nC) *ckp = ScanF2{h[0], h[1]}; // h enters sub-chunk (t0+j0)/L+1
+            ckp += ckRow;
+        }
+        __syncthreads();
+    }
+}
+
+// Backward over all of T for one (32 channels, b), the sub-chunks of BM_SS_L
+// steps in reverse, each from its checkpoint in ck (above). Roles as in
+// bm_selective_scan_bwd16; what saves instructions per step: Δ, Δ·x, dy of
+// a (step, channel) and B, C of a (step, lane) are one 16-byte shared load
+// each; dΔ's sum over n splits into Σ dh·pa·A here and x·Σ dh·B in the
+// write-back (Σ dh·B is dx's sum anyway), and dh·pa is the new dh times
+// h_{t−1}; the sums over n go to shared memory unreduced (the write-back
+// adds 8 partials instead of exchanging halves per step). The next
+// sub-chunk's inputs, checkpoint and the old values of dx, ddt, dz are
+// loaded while this one runs, so the write-back waits on no load (dx, ddt,
+// dz must not overlap: ops_scan.go checks). Sums across blocks go to
+// scratch: partB/partC[blockIdx.x][b][t][n], partA[b][e][n],
+// partBias/partD[b][e].
+extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
+bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *partC, float *partA,
+                         float *partBias, float *partD, const float *ck, const float *dout, const float *x,
+                         const float *dt, const float *dtBias, const float *Alog, const float *Bm, const float *Cm,
+                         const float *Dskip, const float *z, int B, int T, int E, int N) {
+    constexpr int L = BM_SS_L;
+    constexpr int NW = BM_SS_T / 32; // warps per block
+    // Per staged element (step, channel): Δ, Δ·x, dy = dout·z·sigmoid(z),
+    // kz = ∂(dz)/∂y; and what its write-back needs besides the sums over n
+    // (kept here, not in registers, which the loop needs for states).
+    __shared__ ScanF4 sE[L][BM_SS_CH], sW[L][BM_SS_CH];
+    __shared__ ScanF4 sBC[L][BM_SS_NL / 2]; // B[2l], B[2l+1], C[2l], C[2l+1] of lane l
+    // The compute threads' partial sums over their two states, summed over
+    // the 8 lanes by the write-back: sQ[j][l][ch] = (y, dx), sQd[j][l][ch] =
+    // Σ dh·pa·A2; rows padded to 36 so that a warp's writes (4 channels × 8
+    // lanes) hit every bank equally, while the write-back reads whole rows.
+    __shared__ ScanF2 sQ[L][8][BM_SS_CH + 4];
+    __shared__ float sQd[L][8][BM_SS_CH + 4];
+    __shared__ float sP[L][NW][32];             // as in bm_selective_scan_bwd16
+    __shared__ float sR[2][L][BM_SS_CH];
+
+    const int tid = threadIdx.x, ch = tid >> 3, l = tid & 7, sj = tid >> 5, sc = tid & 31;
+    const int warp = tid >> 5, wl = tid & 31;
+    const bool hi8 = wl & 8, hi16 = wl & 16;
+    const int e0 = blockIdx.x * BM_SS_CH, b = blockIdx.y;
+    const int e = e0 + ch, es = e0 + sc;
+    const bool act = e < E, sact = es < E;
+    const int ec = act ? e : E - 1, esc = sact ? es : E - 1;
+    float A[2], A2[2]; // only A2: sums of ·A are taken as ·A2 times ln 2
+    scan_lane_A(A, A2, Alog, ec, l, N);
+    const float bias = dtBias[esc], D = Dskip[esc];
+    const int nC = (T + L - 1) / L;
+    // This thread's B/C slot of a sub-chunk's sBC (flat index tid): step sj,
+    // lane (sc/4), B or C ((sc/2)%2), state 2·lane + sc%2.
+    const int bcn = 2 * (sc >> 2) + (sc & 1);
+    const bool bcv = bcn < N, bcC = sc & 2;
+    const ScanF2 *ckp = (const ScanF2 *)(ck + ((long long)b * (nC - 1) * E + e) * BM_SS_NL + 2 * l);
+    const long long ckRow = (long long)E * BM_SS_NL / 2; // one sub-chunk of ck, in ScanF2
+
+    // The raw inputs of one sub-chunk for this thread: its staged element,
+    // its B/C slot, its checkpoint.
+    struct {
+        float x, dt, z, g, ox, odt, oz, bc;
+        ScanF2 h;
+    } r;
+    // Element index of the staged element of sub-chunk c (one row of L·E per
+    // sub-chunk) and of the B/C slot (L·N), kept running.
+    const long long rowE = (long long)L * E, rowN = (long long)L * N;
+    long long iw = ((long long)b * T + (nC - 1) * L + sj) * E + es;
+    long long ibc = ((long long)b * T + (nC - 1) * L + sj) * N + bcn;
+    auto load = [&](int c, long long i, long long ib) {
+        const int t = c * L + sj;
+        const bool v = sact && t < T;
+        r.x = v ? x[i] : 0.f;
+        r.dt = v ? dt[i] : 0.f;
+        r.z = v ? z[i] : 0.f;
+        r.g = v ? dout[i] : 0.f;
+        r.ox = v && dx ? dx[i] : 0.f;
+        r.odt = v && ddt ? ddt[i] : 0.f;
+        r.oz = v && dz ? dz[i] : 0.f;
+        r.bc = bcv && t < T ? (bcC ? Cm : Bm)[ib] : 0.f;
+        r.h = c > 0 && act ? ckp[(c - 1) * ckRow] : ScanF2{0.f, 0.f};
+    };
+
+    float dh[2] = {0.f, 0.f}, dA[2] = {0.f, 0.f};
+    float accBias = 0.f, accD = 0.f; // staging role: channel sc
+    load(nC - 1, iw, ibc);
+    for (int c = nC - 1; c >= 0; c--, iw -= rowE, ibc -= rowN) {
+        const int t0 = c * L;
+        // Stage this thread's element (t0+sj, es); keep what the write-back needs.
+        const int tw = t0 + sj;
+        const bool vw = sact && tw < T;
+        const float odtw = r.odt;
+        {
+            const float xw = r.x;
+            float dw = 0.f, sigw = 0.f, dyw = 0.f, kz = 0.f;
+            if (vw) {
+                dw = bm_softplus_sig16(r.dt + bias, sigw);
+                const float sz = bm_sigmoid16(r.z);
+                dyw = r.g * r.z * sz;
+                kz = r.g * sz * (1.f + r.z * (1.f - sz)); // ∂L/∂z = kz·(y + D·x)
+            }
+            accD = fmaf(dyw, xw, accD);
+            sE[sj][sc] = ScanF4{dw, dw * xw, dyw, kz};
+            // dz = kz·(Σ h·C) + (old dz + kz·D·x); dx = Δ·Σ dh·B + (old dx + dy·D);
+            // ∂L/∂dt = sig·(x·Σ dh·B + ln 2·Σ dh·pa·A2).
+            sW[sj][sc] = ScanF4{fmaf(kz * D, xw, r.oz), fmaf(dyw, D, r.ox), xw * sigw, sigw * BM_LN2};
+        }
+        (&sBC[0][0].x)[tid] = r.bc;
+        float h0[2] = {r.h.x, r.h.y};
+        if (c > 0) load(c - 1, iw - rowE, ibc - rowN);
+        __syncthreads();
+
+        // Recompute the sub-chunk's states from its checkpoint.
+        float hs[L][2];
+        {
+            float hc[2] = {h0[0], h0[1]};
+#pragma unroll
+            for (int j = 0; j < L; j++) {
+                const float d = sE[j][ch].x, u = sE[j][ch].y;
+                const float b0 = sBC[j][l].x, b1 = sBC[j][l].y;
+                hc[0] = fmaf(bm_ex2(d * A2[0]), hc[0], u * b0);
+                hc[1] = fmaf(bm_ex2(d * A2[1]), hc[1], u * b1);
+                hs[j][0] = hc[0];
+                hs[j][1] = hc[1];
+            }
+        }
+        // Back-propagate through it.
+#pragma unroll
+        for (int j = L - 1; j >= 0; j--) {
+            const ScanF4 v = sE[j][ch], bc = sBC[j][l];
+            const float d = v.x, u = v.y, dy = v.z;
+            const float bm[2] = {bc.x, bc.y}, cm[2] = {bc.z, bc.w};
+            float yp = 0.f, dxp = 0.f, ddp = 0.f, cB[2], cC[2];
+#pragma unroll
+            for (int p = 0; p < 2; p++) {
+                const float a = bm_ex2(d * A2[p]);
+                const float ht = hs[j][p], hp = j > 0 ? hs[j > 0 ? j - 1 : 0][p] : h0[p];
+                const float dhn = fmaf(dy, cm[p], dh[p]); // ∂L/∂h_t
+                yp = fmaf(ht, cm[p], yp);
+                cC[p] = dy * ht;
+                cB[p] = dhn * u;
+                dxp = fmaf(dhn, bm[p], dxp);
+                dh[p] = dhn * a;
+                const float q = dh[p] * hp; // ∂L/∂h_t · pa, pa = h_{t−1}·a
+                ddp = fmaf(q, A2[p], ddp);
+                dA[p] = fmaf(q, d, dA[p]);
+            }
+            sQ[j][l][ch] = ScanF2{yp, dxp};
+            sQd[j][l][ch] = ddp;
+            // dB, dC over the warp's 4 channels, transposed (as in bwd16).
+            {
+                float k0 = hi16 ? cC[0] : cB[0], k1 = hi16 ? cC[1] : cB[1];
+                const float s0 = hi16 ? cB[0] : cC[0], s1 = hi16 ? cB[1] : cC[1];
+                k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+                k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+                const float snd = hi8 ? k0 : k1, kp = hi8 ? k1 : k0;
+                sP[j][warp][wl] = kp + __shfl_xor_sync(0xffffffffu, snd, 8);
+            }
+        }
+        __syncthreads();
+
+        // dB, dC of the sub-chunk over the block's channels: thread (j, which, n).
+        {
+            const int j = tid >> 5, which = (tid >> 4) & 1, n = tid & 15;
+            const int k = which * 16 + (n & 1) * 8 + (n >> 1);
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; w++) s += sP[j][w][k];
+            float *part = which ? partC : partB;
+            const int t = t0 + j;
+            if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
+        }
+        // Per-element gradients of the staged element.
+        if (vw) {
+            float ys = 0.f, dxs = 0.f, dds = 0.f;
+#pragma unroll
+            for (int q = 0; q < 8; q++) {
+                const ScanF2 v = sQ[sj][q][sc];
+                ys += v.x;
+                dxs += v.y;
+                dds += sQd[sj][q][sc];
+            }
+            const ScanF4 v = sE[sj][sc], w = sW[sj][sc];
+            if (dz) dz[iw] = fmaf(v.w, ys, w.x);
+            if (dx) dx[iw] = fmaf(v.x, dxs, w.y);
+            const float du = fmaf(w.z, dxs, w.w * dds); // ∂L/∂dt
+            if (ddt) ddt[iw] = odtw + du;
+            accBias += du;
+        }
+    }
+    if (act && partA) {
+#pragma unroll
+        for (int p = 0; p < 2; p++) {
+            const int n = 2 * l + p;
+            if (n < N) partA[((long long)b * E + e) * N + n] = dA[p] * (A2[p] * BM_LN2); // dA/dAlog = A
+        }
+    }
+    // ddtBias, dDskip: the block's 8 rows per channel, in a fixed order.
+    sR[0][sj][sc] = accBias;
+    sR[1][sj][sc] = accD;
+    __syncthreads();
+    if (sj == 0 && sact) {
+        float sb = 0.f, sd = 0.f;
+#pragma unroll
+        for (int j = 0; j < L; j++) {
+            sb += sR[0][j][sc];
+            sd += sR[1][j][sc];
+        }
+        if (partBias) partBias[(long long)b * E + es] = sb;
+        if (partD) partD[(long long)b * E + es] = sd;
     }
 }
 
