@@ -229,6 +229,7 @@ func TestMatMulInputCopies(t *testing.T) {
 	// Producers write the copy of an output that products read: after the
 	// first round, the products convert nothing, and read current values.
 	src, src2 := up(Rw*K), up(Rw*K)
+	cw, alog, bmat := up(K*4), up(K*4), up(Rw*4)
 	producers := []struct {
 		name string
 		make func(dst, in kernels.Buffer)
@@ -239,6 +240,14 @@ func TestMatMulInputCopies(t *testing.T) {
 		{"SwiGLUBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.SwiGLUBackward(nil, dst, in, src2, src2) }},
 		{"ShiftRows", func(dst, in kernels.Buffer) { be.ShiftRows(dst, in, 1, Rw, K) }},
 		{"RoPEBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.RoPEBackward(dst, in, 1, Rw, 1, K, 1e4) }},
+		{"SiLU", func(dst, in kernels.Buffer) { be.SiLU(dst, in) }},
+		{"Conv1dBackward", func(dst, in kernels.Buffer) {
+			be.Zero(dst)
+			be.Conv1dBackward(dst, nil, nil, in, src2, cw, 1, Rw, K, 4)
+		}},
+		{"SelectiveScan", func(dst, in kernels.Buffer) {
+			be.SelectiveScan(dst, in, src2, g, alog, bmat, bmat, g, src2, 1, Rw, K, 4)
+		}},
 	}
 	for _, p := range producers {
 		dst := be.Alloc(Rw * K)
@@ -299,6 +308,7 @@ func TestDeferredZero(t *testing.T) {
 		}},
 		{"Accumulate", func(dst kernels.Buffer) { be.Accumulate(dst, src) }},
 		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
+		{"Conv1dBackward into dx", func(dst kernels.Buffer) { be.Conv1dBackward(dst, nil, nil, dout, x, be.Slice(w, 0, K*4), 1, Rw, K, 4) }},
 		{"Scale", func(dst kernels.Buffer) { be.Scale(dst, 3) }},
 		{"SwiGLUBackward into dgate", func(dst kernels.Buffer) { be.SwiGLUBackward(dst, nil, dout, x, src) }},
 		{"SwiGLUBackward into dup", func(dst kernels.Buffer) { be.SwiGLUBackward(nil, dst, dout, x, src) }},

@@ -20,7 +20,7 @@ func (b *Backend) SiLU(out, x kernels.Buffer) {
 	if !c.ok || n == 0 {
 		return
 	}
-	b.launch("silu", "bm_silu_fwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, o, xb, int64(n))
+	b.launch("silu", "bm_silu_fwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, o, xb, int64(n), b.d.shadows.produce(o))
 }
 
 // SiLUBackward implements kernels.Backend.
@@ -29,11 +29,11 @@ func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
 	do := c.anyIn("dout", dout)
 	n := do.n
 	xb := c.in("x", x, n, "dout.Len()")
-	dxb := c.opt("dx", dx, n, "dout.Len()")
+	dxb, over := c.optFresh("dx", dx, n, "dout.Len()")
 	if !c.ok || dxb == nil || n == 0 {
 		return
 	}
-	b.launch("silu_backward", "bm_silu_bwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, dxb, do, xb, int64(n))
+	b.launch("silu_backward", "bm_silu_bwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, dxb, do, xb, int64(n), boolInt(over))
 }
 
 // Conv1d implements kernels.Backend.
@@ -47,7 +47,22 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	if !c.ok || B*T*E == 0 {
 		return
 	}
-	b.launch("conv1d", "bm_conv1d_fwd", b.scanStrideGrid(B*T*E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+	b.launch("conv1d", "bm_conv1d_fwd", b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+}
+
+// convGrid is the grid of the elementwise conv kernels: blocks of 256
+// channels by row slices, about 32 blocks per SM (scan.cu).
+func (b *Backend) convGrid(rows, E int) dim {
+	xb := (E + 255) / 256
+	return dim{xb, max(1, min(rows, maxGridYZ, (32*max(1, b.d.info.SMs)+xb-1)/xb)), 1}
+}
+
+// boolInt is a kernel's int flag.
+func boolInt(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
 }
 
 // conv1dKC and conv1dRY mirror BM_CONV_KC and BM_CONV_RY in scan.cu.
@@ -63,18 +78,21 @@ const (
 func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T, E, K int) {
 	c := b.check("conv1d_backward")
 	c.dims("B,T,E,K", B, T, E, K)
-	dxb := c.opt("dx", dx, B*T*E, "B·T·E")
-	dwb := c.opt("dw", dw, E*K, "E·K")
-	dbb := c.opt("dbias", dbias, E, "E")
 	do := c.in("dout", dout, B*T*E, "B·T·E")
 	xb := c.in("x", x, B*T*E, "B·T·E")
 	wb := c.in("w", w, E*K, "E·K")
+	dxb, over := c.optFresh("dx", dx, B*T*E, "B·T·E")
+	dwb := c.opt("dw", dw, E*K, "E·K")
+	dbb := c.opt("dbias", dbias, E, "E")
 	if !c.ok || E == 0 {
 		return
 	}
 	rows := B * T
 	if dxb != nil && rows > 0 && K > 0 {
-		b.launch("conv1d_backward", "bm_conv1d_bwd_dx", b.scanStrideGrid(rows*E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K)
+		b.launch("conv1d_backward", "bm_conv1d_bwd_dx", b.convGrid(rows, E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K,
+			boolInt(over), b.d.shadows.produce(dxb))
+	} else if over {
+		b.Zero(dxb) // still pending
 	}
 	if (dwb == nil || K == 0) && dbb == nil || rows == 0 {
 		return
@@ -202,7 +220,7 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 			hin, (*floats)(nil), S, s.Alog, B, E, N, nSeg)
 	}
 	b.launch("selective_scan", "bm_selective_scan_fwd16", grid, dim{256, 1, 1}, 0,
-		o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, hin, B, T, E, N, Ls)
+		o, s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, hin, B, T, E, N, Ls, b.d.shadows.produce(o))
 }
 
 // SelectiveScanBackward implements kernels.Backend (the CPU's

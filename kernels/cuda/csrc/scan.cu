@@ -34,58 +34,69 @@ static __device__ __forceinline__ float bm_sum16(float v) {
 
 // out[i] = x[i]·sigmoid(x[i]) (float: within 1e-7 relative of the CPU's
 // float64; double costs 40% more time here).
-extern "C" __global__ void bm_silu_fwd(float *out, const float *x, long long n) {
+// out16, when set, gets a bf16 copy of out (a matrix product's operand).
+extern "C" __global__ void bm_silu_fwd(float *out, const float *x, long long n, unsigned short *out16) {
     BM_FOR(i, n) {
         const float v = x[i];
-        out[i] = v / (1.f + expf(-v));
+        const float r = v / (1.f + expf(-v));
+        out[i] = r;
+        if (out16) out16[i] = (unsigned short)bm_bf16_bits(r);
     }
 }
 
 // dx[i] += dout[i]·s·(1 + x[i]·(1−s)), s = sigmoid(x[i]), in double (the
-// factor cancels near x ≈ −1.28, where float would lose digits).
-extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float *x, long long n) {
+// factor cancels near x ≈ −1.28, where float would lose digits); dx = when
+// over (the host's deferred zero).
+extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float *x, long long n, int over) {
     BM_FOR(i, n) {
         const double v = x[i];
         const double s = 1.0 / (1.0 + exp(-v));
-        dx[i] += (float)((double)dout[i] * s * (1.0 + v * (1.0 - s)));
+        const float g = (float)((double)dout[i] * s * (1.0 + v * (1.0 - s)));
+        dx[i] = over ? g : dx[i] + g;
     }
 }
 
 // ---------------------------------------------------------------- Conv1d
 
-// out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t−K+1+k,e] (x at t<0 is 0); one
-// thread per element, grid-stride.
+// The elementwise conv kernels run a 2-D grid: blockIdx.x·256 + threadIdx.x
+// is the channel e (blocks cover E), and each thread walks rows r = b·T + t
+// from blockIdx.y in steps of gridDim.y, so the index arithmetic is 32-bit
+// and per row, not a 64-bit division per element.
+
+// out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t−K+1+k,e] (x at t<0 is 0).
 extern "C" __global__ void bm_conv1d_fwd(float *out, const float *x, const float *w, const float *bias,
                                          int B, int T, int E, int K) {
-    const long long n = (long long)B * T * E;
-    BM_FOR(i, n) {
-        const int e = (int)(i % E);
-        const int t = (int)((i / E) % T);
-        const float *we = w + (long long)e * K;
-        float acc = bias[e];
-        for (int k = 0; k < K; k++) {
-            const int ts = t - K + 1 + k;
-            if (ts >= 0) acc += we[k] * x[i + (long long)(ts - t) * E];
-        }
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    const float *we = w + (long long)e * K;
+    const float b0 = bias[e];
+    const int rows = B * T;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const int t = r % T;
+        const long long i = (long long)r * E + e;
+        float acc = b0;
+        for (int k = max(0, K - 1 - t); k < K; k++) acc += we[k] * x[i + (long long)(k - K + 1) * E];
         out[i] = acc;
     }
 }
 
 // dx[b,s,e] += Σ_k dout[b,s+K−1−k,e]·w[e,k] (terms past T−1 vanish): the
-// transpose of the forward, a gather with one writer per element.
+// transpose of the forward, a gather with one writer per element; dx = when
+// over (the host's deferred zero). dx16, when set, gets a bf16 copy of dx.
 extern "C" __global__ void bm_conv1d_bwd_dx(float *dx, const float *dout, const float *w,
-                                            int B, int T, int E, int K) {
-    const long long n = (long long)B * T * E;
-    BM_FOR(i, n) {
-        const int e = (int)(i % E);
-        const int s = (int)((i / E) % T);
-        const float *we = w + (long long)e * K;
+                                            int B, int T, int E, int K, int over, unsigned short *dx16) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    const float *we = w + (long long)e * K;
+    const int rows = B * T;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const int s = r % T;
+        const long long i = (long long)r * E + e;
         float acc = 0.f;
-        for (int k = 0; k < K; k++) {
-            const int t = s + K - 1 - k;
-            if (t < T) acc += dout[i + (long long)(t - s) * E] * we[k];
-        }
-        dx[i] += acc;
+        for (int k = max(0, s + K - T); k < K; k++) acc += dout[i + (long long)(K - 1 - k) * E] * we[k];
+        const float v = over ? acc : dx[i] + acc;
+        dx[i] = v;
+        if (dx16) dx16[i] = (unsigned short)bm_bf16_bits(v);
     }
 }
 
@@ -111,7 +122,7 @@ bm_conv1d_bwd_wpart(float *part, const float *dout, const float *x, int B, int T
         const long long rows = (long long)B * T;
         const long long step = (long long)gridDim.y * BM_CONV_RY;
         for (long long r = (long long)blockIdx.y * BM_CONV_RY + ty; r < rows; r += step) {
-            const int t = (int)(r % T);
+            const int t = (int)r % T; // rows = B·T < 2³¹ (the host checks)
             const float g = dout[r * E + e];
 #pragma unroll
             for (int j = 0; j < BM_CONV_KC; j++) {
@@ -581,7 +592,7 @@ static __device__ __forceinline__ void scan_lane_A(float A[2], float A2[2], cons
 extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
 bm_selective_scan_fwd16(float *out, const float *x, const float *dt, const float *dtBias, const float *Alog,
                         const float *Bm, const float *Cm, const float *Dskip, const float *z, const float *hin,
-                        int B, int T, int E, int N, int Ls) {
+                        int B, int T, int E, int N, int Ls, unsigned short *out16) {
     constexpr int TT = BM_SS_TT;
     using Raw = ScanRaw<TT>;
     __shared__ float sD[TT][BM_SS_CH], sU[TT][BM_SS_CH], sY[TT][BM_SS_CH];
@@ -637,7 +648,12 @@ bm_selective_scan_fwd16(float *out, const float *x, const float *dt, const float
 #pragma unroll
         for (int k = 0; k < Raw::KE; k++) {
             const int j = k * 8 + sj, t = t0 + j;
-            if (sact && t < T) out[((long long)b * T + t) * E + es] = (sY[j][sc] + D * xs[k]) * gz[k];
+            if (sact && t < T) {
+                const long long i = ((long long)b * T + t) * E + es;
+                const float v = (sY[j][sc] + D * xs[k]) * gz[k];
+                out[i] = v;
+                if (out16) out16[i] = (unsigned short)bm_bf16_bits(v);
+            }
         }
     }
 }
