@@ -153,9 +153,20 @@ func (b *Backend) AllocInt(n int) kernels.IntBuffer {
 	return &ints{ptr: ptr, n: n, owner: owner}
 }
 
+// scratch returns a float buffer of n words that an op fills before it
+// reads them, so it is not zeroed. The emulation fills it with NaN instead,
+// so that tests catch a kernel reading a word nobody wrote.
+func (b *Backend) scratch(n int) *floats {
+	ptr, owner, n := b.allocWords(n, true)
+	return &floats{ptr: ptr, n: n, owner: owner}
+}
+
 // alloc returns n zeroed 4-byte words from the device's cache (n is 0
 // after a failure, recorded for Err).
-func (b *Backend) alloc(n int) (devptr, *allocation, int) {
+func (b *Backend) alloc(n int) (devptr, *allocation, int) { return b.allocWords(n, false) }
+
+// allocWords is alloc, leaving the words as they are when raw.
+func (b *Backend) allocWords(n int, raw bool) (devptr, *allocation, int) {
 	if n < 0 {
 		b.failf("alloc: negative length %d", n)
 		return 0, nil, 0
@@ -168,6 +179,12 @@ func (b *Backend) alloc(n int) (devptr, *allocation, int) {
 		var err error
 		if a, err = b.d.mem.alloc(int64(n) * 4); err != nil {
 			return err
+		}
+		if raw {
+			if Emulated {
+				return b.d.drv.fill32(a.ptr, int64(n), 0x7fc00000) // NaN
+			}
+			return nil
 		}
 		return b.d.drv.memset32(a.ptr, int64(n))
 	})

@@ -23,7 +23,8 @@ type driver interface {
 	malloc(bytes int64) (devptr, error)
 	free(p devptr) error
 	memInfo() (free, total int64)
-	memset32(p devptr, n int64) error // zero n words
+	memset32(p devptr, n int64) error         // zero n words
+	fill32(p devptr, n int64, v uint32) error // set n words to v
 	htod(dst devptr, src unsafe.Pointer, bytes int64) error
 	dtoh(dst unsafe.Pointer, src devptr, bytes int64) error // waits for the copy
 	dtod(dst, src devptr, bytes int64) error

@@ -149,6 +149,10 @@ func (g *gpu) memset32(p devptr, n int64) error {
 	return cu.MemsetD32Async(cu.DevicePtr(p), 0, n, g.stream)
 }
 
+func (g *gpu) fill32(p devptr, n int64, v uint32) error {
+	return cu.MemsetD32Async(cu.DevicePtr(p), uint(v), n, g.stream)
+}
+
 // htod copies from pageable host memory: the driver stages the source
 // before returning, so the caller may reuse it at once.
 func (g *gpu) htod(dst devptr, src unsafe.Pointer, bytes int64) error {

@@ -81,6 +81,14 @@ func (e *emu) memset32(p devptr, n int64) error {
 	return nil
 }
 
+func (e *emu) fill32(p devptr, n int64, v uint32) error {
+	w := unsafe.Slice((*uint32)(ptrOf(p)), n)
+	for i := range w {
+		w[i] = v
+	}
+	return nil
+}
+
 func (e *emu) htod(dst devptr, src unsafe.Pointer, bytes int64) error {
 	C.memcpy(ptrOf(dst), src, C.size_t(bytes))
 	return nil

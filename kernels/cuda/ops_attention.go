@@ -195,7 +195,7 @@ func (c *attnConv) bf16(x *floats, rows int) any {
 	if y, ok := c.done[key]; ok {
 		return y
 	}
-	y := c.b.Alloc(rows * c.dm / 2).(*floats)
+	y := c.b.scratch(rows * c.dm / 2)
 	c.b.launch(c.op, fmt.Sprintf("bm_attn_to_bf16_d%d", c.dm), grid1(rows*c.dm/2, 256), dim{256, 1, 1}, 0, y, x, int64(rows), c.d)
 	c.done[key] = y
 	return y
@@ -248,7 +248,7 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 	}
 	// dd = Σ dout·out per query row.
 	rows := s.B * s.T * s.H
-	dd := b.Alloc(rows).(*floats)
+	dd := b.scratch(rows)
 	if !b.attnTC(a) {
 		b.launch(op, "bm_attn_bwd_dot", grid1(rows, 8), dim{256, 1, 1}, 0, dd, do, os, rows, s.D)
 	}
@@ -263,7 +263,7 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 		// kernel, which reads it anyway).
 		cv := b.attnConverter(op, a)
 		kr, qr := s.B*s.T*s.G, s.B*s.T*s.H
-		do16 := b.Alloc(qr * a.dm / 2).(*floats)
+		do16 := b.scratch(qr * a.dm / 2)
 		cv.done[attnConvKey{do.ptr, qr}] = do16
 		b.launch(op, fmt.Sprintf("bm_attn_bwd_dot_bf16_d%d", a.dm), grid1(rows, 8), dim{256, 1, 1}, 0, dd, do16, do, os, rows, s.D)
 		if gq != nil || gqm != nil {

@@ -99,7 +99,7 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 	}
 	// About 256 rows per block (32 per thread), at most 64 slices.
 	P := min(max((rows+255)/256, 1), 64)
-	part := b.Alloc(P * E * (K + 1))
+	part := b.scratch(P * E * (K + 1))
 	grid := dim{(E + 31) / 32, P, (K + 1 + conv1dKC - 1) / conv1dKC}
 	b.launch("conv1d_backward", "bm_conv1d_bwd_wpart", grid, dim{32, conv1dRY, 1}, 0, part, do, xb, B, T, E, K)
 	b.launch("conv1d_backward", "bm_conv1d_bwd_wsum", b.scanStrideGrid(E*(K+1)), dim{256, 1, 1}, 0, dwb, dbb, part, P, E, K)
@@ -262,7 +262,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		_, bwd, L := scanVariant(N)
 		var ck *floats // nil (never read) when T fits one chunk
 		if nC := (T + L - 1) / L; nC > 1 && N > 0 {
-			ck = b.Alloc((nC - 1) * B * E * N).(*floats)
+			ck = b.scratch((nC - 1) * B * E * N)
 		}
 		grid := dim{(E + scanChannels - 1) / scanChannels, B, 1}
 		b.launch("selective_scan_backward", bwd, grid, dim{256, 1, 1}, 0,
@@ -276,7 +276,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		if g == nil || n == 0 {
 			return nil
 		}
-		return b.Alloc(n).(*floats)
+		return b.scratch(n)
 	}
 	pB, pC := part(gB, eb*B*T*N), part(gC, eb*B*T*N)
 	if scanFastWhole(eb, B, b.d.info.SMs) && !scanOverlap(gx, gdt, gz) {
@@ -285,7 +285,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		grid := dim{eb, B, 1}
 		var ck *floats // nil (never read) when T fits one sub-chunk
 		if nC := (T + scanFastL - 1) / scanFastL; nC > 1 {
-			ck = b.Alloc(B * (nC - 1) * E * scanFastNL).(*floats)
+			ck = b.scratch(B * (nC - 1) * E * scanFastNL)
 			b.launch(op, "bm_selective_scan_ck16", grid, dim{256, 1, 1}, 0,
 				ck, s.x, s.dt, s.dtBias, s.Alog, s.Bm, B, T, E, N)
 		}
