@@ -201,6 +201,14 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 				be.Conv1d(p(out), p(x), p(w), p(bias), B, T, E, c.DConv)
 			}, []pair{out}, 0, 8 * float64(B*T*E), fmt.Sprintf("%d×%d×%d", B, T, E)
 		}},
+		kernelCase{"Conv1dBackward", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, w, dout := k.rand(B*T*E, 1), k.rand(E*c.DConv, 0.5), k.rand(B*T*E, 1)
+			dx, dw, db := k.zeros(B*T*E), k.zeros(E*c.DConv), k.zeros(E)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.Conv1dBackward(p(dx), p(dw), p(db), p(dout), p(x), p(w), B, T, E, c.DConv)
+			}, []pair{dx, dw, db}, 0, 16 * float64(B*T*E), fmt.Sprintf("%d×%d×%d", B, T, E)
+		}},
 		kernelCase{"SelectiveScan", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
 			x, dt, z := k.rand(B*T*E, 1), k.rand(B*T*E, 1), k.rand(B*T*E, 1)
 			dtb, alog, dsk := k.rand(E, 0.5), k.rand(E*N, 0.5), k.rand(E, 1)
