@@ -80,9 +80,12 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 
 // bf16Ref is a bf16 copy that a later launch of the same op reads (a launch
 // argument), resolved on the device thread: a kept copy, or a temporary.
+// It holds the copy's allocation: a kept copy dropped under memory pressure
+// between the two must not return to the cache (and be freed) before the
+// launch that reads it is queued.
 type bf16Ref struct {
 	ptr devptr
-	tmp *allocation
+	a   *allocation
 }
 
 // keptBF16 returns x's bf16 copy for the kernels of op: the kept copy
@@ -94,7 +97,7 @@ func (b *Backend) keptBF16(op string, x *floats) *bf16Ref {
 		if s := in.s; s != nil {
 			convert := in.convert || s.a == nil
 			if p := b.d.storage(s); p != 0 {
-				r.ptr = p
+				r.ptr, r.a = p, s.a
 				if convert {
 					return b.d.toBF16(p, x)
 				}
@@ -105,7 +108,7 @@ func (b *Backend) keptBF16(op string, x *floats) *bf16Ref {
 		if err != nil {
 			return err
 		}
-		r.ptr, r.tmp = a.ptr, a
+		r.ptr, r.a = a.ptr, a
 		return b.d.toBF16(a.ptr, x)
 	})
 	return r
