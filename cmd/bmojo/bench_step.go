@@ -84,12 +84,15 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 				return benchStepCPU(c, preset, batch, steps, threadList)
 			}
 			r := stepReport{Preset: preset, Device: o.Desc, Batch: batch, SeqLen: c.SeqLen}
-			if peakTFLOPs > 0 {
-				r.PeakTFLOPs, r.PeakSource = peakTFLOPs, "given (--peak-tflops)"
-			} else {
-				var n int
-				r.PeakTFLOPs, n = matmulPeak(o.Backend)
-				r.PeakSource = fmt.Sprintf("measured: this backend's MatMul, %d³", n)
+			// MFU's denominator is the higher of the two rates: this
+			// backend's own product and the reference given, so neither
+			// flatters the figure.
+			own, n := matmulPeak(o.Backend)
+			r.PeakTFLOPs, r.PeakSource = own, fmt.Sprintf("measured: this backend's MatMul, %d³", n)
+			if peakTFLOPs > own {
+				r.PeakTFLOPs, r.PeakSource = peakTFLOPs, fmt.Sprintf("given (--peak-tflops; this backend's MatMul reached %.1f on %d³)", own, n)
+			} else if peakTFLOPs > 0 {
+				r.PeakSource += fmt.Sprintf(" (above the %.1f given by --peak-tflops)", peakTFLOPs)
 			}
 			fmt.Printf("device %s; matrix peak %.1f TFLOP/s (%s)\n", o.Desc, r.PeakTFLOPs, r.PeakSource)
 			if err := timeSteps(o.Backend, c, &r, steps); err != nil {
@@ -126,7 +129,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
 	fl.IntSliceVar(&threadList, "threads", nil, "CPU: thread counts to time (default: 1 and all cores)")
 	fl.StringVar(&dev, "device", "auto", "auto, cpu, cuda or cuda:N")
-	fl.Float64Var(&peakTFLOPs, "peak-tflops", 0, "GPU: the reference matrix rate for MFU (default: measured here)")
+	fl.Float64Var(&peakTFLOPs, "peak-tflops", 0, "GPU: a reference matrix rate (e.g. torch's); MFU uses it or this backend's measured rate, whichever is higher")
 	fl.BoolVar(&maxBatch, "max-batch", true, "GPU: find the largest batch that fits (doubling)")
 	fl.BoolVar(&prof, "profile", false, "GPU: time each op of one step (synchronising after each)")
 	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
