@@ -31,6 +31,7 @@ func init() {
 	var (
 		preset, dev, jsonOut string
 		batch, seqLen, reps  int
+		noLt                 bool
 	)
 	cmd := &cobra.Command{
 		Use:   "kernels",
@@ -50,7 +51,7 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 			if seqLen > 0 {
 				c.SeqLen = seqLen
 			}
-			o, err := device.Open(dev, cuda.Options{}, newLogger())
+			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt}, newLogger())
 			if err != nil {
 				return err
 			}
@@ -81,6 +82,7 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 	fl.IntVar(&reps, "reps", 10, "timed repetitions per op")
 	fl.StringVar(&dev, "device", "cuda", "cuda or cuda:N")
 	fl.StringVar(&jsonOut, "json", "", "also write the rows to this JSON file")
+	fl.BoolVar(&noLt, "no-cublaslt", false, "bf16 products through cublasGemmEx instead of cublasLtMatmul")
 	benchCmd.AddCommand(cmd)
 }
 

@@ -51,7 +51,7 @@ func init() {
 		batch, steps, seqLen int
 		threadList           []int
 		peakTFLOPs           float64
-		maxBatch, prof       bool
+		maxBatch, prof, noLt bool
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
@@ -75,7 +75,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
 			}
-			o, err := device.Open(dev, cuda.Options{}, newLogger())
+			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt}, newLogger())
 			if err != nil {
 				return err
 			}
@@ -133,6 +133,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.BoolVar(&maxBatch, "max-batch", true, "GPU: find the largest batch that fits (doubling)")
 	fl.BoolVar(&prof, "profile", false, "GPU: time each op of one step (synchronising after each)")
 	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
+	fl.BoolVar(&noLt, "no-cublaslt", false, "GPU: bf16 products through cublasGemmEx instead of cublasLtMatmul")
 	benchCmd.AddCommand(cmd)
 }
 

@@ -33,6 +33,9 @@ type Options struct {
 	// MatMul is the matrix-product precision: "bf16" (tensor cores, bf16
 	// inputs, fp32 accumulation; the default) or "fp32".
 	MatMul string
+	// NoCublasLt makes bf16 products use cublasGemmEx instead of
+	// cublasLtMatmul with a per-shape heuristic (the default).
+	NoCublasLt bool
 }
 
 // Info describes an opened device.

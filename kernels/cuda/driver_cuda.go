@@ -32,7 +32,8 @@ type gpu struct {
 	mods   []cu.Module
 	fns    map[string]cu.Function
 	blas   *cublas
-	ws     cu.DevicePtr // cuBLAS workspace
+	lt     *cublasLt    // nil: bf16 products through cublasGemmEx
+	ws     cu.DevicePtr // cuBLAS workspace, shared with cuBLASLt
 }
 
 func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
@@ -81,6 +82,15 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	}
 	if err := g.blas.setWorkspace(uint64(g.ws), wsBytes); err != nil {
 		return info, err
+	}
+	if opt.MatMul == "bf16" && !opt.NoCublasLt {
+		// Without cuBLASLt, every product goes through cublasGemmEx.
+		if lt, err := loadCublasLt(g.blas.lib, uint64(g.ws), wsBytes); err == nil {
+			g.lt = lt
+			info.CuBLAS += " + " + lt.lib
+		} else {
+			info.CuBLAS += fmt.Sprintf(" (no cuBLASLt: %v)", err)
+		}
 	}
 	return info, nil
 }
@@ -185,5 +195,11 @@ func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) err
 }
 
 func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int, bf16in bool) error {
+	if bf16in && g.lt != nil {
+		ok, err := g.lt.gemm(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc)
+		if ok {
+			return err
+		}
+	}
 	return g.blas.gemmEx(transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc, bf16in)
 }
