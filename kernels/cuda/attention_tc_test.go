@@ -134,21 +134,8 @@ func TestAttentionKeptCopies(t *testing.T) {
 	be := openDevice(t, "bf16").NewBackend()
 	s := kernels.AttnShape{B: 1, T: 150, H: 2, G: 1, D: 64, Wc: 48, Wf: 32}
 	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	rng := rand.New(rand.NewPCG(11, 12))
-	up := func(n int) kernels.Buffer {
-		h := make([]float32, n)
-		for i := range h {
-			h[i] = float32(rng.NormFloat64())
-		}
-		b := be.Alloc(n)
-		be.Upload(b, h)
-		return b
-	}
-	get := func(b kernels.Buffer) []float32 {
-		h := make([]float32, b.Len())
-		be.Download(h, b)
-		return h
-	}
+	tb := newTestBufs(be, 11)
+	up, get := tb.up, tb.get
 	q, k0, k, v, kf, vf, dout := up(nq), up(nk), up(nk), up(nk), up(nk), up(nk), up(nq)
 	o, l := be.Alloc(nq), be.Alloc(s.B*s.T*s.H)
 	w, p1, p2 := up(s.H*s.D*s.H*s.D), be.Alloc(nq), be.Alloc(nq)
@@ -170,12 +157,7 @@ func TestAttentionKeptCopies(t *testing.T) {
 	}
 	be.ForgetInputCopies()
 	be.MatMul(p2, o, w, rows, hd, hd, false)
-	a, r := get(p1), get(p2)
-	for j := range a {
-		if a[j] != r[j] {
-			t.Fatalf("product of the attention output: element %d is %v, want %v (a stale copy)", j, a[j], r[j])
-		}
-	}
+	tb.same(t, "product of the attention output (a stale copy?)", p1, p2)
 	fresh := func(x kernels.Buffer) kernels.Buffer { y := be.Alloc(x.Len()); be.Copy(y, x); return y }
 	want := pass(fresh(q), fresh(k), fresh(v), fresh(kf), fresh(vf))
 	for i, name := range []string{"out", "dq", "dk", "dv", "dkf"} {

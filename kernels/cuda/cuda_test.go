@@ -109,16 +109,8 @@ func TestMatMulInputCopiesNoMemory(t *testing.T) {
 	d := openDevice(t, "bf16")
 	be := d.NewBackend()
 	const Rw, K = 29, 40
-	rng := rand.New(rand.NewPCG(9, 10))
-	up := func(n int) kernels.Buffer {
-		h := make([]float32, n)
-		for i := range h {
-			h[i] = float32(rng.NormFloat64())
-		}
-		b := be.Alloc(n)
-		be.Upload(b, h)
-		return b
-	}
+	tb := newTestBufs(be, 9)
+	up := tb.up
 	x, w := up(Rw*K), up(K*K)
 	want, got := be.Alloc(Rw*K), be.Alloc(Rw*K)
 	be.MatMul(want, x, w, Rw, K, K, false)
@@ -139,14 +131,7 @@ func TestMatMulInputCopiesNoMemory(t *testing.T) {
 			t.Fatalf("the copy of a product input: %+v, want one without storage", s)
 		}
 	}
-	a, r := make([]float32, Rw*K), make([]float32, Rw*K)
-	be.Download(a, got)
-	be.Download(r, want)
-	for i := range a {
-		if a[i] != r[i] {
-			t.Fatalf("element %d is %v, want %v", i, a[i], r[i])
-		}
-	}
+	tb.same(t, "the product", got, want)
 	if err := be.Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -158,24 +143,8 @@ func TestMatMulInputCopiesNoMemory(t *testing.T) {
 func TestMatMulInputCopies(t *testing.T) {
 	be := openDevice(t, "bf16").NewBackend()
 	const Rw, K = 37, 24
-	rng := rand.New(rand.NewPCG(3, 4))
-	host := func(n int) []float32 {
-		h := make([]float32, n)
-		for i := range h {
-			h[i] = float32(rng.NormFloat64())
-		}
-		return h
-	}
-	up := func(n int) kernels.Buffer {
-		b := be.Alloc(n)
-		be.Upload(b, host(n))
-		return b
-	}
-	get := func(b kernels.Buffer) []float32 {
-		h := make([]float32, b.Len())
-		be.Download(h, b)
-		return h
-	}
+	tb := newTestBufs(be, 3)
+	host, up := tb.host, tb.up
 	conversions := func() int { return be.InputCopies().Conversions }
 	buf := up(2 * Rw * K)
 	x := be.Slice(buf, 0, Rw*K)
@@ -218,12 +187,7 @@ func TestMatMulInputCopies(t *testing.T) {
 		be.MatMul(o1, x, w1, Rw, K, K, false)
 		be.ForgetInputCopies()
 		be.MatMul(ref, x, w1, Rw, K, K, false)
-		a, r := get(o1), get(ref)
-		for i := range a {
-			if a[i] != r[i] {
-				t.Fatalf("after %s: element %d is %v, want %v (a stale copy)", wr.name, i, a[i], r[i])
-			}
-		}
+		tb.same(t, "after "+wr.name+" (a stale copy?)", o1, ref)
 	}
 
 	// Producers write the copy of an output that products read: after the
@@ -261,12 +225,7 @@ func TestMatMulInputCopies(t *testing.T) {
 		}
 		be.ForgetInputCopies()
 		be.MatMul(ref, dst, w2, Rw, K, K, false)
-		a, r := get(o1), get(ref)
-		for i := range a {
-			if a[i] != r[i] {
-				t.Fatalf("%s: element %d is %v, want %v (a stale or wrong copy)", p.name, i, a[i], r[i])
-			}
-		}
+		tb.same(t, p.name+" (a stale or wrong copy?)", o1, ref)
 	}
 	if err := be.Err(); err != nil {
 		t.Fatal(err)
@@ -278,21 +237,8 @@ func TestMatMulInputCopies(t *testing.T) {
 func TestDeferredZero(t *testing.T) {
 	be := openDevice(t, "bf16").NewBackend()
 	const Rw, K = 21, 16
-	rng := rand.New(rand.NewPCG(7, 8))
-	up := func(n int) kernels.Buffer {
-		h := make([]float32, n)
-		for i := range h {
-			h[i] = float32(rng.NormFloat64())
-		}
-		b := be.Alloc(n)
-		be.Upload(b, h)
-		return b
-	}
-	get := func(b kernels.Buffer) []float32 {
-		h := make([]float32, b.Len())
-		be.Download(h, b)
-		return h
-	}
+	tb := newTestBufs(be, 7)
+	up := tb.up
 	x, w, dout, src := up(Rw*K), up(K*K), up(Rw*K), up(Rw*K)
 	half := Rw / 2 * K
 	ops := []struct {
@@ -331,14 +277,52 @@ func TestDeferredZero(t *testing.T) {
 		o.op(dst)
 		ref := be.Alloc(Rw * K) // allocated as zeros
 		o.op(ref)
-		got, want := get(dst), get(ref)
-		for i := range got {
-			if got[i] != want[i] {
-				t.Fatalf("Zero, then %s: element %d is %v, want %v", o.name, i, got[i], want[i])
-			}
-		}
+		tb.same(t, "Zero, then "+o.name, dst, ref)
 	}
 	if err := be.Err(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// testBufs makes and reads the device buffers of a test.
+type testBufs struct {
+	be  *Backend
+	rng *rand.Rand
+}
+
+func newTestBufs(be *Backend, seed uint64) *testBufs {
+	return &testBufs{be: be, rng: rand.New(rand.NewPCG(seed, seed+1))}
+}
+
+// host returns n standard normal values.
+func (tb *testBufs) host(n int) []float32 {
+	h := make([]float32, n)
+	for i := range h {
+		h[i] = float32(tb.rng.NormFloat64())
+	}
+	return h
+}
+
+// up returns a device buffer of n standard normal values.
+func (tb *testBufs) up(n int) kernels.Buffer {
+	b := tb.be.Alloc(n)
+	tb.be.Upload(b, tb.host(n))
+	return b
+}
+
+func (tb *testBufs) get(b kernels.Buffer) []float32 {
+	h := make([]float32, b.Len())
+	tb.be.Download(h, b)
+	return h
+}
+
+// same fails t unless got and want hold identical values.
+func (tb *testBufs) same(t *testing.T, what string, got, want kernels.Buffer) {
+	t.Helper()
+	a, r := tb.get(got), tb.get(want)
+	for i := range a {
+		if a[i] != r[i] {
+			t.Fatalf("%s: element %d is %v, want %v", what, i, a[i], r[i])
+		}
 	}
 }

@@ -658,6 +658,34 @@ bm_selective_scan_fwd16(float *out, const float *x, const float *dt, const float
     }
 }
 
+// scan_dbc_lane sums dB, dC over the warp's 4 channels, transposed: after
+// lane bit 4 (dB | dC) and bit 3 (state 2l | 2l+1) each lane holds one sum,
+// its entry of sP[j][warp] (every lane of the warp must call it).
+static __device__ __forceinline__ float scan_dbc_lane(const float cB[2], const float cC[2], bool hi16, bool hi8) {
+    float k0 = hi16 ? cC[0] : cB[0], k1 = hi16 ? cC[1] : cB[1];
+    const float s0 = hi16 ? cB[0] : cC[0], s1 = hi16 ? cB[1] : cC[1];
+    k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+    k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+    const float snd = hi8 ? k0 : k1, kp = hi8 ? k1 : k0;
+    return kp + __shfl_xor_sync(0xffffffffu, snd, 8);
+}
+
+// scan_dbc_store writes dB, dC of the sub-chunk starting at t0 summed over
+// the block's channels (the NW warps' entries of sP): thread (j, which, n)
+// writes one partial.
+template <int L, int NW>
+static __device__ __forceinline__ void scan_dbc_store(const float (*sP)[NW][32], float *partB, float *partC, int t0, int T,
+                                                      int N, int B, int b) {
+    const int tid = threadIdx.x, j = tid >> 5, which = (tid >> 4) & 1, n = tid & 15;
+    const int k = which * 16 + (n & 1) * 8 + (n >> 1);
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; w++) s += sP[j][w][k];
+    float *part = which ? partC : partB;
+    const int t = t0 + j;
+    if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
+}
+
 // Local pass over segment seg (length Ls, a multiple of BM_SS_TT) from zero:
 // hloc[b][seg][e][16] = the state after the segment, S[b][seg][e] = ΣΔ over
 // it and, when WQ, Q[b][seg][e][16] = Σ_t (Π_{s ≤ t in the segment} a_s)·
@@ -921,30 +949,10 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
                 const float r1 = __shfl_xor_sync(0xffffffffu, dxp, 4);
                 sQ[j][ch][qslot] = ScanF2{kp + r0, dxp + r1};
             }
-            // dB, dC over the warp's 4 channels, transposed: after lane bit
-            // 4 (dB | dC) and bit 3 (state 2l | 2l+1) each lane holds one sum.
-            {
-                float k0 = hi16 ? cC[0] : cB[0], k1 = hi16 ? cC[1] : cB[1];
-                const float s0 = hi16 ? cB[0] : cC[0], s1 = hi16 ? cB[1] : cC[1];
-                k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-                k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-                const float snd = hi8 ? k0 : k1, kp = hi8 ? k1 : k0;
-                sP[j][warp][wl] = kp + __shfl_xor_sync(0xffffffffu, snd, 8);
-            }
+            sP[j][warp][wl] = scan_dbc_lane(cB, cC, hi16, hi8);
         }
         __syncthreads();
-
-        // dB, dC of the sub-chunk over the block's channels: thread (j, which, n).
-        {
-            const int j = tid >> 5, which = (tid >> 4) & 1, n = tid & 15;
-            const int k = which * 16 + (n & 1) * 8 + (n >> 1);
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < NW; w++) s += sP[j][w][k];
-            float *part = which ? partC : partB;
-            const int t = t0 + j;
-            if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
-        }
+        scan_dbc_store<L, NW>(sP, partB, partC, t0, T, N, B, b);
         // Per-element gradients of the staged element.
         if (vw) {
             float ys = 0.f, dxs = 0.f, dds = 0.f;
@@ -1213,29 +1221,10 @@ bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *
             }
             sQ[j][l][ch] = ScanF2{yp, dxp};
             sQd[j][l][ch] = ddp;
-            // dB, dC over the warp's 4 channels, transposed (as in bwd16).
-            {
-                float k0 = hi16 ? cC[0] : cB[0], k1 = hi16 ? cC[1] : cB[1];
-                const float s0 = hi16 ? cB[0] : cC[0], s1 = hi16 ? cB[1] : cC[1];
-                k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-                k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-                const float snd = hi8 ? k0 : k1, kp = hi8 ? k1 : k0;
-                sP[j][warp][wl] = kp + __shfl_xor_sync(0xffffffffu, snd, 8);
-            }
+            sP[j][warp][wl] = scan_dbc_lane(cB, cC, hi16, hi8);
         }
         __syncthreads();
-
-        // dB, dC of the sub-chunk over the block's channels: thread (j, which, n).
-        {
-            const int j = tid >> 5, which = (tid >> 4) & 1, n = tid & 15;
-            const int k = which * 16 + (n & 1) * 8 + (n >> 1);
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < NW; w++) s += sP[j][w][k];
-            float *part = which ? partC : partB;
-            const int t = t0 + j;
-            if (part && t < T && n < N) part[(((long long)blockIdx.x * B + b) * T + t) * N + n] = s;
-        }
+        scan_dbc_store<L, NW>(sP, partB, partC, t0, T, N, B, b);
         // Per-element gradients of the staged element.
         if (vw) {
             float ys = 0.f, dxs = 0.f, dds = 0.f;
