@@ -32,9 +32,13 @@ type stepReport struct {
 	PeakMemGiB    float64 `json:"peak_mem_gib"`
 	// The bf16 copies the GPU backend keeps of product inputs, and how many
 	// inputs per timed step it still had to convert.
-	CopiesGiB          float64 `json:"bf16_copies_gib,omitempty"`
-	ConversionsPerStep float64 `json:"conversions_per_step,omitempty"`
-	LargestBatch       int     `json:"largest_batch,omitempty"`
+	CopiesGiB float64 `json:"bf16_copies_gib,omitempty"`
+	// Timeline is the GPU time of each op in one unsynchronised step
+	// (--timeline), and GPUBusyMs their sum.
+	Timeline           []cuda.OpTime `json:"timeline,omitempty"`
+	GPUBusyMs          float64       `json:"gpu_busy_ms,omitempty"`
+	ConversionsPerStep float64       `json:"conversions_per_step,omitempty"`
+	LargestBatch       int           `json:"largest_batch,omitempty"`
 	// LargestCapped: the search stopped at its time cap, not at an out-of-memory.
 	LargestCapped bool `json:"largest_batch_capped,omitempty"`
 	Profile       []struct {
@@ -52,6 +56,7 @@ func init() {
 		threadList           []int
 		peakTFLOPs           float64
 		maxBatch, prof, noLt bool
+		timeline             bool
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
@@ -95,7 +100,11 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 				r.PeakSource += fmt.Sprintf(" (above the %.1f given by --peak-tflops)", peakTFLOPs)
 			}
 			fmt.Printf("device %s; matrix peak %.1f TFLOP/s (%s)\n", o.Desc, r.PeakTFLOPs, r.PeakSource)
-			if err := timeSteps(o.Backend, c, &r, steps); err != nil {
+			var dev *cuda.Device
+			if timeline {
+				dev = o.Dev
+			}
+			if err := timeSteps(o.Backend, dev, c, &r, steps); err != nil {
 				return err
 			}
 			r.PeakMemGiB = float64(o.PeakMemory()) / (1 << 30)
@@ -104,6 +113,13 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 				1e3*r.StepSeconds, r.TokensPerS, r.FLOPsPerToken, r.TFLOPs, 100*r.MFU, r.PeakMemGiB)
 			if r.CopiesGiB > 0 {
 				fmt.Printf("bf16 copies of product inputs: %.2f GiB kept, %.0f conversions per step\n", r.CopiesGiB, r.ConversionsPerStep)
+			}
+			if len(r.Timeline) > 0 {
+				fmt.Printf("one step as it runs (stream events, no synchronisation): GPU busy %.1f ms of %.1f\n", r.GPUBusyMs, 1e3*r.StepSeconds)
+				fmt.Printf("%-24s %9s %10s %7s\n", "op", "launches", "GPU ms", "share")
+				for _, t := range r.Timeline {
+					fmt.Printf("%-24s %9d %10.2f %6.1f%%\n", t.Op, t.Launches, t.Ms, 100*t.Ms/r.GPUBusyMs)
+				}
 			}
 			if prof {
 				pb := profile.Wrap[float32](o.Dev.Backend())
@@ -134,6 +150,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.BoolVar(&prof, "profile", false, "GPU: time each op of one step (synchronising after each)")
 	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
 	fl.BoolVar(&noLt, "no-cublaslt", false, "GPU: bf16 products through cublasGemmEx instead of cublasLtMatmul")
+	fl.BoolVar(&timeline, "timeline", false, "GPU: time each op of one more step with stream events (no synchronisation)")
 	benchCmd.AddCommand(cmd)
 }
 
@@ -217,7 +234,9 @@ func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []
 }
 
 // timeSteps times steps training steps after two warm-up steps.
-func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps int) error {
+// timeSteps times steps training steps after two warm-up ones; with dev,
+// one more step with stream events around every op fills r.Timeline.
+func timeSteps(be kernels.Backend[float32], dev *cuda.Device, c model.Config, r *stepReport, steps int) error {
 	run, err := newBenchRun(be, c, r.Batch)
 	if err != nil {
 		return err
@@ -244,6 +263,21 @@ func timeSteps(be kernels.Backend[float32], c model.Config, r *stepReport, steps
 		st := copies.InputCopies()
 		r.CopiesGiB = float64(st.Bytes) / (1 << 30)
 		r.ConversionsPerStep = float64(st.Conversions-conv0) / float64(steps)
+	}
+	if dev != nil {
+		dev.StartTiming()
+		serr := run.step()
+		tl, err := dev.StopTiming()
+		if serr != nil {
+			return serr
+		}
+		if err != nil {
+			return err
+		}
+		r.Timeline = tl
+		for _, t := range tl {
+			r.GPUBusyMs += t.Ms
+		}
 	}
 	r.TokensPerS = float64(r.Batch*c.SeqLen) / r.StepSeconds
 	r.FLOPsPerToken = model.FLOPsPerToken(c, c.SeqLen)

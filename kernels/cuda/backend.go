@@ -130,7 +130,7 @@ func (b *Backend) queue(op string, f func() error) {
 		return
 	}
 	b.d.post(func() {
-		if err := f(); err != nil {
+		if err := b.d.timedRun(op, f); err != nil {
 			b.failf("%s: %v", op, err)
 		}
 	})

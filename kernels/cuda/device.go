@@ -29,6 +29,10 @@ type driver interface {
 	dtoh(dst unsafe.Pointer, src devptr, bytes int64) error // waits for the copy
 	dtod(dst, src devptr, bytes int64) error
 	sync() error
+	// mark records a point in the stream; since gives the milliseconds
+	// between two marks once the stream has passed both (bench timing).
+	mark() (any, error)
+	since(from, to any) (float64, error)
 	launch(name string, grid, block dim, shmem int, args []uint64) error
 	// gemm is cuBLAS's column-major C = alpha·op(A)·op(B) + beta·C; C is
 	// float32, A and B float32 or (bf16in) bfloat16.
@@ -56,6 +60,11 @@ type Device struct {
 	shadows shadowTable
 	// zeros are the deferred Zero calls (lazyzero.go), likewise.
 	zeros zeroTable
+
+	// Stream events around queued work while timing (timing.go); device
+	// thread.
+	timing   bool
+	timedOps []timedOp
 }
 
 // Open starts device ordinal on a new locked OS thread.

@@ -57,3 +57,13 @@ type InputCopyStats struct {
 	Bytes       int64 // bf16 bytes they cover
 	Conversions int   // reads so far that had to (re)convert a kept input
 }
+
+// OpTime is the GPU time of one op over a timed span (Device.StartTiming),
+// from stream events around each of its queued pieces of work: unlike a
+// profile that synchronises after every op, the stream runs as it does in
+// training.
+type OpTime struct {
+	Op       string  `json:"op"`
+	Launches int     `json:"launches"` // pieces of queued work (an op may queue several)
+	Ms       float64 `json:"ms"`
+}

@@ -182,6 +182,21 @@ func (g *gpu) dtod(dst, src devptr, bytes int64) error {
 
 func (g *gpu) sync() error { return g.stream.Synchronize() }
 
+func (g *gpu) mark() (any, error) {
+	ev, err := cu.MakeEvent(cu.DefaultEvent)
+	if err != nil {
+		return nil, err
+	}
+	return ev, ev.Record(g.stream)
+}
+
+func (g *gpu) since(from, to any) (float64, error) {
+	a, b := from.(cu.Event), to.(cu.Event)
+	defer cu.DestroyEvent(&a)
+	defer cu.DestroyEvent(&b)
+	return a.Elapsed(b)
+}
+
 func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) error {
 	fn, err := g.function(name)
 	if err != nil {

@@ -14,6 +14,7 @@ import "C"
 import (
 	"errors"
 	"math"
+	"time"
 	"unsafe"
 
 	"github.com/bmojo/bmojo/kernels"
@@ -105,6 +106,13 @@ func (e *emu) dtod(dst, src devptr, bytes int64) error {
 }
 
 func (e *emu) sync() error { return nil }
+
+// The emulation runs kernels at launch: a mark is the host clock.
+func (e *emu) mark() (any, error) { return time.Now(), nil }
+
+func (e *emu) since(from, to any) (float64, error) {
+	return float64(to.(time.Time).Sub(from.(time.Time))) / 1e6, nil
+}
 
 func (e *emu) launch(name string, grid, block dim, shmem int, args []uint64) error {
 	cn := C.CString(name)

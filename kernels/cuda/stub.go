@@ -30,3 +30,9 @@ func (d *Device) PeakMemory() int64 { return 0 }
 
 // InputCopies is never reached in this build.
 func (d *Device) InputCopies() InputCopyStats { return InputCopyStats{} }
+
+// StartTiming is never reached in this build.
+func (d *Device) StartTiming() {}
+
+// StopTiming is never reached in this build.
+func (d *Device) StopTiming() ([]OpTime, error) { return nil, ErrNotBuilt }
