@@ -254,6 +254,17 @@ func TestDeferredZero(t *testing.T) {
 		}},
 		{"Accumulate", func(dst kernels.Buffer) { be.Accumulate(dst, src) }},
 		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
+		{"SelectiveScanBackward into dx", func(dst kernels.Buffer) {
+			be.SelectiveScanBackward(dst, nil, nil, nil, nil, nil, nil, nil, dout, x, src, be.Slice(w, 0, K), be.Slice(w, 0, K*4),
+				be.Slice(src, 0, Rw*4), be.Slice(dout, 0, Rw*4), be.Slice(w, K, K), x, 1, Rw, K, 4)
+		}},
+		{"SelectiveScanBackward into ddt and dz", func(dst kernels.Buffer) {
+			dz := be.Alloc(Rw * K)
+			be.Zero(dz)
+			be.SelectiveScanBackward(nil, dst, nil, nil, nil, nil, nil, dz, dout, x, src, be.Slice(w, 0, K), be.Slice(w, 0, K*4),
+				be.Slice(src, 0, Rw*4), be.Slice(dout, 0, Rw*4), be.Slice(w, K, K), x, 1, Rw, K, 4)
+			be.Accumulate(dst, dz)
+		}},
 		{"Conv1dBackward into dx", func(dst kernels.Buffer) { be.Conv1dBackward(dst, nil, nil, dout, x, be.Slice(w, 0, K*4), 1, Rw, K, 4) }},
 		{"Scale", func(dst kernels.Buffer) { be.Scale(dst, 3) }},
 		{"SwiGLUBackward into dgate", func(dst kernels.Buffer) { be.SwiGLUBackward(dst, nil, dout, x, src) }},

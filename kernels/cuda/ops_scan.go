@@ -244,21 +244,36 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 	c := b.check("selective_scan_backward")
 	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
 	do := c.in("dout", dout, B*T*E, "B·T·E")
-	gx := c.opt("dx", dx, B*T*E, "B·T·E")
-	gdt := c.opt("ddt", ddt, B*T*E, "B·T·E")
+	gx, ox := c.optFresh("dx", dx, B*T*E, "B·T·E")
+	gdt, odt := c.optFresh("ddt", ddt, B*T*E, "B·T·E")
 	gbias := c.opt("ddtBias", ddtBias, E, "E")
 	gA := c.opt("dAlog", dAlog, E*N, "E·N")
 	gB := c.opt("dBm", dBm, B*T*N, "B·T·N")
 	gC := c.opt("dCm", dCm, B*T*N, "B·T·N")
 	gD := c.opt("dDskip", dDskip, E, "E")
-	gz := c.opt("dz", dz, B*T*E, "B·T·E")
+	gz, oz := c.optFresh("dz", dz, B*T*E, "B·T·E")
 	if !c.ok || B*T*E == 0 {
 		return
 	}
 	if gx == nil && gdt == nil && gbias == nil && gA == nil && gB == nil && gC == nil && gD == nil && gz == nil {
 		return
 	}
+	// dx, ddt, dz pending a Zero (o*): the whole-sequence walk writes them
+	// instead of adding (over); the other kernels add, so they are zeroed
+	// first.
+	over := boolInt(ox) | boolInt(odt)<<1 | boolInt(oz)<<2
+	zeroTaken := func() {
+		for _, g := range []struct {
+			f    *floats
+			over bool
+		}{{gx, ox}, {gdt, odt}, {gz, oz}} {
+			if g.over {
+				b.zeroNow([]shadowKey{{g.f.ptr, g.f.n}})
+			}
+		}
+	}
 	if N > scanFastN {
+		zeroTaken()
 		_, bwd, L := scanVariant(N)
 		var ck *floats // nil (never read) when T fits one chunk
 		if nC := (T + L - 1) / L; nC > 1 && N > 0 {
@@ -293,7 +308,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		pBias, pD := part(gbias, B*E), part(gD, B*E)
 		b.launch(op, "bm_selective_scan_bwdw16", grid, dim{256, 1, 1}, 0,
 			gx, gdt, gz, pB, pC, pA, pBias, pD, ck, do,
-			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N)
+			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N, over)
 		b.scanSumParts(op, gB, pB, eb, B*T*N)
 		b.scanSumParts(op, gC, pC, eb, B*T*N)
 		b.scanSumParts(op, gA, pA, B, E*N)
@@ -301,6 +316,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		b.scanSumParts(op, gD, pD, B, E)
 		return
 	}
+	zeroTaken()
 	nSeg := (T + scanFastSeg - 1) / scanFastSeg
 	grid := dim{eb, nSeg, B}
 	var hin, din *floats // nil: one segment, nothing carried

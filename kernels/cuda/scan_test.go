@@ -28,6 +28,7 @@ func TestScanShapes(t *testing.T) {
 		B, T, E, N int
 		nils       []int // gradients passed as nil (indices into names below)
 		alias      bool  // ddt is dx
+		zeroed     bool  // gradients pending a Zero (lazyzero.go): the first writer overwrites
 	}
 	cases := []scanCase{
 		{B: 1, T: 300, E: 40, N: 16}, {B: 2, T: 200, E: 5, N: 3}, {B: 2, T: 130, E: 37, N: 9},
@@ -43,7 +44,9 @@ func TestScanShapes(t *testing.T) {
 		eb := (E + scanFastCh - 1) / scanFastCh
 		return (2*max(1, d.Info().SMs) + eb - 1) / eb
 	}
-	cases = append(cases, scanCase{B: fill(70), T: 150, E: 70, N: 16}, scanCase{B: fill(45), T: 37, E: 45, N: 12, nils: []int{0, 4}})
+	cases = append(cases, scanCase{B: fill(70), T: 150, E: 70, N: 16}, scanCase{B: fill(45), T: 37, E: 45, N: 12, nils: []int{0, 4}},
+		scanCase{B: fill(40), T: 70, E: 40, N: 16, zeroed: true}, scanCase{B: 1, T: 130, E: 40, N: 16, zeroed: true},
+		scanCase{B: 2, T: 50, E: 20, N: 20, zeroed: true})
 	names := []string{"dx", "ddt", "ddtBias", "dAlog", "dBm", "dCm", "dDskip", "dz"}
 	var walks, segs int
 	for _, sc := range cases {
@@ -56,7 +59,7 @@ func TestScanShapes(t *testing.T) {
 				segs++
 			}
 		}
-		t.Run(fmt.Sprintf("%v_%v_%v_%v_nil%v_alias%v", B, T, E, N, sc.nils, sc.alias), func(t *testing.T) {
+		t.Run(fmt.Sprintf("%v_%v_%v_%v_nil%v_alias%v_zeroed%v", B, T, E, N, sc.nils, sc.alias, sc.zeroed), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(1, uint64(T*E+N)))
 			r := func(n int, s float64) []float32 {
 				v := make([]float32, n)
@@ -80,14 +83,21 @@ func TestScanShapes(t *testing.T) {
 			for _, i := range sc.nils {
 				isNil[i] = true
 			}
-			run := func(be kernels.Backend[float32]) ([]float32, [][]float32) {
+			run := func(be kernels.Backend[float32], zero bool) ([]float32, [][]float32) {
 				up := func(v []float32) kernels.Buffer { b := be.Alloc(len(v)); be.Upload(b, v); return b }
 				bufs := make([]kernels.Buffer, 8)
 				grads := make([]kernels.Buffer, 8)
 				for i := range bufs {
 					bufs[i] = up(ins[i])
 					if !isNil[i] {
-						grads[i] = up(pre[i])
+						if zero { // garbage, then a Zero the scan should honour
+							grads[i] = up(pre[i])
+							be.Zero(grads[i])
+						} else if sc.zeroed { // the reference starts from zeros
+							grads[i] = be.Alloc(sizes[i])
+						} else {
+							grads[i] = up(pre[i])
+						}
 					}
 				}
 				if sc.alias {
@@ -111,8 +121,8 @@ func TestScanShapes(t *testing.T) {
 				}
 				return o, gs
 			}
-			o1, g1 := run(d.Backend())
-			o2, g2 := run(cpu.New[float32]())
+			o1, g1 := run(d.Backend(), sc.zeroed)
+			o2, g2 := run(cpu.New[float32](), false)
 			cmp := func(name string, a, b []float32) {
 				var mx, md float64
 				for i := range b {

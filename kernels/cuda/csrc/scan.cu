@@ -1095,9 +1095,12 @@ extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
 bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *partC, float *partA,
                          float *partBias, float *partD, const float *ck, const float *dout, const float *x,
                          const float *dt, const float *dtBias, const float *Alog, const float *Bm, const float *Cm,
-                         const float *Dskip, const float *z, int B, int T, int E, int N) {
+                         const float *Dskip, const float *z, int B, int T, int E, int N, int over) {
     constexpr int L = BM_SS_L;
     constexpr int NW = BM_SS_T / 32; // warps per block
+    // over: bits 0, 1, 2 make dx, ddt, dz written instead of added to (the
+    // host's deferred zero): their old values are not read.
+    const bool ax = dx && !(over & 1), adt = ddt && !(over & 2), az = dz && !(over & 4);
     // Per staged element (step, channel): Δ, Δ·x, dy = dout·z·sigmoid(z),
     // kz = ∂(dz)/∂y; and what its write-back needs besides the sums over n
     // (kept here, not in registers, which the loop needs for states).
@@ -1148,9 +1151,9 @@ bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *
         r.dt = v ? dt[i] : 0.f;
         r.z = v ? z[i] : 0.f;
         r.g = v ? dout[i] : 0.f;
-        r.ox = v && dx ? dx[i] : 0.f;
-        r.odt = v && ddt ? ddt[i] : 0.f;
-        r.oz = v && dz ? dz[i] : 0.f;
+        r.ox = v && ax ? dx[i] : 0.f;
+        r.odt = v && adt ? ddt[i] : 0.f;
+        r.oz = v && az ? dz[i] : 0.f;
         r.bc = bcv && t < T ? (bcC ? Cm : Bm)[ib] : 0.f;
         r.h = c > 0 && act ? ckp[(c - 1) * ckRow] : ScanF2{0.f, 0.f};
     };
