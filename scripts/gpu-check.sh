@@ -62,10 +62,10 @@ PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/torch.log")
 peakflag=()
 [ -n "$PEAK" ] && peakflag=(--peak-tflops "$PEAK")
 
-step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --profile "${peakflag[@]}" --json "$OUT/step.json"
-grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -30
+step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --timeline "${peakflag[@]}" --json "$OUT/step.json"
+grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -40
 for b in $STEP_BATCHES; do
-	step "step-b$b" 150 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$b" --steps 3 --max-batch=false "${peakflag[@]}" --json "$OUT/step-b$b.json"
+	step "step-b$b" 150 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$b" --steps 3 --max-batch=false --timeline "${peakflag[@]}" --json "$OUT/step-b$b.json"
 	grep -v '^\s*$' "$OUT/step-b$b.log" | grep -v '^20..-' | head -12
 done
 
