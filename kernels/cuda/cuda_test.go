@@ -209,6 +209,10 @@ func TestMatMulInputCopies(t *testing.T) {
 			be.Zero(dst)
 			be.Conv1dBackward(dst, nil, nil, in, src2, cw, 1, Rw, K, 4)
 		}},
+		{"InnovationBackward", func(dst, in kernels.Buffer) {
+			be.Zero(dst)
+			be.InnovationBackward(dst, be.Slice(in, 0, Rw), src2, in, Rw, K)
+		}},
 		{"SelectiveScan", func(dst, in kernels.Buffer) {
 			be.SelectiveScan(dst, in, src2, g, alog, bmat, bmat, g, src2, 1, Rw, K, 4)
 		}},
@@ -265,6 +269,7 @@ func TestDeferredZero(t *testing.T) {
 				be.Slice(src, 0, Rw*4), be.Slice(dout, 0, Rw*4), be.Slice(w, K, K), x, 1, Rw, K, 4)
 			be.Accumulate(dst, dz)
 		}},
+		{"InnovationBackward", func(dst kernels.Buffer) { be.InnovationBackward(dst, be.Slice(src, 0, Rw), x, dout, Rw, K) }},
 		{"Conv1dBackward into dx", func(dst kernels.Buffer) { be.Conv1dBackward(dst, nil, nil, dout, x, be.Slice(w, 0, K*4), 1, Rw, K, 4) }},
 		{"Scale", func(dst kernels.Buffer) { be.Scale(dst, 3) }},
 		{"SwiGLUBackward into dgate", func(dst kernels.Buffer) { be.SwiGLUBackward(dst, nil, dout, x, src) }},

@@ -387,16 +387,17 @@ func (b *Backend) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
 	const op = "innovation_backward"
 	c := b.check(op)
 	c.dims("Rw,d", Rw, d)
-	dps := c.opt("dp", dp, Rw*d, "Rw·d")
 	des := c.in("de", de, Rw, "Rw")
 	us := c.in("u", u, Rw*d, "Rw·d")
 	ps := c.in("p", p, Rw*d, "Rw·d")
+	dps, over := c.optFresh("dp", dp, Rw*d, "Rw·d")
 	c.cond(d > 0, "d=%d, want > 0", d)
 	if !c.ok || dps == nil || Rw == 0 {
 		return
 	}
 	threads := min(256, (d+31)/32*32)
-	b.launch(op, "bm_innovation_backward", dim{Rw, 1, 1}, dim{threads, 1, 1}, 0, dps, des, us, ps, d)
+	b.launch(op, "bm_innovation_backward", dim{Rw, 1, 1}, dim{threads, 1, 1}, 0, dps, des, us, ps, d,
+		boolInt(over), b.d.shadows.produce(dps))
 }
 
 // SelectChunks implements kernels.Backend: one block per (chunk, sequence)

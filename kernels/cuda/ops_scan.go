@@ -308,7 +308,8 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 		pBias, pD := part(gbias, B*E), part(gD, B*E)
 		b.launch(op, "bm_selective_scan_bwdw16", grid, dim{256, 1, 1}, 0,
 			gx, gdt, gz, pB, pC, pA, pBias, pD, ck, do,
-			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N, over)
+			s.x, s.dt, s.dtBias, s.Alog, s.Bm, s.Cm, s.Dskip, s.z, B, T, E, N, over,
+			b.d.shadows.produce(gz), b.d.shadows.produce(gdt))
 		b.scanSumParts(op, gB, pB, eb, B*T*N)
 		b.scanSumParts(op, gC, pC, eb, B*T*N)
 		b.scanSumParts(op, gA, pA, B, E*N)

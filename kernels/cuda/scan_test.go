@@ -151,3 +151,48 @@ func TestScanShapes(t *testing.T) {
 		t.Errorf("N ≤ 16 shapes cover %d whole-sequence and %d segmented backward passes; want ≥ 2 and ≥ 4", walks, segs)
 	}
 }
+
+// TestScanBackwardCopies: the whole-sequence scan backward writes the bf16
+// copies of dz and ddt that products read (in_proj's and dt_proj's
+// backward), so those products convert nothing and read current values.
+func TestScanBackwardCopies(t *testing.T) {
+	d := openDevice(t, "bf16")
+	be := d.NewBackend()
+	tb := newTestBufs(be, 21)
+	const T, E, N = 70, 40, 16
+	B := (2*max(1, d.Info().SMs) + 1) / 2 // eb = 2 channel groups: fills the device
+	if !scanFastWhole((E+scanFastCh-1)/scanFastCh, B, d.Info().SMs) {
+		t.Fatalf("B=%d does not take the whole-sequence path", B)
+	}
+	n := B * T * E
+	x, dt, z, dout := tb.up(n), tb.up(n), tb.up(n), tb.up(n)
+	dtb, alog, dsk := tb.up(E), tb.up(E*N), tb.up(E)
+	bm, cm := tb.up(B*T*N), tb.up(B*T*N)
+	dz, ddt := be.Alloc(n), be.Alloc(n)
+	w, o, ref := tb.up(E*E), be.Alloc(n), be.Alloc(n)
+	backward := func() {
+		be.Zero(dz)
+		be.Zero(ddt)
+		be.SelectiveScanBackward(nil, ddt, nil, nil, nil, nil, nil, dz, dout, x, dt, dtb, alog, bm, cm, dsk, z, B, T, E, N)
+	}
+	for _, g := range []struct {
+		name string
+		buf  kernels.Buffer
+	}{{"dz", dz}, {"ddt", ddt}} {
+		backward()
+		be.MatMul(o, g.buf, w, B*T, E, E, false) // makes the kept copy
+		be.Scale(dout, 0.5)
+		backward() // writes the copy
+		c0 := be.InputCopies().Conversions
+		be.MatMul(o, g.buf, w, B*T, E, E, false)
+		if c := be.InputCopies().Conversions - c0; c != 0 {
+			t.Errorf("%s: the product converted %d inputs, want 0", g.name, c)
+		}
+		be.ForgetInputCopies()
+		be.MatMul(ref, g.buf, w, B*T, E, E, false)
+		tb.same(t, g.name+" copy", o, ref)
+	}
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+}

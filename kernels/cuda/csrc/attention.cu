@@ -1279,13 +1279,18 @@ extern "C" __global__ void bm_innovation(float *e, const float *u, const float *
     if (lane == 0) e[r] = (float)(s / d);
 }
 
-// bm_innovation_backward: dp += de[r]·(−2/d)·(u − p); one block per row.
-extern "C" __global__ void bm_innovation_backward(float *dp, const float *de, const float *u, const float *p, int d) {
+// bm_innovation_backward: dp += de[r]·(−2/d)·(u − p), or dp = when over
+// (the host's deferred zero); one block per row. dp16, when set, gets a
+// bf16 copy of dp (a matrix product's operand).
+extern "C" __global__ void bm_innovation_backward(float *dp, const float *de, const float *u, const float *p, int d,
+                                                  int over, unsigned short *dp16) {
     const long long r = blockIdx.x;
     const double k = (double)de[r] * (-2.0 / d);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const long long o = r * d + i;
-        dp[o] += (float)(k * ((double)u[o] - (double)p[o]));
+        const float g = (over ? 0.f : dp[o]) + (float)(k * ((double)u[o] - (double)p[o]));
+        dp[o] = g;
+        if (dp16) dp16[o] = (unsigned short)bm_bf16_bits(g);
     }
 }
 

@@ -1095,11 +1095,13 @@ extern "C" __global__ void __launch_bounds__(BM_SS_T, 3)
 bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *partC, float *partA,
                          float *partBias, float *partD, const float *ck, const float *dout, const float *x,
                          const float *dt, const float *dtBias, const float *Alog, const float *Bm, const float *Cm,
-                         const float *Dskip, const float *z, int B, int T, int E, int N, int over) {
+                         const float *Dskip, const float *z, int B, int T, int E, int N, int over,
+                         unsigned short *dz16, unsigned short *ddt16) {
     constexpr int L = BM_SS_L;
     constexpr int NW = BM_SS_T / 32; // warps per block
     // over: bits 0, 1, 2 make dx, ddt, dz written instead of added to (the
-    // host's deferred zero): their old values are not read.
+    // host's deferred zero): their old values are not read. dz16 and ddt16,
+    // when set, get bf16 copies of dz and ddt (matrix products' operands).
     const bool ax = dx && !(over & 1), adt = ddt && !(over & 2), az = dz && !(over & 4);
     // Per staged element (step, channel): Δ, Δ·x, dy = dout·z·sigmoid(z),
     // kz = ∂(dz)/∂y; and what its write-back needs besides the sums over n
@@ -1239,10 +1241,18 @@ bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *
                 dds += sQd[sj][q][sc];
             }
             const ScanF4 v = sE[sj][sc], w = sW[sj][sc];
-            if (dz) dz[iw] = fmaf(v.w, ys, w.x);
+            if (dz) {
+                const float g = fmaf(v.w, ys, w.x);
+                dz[iw] = g;
+                if (dz16) dz16[iw] = (unsigned short)bm_bf16_bits(g);
+            }
             if (dx) dx[iw] = fmaf(v.x, dxs, w.y);
             const float du = fmaf(w.z, dxs, w.w * dds); // ∂L/∂dt
-            if (ddt) ddt[iw] = odtw + du;
+            if (ddt) {
+                const float g = odtw + du;
+                ddt[iw] = g;
+                if (ddt16) ddt16[iw] = (unsigned short)bm_bf16_bits(g);
+            }
             accBias += du;
         }
     }
