@@ -32,13 +32,13 @@ type stepReport struct {
 	PeakMemGiB    float64 `json:"peak_mem_gib"`
 	// The bf16 copies the GPU backend keeps of product inputs, and how many
 	// inputs per timed step it still had to convert.
-	CopiesGiB float64 `json:"bf16_copies_gib,omitempty"`
+	CopiesGiB          float64 `json:"bf16_copies_gib,omitempty"`
+	ConversionsPerStep float64 `json:"conversions_per_step,omitempty"`
 	// Timeline is the GPU time of each op in one unsynchronised step
 	// (--timeline), and GPUBusyMs their sum.
-	Timeline           []cuda.OpTime `json:"timeline,omitempty"`
-	GPUBusyMs          float64       `json:"gpu_busy_ms,omitempty"`
-	ConversionsPerStep float64       `json:"conversions_per_step,omitempty"`
-	LargestBatch       int           `json:"largest_batch,omitempty"`
+	Timeline     []cuda.OpTime `json:"timeline,omitempty"`
+	GPUBusyMs    float64       `json:"gpu_busy_ms,omitempty"`
+	LargestBatch int           `json:"largest_batch,omitempty"`
 	// LargestCapped: the search stopped at its time cap, not at an out-of-memory.
 	LargestCapped bool `json:"largest_batch_capped,omitempty"`
 	Profile       []struct {
@@ -233,7 +233,6 @@ func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []
 	return nil
 }
 
-// timeSteps times steps training steps after two warm-up steps.
 // timeSteps times steps training steps after two warm-up ones; with dev,
 // one more step with stream events around every op fills r.Timeline.
 func timeSteps(be kernels.Backend[float32], dev *cuda.Device, c model.Config, r *stepReport, steps int) error {

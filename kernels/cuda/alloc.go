@@ -22,7 +22,7 @@ type cache struct {
 	peak  int64
 	grown int64 // bytes handed out since the last collection
 	gcAt  int64 // collect when grown passes this (0 = derive from the device size)
-	// reserveAt overrides reserve() when set (tests).
+	// reserveAt overrides the memory tryAlloc leaves free when set (tests).
 	reserveAt int64
 
 	mu      sync.Mutex // pending is filled by GC cleanups on other goroutines
@@ -70,26 +70,22 @@ func (c *cache) alloc(n int64) (*allocation, error) { return c.get(n, true) }
 // tryAlloc is alloc for memory that is nice to have (a kept bf16 copy): it
 // fails at once instead of collecting and retrying, and rather than take the
 // device's last free memory (the driver and cuBLAS need some of it, and an
-// activation is worth more than a copy) it leaves reserve() free.
+// activation is worth more than a copy) it leaves a reserve free.
 func (c *cache) tryAlloc(n int64) (*allocation, error) {
 	size := roundSize(n)
 	c.drain()
 	if len(c.free[size]) == 0 {
-		if free, _ := c.drv.memInfo(); free-size < c.reserve() {
-			return nil, fmt.Errorf("cuda: keeping %s free of device memory for required buffers (%s free)", mib(c.reserve()), mib(free))
+		free, total := c.drv.memInfo()
+		// A thirty-second of the device, at least 1 GiB (reserveAt in tests).
+		reserve := max(1<<30, total/32)
+		if c.reserveAt > 0 {
+			reserve = c.reserveAt
+		}
+		if free-size < reserve {
+			return nil, fmt.Errorf("cuda: keeping %s free of device memory for required buffers (%s free)", mib(reserve), mib(free))
 		}
 	}
 	return c.get(n, false)
-}
-
-// reserve is the device memory tryAlloc leaves free: a thirty-second of the
-// device, at least 1 GiB.
-func (c *cache) reserve() int64 {
-	if c.reserveAt > 0 {
-		return c.reserveAt
-	}
-	_, total := c.drv.memInfo()
-	return max(1<<30, total/32)
 }
 
 func (c *cache) get(n int64, retry bool) (*allocation, error) {

@@ -285,7 +285,7 @@ type checker struct {
 	b  *Backend
 	op string
 	ok bool
-	// reading is set while in and optIn check a read-only argument; every
+	// reading is set while in and anyIn check a read-only argument; every
 	// other buffer argument may be written and invalidates the bf16
 	// shadows it overlaps (shadow.go).
 	reading bool
@@ -320,6 +320,14 @@ func (c *checker) dims(names string, vals ...int) {
 }
 
 var noFloats = &floats{}
+
+// boolInt is a kernel's int flag.
+func boolInt(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
 
 // lenOf is x.Len(), or 0 for a nil x.
 func lenOf(x kernels.Buffer) int {
@@ -356,7 +364,7 @@ func (c *checker) any(name string, x kernels.Buffer) *floats {
 		if c.freshing {
 			c.overwrite = true
 		} else {
-			flush = append(flush, shadowKey{f.ptr, f.n})
+			flush = append(flush, f.span())
 		}
 	}
 	c.b.zeroNow(flush)
@@ -378,13 +386,6 @@ func (c *checker) in(name string, x kernels.Buffer, want int, expr string) *floa
 	c.reading = true
 	defer func() { c.reading = false }()
 	return c.buf(name, x, want, expr)
-}
-
-// optIn is opt for an argument the op only reads.
-func (c *checker) optIn(name string, x kernels.Buffer, want int, expr string) *floats {
-	c.reading = true
-	defer func() { c.reading = false }()
-	return c.opt(name, x, want, expr)
 }
 
 // anyIn is any for an argument the op only reads.

@@ -37,6 +37,7 @@ static int bm_set_workspace(void *f, void *h, unsigned long long w, size_t bytes
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -86,30 +87,12 @@ func loadCublas(stream unsafe.Pointer, bf16 bool) (*cublas, error) {
 	if p := os.Getenv("BMOJO_CUBLAS"); p != "" {
 		names = []string{p}
 	}
-	var tried []string
 	b := &cublas{}
-	for _, n := range names {
-		cn := C.CString(n)
-		h := C.dlopen(cn, C.RTLD_NOW|C.RTLD_LOCAL)
-		C.free(unsafe.Pointer(cn))
-		if h != nil {
-			b.lib, b.dl = n, h
-			break
-		}
-		tried = append(tried, C.GoString(C.dlerror()))
+	var err error
+	if b.dl, b.lib, err = dlopenFirst(names); err != nil {
+		return nil, fmt.Errorf("cuda: cuBLAS not found (set BMOJO_CUBLAS to its path): %w", err)
 	}
-	if b.dl == nil {
-		return nil, fmt.Errorf("cuda: cuBLAS not found (set BMOJO_CUBLAS to its path): %s", strings.Join(tried, "; "))
-	}
-	sym := func(name string) (unsafe.Pointer, error) {
-		cn := C.CString(name)
-		defer C.free(unsafe.Pointer(cn))
-		p := C.dlsym(b.dl, cn)
-		if p == nil {
-			return nil, fmt.Errorf("cuda: %s has no %s", b.lib, name)
-		}
-		return p, nil
-	}
+	sym := func(name string) (unsafe.Pointer, error) { return dlsym(b.dl, b.lib, name) }
 	create, err := sym("cublasCreate_v2")
 	if err != nil {
 		return nil, err
@@ -146,6 +129,33 @@ func loadCublas(stream unsafe.Pointer, bf16 bool) (*cublas, error) {
 		return nil, fmt.Errorf("cuda: cublasSetMathMode: status %d", int(st))
 	}
 	return b, nil
+}
+
+// dlopenFirst opens the first library of names that loads; the error
+// lists why each failed.
+func dlopenFirst(names []string) (unsafe.Pointer, string, error) {
+	var tried []string
+	for _, n := range names {
+		cn := C.CString(n)
+		h := C.dlopen(cn, C.RTLD_NOW|C.RTLD_LOCAL)
+		C.free(unsafe.Pointer(cn))
+		if h != nil {
+			return h, n, nil
+		}
+		tried = append(tried, C.GoString(C.dlerror()))
+	}
+	return nil, "", errors.New(strings.Join(tried, "; "))
+}
+
+// dlsym returns symbol name of the library lib opened as dl.
+func dlsym(dl unsafe.Pointer, lib, name string) (unsafe.Pointer, error) {
+	cn := C.CString(name)
+	defer C.free(unsafe.Pointer(cn))
+	p := C.dlsym(dl, cn)
+	if p == nil {
+		return nil, fmt.Errorf("cuda: %s has no %s", lib, name)
+	}
+	return p, nil
 }
 
 func (b *cublas) close() {

@@ -106,31 +106,11 @@ type ltKey struct {
 // loadCublasLt opens the cuBLASLt beside cuBLAS (lib is cuBLAS's name).
 func loadCublasLt(lib string, ws uint64, wsBytes int64) (*cublasLt, error) {
 	names := []string{strings.Replace(lib, "libcublas.", "libcublasLt.", 1), "libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11"}
-	var dl unsafe.Pointer
-	var name string
-	var tried []string
-	for _, n := range names {
-		cn := C.CString(n)
-		h := C.dlopen(cn, C.RTLD_NOW|C.RTLD_LOCAL)
-		C.free(unsafe.Pointer(cn))
-		if h != nil {
-			dl, name = h, n
-			break
-		}
-		tried = append(tried, C.GoString(C.dlerror()))
+	dl, name, err := dlopenFirst(names)
+	if err != nil {
+		return nil, fmt.Errorf("cuda: cuBLASLt not found: %w", err)
 	}
-	if dl == nil {
-		return nil, fmt.Errorf("cuda: cuBLASLt not found: %s", strings.Join(tried, "; "))
-	}
-	sym := func(s string) (unsafe.Pointer, error) {
-		cn := C.CString(s)
-		defer C.free(unsafe.Pointer(cn))
-		p := C.dlsym(dl, cn)
-		if p == nil {
-			return nil, fmt.Errorf("cuda: %s has no %s", name, s)
-		}
-		return p, nil
-	}
+	sym := func(s string) (unsafe.Pointer, error) { return dlsym(dl, name, s) }
 	lt := (*C.bm_lt)(C.calloc(1, C.size_t(unsafe.Sizeof(C.bm_lt{}))))
 	for _, f := range []struct {
 		name string
@@ -177,7 +157,7 @@ func (l *cublasLt) gemm(stream unsafe.Pointer, transA, transB bool, m, n, k int,
 	p, seen := l.plans[key]
 	if !seen {
 		p = (*C.bm_lt_plan)(C.calloc(1, C.size_t(unsafe.Sizeof(C.bm_lt_plan{}))))
-		st := C.bm_lt_make_plan(l.lt, p, C.int(b2i(transA)), C.int(b2i(transB)), C.int(m), C.int(n), C.int(k),
+		st := C.bm_lt_make_plan(l.lt, p, C.int(boolInt(transA)), C.int(boolInt(transB)), C.int(m), C.int(n), C.int(k),
 			C.int(lda), C.int(ldb), C.int(ldc), C.uint64_t(l.wsBytes), C.uint32_t(key.alignA), C.uint32_t(key.alignB), C.uint32_t(key.alignC))
 		if st != 0 {
 			C.free(unsafe.Pointer(p))
@@ -193,11 +173,4 @@ func (l *cublasLt) gemm(stream unsafe.Pointer, transA, transB bool, m, n, k int,
 		return true, fmt.Errorf("cublasLtMatmul(m=%d n=%d k=%d): status %d", m, n, k, int(st))
 	}
 	return true, nil
-}
-
-func b2i(v bool) int {
-	if v {
-		return 1
-	}
-	return 0
 }

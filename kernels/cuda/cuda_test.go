@@ -127,7 +127,7 @@ func TestMatMulInputCopiesNoMemory(t *testing.T) {
 	be.Err()
 	for _, b := range []kernels.Buffer{x2, w2} {
 		f := b.(*floats)
-		if s := d.shadows.owners[f.owner.id][shadowKey{f.ptr, f.n}]; s == nil || s.a != nil {
+		if s := d.shadows.owners[f.owner.id][f.span()]; s == nil || s.a != nil {
 			t.Fatalf("the copy of a product input: %+v, want one without storage", s)
 		}
 	}

@@ -15,7 +15,7 @@ import "sync"
 // zeroTable is a Device's deferred zeroings, by allocation id.
 type zeroTable struct {
 	mu     sync.Mutex
-	owners map[uint64][]shadowKey
+	owners map[uint64][]span
 }
 
 // add records that f must read as zeros from now on.
@@ -23,9 +23,9 @@ func (t *zeroTable) add(f *floats) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.owners == nil {
-		t.owners = map[uint64][]shadowKey{}
+		t.owners = map[uint64][]span{}
 	}
-	t.owners[f.owner.id] = append(t.owners[f.owner.id], shadowKey{f.ptr, f.n})
+	t.owners[f.owner.id] = append(t.owners[f.owner.id], f.span())
 }
 
 // drop forgets the zeroings of allocation id (freed by the collector).
@@ -38,7 +38,7 @@ func (t *zeroTable) drop(id uint64) {
 // take removes the deferred zeroings that overlap f and returns them; exact
 // reports whether one of them covers f exactly (f may then be overwritten
 // instead of zeroed). A take that finds nothing costs one map lookup.
-func (t *zeroTable) take(f *floats) (flush []shadowKey, exact bool) {
+func (t *zeroTable) take(f *floats) (flush []span, exact bool) {
 	if f == nil || f.owner == nil || f.n == 0 {
 		return nil, false
 	}
@@ -48,12 +48,12 @@ func (t *zeroTable) take(f *floats) (flush []shadowKey, exact bool) {
 	if len(l) == 0 {
 		return nil, false
 	}
-	keep := l[:0]
+	keep, fs := l[:0], f.span()
 	for _, k := range l {
 		switch {
-		case k.ptr == f.ptr && k.n == f.n:
+		case k == fs:
 			exact = true
-		case k.ptr < f.ptr+devptr(4*f.n) && f.ptr < k.ptr+devptr(4*k.n):
+		case k.overlaps(fs):
 			flush = append(flush, k)
 		default:
 			keep = append(keep, k)
@@ -68,7 +68,7 @@ func (t *zeroTable) take(f *floats) (flush []shadowKey, exact bool) {
 }
 
 // zeroNow queues the memsets of ranges.
-func (b *Backend) zeroNow(ranges []shadowKey) {
+func (b *Backend) zeroNow(ranges []span) {
 	for _, k := range ranges {
 		b.queue("zero", func() error { return b.d.drv.memset32(k.ptr, int64(k.n)) })
 	}

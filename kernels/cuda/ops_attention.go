@@ -359,7 +359,7 @@ func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 	if !c.ok || n == 0 {
 		return
 	}
-	if o.ptr < xs.ptr+devptr(4*n) && xs.ptr < o.ptr+devptr(4*n) {
+	if o.span().overlaps(xs.span()) {
 		tmp := b.Alloc(n).(*floats)
 		b.Copy(tmp, xs)
 		xs = tmp

@@ -177,13 +177,7 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 	if !c.ok || n == 0 || (dgs == nil && dus == nil) {
 		return
 	}
-	over := 0 // outputs pending a Zero are written, not added to
-	if og {
-		over |= 1
-	}
-	if ou {
-		over |= 2
-	}
+	over := boolInt(og) | boolInt(ou)<<1 // outputs pending a Zero are written, not added to
 	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n), over,
 		b.d.shadows.produce(dgs), b.d.shadows.produce(dus))
 }

@@ -48,19 +48,11 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 	if d.opt.MatMul != "bf16" {
 		return operand{in.x.ptr, false}, nil
 	}
-	n := int64(in.x.n)
-	if s := in.s; s != nil {
-		convert := in.convert || s.a == nil
-		if d.storage(s) != 0 {
-			if convert {
-				if err := d.toBF16(s.a.ptr, in.x); err != nil {
-					return operand{}, err
-				}
-			}
-			return operand{s.a.ptr, true}, nil
-		}
-		// No memory for a shadow: convert into scratch, and again next time.
+	if p, err := d.keptCopy(in); err != nil || p != 0 {
+		return operand{p, true}, err
 	}
+	// No memory for a kept copy: convert into scratch, and again next time.
+	n := int64(in.x.n)
 	if d.halfN[slot] < n {
 		// Grow by at least half, so slowly growing shapes do not reallocate
 		// every call. The old block returns to the cache once unreachable;
@@ -76,6 +68,22 @@ func (d *Device) operand(slot int, in gemmIn) (operand, error) {
 		return operand{}, err
 	}
 	return operand{d.half[slot].ptr, true}, nil
+}
+
+// keptCopy returns the address of in's kept bf16 copy, converted first when
+// stale or newly stored; 0 when in has no shadow (fp32 mode) or there is no
+// memory for one. Device thread only.
+func (d *Device) keptCopy(in gemmIn) (devptr, error) {
+	s := in.s
+	if s == nil {
+		return 0, nil
+	}
+	convert := in.convert || s.a == nil
+	p := d.storage(s)
+	if p != 0 && convert {
+		return p, d.toBF16(p, in.x)
+	}
+	return p, nil
 }
 
 // bf16Ref is a bf16 copy that a later launch of the same op reads (a launch
@@ -94,15 +102,9 @@ type bf16Ref struct {
 func (b *Backend) keptBF16(op string, x *floats) *bf16Ref {
 	in, r := b.input(x), &bf16Ref{}
 	b.queue(op, func() error {
-		if s := in.s; s != nil {
-			convert := in.convert || s.a == nil
-			if p := b.d.storage(s); p != 0 {
-				r.ptr, r.a = p, s.a
-				if convert {
-					return b.d.toBF16(p, x)
-				}
-				return nil
-			}
+		if p, err := b.d.keptCopy(in); err != nil || p != 0 {
+			r.ptr, r.a = p, in.s.a
+			return err
 		}
 		a, err := b.d.mem.alloc(2 * int64(x.n))
 		if err != nil {

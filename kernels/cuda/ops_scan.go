@@ -57,14 +57,6 @@ func (b *Backend) convGrid(rows, E int) dim {
 	return dim{xb, max(1, min(rows, maxGridYZ, (32*max(1, b.d.info.SMs)+xb-1)/xb)), 1}
 }
 
-// boolInt is a kernel's int flag.
-func boolInt(v bool) int {
-	if v {
-		return 1
-	}
-	return 0
-}
-
 // conv1dKC and conv1dRY mirror BM_CONV_KC and BM_CONV_RY in scan.cu.
 const (
 	conv1dKC = 8
@@ -168,8 +160,7 @@ func scanFastWhole(eb, B, SMs int) bool { return eb*B >= 2*max(1, SMs) }
 func scanOverlap(fs ...*floats) bool {
 	for i, a := range fs {
 		for _, c := range fs[i+1:] {
-			if a != nil && c != nil && a.n > 0 && c.n > 0 &&
-				a.ptr < c.ptr+devptr(4*c.n) && c.ptr < a.ptr+devptr(4*a.n) {
+			if a != nil && c != nil && a.span().overlaps(c.span()) {
 				return true
 			}
 		}
@@ -268,7 +259,7 @@ func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDski
 			over bool
 		}{{gx, ox}, {gdt, odt}, {gz, oz}} {
 			if g.over {
-				b.zeroNow([]shadowKey{{g.f.ptr, g.f.n}})
+				b.zeroNow([]span{g.f.span()})
 			}
 		}
 	}

@@ -18,10 +18,18 @@ import "sync"
 // shadows it overlaps. An op that forgets a declaration costs a conversion,
 // never a stale copy.
 
-// shadowKey is one float32 range: a buffer or a view of one.
-type shadowKey struct {
+// span is one float32 range: a buffer or a view of one.
+type span struct {
 	ptr devptr
 	n   int
+}
+
+// span is the range f covers.
+func (f *floats) span() span { return span{f.ptr, f.n} }
+
+// overlaps reports whether the two ranges share a float.
+func (a span) overlaps(b span) bool {
+	return a.n > 0 && b.n > 0 && a.ptr < b.ptr+devptr(4*b.n) && b.ptr < a.ptr+devptr(4*a.n)
 }
 
 // shadow is the bf16 copy of one range. valid belongs to the calling side;
@@ -38,7 +46,7 @@ type shadow struct {
 // shadows go too (drop), and their storage returns to the cache with them.
 type shadowTable struct {
 	mu     sync.Mutex
-	owners map[uint64]map[shadowKey]*shadow
+	owners map[uint64]map[span]*shadow
 	// conversions counts the lookups that found a shadow stale.
 	conversions int
 }
@@ -50,14 +58,14 @@ func (t *shadowTable) lookup(f *floats) (s *shadow, convert bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.owners == nil {
-		t.owners = map[uint64]map[shadowKey]*shadow{}
+		t.owners = map[uint64]map[span]*shadow{}
 	}
 	m := t.owners[f.owner.id]
 	if m == nil {
-		m = map[shadowKey]*shadow{}
+		m = map[span]*shadow{}
 		t.owners[f.owner.id] = m
 	}
-	k := shadowKey{f.ptr, f.n}
+	k := f.span()
 	s = m[k]
 	if s == nil {
 		s = &shadow{n: f.n}
@@ -81,7 +89,7 @@ func (t *shadowTable) produce(f *floats) *shadow {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := t.owners[f.owner.id][shadowKey{f.ptr, f.n}]
+	s := t.owners[f.owner.id][f.span()]
 	if s != nil {
 		s.valid = true
 	}
@@ -111,7 +119,7 @@ func (t *shadowTable) touch(f *floats) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for k, s := range t.owners[f.owner.id] {
-		if s.valid && k.ptr < f.ptr+devptr(4*f.n) && f.ptr < k.ptr+devptr(4*k.n) {
+		if s.valid && k.overlaps(f.span()) {
 			s.valid = false
 		}
 	}

@@ -41,9 +41,7 @@ func (d *Device) StopTiming() ([]OpTime, error) {
 				by[t.op] = o
 			}
 			o.Ms += ms
-		}
-		for _, t := range d.timedOps {
-			by[t.op].Launches++
+			o.Launches++
 		}
 		d.timedOps = nil
 		for _, o := range by {
@@ -54,7 +52,7 @@ func (d *Device) StopTiming() ([]OpTime, error) {
 	return out, err
 }
 
-// timed runs f between two stream marks when timing is on. Device thread.
+// timedRun runs f between two stream marks when timing is on. Device thread.
 func (d *Device) timedRun(op string, f func() error) error {
 	if !d.timing {
 		return f()
