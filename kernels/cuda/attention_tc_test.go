@@ -171,3 +171,74 @@ func TestAttentionKeptCopies(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestAttentionBackwardDeferredZero: gradients pending a Zero are
+// overwritten by the launches that write them whole (dq, the context dk, dv
+// and the fading dkf, dvf) and zeroed for the rest, including the memory
+// gradients as views of dq and dk (the model's layout) and as their own
+// buffers. Each case must give exactly what freshly allocated zeros give.
+func TestAttentionBackwardDeferredZero(t *testing.T) {
+	for _, mode := range []string{"bf16", "fp32"} {
+		be := openDevice(t, mode).NewBackend()
+		s := kernels.AttnShape{B: 2, T: 160, H: 2, G: 1, D: 64, Wc: 40, Wf: 24, C: 32, S: 4, M: 12, Delta: 1}
+		nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
+		tb := newTestBufs(be, 13)
+		up, get := tb.up, tb.get
+		q, k, v, kf, vf, qm, km, dout := up(nq), up(nk), up(nk), up(nk), up(nk), up(nq), up(nk), up(nq)
+		var sel []int32
+		for b := 0; b < s.B; b++ {
+			for ch := 0; ch < s.T/s.C; ch++ {
+				for i := 0; i < s.S; i++ {
+					sel = append(sel, int32(ch*s.C+i*s.C/s.S+tb.rng.IntN(s.C/s.S)))
+				}
+			}
+		}
+		SEL := be.AllocInt(len(sel))
+		be.UploadInt(SEL, sel)
+		o, l := be.Alloc(nq), be.Alloc(s.B*s.T*s.H)
+		be.Attention(o, l, q, k, v, kf, vf, qm, km, SEL, s)
+		names := []string{"dq", "dk", "dv", "dkf", "dvf", "dqm", "dkm"}
+		// grads: dq, dk, dv, dkf, dvf, dqm, dkm; alias: the memory ones are dq, dk.
+		run := func(zeroed, alias bool, which int) [][]float32 {
+			g := []kernels.Buffer{up(nq), up(nk), up(nk), up(nk), up(nk), up(nq), up(nk)}
+			for i, x := range g {
+				if which >= 0 && i != which {
+					g[i] = nil
+				} else if zeroed {
+					be.Zero(x)
+				} else {
+					g[i] = be.Alloc(x.Len())
+				}
+			}
+			if alias {
+				g[5], g[6] = g[0], g[1]
+			}
+			be.AttentionBackward(g[0], g[1], g[2], g[3], g[4], g[5], g[6], dout, o, l, q, k, v, kf, vf, qm, km, SEL, s)
+			out := make([][]float32, len(g))
+			for i, x := range g {
+				if x != nil {
+					out[i] = get(x)
+				}
+			}
+			return out
+		}
+		for _, alias := range []bool{true, false} {
+			for which := -1; which < len(names); which++ {
+				if alias && which >= 5 {
+					continue
+				}
+				got, want := run(true, alias, which), run(false, alias, which)
+				for i := range got {
+					for j := range got[i] {
+						if got[i][j] != want[i][j] {
+							t.Fatalf("%s, alias %v, only %d: %s element %d is %v, want %v", mode, alias, which, names[i], j, got[i][j], want[i][j])
+						}
+					}
+				}
+			}
+		}
+		if err := be.Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -219,20 +219,35 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 	do := c.in("dout", dout, nq, "B·T·H·D")
 	os := c.in("out", out, nq, "B·T·H·D")
 	ls := c.in("lse", lse, s.B*s.T*s.H, "B·T·H")
-	gq := c.opt("dq", dq, nq, "B·T·H·D")
-	gk := c.opt("dk", dk, nk, "B·T·G·D")
-	gv := c.opt("dv", dv, nk, "B·T·G·D")
+	// The gradients pending a Zero that a launch below writes whole are
+	// overwritten instead (over); the rest are zeroed before it (flush).
+	gq, fq := c.optFresh("dq", dq, nq, "B·T·H·D")
+	gk, fk := c.optFresh("dk", dk, nk, "B·T·G·D")
+	gv, fv := c.optFresh("dv", dv, nk, "B·T·G·D")
 	var gkf, gvf, gqm, gkm *floats
+	var fkf, fvf bool
 	if s.Wf > 0 {
-		gkf = c.opt("dkf", dkf, nk, "B·T·G·D")
-		gvf = c.opt("dvf", dvf, nk, "B·T·G·D")
+		gkf, fkf = c.optFresh("dkf", dkf, nk, "B·T·G·D")
+		gvf, fvf = c.optFresh("dvf", dvf, nk, "B·T·G·D")
+	}
+	fresh := [5]bool{fq, fk, fv, fkf, fvf}
+	flush := func(over ...bool) { // the fresh gradients no launch overwrites
+		for i, g := range []*floats{gq, gk, gv, gkf, gvf} {
+			if fresh[i] && !over[i] {
+				b.zeroNow([]span{g.span()})
+			}
+		}
 	}
 	if s.M > 0 {
 		gqm = c.opt("dqm", dqm, nq, "B·T·H·D")
 		gkm = c.opt("dkm", dkm, nk, "B·T·G·D")
 	}
 	c.cond(s.G <= maxGridYZ, "G=%d: the CUDA grid takes at most %d", s.G, maxGridYZ)
-	if !c.ok || s.B*s.T == 0 {
+	if !c.ok {
+		return
+	}
+	if s.B*s.T == 0 {
+		flush(false, false, false, false, false)
 		return
 	}
 	var comp, pre, dup *ints
@@ -244,6 +259,7 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 		gqm, gkm = nil, nil
 	}
 	if gq == nil && gk == nil && gv == nil && gkf == nil && gvf == nil && gqm == nil && gkm == nil {
+		flush(false, false, false, false, false)
 		return
 	}
 	// dd = Σ dout·out per query row.
@@ -258,6 +274,10 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 	doM := hasMem && (gkm != nil || gv != nil)    // memory keys, after the context launch (dv, dkm = dk)
 	kgrid := func(keys, kt int) dim { return dim{(keys + kt - 1) / kt, s.G, s.B} }
 	if b.attnTC(a) {
+		// The query-centric dq launch writes every row of dq, the context
+		// and fading launches every key of dk, dv and dkf, dvf: they take
+		// the pending Zeros (the memory launch then adds to dk and dv).
+		flush(gq != nil, doK, doK, doF, doF)
 		// The operands staged as tiles, as padded bf16 copies: k, v, kf,
 		// vf, km for dq; q, qm, dout for dk/dv (dout's written by the dd
 		// kernel, which reads it anyway).
@@ -276,16 +296,16 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 			}
 			b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_tc_d%d", a.dm), dim{(s.T + attnTCRows - 1) / attnTCRows, s.H, s.B}, dim{attnTCThreads, 1, 1}, 0,
 				gq, gqm, do, ls, dd, a.q, cv.bf16(a.k, kr), cv.bf16(a.v, kr), kf16, vf16, a.qm, km16, comp, pre,
-				s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale)
+				s.T, s.H, s.G, s.D, a.wc, a.wf, a.cc, a.m, a.delta, a.nC, a.nCS, a.scale, boolInt(fq))
 		}
 		dkv, block := fmt.Sprintf("bm_attn_bwd_dkv_tc_d%d", a.dm), dim{attnTCThreads, 1, 1}
 		if doK {
 			b.launch(op, dkv, kgrid(s.T, attnTCRows), block, 0,
-				gk, gv, a.k, a.v, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale)
+				gk, gv, a.k, a.v, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, 0, a.wc-1, a.scale, boolInt(fk)|boolInt(fv)<<1)
 		}
 		if doF {
 			b.launch(op, dkv, kgrid(s.T, attnTCRows), block, 0,
-				gkf, gvf, a.kf, a.vf, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale)
+				gkf, gvf, a.kf, a.vf, cv.bf16(a.q, qr), do16, ls, dd, s.T, s.H, s.G, s.D, a.wc, a.wc+a.wf-1, a.scale, boolInt(fkf)|boolInt(fvf)<<1)
 		}
 		if doM {
 			b.launch(op, fmt.Sprintf("bm_attn_bwd_dkv_mem_tc_d%d", a.dm), kgrid(a.nCS, attnTCRows), block, 0,
@@ -293,6 +313,7 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 		}
 		return
 	}
+	flush(false, false, false, false, false)
 	if gq != nil || gqm != nil {
 		b.launch(op, fmt.Sprintf("bm_attn_bwd_dq_d%d", a.dm), dim{(s.T + attnQT - 1) / attnQT, s.H, s.B}, dim{attnQT * a.dm / 32, 1, 1}, 0,
 			gq, gqm, do, ls, dd, a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km, comp, pre,

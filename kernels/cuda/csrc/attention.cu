@@ -881,10 +881,10 @@ __device__ __forceinline__ void bm_attn_fwd_tc_impl(float *out, float *lse, cons
 BM_ATTN_FWD_TC(bm_attn_fwd_tc_d32, 32)
 BM_ATTN_FWD_TC(bm_attn_fwd_tc_d64, 64)
 
-// bm_tc_add_rows: dst[row + d] += acc for the lane's rows (past T: none)
-// and dims (< D).
+// bm_tc_add_rows: dst[row + d] += acc (= when over) for the lane's rows
+// (past T: none) and dims (< D).
 template <int ND>
-__device__ __forceinline__ void bm_tc_add_rows(float *dst, const float (&acc)[ND][4], const BmTcQ &x, const BmAttn &s) {
+__device__ __forceinline__ void bm_tc_add_rows(float *dst, const float (&acc)[ND][4], const BmTcQ &x, const BmAttn &s, int over) {
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (x.rt[i] >= s.T) continue;
@@ -893,7 +893,7 @@ __device__ __forceinline__ void bm_tc_add_rows(float *dst, const float (&acc)[ND
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int d = 8 * j + 2 * x.c + e;
-                if (d < s.D) dst[x.qrow[i] + d] += acc[j][2 * i + e];
+                if (d < s.D) dst[x.qrow[i] + d] = (over ? 0.f : dst[x.qrow[i] + d]) + acc[j][2 * i + e];
             }
     }
 }
@@ -901,12 +901,13 @@ __device__ __forceinline__ void bm_tc_add_rows(float *dst, const float (&acc)[ND
 // bm_attn_dq_tc_impl: dq += the context and fading parts, then dqm += the
 // memory part, each from a fresh accumulator (the same lane adds both, so
 // dqm may alias dq). p = exp(q·k·scale − lse), ds = p·(dout·v − dd)·scale,
-// dq += ds·k.
+// dq += ds·k. over: dq = instead (every query sees its own key, so every
+// row of dq is written; the host's deferred zero).
 template <int DM>
 __device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd,
                                                    const float *q, const uint16_t *k, const uint16_t *v, const uint16_t *kf,
                                                    const uint16_t *vf, const float *qm, const uint16_t *km, const int *comp,
-                                                   const int *pre, const BmAttn s, float scale) {
+                                                   const int *pre, const BmAttn s, float scale, int over) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
     alignas(16) __shared__ uint16_t ks[2][BM_TC_KT * LD], vs[2][BM_TC_KT * LD];
     const BmTcQ x = bm_tc_qsetup(comp, pre, s);
@@ -940,7 +941,7 @@ __device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const 
         __syncthreads();
         if (t.part != cur) {
             if (t.part == 2 && cur >= 0) { // dq is complete: the memory part goes to dqm
-                bm_tc_add_rows<ND>(dq, acc, x, s);
+                bm_tc_add_rows<ND>(dq, acc, x, s, over);
 #pragma unroll
                 for (int j = 0; j < ND; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
             }
@@ -978,16 +979,17 @@ __device__ __forceinline__ void bm_attn_dq_tc_impl(float *dq, float *dqm, const 
         }
         __syncthreads(); // every warp is done with buffer bf before it is refilled
     }
-    if (cur >= 0) bm_tc_add_rows<ND>(cur == 2 ? dqm : dq, acc, x, s);
+    if (cur >= 0) bm_tc_add_rows<ND>(cur == 2 ? dqm : dq, acc, x, s, cur == 2 ? 0 : over);
 }
 
 #define BM_ATTN_DQ_TC(NAME, DM)                                                                                                      \
     extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                           \
         NAME(float *dq, float *dqm, const float *dout, const float *lse, const float *Dd, const float *q, const uint16_t *k,          \
              const uint16_t *v, const uint16_t *kf, const uint16_t *vf, const float *qm, const uint16_t *km, const int *comp,       \
-             const int *pre, int T, int H, int G, int D, int Wc, int Wf, int C, int M, int Delta, int nC, int nCS, float scale) { \
+             const int *pre, int T, int H, int G, int D, int Wc, int Wf, int C, int M, int Delta, int nC, int nCS, float scale,   \
+             int over) {                                                                                                              \
         const BmAttn s = {T, H, G, D, Wc, Wf, C, M, Delta, nC, nCS};                                                                 \
-        bm_attn_dq_tc_impl<DM>(dq, dqm, dout, lse, Dd, q, k, v, kf, vf, qm, km, comp, pre, s, scale);                                \
+        bm_attn_dq_tc_impl<DM>(dq, dqm, dout, lse, Dd, q, k, v, kf, vf, qm, km, comp, pre, s, scale, over);                          \
     }
 
 BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d32, 32)
@@ -995,11 +997,13 @@ BM_ATTN_DQ_TC(bm_attn_bwd_dq_tc_d64, 64)
 
 // bm_attn_dkv_tc_impl: key-centric dk, dv over the same key sets as
 // bm_attn_dkv_impl (MEM, qa, qb, dup as there); q and dout are the padded
-// bf16 copies, k and v fp32.
+// bf16 copies, k and v fp32. over bits 1, 2: dk, dv = instead of +=
+// (without MEM the blocks cover every key; the host's deferred zero).
 template <int DM, bool MEM>
 __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const float *k, const float *v, const uint16_t *q,
                                                     const uint16_t *dout, const float *lse, const float *Dd, const int *comp,
-                                                    const int *pre, const int *dup, const BmAttn s, int qa, int qb, float scale) {
+                                                    const int *pre, const int *dup, const BmAttn s, int qa, int qb, float scale,
+                                                    int over) {
     constexpr int NK = DM / 16, ND = DM / 8, LD = DM + 8;
     alignas(16) __shared__ uint16_t qs[2][BM_TC_KT * LD], os[2][BM_TC_KT * LD];
     alignas(16) __shared__ float ls[2][BM_TC_KT], dds[2][BM_TC_KT];
@@ -1124,8 +1128,8 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
                     if (dk) atomicAdd(dk + o, dka[j][2 * i + e]);
                     if (dv) atomicAdd(dv + o, dva[j][2 * i + e]);
                 } else {
-                    if (dk) dk[o] += dka[j][2 * i + e];
-                    if (dv) dv[o] += dva[j][2 * i + e];
+                    if (dk) dk[o] = ((over & 1) ? 0.f : dk[o]) + dka[j][2 * i + e];
+                    if (dv) dv[o] = ((over & 2) ? 0.f : dv[o]) + dva[j][2 * i + e];
                 }
             }
     }
@@ -1134,9 +1138,9 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
 #define BM_ATTN_DKV_TC(NAME, DM)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(BM_TC_NT, 3)                                                                        \
         NAME(float *dk, float *dv, const float *k, const float *v, const uint16_t *q, const uint16_t *dout, const float *lse,     \
-             const float *Dd, int T, int H, int G, int D, int qa, int qb, float scale) {                                         \
+             const float *Dd, int T, int H, int G, int D, int qa, int qb, float scale, int over) {                               \
         const BmAttn s = {T, H, G, D, 1, 0, 1, 0, 0, 0, 0};                                                                      \
-        bm_attn_dkv_tc_impl<DM, false>(dk, dv, k, v, q, dout, lse, Dd, nullptr, nullptr, nullptr, s, qa, qb, scale);             \
+        bm_attn_dkv_tc_impl<DM, false>(dk, dv, k, v, q, dout, lse, Dd, nullptr, nullptr, nullptr, s, qa, qb, scale, over);       \
     }
 
 #define BM_ATTN_DKV_MEM_TC(NAME, DM)                                                                                              \
@@ -1145,7 +1149,7 @@ __device__ __forceinline__ void bm_attn_dkv_tc_impl(float *dk, float *dv, const 
              const float *Dd, const int *comp, const int *pre, const int *dup, int T, int H, int G, int D, int C, int M, int Delta, \
              int nC, int nCS, float scale) {                                                                                     \
         const BmAttn s = {T, H, G, D, 1, 0, C, M, Delta, nC, nCS};                                                               \
-        bm_attn_dkv_tc_impl<DM, true>(dk, dv, k, v, q, dout, lse, Dd, comp, pre, dup, s, 0, 0, scale);                           \
+        bm_attn_dkv_tc_impl<DM, true>(dk, dv, k, v, q, dout, lse, Dd, comp, pre, dup, s, 0, 0, scale, 0);                        \
     }
 
 BM_ATTN_DKV_TC(bm_attn_bwd_dkv_tc_d32, 32)
