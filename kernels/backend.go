@@ -71,6 +71,10 @@ type AdamW struct {
 	Eps         float64 // denominator epsilon (1e-8)
 	WeightDecay float64 // decoupled weight decay; 0 for norms, biases, embeddings, A_log, D
 	Step        int     // 1-based step number, for bias correction
+	// GradScale multiplies grad before the update, rounded to the element
+	// type as Scale rounds (gradient clipping without a pass of its own);
+	// 0 means 1. grad itself is not changed.
+	GradScale float64
 }
 
 // Backend is every operation the model needs. See the package comment for
@@ -100,6 +104,12 @@ type Backend[F Float] interface {
 	Zero(x Buffer)
 	// Copy sets dst = src (same length).
 	Copy(dst, src Buffer)
+	// CopyColumns copies a block of columns between row-major matrices:
+	// dst[r, dc+j] = src[r, sc+j] for r < Rw, j < n, with dst [Rw, dCols]
+	// and src [Rw, sCols]; dst's other columns are left as they are. dst
+	// and src must not overlap. It splits one product's output into the
+	// inputs of several ops, and joins their gradients back into one.
+	CopyColumns(dst, src Buffer, Rw, n, dCols, dc, sCols, sc int)
 	// Accumulate sets dst += src (same length). Residual adds and their
 	// backward both use it.
 	Accumulate(dst, src Buffer)

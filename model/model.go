@@ -90,8 +90,12 @@ type layerActs struct {
 	aPre, z, aConv, a, dlt, bm, cm, dt, y, f kernels.Buffer
 	// attention
 	q, k, v, qr, kr, kfRaw, kfr, vf, o, lse kernels.Buffer
-	pin, pred, innov                        kernels.Buffer
-	sel                                     kernels.IntBuffer
+	// With fading keys, W_k and W_v apply to u and to f: u, f are the two
+	// halves of uf [2BT,d] (and k, kfRaw of kk; v, vf of vv; kr, kfr of
+	// krr), so each is one product (and one RoPE) over 2BT rows.
+	uf, kk, vv, krr  kernels.Buffer
+	pin, pred, innov kernels.Buffer
+	sel              kernels.IntBuffer
 	// MLP
 	mid, rstd2, u2, gate, up, h kernels.Buffer
 }
@@ -103,6 +107,8 @@ type activations[F kernels.Float] struct {
 	rstdF, xf        kernels.Buffer
 	logits, losses   kernels.Buffer
 	dres, du         kernels.Buffer // [BT,d] gradients
+	dudf, dkk, dvv   kernels.Buffer // du|df, dk|dkf, dv|dvf (layerActs.uf)
+	dkrr             kernels.Buffer // dkr|dkfr
 	dlogits, dxf     kernels.Buffer
 	dq, dk, dv, dqr  kernels.Buffer
 	dkr, dkf, dkfr   kernels.Buffer
@@ -112,6 +118,7 @@ type activations[F kernels.Float] struct {
 	ddt, ddlt, dbm   kernels.Buffer
 	dcm, dgate, dup  kernels.Buffer
 	dh, dinnov       kernels.Buffer
+	xdbl, dxdbl      kernels.Buffer // x_proj's output [BT, R+2N] and its gradient
 	hostLoss, hostIn []F
 }
 
@@ -131,20 +138,37 @@ func (m *Model[F]) Prepare(B, T int) error {
 	H, G, D := c.NHead, c.NKVHead, c.HeadDim
 	a := &activations[F]{}
 	a.tokens, a.targets = be.AllocInt(BT), be.AllocInt(BT)
+	// halves returns a buffer of 2n and views of its two halves.
+	halves := func(n int) (kernels.Buffer, kernels.Buffer, kernels.Buffer) {
+		x := be.Alloc(2 * n)
+		return x, be.Slice(x, 0, n), be.Slice(x, n, n)
+	}
 	for _, mx := range c.Mixers {
 		var la layerActs
-		la.res, la.rstd1, la.u = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
+		stack := mx == MixerBMOJO && c.FadingWindow > 0
+		la.res, la.rstd1 = be.Alloc(BT*d), be.Alloc(BT)
+		if stack {
+			la.uf, la.u, la.f = halves(BT * d)
+		} else {
+			la.u = be.Alloc(BT * d)
+		}
 		if mx != MixerAttention {
 			la.aPre, la.z, la.aConv, la.a = be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E)
 			la.dlt, la.bm, la.cm = be.Alloc(BT*R), be.Alloc(BT*N), be.Alloc(BT*N)
-			la.dt, la.y, la.f = be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*d)
+			la.dt, la.y = be.Alloc(BT*E), be.Alloc(BT*E)
+			if !stack {
+				la.f = be.Alloc(BT * d)
+			}
 		}
 		if mx != MixerMamba {
-			la.q, la.k, la.v = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
-			la.qr, la.kr = be.Alloc(BT*H*D), be.Alloc(BT*G*D)
+			la.q, la.qr = be.Alloc(BT*H*D), be.Alloc(BT*H*D)
 			la.o, la.lse = be.Alloc(BT*H*D), be.Alloc(BT*H)
-			if mx == MixerBMOJO && c.FadingWindow > 0 {
-				la.kfRaw, la.kfr, la.vf = be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
+			if stack {
+				la.kk, la.k, la.kfRaw = halves(BT * G * D)
+				la.vv, la.v, la.vf = halves(BT * G * D)
+				la.krr, la.kr, la.kfr = halves(BT * G * D)
+			} else {
+				la.k, la.v, la.kr = be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
 			}
 			if mx == MixerBMOJO && c.HasMemory() {
 				la.pin, la.pred, la.innov = be.Alloc(BT*d), be.Alloc(BT*d), be.Alloc(BT)
@@ -159,14 +183,18 @@ func (m *Model[F]) Prepare(B, T int) error {
 	}
 	a.resOut, a.rstdF, a.xf = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
 	a.logits, a.losses = be.Alloc(BT*c.VocabSize), be.Alloc(BT)
-	a.dres, a.du = be.Alloc(BT*d), be.Alloc(BT*d)
+	a.dres = be.Alloc(BT * d)
+	a.dudf, a.du, a.df = halves(BT * d)
 	a.dlogits, a.dxf = be.Alloc(BT*c.VocabSize), be.Alloc(BT*d)
-	a.dq, a.dk, a.dv = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
-	a.dqr, a.dkr, a.dkf, a.dkfr = be.Alloc(BT*H*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
-	a.dvf, a.do, a.dpred = be.Alloc(BT*G*D), be.Alloc(BT*H*D), be.Alloc(BT*d)
-	a.df, a.dy, a.da, a.dz = be.Alloc(BT*d), be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E)
+	a.dkk, a.dk, a.dkf = halves(BT * G * D)
+	a.dvv, a.dv, a.dvf = halves(BT * G * D)
+	a.dkrr, a.dkr, a.dkfr = halves(BT * G * D)
+	a.dq, a.dqr = be.Alloc(BT*H*D), be.Alloc(BT*H*D)
+	a.do, a.dpred = be.Alloc(BT*H*D), be.Alloc(BT*d)
+	a.dy, a.da, a.dz = be.Alloc(BT*E), be.Alloc(BT*E), be.Alloc(BT*E)
 	a.daConv, a.daPre = be.Alloc(BT*E), be.Alloc(BT*E)
 	a.ddt, a.ddlt, a.dbm, a.dcm = be.Alloc(BT*E), be.Alloc(BT*R), be.Alloc(BT*N), be.Alloc(BT*N)
+	a.xdbl, a.dxdbl = be.Alloc(BT*(R+2*N)), be.Alloc(BT*(R+2*N))
 	a.dgate, a.dup, a.dh = be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF)
 	a.dinnov = be.Alloc(BT)
 	a.hostLoss, a.hostIn = make([]F, BT), make([]F, BT)
@@ -346,10 +374,13 @@ func (m *Model[F]) ssmForward(la *layerActs, P func(string) kernels.Buffer, B, T
 	be.MatMul(la.z, la.u, be.Slice(win, E*d, E*d), BT, E, d, false)
 	be.Conv1d(la.aConv, la.aPre, P("ssm.conv.weight"), P("ssm.conv.bias"), B, T, E, K)
 	be.SiLU(la.a, la.aConv)
-	wx := P("ssm.x_proj.weight")
-	be.MatMul(la.dlt, la.a, be.Slice(wx, 0, R*E), BT, R, E, false)
-	be.MatMul(la.bm, la.a, be.Slice(wx, R*E, N*E), BT, N, E, false)
-	be.MatMul(la.cm, la.a, be.Slice(wx, (R+N)*E, N*E), BT, N, E, false)
+	// x_proj is one product; its columns (Δ's low rank, B, C) are split
+	// for the ops that read them.
+	xd := m.acts.xdbl
+	be.MatMul(xd, la.a, P("ssm.x_proj.weight"), BT, R+2*N, E, false)
+	be.CopyColumns(la.dlt, xd, BT, R, R, 0, R+2*N, 0)
+	be.CopyColumns(la.bm, xd, BT, N, N, 0, R+2*N, R)
+	be.CopyColumns(la.cm, xd, BT, N, N, 0, R+2*N, R+N)
 	be.MatMul(la.dt, la.dlt, P("ssm.dt_proj.weight"), BT, E, R, false)
 	be.SelectiveScan(la.y, la.a, la.dt, P("ssm.dt_proj.bias"), P("ssm.A_log"), la.bm, la.cm, P("ssm.D"), la.z, B, T, E, N)
 	be.MatMul(la.f, la.y, P("ssm.out_proj.weight"), BT, d, E, false)
@@ -362,15 +393,16 @@ func (m *Model[F]) attnForward(la *layerActs, P func(string) kernels.Buffer, mx 
 	BT, d, H, G, D := B*T, c.DModel, c.NHead, c.NKVHead, c.HeadDim
 	wk, wv := P("attn.k_proj.weight"), P("attn.v_proj.weight")
 	be.MatMul(la.q, la.u, P("attn.q_proj.weight"), BT, H*D, d, false)
-	be.MatMul(la.k, la.u, wk, BT, G*D, d, false)
-	be.MatMul(la.v, la.u, wv, BT, G*D, d, false)
 	be.RoPE(la.qr, la.q, B, T, H, D, c.RopeTheta)
-	be.RoPE(la.kr, la.k, B, T, G, D, c.RopeTheta)
 	s := m.layerShape(mx)
-	if s.Wf > 0 {
-		be.MatMul(la.kfRaw, la.f, wk, BT, G*D, d, false)
-		be.MatMul(la.vf, la.f, wv, BT, G*D, d, false)
-		be.RoPE(la.kfr, la.kfRaw, B, T, G, D, c.RopeTheta)
+	if s.Wf > 0 { // k|kf = u|f · W_kᵀ, v|vf likewise (layerActs.uf)
+		be.MatMul(la.kk, la.uf, wk, 2*BT, G*D, d, false)
+		be.MatMul(la.vv, la.uf, wv, 2*BT, G*D, d, false)
+		be.RoPE(la.krr, la.kk, 2*B, T, G, D, c.RopeTheta)
+	} else {
+		be.MatMul(la.k, la.u, wk, BT, G*D, d, false)
+		be.MatMul(la.v, la.u, wv, BT, G*D, d, false)
+		be.RoPE(la.kr, la.k, B, T, G, D, c.RopeTheta)
 	}
 	var qm, km kernels.Buffer
 	if s.M > 0 {
@@ -428,8 +460,12 @@ func (m *Model[F]) BackwardHook(done func(layer int)) error {
 			be.RMSNormBackward(a.dres, Gr("norm2.weight"), a.du, la.mid, P("norm2.weight"), la.rstd2, BT, d)
 		}
 		// a.dres is now the gradient of the residual after the mixer.
-		be.Zero(a.du)
-		be.Zero(a.df)
+		if m.layerShape(mx).Wf > 0 {
+			be.Zero(a.dudf) // one range: the stacked k, v products write both
+		} else {
+			be.Zero(a.du)
+			be.Zero(a.df)
+		}
 		if mx == MixerMamba {
 			be.Accumulate(a.df, a.dres)
 		} else {
@@ -460,7 +496,14 @@ func (m *Model[F]) attnBackward(la *layerActs, P, Gr func(string) kernels.Buffer
 	s := m.layerShape(mx)
 	be.Zero(a.do)
 	be.MatMulBackward(a.do, Gr("attn.o_proj.weight"), a.dres, la.o, P("attn.o_proj.weight"), BT, d, H*D)
-	for _, b := range []kernels.Buffer{a.dq, a.dk, a.dv, a.dqr, a.dkr, a.dkfr, a.dvf, a.dkf} {
+	zero := []kernels.Buffer{a.dq, a.dqr, a.dkr, a.dv}
+	if s.Wf > 0 {
+		// dk|dkf, RoPEBackward's stacked output, is one range.
+		zero = append(zero, a.dkk, a.dkfr, a.dvf)
+	} else {
+		zero = append(zero, a.dk)
+	}
+	for _, b := range zero {
 		be.Zero(b)
 	}
 	var qm, km, dqm, dkm, kfr, vf, dkfr, dvf kernels.Buffer
@@ -476,16 +519,17 @@ func (m *Model[F]) attnBackward(la *layerActs, P, Gr func(string) kernels.Buffer
 	be.AttentionBackward(a.dqr, a.dkr, a.dv, dkfr, dvf, dqm, dkm, a.do, la.o, la.lse,
 		la.qr, la.kr, la.v, kfr, vf, qm, km, la.sel, s)
 	be.RoPEBackward(a.dq, a.dqr, B, T, H, D, c.RopeTheta)
-	be.RoPEBackward(a.dk, a.dkr, B, T, G, D, c.RopeTheta)
 	wq, wk, wv := P("attn.q_proj.weight"), P("attn.k_proj.weight"), P("attn.v_proj.weight")
-	be.MatMulBackward(a.du, Gr("attn.q_proj.weight"), a.dq, la.u, wq, BT, H*D, d)
-	be.MatMulBackward(a.du, Gr("attn.k_proj.weight"), a.dk, la.u, wk, BT, G*D, d)
-	be.MatMulBackward(a.du, Gr("attn.v_proj.weight"), a.dv, la.u, wv, BT, G*D, d)
-	if s.Wf > 0 {
-		be.RoPEBackward(a.dkf, a.dkfr, B, T, G, D, c.RopeTheta)
-		be.MatMulBackward(a.df, Gr("attn.k_proj.weight"), a.dkf, la.f, wk, BT, G*D, d)
-		be.MatMulBackward(a.df, Gr("attn.v_proj.weight"), a.dvf, la.f, wv, BT, G*D, d)
+	if s.Wf > 0 { // du|df from dk|dkf and dv|dvf, as in attnForward
+		be.RoPEBackward(a.dkk, a.dkrr, 2*B, T, G, D, c.RopeTheta)
+		be.MatMulBackward(a.dudf, Gr("attn.k_proj.weight"), a.dkk, la.uf, wk, 2*BT, G*D, d)
+		be.MatMulBackward(a.dudf, Gr("attn.v_proj.weight"), a.dvv, la.uf, wv, 2*BT, G*D, d)
+	} else {
+		be.RoPEBackward(a.dk, a.dkr, B, T, G, D, c.RopeTheta)
+		be.MatMulBackward(a.du, Gr("attn.k_proj.weight"), a.dk, la.u, wk, BT, G*D, d)
+		be.MatMulBackward(a.du, Gr("attn.v_proj.weight"), a.dv, la.u, wv, BT, G*D, d)
 	}
+	be.MatMulBackward(a.du, Gr("attn.q_proj.weight"), a.dq, la.u, wq, BT, H*D, d)
 	if s.M > 0 && c.InnovationLoss > 0 {
 		// a.dinnov holds λ/BT: aux = mean_r e_r trains the predictor only.
 		be.Zero(a.dpred)
@@ -506,10 +550,11 @@ func (m *Model[F]) ssmBackward(la *layerActs, P, Gr func(string) kernels.Buffer)
 	be.SelectiveScanBackward(a.da, a.ddt, Gr("ssm.dt_proj.bias"), Gr("ssm.A_log"), a.dbm, a.dcm, Gr("ssm.D"), a.dz, a.dy,
 		la.a, la.dt, P("ssm.dt_proj.bias"), P("ssm.A_log"), la.bm, la.cm, P("ssm.D"), la.z, B, T, E, N)
 	be.MatMulBackward(a.ddlt, Gr("ssm.dt_proj.weight"), a.ddt, la.dlt, P("ssm.dt_proj.weight"), BT, E, R)
-	wx, gwx := P("ssm.x_proj.weight"), Gr("ssm.x_proj.weight")
-	be.MatMulBackward(a.da, be.Slice(gwx, 0, R*E), a.ddlt, la.a, be.Slice(wx, 0, R*E), BT, R, E)
-	be.MatMulBackward(a.da, be.Slice(gwx, R*E, N*E), a.dbm, la.a, be.Slice(wx, R*E, N*E), BT, N, E)
-	be.MatMulBackward(a.da, be.Slice(gwx, (R+N)*E, N*E), a.dcm, la.a, be.Slice(wx, (R+N)*E, N*E), BT, N, E)
+	// The three gradients join into x_proj's output gradient: one product.
+	be.CopyColumns(a.dxdbl, a.ddlt, BT, R, R+2*N, 0, R, 0)
+	be.CopyColumns(a.dxdbl, a.dbm, BT, N, R+2*N, R, N, 0)
+	be.CopyColumns(a.dxdbl, a.dcm, BT, N, R+2*N, R+N, N, 0)
+	be.MatMulBackward(a.da, Gr("ssm.x_proj.weight"), a.dxdbl, la.a, P("ssm.x_proj.weight"), BT, R+2*N, E)
 	be.SiLUBackward(a.daConv, a.da, la.aConv)
 	be.Conv1dBackward(a.daPre, Gr("ssm.conv.weight"), Gr("ssm.conv.bias"), a.daConv, la.aPre, P("ssm.conv.weight"), B, T, E, K)
 	win, gwin := P("ssm.in_proj.weight"), Gr("ssm.in_proj.weight")

@@ -74,8 +74,9 @@ func (o *Optimizer[F]) Apply() StepResult {
 		r.Skipped = true
 		return r
 	}
+	scale := 1.0 // clipping: AdamW reads the gradients scaled
 	if o.Cfg.ClipNorm > 0 && norm > o.Cfg.ClipNorm {
-		be.Scale(m.Grads, o.Cfg.ClipNorm/norm)
+		scale = o.Cfg.ClipNorm / norm
 	}
 	o.Step++
 	// The update is elementwise and tensors lie back to back in Layout
@@ -88,7 +89,7 @@ func (o *Optimizer[F]) Apply() StepResult {
 		}
 		sl := func(b kernels.Buffer) kernels.Buffer { return be.Slice(b, run.off, run.n) }
 		be.AdamWStep(sl(m.Params), sl(m.Grads), sl(o.M), sl(o.V), kernels.AdamW{
-			LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, WeightDecay: wd, Step: o.Step,
+			LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, WeightDecay: wd, Step: o.Step, GradScale: scale,
 		})
 	}
 	return r

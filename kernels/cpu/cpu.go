@@ -322,6 +322,33 @@ func (be *Backend[F]) Copy(dst, src kernels.Buffer) {
 	copy(d, s)
 }
 
+// CopyColumns implements kernels.Backend.
+func (be *Backend[F]) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, sc int) {
+	c := be.check("copy_columns")
+	c.dims("Rw,n,dCols,dc,sCols,sc", Rw, n, dCols, dc, sCols, sc)
+	c.cond(dc+n <= dCols, "dst columns [%d,%d) are outside its %d", dc, dc+n, dCols)
+	c.cond(sc+n <= sCols, "src columns [%d,%d) are outside its %d", sc, sc+n, sCols)
+	d := c.buf("dst", dst, Rw*dCols, "Rw·dCols")
+	s := c.buf("src", src, Rw*sCols, "Rw·sCols")
+	c.cond(!overlap(d, s), "dst and src overlap")
+	if !c.ok || n == 0 {
+		return
+	}
+	for r := range Rw {
+		copy(d[r*dCols+dc:r*dCols+dc+n], s[r*sCols+sc:r*sCols+sc+n])
+	}
+}
+
+// overlap reports whether a and b share an element.
+func overlap[F kernels.Float](a, b []F) bool {
+	if len(a) == 0 || len(b) == 0 {
+		return false
+	}
+	pa, pb := uintptr(unsafe.Pointer(unsafe.SliceData(a))), uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	sz := unsafe.Sizeof(a[0])
+	return pa < pb+uintptr(len(b))*sz && pb < pa+uintptr(len(a))*sz
+}
+
 // Accumulate implements kernels.Backend.
 func (be *Backend[F]) Accumulate(dst, src kernels.Buffer) {
 	c := be.check("accumulate")

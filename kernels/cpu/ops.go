@@ -612,6 +612,9 @@ func (be *Backend[F]) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.Adam
 	parallel(n, 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			g := float64(gs[i])
+			if h.GradScale != 0 {
+				g = float64(gs[i] * F(h.GradScale)) // as Scale rounds
+			}
 			mi := h.Beta1*float64(ms[i]) + (1-h.Beta1)*g
 			vi := h.Beta2*float64(vs[i]) + (1-h.Beta2)*g*g
 			ms[i], vs[i] = F(mi), F(vi)

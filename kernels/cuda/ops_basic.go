@@ -42,6 +42,21 @@ func (b *Backend) Accumulate(dst, src kernels.Buffer) {
 	b.launch("accumulate", "bm_accumulate", b.gridFor(s.n), block256, 0, d, s, int64(s.n))
 }
 
+// CopyColumns implements kernels.Backend.
+func (b *Backend) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, sc int) {
+	c := b.check("copy_columns")
+	c.dims("Rw,n,dCols,dc,sCols,sc", Rw, n, dCols, dc, sCols, sc)
+	c.cond(dc+n <= dCols, "dst columns [%d,%d) are outside its %d", dc, dc+n, dCols)
+	c.cond(sc+n <= sCols, "src columns [%d,%d) are outside its %d", sc, sc+n, sCols)
+	d := c.buf("dst", dst, Rw*dCols, "Rw·dCols")
+	s := c.in("src", src, Rw*sCols, "Rw·sCols")
+	c.cond(!d.span().overlaps(s.span()), "dst and src overlap")
+	if !c.ok || Rw*n == 0 {
+		return
+	}
+	b.launch("copy_columns", "bm_copy_cols", b.gridFor(Rw*n), block256, 0, d, s, int64(Rw), n, dCols, dc, sCols, sc)
+}
+
 // Scale implements kernels.Backend.
 func (b *Backend) Scale(x kernels.Buffer, s float64) {
 	c := b.check("scale")
@@ -227,6 +242,10 @@ func (b *Backend) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
 	}
 	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
 	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))
+	gscale := h.GradScale
+	if gscale == 0 {
+		gscale = 1
+	}
 	b.launch("adamw", "bm_adamw", b.gridFor(n), block256, 0, ps, gs, ms, vs,
-		float32(h.LR), float32(h.Beta1), float32(h.Beta2), float32(h.Eps), float32(h.WeightDecay), float32(bc1), float32(bc2), int64(n))
+		float32(h.LR), float32(h.Beta1), float32(h.Beta2), float32(h.Eps), float32(h.WeightDecay), float32(bc1), float32(bc2), gscale, int64(n))
 }

@@ -265,10 +265,14 @@ func naiveCrossEntropy(logits []float64, targets []int32, Rw, V int) []float64 {
 	return loss
 }
 
-func naiveAdamW(p, g, m, v []float64, h kernels.AdamW) {
+func naiveAdamW(p, grad, m, v []float64, h kernels.AdamW) {
 	for i := range p {
-		m[i] = h.Beta1*m[i] + (1-h.Beta1)*g[i]
-		v[i] = h.Beta2*v[i] + (1-h.Beta2)*g[i]*g[i]
+		g := grad[i]
+		if h.GradScale != 0 {
+			g *= h.GradScale
+		}
+		m[i] = h.Beta1*m[i] + (1-h.Beta1)*g
+		v[i] = h.Beta2*v[i] + (1-h.Beta2)*g*g
 		mh := m[i] / (1 - math.Pow(h.Beta1, float64(h.Step)))
 		vh := v[i] / (1 - math.Pow(h.Beta2, float64(h.Step)))
 		p[i] -= h.LR * (mh/(math.Sqrt(vh)+h.Eps) + h.WeightDecay*p[i])

@@ -18,6 +18,7 @@ func suite[F kernels.Float]() []opTest[F] {
 	return []opTest[F]{
 		{"Zero", testZero[F]},
 		{"Copy", testCopy[F]},
+		{"CopyColumns", testCopyColumns[F]},
 		{"Accumulate", testAccumulate[F]},
 		{"Scale", testScale[F]},
 		{"Slice", testSlice[F]},
@@ -61,6 +62,27 @@ func testCopy[F kernels.Float](h *harness[F]) {
 	y := h.out("y", 23)
 	h.be.Copy(y, h.buf("x", a))
 	h.near("copy", h.load(y), a)
+}
+
+func testCopyColumns[F kernels.Float](h *harness[F]) {
+	// Split columns [3,8) of a [Rw,9] matrix into [Rw,5], then join them
+	// back into columns [1,6) of a [Rw,7] one whose other columns stay.
+	for _, Rw := range []int{1, 37, 1031} {
+		x, y := h.randn(Rw*9, 1), h.randn(Rw*7, 1)
+		a := h.out("a", Rw*5)
+		h.be.CopyColumns(a, h.buf("x", x), Rw, 5, 5, 0, 9, 3)
+		yb := h.buf("y", y)
+		h.be.CopyColumns(yb, a, Rw, 5, 7, 1, 5, 0)
+		wantA, wantY := make([]float64, Rw*5), append([]float64(nil), y...)
+		for r := range Rw {
+			for j := range 5 {
+				wantA[r*5+j] = x[r*9+3+j]
+				wantY[r*7+1+j] = x[r*9+3+j]
+			}
+		}
+		h.near("split", h.load(a), wantA)
+		h.near("join", h.load(yb), wantY)
+	}
 }
 
 func testAccumulate[F kernels.Float](h *harness[F]) {
@@ -596,11 +618,16 @@ func testAdamW[F kernels.Float](h *harness[F]) {
 	const n = 29
 	p, m, v := h.randn(n, 1), h.randn(n, 0.1), h.uniform(n, 0, 0.01)
 	pb, mb, vb := h.buf("param", p), h.buf("m", m), h.buf("v", v)
-	for step := 1; step <= 3; step++ {
+	for step := 1; step <= 4; step++ {
 		g := h.randn(n, 1)
 		hp := kernels.AdamW{LR: 1e-2, Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, WeightDecay: 0.1, Step: step}
-		h.be.AdamWStep(pb, h.buf("grad", g), mb, vb, hp)
+		if step%2 == 0 {
+			hp.GradScale = 0.37 // clipping
+		}
+		gb := h.buf("grad", g)
+		h.be.AdamWStep(pb, gb, mb, vb, hp)
 		naiveAdamW(p, g, m, v, hp)
+		h.near("grad unchanged", h.load(gb), g)
 	}
 	h.near("param", h.load(pb), p)
 	h.near("m", h.load(mb), m)
@@ -656,6 +683,13 @@ func runErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[
 		{"copy_length_mismatch", func(be kernels.Backend[F]) {
 			be.Copy(be.Alloc(3), be.Alloc(4))
 		}, "copy"},
+		{"copy_columns_outside", func(be kernels.Backend[F]) {
+			be.CopyColumns(be.Alloc(6), be.Alloc(8), 2, 2, 3, 2, 4, 0)
+		}, "dst columns [2,4)"},
+		{"copy_columns_overlap", func(be kernels.Backend[F]) {
+			x := be.Alloc(8)
+			be.CopyColumns(be.Slice(x, 0, 4), be.Slice(x, 2, 6), 2, 1, 2, 0, 3, 1)
+		}, "overlap"},
 		{"adamw_step0", func(be kernels.Backend[F]) {
 			be.AdamWStep(be.Alloc(1), be.Alloc(1), be.Alloc(1), be.Alloc(1), kernels.AdamW{Step: 0})
 		}, "adamw"},

@@ -117,6 +117,12 @@ func (pb *Backend[F]) Copy(dst, src kernels.Buffer) {
 	pb.Inner.Copy(dst, src)
 }
 
+// CopyColumns implements kernels.Backend.
+func (pb *Backend[F]) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, sc int) {
+	defer pb.stop("CopyColumns", pb.start())
+	pb.Inner.CopyColumns(dst, src, Rw, n, dCols, dc, sCols, sc)
+}
+
 // Accumulate implements kernels.Backend.
 func (pb *Backend[F]) Accumulate(dst, src kernels.Buffer) {
 	defer pb.stop("Accumulate", pb.start())

@@ -6,6 +6,16 @@ extern "C" __global__ void bm_accumulate(float *dst, const float *src, long long
     BM_FOR(i, n) dst[i] += src[i];
 }
 
+// bm_copy_cols: dst[r, dc+j] = src[r, sc+j] for r < rows, j < n (row
+// lengths dld, sld).
+extern "C" __global__ void bm_copy_cols(float *dst, const float *src, long long rows, int n, int dld, int dc, int sld, int sc) {
+    BM_FOR(i, rows * n) {
+        const long long r = i / n;
+        const int j = (int)(i - r * n);
+        dst[r * dld + dc + j] = src[r * sld + sc + j];
+    }
+}
+
 extern "C" __global__ void bm_scale(float *x, double s, long long n) {
     BM_FOR(i, n) x[i] = (float)((double)x[i] * s);
 }
@@ -176,9 +186,11 @@ extern "C" __global__ void bm_cross_entropy(float *loss, float *dlogits, const f
 }
 
 // AdamW with decoupled weight decay; bc1, bc2 are the bias corrections.
-extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2, long long n) {
+// bm_adamw: grad is read as grad·gs, rounded as bm_scale rounds.
+extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2,
+                                    double gs, long long n) {
     BM_FOR(i, n) {
-        float gi = g[i];
+        float gi = gs == 1.0 ? g[i] : (float)((double)g[i] * gs);
         float mi = b1 * m[i] + (1.f - b1) * gi;
         float vi = b2 * v[i] + (1.f - b2) * gi * gi;
         m[i] = mi;
