@@ -91,9 +91,9 @@ type layerActs struct {
 	// attention
 	q, k, v, qr, kr, kfRaw, kfr, vf, o, lse kernels.Buffer
 	// With fading keys, W_k and W_v apply to u and to f: u, f are the two
-	// halves of uf [2BT,d] (and k, kfRaw of kk; v, vf of vv; kr, kfr of
-	// krr), so each is one product (and one RoPE) over 2BT rows.
-	uf, kk, vv, krr  kernels.Buffer
+	// halves of uf [2BT,d] (and k, kfRaw of kk; v, vf of vv), so each is
+	// one product over 2BT rows.
+	uf, kk, vv       kernels.Buffer
 	pin, pred, innov kernels.Buffer
 	sel              kernels.IntBuffer
 	// MLP
@@ -166,7 +166,7 @@ func (m *Model[F]) Prepare(B, T int) error {
 			if stack {
 				la.kk, la.k, la.kfRaw = halves(BT * G * D)
 				la.vv, la.v, la.vf = halves(BT * G * D)
-				la.krr, la.kr, la.kfr = halves(BT * G * D)
+				la.kr, la.kfr = be.Alloc(BT*G*D), be.Alloc(BT*G*D)
 			} else {
 				la.k, la.v, la.kr = be.Alloc(BT*G*D), be.Alloc(BT*G*D), be.Alloc(BT*G*D)
 			}
@@ -398,7 +398,10 @@ func (m *Model[F]) attnForward(la *layerActs, P func(string) kernels.Buffer, mx 
 	if s.Wf > 0 { // k|kf = u|f · W_kᵀ, v|vf likewise (layerActs.uf)
 		be.MatMul(la.kk, la.uf, wk, 2*BT, G*D, d, false)
 		be.MatMul(la.vv, la.uf, wv, 2*BT, G*D, d, false)
-		be.RoPE(la.krr, la.kk, 2*B, T, G, D, c.RopeTheta)
+		// Two calls: the attention reads kr and kfr as two operands, whose
+		// bf16 copies the GPU backend has each RoPE write beside its output.
+		be.RoPE(la.kr, la.k, B, T, G, D, c.RopeTheta)
+		be.RoPE(la.kfr, la.kfRaw, B, T, G, D, c.RopeTheta)
 	} else {
 		be.MatMul(la.k, la.u, wk, BT, G*D, d, false)
 		be.MatMul(la.v, la.u, wv, BT, G*D, d, false)

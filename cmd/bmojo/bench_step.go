@@ -57,6 +57,7 @@ func init() {
 		peakTFLOPs           float64
 		maxBatch, prof, noLt bool
 		timeline             bool
+		timelineKernels      bool
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
@@ -104,7 +105,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if timeline {
 				dev = o.Dev
 			}
-			if err := timeSteps(o.Backend, dev, c, &r, steps); err != nil {
+			if err := timeSteps(o.Backend, dev, timelineKernels, c, &r, steps); err != nil {
 				return err
 			}
 			r.PeakMemGiB = float64(o.PeakMemory()) / (1 << 30)
@@ -116,9 +117,13 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			}
 			if len(r.Timeline) > 0 {
 				fmt.Printf("one step as it runs (stream events, no synchronisation): GPU busy %.1f ms of %.1f\n", r.GPUBusyMs, 1e3*r.StepSeconds)
-				fmt.Printf("%-24s %9s %10s %7s\n", "op", "launches", "GPU ms", "share")
+				w := 24
 				for _, t := range r.Timeline {
-					fmt.Printf("%-24s %9d %10.2f %6.1f%%\n", t.Op, t.Launches, t.Ms, 100*t.Ms/r.GPUBusyMs)
+					w = max(w, len(t.Op))
+				}
+				fmt.Printf("%-*s %9s %10s %7s\n", w, "op", "launches", "GPU ms", "share")
+				for _, t := range r.Timeline {
+					fmt.Printf("%-*s %9d %10.2f %6.1f%%\n", w, t.Op, t.Launches, t.Ms, 100*t.Ms/r.GPUBusyMs)
 				}
 			}
 			if prof {
@@ -151,6 +156,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
 	fl.BoolVar(&noLt, "no-cublaslt", false, "GPU: bf16 products through cublasGemmEx instead of cublasLtMatmul")
 	fl.BoolVar(&timeline, "timeline", false, "GPU: time each op of one more step with stream events (no synchronisation)")
+	fl.BoolVar(&timelineKernels, "timeline-kernels", false, "with --timeline: one row per kernel of each op (op/kernel)")
 	benchCmd.AddCommand(cmd)
 }
 
@@ -235,7 +241,7 @@ func benchStepCPU(c model.Config, preset string, batch, steps int, threadList []
 
 // timeSteps times steps training steps after two warm-up ones; with dev,
 // one more step with stream events around every op fills r.Timeline.
-func timeSteps(be kernels.Backend[float32], dev *cuda.Device, c model.Config, r *stepReport, steps int) error {
+func timeSteps(be kernels.Backend[float32], dev *cuda.Device, perKernel bool, c model.Config, r *stepReport, steps int) error {
 	run, err := newBenchRun(be, c, r.Batch)
 	if err != nil {
 		return err
@@ -264,7 +270,7 @@ func timeSteps(be kernels.Backend[float32], dev *cuda.Device, c model.Config, r 
 		r.ConversionsPerStep = float64(st.Conversions-conv0) / float64(steps)
 	}
 	if dev != nil {
-		dev.StartTiming()
+		dev.StartTiming(perKernel)
 		serr := run.step()
 		tl, err := dev.StopTiming()
 		if serr != nil {

@@ -125,12 +125,16 @@ func (b *Backend) run(op string, f func() error) {
 // thread (a round trip to it cost about 19 µs per op on an H200 host). f
 // must not read memory the caller may change after queue returns. What f
 // returns is recorded under op and reported by Err.
-func (b *Backend) queue(op string, f func() error) {
+func (b *Backend) queue(op string, f func() error) { b.queueKernel(op, "", f) }
+
+// queueKernel is queue for work that is one launch of kernel (timed per
+// kernel when asked: Device.StartTiming).
+func (b *Backend) queueKernel(op, kernel string, f func() error) {
 	if b.failed() {
 		return
 	}
 	b.d.post(func() {
-		if err := b.d.timedRun(op, f); err != nil {
+		if err := b.d.timedRun(op, kernel, f); err != nil {
 			b.failf("%s: %v", op, err)
 		}
 	})
@@ -138,7 +142,7 @@ func (b *Backend) queue(op string, f func() error) {
 
 // launch queues one kernel for op.
 func (b *Backend) launch(op, kernel string, grid, block dim, shmem int, args ...any) {
-	b.queue(op, func() error { return b.d.launch(kernel, grid, block, shmem, args...) })
+	b.queueKernel(op, kernel, func() error { return b.d.launch(kernel, grid, block, shmem, args...) })
 }
 
 // Alloc implements kernels.Backend.

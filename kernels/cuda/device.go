@@ -63,8 +63,10 @@ type Device struct {
 
 	// Stream events around queued work while timing (timing.go); device
 	// thread.
-	timing   bool
-	timedOps []timedOp
+	timing bool
+	// timingKernels: one timing row per kernel launch (StartTiming).
+	timingKernels bool
+	timedOps      []timedOp
 }
 
 // Open starts device ordinal on a new locked OS thread.

@@ -385,7 +385,8 @@ func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 		b.Copy(tmp, xs)
 		xs = tmp
 	}
-	b.launch(op, "bm_shift_rows", grid1(n, 256), dim{256, 1, 1}, 0, o, xs, T, d, int64(n), b.d.shadows.produce(o))
+	rows := B * T
+	b.launch(op, "bm_shift_rows", dim{min(rows, 64*max(1, b.d.info.SMs)), 1, 1}, dim{256, 1, 1}, 0, o, xs, T, d, int64(rows), b.d.shadows.produce(o))
 }
 
 // Innovation implements kernels.Backend: one warp per row, float64 sums.

@@ -32,7 +32,7 @@ func (d *Device) PeakMemory() int64 { return 0 }
 func (d *Device) InputCopies() InputCopyStats { return InputCopyStats{} }
 
 // StartTiming is never reached in this build.
-func (d *Device) StartTiming() {}
+func (d *Device) StartTiming(bool) {}
 
 // StopTiming is never reached in this build.
 func (d *Device) StopTiming() ([]OpTime, error) { return nil, ErrNotBuilt }

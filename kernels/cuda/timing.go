@@ -13,9 +13,10 @@ type timedOp struct {
 }
 
 // StartTiming makes every op queued from now on record stream events
-// around its work, until StopTiming.
-func (d *Device) StartTiming() {
-	d.do(func() { d.timing, d.timedOps = true, nil })
+// around its work, until StopTiming. With perKernel, each kernel launch of
+// an op is a row of its own ("op/kernel").
+func (d *Device) StartTiming(perKernel bool) {
+	d.do(func() { d.timing, d.timingKernels, d.timedOps = true, perKernel, nil })
 }
 
 // StopTiming waits for the stream and returns the GPU time of each op
@@ -52,10 +53,15 @@ func (d *Device) StopTiming() ([]OpTime, error) {
 	return out, err
 }
 
-// timedRun runs f between two stream marks when timing is on. Device thread.
-func (d *Device) timedRun(op string, f func() error) error {
+// timedRun runs f between two stream marks when timing is on, recorded
+// under op (or op/kernel when timing per kernel and kernel is set). Device
+// thread.
+func (d *Device) timedRun(op, kernel string, f func() error) error {
 	if !d.timing {
 		return f()
+	}
+	if d.timingKernels && kernel != "" {
+		op += "/" + kernel
 	}
 	from, err := d.drv.mark()
 	if err != nil {

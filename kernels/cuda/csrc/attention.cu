@@ -1259,12 +1259,16 @@ extern "C" __global__ void bm_rope(float *out, const float *x, int T, int nh, in
 // bm_shift_rows: out[b,t,:] = x[b,t-1,:], out[b,0,:] = 0 (out must not
 // overlap x; the host stages in-place calls through a copy).
 // out16, when set, gets a bf16 copy of out (a matrix product's operand).
-extern "C" __global__ void bm_shift_rows(float *out, const float *x, int T, int d, long long n, unsigned short *out16) {
-    BM_FOR(i, n) {
-        const long long row = i / d;
-        const float v = row % T == 0 ? 0.f : x[i - d];
-        out[i] = v;
-        if (out16) out16[i] = (unsigned short)bm_bf16_bits(v);
+// Blocks stride over rows, threads over a row (no per-element division).
+extern "C" __global__ void bm_shift_rows(float *out, const float *x, int T, int d, long long rows, unsigned short *out16) {
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const bool first = r % T == 0;
+        const long long o = r * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            const float v = first ? 0.f : x[o - d + i];
+            out[o + i] = v;
+            if (out16) out16[o + i] = (unsigned short)bm_bf16_bits(v);
+        }
     }
 }
 
