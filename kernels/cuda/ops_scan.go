@@ -2,7 +2,11 @@
 
 package cuda
 
-import "github.com/bmojo/bmojo/kernels"
+import (
+	"strconv"
+
+	"github.com/bmojo/bmojo/kernels"
+)
 
 // The SSM ops (csrc/scan.cu): SiLU, the causal depthwise Conv1d and the
 // selective scan.
@@ -44,29 +48,42 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	xb := c.in("x", x, B*T*E, "B·T·E")
 	wb := c.in("w", w, E*K, "E·K")
 	bb := c.in("bias", bias, E, "E")
+	c.cond(K <= convMaxK, "K=%d is more than the %d taps the CUDA conv takes", K, convMaxK)
 	if !c.ok || B*T*E == 0 {
 		return
 	}
-	b.launch("conv1d", "bm_conv1d_fwd", b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+	b.launch("conv1d", "bm_conv1d_fwd_k"+convWindow(K), b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
 }
 
-// convGrid is the grid of the elementwise conv kernels: blocks of 256
-// channels by row slices, about 32 blocks per SM (scan.cu).
+// convMaxK is the widest conv the CUDA kernels take (their largest
+// register window, scan.cu).
+const convMaxK = 32
+
+// convWindow names the kernel instance for K taps: the smallest window of
+// 4, 8, 16 or 32 rows that holds K.
+func convWindow(K int) string {
+	for _, kw := range []int{4, 8, 16} {
+		if K <= kw {
+			return strconv.Itoa(kw)
+		}
+	}
+	return "32"
+}
+
+// convGrid is the grid of the conv kernels: blocks of 256 channels by row
+// segments, about 32 blocks per SM (scan.cu).
 func (b *Backend) convGrid(rows, E int) dim {
 	xb := (E + 255) / 256
 	return dim{xb, max(1, min(rows, maxGridYZ, (32*max(1, b.d.info.SMs)+xb-1)/xb)), 1}
 }
 
-// conv1dKC and conv1dRY mirror BM_CONV_KC and BM_CONV_RY in scan.cu.
-const (
-	conv1dKC = 8
-	conv1dRY = 8
-)
+// conv1dRY mirrors BM_CONV_RY in scan.cu.
+const conv1dRY = 8
 
 // Conv1dBackward implements kernels.Backend. dx is a gather (one writer per
-// element). dw and dbias sum over the B·T rows in two stages: P row slices
-// of 32-channel blocks write partial sums to scratch, then one thread per
-// (e, k) adds the P partials (in a fixed order) into dw or dbias.
+// element). dw and dbias sum over the B·T rows in two stages: P blocks of
+// row segments per 32 channels write partial sums to scratch, then one
+// thread per (e, k) adds the P partials (in a fixed order) into dw or dbias.
 func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T, E, K int) {
 	c := b.check("conv1d_backward")
 	c.dims("B,T,E,K", B, T, E, K)
@@ -76,12 +93,13 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 	dxb, over := c.optFresh("dx", dx, B*T*E, "B·T·E")
 	dwb := c.opt("dw", dw, E*K, "E·K")
 	dbb := c.opt("dbias", dbias, E, "E")
+	c.cond(K <= convMaxK, "K=%d is more than the %d taps the CUDA conv takes", K, convMaxK)
 	if !c.ok || E == 0 {
 		return
 	}
-	rows := B * T
+	rows, kw := B*T, convWindow(K)
 	if dxb != nil && rows > 0 && K > 0 {
-		b.launch("conv1d_backward", "bm_conv1d_bwd_dx", b.convGrid(rows, E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K,
+		b.launch("conv1d_backward", "bm_conv1d_bwd_dx_k"+kw, b.convGrid(rows, E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K,
 			boolInt(over), b.d.shadows.produce(dxb))
 	} else if over {
 		b.Zero(dxb) // still pending
@@ -89,11 +107,11 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 	if (dwb == nil || K == 0) && dbb == nil || rows == 0 {
 		return
 	}
-	// About 256 rows per block (32 per thread), at most 64 slices.
+	// About 256 rows per block (32 per thread), at most 64 blocks of rows.
 	P := min(max((rows+255)/256, 1), 64)
 	part := b.scratch(P * E * (K + 1))
-	grid := dim{(E + 31) / 32, P, (K + 1 + conv1dKC - 1) / conv1dKC}
-	b.launch("conv1d_backward", "bm_conv1d_bwd_wpart", grid, dim{32, conv1dRY, 1}, 0, part, do, xb, B, T, E, K)
+	grid := dim{(E + 31) / 32, P, 1}
+	b.launch("conv1d_backward", "bm_conv1d_bwd_wpart_k"+kw, grid, dim{32, conv1dRY, 1}, 0, part, do, xb, B, T, E, K)
 	b.launch("conv1d_backward", "bm_conv1d_bwd_wsum", b.scanStrideGrid(E*(K+1)), dim{256, 1, 1}, 0, dwb, dbb, part, P, E, K)
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/bmojo/bmojo/kernels"
@@ -194,5 +195,79 @@ func TestScanBackwardCopies(t *testing.T) {
 	}
 	if err := be.Err(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestConvShapes checks the causal conv, forward and backward, against the
+// CPU reference at shapes the conformance suite does not reach: every
+// register window (K from 1 to 32), row segments that start and end inside
+// sequences and cross their boundaries (rows from 1 to more than the grid
+// has threads), sequences shorter than K, E not a multiple of 32, and dx
+// pending a Zero. Wider than 32 taps is a clear error.
+func TestConvShapes(t *testing.T) {
+	d := openDevice(t, "fp32")
+	rows := 64 * 32 * max(1, d.Info().SMs) // more than one row per segment of every kernel
+	cases := []struct{ B, T, E, K int }{
+		{1, 1, 5, 4}, {3, 2, 7, 4}, {2, 37, 33, 1}, {2, 37, 33, 2}, {4, 50, 40, 3}, {2, 300, 70, 4},
+		{3, 41, 45, 5}, {2, 90, 64, 8}, {1, 200, 33, 9}, {2, 61, 20, 16}, {1, 150, 17, 17}, {2, 80, 12, 32},
+		{rows / 300, 300, 48, 4}, {rows / 7, 7, 40, 4}, {rows / 100, 100, 33, 8},
+	}
+	for _, sc := range cases {
+		B, T, E, K := sc.B, sc.T, sc.E, sc.K
+		for _, zeroed := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%v_%v_%v_%v_zeroed%v", B, T, E, K, zeroed), func(t *testing.T) {
+				rng := rand.New(rand.NewPCG(uint64(B*T), uint64(E*K)))
+				r := func(n int) []float32 {
+					v := make([]float32, n)
+					for i := range v {
+						v[i] = float32(rng.NormFloat64())
+					}
+					return v
+				}
+				n := B * T * E
+				x, w, bias, dout := r(n), r(E*K), r(E), r(n)
+				pre := [][]float32{r(n), r(E * K), r(E)}
+				run := func(be kernels.Backend[float32], zero bool) [][]float32 {
+					up := func(v []float32) kernels.Buffer { b := be.Alloc(len(v)); be.Upload(b, v); return b }
+					out := be.Alloc(n)
+					be.Conv1d(out, up(x), up(w), up(bias), B, T, E, K)
+					dx, dw, db := up(pre[0]), up(pre[1]), up(pre[2])
+					if zero {
+						be.Zero(dx)
+					}
+					be.Conv1dBackward(dx, dw, db, up(dout), up(x), up(w), B, T, E, K)
+					var res [][]float32
+					for _, b := range []kernels.Buffer{out, dx, dw, db} {
+						h := make([]float32, b.Len())
+						be.Download(h, b)
+						res = append(res, h)
+					}
+					if err := be.Err(); err != nil {
+						t.Fatal(err)
+					}
+					return res
+				}
+				got := run(d.Backend(), zeroed)
+				if zeroed {
+					clear(pre[0])
+				}
+				want := run(cpu.New[float32](), false)
+				for i, name := range []string{"out", "dx", "dw", "dbias"} {
+					var mx, md float64
+					for j := range want[i] {
+						mx = max(mx, math.Abs(float64(want[i][j])))
+						md = max(md, math.Abs(float64(got[i][j]-want[i][j])))
+					}
+					if rel := md / max(mx, 1e-30); !(rel <= 1e-5) {
+						t.Errorf("%s: rel err %.3g (max|cpu| %.3g)", name, rel, mx)
+					}
+				}
+			})
+		}
+	}
+	be := d.Backend()
+	be.Conv1d(be.Alloc(66), be.Alloc(66), be.Alloc(66), be.Alloc(2), 1, 33, 2, 33)
+	if err := be.Err(); err == nil || !strings.Contains(err.Error(), "K=33") {
+		t.Errorf("K=33: error %v, want one naming K=33", err)
 	}
 }

@@ -58,101 +58,167 @@ extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float
 
 // ---------------------------------------------------------------- Conv1d
 
-// The elementwise conv kernels run a 2-D grid: blockIdx.x·256 + threadIdx.x
-// is the channel e (blocks cover E), and each thread walks rows r = b·T + t
-// from blockIdx.y in steps of gridDim.y, so the index arithmetic is 32-bit
-// and per row, not a 64-bit division per element.
+// The conv kernels run a 2-D grid: blockIdx.x·blockDim.x + threadIdx.x is
+// the channel e (blocks cover E), and the rows r = b·T + t are cut into
+// gridDim.y (or gridDim.y·blockDim.y) contiguous segments, one per thread.
+// A thread walks its segment in order and keeps the rows it reads again in
+// a register window of KW values (KW ≥ K, a template parameter), so each
+// element of x or dout is loaded about once, not K times. The newest row
+// sits at window index KW−1; a term enters a sum only when its row lies in
+// the same sequence, in the order of the reference's k loop.
+
+// bm_conv_segment is the thread's segment [r0, r1) of rows among n.
+__device__ __forceinline__ void bm_conv_segment(int &r0, int &r1, int rows, int seg, int n) {
+    const int L = (rows + n - 1) / n;
+    r0 = min(rows, seg * L);
+    r1 = min(rows, r0 + L);
+}
 
 // out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t−K+1+k,e] (x at t<0 is 0).
-extern "C" __global__ void bm_conv1d_fwd(float *out, const float *x, const float *w, const float *bias,
-                                         int B, int T, int E, int K) {
+template <int KW>
+__device__ __forceinline__ void bm_conv1d_fwd_impl(float *out, const float *x, const float *w, const float *bias, int B, int T,
+                                                   int E, int K) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
-    const float *we = w + (long long)e * K;
+    int r0, r1;
+    bm_conv_segment(r0, r1, B * T, blockIdx.y, gridDim.y);
+    if (r0 >= r1) return;
+    float wk[KW], xw[KW]; // xw[j]: x at row r − (KW−1) + j; wk[j] its weight
+#pragma unroll
+    for (int j = 0; j < KW; j++) {
+        const int k = j - (KW - K), row = r0 - (KW - 1) + j;
+        wk[j] = k >= 0 ? w[(long long)e * K + k] : 0.f;
+        xw[j] = k >= 0 && j < KW - 1 && row >= 0 ? x[(long long)row * E + e] : 0.f;
+    }
     const float b0 = bias[e];
-    const int rows = B * T;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const int t = r % T;
+    int t = r0 % T;
+    for (int r = r0; r < r1; r++) {
         const long long i = (long long)r * E + e;
+        xw[KW - 1] = x[i];
         float acc = b0;
-        for (int k = max(0, K - 1 - t); k < K; k++) acc += we[k] * x[i + (long long)(k - K + 1) * E];
+        const int j0 = max(KW - K, KW - 1 - t); // k = j − (KW−K) ≥ max(0, K−1−t)
+#pragma unroll
+        for (int j = 0; j < KW; j++)
+            if (j >= j0) acc += wk[j] * xw[j];
         out[i] = acc;
+#pragma unroll
+        for (int j = 0; j < KW - 1; j++) xw[j] = xw[j + 1];
+        if (++t == T) t = 0;
     }
 }
 
 // dx[b,s,e] += Σ_k dout[b,s+K−1−k,e]·w[e,k] (terms past T−1 vanish): the
 // transpose of the forward, a gather with one writer per element; dx = when
 // over (the host's deferred zero). dx16, when set, gets a bf16 copy of dx.
-extern "C" __global__ void bm_conv1d_bwd_dx(float *dx, const float *dout, const float *w,
-                                            int B, int T, int E, int K, int over, unsigned short *dx16) {
+template <int KW>
+__device__ __forceinline__ void bm_conv1d_bwd_dx_impl(float *dx, const float *dout, const float *w, int B, int T, int E, int K,
+                                                      int over, unsigned short *dx16) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
-    const float *we = w + (long long)e * K;
     const int rows = B * T;
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const int s = r % T;
+    int r0, r1;
+    bm_conv_segment(r0, r1, rows, blockIdx.y, gridDim.y);
+    if (r0 >= r1) return;
+    float wk[KW], dw[KW]; // dw[KW−1−m]: dout at row r + K−1−m; wk[k] = w[e,k]
+#pragma unroll
+    for (int j = 0; j < KW; j++) {
+        wk[j] = j < K ? w[(long long)e * K + j] : 0.f;
+        const int row = r0 + j - (KW - K); // slots KW−K … KW−2 hold rows r0 … r0+K−2
+        dw[j] = j >= KW - K && j < KW - 1 && row < rows ? dout[(long long)row * E + e] : 0.f;
+    }
+    int s = r0 % T;
+    for (int r = r0; r < r1; r++) {
         const long long i = (long long)r * E + e;
+        dw[KW - 1] = r + K - 1 < rows ? dout[i + (long long)(K - 1) * E] : 0.f;
         float acc = 0.f;
-        for (int k = max(0, s + K - T); k < K; k++) acc += dout[i + (long long)(K - 1 - k) * E] * we[k];
+        const int k0 = max(0, s + K - T);
+#pragma unroll
+        for (int k = 0; k < KW; k++)
+            if (k >= k0 && k < K) acc += dw[KW - 1 - k] * wk[k];
         const float v = over ? acc : dx[i] + acc;
         dx[i] = v;
         if (dx16) dx16[i] = (unsigned short)bm_bf16_bits(v);
+#pragma unroll
+        for (int j = 0; j < KW - 1; j++) dw[j] = dw[j + 1];
+        if (++s == T) s = 0;
     }
 }
 
-#define BM_CONV_KC 8   // (k) columns of dw / dbias per block (grid.z covers K+1)
-#define BM_CONV_RY 8   // row slices per block (blockDim.y)
+#define BM_CONV_RY 8 // row segments per block of the dw, dbias stage 1 (blockDim.y)
 
-// Stage 1 of dw, dbias: block (32, BM_CONV_RY) covers 32 channels (blockIdx.x)
-// and BM_CONV_KC of the K+1 columns (blockIdx.z; column K is the bias); its
-// threads stride over the rows B·T starting at slice blockIdx.y, summing in
-// registers, then the block sums its BM_CONV_RY row slices in shared memory
-// and writes part[blockIdx.y][e][col]: P = gridDim.y partial sums, no atomics.
-extern "C" __global__ void __launch_bounds__(32 * BM_CONV_RY)
-bm_conv1d_bwd_wpart(float *part, const float *dout, const float *x, int B, int T, int E, int K) {
-    __shared__ float sh[BM_CONV_RY][BM_CONV_KC][33];
+// Stage 1 of dw, dbias: block (32, BM_CONV_RY) covers 32 channels
+// (blockIdx.x); thread (tx, ty) walks row segment blockIdx.y·BM_CONV_RY + ty
+// summing in registers, then the block sums its BM_CONV_RY segments in
+// shared memory and writes part[blockIdx.y][e][k] for the K+1 columns
+// (column K is the bias): P = gridDim.y partial sums, no atomics.
+template <int KW>
+__device__ __forceinline__ void bm_conv1d_bwd_wpart_impl(float *part, const float *dout, const float *x, int B, int T, int E, int K) {
+    __shared__ float sh[BM_CONV_RY][KW + 1][33];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int e = blockIdx.x * 32 + tx;
-    const int k0 = blockIdx.z * BM_CONV_KC;
-    const int nk = min(BM_CONV_KC, K + 1 - k0);
-    float acc[BM_CONV_KC];
+    float acc[KW + 1]; // acc[j]: window slot j, i.e. k = j − (KW−K); acc[KW]: the bias
 #pragma unroll
-    for (int j = 0; j < BM_CONV_KC; j++) acc[j] = 0.f;
+    for (int j = 0; j <= KW; j++) acc[j] = 0.f;
     if (e < E) {
-        const long long rows = (long long)B * T;
-        const long long step = (long long)gridDim.y * BM_CONV_RY;
-        for (long long r = (long long)blockIdx.y * BM_CONV_RY + ty; r < rows; r += step) {
-            const int t = (int)r % T; // rows = B·T < 2³¹ (the host checks)
-            const float g = dout[r * E + e];
+        int r0, r1;
+        bm_conv_segment(r0, r1, B * T, blockIdx.y * BM_CONV_RY + ty, gridDim.y * BM_CONV_RY);
+        float xw[KW]; // xw[j]: x at row r − (KW−1) + j
 #pragma unroll
-            for (int j = 0; j < BM_CONV_KC; j++) {
-                const int k = k0 + j;
-                if (j < nk) {
-                    if (k == K) {
-                        acc[j] += g;
-                    } else {
-                        const int ts = t - K + 1 + k;
-                        if (ts >= 0) acc[j] += g * x[(r + (ts - t)) * E + e];
-                    }
-                }
-            }
+        for (int j = 0; j < KW - 1; j++) {
+            const int row = r0 - (KW - 1) + j;
+            xw[j] = j >= KW - K && row >= 0 && r0 < r1 ? x[(long long)row * E + e] : 0.f;
+        }
+        int t = r1 > r0 ? r0 % T : 0;
+        for (int r = r0; r < r1; r++) {
+            const long long i = (long long)r * E + e;
+            const float g = dout[i];
+            xw[KW - 1] = x[i];
+            acc[KW] += g;
+            const int j0 = max(KW - K, KW - 1 - t);
+#pragma unroll
+            for (int j = 0; j < KW; j++)
+                if (j >= j0) acc[j] += g * xw[j];
+#pragma unroll
+            for (int j = 0; j < KW - 1; j++) xw[j] = xw[j + 1];
+            if (++t == T) t = 0;
         }
     }
 #pragma unroll
-    for (int j = 0; j < BM_CONV_KC; j++) sh[ty][j][tx] = acc[j];
+    for (int j = 0; j <= KW; j++) sh[ty][j][tx] = acc[j];
     __syncthreads();
-    // 32 channels × BM_CONV_KC columns, one sum each over the row slices.
-    for (int idx = ty * 32 + tx; idx < 32 * BM_CONV_KC; idx += 32 * BM_CONV_RY) {
-        const int c = idx & 31, j = idx >> 5;
+    // 32 channels × (K+1) columns, one sum each over the row segments.
+    for (int idx = ty * 32 + tx; idx < 32 * (K + 1); idx += 32 * BM_CONV_RY) {
+        const int c = idx & 31, k = idx >> 5, j = k == K ? KW : k + KW - K;
         const int ec = blockIdx.x * 32 + c;
-        if (ec < E && j < nk) {
+        if (ec < E) {
             float s = 0.f;
 #pragma unroll
             for (int y = 0; y < BM_CONV_RY; y++) s += sh[y][j][c];
-            part[((long long)blockIdx.y * E + ec) * (K + 1) + k0 + j] = s;
+            part[((long long)blockIdx.y * E + ec) * (K + 1) + k] = s;
         }
     }
 }
+
+// Instances for windows of 4, 8, 16 and 32 rows (the host picks the
+// smallest KW ≥ K).
+#define BM_CONV_KERNELS(KW)                                                                                                    \
+    extern "C" __global__ void bm_conv1d_fwd_k##KW(float *out, const float *x, const float *w, const float *bias, int B, int T, \
+                                                   int E, int K) {                                                              \
+        bm_conv1d_fwd_impl<KW>(out, x, w, bias, B, T, E, K);                                                                    \
+    }                                                                                                                           \
+    extern "C" __global__ void bm_conv1d_bwd_dx_k##KW(float *dx, const float *dout, const float *w, int B, int T, int E, int K, \
+                                                      int over, unsigned short *dx16) {                                         \
+        bm_conv1d_bwd_dx_impl<KW>(dx, dout, w, B, T, E, K, over, dx16);                                                         \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * BM_CONV_RY)                                                               \
+        bm_conv1d_bwd_wpart_k##KW(float *part, const float *dout, const float *x, int B, int T, int E, int K) {                 \
+        bm_conv1d_bwd_wpart_impl<KW>(part, dout, x, B, T, E, K);                                                                \
+    }
+
+BM_CONV_KERNELS(4)
+BM_CONV_KERNELS(8)
+BM_CONV_KERNELS(16)
+BM_CONV_KERNELS(32)
 
 // Stage 2: dw[e,k] += Σ_p part[p][e][k], dbias[e] += Σ_p part[p][e][K], in
 // a fixed order (deterministic).
