@@ -3,12 +3,14 @@
 package cuda
 
 import (
+	"math"
 	"math/rand/v2"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/kernels/cpu"
 	"github.com/bmojo/bmojo/kernels/kerneltest"
 )
 
@@ -339,6 +341,64 @@ func (tb *testBufs) same(t *testing.T, what string, got, want kernels.Buffer) {
 	for i := range a {
 		if a[i] != r[i] {
 			t.Fatalf("%s: element %d is %v, want %v", what, i, a[i], r[i])
+		}
+	}
+}
+
+// TestRMSNormBackwardShapes checks RMSNormBackward against the CPU
+// reference where the conformance suite does not reach: blocks of several
+// rows (dg summed beside dx), widths past a block of threads, and a d too
+// wide for dg's shared-memory sums (its own kernel then), with dx or dg nil.
+func TestRMSNormBackwardShapes(t *testing.T) {
+	d := openDevice(t, "fp32")
+	for _, sc := range []struct{ Rw, d int }{{1, 5}, {37, 768}, {3000, 300}, {20 * max(1, d.Info().SMs), 1100}, {9, 13000}} {
+		for _, which := range []string{"both", "dx", "dg"} {
+			rng := rand.New(rand.NewPCG(uint64(sc.Rw), uint64(sc.d)))
+			r := func(n int) []float32 {
+				v := make([]float32, n)
+				for i := range v {
+					v[i] = float32(rng.NormFloat64())
+				}
+				return v
+			}
+			x, g, dout, px, pg := r(sc.Rw*sc.d), r(sc.d), r(sc.Rw*sc.d), r(sc.Rw*sc.d), r(sc.d)
+			run := func(be kernels.Backend[float32]) [][]float32 {
+				up := func(v []float32) kernels.Buffer { b := be.Alloc(len(v)); be.Upload(b, v); return b }
+				xb, gb := up(x), up(g)
+				u, rstd := be.Alloc(len(x)), be.Alloc(sc.Rw)
+				be.RMSNorm(u, rstd, xb, gb, sc.Rw, sc.d)
+				var dx, dg kernels.Buffer
+				if which != "dg" {
+					dx = up(px)
+				}
+				if which != "dx" {
+					dg = up(pg)
+				}
+				be.RMSNormBackward(dx, dg, up(dout), xb, gb, rstd, sc.Rw, sc.d)
+				var res [][]float32
+				for _, b := range []kernels.Buffer{dx, dg} {
+					if b != nil {
+						h := make([]float32, b.Len())
+						be.Download(h, b)
+						res = append(res, h)
+					}
+				}
+				if err := be.Err(); err != nil {
+					t.Fatal(err)
+				}
+				return res
+			}
+			got, want := run(d.Backend()), run(cpu.New[float32]())
+			for i := range want {
+				var mx, md float64
+				for j := range want[i] {
+					mx = max(mx, math.Abs(float64(want[i][j])))
+					md = max(md, math.Abs(float64(got[i][j]-want[i][j])))
+				}
+				if rel := md / max(mx, 1e-30); !(rel <= 2e-5) {
+					t.Errorf("Rw=%d d=%d %s: output %d rel err %.3g", sc.Rw, sc.d, which, i, rel)
+				}
+			}
 		}
 	}
 }

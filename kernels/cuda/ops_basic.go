@@ -54,7 +54,8 @@ func (b *Backend) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, 
 	if !c.ok || Rw*n == 0 {
 		return
 	}
-	b.launch("copy_columns", "bm_copy_cols", b.gridFor(Rw*n), block256, 0, d, s, int64(Rw), n, dCols, dc, sCols, sc)
+	per := max(1, threads/n) // rows per block (bm_copy_cols)
+	b.launch("copy_columns", "bm_copy_cols", b.d.strideGrid((Rw+per-1)/per*threads, 32), block256, 0, d, s, int64(Rw), n, dCols, dc, sCols, sc)
 }
 
 // Scale implements kernels.Backend.
@@ -150,8 +151,16 @@ func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d
 		return
 	}
 	if dxs != nil {
-		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{Rw, 1, 1}, rowBlock(min(d, 256)), 0, dxs, do, xs, gs, rs, Rw, d,
-			b.d.shadows.produce(dxs))
+		// Blocks of rows, about 8 per SM; dg rides along when its d
+		// partial sums fit in shared memory.
+		var fused *floats
+		shm := 0
+		if dgs != nil && 4*d <= 48<<10 {
+			fused, shm, dgs = dgs, 4*d, nil
+		}
+		per := max(1, (Rw+8*b.d.info.SMs-1)/max(1, 8*b.d.info.SMs))
+		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{(Rw + per - 1) / per, 1, 1}, rowBlock(min(d, 256)), shm, dxs, fused, do, xs, gs, rs, Rw, d,
+			per, b.d.shadows.produce(dxs))
 	}
 	if dgs != nil {
 		const rowsPerBlock = 256 // RMS_ROWS_PER_BLOCK in basic.cu

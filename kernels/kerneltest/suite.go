@@ -83,6 +83,16 @@ func testCopyColumns[F kernels.Float](h *harness[F]) {
 		h.near("split", h.load(a), wantA)
 		h.near("join", h.load(yb), wantY)
 	}
+	// Wider than a GPU block of threads.
+	const Rw, n, sCols, sc = 3, 300, 700, 50
+	x := h.randn(Rw*sCols, 1)
+	a := h.out("wide", Rw*n)
+	h.be.CopyColumns(a, h.buf("x_wide", x), Rw, n, n, 0, sCols, sc)
+	want := make([]float64, Rw*n)
+	for r := range Rw {
+		copy(want[r*n:(r+1)*n], x[r*sCols+sc:r*sCols+sc+n])
+	}
+	h.near("wide", h.load(a), want)
 }
 
 func testAccumulate[F kernels.Float](h *harness[F]) {

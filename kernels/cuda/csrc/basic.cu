@@ -8,12 +8,15 @@ extern "C" __global__ void bm_accumulate(float *dst, const float *src, long long
 
 // bm_copy_cols: dst[r, dc+j] = src[r, sc+j] for r < rows, j < n (row
 // lengths dld, sld).
+// Blocks stride over rows, each thread over columns j ≡ threadIdx.x % n of
+// the block's 256/n rows (no per-element division).
 extern "C" __global__ void bm_copy_cols(float *dst, const float *src, long long rows, int n, int dld, int dc, int sld, int sc) {
-    BM_FOR(i, rows * n) {
-        const long long r = i / n;
-        const int j = (int)(i - r * n);
-        dst[r * dld + dc + j] = src[r * sld + sc + j];
-    }
+    const int per = max(1, (int)blockDim.x / n); // rows per block step
+    const int ry = threadIdx.x / n, j0 = threadIdx.x % n;
+    if (ry >= per) return;
+    for (long long r = (long long)blockIdx.x * per + ry; r < rows; r += (long long)gridDim.x * per)
+        for (int j = j0; j < n; j += blockDim.x)
+            dst[r * dld + dc + j] = src[r * sld + sc + j];
 }
 
 extern "C" __global__ void bm_scale(float *x, double s, long long n) {
@@ -78,23 +81,33 @@ extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, c
     }
 }
 
-// dx: one block per row. dx may be NULL.
-extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, const float *dout, const float *x, const float *g, const float *rstd, int Rw, int d,
-                                                   unsigned short *dx16) {
+// dx: a block per rowsPer rows, one row at a time. With dg set it also
+// sums dg's terms for its rows in shared memory (d floats, each column
+// owned by one thread) and adds them with one atomic per column.
+extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, float *dg, const float *dout, const float *x, const float *g, const float *rstd, int Rw,
+                                                   int d, int rowsPer, unsigned short *dx16) {
     __shared__ float shm[32];
-    int r = blockIdx.x;
-    const float *xr = x + (long long)r * d, *dr = dout + (long long)r * d;
-    float s = rstd[r];
-    float dot = 0;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) dot += dr[i] * g[i] * xr[i];
-    dot = bm_block_sum(dot, shm);
-    float k = dot * s * s * s / d;
-    float *dxr = dx + (long long)r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        const float v = dxr[i] + dr[i] * g[i] * s - xr[i] * k;
-        dxr[i] = v;
-        if (dx16) dx16[(long long)r * d + i] = (unsigned short)bm_bf16_bits(v);
+    BM_DYN_SMEM(float, gacc);
+    if (dg)
+        for (int i = threadIdx.x; i < d; i += blockDim.x) gacc[i] = 0.f;
+    const int r1 = min(Rw, (blockIdx.x + 1) * rowsPer);
+    for (int r = blockIdx.x * rowsPer; r < r1; r++) {
+        const float *xr = x + (long long)r * d, *dr = dout + (long long)r * d;
+        const float s = rstd[r];
+        float dot = 0;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dot += dr[i] * g[i] * xr[i];
+        dot = bm_block_sum(dot, shm);
+        const float k = dot * s * s * s / d;
+        float *dxr = dx + (long long)r * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            const float v = dxr[i] + dr[i] * g[i] * s - xr[i] * k;
+            dxr[i] = v;
+            if (dx16) dx16[(long long)r * d + i] = (unsigned short)bm_bf16_bits(v);
+            if (dg) gacc[i] += dr[i] * xr[i] * s;
+        }
     }
+    if (dg)
+        for (int i = threadIdx.x; i < d; i += blockDim.x) atomicAdd(dg + i, gacc[i]);
 }
 
 // dg[i] += Σ_r dout[r,i]·x[r,i]·rstd[r]. Block (32 columns × 8 row lanes)
