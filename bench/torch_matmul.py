@@ -9,7 +9,8 @@ without a suffix read the copies bmojo keeps of weights and saved activations (a
 backward still converts its fresh dout), rows marked "+conv" convert every input
 in every call. The second reference is the same bf16 product with float32
 outputs (torch.mm / torch.addmm with out_dtype=float32, the backward accumulating
-into float32 gradients), which is what bmojo's op computes from its copies. The
+into float32 gradients; rows marked "(dx written)" overwrite dx, as the training
+step does for those products), which is what bmojo's op computes from its copies. The
 third has bmojo's whole semantics: float32 tensors with
 torch.set_float32_matmul_precision("medium") (bf16 inside the product).
 --peak also prints torch's bf16 rate on 8192³, the reference for MFU
@@ -38,7 +39,7 @@ def main():
     rows = json.load(open(sys.argv[1]))
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print(f"{'op':<34} {'shape':<20} {'bmojo TFLOP/s':>14} {'torch bf16':>11} {'ratio':>7} "
+    print(f"{'op':<47} {'shape':<20} {'bmojo TFLOP/s':>14} {'torch bf16':>11} {'ratio':>7} "
           f"{'torch bf16→fp32':>16} {'ratio':>7} {'torch fp32/medium':>18} {'ratio':>7}")
     refs = ("bf16 tensors", "bf16 inputs, fp32 outputs", "fp32 tensors, medium precision")
     worst = {}
@@ -61,7 +62,9 @@ def main():
                 dx = torch.zeros(Rw, K, device=dev)
                 dw = torch.zeros(N, K, device=dev)
                 f32 = torch.float32
-                if backward:
+                if backward and "(dx written)" in r["op"]:  # dx overwritten, as bmojo's row does
+                    fn = lambda: (torch.mm(dout, w, out_dtype=f32), torch.addmm(dw, dout.t(), x, out_dtype=f32))
+                elif backward:
                     fn = lambda: (torch.addmm(dx, dout, w, out_dtype=f32), torch.addmm(dw, dout.t(), x, out_dtype=f32))
                 else:
                     fn = lambda: torch.mm(x, w.t(), out_dtype=f32)
@@ -82,7 +85,7 @@ def main():
             if ratio == ratio:  # not NaN
                 worst[(group, ref)] = min(worst.get((group, ref), ratio), ratio)
             cols += f" {rate:>{16 if ref.startswith('bf16 in') else 11 if ref.startswith('bf16') else 18}.1f} {ratio:>6.2f}x"
-        print(f"{r['op']:<34} {r['shape']:<20} {r['tflops']:>14.1f}{cols}")
+        print(f"{r['op']:<47} {r['shape']:<20} {r['tflops']:>14.1f}{cols}")
     for (group, ref), w in worst.items():
         print(f"worst ratio bmojo/torch over the matrix products ({group}) against torch on {ref}: {w:.2f}")
     if "--peak" in sys.argv:

@@ -64,13 +64,17 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 				return err
 			}
 			fmt.Printf("%s, preset %s, batch %d × %d\n", o.Desc, preset, batch, c.SeqLen)
-			fmt.Printf("%-26s %-22s %10s %10s %10s\n", "op", "shape", "rel err", "ms", "TFLOP/s|GB/s")
+			w := 26
+			for _, r := range rows {
+				w = max(w, len(r.Op))
+			}
+			fmt.Printf("%-*s %-22s %10s %10s %10s\n", w, "op", "shape", "rel err", "ms", "TFLOP/s|GB/s")
 			for _, r := range rows {
 				rate := fmt.Sprintf("%.1f GB/s", r.GBs)
 				if r.TFLOPs > 0 {
 					rate = fmt.Sprintf("%.1f TFLOP/s", r.TFLOPs)
 				}
-				fmt.Printf("%-26s %-22s %10.2e %10.3f %14s\n", r.Op, r.Shape, r.RelErr, r.Ms, rate)
+				fmt.Printf("%-*s %-22s %10.2e %10.3f %14s\n", w, r.Op, r.Shape, r.RelErr, r.Ms, rate)
 			}
 			return writeJSON(jsonOut, rows)
 		},
@@ -175,10 +179,10 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 		seen[key] = true
 		name := strings.TrimSuffix(strings.TrimPrefix(t.Name, prefix), ".weight")
 		for _, convert := range []bool{false, true} {
-			cases = append(cases, matmulCase(name, N, K, false, convert), matmulCase(name, N, K, true, convert))
+			cases = append(cases, matmulCase(name, N, K, false, convert, false), matmulCase(name, N, K, true, convert, dxWritten[name]))
 		}
 	}
-	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false, false), matmulCase("head", c.VocabSize, c.DModel, false, true))
+	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false, false, false), matmulCase("head", c.VocabSize, c.DModel, false, true, false))
 	d, E, N := c.DModel, c.DInner, c.DState
 	cases = append(cases,
 		kernelCase{"RMSNorm", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
@@ -310,15 +314,27 @@ func forgetInputCopies(be kernels.Backend[float32]) {
 	}
 }
 
+// dxWritten names the products whose backward writes its dx first in a
+// training step (model.Backward zeroes that gradient right before, and the
+// product overwrites it): dt_proj's, out_proj's, gate_proj's and
+// down_proj's. The others add to a gradient another op wrote: x_proj's and
+// in_proj's, and q_proj's shape stands for q and v, which add (k's writes).
+var dxWritten = map[string]bool{"ssm.dt_proj": true, "ssm.out_proj": true, "mlp.gate_proj": true, "mlp.down_proj": true}
+
 // matmulCase is out[Rw,N] = x[Rw,K]·w[N,K]ᵀ, or its backward (dx and dw).
 // Without convert, x and w are read from the bf16 copies the backend keeps
 // (a training step converts each weight and saved activation once and reads
 // it several times); dout, a fresh gradient, is converted by every backward.
-// With convert, every input is converted in every call.
-func matmulCase(name string, N, K int, backward, convert bool) kernelCase {
+// With convert, every input is converted in every call. The backward adds
+// to dx, or with written overwrites it (dx pending a Zero), as the step
+// does (dxWritten); dw always adds.
+func matmulCase(name string, N, K int, backward, convert, written bool) kernelCase {
 	op := "MatMul " + name
 	if backward {
 		op = "MatMulBackward " + name
+		if written {
+			op += " (dx written)"
+		}
 	}
 	if convert {
 		op += " +conv"
@@ -342,6 +358,9 @@ func matmulCase(name string, N, K int, backward, convert bool) kernelCase {
 			be, p := k.pick(onGPU)
 			if convert {
 				forgetInputCopies(be)
+			}
+			if written {
+				be.Zero(p(dx))
 			}
 			be.MatMulBackward(p(dx), p(dw), p(dout), p(x), p(w), Rw, N, K)
 		}, []pair{dx, dw}, 4 * float64(Rw) * float64(N) * float64(K), 0, shape
