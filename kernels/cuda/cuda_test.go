@@ -375,30 +375,45 @@ func TestRMSNormBackwardShapes(t *testing.T) {
 					dg = up(pg)
 				}
 				be.RMSNormBackward(dx, dg, up(dout), xb, gb, rstd, sc.Rw, sc.d)
-				var res [][]float32
-				for _, b := range []kernels.Buffer{dx, dg} {
-					if b != nil {
-						h := make([]float32, b.Len())
-						be.Download(h, b)
-						res = append(res, h)
-					}
-				}
-				if err := be.Err(); err != nil {
-					t.Fatal(err)
-				}
-				return res
+				return downloadAll(t, be, dx, dg)
 			}
 			got, want := run(d.Backend()), run(cpu.New[float32]())
 			for i := range want {
-				var mx, md float64
-				for j := range want[i] {
-					mx = max(mx, math.Abs(float64(want[i][j])))
-					md = max(md, math.Abs(float64(got[i][j]-want[i][j])))
-				}
-				if rel := md / max(mx, 1e-30); !(rel <= 2e-5) {
+				if rel := relErr(got[i], want[i]); !(rel <= 2e-5) {
 					t.Errorf("Rw=%d d=%d %s: output %d rel err %.3g", sc.Rw, sc.d, which, i, rel)
 				}
 			}
 		}
 	}
+}
+
+// downloadAll returns the contents of bufs (nil for a nil buffer) after
+// checking be recorded no error.
+func downloadAll(t *testing.T, be kernels.Backend[float32], bufs ...kernels.Buffer) [][]float32 {
+	t.Helper()
+	res := make([][]float32, len(bufs))
+	for i, b := range bufs {
+		if b != nil {
+			res[i] = make([]float32, b.Len())
+			be.Download(res[i], b)
+		}
+	}
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// relErr is max|got − want| / max|want| (NaN when got has a NaN).
+func relErr(got, want []float32) float64 {
+	var mx, md float64
+	for i := range want {
+		mx = max(mx, math.Abs(float64(want[i])))
+		d := math.Abs(float64(got[i] - want[i]))
+		if math.IsNaN(d) {
+			return math.NaN()
+		}
+		md = max(md, d)
+	}
+	return md / max(mx, 1e-30)
 }

@@ -236,16 +236,7 @@ func TestConvShapes(t *testing.T) {
 						be.Zero(dx)
 					}
 					be.Conv1dBackward(dx, dw, db, up(dout), up(x), up(w), B, T, E, K)
-					var res [][]float32
-					for _, b := range []kernels.Buffer{out, dx, dw, db} {
-						h := make([]float32, b.Len())
-						be.Download(h, b)
-						res = append(res, h)
-					}
-					if err := be.Err(); err != nil {
-						t.Fatal(err)
-					}
-					return res
+					return downloadAll(t, be, out, dx, dw, db)
 				}
 				got := run(d.Backend(), zeroed)
 				if zeroed {
@@ -253,13 +244,8 @@ func TestConvShapes(t *testing.T) {
 				}
 				want := run(cpu.New[float32](), false)
 				for i, name := range []string{"out", "dx", "dw", "dbias"} {
-					var mx, md float64
-					for j := range want[i] {
-						mx = max(mx, math.Abs(float64(want[i][j])))
-						md = max(md, math.Abs(float64(got[i][j]-want[i][j])))
-					}
-					if rel := md / max(mx, 1e-30); !(rel <= 1e-5) {
-						t.Errorf("%s: rel err %.3g (max|cpu| %.3g)", name, rel, mx)
+					if rel := relErr(got[i], want[i]); !(rel <= 1e-5) {
+						t.Errorf("%s: rel err %.3g", name, rel)
 					}
 				}
 			})
