@@ -151,15 +151,16 @@ func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d
 		return
 	}
 	if dxs != nil {
-		// A warp per row, about 4 blocks of 8 per SM; dg rides along when
-		// its d partial sums fit in shared memory.
+		// Blocks of rows, about 8 per SM; dg rides along when its d
+		// partial sums fit in shared memory.
 		var fused *floats
 		shm := 0
 		if dgs != nil && 4*d <= 48<<10 {
 			fused, shm, dgs = dgs, 4*d, nil
 		}
-		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{min((Rw+7)/8, 4*max(1, b.d.info.SMs)), 1, 1}, block256, shm, dxs, fused, do, xs, gs, rs, Rw, d,
-			b.d.shadows.produce(dxs))
+		per := max(1, (Rw+8*b.d.info.SMs-1)/max(1, 8*b.d.info.SMs))
+		b.launch("rmsnorm_backward", "bm_rmsnorm_backward_dx", dim{(Rw + per - 1) / per, 1, 1}, rowBlock(min(d, 256)), shm, dxs, fused, do, xs, gs, rs, Rw, d,
+			per, b.d.shadows.produce(dxs))
 	}
 	if dgs != nil {
 		const rowsPerBlock = 256 // RMS_ROWS_PER_BLOCK in basic.cu

@@ -62,10 +62,10 @@ extern "C" __global__ void bm_embedding_backward(float *dtable, const float *dou
     for (int i = threadIdx.x; i < d; i += blockDim.x) atomicAdd(dst + i, src[i]);
 }
 
-// RMSNorm and its dx: one warp per row (the rows stride over the grid's
-// warps), so a row needs no block barrier; the warp reads its row twice,
-// the second time from cache. out16, when set, gets a bf16 copy of out (a
-// matrix product's operand).
+// RMSNorm: one warp per row (the rows stride over the grid's warps), so a
+// row needs no block barrier; the warp reads its row twice, the second time
+// from cache. out16, when set, gets a bf16 copy of out (a matrix product's
+// operand).
 extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, const float *g, int Rw, int d, unsigned short *out16) {
     const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
     for (long long r = (long long)blockIdx.x * wpb + (threadIdx.x >> 5); r < Rw; r += (long long)gridDim.x * wpb) {
@@ -83,36 +83,33 @@ extern "C" __global__ void bm_rmsnorm(float *out, float *rstd, const float *x, c
     }
 }
 
-// dx += dout·g·s − x·(Σ dout·g·x)·s³/d per row. With dg set it also sums
-// dg's terms of the block's rows in shared memory (d floats, shared atomics)
-// and adds them with one atomic per column at the end.
+// dx: a block per rowsPer rows, one row at a time. With dg set it also
+// sums dg's terms for its rows in shared memory (d floats, each column
+// owned by one thread) and adds them with one atomic per column.
 extern "C" __global__ void bm_rmsnorm_backward_dx(float *dx, float *dg, const float *dout, const float *x, const float *g, const float *rstd, int Rw,
-                                                   int d, unsigned short *dx16) {
+                                                   int d, int rowsPer, unsigned short *dx16) {
+    __shared__ float shm[32];
     BM_DYN_SMEM(float, gacc);
-    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-    if (dg) {
+    if (dg)
         for (int i = threadIdx.x; i < d; i += blockDim.x) gacc[i] = 0.f;
-        __syncthreads();
-    }
-    for (long long r = (long long)blockIdx.x * wpb + (threadIdx.x >> 5); r < Rw; r += (long long)gridDim.x * wpb) {
-        const float *xr = x + r * d, *dr = dout + r * d;
+    const int r1 = min(Rw, (blockIdx.x + 1) * rowsPer);
+    for (int r = blockIdx.x * rowsPer; r < r1; r++) {
+        const float *xr = x + (long long)r * d, *dr = dout + (long long)r * d;
         const float s = rstd[r];
         float dot = 0;
-        for (int i = lane; i < d; i += 32) dot += dr[i] * g[i] * xr[i];
-        dot = bm_warp_sum(dot);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dot += dr[i] * g[i] * xr[i];
+        dot = bm_block_sum(dot, shm);
         const float k = dot * s * s * s / d;
-        float *dxr = dx + r * d;
-        for (int i = lane; i < d; i += 32) {
+        float *dxr = dx + (long long)r * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
             const float v = dxr[i] + dr[i] * g[i] * s - xr[i] * k;
             dxr[i] = v;
-            if (dx16) dx16[r * d + i] = (unsigned short)bm_bf16_bits(v);
-            if (dg) atomicAdd(gacc + i, dr[i] * xr[i] * s);
+            if (dx16) dx16[(long long)r * d + i] = (unsigned short)bm_bf16_bits(v);
+            if (dg) gacc[i] += dr[i] * xr[i] * s;
         }
     }
-    if (dg) {
-        __syncthreads();
+    if (dg)
         for (int i = threadIdx.x; i < d; i += blockDim.x) atomicAdd(dg + i, gacc[i]);
-    }
 }
 
 // dg[i] += Σ_r dout[r,i]·x[r,i]·rstd[r]. Block (32 columns × 8 row lanes)
