@@ -6,6 +6,7 @@
 #   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9 .dev/bmojo
 #   go test -c -tags cuda -o .dev/cuda.test ./kernels/cuda
 #   go test -c -tags cuda -o .dev/model.test ./model
+#   go test -c -tags $T -o .dev/device.test ./internal/device
 #   go build -tags $T -o .dev/torchref-dump ./tools/torchref/dump
 #
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
@@ -13,7 +14,7 @@
 # results); a summary is printed as it goes, so a run cut short still reports.
 # PRESET, SEQ, BATCH, TRAIN_STEPS and TRAIN_LR shrink the runs (e.g. a rehearsal on
 # the CPU emulation: binaries built with -tags cuda,cudaemu). CHECKS picks the
-# steps (default: all of "conformance parity kernels torch step train torchref");
+# steps (default: all of "conformance devices parity kernels torch step train torchref");
 # STEP_BATCHES adds bench step runs at more batch sizes (e.g. "32").
 set -u
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
 [ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -k "$BIN/bmojo.gz"
 
-CHECKS=${CHECKS:-conformance parity kernels torch step train torchref}
+CHECKS=${CHECKS:-conformance devices parity kernels torch step train torchref}
 STEP_BATCHES=${STEP_BATCHES:-}
 
 step() { # name timeout-seconds command...
@@ -48,6 +49,11 @@ step conformance 90 "$BIN/cuda.test" -test.v
 grep -m1 "GPU 0:" "$OUT/conformance.log"
 echo "subtests passed: $(grep -c -- '--- PASS' "$OUT/conformance.log"), failed: $(grep -c -- '--- FAIL' "$OUT/conformance.log")"
 grep -- '--- FAIL' "$OUT/conformance.log" | head -20
+
+# NVML's and CUDA's views of the GPUs agree (by UUID), as seen and as
+# CUDA_VISIBLE_DEVICES narrows them.
+step devices 30 "$BIN/device.test" -test.v -test.run 'GPU'
+grep -E -- '--- (PASS|FAIL|SKIP)|device_gpu_test' "$OUT/devices.log" | head -10
 
 step parity 120 "$BIN/model.test" -test.v -test.run TestCUDAParity
 grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40

@@ -240,13 +240,13 @@ func (w *worker) build() error {
 }
 
 // gpuStats samples the worker's GPU through NVML (nil on the CPU or when
-// NVML cannot read it). NVML and CUDA number devices alike unless
-// CUDA_DEVICE_ORDER or CUDA_VISIBLE_DEVICES reorder them.
+// NVML cannot read it), found by UUID: CUDA_VISIBLE_DEVICES and
+// CUDA_DEVICE_ORDER renumber CUDA's devices but not NVML's.
 func (w *worker) gpuStats() *cluster.GPUStats {
-	if w.dev == nil || w.dev.Kind != "cuda" {
+	if w.dev == nil || w.dev.Kind != "cuda" || w.dev.Dev == nil {
 		return nil
 	}
-	t, err := gpu.Sample(w.dev.GPU)
+	t, err := gpu.Sample(w.dev.Dev.Info().UUID)
 	if err != nil {
 		return nil
 	}

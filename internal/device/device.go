@@ -63,9 +63,42 @@ func Parse(spec string) (kind string, ordinal int, err error) {
 	return "", 0, fmt.Errorf("device %q: want auto, cpu, cuda or cuda:N", spec)
 }
 
-// GPUs returns the GPUs this binary can use: none when it was built
-// without -tags cuda or NVML finds no driver.
+// GPUs returns the GPUs this binary can use, in CUDA's order (element i is
+// cuda:i): NVML's list, restricted to and ordered as the devices the CUDA
+// driver shows this process (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), and
+// matched by UUID. None when the binary was built without -tags cuda or
+// NVML finds no driver.
 func GPUs() ([]gpu.GPU, error) {
+	all, err := discover()
+	if err != nil || len(all) == 0 {
+		return all, err
+	}
+	uuids, err := cuda.Visible()
+	if err != nil {
+		return nil, err
+	}
+	return cudaOrder(all, uuids)
+}
+
+// cudaOrder returns the GPUs of all whose UUIDs are in uuids, in that order.
+func cudaOrder(all []gpu.GPU, uuids []string) ([]gpu.GPU, error) {
+	byUUID := map[string]gpu.GPU{}
+	for _, g := range all {
+		byUUID[g.UUID] = g
+	}
+	out := make([]gpu.GPU, 0, len(uuids))
+	for i, u := range uuids {
+		g, ok := byUUID[u]
+		if !ok {
+			return nil, fmt.Errorf("gpu: CUDA device %d (%s) is not among the %d NVML lists", i, u, len(all))
+		}
+		out = append(out, g)
+	}
+	return out, nil
+}
+
+// discover is NVML's list of the machine's GPUs.
+func discover() ([]gpu.GPU, error) {
 	if !cuda.Built {
 		return nil, cuda.ErrNotBuilt
 	}

@@ -69,14 +69,15 @@ func Discover() ([]GPU, error) {
 	return out, nil
 }
 
-// Sample reads utilisation, memory, power and temperature of device index.
-// Fields NVML cannot read on this device stay 0.
-func Sample(index int) (Telemetry, error) {
+// Sample reads utilisation, memory, power and temperature of the device
+// with this UUID (CUDA and NVML may number devices differently). Fields
+// NVML cannot read on this device stay 0.
+func Sample(uuid string) (Telemetry, error) {
 	if err := start(); err != nil {
 		return Telemetry{}, err
 	}
-	d, ret := nvml.DeviceGetHandleByIndex(index)
-	if err := check(fmt.Sprintf("device %d", index), ret); err != nil {
+	d, ret := nvml.DeviceGetHandleByUUID(uuid)
+	if err := check("device "+uuid, ret); err != nil {
 		return Telemetry{}, err
 	}
 	var t Telemetry

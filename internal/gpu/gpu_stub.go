@@ -10,4 +10,4 @@ var errNotBuilt = fmt.Errorf("%w: this binary was built without -tags cuda, so i
 func Discover() ([]GPU, error) { return nil, errNotBuilt }
 
 // Sample reports that this build has no GPU support.
-func Sample(index int) (Telemetry, error) { return Telemetry{}, errNotBuilt }
+func Sample(uuid string) (Telemetry, error) { return Telemetry{}, errNotBuilt }

@@ -20,7 +20,7 @@ func TestDiscover(t *testing.T) {
 		if g.Name == "" || g.MemTotal == 0 {
 			t.Errorf("device %d: name %q, memory %d: NVML gave nothing", g.Index, g.Name, g.MemTotal)
 		}
-		if _, err := Sample(g.Index); err != nil {
+		if _, err := Sample(g.UUID); err != nil {
 			t.Error(err)
 		}
 	}

@@ -48,6 +48,7 @@ type Info struct {
 	ComputeMinor int
 	SMs          int
 	CuBLAS       string // the cuBLAS library loaded (path or soname)
+	UUID         string // "GPU-…", as NVML and nvidia-smi name the device
 }
 
 // InputCopyStats describes the bf16 copies a device keeps of matrix-product

@@ -38,6 +38,36 @@ type gpu struct {
 
 func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
 
+// deviceUUID is d's UUID as NVML writes it ("GPU-" and the hex groups).
+func deviceUUID(d cu.Device) (string, error) {
+	u, err := d.UUID()
+	if err != nil {
+		return "", err
+	}
+	return "GPU-" + u.String(), nil
+}
+
+// Visible returns the UUIDs of the GPUs the CUDA driver shows this process,
+// in ordinal order: device i is cuda:i. CUDA_VISIBLE_DEVICES and
+// CUDA_DEVICE_ORDER change that list and order; NVML ignores them.
+func Visible() ([]string, error) {
+	n, err := cu.NumDevices()
+	if err != nil {
+		return nil, fmt.Errorf("cuda: counting devices: %w", err)
+	}
+	out := make([]string, n)
+	for i := range out {
+		d, err := cu.GetDevice(i)
+		if err == nil {
+			out[i], err = deviceUUID(d)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cuda: device %d: %w", i, err)
+		}
+	}
+	return out, nil
+}
+
 func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	var info Info
 	// gorgonia.org/cu initialises the driver when the program starts.
@@ -64,6 +94,7 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	info.ComputeMajor, _ = g.dev.Attribute(cu.ComputeCapabilityMajor)
 	info.ComputeMinor, _ = g.dev.Attribute(cu.ComputeCapabilityMinor)
 	info.SMs, _ = g.dev.Attribute(cu.MultiprocessorCount)
+	info.UUID, _ = deviceUUID(g.dev)
 	if g.stream, err = cu.MakeStream(cu.NonBlocking); err != nil {
 		return info, fmt.Errorf("cuda: creating a stream: %w", err)
 	}

@@ -44,8 +44,14 @@ func (e *emu) start(ordinal int, opt Options) (Info, error) {
 		return Info{}, errors.New("cuda: the emulator has one device, 0")
 	}
 	e.bf16 = opt.MatMul == "bf16"
-	return Info{Name: "CPU emulation (cudaemu)", MemTotal: 8 << 30, SMs: 2, ComputeMajor: 9, CuBLAS: "emulated"}, nil
+	return Info{Name: "CPU emulation (cudaemu)", MemTotal: 8 << 30, SMs: 2, ComputeMajor: 9, CuBLAS: "emulated", UUID: emuUUID}, nil
 }
+
+// emuUUID names the emulated device.
+const emuUUID = "GPU-00000000-0000-0000-0000-00000000e0e0"
+
+// Visible returns the emulator's one device.
+func Visible() ([]string, error) { return []string{emuUUID}, nil }
 
 func (e *emu) stop() {}
 

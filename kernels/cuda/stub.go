@@ -13,6 +13,9 @@ const Emulated = false
 // Device is an opened GPU; in this build none can be opened.
 type Device struct{}
 
+// Visible fails: this binary has no CUDA backend.
+func Visible() ([]string, error) { return nil, ErrNotBuilt }
+
 // Open fails: this binary has no CUDA backend.
 func Open(ordinal int, opt Options) (*Device, error) { return nil, ErrNotBuilt }
 
