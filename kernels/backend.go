@@ -133,6 +133,10 @@ type Backend[F Float] interface {
 
 	// MatMul: out[Rw,N] = x[Rw,K]·w[N,K]ᵀ (out += when accumulate).
 	MatMul(out, x, w Buffer, Rw, N, K int, accumulate bool)
+	// MatMulAdd: out[Rw,N] = r[Rw,N] + x[Rw,K]·w[N,K]ᵀ, as Copy(out, r) then
+	// an accumulating MatMul (a residual add). r may be out itself; x and w
+	// must not overlap out.
+	MatMulAdd(out, r, x, w Buffer, Rw, N, K int)
 	// MatMulBackward: dx[Rw,K] += dout·w; dw[N,K] += doutᵀ·x.
 	MatMulBackward(dx, dw, dout, x, w Buffer, Rw, N, K int)
 

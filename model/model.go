@@ -337,21 +337,20 @@ func (m *Model[F]) forwardLogits() {
 		if mx != MixerAttention {
 			m.ssmForward(la, P, B, T)
 		}
-		be.Copy(mid, la.res)
 		switch mx {
 		case MixerMamba:
+			be.Copy(mid, la.res)
 			be.Accumulate(mid, la.f)
 		default:
 			m.attnForward(la, P, mx)
-			be.MatMul(mid, la.o, P("attn.o_proj.weight"), BT, d, c.NHead*c.HeadDim, true)
+			be.MatMulAdd(mid, la.res, la.o, P("attn.o_proj.weight"), BT, d, c.NHead*c.HeadDim)
 		}
 		if c.HasMLP() {
 			be.RMSNorm(la.u2, la.rstd2, mid, P("norm2.weight"), BT, d)
 			be.MatMul(la.gate, la.u2, P("mlp.gate_proj.weight"), BT, c.DFF, d, false)
 			be.MatMul(la.up, la.u2, P("mlp.up_proj.weight"), BT, c.DFF, d, false)
 			be.SwiGLU(la.h, la.gate, la.up)
-			be.Copy(next, mid)
-			be.MatMul(next, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF, true)
+			be.MatMulAdd(next, mid, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF)
 		}
 	}
 	be.RMSNorm(a.xf, a.rstdF, a.resOut, m.p["norm_f.weight"], BT, d)

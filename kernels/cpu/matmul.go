@@ -62,6 +62,20 @@ func (be *Backend[F]) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate 
 	gemm(false, true, Rw, N, K, xs, K, ws, K, beta, o, N)
 }
 
+// MatMulAdd implements kernels.Backend.
+func (be *Backend[F]) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
+	c := be.check("matmul_add")
+	c.dims("Rw,N,K", Rw, N, K)
+	o := c.buf("out", out, Rw*N, "Rw*N")
+	rs := c.buf("r", r, Rw*N, "Rw*N")
+	c.cond(!overlap(o, rs) || &o[0] == &rs[0], "r overlaps out without being it")
+	if !c.ok {
+		return
+	}
+	copy(o, rs)
+	be.MatMul(out, x, w, Rw, N, K, true)
+}
+
 // MatMulBackward implements kernels.Backend.
 func (be *Backend[F]) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int) {
 	c := be.check("matmul_backward")

@@ -48,7 +48,7 @@ static int bm_lt_create(void *f, void **h) { return ((lt_create_t)f)(h); }
 // fp32 compute and scale, column-major, and asks for the best algorithm
 // given the workspace and the operands' alignments.
 static int bm_lt_make_plan(bm_lt *lt, bm_lt_plan *p, int ta, int tb, int m, int n, int k, int lda, int ldb, int ldc,
-	uint64_t wsBytes, uint32_t alignA, uint32_t alignB, uint32_t alignC) {
+	uint64_t wsBytes, uint32_t alignA, uint32_t alignB, uint32_t alignC, uint32_t alignD) {
 	int st = ((lt_desc_create_t)lt->descCreate)(&p->desc, 68, 0); // CUBLAS_COMPUTE_32F, CUDA_R_32F
 	if (st) return st;
 	int32_t opA = ta, opB = tb;
@@ -65,7 +65,7 @@ static int bm_lt_make_plan(bm_lt *lt, bm_lt_plan *p, int ta, int tb, int m, int 
 	if (!st) st = ps(pref, 5, &alignA, sizeof alignA); // MIN_ALIGNMENT_A..D_BYTES
 	if (!st) st = ps(pref, 6, &alignB, sizeof alignB);
 	if (!st) st = ps(pref, 7, &alignC, sizeof alignC);
-	if (!st) st = ps(pref, 8, &alignC, sizeof alignC);
+	if (!st) st = ps(pref, 8, &alignD, sizeof alignD);
 	int found = 0;
 	if (!st) st = ((lt_heur_t)lt->heur)(lt->handle, p->desc, p->a, p->b, p->c, p->c, pref, 1, &p->h, &found);
 	((lt_destroy_t)lt->prefDestroy)(pref);
@@ -73,10 +73,10 @@ static int bm_lt_make_plan(bm_lt *lt, bm_lt_plan *p, int ta, int tb, int m, int 
 	return found > 0 ? 0 : -1;
 }
 
-static int bm_lt_run(bm_lt *lt, bm_lt_plan *p, float alpha, uint64_t A, uint64_t B, float beta, uint64_t C,
+static int bm_lt_run(bm_lt *lt, bm_lt_plan *p, float alpha, uint64_t A, uint64_t B, float beta, uint64_t C, uint64_t D,
 	uint64_t ws, uint64_t wsBytes, void *stream) {
 	return ((lt_matmul_t)lt->matmul)(lt->handle, p->desc, &alpha, (const void *)A, p->a, (const void *)B, p->b, &beta,
-		(const void *)C, p->c, (void *)C, p->c, p->h.algo, (void *)ws, wsBytes, stream);
+		(const void *)C, p->c, (void *)D, p->c, p->h.algo, (void *)ws, wsBytes, stream);
 }
 */
 import "C"
@@ -101,6 +101,7 @@ type ltKey struct {
 	ta, tb                 bool
 	m, n, k, lda, ldb, ld  int
 	alignA, alignB, alignC uint32
+	alignD                 uint32
 }
 
 // loadCublasLt opens the cuBLASLt beside cuBLAS (lib is cuBLAS's name).
@@ -152,13 +153,13 @@ func align(p uint64) uint32 {
 // gemm is cublas.gemmEx for bf16 inputs through cuBLASLt; ok is false when
 // cuBLASLt has no algorithm for the shape (the caller falls back to
 // cublasGemmEx). Device thread only.
-func (l *cublasLt) gemm(stream unsafe.Pointer, transA, transB bool, m, n, k int, alpha float32, A uint64, lda int, B uint64, ldb int, beta float32, Cp uint64, ldc int) (ok bool, err error) {
-	key := ltKey{transA, transB, m, n, k, lda, ldb, ldc, align(A), align(B), align(Cp)}
+func (l *cublasLt) gemm(stream unsafe.Pointer, transA, transB bool, m, n, k int, alpha float32, A uint64, lda int, B uint64, ldb int, beta float32, D, Cin uint64, ldc int) (ok bool, err error) {
+	key := ltKey{transA, transB, m, n, k, lda, ldb, ldc, align(A), align(B), align(Cin), align(D)}
 	p, seen := l.plans[key]
 	if !seen {
 		p = (*C.bm_lt_plan)(C.calloc(1, C.size_t(unsafe.Sizeof(C.bm_lt_plan{}))))
 		st := C.bm_lt_make_plan(l.lt, p, C.int(boolInt(transA)), C.int(boolInt(transB)), C.int(m), C.int(n), C.int(k),
-			C.int(lda), C.int(ldb), C.int(ldc), C.uint64_t(l.wsBytes), C.uint32_t(key.alignA), C.uint32_t(key.alignB), C.uint32_t(key.alignC))
+			C.int(lda), C.int(ldb), C.int(ldc), C.uint64_t(l.wsBytes), C.uint32_t(key.alignA), C.uint32_t(key.alignB), C.uint32_t(key.alignC), C.uint32_t(key.alignD))
 		if st != 0 {
 			C.free(unsafe.Pointer(p))
 			p = nil // no plan: cublasGemmEx for this shape from now on
@@ -168,7 +169,7 @@ func (l *cublasLt) gemm(stream unsafe.Pointer, transA, transB bool, m, n, k int,
 	if p == nil {
 		return false, nil
 	}
-	if st := C.bm_lt_run(l.lt, p, C.float(alpha), C.uint64_t(A), C.uint64_t(B), C.float(beta), C.uint64_t(Cp),
+	if st := C.bm_lt_run(l.lt, p, C.float(alpha), C.uint64_t(A), C.uint64_t(B), C.float(beta), C.uint64_t(Cin), C.uint64_t(D),
 		C.uint64_t(l.ws), C.uint64_t(l.wsBytes), stream); st != 0 {
 		return true, fmt.Errorf("cublasLtMatmul(m=%d n=%d k=%d): status %d", m, n, k, int(st))
 	}

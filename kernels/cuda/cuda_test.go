@@ -259,6 +259,13 @@ func TestDeferredZero(t *testing.T) {
 			be.MatMulBackward(dst, nil, src, x, w, Rw, K, K)
 		}},
 		{"Accumulate", func(dst kernels.Buffer) { be.Accumulate(dst, src) }},
+		{"MatMulAdd into it", func(dst kernels.Buffer) { be.MatMulAdd(dst, src, x, w, Rw, K, K) }},
+		{"MatMulAdd of itself", func(dst kernels.Buffer) { be.MatMulAdd(dst, dst, x, w, Rw, K, K) }},
+		{"MatMulAdd from it", func(dst kernels.Buffer) {
+			o := be.Alloc(Rw * K)
+			be.MatMulAdd(o, dst, x, w, Rw, K, K)
+			be.Copy(dst, o)
+		}},
 		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
 		{"SelectiveScanBackward into dx", func(dst kernels.Buffer) {
 			be.SelectiveScanBackward(dst, nil, nil, nil, nil, nil, nil, nil, dout, x, src, be.Slice(w, 0, K), be.Slice(w, 0, K*4),

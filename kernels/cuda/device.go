@@ -36,7 +36,8 @@ type driver interface {
 	launch(name string, grid, block dim, shmem int, args []uint64) error
 	// gemm is cuBLAS's column-major C = alpha·op(A)·op(B) + beta·C; C is
 	// float32, A and B float32 or (bf16in) bfloat16.
-	gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int, bf16in bool) error
+	// With beta ≠ 0 and Cin set, beta·C reads Cin instead (C = alpha·op(A)·op(B) + beta·Cin).
+	gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C, Cin devptr, ldc int, bf16in bool) error
 }
 
 // Device is one GPU: the OS thread that owns its context, the driver and the

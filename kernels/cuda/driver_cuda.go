@@ -240,10 +240,21 @@ func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) err
 	return fn.Launch(grid.x, grid.y, grid.z, block.x, block.y, block.z, shmem, g.stream, argv)
 }
 
-func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C devptr, ldc int, bf16in bool) error {
+func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C, Cin devptr, ldc int, bf16in bool) error {
+	if Cin == 0 || beta == 0 {
+		Cin = C
+	}
 	if bf16in && g.lt != nil {
-		ok, err := g.lt.gemm(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), ldc)
+		ok, err := g.lt.gemm(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), uint64(Cin), ldc)
 		if ok {
+			return err
+		}
+	}
+	if Cin != C { // cublasGemmEx reads and writes one C
+		if ldc != m {
+			return fmt.Errorf("cuda: a product adding a separate C needs ldc = m (%d, %d)", ldc, m)
+		}
+		if err := g.dtod(C, Cin, 4*int64(m)*int64(n)); err != nil {
 			return err
 		}
 	}

@@ -138,7 +138,10 @@ func (e *emu) launch(name string, grid, block dim, shmem int, args []uint64) err
 // gemm is cuBLAS's column-major product in plain loops: float32 inputs
 // (rounded to bf16 when the device computes in bf16) or bfloat16 inputs
 // (bf16in), float32 sums.
-func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, Cp devptr, ldc int, bf16in bool) error {
+func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, Cp, Cin devptr, ldc int, bf16in bool) error {
+	if Cin == 0 {
+		Cin = Cp
+	}
 	at := func(p devptr, ld, rows int) func(i int) float32 {
 		if bf16in {
 			h := unsafe.Slice((*uint16)(ptrOf(p)), ld*rows)
@@ -152,6 +155,7 @@ func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, ld
 	}
 	a, b := at(A, lda, max(m, k)), at(B, ldb, max(n, k))
 	c := unsafe.Slice((*float32)(ptrOf(Cp)), ldc*n)
+	cin := unsafe.Slice((*float32)(ptrOf(Cin)), ldc*n)
 	for j := 0; j < n; j++ {
 		for i := 0; i < m; i++ {
 			var s float32
@@ -168,7 +172,7 @@ func (e *emu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, ld
 			if beta == 0 {
 				c[i+j*ldc] = alpha * s
 			} else {
-				c[i+j*ldc] = alpha*s + beta*c[i+j*ldc]
+				c[i+j*ldc] = alpha*s + beta*cin[i+j*ldc]
 			}
 		}
 	}

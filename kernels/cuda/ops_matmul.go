@@ -132,7 +132,7 @@ func (b *Backend) InputCopies() InputCopyStats { return b.d.InputCopies() }
 
 // gemm is the driver's product of two operands (both bf16 or both fp32).
 func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B operand, ldb int, beta float32, C devptr, ldc int) error {
-	return d.drv.gemm(transA, transB, m, n, k, 1, A.ptr, lda, B.ptr, ldb, beta, C, ldc, A.bf16)
+	return d.drv.gemm(transA, transB, m, n, k, 1, A.ptr, lda, B.ptr, ldb, beta, C, 0, ldc, A.bf16)
 }
 
 // MatMul implements kernels.Backend.
@@ -169,6 +169,47 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 			return err
 		}
 		return b.d.gemm(true, false, N, Rw, K, wh, K, xh, K, beta, o.ptr, N)
+	})
+}
+
+// MatMulAdd implements kernels.Backend: the product reads r as its C and
+// writes out (cuBLASLt's separate C and D), instead of a copy first.
+func (b *Backend) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
+	c := b.check("matmul_add")
+	c.dims("Rw,N,K", Rw, N, K)
+	rs := c.in("r", r, Rw*N, "Rw·N") // before out: a pending Zero of r is done first
+	o, _ := c.optFresh("out", out, Rw*N, "Rw·N")
+	if c.ok && o == nil {
+		c.failf("out is nil")
+	}
+	inPlace := c.ok && rs.span() == o.span()
+	c.cond(inPlace || !rs.span().overlaps(o.span()), "r overlaps out without being it")
+	xb := c.in("x", x, Rw*K, "Rw·K")
+	wb := c.in("w", w, N*K, "N·K")
+	if !c.ok || Rw*N == 0 {
+		return
+	}
+	if K == 0 {
+		if !inPlace {
+			b.queue("matmul_add", func() error { return b.d.drv.dtod(o.ptr, rs.ptr, int64(4*Rw*N)) })
+		}
+		return
+	}
+	cin := rs.ptr
+	if inPlace {
+		cin = 0
+	}
+	wi, xi := b.input(wb), b.input(xb)
+	b.queue("matmul_add", func() error {
+		wh, err := b.d.operand(0, wi)
+		if err != nil {
+			return err
+		}
+		xh, err := b.d.operand(1, xi)
+		if err != nil {
+			return err
+		}
+		return b.d.drv.gemm(true, false, N, Rw, K, 1, wh.ptr, K, xh.ptr, K, 1, o.ptr, cin, N, wh.bf16)
 	})
 }
 

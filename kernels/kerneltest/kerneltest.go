@@ -37,6 +37,7 @@ var tolerances = map[string]tolerance{
 	"Zero":                  {tol{0, 0}, tol{0, 0}, "exact"},
 	"Copy":                  {tol{0, 0}, tol{0, 0}, "exact"},
 	"CopyColumns":           {tol{0, 0}, tol{0, 0}, "exact"},
+	"MatMulAdd":             {tol{1e-5, 1e-5}, tol{1e-12, 1e-12}, "MatMul's: dot products of up to 129 terms, one add"},
 	"Accumulate":            {tol{0, 0}, tol{0, 0}, "one rounded add, reproduced by the reference"},
 	"Scale":                 {tol{0, 1.2e-7}, tol{0, 2.3e-16}, "one rounding; s may be rounded to F first or not (1 ulp)"},
 	"Slice":                 {tol{0, 0}, tol{0, 0}, "views and round trips are exact"},

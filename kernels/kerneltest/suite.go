@@ -28,6 +28,7 @@ func suite[F kernels.Float]() []opTest[F] {
 		{"RMSNorm", testRMSNorm[F]},
 		{"RMSNormBackward", testRMSNormBackward[F]},
 		{"MatMul", testMatMul[F]},
+		{"MatMulAdd", testMatMulAdd[F]},
 		{"MatMulBackward", testMatMulBackward[F]},
 		{"Conv1d", testConv1d[F]},
 		{"Conv1dBackward", testConv1dBackward[F]},
@@ -205,6 +206,30 @@ func testRMSNormBackward[F kernels.Float](h *harness[F]) {
 	fwd := func() []float64 { o, _ := naiveRMSNorm(x, g, Rw, d); return o }
 	h.grad("x", dx, preX, x, dout, fwd)
 	h.grad("g", dg, preG, g, dout, fwd)
+}
+
+func testMatMulAdd[F kernels.Float](h *harness[F]) {
+	for _, c := range []struct {
+		name     string
+		Rw, N, K int
+		inPlace  bool // r is out
+	}{{"odd", 7, 5, 13, false}, {"blocked", 131, 65, 66, false}, {"in_place", 67, 70, 129, true}} {
+		x, w, r := h.mmIn(c.Rw*c.K), h.mmIn(c.N*c.K), h.randn(c.Rw*c.N, 1)
+		rb := h.buf(c.name+"/r", r)
+		out := rb
+		if !c.inPlace {
+			out = h.out(c.name+"/out", c.Rw*c.N)
+		}
+		h.be.MatMulAdd(out, rb, h.buf("x", x), h.buf("w", w), c.Rw, c.N, c.K)
+		want := naiveMatMul(x, w, c.Rw, c.N, c.K)
+		for i := range want {
+			want[i] += r[i]
+		}
+		h.near(c.name, h.load(out), want)
+		if !c.inPlace {
+			h.near(c.name+"/r unchanged", h.load(rb), r)
+		}
+	}
 }
 
 func testMatMul[F kernels.Float](h *harness[F]) {
@@ -693,6 +718,10 @@ func runErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[
 		{"copy_length_mismatch", func(be kernels.Backend[F]) {
 			be.Copy(be.Alloc(3), be.Alloc(4))
 		}, "copy"},
+		{"matmul_add_r_overlaps", func(be kernels.Backend[F]) {
+			o := be.Alloc(8)
+			be.MatMulAdd(be.Slice(o, 0, 4), be.Slice(o, 2, 4), be.Alloc(4), be.Alloc(4), 2, 2, 2)
+		}, "r overlaps out"},
 		{"copy_columns_outside", func(be kernels.Backend[F]) {
 			be.CopyColumns(be.Alloc(6), be.Alloc(8), 2, 2, 3, 2, 4, 0)
 		}, "dst columns [2,4)"},

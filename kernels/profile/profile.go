@@ -123,6 +123,12 @@ func (pb *Backend[F]) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCo
 	pb.Inner.CopyColumns(dst, src, Rw, n, dCols, dc, sCols, sc)
 }
 
+// MatMulAdd implements kernels.Backend.
+func (pb *Backend[F]) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
+	defer pb.stop("MatMulAdd", pb.start())
+	pb.Inner.MatMulAdd(out, r, x, w, Rw, N, K)
+}
+
 // Accumulate implements kernels.Backend.
 func (pb *Backend[F]) Accumulate(dst, src kernels.Buffer) {
 	defer pb.stop("Accumulate", pb.start())
