@@ -158,8 +158,14 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 	if accumulate && !zeroed {
 		beta = 1
 	}
+	b.product("matmul", o, xb, wb, Rw, N, K, beta, 0)
+}
+
+// product queues out[Rw,N] = x·wᵀ + beta·(cin, or out when cin is 0): in
+// cuBLAS terms outᶜ[N,Rw] = wᶜᵀ·xᶜ (MatMul, MatMulAdd).
+func (b *Backend) product(op string, o, xb, wb *floats, Rw, N, K int, beta float32, cin devptr) {
 	wi, xi := b.input(wb), b.input(xb)
-	b.queue("matmul", func() error {
+	b.queue(op, func() error {
 		wh, err := b.d.operand(0, wi)
 		if err != nil {
 			return err
@@ -168,7 +174,7 @@ func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool
 		if err != nil {
 			return err
 		}
-		return b.d.gemm(true, false, N, Rw, K, wh, K, xh, K, beta, o.ptr, N)
+		return b.d.drv.gemm(true, false, N, Rw, K, 1, wh.ptr, K, xh.ptr, K, beta, o.ptr, cin, N, wh.bf16)
 	})
 }
 
@@ -199,18 +205,7 @@ func (b *Backend) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
 	if inPlace {
 		cin = 0
 	}
-	wi, xi := b.input(wb), b.input(xb)
-	b.queue("matmul_add", func() error {
-		wh, err := b.d.operand(0, wi)
-		if err != nil {
-			return err
-		}
-		xh, err := b.d.operand(1, xi)
-		if err != nil {
-			return err
-		}
-		return b.d.drv.gemm(true, false, N, Rw, K, 1, wh.ptr, K, xh.ptr, K, 1, o.ptr, cin, N, wh.bf16)
-	})
+	b.product("matmul_add", o, xb, wb, Rw, N, K, 1, cin)
 }
 
 // MatMulBackward implements kernels.Backend.
