@@ -145,7 +145,7 @@ func (m *Model[F]) Prepare(B, T int) error {
 	}
 	for _, mx := range c.Mixers {
 		var la layerActs
-		stack := mx == MixerBMOJO && c.FadingWindow > 0
+		stack := m.layerShape(mx).Wf > 0 // fading keys: W_k, W_v apply to u|f
 		la.res, la.rstd1 = be.Alloc(BT*d), be.Alloc(BT)
 		if stack {
 			la.uf, la.u, la.f = halves(BT * d)

@@ -48,11 +48,11 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	xb := c.in("x", x, B*T*E, "B·T·E")
 	wb := c.in("w", w, E*K, "E·K")
 	bb := c.in("bias", bias, E, "E")
-	c.cond(K <= convMaxK, "K=%d is more than the %d taps the CUDA conv takes", K, convMaxK)
+	kw := c.convWindow(K)
 	if !c.ok || B*T*E == 0 {
 		return
 	}
-	b.launch("conv1d", "bm_conv1d_fwd_k"+convWindow(K), b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+	b.launch("conv1d", "bm_conv1d_fwd_k"+kw, b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
 }
 
 // convMaxK is the widest conv the CUDA kernels take (their largest
@@ -60,8 +60,9 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 const convMaxK = 32
 
 // convWindow names the kernel instance for K taps: the smallest window of
-// 4, 8, 16 or 32 rows that holds K.
-func convWindow(K int) string {
+// 4, 8, 16 or 32 rows that holds K; more than convMaxK fails the op.
+func (c *checker) convWindow(K int) string {
+	c.cond(K <= convMaxK, "K=%d is more than the %d taps the CUDA conv takes", K, convMaxK)
 	for _, kw := range []int{4, 8, 16} {
 		if K <= kw {
 			return strconv.Itoa(kw)
@@ -93,11 +94,11 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 	dxb, over := c.optFresh("dx", dx, B*T*E, "B·T·E")
 	dwb := c.opt("dw", dw, E*K, "E·K")
 	dbb := c.opt("dbias", dbias, E, "E")
-	c.cond(K <= convMaxK, "K=%d is more than the %d taps the CUDA conv takes", K, convMaxK)
+	kw := c.convWindow(K)
 	if !c.ok || E == 0 {
 		return
 	}
-	rows, kw := B*T, convWindow(K)
+	rows := B * T
 	if dxb != nil && rows > 0 && K > 0 {
 		b.launch("conv1d_backward", "bm_conv1d_bwd_dx_k"+kw, b.convGrid(rows, E), dim{256, 1, 1}, 0, dxb, do, wb, B, T, E, K,
 			boolInt(over), b.d.shadows.produce(dxb))
