@@ -23,14 +23,23 @@ import time
 import torch
 
 
-def bench(fn, reps=20):
+def bench(fn, reps=20, span=0.025):
+    """Seconds per call, as bmojo bench kernels times its ops: two calls, about
+    25 ms of calls untimed (clocks rise), then at least reps calls and 25 ms."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(reps):
+    fn()
+    torch.cuda.synchronize()
+    n = max(reps, int(span / max(time.perf_counter() - t0, 1e-6)))
+    for _ in range(n):
         fn()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
 
 
 def main():

@@ -35,7 +35,7 @@ STEP_BATCHES=${STEP_BATCHES:-}
 step() { # name timeout-seconds command...
 	local name=$1 t=$2
 	shift 2
-	case " $CHECKS " in *" ${name%%-*} "*) ;; *) echo "=== $name: skipped (CHECKS)"; return 0 ;; esac
+	case " $CHECKS " in *" ${name%%-*} "*) ;; *) echo "=== $name: skipped (CHECKS)"; : >"$OUT/$name.log"; return 0 ;; esac
 	local t0=$SECONDS
 	timeout "$t" "$@" >"$OUT/$name.log" 2>&1
 	local rc=$?
@@ -59,11 +59,16 @@ step parity 120 "$BIN/model.test" -test.v -test.run TestCUDAParity
 grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40
 
 step kernels 60 "$BIN/bmojo" bench kernels --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels.json"
-grep -v '^20..-' "$OUT/kernels.log" | head -30
+grep -v '^20..-' "$OUT/kernels.log" | head -60
 # torch.matmul on the same shapes, and its 8192³ bf16 rate: the H200's
 # measured matrix peak, the reference for MFU below.
 step torch 60 "$PYTHON" bench/torch_matmul.py "$OUT/kernels.json" --peak
 tail -20 "$OUT/torch.log"
+# The same with cuBLASLt's first-guess algorithm per shape (--no-gemm-tune),
+# against the same torch reference: what timing the candidates gains.
+step kernels-firstguess 60 "$BIN/bmojo" bench kernels --no-gemm-tune --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels-firstguess.json"
+[ -f "$OUT/kernels-firstguess.json" ] && step torch-firstguess 60 "$PYTHON" bench/torch_matmul.py "$OUT/kernels-firstguess.json" &&
+	grep -E '^worst' "$OUT/torch-firstguess.log"
 PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/torch.log")
 peakflag=()
 [ -n "$PEAK" ] && peakflag=(--peak-tflops "$PEAK")
@@ -77,12 +82,14 @@ done
 
 # The 130m model trains on the bundled corpus (bytes); halfway through, the
 # dashboard's /metrics must carry the worker's NVML telemetry.
-( sleep 30; "$PYTHON" -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/metrics").read().decode())' | grep -E '^bmojo_worker_(gpu|tokens)' >"$OUT/nvml.txt" ) &
+case " $CHECKS " in *" train "*)
+	( sleep 30; "$PYTHON" -c 'import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/metrics").read().decode())' | grep -E '^bmojo_worker_(gpu|tokens)' >"$OUT/nvml.txt" ) & ;;
+esac
 step train 180 "$BIN/bmojo" train --device cuda --workers 1 --preset "$PRESET" --steps "$TRAIN_STEPS" --batch-size "$BATCH" \
 	--lr "$TRAIN_LR" --eval-every "$((TRAIN_STEPS / 4))" --eval-batches 8 --checkpoint-every "$TRAIN_STEPS" --checkpoint-dir "$OUT/run"
 tr '\r' '\n' <"$OUT/train.log" | grep -E 'eval|skipped|loss|throughput|unigram' | grep -v 'tok/s ' | tail -14
 wait
-echo "NVML telemetry in /metrics during training:"; cat "$OUT/nvml.txt"
+[ -f "$OUT/nvml.txt" ] && { echo "NVML telemetry in /metrics during training:"; cat "$OUT/nvml.txt"; }
 rm -rf "$OUT/run"
 
 if [ -x "$BIN/torchref-dump" ]; then

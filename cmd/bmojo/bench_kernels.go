@@ -31,7 +31,7 @@ func init() {
 	var (
 		preset, dev, jsonOut string
 		batch, seqLen, reps  int
-		noLt                 bool
+		noLt, noTune         bool
 	)
 	cmd := &cobra.Command{
 		Use:   "kernels",
@@ -51,7 +51,7 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 			if seqLen > 0 {
 				c.SeqLen = seqLen
 			}
-			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt}, newLogger())
+			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt, NoGemmTune: noTune}, newLogger())
 			if err != nil {
 				return err
 			}
@@ -76,6 +76,7 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 				}
 				fmt.Printf("%-*s %-22s %10.2e %10.3f %14s\n", w, r.Op, r.Shape, r.RelErr, r.Ms, rate)
 			}
+			printGemmTunings(o.Dev)
 			return writeJSON(jsonOut, rows)
 		},
 	}
@@ -87,7 +88,38 @@ bench/gpu_kernels.sh runs torch.matmul on the same shapes beside it.`,
 	fl.StringVar(&dev, "device", "cuda", "cuda or cuda:N")
 	fl.StringVar(&jsonOut, "json", "", "also write the rows to this JSON file")
 	fl.BoolVar(&noLt, "no-cublaslt", false, "bf16 products through cublasGemmEx instead of cublasLtMatmul")
+	fl.BoolVar(&noTune, "no-gemm-tune", false, "keep cuBLASLt's first-guess algorithm per product shape instead of timing its candidates")
 	benchCmd.AddCommand(cmd)
+}
+
+// printGemmTunings lists how the cuBLASLt algorithm of each product shape
+// was chosen: the heuristic's first guess against the fastest candidate
+// timed on the shape (cuda.Options.NoGemmTune), largest gain first.
+func printGemmTunings(dev *cuda.Device) {
+	var ts []cuda.GemmTuning
+	for _, t := range dev.GemmTunings() {
+		if t.ChosenMs > 0 || t.Note != "" { // timed, or why not
+			ts = append(ts, t)
+		}
+	}
+	if len(ts) == 0 {
+		return
+	}
+	fmt.Printf("\ncuBLASLt algorithm per product shape (column-major C[M,N], K terms): first guess against the fastest candidate timed\n")
+	fmt.Printf("%-22s %-4s %-3s %10s %7s %10s %10s %7s\n", "M×N×K", "op", "C", "candidates", "chosen", "first ms", "chosen ms", "gain")
+	tr := map[bool]string{false: "N", true: "T"}
+	for _, t := range ts {
+		acc := "="
+		if t.Accumulate {
+			acc = "+="
+		}
+		shape := fmt.Sprintf("%d×%d×%d", t.M, t.N, t.K)
+		if t.Note != "" {
+			fmt.Printf("%-22s %-4s %-3s %10d  %s\n", shape, tr[t.TransA]+tr[t.TransB], acc, t.Candidates, t.Note)
+			continue
+		}
+		fmt.Printf("%-22s %-4s %-3s %10d %7d %10.4f %10.4f %6.2f×\n", shape, tr[t.TransA]+tr[t.TransB], acc, t.Candidates, t.Chosen, t.HeuristicMs, t.ChosenMs, t.HeuristicMs/t.ChosenMs)
+	}
 }
 
 // pair holds the same data on the GPU (g) and the CPU (c).
@@ -136,20 +168,37 @@ func (k *kbench) relErr(ps ...pair) float64 {
 	return worst
 }
 
-// timeOp runs f reps times on the GPU after one warm-up; ms per call.
+// timeOp times f: two calls (the first makes any plan; the second gives
+// the call's rough cost), then calls for about
+// 25 ms untimed (a GPU idle during the CPU's validation runs at low clocks
+// at first), then at least reps calls and at least 25 ms of them. ms per
+// call, from the host clock: bench/torch_matmul.py times torch the same way.
 func (k *kbench) timeOp(reps int, f func()) (float64, error) {
+	const span = 25 * time.Millisecond
 	f()
 	if err := k.gpu.Err(); err != nil {
 		return 0, err
 	}
 	t0 := time.Now()
-	for range reps {
+	f()
+	if err := k.gpu.Err(); err != nil {
+		return 0, err
+	}
+	n := max(reps, int(span/max(time.Since(t0), time.Microsecond)))
+	for range n {
 		f()
 	}
 	if err := k.gpu.Err(); err != nil {
 		return 0, err
 	}
-	return 1e3 * time.Since(t0).Seconds() / float64(reps), nil
+	t0 = time.Now()
+	for range n {
+		f()
+	}
+	if err := k.gpu.Err(); err != nil {
+		return 0, err
+	}
+	return 1e3 * time.Since(t0).Seconds() / float64(n), nil
 }
 
 // kernelCase is one op: run it on one backend's buffers (made by setup at

@@ -56,6 +56,7 @@ func init() {
 		threadList           []int
 		peakTFLOPs           float64
 		maxBatch, prof, noLt bool
+		noTune               bool
 		timeline             bool
 		timelineKernels      bool
 	)
@@ -81,7 +82,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
 			}
-			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt}, newLogger())
+			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt, NoGemmTune: noTune}, newLogger())
 			if err != nil {
 				return err
 			}
@@ -155,6 +156,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.BoolVar(&prof, "profile", false, "GPU: time each op of one step (synchronising after each)")
 	fl.StringVar(&jsonOut, "json", "", "also write the figures to this JSON file")
 	fl.BoolVar(&noLt, "no-cublaslt", false, "GPU: bf16 products through cublasGemmEx instead of cublasLtMatmul")
+	fl.BoolVar(&noTune, "no-gemm-tune", false, "GPU: keep cuBLASLt's first-guess algorithm per product shape instead of timing its candidates")
 	fl.BoolVar(&timeline, "timeline", false, "GPU: time each op of one more step with stream events (no synchronisation)")
 	fl.BoolVar(&timelineKernels, "timeline-kernels", false, "with --timeline: one row per kernel of each op (op/kernel)")
 	benchCmd.AddCommand(cmd)

@@ -428,3 +428,60 @@ func relErr(got, want []float32) float64 {
 	}
 	return md / max(mx, 1e-30)
 }
+
+// Timing cuBLASLt's candidates on a product's first call must leave the
+// product computed once: an accumulating product is timed on a copy of its
+// output. The choice is reported (Device.GemmTunings).
+func TestGemmTuning(t *testing.T) {
+	if Emulated {
+		t.Skip("cuBLASLt algorithm tuning needs a GPU (the emulation multiplies in loops)")
+	}
+	d := openDevice(t, "bf16")
+	be := d.NewBackend()
+	const Rw, N, K = 2048, 384, 96 // a shape no other test uses: tuned here
+	tb := newTestBufs(be, 9)
+	xh, wh, preh := tb.host(Rw*K), tb.host(N*K), tb.host(Rw*N)
+	for _, v := range [][]float32{xh, wh} {
+		for i := range v {
+			v[i] = kernels.RoundBF16(v[i]) // exact products: only the sum order differs
+		}
+	}
+	x, w, out := be.Alloc(Rw*K), be.Alloc(N*K), be.Alloc(Rw*N)
+	be.Upload(x, xh)
+	be.Upload(w, wh)
+	be.Upload(out, preh)
+	be.MatMul(out, x, w, Rw, N, K, true)
+	got := tb.get(out)
+	if err := be.Err(); err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	for r := range Rw {
+		for n := range N {
+			want := float64(preh[r*N+n])
+			for k := range K {
+				want += float64(xh[r*K+k]) * float64(wh[n*K+k])
+			}
+			if d := math.Abs(float64(got[r*N+n]) - want); d > 1e-4*(1+math.Abs(want)) {
+				if bad < 3 {
+					t.Errorf("out[%d,%d] = %g, want %g: the product was not added exactly once", r, n, got[r*N+n], want)
+				}
+				bad++
+			}
+		}
+	}
+	var seen *GemmTuning
+	for _, tu := range d.GemmTunings() {
+		if tu.M == N && tu.N == Rw && tu.K == K && tu.Accumulate {
+			seen = &tu
+		}
+	}
+	switch {
+	case seen == nil:
+		t.Errorf("no tuning reported for the %d×%d×%d product: %+v", N, Rw, K, d.GemmTunings())
+	case seen.Candidates > 1 && seen.Note == "" && (seen.ChosenMs <= 0 || seen.ChosenMs > seen.HeuristicMs):
+		t.Errorf("tuning %+v: the kept algorithm must be timed and no slower than the first guess", *seen)
+	default:
+		t.Logf("tuning of %d×%d×%d +=: %+v", N, Rw, K, *seen)
+	}
+}

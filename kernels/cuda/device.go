@@ -29,6 +29,9 @@ type driver interface {
 	dtoh(dst unsafe.Pointer, src devptr, bytes int64) error // waits for the copy
 	dtod(dst, src devptr, bytes int64) error
 	sync() error
+	// tunings reports how each product shape's cuBLASLt algorithm was
+	// chosen (Options.NoGemmTune); nil without cuBLASLt.
+	tunings() []GemmTuning
 	// mark records a point in the stream; since gives the milliseconds
 	// between two marks once the stream has passed both (bench timing).
 	mark() (any, error)

@@ -36,6 +36,25 @@ type Options struct {
 	// NoCublasLt makes bf16 products use cublasGemmEx instead of
 	// cublasLtMatmul with a per-shape heuristic (the default).
 	NoCublasLt bool
+	// NoGemmTune keeps cuBLASLt's first-guess algorithm for each product
+	// shape instead of timing its candidates on the first product of that
+	// shape and keeping the fastest (the default).
+	NoGemmTune bool
+}
+
+// GemmTuning is how the algorithm of one product shape (cuBLAS's
+// column-major C[M,N] = op(A)·op(B), K terms) was chosen: cuBLASLt's
+// heuristic offers candidates, best guess first; each was timed on the
+// shape's first product and the fastest kept.
+type GemmTuning struct {
+	M, N, K        int
+	TransA, TransB bool
+	Accumulate     bool    // C += rather than C =
+	Candidates     int     // algorithms offered
+	Chosen         int     // index of the one kept, in the heuristic's order
+	HeuristicMs    float64 // per product: the first guess; 0 when not timed
+	ChosenMs       float64 // per product: the one kept; 0 when not timed
+	Note           string  // why the candidates were not timed, if so
 }
 
 // Info describes an opened device.

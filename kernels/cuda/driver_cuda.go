@@ -34,6 +34,7 @@ type gpu struct {
 	blas   *cublas
 	lt     *cublasLt    // nil: bf16 products through cublasGemmEx
 	ws     cu.DevicePtr // cuBLAS workspace, shared with cuBLASLt
+	noTune bool         // keep cuBLASLt's first guess (Options.NoGemmTune)
 }
 
 func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
@@ -114,6 +115,7 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	if err := g.blas.setWorkspace(uint64(g.ws), wsBytes); err != nil {
 		return info, err
 	}
+	g.noTune = opt.NoGemmTune
 	if opt.MatMul == "bf16" && !opt.NoCublasLt {
 		// Without cuBLASLt, every product goes through cublasGemmEx.
 		if lt, err := loadCublasLt(g.blas.lib, uint64(g.ws), wsBytes); err == nil {
@@ -211,6 +213,13 @@ func (g *gpu) dtod(dst, src devptr, bytes int64) error {
 	return cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), bytes, g.stream)
 }
 
+func (g *gpu) tunings() []GemmTuning {
+	if g.lt == nil {
+		return nil
+	}
+	return g.lt.tunings()
+}
+
 func (g *gpu) sync() error { return g.stream.Synchronize() }
 
 func (g *gpu) mark() (any, error) {
@@ -245,9 +254,16 @@ func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, ld
 		Cin = C
 	}
 	if bf16in && g.lt != nil {
-		ok, err := g.lt.gemm(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), transA, transB, m, n, k, alpha, uint64(A), lda, uint64(B), ldb, beta, uint64(C), uint64(Cin), ldc)
-		if ok {
-			return err
+		if p := g.lt.plan(transA, transB, m, n, k, lda, ldb, ldc, uint64(A), uint64(B), uint64(Cin), uint64(C)); p != nil {
+			if p.tune == nil {
+				t := GemmTuning{M: m, N: n, K: k, TransA: transA, TransB: transB, Accumulate: beta != 0}
+				if g.noTune {
+					p.tune = &t
+				} else {
+					g.tune(p, t, alpha, uint64(A), uint64(B), beta, uint64(C), uint64(Cin), ldc)
+				}
+			}
+			return g.lt.run(*(*unsafe.Pointer)(unsafe.Pointer(&g.stream)), p, m, n, k, alpha, uint64(A), uint64(B), beta, uint64(C), uint64(Cin))
 		}
 	}
 	if Cin != C { // cublasGemmEx reads and writes one C

@@ -113,6 +113,8 @@ func (e *emu) dtod(dst, src devptr, bytes int64) error {
 
 func (e *emu) sync() error { return nil }
 
+func (e *emu) tunings() []GemmTuning { return nil }
+
 // The emulation runs kernels at launch: a mark is the host clock.
 func (e *emu) mark() (any, error) { return time.Now(), nil }
 

@@ -2,7 +2,11 @@
 
 package cuda
 
-import "github.com/bmojo/bmojo/kernels"
+import (
+	"sort"
+
+	"github.com/bmojo/bmojo/kernels"
+)
 
 // The backend's matrices are row-major; cuBLAS is column-major. A row-major
 // [R,C] matrix is a column-major [C,R] one, so out[Rw,N] = x[Rw,K]·w[N,K]ᵀ
@@ -253,4 +257,15 @@ func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int
 		}
 		return nil
 	})
+}
+
+// GemmTunings reports how the algorithm of each product shape run so far
+// was chosen (Options.NoGemmTune), largest time saved first.
+func (d *Device) GemmTunings() []GemmTuning {
+	var out []GemmTuning
+	d.do(func() { out = d.drv.tunings() })
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].HeuristicMs-out[i].ChosenMs > out[j].HeuristicMs-out[j].ChosenMs
+	})
+	return out
 }

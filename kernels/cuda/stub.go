@@ -34,6 +34,9 @@ func (d *Device) PeakMemory() int64 { return 0 }
 // InputCopies is never reached in this build.
 func (d *Device) InputCopies() InputCopyStats { return InputCopyStats{} }
 
+// GemmTunings is never reached in this build.
+func (d *Device) GemmTunings() []GemmTuning { return nil }
+
 // StartTiming is never reached in this build.
 func (d *Device) StartTiming(bool) {}
 

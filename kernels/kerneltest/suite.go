@@ -2,6 +2,7 @@ package kerneltest
 
 import (
 	"math"
+	"slices"
 	"strings"
 	"testing"
 
@@ -278,6 +279,31 @@ func testMatMulBackward[F kernels.Float](h *harness[F]) {
 	dx2 := h.buf("dx2", preX)
 	h.be.MatMulBackward(dx2, nil, h.buf("dout", dout), h.buf("x", x), h.buf("w", w), Rw, N, K)
 	h.grad("x(nil dw)", dx2, preX, x, dout, fwd)
+
+	// A weight gradient summing many rows into a few outputs, as a thin
+	// layer's does.
+	// Inputs are scaled by 1/16 (still bf16-exact) so that float32
+	// summation error stays far inside the tolerance over 8192 terms.
+	const LR, LN, LK = 8192, 80, 48
+	lx, ldout := h.mmIn(LR*LK), h.mmIn(LR*LN)
+	for _, v := range [][]float64{lx, ldout} {
+		for i := range v {
+			v[i] /= 16
+		}
+	}
+	lpre := h.randn(LN*LK, 1)
+	ldw := h.buf("long/dw", lpre)
+	h.be.MatMulBackward(nil, ldw, h.buf("long/dout", ldout), h.buf("long/x", lx), h.buf("long/w", h.mmIn(LN*LK)), LR, LN, LK)
+	want := slices.Clone(lpre)
+	for r := range LR {
+		for n := range LN {
+			g := ldout[r*LN+n]
+			for k := range LK {
+				want[n*LK+k] += g * lx[r*LK+k]
+			}
+		}
+	}
+	h.near("long/dw", h.load(ldw), want)
 }
 
 func testConv1d[F kernels.Float](h *harness[F]) {
