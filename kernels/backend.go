@@ -151,6 +151,13 @@ type Backend[F Float] interface {
 	SiLU(out, x Buffer)
 	// SiLUBackward: dx += dout·silu'(x).
 	SiLUBackward(dx, dout, x Buffer)
+	// SiLUMatMulBackward: dx += (dr + dout·w)⊙silu'(x), the backward of
+	// h = SiLU(x) read by a product out = h·wᵀ (out's gradient dout [Rw,N],
+	// w [N,K]) and by ops whose gradient into h is dr. x, dr, dx: [Rw,K].
+	// It is MatMulBackward(dh, nil, dout, h, w) into dh = dr, then
+	// SiLUBackward(dx, dh, x), without storing dh: Mamba's x_proj backward
+	// joined to the SiLU's before it.
+	SiLUMatMulBackward(dx, dr, dout, w, x Buffer, Rw, N, K int)
 
 	// SelectiveScan is the Mamba-1 scan with its gate (model.md §3):
 	//

@@ -556,8 +556,10 @@ func (m *Model[F]) ssmBackward(la *layerActs, P, Gr func(string) kernels.Buffer)
 	be.CopyColumns(a.dxdbl, a.ddlt, BT, R, R+2*N, 0, R, 0)
 	be.CopyColumns(a.dxdbl, a.dbm, BT, N, R+2*N, R, N, 0)
 	be.CopyColumns(a.dxdbl, a.dcm, BT, N, R+2*N, R+N, N, 0)
-	be.MatMulBackward(a.da, Gr("ssm.x_proj.weight"), a.dxdbl, la.a, P("ssm.x_proj.weight"), BT, R+2*N, E)
-	be.SiLUBackward(a.daConv, a.da, la.aConv)
+	// x_proj's weight gradient; its input gradient joins a.da inside the
+	// SiLU's backward, never stored.
+	be.MatMulBackward(nil, Gr("ssm.x_proj.weight"), a.dxdbl, la.a, P("ssm.x_proj.weight"), BT, R+2*N, E)
+	be.SiLUMatMulBackward(a.daConv, a.da, a.dxdbl, P("ssm.x_proj.weight"), la.aConv, BT, R+2*N, E)
 	be.Conv1dBackward(a.daPre, Gr("ssm.conv.weight"), Gr("ssm.conv.bias"), a.daConv, la.aPre, P("ssm.conv.weight"), B, T, E, K)
 	win, gwin := P("ssm.in_proj.weight"), Gr("ssm.in_proj.weight")
 	be.MatMulBackward(a.du, be.Slice(gwin, 0, E*d), a.daPre, la.u, be.Slice(win, 0, E*d), BT, E, d)

@@ -230,6 +230,9 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 		for _, convert := range []bool{false, true} {
 			cases = append(cases, matmulCase(name, N, K, false, convert, false), matmulCase(name, N, K, true, convert, dxWritten[name]))
 		}
+		if name == fusedX {
+			cases = append(cases, fusedXCases(N, K)...)
+		}
 	}
 	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false, false, false), matmulCase("head", c.VocabSize, c.DModel, false, true, false))
 	d, E, N := c.DModel, c.DInner, c.DState
@@ -337,6 +340,9 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 		}
 		rows = append(rows, r)
 	}
+	if r, ok := fusedXRow(rows); ok {
+		rows = append(rows, r)
+	}
 	// What every op costs the host before any GPU work: a one-element Scale
 	// (checks, the hop to the device thread, the launch), many times over.
 	one := k.gpu.Alloc(1)
@@ -384,6 +390,9 @@ func matmulCase(name string, N, K int, backward, convert, written bool) kernelCa
 		if written {
 			op += " (dx written)"
 		}
+		if name == fusedX {
+			op += notInStep
+		}
 	}
 	if convert {
 		op += " +conv"
@@ -414,6 +423,79 @@ func matmulCase(name string, N, K int, backward, convert, written bool) kernelCa
 			be.MatMulBackward(p(dx), p(dw), p(dout), p(x), p(w), Rw, N, K)
 		}, []pair{dx, dw}, 4 * float64(Rw) * float64(N) * float64(K), 0, shape
 	}}
+}
+
+// fusedX is the product whose input gradient the training step computes
+// inside the SiLU's backward (kernels.Backend.SiLUMatMulBackward).
+const fusedX = "ssm.x_proj"
+
+// notInStep marks a product row the training step does not run as such:
+// bench/torch_matmul.py prints it and leaves it out of the worst ratio.
+const notInStep = " (not in the step)"
+
+// fusedXCases time the pieces of x_proj's backward as the step runs it:
+// the weight gradient alone, and SiLU's backward with and without the
+// input gradient's product inside.
+func fusedXCases(N, K int) []kernelCase {
+	silu := func(fused bool) kernelCase {
+		name := "SiLUBackward"
+		if fused {
+			name = "SiLUMatMulBackward " + fusedX
+		}
+		return kernelCase{name, func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			Rw := B * T
+			x, dr, dx := k.rand(Rw*K, 1), k.rand(Rw*K, 1), k.zeros(Rw*K)
+			dout, w := k.rand(Rw*N, 1), k.rand(N*K, 1/math.Sqrt(float64(K)))
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.Zero(p(dx)) // as in the step: written, not added to
+				if fused {
+					be.SiLUMatMulBackward(p(dx), p(dr), p(dout), p(w), p(x), Rw, N, K)
+				} else {
+					be.SiLUBackward(p(dx), p(dr), p(x))
+				}
+			}, []pair{dx}, 0, 12 * float64(Rw*K), fmt.Sprintf("%d×%d×%d", Rw, N, K)
+		}}
+	}
+	dw := kernelCase{fusedX + " dW (MatMulBackward, no dx)", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+		Rw := B * T
+		x, w, dout, dw := k.rand(Rw*K, 1), k.rand(N*K, 1/math.Sqrt(float64(K))), k.rand(Rw*N, 1), k.zeros(N*K)
+		return func(onGPU bool) {
+			be, p := k.pick(onGPU)
+			be.MatMulBackward(nil, p(dw), p(dout), p(x), p(w), Rw, N, K)
+		}, []pair{dw}, 2 * float64(Rw) * float64(N) * float64(K), 0, fmt.Sprintf("%d×%d×%d", Rw, N, K)
+	}}
+	return []kernelCase{dw, silu(false), silu(true)}
+}
+
+// fusedXRow is x_proj's backward as the step runs it: the weight
+// gradient's product, plus what the input gradient's product adds to the
+// SiLU's backward it runs inside.
+func fusedXRow(rows []kernelRow) (kernelRow, bool) {
+	ms := map[string]float64{}
+	var shape string
+	rel := 0.0 // the worst of its pieces
+	for _, r := range rows {
+		ms[r.Op] = r.Ms
+		switch r.Op {
+		case fusedX + " dW (MatMulBackward, no dx)":
+			shape = r.Shape
+			fallthrough
+		case "SiLUMatMulBackward " + fusedX:
+			rel = max(rel, r.RelErr)
+		}
+	}
+	dw, ok1 := ms[fusedX+" dW (MatMulBackward, no dx)"]
+	with, ok2 := ms["SiLUMatMulBackward "+fusedX]
+	without, ok3 := ms["SiLUBackward"]
+	if !ok1 || !ok2 || !ok3 {
+		return kernelRow{}, false
+	}
+	var Rw, N, K float64
+	fmt.Sscanf(strings.ReplaceAll(shape, "×", " "), "%g %g %g", &Rw, &N, &K)
+	t := dw + with - without
+	return kernelRow{Op: "MatMulBackward " + fusedX + " (as in the step: dx in SiLU's backward)", Shape: shape, RelErr: rel, Ms: t,
+		TFLOPs: 4 * Rw * N * K / (t / 1e3) / 1e12}, true
 }
 
 // attnCase is the B'MOJO attention of the preset's first attention layer.

@@ -106,6 +106,32 @@ func (be *Backend[F]) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K
 	}
 }
 
+// SiLUMatMulBackward implements kernels.Backend: dh = dr + dout·w in a
+// scratch buffer, exactly as MatMulBackward adds into dr's copy, then
+// SiLU's backward from dh.
+func (be *Backend[F]) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
+	c := be.check("silu_matmul_backward")
+	c.dims("Rw,N,K", Rw, N, K)
+	dxs := c.opt("dx", dx, Rw*K, "Rw*K")
+	drs := c.buf("dr", dr, Rw*K, "Rw*K")
+	do := c.buf("dout", dout, Rw*N, "Rw*N")
+	ws := c.buf("w", w, N*K, "N*K")
+	xs := c.buf("x", x, Rw*K, "Rw*K")
+	if !c.ok || dxs == nil || Rw*K == 0 {
+		return
+	}
+	dh := getScratch[F](Rw * K)
+	copy(*dh, drs)
+	if N > 0 {
+		wT := getScratch[F](N * K)
+		transpose(*wT, ws, N, K)
+		gemm(false, true, Rw, K, N, do, N, *wT, N, 1, *dh, K)
+		putScratch(wT)
+	}
+	siluBackward(dxs, *dh, xs)
+	putScratch(dh)
+}
+
 // scratchPools hold transposition buffers between calls, one pool per
 // element type (index 0: float32, 1: float64).
 var scratchPools [2]sync.Pool

@@ -284,7 +284,12 @@ func (be *Backend[F]) SiLUBackward(dx, dout, x kernels.Buffer) {
 	if !c.ok || dxs == nil {
 		return
 	}
-	parallel(n, 20, func(_, lo, hi int) {
+	siluBackward(dxs, do, xs)
+}
+
+// siluBackward is dx += dout·silu'(x) (SiLUBackward, SiLUMatMulBackward).
+func siluBackward[F kernels.Float](dxs, do, xs []F) {
+	parallel(len(do), 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(xs[i])
 			s := sigmoid[F](v)

@@ -267,6 +267,11 @@ func TestDeferredZero(t *testing.T) {
 			be.Copy(dst, o)
 		}},
 		{"SiLUBackward", func(dst kernels.Buffer) { be.SiLUBackward(dst, dout, x) }},
+		{"SiLUMatMulBackward", func(dst kernels.Buffer) { be.SiLUMatMulBackward(dst, src, dout, w, x, Rw, K, K) }},
+		{"SiLUMatMulBackward of its own dr", func(dst kernels.Buffer) {
+			be.Accumulate(dst, src)
+			be.SiLUMatMulBackward(dst, dst, dout, w, x, Rw, K, K)
+		}},
 		{"SelectiveScanBackward into dx", func(dst kernels.Buffer) {
 			be.SelectiveScanBackward(dst, nil, nil, nil, nil, nil, nil, nil, dout, x, src, be.Slice(w, 0, K), be.Slice(w, 0, K*4),
 				be.Slice(src, 0, Rw*4), be.Slice(dout, 0, Rw*4), be.Slice(w, K, K), x, 1, Rw, K, 4)
@@ -483,5 +488,59 @@ func TestGemmTuning(t *testing.T) {
 		t.Errorf("tuning %+v: the kept algorithm must be timed and no slower than the first guess", *seen)
 	default:
 		t.Logf("tuning of %d×%d×%d +=: %+v", N, Rw, K, *seen)
+	}
+}
+
+// SiLUMatMulBackward's 16-byte paths (whole tiles of aligned rows, which
+// the conformance suite's guarded views never are) against the CPU:
+// writing a pending Zero, adding, dr aliasing dx, and a view at an odd
+// offset that must take the scalar path.
+func TestSiLUMatMulBackwardShapes(t *testing.T) {
+	d := openDevice(t, "bf16")
+	for _, sc := range []struct {
+		name     string
+		Rw, N, K int
+		mode     string // "add", "zero" (dx pending a Zero), "own" (dr is dx)
+		offset   int    // elements before each buffer's view
+	}{
+		{"tiles", 192, 80, 384, "add", 0},
+		{"zero", 130, 48, 256, "zero", 0},
+		{"own", 128, 32, 136, "own", 0},
+		{"odd view", 128, 80, 256, "add", 1},
+	} {
+		rng := rand.New(rand.NewPCG(uint64(sc.Rw), uint64(sc.K)))
+		r := func(n int, bf bool) []float32 {
+			v := make([]float32, n)
+			for i := range v {
+				v[i] = float32(rng.NormFloat64())
+				if bf {
+					v[i] = kernels.RoundBF16(v[i]) // exact products
+				}
+			}
+			return v
+		}
+		x, dr, pre := r(sc.Rw*sc.K, false), r(sc.Rw*sc.K, false), r(sc.Rw*sc.K, false)
+		dout, w := r(sc.Rw*sc.N, true), r(sc.N*sc.K, true)
+		run := func(be kernels.Backend[float32]) [][]float32 {
+			up := func(v []float32) kernels.Buffer {
+				b := be.Slice(be.Alloc(len(v)+sc.offset), sc.offset, len(v))
+				be.Upload(b, v)
+				return b
+			}
+			dx := up(pre)
+			drb := up(dr)
+			switch sc.mode {
+			case "zero":
+				be.Zero(dx)
+			case "own":
+				drb = dx
+			}
+			be.SiLUMatMulBackward(dx, drb, up(dout), up(w), up(x), sc.Rw, sc.N, sc.K)
+			return downloadAll(t, be, dx)
+		}
+		got, want := run(d.Backend()), run(cpu.New[float32]())
+		if rel := relErr(got[0], want[0]); !(rel <= 1e-5) {
+			t.Errorf("%s (%d×%d×%d): rel err %.3g", sc.name, sc.Rw, sc.N, sc.K, rel)
+		}
 	}
 }

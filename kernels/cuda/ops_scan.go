@@ -40,6 +40,43 @@ func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
 	b.launch("silu_backward", "bm_silu_bwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, dxb, do, xb, int64(n), boolInt(over))
 }
 
+// SiLUMatMulBackward implements kernels.Backend: one kernel multiplies
+// bf16 copies of dout and w on tensor cores and adds each tile of the
+// product to dr just before SiLU's backward, so dh = dr + dout·w is never
+// written (for x_proj: 100 MB less read and 100 MB less written per layer
+// at 130m, batch 8 × 2048). With fp32 products (Options.MatMul "fp32") it
+// is the two ops it stands for, through a scratch dh.
+func (b *Backend) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
+	const op = "silu_matmul_backward"
+	c := b.check(op)
+	c.dims("Rw,N,K", Rw, N, K)
+	drb := c.in("dr", dr, Rw*K, "Rw·K")
+	do := c.in("dout", dout, Rw*N, "Rw·N")
+	wb := c.in("w", w, N*K, "N·K")
+	xb := c.in("x", x, Rw*K, "Rw·K")
+	dxb, over := c.optFresh("dx", dx, Rw*K, "Rw·K")
+	c.cond(Rw <= maxGridYZ*64, "Rw is too large for one launch")
+	if !c.ok || dxb == nil || Rw*K == 0 {
+		if over {
+			b.Zero(dx) // still pending
+		}
+		return
+	}
+	if b.d.opt.MatMul != "bf16" {
+		if over {
+			b.Zero(dx) // for SiLUBackward to take
+		}
+		dh := b.Alloc(Rw * K)
+		b.Copy(dh, dr)
+		b.MatMulBackward(dh, nil, dout, x, w, Rw, N, K)
+		b.SiLUBackward(dx, dh, x)
+		return
+	}
+	d16, w16 := b.keptBF16(op, do), b.keptBF16(op, wb)
+	b.launch(op, "bm_silu_matmul_bwd", dim{(K + 127) / 128, (Rw + 63) / 64, 1}, dim{256, 1, 1}, 0,
+		dxb, drb, d16, w16, xb, Rw, N, K, boolInt(over))
+}
+
 // Conv1d implements kernels.Backend.
 func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	c := b.check("conv1d")

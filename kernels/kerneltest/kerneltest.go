@@ -52,6 +52,7 @@ var tolerances = map[string]tolerance{
 	"Conv1dBackward":        {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences; float32 accumulation over B·T"},
 	"SiLU":                  {tol{1e-7, 1e-6}, tol{1e-15, 1e-14}, "float64 math, one float32 rounding"},
 	"SiLUBackward":          {tol{1e-6, 1e-5}, tol{1e-8, 1e-7}, "finite differences"},
+	"SiLUMatMulBackward":    {tol{1e-5, 1e-4}, tol{1e-12, 1e-11}, "float32 dot products of up to 80 terms, then SiLUBackward's float64 factor"},
 	"SelectiveScan":         {tol{1e-5, 1e-5}, tol{1e-12, 1e-11}, "float64 state; error is the float32 rounding of inputs and out"},
 	"SelectiveScanBackward": {tol{1e-4, 1e-3}, tol{1e-7, 1e-6}, "finite differences through T exponentials and products"},
 	"RoPE":                  {tol{1e-6, 1e-5}, tol{1e-13, 1e-12}, "float64 angles, one float32 rounding"},

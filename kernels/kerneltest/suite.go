@@ -35,6 +35,7 @@ func suite[F kernels.Float]() []opTest[F] {
 		{"Conv1dBackward", testConv1dBackward[F]},
 		{"SiLU", testSiLU[F]},
 		{"SiLUBackward", testSiLUBackward[F]},
+		{"SiLUMatMulBackward", testSiLUMatMulBackward[F]},
 		{"SelectiveScan", testScan[F]},
 		{"SelectiveScanBackward", testScanBackward[F]},
 		{"RoPE", testRoPE[F]},
@@ -339,6 +340,42 @@ func testSiLUBackward[F kernels.Float](h *harness[F]) {
 	dx := h.buf("dx", pre)
 	h.be.SiLUBackward(dx, h.buf("dout", dout), h.buf("x", x))
 	h.grad("x", dx, pre, x, dout, func() []float64 { return mapSiLU(x) })
+}
+
+func testSiLUMatMulBackward[F kernels.Float](h *harness[F]) {
+	for _, c := range []struct {
+		name     string
+		Rw, N, K int
+		own      bool // dr is dx itself
+	}{
+		{"odd", 7, 5, 13, false},
+		{"tiles", 131, 80, 300, false}, // partial row and column tiles, n in three chunks
+		{"aligned", 130, 48, 256, false},
+		{"one_column", 65, 17, 1, false},
+		{"dr_is_dx", 70, 33, 136, true},
+	} {
+		dout, w := h.mmIn(c.Rw*c.N), h.mmIn(c.N*c.K)
+		x, dr, pre := h.randn(c.Rw*c.K, 2), h.randn(c.Rw*c.K, 1), h.randn(c.Rw*c.K, 1)
+		dx := h.buf(c.name+"/dx", pre)
+		drb := h.buf(c.name+"/dr", dr)
+		if c.own {
+			dr, drb = pre, dx
+		}
+		h.be.SiLUMatMulBackward(dx, drb, h.buf(c.name+"/dout", dout), h.buf(c.name+"/w", w), h.buf(c.name+"/x", x), c.Rw, c.N, c.K)
+		want := make([]float64, c.Rw*c.K)
+		for r := range c.Rw {
+			for k := range c.K {
+				i := r*c.K + k
+				dh := dr[i]
+				for n := range c.N {
+					dh += dout[r*c.N+n] * w[n*c.K+k]
+				}
+				s := 1 / (1 + math.Exp(-x[i]))
+				want[i] = pre[i] + dh*s*(1+x[i]*(1-s))
+			}
+		}
+		h.near(c.name, h.load(dx), want)
+	}
 }
 
 func testSwiGLU[F kernels.Float](h *harness[F]) {

@@ -207,6 +207,12 @@ func (pb *Backend[F]) SiLUBackward(dx, dout, x kernels.Buffer) {
 	pb.Inner.SiLUBackward(dx, dout, x)
 }
 
+// SiLUMatMulBackward implements kernels.Backend.
+func (pb *Backend[F]) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
+	defer pb.stop("SiLUMatMulBackward", pb.start())
+	pb.Inner.SiLUMatMulBackward(dx, dr, dout, w, x, Rw, N, K)
+}
+
 // SelectiveScan implements kernels.Backend.
 func (pb *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
 	defer pb.stop("SelectiveScan", pb.start())

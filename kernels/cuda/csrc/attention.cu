@@ -28,15 +28,6 @@
 
 #define BM_FULL 0xffffffffu
 
-// Four floats read as one 16-byte shared-memory word (float4 on the GPU; a
-// plain struct in the CPU emulation, which has no vector types).
-#ifdef __CUDACC__
-typedef float4 bm_f4;
-#else
-struct bm_f4 {
-    float x, y, z, w;
-};
-#endif
 #define BM_ATTN_QT 64   // queries per forward / dq block
 #define BM_ATTN_BK 32   // keys per shared-memory tile (forward / dq)
 #define BM_ATTN_SB 16   // keys per online-softmax step (forward)

@@ -68,6 +68,37 @@ static __device__ __forceinline__ unsigned bm_bf16_bits(float f) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+// Four floats (four 32-bit words) moved as one 16-byte word: float4 (uint4)
+// on the GPU; a plain struct in the CPU emulation, which has no vector
+// types.
+#ifdef __CUDACC__
+typedef float4 bm_f4;
+typedef uint4 bm_u4;
+#else
+struct bm_f4 {
+    float x, y, z, w;
+};
+struct bm_u4 {
+    unsigned x, y, z, w;
+};
+#endif
+
+// bm_vec16 is the 16-byte word at p (a global or shared address), which
+// must be 16-byte aligned: the GPU faults on a misaligned vector access,
+// and the emulation, which would not, stops with the kernel's name.
+template <class T> __device__ __forceinline__ T &bm_vec16(const void *p) {
+#ifndef __CUDACC__
+    if ((uintptr_t)p & 15) {
+        fprintf(stderr, "%s: 16-byte access at %p is not aligned\n", bm_emu::st.kernel, p);
+        abort();
+    }
+#endif
+    return *(T *)p;
+}
+
+// bm_aligned16 reports whether p may be read 16 bytes at a time.
+__device__ __forceinline__ bool bm_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
 // Grid-stride loop over n elements (64-bit index).
 #define BM_FOR(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); i += (long long)gridDim.x * blockDim.x)
 

@@ -56,6 +56,137 @@ extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float
     }
 }
 
+// bm_silu_grad is SiLUBackward's term: g·silu'(v), in double as bm_silu_bwd.
+__device__ __forceinline__ float bm_silu_grad(float g, float x) {
+    const double v = x;
+    const double s = 1.0 / (1.0 + exp(-v));
+    return (float)((double)g * s * (1.0 + v * (1.0 - s)));
+}
+
+// bm_silu_matmul_bwd: dx[r,k] (+)= (dr[r,k] + Σ_n dout[r,n]·w[n,k])·silu'(x[r,k])
+// (SiLUMatMulBackward; = when over). dout16 [Rw,N] and w16 [N,K] are bf16
+// copies: the sum runs on tensor cores (mma.m16n8k16, fp32 accumulation)
+// and is never stored in global memory. A block of 8 warps computes 64
+// rows × 128 columns, warp w rows 16·(w%4).. and columns 64·(w/4)..; the
+// n terms pass through shared memory 32 at a time. The finished tile goes
+// to shared memory, where the elementwise part reads it row by row with
+// x, dr and dx in 16-byte loads (whole 512-byte rows per warp).
+#define SMB_ROWS 64
+#define SMB_COLS 128
+#define SMB_KC 32
+#define SMB_ALD (SMB_KC + 8)   // bf16 row pitch of the dout chunk (no bank conflicts in ldmatrix)
+#define SMB_BLD (SMB_COLS + 8) // bf16 row pitch of the w chunk
+#define SMB_TLD (SMB_COLS + 4) // float row pitch of the finished tile
+extern "C" __global__ void __launch_bounds__(256) bm_silu_matmul_bwd(float *dx, const float *dr, const uint16_t *dout16,
+                                                                    const uint16_t *w16, const float *x, int Rw, int N, int K,
+                                                                    int over) {
+    // The operand chunks and, after the main loop, the finished tile share
+    // one buffer.
+    alignas(16) __shared__ unsigned char smem[SMB_ROWS * SMB_TLD * 4];
+    uint16_t(*sa)[SMB_ALD] = (uint16_t(*)[SMB_ALD])smem;
+    uint16_t(*sb)[SMB_BLD] = (uint16_t(*)[SMB_BLD])(smem + SMB_ROWS * SMB_ALD * 2);
+    float(*tile)[SMB_TLD] = (float(*)[SMB_TLD])smem;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int r0 = blockIdx.y * SMB_ROWS, k0 = blockIdx.x * SMB_COLS;
+    const int wr = (warp & 3) * 16, wc = (warp >> 2) * 64;
+    // 16-byte loads need rows that start 16-byte aligned and whole groups.
+    const bool vecA = N % 8 == 0 && bm_aligned16(dout16), vecB = K % 8 == 0 && k0 + SMB_COLS <= K && bm_aligned16(w16);
+    float acc[8][4];
+    for (int j = 0; j < 8; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+    for (int n0 = 0; n0 < N; n0 += SMB_KC) {
+        if (vecA) { // 64 rows × 4 groups of 8: one per thread
+            const int rr = tid >> 2, q = (tid & 3) * 8, r = r0 + rr, n = n0 + q;
+            bm_u4 v = {0, 0, 0, 0};
+            if (r < Rw && n < N) v = bm_vec16<bm_u4>(dout16 + (long long)r * N + n);
+            bm_vec16<bm_u4>(&sa[rr][q]) = v;
+        } else {
+            for (int i = tid; i < SMB_ROWS * SMB_KC; i += 256) {
+                const int rr = i / SMB_KC, nn = i % SMB_KC, r = r0 + rr, n = n0 + nn;
+                sa[rr][nn] = (r < Rw && n < N) ? dout16[(long long)r * N + n] : 0;
+            }
+        }
+        if (vecB) { // 32 rows × 16 groups of 8: two per thread
+            for (int i = tid; i < SMB_KC * SMB_COLS / 8; i += 256) {
+                const int nn = i >> 4, q = (i & 15) * 8, n = n0 + nn;
+                bm_u4 v = {0, 0, 0, 0};
+                if (n < N) v = bm_vec16<bm_u4>(w16 + (long long)n * K + k0 + q);
+                bm_vec16<bm_u4>(&sb[nn][q]) = v;
+            }
+        } else {
+            for (int i = tid; i < SMB_KC * SMB_COLS; i += 256) {
+                const int nn = i / SMB_COLS, cc = i % SMB_COLS, n = n0 + nn, k = k0 + cc;
+                sb[nn][cc] = (n < N && k < K) ? w16[(long long)n * K + k] : 0;
+            }
+        }
+        __syncthreads();
+        for (int kk = 0; kk < SMB_KC && n0 + kk < N; kk += 16) {
+            // ldmatrix: lane l addresses row l%8 of 8×8 matrix l/8.
+            const int mi = lane >> 3;
+            unsigned a[4];
+            bm_ldsm_x4(a, &sa[wr + (lane & 7) + 8 * (mi & 1)][kk + 8 * (mi >> 1)]);
+            for (int j = 0; j < 8; j += 2) {
+                unsigned b[4]; // b0, b1 of column tiles j and j+1
+                bm_ldsm_x4_t(b, &sb[kk + (lane & 7) + 8 * (mi & 1)][wc + 8 * j + 8 * (mi >> 1)]);
+                bm_mma_16816(acc[j], a, b[0], b[1]);
+                bm_mma_16816(acc[j + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+    // acc[j][2h+e] is row wr+g+8h, column wc+8j+2c+e of the tile.
+    const int g = lane >> 2, cq = lane & 3;
+    for (int j = 0; j < 8; j++)
+        for (int h = 0; h < 2; h++) {
+            tile[wr + g + 8 * h][wc + 8 * j + 2 * cq] = acc[j][2 * h];
+            tile[wr + g + 8 * h][wc + 8 * j + 2 * cq + 1] = acc[j][2 * h + 1];
+        }
+    __syncthreads();
+    if (K % 4 == 0 && bm_aligned16(x) && bm_aligned16(dr) && bm_aligned16(dx) && r0 + SMB_ROWS <= Rw && k0 + SMB_COLS <= K) {
+        // Whole tile, 16-byte aligned rows: each thread takes 8 float4 (a
+        // warp, one 512-byte row),
+        // four at a time, every load issued before any store (dr or x may
+        // be dx itself: each element is read and written by one thread).
+        for (int half = 0; half < 2; half++) {
+            bm_f4 xv[4], rv[4], ov[4];
+            long long at[4];
+            int tr[4], tc[4];
+            for (int u = 0; u < 4; u++) {
+                const int idx = ((half * 4 + u) * 256 + tid) * 4; // element in the tile
+                tr[u] = idx / SMB_COLS;
+                tc[u] = idx % SMB_COLS;
+                at[u] = (long long)(r0 + tr[u]) * K + k0 + tc[u];
+                xv[u] = bm_vec16<bm_f4>(x + at[u]);
+                rv[u] = bm_vec16<bm_f4>(dr + at[u]);
+                if (!over) ov[u] = bm_vec16<bm_f4>(dx + at[u]);
+            }
+            for (int u = 0; u < 4; u++) {
+                const float *p = &tile[tr[u]][tc[u]];
+                bm_f4 o;
+                o.x = bm_silu_grad(rv[u].x + p[0], xv[u].x);
+                o.y = bm_silu_grad(rv[u].y + p[1], xv[u].y);
+                o.z = bm_silu_grad(rv[u].z + p[2], xv[u].z);
+                o.w = bm_silu_grad(rv[u].w + p[3], xv[u].w);
+                if (!over) {
+                    o.x += ov[u].x;
+                    o.y += ov[u].y;
+                    o.z += ov[u].z;
+                    o.w += ov[u].w;
+                }
+                bm_vec16<bm_f4>(dx + at[u]) = o;
+            }
+        }
+    } else {
+        for (int i = tid; i < SMB_ROWS * SMB_COLS; i += 256) {
+            const int rr = i / SMB_COLS, cc = i % SMB_COLS, r = r0 + rr, k = k0 + cc;
+            if (r >= Rw || k >= K) continue;
+            const long long at = (long long)r * K + k;
+            const float gr = bm_silu_grad(dr[at] + tile[rr][cc], x[at]);
+            dx[at] = over ? gr : dx[at] + gr;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- Conv1d
 
 // The conv kernels run a 2-D grid: blockIdx.x·blockDim.x + threadIdx.x is
