@@ -507,6 +507,7 @@ func TestSiLUMatMulBackwardShapes(t *testing.T) {
 		{"zero", 130, 48, 256, "zero", 0},
 		{"own", 128, 32, 136, "own", 0},
 		{"odd view", 128, 80, 256, "add", 1},
+		{"last tile one row short", 127, 80, 256, "zero", 0},
 	} {
 		rng := rand.New(rand.NewPCG(uint64(sc.Rw), uint64(sc.K)))
 		r := func(n int, bf bool) []float32 {
@@ -521,13 +522,18 @@ func TestSiLUMatMulBackwardShapes(t *testing.T) {
 		}
 		x, dr, pre := r(sc.Rw*sc.K, false), r(sc.Rw*sc.K, false), r(sc.Rw*sc.K, false)
 		dout, w := r(sc.Rw*sc.N, true), r(sc.N*sc.K, true)
+		const guard = 4 * 128 // floats after dx: a row past its end
+		var dxAll kernels.Buffer
 		run := func(be kernels.Backend[float32]) [][]float32 {
 			up := func(v []float32) kernels.Buffer {
 				b := be.Slice(be.Alloc(len(v)+sc.offset), sc.offset, len(v))
 				be.Upload(b, v)
 				return b
 			}
-			dx := up(pre)
+			dxAll = be.Alloc(sc.offset + len(pre) + guard)
+			be.Upload(dxAll, make([]float32, sc.offset+len(pre)+guard))
+			dx := be.Slice(dxAll, sc.offset, len(pre))
+			be.Upload(dx, pre)
 			drb := up(dr)
 			switch sc.mode {
 			case "zero":
@@ -538,7 +544,16 @@ func TestSiLUMatMulBackwardShapes(t *testing.T) {
 			be.SiLUMatMulBackward(dx, drb, up(dout), up(w), up(x), sc.Rw, sc.N, sc.K)
 			return downloadAll(t, be, dx)
 		}
-		got, want := run(d.Backend()), run(cpu.New[float32]())
+		gbe := d.Backend()
+		got := run(gbe)
+		all := downloadAll(t, gbe, dxAll)[0]
+		for i, v := range all[sc.offset+len(pre):] {
+			if v != 0 {
+				t.Errorf("%s: element %d past dx's end written: %g", sc.name, i, v)
+				break
+			}
+		}
+		want := run(cpu.New[float32]())
 		if rel := relErr(got[0], want[0]); !(rel <= 1e-5) {
 			t.Errorf("%s (%d×%d×%d): rel err %.3g", sc.name, sc.Rw, sc.N, sc.K, rel)
 		}
