@@ -4,11 +4,12 @@
 #
 #   T=cuda,kustomize_disable_go_plugin_support
 #   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9 .dev/bmojo
-#   go test -c -tags cuda -o .dev/cuda.test ./kernels/cuda
-#   go test -c -tags cuda -o .dev/model.test ./model
-#   go test -c -tags $T -o .dev/device.test ./internal/device
-#   go build -tags $T -o .dev/torchref-dump ./tools/torchref/dump
+#   go test -c -ldflags "-s -w" -tags cuda -o .dev/cuda.test ./kernels/cuda
+#   go test -c -ldflags "-s -w" -tags cuda -o .dev/model.test ./model
+#   go test -c -ldflags "-s -w" -tags $T -o .dev/device.test ./internal/device
+#   go build -ldflags "-s -w" -tags $T -o .dev/torchref-dump ./tools/torchref/dump
 #
+# (stripped, they fit the 64 MiB a run on the lent GPU machines may carry)
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
 # OUTDIR (packed into OUTDIR/logs.tar.gz at the end, beside the JSON
 # results); a summary is printed as it goes, so a run cut short still reports.

@@ -38,7 +38,7 @@ typedef struct {
 } bm_lt_heur;
 
 // BM_LT_CANDS is how many of the heuristic's algorithms a plan keeps, best
-// guess first, for the timing that picks one (tuneGemm).
+// guess first, for the timing that picks one (gpu.tune).
 #define BM_LT_CANDS 16
 
 typedef struct {
