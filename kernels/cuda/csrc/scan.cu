@@ -44,23 +44,22 @@ extern "C" __global__ void bm_silu_fwd(float *out, const float *x, long long n, 
     }
 }
 
-// dx[i] += dout[i]·s·(1 + x[i]·(1−s)), s = sigmoid(x[i]), in double (the
-// factor cancels near x ≈ −1.28, where float would lose digits); dx = when
-// over (the host's deferred zero).
-extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float *x, long long n, int over) {
-    BM_FOR(i, n) {
-        const double v = x[i];
-        const double s = 1.0 / (1.0 + exp(-v));
-        const float g = (float)((double)dout[i] * s * (1.0 + v * (1.0 - s)));
-        dx[i] = over ? g : dx[i] + g;
-    }
-}
-
-// bm_silu_grad is SiLUBackward's term: g·silu'(v), in double as bm_silu_bwd.
+// bm_silu_grad is SiLUBackward's term g·silu'(x) = g·s·(1 + x·(1−s)),
+// s = sigmoid(x), in double (the factor cancels near x ≈ −1.28, where float
+// would lose digits).
 __device__ __forceinline__ float bm_silu_grad(float g, float x) {
     const double v = x;
     const double s = 1.0 / (1.0 + exp(-v));
     return (float)((double)g * s * (1.0 + v * (1.0 - s)));
+}
+
+// dx[i] += bm_silu_grad(dout[i], x[i]); dx = when over (the host's deferred
+// zero).
+extern "C" __global__ void bm_silu_bwd(float *dx, const float *dout, const float *x, long long n, int over) {
+    BM_FOR(i, n) {
+        const float g = bm_silu_grad(dout[i], x[i]);
+        dx[i] = over ? g : dx[i] + g;
+    }
 }
 
 // bm_silu_matmul_bwd: dx[r,k] (+)= (dr[r,k] + Σ_n dout[r,n]·w[n,k])·silu'(x[r,k])
