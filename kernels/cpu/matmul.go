@@ -89,11 +89,7 @@ func (be *Backend[F]) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K
 		return
 	}
 	if dxs != nil {
-		// dx[Rw,K] += dout[Rw,N]·(wᵀ[K,N])ᵀ
-		wT := getScratch[F](N * K)
-		transpose(*wT, ws, N, K)
-		gemm(false, true, Rw, K, N, do, N, *wT, N, 1, dxs, K)
-		putScratch(wT)
+		addDoutW(dxs, do, ws, Rw, N, K)
 	}
 	if dws != nil {
 		// dw[N,K] += doutᵀ[N,Rw]·(xᵀ[K,Rw])ᵀ
@@ -106,8 +102,17 @@ func (be *Backend[F]) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K
 	}
 }
 
+// addDoutW is MatMulBackward's input gradient: dx[Rw,K] += dout[Rw,N]·w[N,K]
+// (as dout·(wᵀ[K,N])ᵀ).
+func addDoutW[F kernels.Float](dx, dout, w []F, Rw, N, K int) {
+	wT := getScratch[F](N * K)
+	transpose(*wT, w, N, K)
+	gemm(false, true, Rw, K, N, dout, N, *wT, N, 1, dx, K)
+	putScratch(wT)
+}
+
 // SiLUMatMulBackward implements kernels.Backend: dh = dr + dout·w in a
-// scratch buffer, exactly as MatMulBackward adds into dr's copy, then
+// scratch buffer, added exactly as MatMulBackward adds its dx, then
 // SiLU's backward from dh.
 func (be *Backend[F]) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
 	c := be.check("silu_matmul_backward")
@@ -123,10 +128,7 @@ func (be *Backend[F]) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, 
 	dh := getScratch[F](Rw * K)
 	copy(*dh, drs)
 	if N > 0 {
-		wT := getScratch[F](N * K)
-		transpose(*wT, ws, N, K)
-		gemm(false, true, Rw, K, N, do, N, *wT, N, 1, *dh, K)
-		putScratch(wT)
+		addDoutW(*dh, do, ws, Rw, N, K)
 	}
 	siluBackward(dxs, *dh, xs)
 	putScratch(dh)

@@ -887,6 +887,27 @@ static __device__ __forceinline__ void scan_dbc_store(const float (*sP)[NW][32],
 // it and, when WQ, Q[b][seg][e][16] = Σ_t (Π_{s ≤ t in the segment} a_s)·
 // dy_t·C_t, the gradient the segment passes to the state before it when
 // nothing comes from its right (dy = dout·z·sigmoid(z), a_s = exp(Δ_s·A)).
+// scan_bias_d_store sums ∂dtBias and ∂Dskip over the block's L rows of each
+// channel in a fixed order (no atomics: reproducible) and stores the sums
+// at partBias[at], partD[at]. Earlier reads of sR must be behind a barrier.
+template <int L>
+static __device__ __forceinline__ void scan_bias_d_store(float (&sR)[2][L][BM_SS_CH], int sj, int sc, bool sact, float accBias,
+                                                         float accD, float *partBias, float *partD, long long at) {
+    sR[0][sj][sc] = accBias;
+    sR[1][sj][sc] = accD;
+    __syncthreads();
+    if (sj == 0 && sact) {
+        float sb = 0.f, sd = 0.f;
+#pragma unroll
+        for (int j = 0; j < L; j++) {
+            sb += sR[0][j][sc];
+            sd += sR[1][j][sc];
+        }
+        if (partBias) partBias[at] = sb;
+        if (partD) partD[at] = sd;
+    }
+}
+
 template <bool WQ>
 static __device__ __forceinline__ void scan_loc(float *hloc, float *Q, float *S, const float *x, const float *dt,
                                                 const float *dtBias, const float *Alog, const float *Bm,
@@ -1175,21 +1196,8 @@ bm_selective_scan_bwd16(float *dx, float *ddt, float *dz, float *partB, float *p
             if (n < N) partA[(so + e) * N + n] = dA[p] * A[p]; // dA/dAlog = A
         }
     }
-    // ddtBias, dDskip: the block's 8 rows per channel, in a fixed order.
-    __syncthreads();
-    sR[0][sj][sc] = accBias;
-    sR[1][sj][sc] = accD;
-    __syncthreads();
-    if (sj == 0 && sact) {
-        float sb = 0.f, sd = 0.f;
-#pragma unroll
-        for (int j = 0; j < L; j++) {
-            sb += sR[0][j][sc];
-            sd += sR[1][j][sc];
-        }
-        if (partBias) partBias[so + es] = sb;
-        if (partD) partD[so + es] = sd;
-    }
+    __syncthreads(); // sR is written below
+    scan_bias_d_store<L>(sR, sj, sc, sact, accBias, accD, partBias, partD, so + es);
 }
 
 // ---------------------------------------------------------------- N ≤ 16 backward, one block per (channels, b)
@@ -1459,20 +1467,7 @@ bm_selective_scan_bwdw16(float *dx, float *ddt, float *dz, float *partB, float *
             if (n < N) partA[((long long)b * E + e) * N + n] = dA[p] * (A2[p] * BM_LN2); // dA/dAlog = A
         }
     }
-    // ddtBias, dDskip: the block's 8 rows per channel, in a fixed order.
-    sR[0][sj][sc] = accBias;
-    sR[1][sj][sc] = accD;
-    __syncthreads();
-    if (sj == 0 && sact) {
-        float sb = 0.f, sd = 0.f;
-#pragma unroll
-        for (int j = 0; j < L; j++) {
-            sb += sR[0][j][sc];
-            sd += sR[1][j][sc];
-        }
-        if (partBias) partBias[(long long)b * E + es] = sb;
-        if (partD) partD[(long long)b * E + es] = sd;
-    }
+    scan_bias_d_store<L>(sR, sj, sc, sact, accBias, accD, partBias, partD, (long long)b * E + es);
 }
 
 // dst[i] += Σ_p part[p·n + i] for i < n, p < P, in a fixed order: 32
