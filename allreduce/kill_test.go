@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bmojo/bmojo/internal/testleak"
 )
 
 const helperEnv = "BMOJO_ALLREDUCE_TEST_HELPER"
@@ -29,7 +31,7 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	testleak.Main(m)
 }
 
 // helperRank: prints "ADDR host:port", reads "RANK r PEERS a,b,...

@@ -682,7 +682,7 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 				keep = append(keep, t)
 			}
 		}
-		l.timers = append(keep, timer{at: time.Now().Add(d), ev: TimerFired{Timer: a.Timer, Epoch: a.Epoch}})
+		l.timers = append(keep, timer{at: time.Now().Add(d), ev: TimerFired(a)})
 	case PublishRing:
 		if err := l.txn(ctx, "publish ring", clientv3.OpPut(p+cluster.KeyRing, cluster.Encode(a.Ring))); err != nil {
 			return err

@@ -18,18 +18,14 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/goleak"
 
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/testleak"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// Process-wide goroutines of libraries etcd imports.
-		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
-		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
-	)
+	testleak.Main(m)
 }
 
 const testJob = "test-job"

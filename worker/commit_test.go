@@ -26,7 +26,7 @@ func TestCommitterRepeatedKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: srv.Endpoints(), DialTimeout: 5 * time.Second})
+	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: srv.Endpoints()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -108,7 +108,8 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 			log.Info("eval", "step", w.step, "train_loss", round4(loss), "val_loss", round4(val), "tokens_per_s", math.Round(tps))
 		}
 		if rank == 0 {
-			entry := cluster.LedgerEntry{Step: w.step - 1, Epoch: r.Epoch, Ranges: map[string]cluster.Range{}, Loss: loss}
+			entry := cluster.LedgerEntry{Step: w.step - 1, Epoch: r.Epoch, Ranges: map[string]cluster.Range{}, Loss: loss,
+				Time: float64(time.Now().UnixNano()) / 1e9}
 			for i, m := range r.Members {
 				s, c, _ := data.BatchRange(w.step-1, w.job.BatchSize, i, len(peers))
 				entry.Ranges[m.ID] = cluster.Range{Start: s, Count: c}
@@ -190,7 +191,7 @@ func (w *worker) buckets() []*bucket {
 // trainStep computes this rank's share of the global batch and leaves the
 // averaged gradient of the whole batch in the model. Gradients are scaled
 // by rows/GB before the sum, so the result is the gradient of the global
-// mean loss whatever the split (model.md §6).
+// mean loss whatever the split (docs/model.md §6).
 // stepTimes splits one step's wall time (cluster.WorkerStats).
 type stepTimes struct {
 	data, compute, wait time.Duration

@@ -14,6 +14,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -88,7 +89,8 @@ type worker struct {
 
 	lis      net.Listener
 	addr     string
-	leaseID  clientv3.LeaseID
+	leaseID  atomic.Int64   // the member key's lease (a clientv3.LeaseID); replaced when lost
+	bg       sync.WaitGroup // the background goroutines: lease, membership and ring watchers
 	ringMu   sync.Mutex
 	ring     *allreduce.Ring
 	ringInfo cluster.Ring
@@ -121,7 +123,7 @@ func Run(ctx context.Context, cfg Config) error {
 	w := &worker{cfg: cfg, cli: cfg.Etcd, prefix: cluster.Prefix(cfg.Job),
 		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID), latest: make(chan cluster.Ring, 1)}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	defer func() { cancel(); w.bg.Wait() }()
 	if err := w.loadSpec(ctx); err != nil {
 		return err
 	}
@@ -152,18 +154,40 @@ func Run(ctx context.Context, cfg Config) error {
 	w.commits = newCommitter(w.cli, w.prefix, w.log)
 	defer w.commits.close()
 	w.ckpt = &checkpointer{w: w}
-	go w.watchRing(ctx)
-	go w.keepRegistered(ctx)
+	w.goBackground(func() { w.watchRing(ctx) })
+	w.goBackground(func() { w.keepRegistered(ctx) })
 	err = w.loop(ctx)
 	w.ckpt.wait()
 	w.commits.close()
 	cancel() // stop re-registering before the lease goes
-	if w.leaseID != 0 {
+	w.bg.Wait()
+	if id := clientv3.LeaseID(w.leaseID.Load()); id != 0 {
 		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, _ = w.cli.Revoke(rctx, w.leaseID)
+		_, _ = w.cli.Revoke(rctx, id)
 		rcancel()
 	}
 	return err
+}
+
+// goBackground runs f on a goroutine that Run joins before it returns.
+func (w *worker) goBackground(f func()) {
+	w.bg.Add(1)
+	go func() {
+		defer w.bg.Done()
+		f()
+	}()
+}
+
+// sleep waits d or until ctx ends, whichever is first; false if ctx ended.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 func (w *worker) key(k string) string { return w.prefix + k }
@@ -269,16 +293,9 @@ func (w *worker) register(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("worker: etcd lease: %w", err)
 	}
-	w.leaseID = lease.ID
+	w.leaseID.Store(int64(lease.ID))
 	// Keep the lease alive from now on: the wait below may outlast its TTL.
-	ka, err := w.cli.KeepAlive(ctx, lease.ID)
-	if err != nil {
-		return fmt.Errorf("worker: etcd keepalive: %w", err)
-	}
-	go func() {
-		for range ka { // drain; the channel closes when ctx ends or the lease is lost
-		}
-	}()
+	w.goBackground(func() { w.holdLease(ctx) })
 	// A record left by a killed process of this id lapses with its lease
 	// (etcd keeps leases across its own restarts): wait that long before
 	// calling it a live duplicate.
@@ -308,7 +325,7 @@ func (w *worker) putMember(ctx context.Context) error {
 	k := w.key(cluster.KeyMembers + w.cfg.ID)
 	resp, err := w.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, cluster.Encode(rec), clientv3.WithLease(w.leaseID))).
+		Then(clientv3.OpPut(k, cluster.Encode(rec), clientv3.WithLease(clientv3.LeaseID(w.leaseID.Load())))).
 		Else(clientv3.OpGet(k)).Commit()
 	if err != nil {
 		return fmt.Errorf("worker: register: %w", err)
@@ -324,6 +341,30 @@ func (w *worker) putMember(ctx context.Context) error {
 	return nil
 }
 
+// holdLease keeps the current lease (w.leaseID) alive until ctx ends.
+//
+// etcd's client gives a lease up when no keep-alive answer came for a TTL,
+// which happens when etcd restarts: its connection comes back too late.
+// But a restarted etcd extends every lease by its TTL, so the lease is
+// often still alive: holdLease then keeps it alive again, and the worker
+// stays a member through an etcd outage shorter than the TTL. A lease that
+// is really gone makes keepRegistered register on a new one, which
+// holdLease then follows.
+func (w *worker) holdLease(ctx context.Context) {
+	for ctx.Err() == nil {
+		id := clientv3.LeaseID(w.leaseID.Load())
+		if ka, err := w.cli.KeepAlive(ctx, id); err == nil {
+			for range ka { // drain; closes when ctx ends or the client gives the lease up
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Debug("lease keep-alive ended; keeping it alive again", "lease", id)
+		sleep(ctx, 100*time.Millisecond)
+	}
+}
+
 // keepRegistered re-creates the member key if the coordinator removed it
 // (this worker was reported as failed while alive) or the lease was lost.
 func (w *worker) keepRegistered(ctx context.Context) {
@@ -337,27 +378,19 @@ func (w *worker) keepRegistered(ctx context.Context) {
 				}
 				w.log.Warn("membership removed; registering again")
 				for ctx.Err() == nil {
-					if _, err := w.cli.KeepAliveOnce(ctx, w.leaseID); err != nil {
+					if _, err := w.cli.KeepAliveOnce(ctx, clientv3.LeaseID(w.leaseID.Load())); err != nil {
 						if lease, err := w.cli.Grant(ctx, int64(w.cfg.LeaseTTL)); err == nil {
-							w.leaseID = lease.ID
-							if ka, err := w.cli.KeepAlive(ctx, lease.ID); err == nil {
-								go func() {
-									for range ka {
-									}
-								}()
-							}
+							w.leaseID.Store(int64(lease.ID)) // holdLease follows it
 						}
 					}
 					if err := w.putMember(ctx); err == nil || errors.Is(err, ErrDuplicateID) {
 						break
 					}
-					time.Sleep(200 * time.Millisecond)
+					sleep(ctx, 200*time.Millisecond)
 				}
 			}
 		}
-		if ctx.Err() == nil {
-			time.Sleep(200 * time.Millisecond) // watch broke (etcd restarting): watch again
-		}
+		sleep(ctx, 200*time.Millisecond) // the watch broke (etcd restarting): watch again
 	}
 }
 
@@ -385,7 +418,7 @@ func (w *worker) watchRing(ctx context.Context) {
 	for ctx.Err() == nil {
 		resp, err := w.cli.Get(ctx, w.key(cluster.KeyRing))
 		if err != nil {
-			time.Sleep(200 * time.Millisecond)
+			sleep(ctx, 200*time.Millisecond)
 			continue
 		}
 		if len(resp.Kvs) > 0 {
@@ -478,7 +511,7 @@ func (w *worker) put(ctx context.Context, k, v string) error {
 			return ctx.Err()
 		}
 		w.log.Warn("etcd put failed; retrying", "key", k, "error", err)
-		time.Sleep(250 * time.Millisecond)
+		sleep(ctx, 250*time.Millisecond)
 	}
 }
 

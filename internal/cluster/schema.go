@@ -200,6 +200,8 @@ type LedgerEntry struct {
 	Epoch  uint64           `json:"epoch"`
 	Ranges map[string]Range `json:"ranges"` // member id -> its positions
 	Loss   float64          `json:"loss"`   // the step's global training loss
+	// Time is when rank 0 finished the step (Unix seconds, its clock).
+	Time float64 `json:"time,omitempty"`
 }
 
 // Progress is the job's latest committed step.

@@ -13,6 +13,8 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // ClientConfig configures a connection to etcd.
@@ -30,6 +32,9 @@ type ClientConfig struct {
 	DialTimeout time.Duration
 	// MaxBackoff caps the wait between attempts. Default 5 s.
 	MaxBackoff time.Duration
+	// CallTimeout bounds each request made with a context that has no
+	// deadline (see Bound). Default DefaultCallTimeout.
+	CallTimeout time.Duration
 	// Logger receives retry warnings and the client's own warnings.
 	// Default: hclog.NewNullLogger.
 	Logger hclog.Logger
@@ -51,8 +56,8 @@ func (c ClientConfig) Validate() error {
 	if c.Password != "" && c.Username == "" {
 		return fmt.Errorf("%w: Password (--etcd-password) without Username (--etcd-user)", ErrBadConfig)
 	}
-	if c.DialTimeout < 0 || c.MaxBackoff < 0 {
-		return fmt.Errorf("%w: DialTimeout and MaxBackoff must not be negative", ErrBadConfig)
+	if c.DialTimeout < 0 || c.MaxBackoff < 0 || c.CallTimeout < 0 {
+		return fmt.Errorf("%w: DialTimeout, MaxBackoff and CallTimeout must not be negative", ErrBadConfig)
 	}
 	return nil
 }
@@ -68,7 +73,8 @@ func isAuthErr(err error) bool {
 		errors.Is(err, rpctypes.ErrUserEmpty) || errors.Is(err, rpctypes.ErrAuthNotEnabled)
 }
 
-// Connect returns a client whose endpoints answered a read. While none
+// Connect returns a client whose endpoints answered a read, with every
+// request bounded by Bound (cfg.CallTimeout). While none
 // answers it retries with exponential back-off (each attempt logged at warn
 // with its number) until ctx ends, then fails with ErrUnreachable naming the
 // endpoints and the last error. Rejected credentials fail at once with
@@ -108,6 +114,13 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 			// The client warns on every failed RPC; Connect and its callers
 			// report failures themselves.
 			Logger: zapLogger(log, zapcore.ErrorLevel),
+			// Reconnect within about a second of etcd coming back (gRPC's
+			// default backoff grows to 2 minutes): leases of a few seconds
+			// must be kept alive across a short etcd restart.
+			DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+				Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+				MinConnectTimeout: cfg.DialTimeout,
+			})},
 		})
 		if err == nil {
 			pctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
@@ -115,7 +128,7 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 			_, err = cli.Get(pctx, "/bmojo/", clientv3.WithCountOnly())
 			cancel()
 			if err == nil {
-				return cli, nil
+				return Bound(cli, cfg.CallTimeout), nil
 			}
 			cli.Close()
 		}

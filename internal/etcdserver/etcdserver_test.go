@@ -8,15 +8,13 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"go.uber.org/goleak"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bmojo/bmojo/internal/testleak"
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m,
-		// Process-wide goroutines of libraries etcd imports.
-		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
-		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
-	)
+	testleak.Main(m)
 }
 
 func testLogger(t *testing.T) hclog.Logger {
@@ -175,4 +173,58 @@ func TestConnectAuth(t *testing.T) {
 		t.Errorf("wrong password took %s: it was retried", d)
 	}
 	t.Log(err)
+}
+
+// TestCallsBoundedWhenEtcdIsGone: with its server stopped, a client's
+// requests made with a context that has no deadline fail within the call
+// timeout instead of waiting for a server that never comes back.
+func TestCallsBoundedWhenEtcdIsGone(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := Start(ctx, Config{DataDir: t.TempDir(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const d = 300 * time.Millisecond
+	cli, err := Connect(ctx, ClientConfig{Endpoints: s.Endpoints(), CallTimeout: d, Logger: testLogger(t)})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	s.Close()
+	bg := context.Background() //lint:nodeadline the calls below must be bounded by the client itself
+	calls := map[string]func() error{
+		"Get":    func() error { _, err := cli.Get(bg, "/bmojo/k"); return err },
+		"Put":    func() error { _, err := cli.Put(bg, "/bmojo/k", "v"); return err },
+		"Delete": func() error { _, err := cli.Delete(bg, "/bmojo/k"); return err },
+		"Txn":    func() error { _, err := cli.Txn(bg).Then(clientv3.OpGet("/bmojo/k")).Commit(); return err },
+		"Grant":  func() error { _, err := cli.Grant(bg, 5); return err },
+	}
+	for name, call := range calls {
+		t0 := time.Now()
+		done := make(chan error, 1)
+		go func() { done <- call() }()
+		select {
+		case err := <-done:
+			if err == nil {
+				t.Errorf("%s succeeded against a stopped etcd", name)
+			}
+			if took := time.Since(t0); took > 10*d {
+				t.Errorf("%s took %v, want about the call timeout %v", name, took, d)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s still blocked after 20 s with a call timeout of %v", name, d)
+		}
+	}
+	// A caller's own deadline wins over the default.
+	cctx, ccancel := context.WithTimeout(bg, 50*time.Millisecond)
+	defer ccancel()
+	t0 := time.Now()
+	if _, err := cli.Get(cctx, "/bmojo/k"); err == nil {
+		t.Error("Get succeeded against a stopped etcd")
+	}
+	if took := time.Since(t0); took > d {
+		t.Errorf("Get with a 50 ms deadline took %v", took)
+	}
 }

@@ -74,7 +74,8 @@ func TestConnectMutualTLS(t *testing.T) {
 }
 
 func TestStartTLSConfigErrors(t *testing.T) {
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	for name, cfg := range map[string]Config{
 		"cert without key":  {DataDir: t.TempDir(), CertFile: "c.pem"},
 		"https without tls": {DataDir: t.TempDir(), ClientURL: "https://127.0.0.1:1"},

@@ -54,7 +54,7 @@ type Options struct {
 	// OnEtcdRestart, when set, receives a function that stops the embedded
 	// etcd, waits down, and starts it again on the same data and address
 	// (tests use it for "etcd is briefly unavailable").
-	OnEtcdRestart func(restart func(down time.Duration) error)
+	OnEtcdRestart func(restart func(down time.Duration) (Outage, error))
 	// OnEtcd is called with the embedded etcd's client endpoints.
 	OnEtcd func(endpoints []string)
 	// HTTP, when set, is where the monitor (dashboard, /metrics,
@@ -77,6 +77,11 @@ type Result struct {
 	Resumed     bool   // the job existed already: it continued
 	EtcdDataDir string
 }
+
+// Outage is when an etcd restart (Options.OnEtcdRestart) had etcd down:
+// from Stopped, once the server had closed, to Restarting, when it began to
+// start again.
+type Outage struct{ Stopped, Restarting time.Time }
 
 // ErrFinished means the checkpoint dir holds this job, already done.
 var ErrFinished = errors.New("job already finished")
@@ -123,27 +128,34 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	defer func() { srvMu.Lock(); srv.Close(); srvMu.Unlock() }()
 	endpoints := srv.Endpoints()
 	if o.OnEtcdRestart != nil {
-		o.OnEtcdRestart(func(down time.Duration) error {
+		o.OnEtcdRestart(func(down time.Duration) (Outage, error) {
 			srvMu.Lock()
 			defer srvMu.Unlock()
+			var out Outage
 			srv.Close()
+			out.Stopped = time.Now()
+			t := time.NewTimer(down)
+			defer t.Stop()
 			select {
-			case <-time.After(down):
+			case <-t.C:
 			case <-ctx.Done():
-				return ctx.Err()
+				return out, ctx.Err()
 			}
+			out.Restarting = time.Now()
 			s, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, ClientURL: endpoints[0], Logger: log.Named("etcd")})
 			if err != nil {
-				return err
+				return out, err
 			}
 			srv = s
-			return nil
+			return out, nil
 		})
 	}
 	if o.OnEtcd != nil {
 		o.OnEtcd(endpoints)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second})
+	cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
+	cli, err := etcdserver.Connect(cctx, etcdserver.ClientConfig{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: log.Named("etcd")})
+	ccancel()
 	if err != nil {
 		return res, fmt.Errorf("localrun: etcd: %w", err)
 	}
@@ -167,8 +179,8 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 		return res, err
 	}
 	res.Resumed = resumed
-	if resp, err := cli.Get(ctx, prefix+cluster.KeyDone); err == nil && len(resp.Kvs) > 0 {
-		_ = cluster.Decode(cluster.KeyDone, resp.Kvs[0].Value, &res.Done)
+	if done, ok := readDone(ctx, cli, prefix); ok {
+		res.Done = done
 		res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
 		return res, fmt.Errorf("%w: %s reached step %d (val loss %.4f); choose another --checkpoint-dir to train again",
 			ErrFinished, j.CheckpointDir, res.Done.Step, res.Done.ValLoss)
@@ -252,7 +264,7 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 			if running == 0 {
 				if done, ok := readDone(ctx, cli, prefix); ok {
 					res.Done = done
-					res.Progress = readProgress(ctx, cli, prefix)
+					res.Progress = readProgress(ctx, cli, j.Name)
 					res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
 					if bar != nil {
 						_ = bar.Finish()
@@ -262,7 +274,7 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 				return res, fmt.Errorf("localrun: every worker exited before the job finished: %w", errors.Join(workerErrs...))
 			}
 		case <-tick.C:
-			p := readProgress(ctx, cli, prefix)
+			p := readProgress(ctx, cli, j.Name)
 			res.Progress = p
 			if bar != nil && p.Step > 0 {
 				bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s  %d workers", p.Loss, p.TokensPerS, p.Workers))
@@ -312,20 +324,36 @@ func StartWorker(ctx context.Context, exe, job, endpoint, id string, threads int
 	return cmd, nil
 }
 
-// ReadProgress returns the job's progress record (zero if none yet).
-func ReadProgress(ctx context.Context, cli *clientv3.Client, job string) cluster.Progress {
-	return readProgress(ctx, cli, cluster.Prefix(job))
+// readTimeout bounds each of the runner's own etcd reads: the progress bar
+// and the final records must never wait on an etcd that is gone.
+const readTimeout = 5 * time.Second
+
+// ReadProgress returns the job's progress record (zero if none yet), or the
+// error of the read; ctx should carry a deadline (the client's call timeout
+// bounds it otherwise).
+func ReadProgress(ctx context.Context, cli *clientv3.Client, job string) (cluster.Progress, error) {
+	var p cluster.Progress
+	resp, err := cli.Get(ctx, cluster.Prefix(job)+cluster.KeyProgress)
+	if err != nil {
+		return p, fmt.Errorf("localrun: read progress of %s: %w", job, err)
+	}
+	if len(resp.Kvs) > 0 {
+		err = cluster.Decode(cluster.KeyProgress, resp.Kvs[0].Value, &p)
+	}
+	return p, err
 }
 
-func readProgress(ctx context.Context, cli *clientv3.Client, prefix string) cluster.Progress {
-	var p cluster.Progress
-	if resp, err := cli.Get(ctx, prefix+cluster.KeyProgress); err == nil && len(resp.Kvs) > 0 {
-		_ = cluster.Decode(cluster.KeyProgress, resp.Kvs[0].Value, &p)
-	}
+// readProgress is ReadProgress under readTimeout, zero on any error.
+func readProgress(ctx context.Context, cli *clientv3.Client, job string) cluster.Progress {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
+	p, _ := ReadProgress(ctx, cli, job)
 	return p
 }
 
 func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (cluster.Done, bool) {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
 	var d cluster.Done
 	resp, err := cli.Get(ctx, prefix+cluster.KeyDone)
 	if err != nil || len(resp.Kvs) == 0 {
@@ -335,6 +363,8 @@ func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (cluster
 }
 
 func latestCheckpoint(ctx context.Context, cli *clientv3.Client, prefix string) string {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
 	resp, err := cli.Get(ctx, prefix+cluster.KeyLatestCkpt)
 	if err != nil || len(resp.Kvs) == 0 {
 		return ""

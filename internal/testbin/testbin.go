@@ -8,6 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+
+	"go.uber.org/goleak"
+
+	"github.com/bmojo/bmojo/internal/testleak"
 )
 
 // Build compiles cmd/bmojo into a new temporary directory and returns the
@@ -28,10 +32,11 @@ func Build() (path string, cleanup func(), err error) {
 }
 
 // Main is a TestMain body: it builds the binary into *bin unless skip, runs
-// the tests, and exits with their code.
+// the tests, checks that they left no goroutine running (testleak), and
+// exits with their code.
 func Main(run func() int, bin *string, skip bool) {
 	if skip {
-		os.Exit(run())
+		os.Exit(leakCheck(run()))
 	}
 	path, cleanup, err := Build()
 	if err != nil {
@@ -41,5 +46,18 @@ func Main(run func() int, bin *string, skip bool) {
 	*bin = path
 	code := run()
 	cleanup()
-	os.Exit(code)
+	os.Exit(leakCheck(code))
+}
+
+// leakCheck returns code, or 1 with goleak's report when tests that passed
+// left goroutines running.
+func leakCheck(code int) int {
+	if code != 0 {
+		return code
+	}
+	if err := goleak.Find(testleak.Options()...); err != nil {
+		fmt.Fprintf(os.Stderr, "testbin: goroutines left running after the tests: %v\n", err)
+		return 1
+	}
+	return 0
 }

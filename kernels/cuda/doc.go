@@ -12,8 +12,8 @@
 // host round trip; Download, SumSquares and Err are the only points that
 // wait for the GPU. Device memory comes from a caching allocator (blocks are
 // recycled by size when the buffers that used them are garbage collected).
-// Kernels are compiled from csrc/*.cu to PTX (`make ptx`), embedded with
-// go:embed, and JIT-compiled by the driver when a Device opens.
+// Kernels are compiled from csrc/*.cu to PTX (`make ptx`), embedded in the
+// binary with go:embed, and JIT-compiled by the driver when a Device opens.
 //
 // # Precision
 //

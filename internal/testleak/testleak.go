@@ -1,0 +1,31 @@
+// Package testleak runs go.uber.org/goleak over a test binary with one list
+// of the process-wide goroutines that libraries start and never stop, so
+// that every package that starts goroutines or processes checks the same
+// way. Nothing outside tests imports it.
+package testleak
+
+import (
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// Options are goleak's options for this module: the library goroutines
+// that live for the whole process, plus extra.
+func Options(extra ...goleak.Option) []goleak.Option {
+	return append([]goleak.Option{
+		// etcd's server and client import these; each starts one worker
+		// per process on first use.
+		goleak.IgnoreTopFunction("go.opencensus.io/stats/view.(*worker).start"),
+		goleak.IgnoreAnyFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
+		// glog/klog's flush daemon (client-go, the launch tests).
+		goleak.IgnoreTopFunction("k8s.io/klog/v2.(*flushDaemon).run.func1"),
+	}, extra...)
+}
+
+// Main is a TestMain body: it runs the tests, then fails the binary if a
+// goroutine started by them is still running (goleak waits a moment for
+// ones that are ending).
+func Main(m *testing.M, extra ...goleak.Option) {
+	goleak.VerifyTestMain(m, Options(extra...)...)
+}
