@@ -44,6 +44,12 @@ func PutSpec(ctx context.Context, cli *clientv3.Client, j train.Job, workers, mi
 		return spec, false, err
 	}
 	if old.Hash != spec.Hash {
+		// Name what differs, as a single-process resume does.
+		if oj, err := train.ParseJob("job spec in etcd", []byte(old.YAML)); err == nil {
+			if err := j.ResumeError(oj, j.CheckpointDir); err != nil {
+				return spec, false, fmt.Errorf("coordinator: %w", err)
+			}
+		}
 		return spec, false, fmt.Errorf("coordinator: %s holds job %q with another configuration; rerun with the same job to resume it, or choose another --checkpoint-dir",
 			j.CheckpointDir, j.Name)
 	}

@@ -1,7 +1,8 @@
 // Package kernels owns the numerical operations of the B'MOJO model (see
-// shared/design/model.md) behind one Backend interface. The pure-Go
-// implementation in kernels/cpu is the specification; every other backend
-// (CUDA) is checked against it by the conformance suite in kernels/kerneltest.
+// docs/model.md) behind one Backend interface. Its readable reference is
+// kernels/kerneltest/naive.go (float64, one loop nest per formula); both
+// backends, the tuned CPU one in kernels/cpu and the GPU one in kernels/cuda,
+// are held to it by one conformance suite, kernels/kerneltest.
 //
 // This package must not know about models, training or I/O: it only moves
 // numbers between buffers.
@@ -37,7 +38,7 @@
 package kernels
 
 // Float is the element type of a backend: float32 in production, float64
-// for finite-difference gradient checks of the CPU reference.
+// for finite-difference gradient checks on the CPU backend.
 type Float interface{ ~float32 | ~float64 }
 
 // Buffer is an array of floats owned by a backend (host memory for the CPU
@@ -48,7 +49,7 @@ type Buffer interface{ Len() int }
 // selected positions).
 type IntBuffer interface{ Len() int }
 
-// AttnShape describes one call of the B'MOJO attention (model.md §4).
+// AttnShape describes one call of the B'MOJO attention (docs/model.md §4).
 type AttnShape struct {
 	B, T int // batch, sequence length
 	H, G int // query heads, key/value heads; query head h reads kv head h·G/H
@@ -78,7 +79,11 @@ type AdamW struct {
 }
 
 // Backend is every operation the model needs. See the package comment for
-// the shape legend and the accumulate-in-backward convention.
+// the shape legend and the accumulate-in-backward convention. The argument
+// contract of every method that takes buffers (the length of each buffer,
+// whether it is read, written or accumulated into, which may be nil) is
+// declared once, in Contract (contract.go); every backend checks its calls
+// against it.
 type Backend[F Float] interface {
 	// Name identifies the backend in logs and benchmark tables ("cpu", "cuda").
 	Name() string
@@ -159,7 +164,7 @@ type Backend[F Float] interface {
 	// joined to the SiLU's before it.
 	SiLUMatMulBackward(dx, dr, dout, w, x Buffer, Rw, N, K int)
 
-	// SelectiveScan is the Mamba-1 scan with its gate (model.md §3):
+	// SelectiveScan is the Mamba-1 scan with its gate (docs/model.md §3):
 	//
 	//	Δ[b,t,e] = softplus(dt[b,t,e] + dtBias[e]);  A = -exp(Alog) [E,N]
 	//	h_t[e,n] = exp(Δ·A[e,n])·h_{t-1}[e,n] + Δ·x[b,t,e]·Bm[b,t,n]   (h_{-1}=0, fp32 or wider)
@@ -195,12 +200,12 @@ type Backend[F Float] interface {
 	AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km Buffer, sel IntBuffer, s AttnShape)
 
 	// ShiftRows: out[b,t,:] = x[b,t-1,:], out[b,0,:] = 0. x, out: [B,T,d].
-	// (The predictor input; it carries no gradient, see model.md §4.)
+	// (The predictor input; it carries no gradient, see docs/model.md §4.)
 	ShiftRows(out, x Buffer, B, T, d int)
 	// Innovation: e[r] = mean_i (u[r,i] − p[r,i])². u, p: [Rw,d]; e: [Rw].
 	Innovation(e, u, p Buffer, Rw, d int)
 	// InnovationBackward: dp += de[r]·(−2/d)·(u − p). u gets no gradient
-	// (stop-gradient, model.md §4).
+	// (stop-gradient, docs/model.md §4).
 	InnovationBackward(dp, de, u, p Buffer, Rw, d int)
 	// SelectChunks writes, for every complete chunk c of every sequence, the
 	// S positions (absolute t) of the largest e in that chunk, ascending;

@@ -1,8 +1,8 @@
-// Package model owns the B'MOJO network of shared/design/model.md: its
+// Package model owns the B'MOJO network of docs/model.md: its
 // configuration and named presets, parameter layout and initialisation, and
 // the forward and backward passes written against kernels.Backend. It does
-// no I/O beyond encoding and decoding checkpoints handed to it as bytes or
-// paths by its callers.
+// no I/O and knows no file format: it names the tensors (Layout) and encodes
+// the config (ConfigMetadata); the checkpoint package reads and writes files.
 package model
 
 import (
@@ -22,8 +22,8 @@ const (
 // ErrConfig is wrapped by every configuration validation error.
 var ErrConfig = errors.New("invalid model config")
 
-// Config is the model's shape (model.md §1). JSON keys are the config keys
-// of model.md; the same struct is stored in checkpoint metadata.
+// Config is the model's shape (docs/model.md §1). JSON keys are the config keys
+// of docs/model.md; the same struct is stored in checkpoint metadata.
 type Config struct {
 	VocabSize      int      `json:"vocab_size" yaml:"vocab_size"`             // V, tokens (256 for bytes)
 	DModel         int      `json:"d_model" yaml:"d_model"`                   // d, residual width
@@ -50,7 +50,7 @@ type Config struct {
 }
 
 // MemoryDelay is δ = 1 + ceil((w_c + w_f)/C): a token selected in chunk c is
-// visible from chunk c+δ on, when it has left both windows (model.md §4).
+// visible from chunk c+δ on, when it has left both windows (docs/model.md §4).
 func (c Config) MemoryDelay() int {
 	return 1 + (c.Window+c.FadingWindow+c.Chunk-1)/c.Chunk
 }
@@ -155,10 +155,10 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// Families are the model kinds of model.md §1, the paper's special cases.
+// Families are the model kinds of docs/model.md §1, the paper's special cases.
 var Families = []string{"bmojo", "bmojo-f", "mamba", "swa", "transformer", "hybrid"}
 
-// Sizes are the named sizes of model.md §1.
+// Sizes are the named sizes of docs/model.md §1.
 var Sizes = []string{"tiny", "small", "130m", "370m"}
 
 type sizeRow struct {
@@ -167,8 +167,8 @@ type sizeRow struct {
 	seqLen, window, memory, sel              int
 }
 
-// sizeTable is model.md §1's named-size table. The hybrid column is a choice
-// (model.md gives none): about the parameter count of the bmojo column, in
+// sizeTable is docs/model.md §1's named-size table. The hybrid column is a choice
+// (docs/model.md gives none): about the parameter count of the bmojo column, in
 // whole groups of four layers so that every model has an attention layer.
 var sizeTable = map[string]sizeRow{
 	"tiny":  {64, 2, 4, 2, 4, 128, 32, 32, 2},

@@ -8,7 +8,7 @@ import (
 )
 
 // Decoder runs the network one token at a time on the host, for text
-// generation. It implements model.md §2–§4 exactly as the full-sequence
+// generation. It implements docs/model.md §2–§4 exactly as the full-sequence
 // forward pass does (Model.ForwardLogits on kernels/cpu is the reference it
 // is tested against), in float32 storage with float64 accumulation, but
 // carries the sequence in a fixed-size state instead of recomputing it.
@@ -87,8 +87,9 @@ type decLayer struct {
 }
 
 // NewDecoder builds a decoder for config c with params in Layout order (as
-// returned by Model.ParamsHost or LoadWeights).
-func NewDecoder(c Config, params []float64) (*Decoder, error) {
+// returned by Model.ParamsHost or ParamsF32, or held by a checkpoint). It
+// keeps its own float32 copy.
+func NewDecoder[P float32 | float64](c Config, params []P) (*Decoder, error) {
 	if err := c.Validate(); err != nil {
 		return nil, fmt.Errorf("decoder: %w", err)
 	}
@@ -299,7 +300,7 @@ func (d *Decoder) Step(token int32) ([]float32, error) {
 	return d.logits, nil
 }
 
-// ssmStep advances the layer's SSM by one position: d.u → d.f (model.md §3).
+// ssmStep advances the layer's SSM by one position: d.u → d.f (docs/model.md §3).
 func (d *Decoder) ssmStep(ly *decLayer) {
 	c := d.cfg
 	E, N, K, R := c.DInner, c.DState, c.DConv, c.DtRank
@@ -342,7 +343,7 @@ func (d *Decoder) ssmStep(ly *decLayer) {
 }
 
 // attnStep computes the concatenated head outputs d.o of position d.t
-// (model.md §4) and updates the layer's key/value and memory state.
+// (docs/model.md §4) and updates the layer's key/value and memory state.
 func (d *Decoder) attnStep(ly *decLayer) {
 	c := d.cfg
 	t := d.t
@@ -449,7 +450,7 @@ func (d *Decoder) attnStep(ly *decLayer) {
 
 // selectChunk picks the k_sel positions of the just-completed chunk starting
 // at t0 with the largest innovation (ties: the later position) and queues
-// them until they become visible δ chunks later (model.md §4).
+// them until they become visible δ chunks later (docs/model.md §4).
 func (d *Decoder) selectChunk(ly *decLayer, t0 int) {
 	c := d.cfg
 	S, GD := c.SelectPerChunk, c.NKVHead*c.HeadDim

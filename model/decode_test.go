@@ -12,7 +12,7 @@ import (
 // (M = 3) evicts, and the trailing chunk (24..26) is incomplete.
 const decodeT = 4*6 + 3
 
-// decodeCases are the mixer families of model.md §1 at gradient-check size.
+// decodeCases are the mixer families of docs/model.md §1 at gradient-check size.
 var decodeCases = []struct {
 	name   string
 	mixers []string

@@ -77,6 +77,47 @@ func (m *Model[F]) download(b kernels.Buffer) []float64 {
 	return out
 }
 
+// ParamsF32 downloads the parameters as float32 in Layout order, the
+// precision checkpoints store: for a float32 model an exact copy, 4 bytes
+// per parameter of host memory.
+func (m *Model[F]) ParamsF32() []float32 { return downloadF32(m.be, m.Params) }
+
+// SetParamsF32 uploads a flat float32 parameter vector in Layout order (as a
+// checkpoint holds it).
+func (m *Model[F]) SetParamsF32(v []float32) error {
+	if len(v) != m.Layout.Total {
+		return fmt.Errorf("model: %d parameters given, layout has %d", len(v), m.Layout.Total)
+	}
+	m.be.Upload(m.Params, fromF32[F](v))
+	return m.be.Err()
+}
+
+// downloadF32 copies b to the host as float32.
+func downloadF32[F kernels.Float](be kernels.Backend[F], b kernels.Buffer) []float32 {
+	h := make([]F, b.Len())
+	be.Download(h, b)
+	if v, ok := any(h).([]float32); ok {
+		return v
+	}
+	out := make([]float32, len(h))
+	for i, x := range h {
+		out[i] = float32(x)
+	}
+	return out
+}
+
+// fromF32 returns v as []F: v itself for F = float32 (Upload copies it).
+func fromF32[F kernels.Float](v []float32) []F {
+	if h, ok := any(v).([]F); ok {
+		return h
+	}
+	h := make([]F, len(v))
+	for i, x := range v {
+		h[i] = F(x)
+	}
+	return h
+}
+
 // Param returns the view of parameter tensor name (nil if absent).
 func (m *Model[F]) Param(name string) kernels.Buffer { return m.p[name] }
 
@@ -124,7 +165,7 @@ type activations[F kernels.Float] struct {
 
 // Prepare allocates activations for batches of B sequences of T tokens. T may
 // differ from the training length (evaluation at other lengths); a trailing
-// incomplete chunk selects nothing (model.md §4).
+// incomplete chunk selects nothing (docs/model.md §4).
 func (m *Model[F]) Prepare(B, T int) error {
 	if B == m.B && T == m.T && m.acts != nil {
 		return nil
@@ -364,7 +405,7 @@ func (a *activations[F]) layers0Res() kernels.Buffer {
 	return a.layers[0].res
 }
 
-// ssmForward computes the fading-memory path f = SSM(u) (model.md §3).
+// ssmForward computes the fading-memory path f = SSM(u) (docs/model.md §3).
 func (m *Model[F]) ssmForward(la *layerActs, P func(string) kernels.Buffer, B, T int) {
 	c, be := m.Cfg, m.be
 	BT, d, E, N, R, K := B*T, c.DModel, c.DInner, c.DState, c.DtRank, c.DConv
@@ -385,7 +426,7 @@ func (m *Model[F]) ssmForward(la *layerActs, P func(string) kernels.Buffer, B, T
 	be.MatMul(la.f, la.y, P("ssm.out_proj.weight"), BT, d, E, false)
 }
 
-// attnForward computes the concatenated head outputs o (model.md §4).
+// attnForward computes the concatenated head outputs o (docs/model.md §4).
 func (m *Model[F]) attnForward(la *layerActs, P func(string) kernels.Buffer, mx string) {
 	c, be := m.Cfg, m.be
 	B, T := m.B, m.T

@@ -11,7 +11,7 @@ import (
 	"github.com/bmojo/bmojo/kernels/cpu"
 )
 
-// gradConfig is model.md §5's gradient-check model: d = 16, L = 2, and a
+// gradConfig is docs/model.md §5's gradient-check model: d = 16, L = 2, and a
 // length of 4 chunks + 3 so that the context, fading and memory paths and an
 // incomplete chunk all occur. Heads are grouped (H = 2, G = 1) to exercise
 // the key/value head mapping.
@@ -118,7 +118,7 @@ func TestGradientsMatchFiniteDifferences(t *testing.T) {
 			}
 			g64, g32 := grad(m64), grad(m32)
 			base := m64.ParamsHost()
-			// The innovation loss stops gradients at u and f (model.md §4), so
+			// The innovation loss stops gradients at u and f (docs/model.md §4), so
 			// the gradient of every tensor but the predictor is that of the
 			// cross-entropy alone; the predictor's is that of the total.
 			loss := func(p []float64, predictor bool) float64 {
@@ -170,7 +170,7 @@ func TestGradientsMatchFiniteDifferences(t *testing.T) {
 					t.Errorf("%s: float64 gradient relative error %.3g > 1e-6", ts.Name, rel64)
 				}
 				if rel32 > 1e-3 {
-					t.Errorf("%s: float32 gradient relative error %.3g > 1e-3 (model.md §5)", ts.Name, rel32)
+					t.Errorf("%s: float32 gradient relative error %.3g > 1e-3 (docs/model.md §5)", ts.Name, rel32)
 				}
 			}
 		})
@@ -201,7 +201,7 @@ func maxAbsDiff[F kernels.Float](a, b []F) float64 {
 	return m
 }
 
-// TestSpecialCases checks model.md §5's equalities between the paper's
+// TestSpecialCases checks docs/model.md §5's equalities between the paper's
 // special cases on shared weights.
 func TestSpecialCases(t *testing.T) {
 	const B = 2
@@ -293,7 +293,7 @@ func TestSameSeedSameLossCurve(t *testing.T) {
 }
 
 func TestPresets(t *testing.T) {
-	// Parameter counts with the byte vocabulary; model.md §1 gives per-layer
+	// Parameter counts with the byte vocabulary; docs/model.md §1 gives per-layer
 	// counts ≈ 18.25d² (bmojo), 6.25d² (mamba), 12d² (attention).
 	for _, f := range Families {
 		for _, s := range Sizes {
@@ -307,7 +307,7 @@ func TestPresets(t *testing.T) {
 			}
 			l := NewLayout(c)
 			d := float64(c.DModel)
-			extra := 0 // model.md's per-layer figures leave out the predictor
+			extra := 0 // docs/model.md's per-layer figures leave out the predictor
 			if c.HasMemory() {
 				extra = c.NLayer * c.DModel * c.DModel
 			}
@@ -316,7 +316,7 @@ func TestPresets(t *testing.T) {
 			// The figures leave out x_proj, dt_proj and A_log, a few percent at
 			// d = 256 and less above.
 			if want > 0 && (s == "130m" || s == "370m") && math.Abs(perLayer-want)/want > 0.06 {
-				t.Errorf("%s: %.2f·d² parameters per layer, model.md says ≈ %.2f·d²", name, perLayer, want)
+				t.Errorf("%s: %.2f·d² parameters per layer, docs/model.md says ≈ %.2f·d²", name, perLayer, want)
 			}
 		}
 	}

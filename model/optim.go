@@ -7,7 +7,7 @@ import (
 	"github.com/bmojo/bmojo/kernels"
 )
 
-// OptimConfig is the optimiser and schedule of model.md §6.
+// OptimConfig is the optimiser and schedule of docs/model.md §6.
 type OptimConfig struct {
 	LR          float64 `json:"lr" yaml:"lr"`                     // peak learning rate
 	MinLRFrac   float64 `json:"min_lr_frac" yaml:"min_lr_frac"`   // cosine floor as a fraction of LR (0.1)
@@ -20,7 +20,7 @@ type OptimConfig struct {
 	ClipNorm    float64 `json:"clip_norm" yaml:"clip_norm"`       // global gradient norm limit (1.0; 0 = off)
 }
 
-// DefaultOptim returns model.md §6's defaults for a run of total steps.
+// DefaultOptim returns docs/model.md §6's defaults for a run of total steps.
 func DefaultOptim(lr float64, total int) OptimConfig {
 	return OptimConfig{LR: lr, MinLRFrac: 0.1, WarmupSteps: max(1, total/20), TotalSteps: total,
 		Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, WeightDecay: 0.1, ClipNorm: 1}
@@ -116,27 +116,28 @@ func decayRuns(l *Layout) []paramRun {
 	return runs
 }
 
-// Moments downloads the AdamW moments as float64 in Layout order.
-func (o *Optimizer[F]) Moments() (m, v []float64) {
-	return o.m.download(o.M), o.m.download(o.V)
+// MomentsF32 downloads the AdamW moments as float32 in Layout order, the
+// precision checkpoints store.
+func (o *Optimizer[F]) MomentsF32() (m, v []float32) {
+	be := o.m.Backend()
+	return downloadF32(be, o.M), downloadF32(be, o.V)
 }
 
-// SetMoments uploads AdamW moments (Layout order) and the count of applied
-// updates, as saved by a checkpoint.
-func (o *Optimizer[F]) SetMoments(m, v []float64, step int) error {
+// SetMomentsF32 uploads float32 AdamW moments (Layout order) and the count
+// of applied updates, as a checkpoint holds them.
+func (o *Optimizer[F]) SetMomentsF32(m, v []float32, step int) error {
+	if step < 0 {
+		return fmt.Errorf("model: optimizer step %d is negative", step)
+	}
 	be := o.m.Backend()
 	for _, p := range []struct {
 		dst kernels.Buffer
-		src []float64
+		src []float32
 	}{{o.M, m}, {o.V, v}} {
 		if len(p.src) != p.dst.Len() {
 			return fmt.Errorf("model: %d optimizer moments given, layout has %d", len(p.src), p.dst.Len())
 		}
-		h := make([]F, len(p.src))
-		for i, x := range p.src {
-			h[i] = F(x)
-		}
-		be.Upload(p.dst, h)
+		be.Upload(p.dst, fromF32[F](p.src))
 	}
 	o.Step = step
 	return be.Err()

@@ -6,7 +6,7 @@ import (
 	"math/rand/v2"
 )
 
-// initKind says how a tensor is initialised (model.md §3, §6).
+// initKind says how a tensor is initialised (docs/model.md §3, §6).
 type initKind int
 
 const (
@@ -20,7 +20,7 @@ const (
 	initALog                     // log(1..N) per row
 )
 
-// TensorSpec is one named parameter tensor (model.md §7 names and shapes).
+// TensorSpec is one named parameter tensor (docs/model.md §7 names and shapes).
 type TensorSpec struct {
 	Name   string
 	Shape  []int
@@ -45,6 +45,7 @@ type Layout struct {
 	Tensors []TensorSpec
 	Total   int
 	index   map[string]int
+	layers  []int // offset where each layer's parameters start
 }
 
 // Lookup returns the tensor called name.
@@ -56,7 +57,7 @@ func (l *Layout) Lookup(name string) (TensorSpec, bool) {
 	return l.Tensors[i], true
 }
 
-// NewLayout lists the parameters of c in model.md §7 naming.
+// NewLayout lists the parameters of c in docs/model.md §7 naming.
 func NewLayout(c Config) *Layout {
 	l := &Layout{index: map[string]int{}}
 	add := func(name string, k initKind, decay bool, shape ...int) {
@@ -70,6 +71,7 @@ func NewLayout(c Config) *Layout {
 	add("norm_f.weight", initOnes, false, d)
 	for i, m := range c.Mixers {
 		p := fmt.Sprintf("layers.%d.", i)
+		l.layers = append(l.layers, l.Total)
 		add(p+"norm1.weight", initOnes, false, d)
 		if m == MixerBMOJO || m == MixerMamba {
 			add(p+"ssm.in_proj.weight", initNormal, true, 2*E, d)
@@ -102,7 +104,7 @@ func NewLayout(c Config) *Layout {
 	return l
 }
 
-// InitParams fills a flat parameter vector for layout l with the model.md
+// InitParams fills a flat parameter vector for layout l with the docs/model.md
 // initialisation, deterministically from seed.
 func InitParams(c Config, l *Layout, seed uint64) []float64 {
 	rng := rand.New(rand.NewPCG(seed, 0x62_6d_6f_6a_6f)) // "bmojo"
@@ -147,6 +149,24 @@ func InitParams(c Config, l *Layout, seed uint64) []float64 {
 		}
 	}
 	return out
+}
+
+// LayerRange returns the flat range [off, off+n) of layer i's parameters;
+// i = -1 is the embedding and the final norm, which come first. Backward
+// finishes the ranges in the order L-1, ..., 0, -1 (BackwardHook), which is
+// what lets data-parallel training reduce one while computing the next.
+func (l *Layout) LayerRange(i int) (off, n int) {
+	if i < 0 {
+		if len(l.layers) == 0 {
+			return 0, l.Total
+		}
+		return 0, l.layers[0]
+	}
+	end := l.Total
+	if i+1 < len(l.layers) {
+		end = l.layers[i+1]
+	}
+	return l.layers[i], end - l.layers[i]
 }
 
 // ParamCount is the number of trainable scalars.

@@ -94,7 +94,7 @@ wait
 rm -rf "$OUT/run"
 
 if [ -x "$BIN/torchref-dump" ]; then
-	# The GPU model against the PyTorch reference of model.md (model.md §5 tolerances).
+	# The GPU model against the PyTorch reference of docs/model.md (docs/model.md §5 tolerances).
 	PYTHON="$PYTHON" GO_DEVICE=cuda SIZES=tiny DUMP_BIN="$BIN/torchref-dump" step torchref 120 tools/torchref/run.sh "$OUT/torchref"
 	tail -12 "$OUT/torchref.log"
 fi

@@ -2,23 +2,19 @@ package worker
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/cluster"
-	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -166,34 +162,35 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 	c.mu.Lock()
 	if c.running {
 		c.mu.Unlock()
-		c.w.log.Warn("previous checkpoint still writing; skipping this one", "step", c.w.step)
+		c.w.log.Warn("previous checkpoint still writing; skipping this one", "step", c.w.eng.Step)
 		return
 	}
 	c.running = true
 	c.mu.Unlock()
 	w := c.w
-	mom, vel := w.opt.Moments()
-	ck := train.Checkpoint{Config: w.m.Cfg, Params: w.m.ParamsHost(), M: mom, V: vel,
-		State: train.State{Step: w.step, Seed: w.job.Seed, BatchSize: w.job.BatchSize, SeqLen: w.m.Cfg.SeqLen,
-			Skipped: w.skipped, ValLoss: val}}
+	// The snapshot is float32, as the model holds it: 12 bytes per
+	// parameter of host memory for weights and moments together.
+	ck, err := w.eng.Snapshot(w.job, val)
+	if err != nil {
+		c.mu.Lock()
+		c.running = false
+		c.mu.Unlock()
+		w.log.Warn("checkpoint failed", "step", w.eng.Step, "error", err)
+		return
+	}
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		defer func() { c.mu.Lock(); c.running = false; c.mu.Unlock() }()
 		t0 := time.Now()
-		dir, err := train.SaveCheckpoint(w.job.CheckpointDir, ck)
+		saved, err := checkpoint.Save(w.job.CheckpointDir, ck)
 		if err != nil {
-			w.log.Warn("checkpoint failed", "step", ck.State.Step, "error", err)
+			w.log.Warn("checkpoint failed", "step", ck.State.DataStep, "error", err)
 			return
 		}
-		man := cluster.Manifest{Step: ck.State.Step, Epoch: epoch, Dir: dir, Config: model.ConfigMetadata(ck.Config)[model.ConfigKey]}
-		for _, name := range []string{train.WeightsFile, train.OptimFile, train.StateFile} {
-			f, err := hashFile(filepath.Join(dir, name))
-			if err != nil {
-				w.log.Warn("checkpoint failed", "step", ck.State.Step, "error", err)
-				return
-			}
-			man.Files = append(man.Files, f)
+		man := cluster.Manifest{Step: saved.Step, Epoch: epoch, Dir: saved.Dir, Config: saved.Config}
+		for _, f := range saved.Files {
+			man.Files = append(man.Files, cluster.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256})
 		}
 		for attempt := 0; ; attempt++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -208,22 +205,25 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 			time.Sleep(250 * time.Millisecond)
 		}
 		if err != nil {
-			w.log.Warn("checkpoint written but not committed to etcd", "dir", dir, "error", err)
+			w.log.Warn("checkpoint written but not committed to etcd", "dir", saved.Dir, "error", err)
 			return
 		}
 		c.mu.Lock()
 		c.last = time.Since(t0)
 		c.mu.Unlock()
 		c.prune()
-		w.log.Info("checkpoint committed", "step", man.Step, "dir", dir, "duration", time.Since(t0).Round(time.Millisecond))
+		w.log.Info("checkpoint committed", "step", man.Step, "dir", saved.Dir, "duration", time.Since(t0).Round(time.Millisecond))
 	}()
 }
 
 func (c *checkpointer) wait() { c.wg.Wait() }
 
-// prune keeps the job's newest keep_checkpoints committed checkpoints: each
-// older manifest leaves etcd first, then its directory, so a resume never
-// finds a manifest without its files.
+// prune keeps the job's newest keep_checkpoints committed checkpoints: the
+// older manifests leave etcd first, then checkpoint.RemoveOlder removes the
+// step-N directories older than the oldest one kept, so a resume never
+// finds a manifest without its files. The directories removed are those
+// the checkpoint package finds directly under the job's checkpoint_dir,
+// never what a manifest in etcd names.
 func (c *checkpointer) prune() {
 	w := c.w
 	keep := w.job.KeepCheckpoints
@@ -236,44 +236,39 @@ func (c *checkpointer) prune() {
 	if err != nil {
 		return // next time
 	}
-	n := 0
+	n, oldestKept := 0, -1
 	for _, kv := range resp.Kvs {
 		if string(kv.Key) == w.key(cluster.KeyLatestCkpt) {
 			continue
 		}
-		if n++; n <= keep {
-			continue
+		step, err := strconv.Atoi(strings.TrimPrefix(string(kv.Key), w.key(cluster.KeyCheckpoints)))
+		if err != nil {
+			continue // not a checkpoint record
 		}
-		var man cluster.Manifest
-		if cluster.Decode(string(kv.Key), kv.Value, &man) != nil {
+		if n++; n <= keep {
+			oldestKept = step
 			continue
 		}
 		if _, err := w.cli.Delete(ctx, string(kv.Key)); err != nil {
 			return
 		}
-		if err := os.RemoveAll(man.Dir); err != nil {
-			w.log.Warn("could not remove old checkpoint", "dir", man.Dir, "error", err)
-		}
+	}
+	if oldestKept < 0 {
+		return
+	}
+	if _, err := checkpoint.RemoveOlder(w.job.CheckpointDir, oldestKept); err != nil {
+		w.log.Warn("could not remove old checkpoints", "error", err)
 	}
 }
 
-func hashFile(path string) (cluster.File, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return cluster.File{}, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return cluster.File{}, fmt.Errorf("hash %s: %w", path, err)
-	}
-	return cluster.File{Name: filepath.Base(path), Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
-}
-
-// resume loads the newest committed checkpoint whose files match their
-// manifest, falling back to older ones with a warning.
+// resume loads the newest committed checkpoint whose files match the
+// manifest committed to etcd, falling back to older ones with a warning
+// (a joining worker starts here too, then takes the ring's state). A
+// manifest is only ever read from the job's checkpoint_dir: one naming
+// another directory is refused.
 func (w *worker) resume(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	resp, err := w.cli.Get(ctx, w.key(cluster.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
 	if err != nil {
 		return fmt.Errorf("worker: read checkpoint manifests: %w", err)
@@ -287,56 +282,54 @@ func (w *worker) resume(ctx context.Context) error {
 			w.log.Warn("skipping checkpoint", "key", string(kv.Key), "error", err)
 			continue
 		}
-		if err := verify(man); err != nil {
-			w.setAside(man.Dir, err)
+		dir := checkpoint.StepDir(w.job.CheckpointDir, man.Step)
+		if !sameDir(man.Dir, dir) {
+			w.log.Warn("skipping checkpoint: its manifest names a directory outside checkpoint_dir",
+				"key", string(kv.Key), "manifest_dir", man.Dir, "want", dir)
 			continue
 		}
-		ck, err := train.LoadCheckpoint(man.Dir)
+		files := make([]checkpoint.File, len(man.Files))
+		for i, f := range man.Files {
+			files[i] = checkpoint.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256}
+		}
+		ck, err := checkpoint.LoadWith(dir, checkpoint.Manifest{Step: man.Step, Config: man.Config, Files: files})
 		if err != nil {
-			w.setAside(man.Dir, err)
+			w.setAside(dir, err)
 			continue
 		}
-		if a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(w.m.Cfg)[model.ConfigKey]; a != b {
-			return fmt.Errorf("worker: checkpoint %s has another model config than the job", man.Dir)
+		if a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(w.eng.M.Cfg)[model.ConfigKey]; a != b {
+			return fmt.Errorf("worker: checkpoint %s has another model config than the job", dir)
 		}
-		if err := w.m.SetParams(ck.Params); err != nil {
+		if err := w.eng.M.SetParamsF32(ck.Params); err != nil {
 			return err
 		}
-		w.step, w.skipped = ck.State.Step, ck.State.Skipped
-		if err := w.opt.SetMoments(ck.M, ck.V, ck.State.Step-ck.State.Skipped); err != nil {
+		if err := w.eng.Opt.SetMomentsF32(ck.M, ck.V, ck.State.OptimizerStep); err != nil {
 			return err
 		}
-		w.log.Info("resumed from checkpoint", "dir", man.Dir, "step", w.step)
+		w.eng.Step, w.eng.Skipped = ck.State.DataStep, ck.State.Skipped
+		w.log.Info("resumed from checkpoint", "dir", dir, "step", w.eng.Step)
 		return nil
 	}
 	return nil
 }
 
-// setAside warns about a damaged checkpoint and renames its directory
-// (kept for inspection) so the step can be checkpointed again. Another
-// worker sharing the directory may have renamed it first.
-func (w *worker) setAside(dir string, err error) {
-	aside := fmt.Sprintf("%s.damaged-%d", dir, time.Now().Unix())
-	w.log.Warn("skipping checkpoint", "dir", dir, "error", err, "moved_to", aside)
-	if rerr := os.Rename(dir, aside); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-		w.log.Warn("could not set the damaged checkpoint aside", "dir", dir, "error", rerr)
-	}
+// sameDir reports whether a and b name the same path (relative paths are
+// taken from the working directory, as the writer's were).
+func sameDir(a, b string) bool {
+	a, errA := filepath.Abs(a)
+	b, errB := filepath.Abs(b)
+	return errA == nil && errB == nil && a == b
 }
 
-var errManifest = errors.New("checkpoint does not match its manifest")
-
-func verify(man cluster.Manifest) error {
-	for _, f := range man.Files {
-		got, err := hashFile(filepath.Join(man.Dir, f.Name))
-		if err != nil {
-			return fmt.Errorf("%w: %v", errManifest, err)
-		}
-		if got.Size != f.Size || got.SHA256 != f.SHA256 {
-			return fmt.Errorf("%w: %s: size %d sha256 %s, manifest says size %d sha256 %s",
-				errManifest, filepath.Join(man.Dir, f.Name), got.Size, got.SHA256[:12], f.Size, f.SHA256[:12])
-		}
+// setAside warns about a damaged checkpoint and sets its directory aside
+// (kept for inspection) so the step can be checkpointed again. Another
+// worker sharing the directory may have set it aside first.
+func (w *worker) setAside(dir string, err error) {
+	aside, aerr := checkpoint.SetAside(dir)
+	w.log.Warn("skipping checkpoint", "dir", dir, "error", err, "moved_to", aside)
+	if aerr != nil {
+		w.log.Warn("could not set the damaged checkpoint aside", "dir", dir, "error", aerr)
 	}
-	return nil
 }
 
 // listenRetry listens on addr again after the previous epoch's ring closed

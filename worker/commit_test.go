@@ -11,8 +11,6 @@ import (
 
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
-	"github.com/bmojo/bmojo/kernels/cpu"
-	"github.com/bmojo/bmojo/model"
 )
 
 // TestCommitterRepeatedKeys: progress and stats records repeat between
@@ -60,42 +58,5 @@ func TestCommitterRepeatedKeys(t *testing.T) {
 		if err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != want {
 			t.Fatalf("%s: got %v (err %v), want %s", k, r.Kvs, err, want)
 		}
-	}
-}
-
-// TestBucketsCoverTheGradientOnce: the all-reduce buckets partition the flat
-// gradient vector, embedding and final norm first, then one per layer.
-func TestBucketsCoverTheGradientOnce(t *testing.T) {
-	for _, preset := range []string{"bmojo-tiny", "hybrid-tiny", "mamba-tiny"} {
-		c, err := model.Preset(preset)
-		if err != nil {
-			t.Fatal(err)
-		}
-		m, err := model.New[float32](cpu.New[float32](), c, 1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		checkBuckets(t, &worker{m: m})
-	}
-}
-
-func checkBuckets(t *testing.T, w *worker) {
-	t.Helper()
-	bs := w.buckets()
-	if len(bs) != w.m.Cfg.NLayer+1 {
-		t.Fatalf("%d buckets for %d layers", len(bs), w.m.Cfg.NLayer)
-	}
-	next := 0
-	for i, b := range bs {
-		if b.off != next || b.n <= 0 {
-			t.Fatalf("bucket %d covers [%d,%d), want it to start at %d", i, b.off, b.off+b.n, next)
-		}
-		next = b.off + b.n
-	}
-	if next != w.m.Layout.Total {
-		t.Fatalf("buckets end at %d, gradient has %d", next, w.m.Layout.Total)
-	}
-	if len(bs[0].host) != bs[0].n+1 {
-		t.Fatal("bucket 0 has no slot for the loss")
 	}
 }

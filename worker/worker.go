@@ -77,15 +77,8 @@ type worker struct {
 	job    train.Job
 	spec   cluster.JobSpec
 
-	dev     *device.Opened
-	m       *model.Model[float32]
-	opt     *model.Optimizer[float32]
-	train   *data.Sampler
-	val     *data.Sampler
-	step    int // completed steps
-	skipped int
-
-	tokens, targets []int32 // the local batch, reused across steps
+	dev *device.Opened
+	eng *train.Engine // the model, its optimizer, the data and the step counters
 
 	lis      net.Listener
 	addr     string
@@ -154,8 +147,8 @@ func Run(ctx context.Context, cfg Config) error {
 	w.commits = newCommitter(w.cli, w.prefix, w.log)
 	defer w.commits.close()
 	w.ckpt = &checkpointer{w: w}
-	w.goBackground(func() { w.watchRing(ctx) })
-	w.goBackground(func() { w.keepRegistered(ctx) })
+	w.bg.Go(func() { w.watchRing(ctx) })
+	w.bg.Go(func() { w.keepRegistered(ctx) })
 	err = w.loop(ctx)
 	w.ckpt.wait()
 	w.commits.close()
@@ -167,15 +160,6 @@ func Run(ctx context.Context, cfg Config) error {
 		rcancel()
 	}
 	return err
-}
-
-// goBackground runs f on a goroutine that Run joins before it returns.
-func (w *worker) goBackground(f func()) {
-	w.bg.Add(1)
-	go func() {
-		defer w.bg.Done()
-		f()
-	}()
 }
 
 // sleep waits d or until ctx ends, whichever is first; false if ctx ended.
@@ -246,20 +230,24 @@ func (w *worker) build() error {
 	if err := train.CheckWritable(w.job.CheckpointDir); err != nil {
 		return err
 	}
-	if w.train, err = data.NewSampler(trainDS, mc.SeqLen, w.job.Seed); err != nil {
+	trainS, err := data.NewSampler(trainDS, mc.SeqLen, w.job.Seed)
+	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	if w.val, err = data.EvalWindows(valDS, mc.SeqLen); err != nil {
+	valS, err := data.EvalWindows(valDS, mc.SeqLen)
+	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
 	if w.dev, err = device.Open(w.cfg.Device, cuda.Options{}, w.log.Named("device")); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	if w.m, err = model.New[float32](w.dev.Backend, mc, w.job.Seed); err != nil {
+	m, err := model.New[float32](w.dev.Backend, mc, w.job.Seed)
+	if err != nil {
 		return err
 	}
-	w.opt = model.NewOptimizer(w.m, w.job.Optim())
-	w.log.Info("model", "params", w.m.Layout.ParamCount(), "preset", w.job.Preset, "device", w.dev.Desc, "threads", runtime.GOMAXPROCS(0))
+	w.eng = &train.Engine{M: m, Opt: model.NewOptimizer(m, w.job.Optim()), Train: trainS, Val: valS,
+		GB: w.job.BatchSize, EvalBatches: w.job.EvalBatches}
+	w.log.Info("model", "params", w.eng.M.Layout.ParamCount(), "preset", w.job.Preset, "device", w.dev.Desc, "threads", runtime.GOMAXPROCS(0))
 	return nil
 }
 
@@ -295,7 +283,7 @@ func (w *worker) register(ctx context.Context) error {
 	}
 	w.leaseID.Store(int64(lease.ID))
 	// Keep the lease alive from now on: the wait below may outlast its TTL.
-	w.goBackground(func() { w.holdLease(ctx) })
+	w.bg.Go(func() { w.holdLease(ctx) })
 	// A record left by a killed process of this id lapses with its lease
 	// (etcd keeps leases across its own restarts): wait that long before
 	// calling it a live duplicate.
@@ -448,7 +436,7 @@ func (w *worker) closeRing() {
 func (w *worker) loop(ctx context.Context) error {
 	var cur cluster.Ring
 	for {
-		if w.step >= w.job.Steps {
+		if w.eng.Step >= w.job.Steps {
 			return w.finish(ctx)
 		}
 		var r cluster.Ring
@@ -473,7 +461,7 @@ func (w *worker) loop(ctx context.Context) error {
 			continue
 		}
 		w.closeRing()
-		if err := w.put(ctx, cluster.ReadyKey(r.Epoch, w.cfg.ID), cluster.Encode(cluster.Ready{Epoch: r.Epoch, Step: w.step})); err != nil {
+		if err := w.put(ctx, cluster.ReadyKey(r.Epoch, w.cfg.ID), cluster.Encode(cluster.Ready{Epoch: r.Epoch, Step: w.eng.Step})); err != nil {
 			return err
 		}
 		st, ok, err := w.waitStart(ctx, r.Epoch)
@@ -491,7 +479,7 @@ func (w *worker) loop(ctx context.Context) error {
 			if errors.As(err, &fatal) {
 				return fatal.err
 			}
-			w.log.Warn("epoch ended", "epoch", r.Epoch, "step", w.step, "error", err)
+			w.log.Warn("epoch ended", "epoch", r.Epoch, "step", w.eng.Step, "error", err)
 		}
 	}
 }
@@ -546,7 +534,7 @@ func (w *worker) finish(ctx context.Context) error {
 	for {
 		resp, err := w.cli.Get(ctx, w.key(cluster.KeyDone))
 		if err == nil && len(resp.Kvs) > 0 {
-			w.log.Info("job done", "step", w.step)
+			w.log.Info("job done", "step", w.eng.Step)
 			return nil
 		}
 		select {

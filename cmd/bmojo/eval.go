@@ -4,8 +4,10 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/data"
 	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/train"
@@ -30,9 +32,7 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := newLogger().Named("eval")
-			c, params, path, err := train.LoadModel(ckpt, func(dir string, err error) {
-				log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
-			})
+			c, params, path, err := loadForEval(ckpt, log)
 			if err != nil {
 				return err
 			}
@@ -56,7 +56,7 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 			if err != nil {
 				return err
 			}
-			if err := m.SetParams(params); err != nil {
+			if err := m.SetParamsF32(params); err != nil {
 				return err
 			}
 			if err := m.Prepare(batch, T); err != nil {
@@ -83,4 +83,16 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 	fl.StringVar(&devSpec, "device", "auto", "compute device: auto, cpu, cuda or cuda:N")
 	fl.IntVar(&maxBatches, "max-batches", 0, "stop after this many batches (0 = the whole split)")
 	rootCmd.AddCommand(cmd)
+}
+
+// loadForEval reads the weights --checkpoint names (see the flag), checked
+// against their manifest's SHA-256.
+func loadForEval(path string, log hclog.Logger) (model.Config, []float32, string, error) {
+	w, err := checkpoint.LoadWeights(path, func(dir string, err error) {
+		log.Warn("skipping damaged checkpoint", "dir", dir, "error", err)
+	})
+	if err != nil {
+		return model.Config{}, nil, "", fmt.Errorf("eval: %w", err)
+	}
+	return w.Config, w.Params, w.Path, nil
 }

@@ -17,8 +17,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/data"
-	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -85,20 +85,20 @@ the training length.`,
 
 // loadForGenerate reads the weights at path (see the command's help) and
 // returns them with the path they came from.
-func loadForGenerate(path string, log hclog.Logger) (model.Config, []float64, string, error) {
-	c, params, src, err := train.LoadModel(path, func(dir string, err error) {
-		log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
+func loadForGenerate(path string, log hclog.Logger) (model.Config, []float32, string, error) {
+	w, err := checkpoint.LoadWeights(path, func(dir string, err error) {
+		log.Warn("skipping damaged checkpoint", "dir", dir, "error", err)
 	})
 	if err != nil {
 		return model.Config{}, nil, "", fmt.Errorf("generate: %w", err)
 	}
-	return c, params, src, nil
+	return w.Config, w.Params, w.Path, nil
 }
 
 // generation is one generate run on loaded weights.
 type generation struct {
 	cfg         model.Config
-	params      []float64
+	params      []float32
 	prompt      string
 	tokens      int
 	temperature float64

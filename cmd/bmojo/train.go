@@ -91,11 +91,15 @@ any field; flags given on the command line override the file.`,
 			if workers > 0 {
 				return trainLocal(ctx, j, workers, devSpec, quiet, mon, log)
 			}
-			opts := train.Options{Logger: log.Named("train"), Resume: resume, Device: devSpec}
+			opts := train.Options{Logger: log.Named("train"), Device: devSpec}
 			if !quiet {
 				opts.Progress = os.Stderr
 			}
 			res, err := train.Run(ctx, j, opts)
+			if errors.Is(err, train.ErrFinished) {
+				fmt.Println(err)
+				return nil
+			}
 			if err != nil {
 				return err
 			}
@@ -111,7 +115,8 @@ any field; flags given on the command line override the file.`,
 	fl := cmd.Flags()
 	fl.StringVarP(&file, "file", "f", "", "job file (YAML, version: 1); flags override it")
 	fl.IntVar(&workers, "workers", 2, "worker processes (embedded etcd + coordinator + N workers); 0 = train in this process")
-	fl.BoolVar(&resume, "resume", false, "with --workers 0: continue from the newest good checkpoint in --checkpoint-dir (worker runs always resume)")
+	fl.BoolVar(&resume, "resume", false, "no effect: a job always resumes from the newest good checkpoint in its --checkpoint-dir")
+	_ = fl.MarkDeprecated("resume", "a job always resumes from its checkpoint directory")
 	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
 	fl.StringVar(&devSpec, "device", "auto", "compute device: auto (the GPUs, one worker each, when built with -tags cuda; else the CPU), cpu, cuda or cuda:N")
 	mon = monitorFlags(fl, "127.0.0.1:8080") // with --workers N: a free port when this one is taken

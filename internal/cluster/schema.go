@@ -46,11 +46,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/bmojo/bmojo/internal/fsutil"
 )
 
 // Prefix is the root of one job's keys.
@@ -321,16 +322,11 @@ func CodeHash() string {
 
 // FileHash is the build identity of an executable file (a SHA-256 prefix).
 func FileHash(path string) (string, error) {
-	f, err := os.Open(path)
+	d, err := fsutil.HashFile(path)
 	if err != nil {
 		return "", err
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil))[:16], nil
+	return d.SHA256[:16], nil
 }
 
 // SpecHash is the hash of a job's resolved YAML.

@@ -1,7 +1,6 @@
 package data
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -11,6 +10,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/bmojo/bmojo/internal/fsutil"
 )
 
 // Split names one half of a prepared dataset.
@@ -216,7 +217,7 @@ func Prepare(inputs []string, outDir string, opts PrepareOptions) (Manifest, err
 	}
 	js = append(js, '\n')
 	mpath := filepath.Join(outDir, ManifestFile)
-	if err := writeFileAtomic(mpath, func(w *bufio.Writer) error { _, err := w.Write(js); return err }); err != nil {
+	if _, err := fsutil.WriteBytes(mpath, js); err != nil {
 		return Manifest{}, fmt.Errorf("data: prepare: write %s: %w", mpath, err)
 	}
 	removeStaleShards(outDir, m)

@@ -1,7 +1,6 @@
 package data
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -9,6 +8,8 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+
+	"github.com/bmojo/bmojo/internal/fsutil"
 )
 
 // Sentinel errors. Errors returned by this package wrap one of them, with the
@@ -82,8 +83,8 @@ func tokenWidth(vocab int) uint32 {
 	return 4
 }
 
-// WriteShard writes tokens as a shard at path, atomically (see
-// writeFileAtomic). Every token must be in [0, vocab).
+// WriteShard writes tokens as a shard at path, atomically and durably (see
+// fsutil.WriteFile). Every token must be in [0, vocab).
 func WriteShard(path string, tokens []int32, vocab int) error {
 	_, err := writeShard(path, tokens, vocab)
 	return err
@@ -116,7 +117,7 @@ func writeShard(path string, tokens []int32, vocab int) (ShardHeader, error) {
 		Checksum:   crc32.Checksum(payload, crcTable),
 		Count:      uint64(len(tokens)),
 	}
-	err := writeFileAtomic(path, func(w *bufio.Writer) error {
+	_, err := fsutil.WriteFile(path, func(w io.Writer) error {
 		if _, err := w.Write(h.marshal()); err != nil {
 			return err
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/coordinator"
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/device"
@@ -84,7 +85,7 @@ type Result struct {
 type Outage struct{ Stopped, Restarting time.Time }
 
 // ErrFinished means the checkpoint dir holds this job, already done.
-var ErrFinished = errors.New("job already finished")
+var ErrFinished = train.ErrFinished
 
 // Run runs job j with o.Workers local workers until it is done.
 func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
@@ -181,16 +182,19 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 	res.Resumed = resumed
 	if done, ok := readDone(ctx, cli, prefix); ok {
 		res.Done = done
-		res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
+		res.Checkpoint = latestCheckpoint(j.CheckpointDir)
 		return res, fmt.Errorf("%w: %s reached step %d (val loss %.4f); choose another --checkpoint-dir to train again",
 			ErrFinished, j.CheckpointDir, res.Done.Step, res.Done.ValLoss)
 	}
 	if resumed {
-		log.Info("job exists; resuming from its latest checkpoint", "job", j.Name, "checkpoint", latestCheckpoint(ctx, cli, prefix))
+		log.Info("job exists; resuming from its latest checkpoint", "job", j.Name, "checkpoint", latestCheckpoint(j.CheckpointDir))
 	}
 
+	// Every child process is waited for before Run returns: cancelling ctx
+	// sends them SIGTERM (SIGKILL after exec.Cmd.WaitDelay).
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	var children sync.WaitGroup
+	defer func() { cancel(); children.Wait() }()
 	coords := max(1, o.Coordinators)
 	coordExit := make(chan error, coords)
 	for i := range coords {
@@ -205,7 +209,7 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 		if o.OnCoordinator != nil {
 			o.OnCoordinator(i, cmd.Process)
 		}
-		go func() { coordExit <- cmd.Wait() }()
+		children.Go(func() { coordExit <- cmd.Wait() })
 	}
 
 	threads := max(1, runtimeCPUs()/o.Workers)
@@ -226,13 +230,13 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 		if o.OnWorker != nil {
 			o.OnWorker(id, cmd.Process)
 		}
-		go func() {
+		children.Go(func() {
 			err := cmd.Wait()
 			if err != nil {
 				err = fmt.Errorf("%s: %w", id, err)
 			}
 			exited <- err
-		}()
+		})
 	}
 
 	var bar *progressbar.ProgressBar
@@ -265,7 +269,7 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 				if done, ok := readDone(ctx, cli, prefix); ok {
 					res.Done = done
 					res.Progress = readProgress(ctx, cli, j.Name)
-					res.Checkpoint = latestCheckpoint(ctx, cli, prefix)
+					res.Checkpoint = latestCheckpoint(j.CheckpointDir)
 					if bar != nil {
 						_ = bar.Finish()
 					}
@@ -362,23 +366,11 @@ func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (cluster
 	return d, cluster.Decode(cluster.KeyDone, resp.Kvs[0].Value, &d) == nil
 }
 
-func latestCheckpoint(ctx context.Context, cli *clientv3.Client, prefix string) string {
-	ctx, cancel := context.WithTimeout(ctx, readTimeout)
-	defer cancel()
-	resp, err := cli.Get(ctx, prefix+cluster.KeyLatestCkpt)
-	if err != nil || len(resp.Kvs) == 0 {
-		return ""
-	}
-	step, err := strconv.Atoi(string(resp.Kvs[0].Value))
+// latestCheckpoint is the newest checkpoint under dir that verifies, for
+// the report ("" when none does).
+func latestCheckpoint(dir string) string {
+	m, err := checkpoint.Latest(dir, nil)
 	if err != nil {
-		return ""
-	}
-	mresp, err := cli.Get(ctx, prefix+cluster.CheckpointKey(step))
-	if err != nil || len(mresp.Kvs) == 0 {
-		return ""
-	}
-	var m cluster.Manifest
-	if cluster.Decode("manifest", mresp.Kvs[0].Value, &m) != nil {
 		return ""
 	}
 	return m.Dir

@@ -5,7 +5,7 @@
 //
 // The package owns the byte layout and its validation only. Tensor naming and
 // the model config stored under the "config" metadata key belong to the model
-// package (see design/model.md §7); nothing here interprets them.
+// package (see docs/model.md §7); nothing here interprets them.
 //
 // Writes are always float32 (dtype F32). Reads accept F32, F64, F16 and BF16
 // and widen or narrow them to float32, so checkpoints exported from PyTorch in
@@ -18,7 +18,6 @@
 package safetensors
 
 import (
-	"bufio"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -27,10 +26,11 @@ import (
 	"math"
 	"math/bits"
 	"os"
-	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/bmojo/bmojo/internal/fsutil"
 )
 
 // Sentinel errors. Every error returned by Read, Parse, Write and Encode that
@@ -316,52 +316,12 @@ func halfToFloat32(h uint16) float32 {
 	}
 }
 
-// Write stores tensors (as F32) and metadata at path atomically: the bytes go
-// to a temporary file in the same directory, which is fsynced and renamed
-// over path, and the directory is fsynced so the rename survives a crash. A
-// reader therefore sees either the old complete file or the new complete
-// file, never a partial checkpoint.
+// Write stores tensors (as F32) and metadata at path atomically and durably
+// (internal/fsutil.WriteFile): a reader sees either the old complete file or
+// the new complete file, never a partial checkpoint.
 func Write(path string, tensors []Tensor, metadata map[string]string) error {
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	tmp, err := os.CreateTemp(dir, "."+base+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("safetensors: write %s: %w", path, err)
-	}
-	tmpName := tmp.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmpName)
-		}
-	}()
-
-	w := bufio.NewWriterSize(tmp, 1<<20)
-	if err := encode(w, tensors, metadata); err != nil {
-		return fmt.Errorf("safetensors: write %s: %w", path, err)
-	}
-	if err := w.Flush(); err != nil {
-		return fmt.Errorf("safetensors: write %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("safetensors: write %s: fsync: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("safetensors: write %s: close: %w", path, err)
-	}
-	// CreateTemp makes the file 0600; checkpoints are meant to be shared.
-	if err := os.Chmod(tmpName, 0o644); err != nil {
-		return fmt.Errorf("safetensors: write %s: chmod: %w", path, err)
-	}
-	if err := os.Rename(tmpName, path); err != nil {
-		return fmt.Errorf("safetensors: write %s: rename: %w", path, err)
-	}
-	ok = true
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("safetensors: write %s: fsync directory: %w", path, err)
+	if _, err := fsutil.WriteFile(path, func(w io.Writer) error { return encode(w, tensors, metadata) }); err != nil {
+		return fmt.Errorf("safetensors: %w", err)
 	}
 	return nil
 }
@@ -369,15 +329,6 @@ func Write(path string, tensors []Tensor, metadata map[string]string) error {
 // fail builds a content error: "safetensors: FILE: DETAIL: SENTINEL".
 func fail(sentinel error, where, format string, args ...any) error {
 	return fmt.Errorf("safetensors: %s: %s: %w", where, fmt.Sprintf(format, args...), sentinel)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Encode writes tensors (as F32, sorted by name, packed back to back) and

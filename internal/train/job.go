@@ -30,7 +30,7 @@ type Job struct {
 	Name    string `yaml:"name"`    // run name, used in logs
 
 	// Preset names the model (model.Preset, e.g. "bmojo", "mamba-tiny");
-	// Model holds keys that override the preset (model.md §1 names).
+	// Model holds keys that override the preset (docs/model.md §1 names).
 	Preset string       `yaml:"preset"`
 	Model  model.Config `yaml:"model"`
 
@@ -122,7 +122,7 @@ func (j Job) Validate() error {
 	return nil
 }
 
-// Optim returns the optimiser settings of the job (model.md §6).
+// Optim returns the optimiser settings of the job (docs/model.md §6).
 func (j Job) Optim() model.OptimConfig {
 	o := model.DefaultOptim(j.LR, j.Steps)
 	if j.WarmupSteps > 0 {

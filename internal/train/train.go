@@ -7,29 +7,33 @@ import (
 	"io"
 	"math"
 	"os"
+	"path/filepath"
 	"runtime"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/schollz/progressbar/v3"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/data"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
+// ErrFinished means the checkpoint directory holds this job, already done.
+var ErrFinished = errors.New("job already finished")
+
 // Options are how a run reports, not what it computes.
 type Options struct {
 	Logger   hclog.Logger // nil = silent
 	Progress io.Writer    // progress bar; nil = none
-	Resume   bool         // continue from the newest good checkpoint in CheckpointDir
 	Device   string       // compute device (internal/device): auto, cpu, cuda or cuda:N
 }
 
 // Result summarises a finished run.
 type Result struct {
-	Steps          int       // completed optimizer steps
+	Steps          int       // completed training steps (checkpoint.State.DataStep: skipped steps count)
 	Skipped        int       // steps skipped for a non-finite gradient
 	Losses         []float64 // training loss per step, from step 0 (resumed runs include the loaded history)
 	ValLoss        float64   // final validation cross-entropy (nats/token)
@@ -41,7 +45,10 @@ type Result struct {
 }
 
 // Run trains j to completion (or until ctx is done, after writing a
-// checkpoint of the last completed step).
+// checkpoint of the last completed step). When j.CheckpointDir holds
+// checkpoints of this job, Run resumes from the newest that verifies; a
+// checkpoint of a job with other settings (Job.Diff) is refused, naming
+// them. The loop is cadence only: the step is Engine's, as a worker's is.
 func Run(ctx context.Context, j Job, o Options) (Result, error) {
 	log := o.Logger
 	if log == nil {
@@ -90,43 +97,48 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 		return Result{}, err
 	}
 	opt := model.NewOptimizer(m, j.Optim())
+	valS, err := data.EvalWindows(valDS, T)
+	if err != nil {
+		return Result{}, fmt.Errorf("train: %w", err)
+	}
+	e := &Engine{M: m, Opt: opt, Train: sampler, Val: valS, GB: B, EvalBatches: j.EvalBatches}
 	res := Result{Params: m.Layout.ParamCount(), UnigramEntropy: trainDS.UnigramEntropy()}
 	log.Info("model", "preset", j.Preset, "params", res.Params, "layers", mc.NLayer, "d_model", mc.DModel,
 		"mixers", mixerSummary(mc.Mixers), "seq_len", T, "batch", B, "device", dev.Desc)
 
-	existing, err := ListCheckpoints(j.CheckpointDir)
-	if err != nil {
-		return Result{}, err
-	}
-	start := 0
-	if o.Resume {
-		ck, err := LatestCheckpoint(j.CheckpointDir, func(dir string, err error) {
-			log.Warn("skipping unreadable checkpoint", "dir", dir, "error", err)
-		})
-		switch {
-		case errors.Is(err, ErrNoCheckpoint):
-			log.Info("no checkpoint to resume from; starting fresh", "dir", j.CheckpointDir)
-		case err != nil:
-			return Result{}, err
-		default:
-			if err := compatible(ck, mc, j); err != nil {
-				return Result{}, err
-			}
-			if err := m.SetParams(ck.Params); err != nil {
-				return Result{}, err
-			}
-			if err := opt.SetMoments(ck.M, ck.V, ck.State.Step-ck.State.Skipped); err != nil {
-				return Result{}, err
-			}
-			start = ck.State.Step
-			res.Losses = append(res.Losses, ck.State.Losses...)
-			res.Skipped = ck.State.Skipped
-			res.ResumedFrom = ck.Dir
-			log.Info("resumed", "checkpoint", ck.Dir, "step", start)
+	// A damaged checkpoint is set aside, as a worker does, so its step can
+	// be checkpointed again.
+	ck, err := checkpoint.LoadLatest(j.CheckpointDir, func(dir string, err error) {
+		aside, aerr := checkpoint.SetAside(dir)
+		log.Warn("skipping damaged checkpoint", "dir", dir, "error", err, "moved_to", aside)
+		if aerr != nil {
+			log.Warn("could not set the damaged checkpoint aside", "dir", dir, "error", aerr)
 		}
-	} else if len(existing) > 0 {
-		return Result{}, fmt.Errorf("train: %s already holds checkpoint %s; pass --resume to continue it or choose another checkpoint dir",
-			j.CheckpointDir, existing[0])
+	})
+	switch {
+	case errors.Is(err, checkpoint.ErrNoCheckpoint):
+	case err != nil:
+		return Result{}, err
+	default:
+		if err := compatible(ck, mc, j); err != nil {
+			return Result{}, err
+		}
+		if err := m.SetParamsF32(ck.Params); err != nil {
+			return Result{}, err
+		}
+		if err := opt.SetMomentsF32(ck.M, ck.V, ck.State.OptimizerStep); err != nil {
+			return Result{}, err
+		}
+		e.Step, e.Skipped = ck.State.DataStep, ck.State.Skipped
+		res.Losses = append(res.Losses, ck.State.Losses...)
+		res.Skipped = ck.State.Skipped
+		res.ResumedFrom = ck.Dir
+		log.Info("resumed", "checkpoint", ck.Dir, "step", e.Step)
+	}
+	start := e.Step
+	if start >= j.Steps {
+		return res, fmt.Errorf("%w: %s reached step %d (val loss %.4f); choose another checkpoint_dir to train again",
+			ErrFinished, j.CheckpointDir, start, ck.State.ValLoss)
 	}
 
 	var bar *progressbar.ProgressBar
@@ -144,74 +156,70 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 		_ = bar.Set(start)
 	}
 
-	tokens, targets := make([]int32, B*T), make([]int32, B*T)
-	save := func(step int, valLoss float64) error {
-		mom, vel := opt.Moments()
-		ck := Checkpoint{Config: mc, Params: m.ParamsHost(), M: mom, V: vel,
-			State: State{Step: step, Seed: j.Seed, BatchSize: B, SeqLen: T, Skipped: res.Skipped, Losses: res.Losses, ValLoss: valLoss}}
-		t0 := time.Now()
-		dir, err := SaveCheckpoint(j.CheckpointDir, ck)
+	save := func(valLoss float64) error {
+		ck, err := e.Snapshot(j, valLoss)
 		if err != nil {
 			return err
 		}
-		res.Checkpoint = dir
-		log.Debug("checkpoint written", "dir", dir, "duration", time.Since(t0))
-		return pruneCheckpoints(j.CheckpointDir, j.KeepCheckpoints)
+		ck.State.Losses = res.Losses
+		t0 := time.Now()
+		man, err := checkpoint.Save(j.CheckpointDir, ck)
+		if err != nil {
+			return fmt.Errorf("train: %w", err)
+		}
+		res.Checkpoint = man.Dir
+		log.Debug("checkpoint written", "dir", man.Dir, "duration", time.Since(t0))
+		if _, err := checkpoint.Prune(j.CheckpointDir, j.KeepCheckpoints); err != nil {
+			return fmt.Errorf("train: %w", err)
+		}
+		return nil
 	}
 	t0 := time.Now()
 	var trained int
-	step := start
-	for ; step < j.Steps; step++ {
+	for e.Step < j.Steps {
 		if err := ctx.Err(); err != nil {
-			if step > start {
-				if err := save(step, 0); err != nil {
+			if e.Step > start {
+				if err := save(0); err != nil {
 					return res, err
 				}
 			}
-			return res, fmt.Errorf("train: stopped at step %d: %w", step, err)
+			return res, fmt.Errorf("train: stopped at step %d: %w", e.Step, err)
 		}
-		if err := sampler.Fill(0, step*B, B, tokens, targets); err != nil {
-			return res, fmt.Errorf("train: step %d: %w", step, err)
-		}
-		m.ZeroGrads()
-		l, err := m.Forward(tokens, targets)
+		st, err := e.TrainStep(Local{})
 		if err != nil {
-			return res, fmt.Errorf("train: step %d: %w", step, err)
+			return res, fmt.Errorf("train: %w", err)
 		}
-		if err := m.Backward(); err != nil {
-			return res, fmt.Errorf("train: step %d: %w", step, err)
-		}
-		r := opt.Apply()
-		if r.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0) {
-			res.Skipped++
-			log.Warn("non-finite loss or gradient; step skipped", "step", step, "loss", l.Total, "grad_norm", r.GradNorm)
+		if st.Skipped {
+			log.Warn("non-finite loss or gradient; step skipped", "step", e.Step-1, "loss", st.Loss, "grad_norm", st.GradNorm)
 		}
 		// The reported loss is the language-model cross-entropy, comparable
 		// with the validation loss; λ·aux only trains the innovation
 		// predictor and is logged beside it.
-		res.Losses = append(res.Losses, l.CE)
+		res.Losses = append(res.Losses, st.Loss)
+		res.Skipped = e.Skipped
 		trained++
 		tps := float64(trained*B*T) / time.Since(t0).Seconds()
 		if bar != nil {
-			bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s", l.CE, tps))
+			bar.Describe(fmt.Sprintf("loss %.3f  %.0f tok/s", st.Loss, tps))
 			_ = bar.Add(1)
 		}
-		last := step+1 == j.Steps
+		last := e.Step == j.Steps
 		var val float64
-		if (j.EvalEvery > 0 && (step+1)%j.EvalEvery == 0) || last {
-			if val, err = Evaluate(m, valDS, j.EvalBatches); err != nil {
-				return res, err
+		if (j.EvalEvery > 0 && e.Step%j.EvalEvery == 0) || last {
+			if val, err = e.Evaluate(Local{}); err != nil {
+				return res, fmt.Errorf("train: %w", err)
 			}
 			res.ValLoss = val
-			log.Info("eval", "step", step+1, "train_loss", round(l.CE), "innovation_aux", round(l.Aux), "val_loss", round(val),
-				"tokens_per_s", math.Round(tps), "lr", r.LR, "grad_norm", round(r.GradNorm))
+			log.Info("eval", "step", e.Step, "train_loss", round(st.Loss), "innovation_aux", round(st.Aux), "val_loss", round(val),
+				"tokens_per_s", math.Round(tps), "lr", st.LR, "grad_norm", round(st.GradNorm))
 		}
-		if (j.CheckpointEvery > 0 && (step+1)%j.CheckpointEvery == 0) || last {
-			if err := save(step+1, val); err != nil {
+		if (j.CheckpointEvery > 0 && e.Step%j.CheckpointEvery == 0) || last {
+			if err := save(val); err != nil {
 				return res, err
 			}
 		}
 	}
+	step := e.Step
 	res.Steps = step
 	if trained > 0 {
 		res.TokensPerSec = float64(trained*B*T) / time.Since(t0).Seconds()
@@ -265,7 +273,17 @@ func EvalSum(m *model.Model[float32], s *data.Sampler, start, n int) (sum float6
 	return sum, count, nil
 }
 
-func compatible(ck *Checkpoint, mc model.Config, j Job) error {
+// compatible refuses to resume j from ck when ck was written by a job with
+// other settings: the job it records (Job.Diff), or, for checkpoints that
+// record none, its model, batch size and seed.
+func compatible(ck *checkpoint.Checkpoint, mc model.Config, j Job) error {
+	if ck.State.Job != "" {
+		old, err := ParseJob(filepath.Join(ck.Dir, checkpoint.StateFile), []byte(ck.State.Job))
+		if err != nil {
+			return fmt.Errorf("train: checkpoint %s: %w", ck.Dir, err)
+		}
+		return j.ResumeError(old, ck.Dir)
+	}
 	a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(mc)[model.ConfigKey]
 	if a != b {
 		return fmt.Errorf("train: checkpoint %s was trained with a different model config:\n  checkpoint: %s\n  job:        %s", ck.Dir, a, b)

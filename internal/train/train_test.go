@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -31,12 +32,12 @@ func tinyJob(t *testing.T) Job {
 	return j
 }
 
-func run(t *testing.T, j Job, resume bool) (Result, *captureLog) {
+func run(t *testing.T, j Job) (Result, *captureLog) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cl := &captureLog{}
-	res, err := Run(ctx, j, Options{Logger: hclog.New(&hclog.LoggerOptions{Output: cl, Level: hclog.Debug}), Resume: resume})
+	res, err := Run(ctx, j, Options{Logger: hclog.New(&hclog.LoggerOptions{Output: cl, Level: hclog.Debug})})
 	if err != nil {
 		t.Fatalf("Run: %v", err)
 	}
@@ -60,11 +61,11 @@ func sameBits(a, b []float64) bool {
 }
 
 // TestResumeIsBitwiseIdentical: a run stopped after a checkpoint and resumed
-// follows exactly the loss curve of an uninterrupted run (system.md: "on the
+// follows exactly the loss curve of an uninterrupted run (docs/system.md: "on the
 // CPU backend the resumed loss curve equals an uninterrupted run's").
 func TestResumeIsBitwiseIdentical(t *testing.T) {
 	full := tinyJob(t)
-	want, _ := run(t, full, false)
+	want, _ := run(t, full)
 	if len(want.Losses) != 6 || !(want.Losses[5] < want.Losses[0]) {
 		t.Fatalf("uninterrupted losses %v: want 6 falling", want.Losses)
 	}
@@ -74,7 +75,7 @@ func TestResumeIsBitwiseIdentical(t *testing.T) {
 	if err := os.RemoveAll(filepath.Join(part.CheckpointDir, "step-00000006")); err != nil {
 		t.Fatal(err)
 	}
-	got, logs := run(t, part, true)
+	got, logs := run(t, part)
 	if !strings.Contains(logs.String(), "resumed") {
 		t.Fatalf("second run did not resume:\n%s", logs.String())
 	}
@@ -86,80 +87,116 @@ func TestResumeIsBitwiseIdentical(t *testing.T) {
 	}
 }
 
+// TestCorruptCheckpointFallsBackToPrevious: one flipped bit in the newest
+// checkpoint's weights (which still parse) is caught by its SHA-256: the
+// resume warns naming the file, sets the checkpoint aside, redoes steps 4..6
+// from step 3 identically and writes step 6 again.
 func TestCorruptCheckpointFallsBackToPrevious(t *testing.T) {
 	j := tinyJob(t)
 	j.Steps = 6
-	first, _ := run(t, j, false)
-	// Flip a byte in the newest checkpoint's weights.
-	newest := filepath.Join(j.CheckpointDir, "step-00000006", WeightsFile)
+	first, _ := run(t, j)
+	newest := filepath.Join(j.CheckpointDir, "step-00000006", checkpoint.WeightsFile)
 	b, err := os.ReadFile(newest)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b = b[:len(b)-7] // truncated, as by a crash or a full disk
+	b[len(b)-4] ^= 0x04 // a low mantissa bit of the last parameter (little-endian float32)
 	if err := os.WriteFile(newest, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var warned []string
-	ck, err := LatestCheckpoint(j.CheckpointDir, func(dir string, err error) { warned = append(warned, dir+": "+err.Error()) })
-	if err != nil {
-		t.Fatal(err)
+	again, logs := run(t, j)
+	if !strings.Contains(logs.String(), "skipping damaged checkpoint") || !strings.Contains(logs.String(), newest) {
+		t.Fatalf("no warning naming %s:\n%s", newest, logs.String())
 	}
-	if ck.State.Step != 3 || len(warned) != 1 || !strings.Contains(warned[0], "step-00000006") {
-		t.Fatalf("loaded step %d, warnings %q; want step 3 and one warning naming step-00000006", ck.State.Step, warned)
+	if again.ResumedFrom != filepath.Join(j.CheckpointDir, "step-00000003") {
+		t.Fatalf("resumed from %q, want step 3", again.ResumedFrom)
 	}
-	// Resuming a longer job redoes steps 4..6 from step 3 identically.
-	j.Steps = 6
-	if err := os.RemoveAll(filepath.Join(j.CheckpointDir, "step-00000006")); err != nil {
-		t.Fatal(err)
-	}
-	again, _ := run(t, j, true)
 	if !sameBits(again.Losses, first.Losses) {
 		t.Fatalf("losses after fallback %v, first run %v", again.Losses, first.Losses)
 	}
+	if _, err := checkpoint.Load(filepath.Join(j.CheckpointDir, "step-00000006")); err != nil {
+		t.Fatalf("step 6 was not written again: %v", err)
+	}
 }
 
-func TestRefusesToOverwriteCheckpoints(t *testing.T) {
+// TestFinishedJobIsNotOverwritten: the same job again on its checkpoint
+// directory says it is finished and changes nothing.
+func TestFinishedJobIsNotOverwritten(t *testing.T) {
 	j := tinyJob(t)
 	j.Steps = 3
-	run(t, j, false)
-	before, err := os.ReadFile(filepath.Join(j.CheckpointDir, "step-00000003", WeightsFile))
+	run(t, j)
+	before, err := os.ReadFile(filepath.Join(j.CheckpointDir, "step-00000003", checkpoint.WeightsFile))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = Run(context.Background(), j, Options{})
-	if err == nil || !strings.Contains(err.Error(), "--resume") {
-		t.Fatalf("second fresh run into the same dir: %v; want an error suggesting --resume", err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err = Run(ctx, j, Options{})
+	if !errors.Is(err, ErrFinished) || !strings.Contains(err.Error(), "step 3") {
+		t.Fatalf("second run of a finished job: %v; want ErrFinished naming step 3", err)
 	}
-	after, _ := os.ReadFile(filepath.Join(j.CheckpointDir, "step-00000003", WeightsFile))
+	after, _ := os.ReadFile(filepath.Join(j.CheckpointDir, "step-00000003", checkpoint.WeightsFile))
 	if string(before) != string(after) {
 		t.Fatal("existing checkpoint changed")
 	}
 }
 
+// TestResumeRejectsDifferentJob: a checkpoint directory resumes only the job
+// it was started with; any setting that changes what it computes is refused
+// with an error naming the field, old and new value.
 func TestResumeRejectsDifferentJob(t *testing.T) {
 	j := tinyJob(t)
-	j.Steps = 3
-	run(t, j, false)
+	j.Steps = 6
+	j.CheckpointEvery = 3
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	part := j
+	if err := os.MkdirAll(j.CheckpointDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Stop after the step-3 checkpoint: a cancelled run saves its last step.
+	stop, cancelRun := context.WithCancel(ctx)
+	go func() {
+		for range time.Tick(5 * time.Millisecond) {
+			if _, err := os.Stat(filepath.Join(j.CheckpointDir, "step-00000003")); err == nil {
+				cancelRun()
+				return
+			}
+		}
+	}()
+	if _, err := Run(stop, part, Options{}); err == nil {
+		// The run may finish before the cancel lands: remove what came after.
+		if err := os.RemoveAll(filepath.Join(j.CheckpointDir, "step-00000006")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	cases := []struct {
 		name  string
 		tweak func(*Job)
 		want  string
 	}{
-		{"model", func(j *Job) { j.Model.DFF = 64 }, "different model config"},
-		{"batch", func(j *Job) { j.BatchSize = 3 }, "batch_size"},
-		{"seed", func(j *Job) { j.Seed = 9 }, "seed"},
+		{"model", func(j *Job) { j.Model.DFF = 64 }, "model.d_ff: "},
+		{"batch", func(j *Job) { j.BatchSize = 3 }, "batch_size: 2 -> 3"},
+		{"seed", func(j *Job) { j.Seed = 9 }, "seed: 1 -> 9"},
+		{"steps", func(j *Job) { j.Steps = 12 }, "steps: 6 -> 12"},
+		{"lr", func(j *Job) { j.LR = 1e-3 }, "lr: 0.003 -> 0.001"},
+		{"warmup", func(j *Job) { j.WarmupSteps = 2 }, "warmup_steps: 0 -> 2"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			k := j
-			k.Steps = 6
 			tc.tweak(&k)
-			_, err := Run(context.Background(), k, Options{Resume: true})
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("got %v, want an error mentioning %q", err, tc.want)
+			_, err := Run(ctx, k, Options{})
+			if !errors.Is(err, ErrJob) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an ErrJob naming %q", err, tc.want)
 			}
 		})
+	}
+	// Threads say how this process runs: a resume may change them.
+	k := j
+	k.Threads = 1
+	if _, err := Run(ctx, k, Options{}); err != nil {
+		t.Fatalf("resume with other threads: %v", err)
 	}
 }
 

@@ -19,35 +19,22 @@ type attnArgs[F kernels.Float] struct {
 	hasFading, hasMemory, okay bool
 }
 
-func (be *Backend[F]) attnCheck(c *checker[F], q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) attnArgs[F] {
+// attnInputs reads the attention inputs of a checked call, q to sel, from
+// argument in on (kernels.OpAttention and OpAttentionBackward), checks sel's
+// positions and gathers each query chunk's memory positions.
+func attnInputs[F kernels.Float](c *checker[F], in int, s kernels.AttnShape) attnArgs[F] {
 	a := attnArgs[F]{s: s}
-	c.dims("B,T,H,G,D,Wc,Wf,C,S,M,Delta", s.B, s.T, s.H, s.G, s.D, s.Wc, s.Wf, s.C, s.S, s.M, s.Delta)
-	c.cond(s.H >= 1 && s.G >= 1 && s.G <= s.H, "heads H=%d, G=%d: want 1 <= G <= H", s.H, s.G)
-	c.cond(s.D >= 1, "head width D=%d, want >= 1", s.D)
-	c.cond(s.Wc >= 1, "context window Wc=%d, want >= 1", s.Wc)
-	c.cond(s.M == 0 || s.C >= 1, "chunk length C=%d, want >= 1 when M=%d > 0", s.C, s.M)
 	if !c.ok {
 		return a
 	}
-	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	a.q = c.buf("q", q, nq, "B*T*H*D")
-	a.k = c.buf("k", k, nk, "B*T*G*D")
-	a.v = c.buf("v", v, nk, "B*T*G*D")
+	f := c.f[in:]
+	a.q, a.k, a.v, a.kf, a.vf, a.qm, a.km = f[0], f[1], f[2], f[3], f[4], f[5], f[6]
 	a.hasFading = s.Wf > 0
-	if a.hasFading {
-		a.kf = c.buf("kf", kf, nk, "B*T*G*D")
-		a.vf = c.buf("vf", vf, nk, "B*T*G*D")
-	}
 	a.hasMemory = s.M > 0
 	a.nQC = 1
 	if a.hasMemory {
-		a.qm = c.buf("qm", qm, nq, "B*T*H*D")
-		a.km = c.buf("km", km, nk, "B*T*G*D")
 		nC := s.T / s.C
-		sl := c.ints("sel", sel, s.B*nC*s.S, "B*(T/C)*S")
-		if !c.ok {
-			return a
-		}
+		sl := c.i[in+7]
 		for i, p := range sl {
 			if int(p) >= s.T {
 				c.failf("sel[%d]=%d out of range [0,T=%d)", i, p, s.T)
@@ -276,18 +263,14 @@ func windowKeys[F kernels.Float](k, v, dk, dv []F, lo, hi, kbase, stride, D int)
 
 // Attention implements kernels.Backend: each query row computes its
 // context, fading and memory parts separately and merges them exactly with
-// log-sum-exp (model.md §4).
+// log-sum-exp (docs/model.md §4).
 func (be *Backend[F]) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
-	c := be.check("attention")
-	a := be.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
+	c := be.check(kernels.OpAttention, s.Dims(), out, lse, q, k, v, kf, vf, qm, km, sel)
+	a := attnInputs(c, 2, s)
 	if !a.okay {
 		return
 	}
-	o := c.buf("out", out, s.B*s.T*s.H*s.D, "B*T*H*D")
-	ls := c.buf("lse", lse, s.B*s.T*s.H, "B*T*H")
-	if !c.ok {
-		return
-	}
+	o, ls := c.f[0], c.f[1]
 	D, kstride := s.D, s.G*s.D
 	parallelDyn(s.B*s.H, s.T*a.maxKeys*s.D*2, func(_, bh int) {
 		b, h := bh/s.H, bh%s.H
@@ -381,31 +364,14 @@ func partBackward[F kernels.Float](qv, dout []F, ks keySet[F], dqacc []F, D int,
 // B·G below the worker count some cores idle; the model's presets have
 // G = H.)
 func (be *Backend[F]) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
-	c := be.check("attention_backward")
-	a := be.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
+	c := be.check(kernels.OpAttentionBackward, s.Dims(), dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km, sel)
+	a := attnInputs(c, 10, s)
 	if !a.okay {
 		return
 	}
-	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	do := c.buf("dout", dout, nq, "B*T*H*D")
-	os := c.buf("out", out, nq, "B*T*H*D")
-	ls := c.buf("lse", lse, s.B*s.T*s.H, "B*T*H")
-	gr := attnGrad[F]{
-		dq: c.opt("dq", dq, nq, "B*T*H*D"),
-		dk: c.opt("dk", dk, nk, "B*T*G*D"),
-		dv: c.opt("dv", dv, nk, "B*T*G*D"),
-	}
-	if a.hasFading {
-		gr.dkf = c.opt("dkf", dkf, nk, "B*T*G*D")
-		gr.dvf = c.opt("dvf", dvf, nk, "B*T*G*D")
-	}
-	if a.hasMemory {
-		gr.dqm = c.opt("dqm", dqm, nq, "B*T*H*D")
-		gr.dkm = c.opt("dkm", dkm, nk, "B*T*G*D")
-	}
-	if !c.ok {
-		return
-	}
+	g := c.f
+	gr := attnGrad[F]{dq: g[0], dk: g[1], dv: g[2], dkf: g[3], dvf: g[4], dqm: g[5], dkm: g[6]}
+	do, os, ls := g[7], g[8], g[9]
 	D, kstride := s.D, s.G*s.D
 	perGroup := (s.H + s.G - 1) / s.G
 	parallelDyn(s.B*s.G, perGroup*s.T*a.maxKeys*s.D*4, func(_, bg int) {

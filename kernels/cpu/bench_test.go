@@ -55,7 +55,7 @@ func BenchmarkMatMulBackward(b *testing.B) {
 	b.ReportMetric(4*float64(s.Rw*s.N*s.K)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
 }
 
-// The "small" model (model.md §1): B=4, T=512, d=256, E=512, N=16.
+// The "small" model (docs/model.md §1): B=4, T=512, d=256, E=512, N=16.
 const sB, sT, sE, sN = 4, 512, 512, 16
 
 type scanBufs struct{ x, dt, dtBias, Alog, Bm, Cm, Dskip, z, out kernels.Buffer }

@@ -1,10 +1,14 @@
-// Package cpu owns the pure-Go reference implementation of kernels.Backend:
-// the executable specification every other backend is checked against
-// (kernels/kerneltest). Buffers are host slices; ops run goroutine-parallel
-// over rows, channels or heads with runtime.GOMAXPROCS(0) workers.
+// Package cpu owns the tuned CPU backend of kernels.Backend: the one that
+// trains on machines without a GPU, and the float64 backend of gradient
+// checks. It is not the specification: the readable float64 reference is
+// kernels/kerneltest/naive.go, and the conformance suite (kernels/kerneltest)
+// holds this backend to it as it holds the CUDA one. Buffers are host
+// slices; ops run goroutine-parallel over rows, channels or heads with
+// runtime.GOMAXPROCS(0) workers, with blocked gonum products.
 //
 // It must not know about models, training or I/O, and it never panics or
-// logs on bad input: the first failure is recorded and reported by Err.
+// logs on bad input: every call is checked against its contract
+// (kernels.Contract), and the first failure is recorded and reported by Err.
 package cpu
 
 import (
@@ -30,7 +34,7 @@ type IntBuf []int32
 // Len returns the number of elements.
 func (b IntBuf) Len() int { return len(b) }
 
-// Backend is the CPU reference backend. The zero value is not usable; call New.
+// Backend is the CPU backend. The zero value is not usable; call New.
 type Backend[F kernels.Float] struct {
 	mu  sync.Mutex
 	err error
@@ -55,95 +59,75 @@ func (be *Backend[F]) Err() error {
 // failf records the first error; later ones are dropped because the first
 // bad shape usually causes the rest.
 func (be *Backend[F]) failf(format string, args ...any) {
+	be.fail(fmt.Errorf(format, args...))
+}
+
+// fail records err as failf does.
+func (be *Backend[F]) fail(err error) {
 	be.mu.Lock()
 	defer be.mu.Unlock()
 	if be.err == nil {
-		be.err = fmt.Errorf("kernels/cpu: "+format, args...)
+		be.err = fmt.Errorf("kernels/cpu: %w", err)
 	}
 }
 
-// checker validates the arguments of one op call; every method records the
-// first mismatch under the op's name and later calls become no-ops.
+// checker is one op call checked against its contract (kernels.Op.Check):
+// its buffers as host slices in the op's argument order, nil for an absent
+// or unused one. ok is false once a check failed; the failure is recorded
+// under the op's name.
 type checker[F kernels.Float] struct {
 	be *Backend[F]
-	op string
+	op *kernels.Op
 	ok bool
+	f  [][]F     // float arguments
+	i  [][]int32 // int arguments
 }
 
-func (be *Backend[F]) check(op string) *checker[F] { return &checker[F]{be: be, op: op, ok: true} }
-
-func (c *checker[F]) failf(format string, args ...any) {
-	if c.ok {
-		c.ok = false
-		c.be.failf("%s: "+format, append([]any{c.op}, args...)...)
-	}
-}
-
-// dims rejects negative (or, where required, zero) dimensions before they
-// are multiplied into buffer lengths.
-func (c *checker[F]) dims(names string, vals ...int) {
-	for _, v := range vals {
-		if v < 0 {
-			c.failf("negative dimension in %s=%v", names, vals)
-			return
+// check checks a call of op with dims (the values of op.Dims) and args (its
+// buffer arguments, IntBuffers included, in order).
+func (be *Backend[F]) check(op *kernels.Op, dims []int, args ...kernels.Buffer) *checker[F] {
+	c := &checker[F]{be: be, op: op}
+	lens := make([]int, len(args))
+	for i, a := range args {
+		lens[i] = kernels.Nil
+		if a != nil {
+			lens[i] = a.Len()
 		}
 	}
+	if err := op.Check(dims, lens); err != nil {
+		be.fail(err)
+		return c
+	}
+	c.f, c.i = make([][]F, len(args)), make([][]int32, len(args))
+	for i, a := range args {
+		if a == nil || !op.Uses(i, dims) {
+			continue
+		}
+		if op.Args[i].Int {
+			s, ok := a.(IntBuf)
+			if !ok {
+				c.failf("%s is a %T, not a cpu.IntBuf", op.Args[i].Name, a)
+				return c
+			}
+			c.i[i] = s
+			continue
+		}
+		s, ok := a.(Buf[F])
+		if !ok {
+			c.failf("%s is a %T, not a cpu.Buf", op.Args[i].Name, a)
+			return c
+		}
+		c.f[i] = s
+	}
+	c.ok = true
+	return c
 }
 
-func (c *checker[F]) cond(ok bool, format string, args ...any) {
-	if !ok {
-		c.failf(format, args...)
-	}
-}
-
-// buf returns b's slice after checking it is a Buf[F] of want elements.
-func (c *checker[F]) buf(name string, b kernels.Buffer, want int, expr string) []F {
-	if !c.ok {
-		return nil
-	}
-	if b == nil {
-		c.failf("%s is nil", name)
-		return nil
-	}
-	s, ok := b.(Buf[F])
-	if !ok {
-		c.failf("%s is a %T, not a cpu.Buf", name, b)
-		return nil
-	}
-	if len(s) != want {
-		c.failf("%s has %d elements, want %s=%d", name, len(s), expr, want)
-		return nil
-	}
-	return s
-}
-
-// opt is buf for optional buffers (gradient outputs, unused paths): nil
-// stays nil.
-func (c *checker[F]) opt(name string, b kernels.Buffer, want int, expr string) []F {
-	if b == nil || !c.ok {
-		return nil
-	}
-	return c.buf(name, b, want, expr)
-}
-
-func (c *checker[F]) ints(name string, b kernels.IntBuffer, want int, expr string) []int32 {
-	if !c.ok {
-		return nil
-	}
-	if b == nil {
-		c.failf("%s is nil", name)
-		return nil
-	}
-	s, ok := b.(IntBuf)
-	if !ok {
-		c.failf("%s is a %T, not a cpu.IntBuf", name, b)
-		return nil
-	}
-	if len(s) != want {
-		c.failf("%s has %d elements, want %s=%d", name, len(s), expr, want)
-		return nil
-	}
-	return s
+// failf records what is wrong with a call the contract allows (bad data,
+// overlapping buffers) under the op's name.
+func (c *checker[F]) failf(format string, args ...any) {
+	c.ok = false
+	c.be.failf("%s: "+format, append([]any{c.op.Name}, args...)...)
 }
 
 // minParallelWork is the approximate number of scalar operations below
@@ -259,79 +243,67 @@ func (be *Backend[F]) AllocInt(n int) kernels.IntBuffer {
 // Slice implements kernels.Backend. The view's capacity is clipped so an
 // append through it can never write past the view.
 func (be *Backend[F]) Slice(b kernels.Buffer, off, n int) kernels.Buffer {
-	s, ok := b.(Buf[F])
-	if !ok {
-		be.failf("slice: buffer is a %T, not a cpu.Buf", b)
+	c := be.check(kernels.OpSlice, []int{off, n}, b)
+	if !c.ok {
 		return Buf[F](nil)
 	}
-	if off < 0 || n < 0 || off+n > len(s) {
-		be.failf("slice: [%d:%d+%d] out of range for %d elements", off, off, n, len(s))
-		return Buf[F](nil)
-	}
-	return s[off : off+n : off+n]
+	return Buf[F](c.f[0][off : off+n : off+n])
 }
 
 // Upload implements kernels.Backend.
 func (be *Backend[F]) Upload(dst kernels.Buffer, src []F) {
-	c := be.check("upload")
-	d := c.buf("dst", dst, len(src), "len(src)")
-	copy(d, src)
+	if c := be.check(kernels.OpUpload, []int{len(src)}, dst); c.ok {
+		copy(c.f[0], src)
+	}
 }
 
 // Download implements kernels.Backend.
 func (be *Backend[F]) Download(dst []F, src kernels.Buffer) {
-	c := be.check("download")
-	s := c.buf("src", src, len(dst), "len(dst)")
-	copy(dst, s)
+	if c := be.check(kernels.OpDownload, []int{len(dst)}, src); c.ok {
+		copy(dst, c.f[0])
+	}
 }
 
 // UploadInt implements kernels.Backend.
 func (be *Backend[F]) UploadInt(dst kernels.IntBuffer, src []int32) {
-	c := be.check("upload_int")
-	d := c.ints("dst", dst, len(src), "len(src)")
-	copy(d, src)
+	if c := be.check(kernels.OpUploadInt, []int{len(src)}, dst); c.ok {
+		copy(c.i[0], src)
+	}
 }
 
 // DownloadInt implements kernels.Backend.
 func (be *Backend[F]) DownloadInt(dst []int32, src kernels.IntBuffer) {
-	c := be.check("download_int")
-	s := c.ints("src", src, len(dst), "len(dst)")
-	copy(dst, s)
+	if c := be.check(kernels.OpDownloadInt, []int{len(dst)}, src); c.ok {
+		copy(dst, c.i[0])
+	}
 }
 
 // Zero implements kernels.Backend.
 func (be *Backend[F]) Zero(x kernels.Buffer) {
-	c := be.check("zero")
-	if x == nil {
-		c.failf("x is nil")
-		return
+	if c := be.check(kernels.OpZero, nil, x); c.ok {
+		clear(c.f[0])
 	}
-	xs := c.buf("x", x, x.Len(), "x.Len()")
-	clear(xs)
 }
 
 // Copy implements kernels.Backend.
 func (be *Backend[F]) Copy(dst, src kernels.Buffer) {
-	c := be.check("copy")
-	if src == nil {
-		c.failf("src is nil")
-		return
+	if c := be.check(kernels.OpCopy, nil, dst, src); c.ok {
+		copy(c.f[0], c.f[1])
 	}
-	s := c.buf("src", src, src.Len(), "src.Len()")
-	d := c.buf("dst", dst, len(s), "src.Len()")
-	copy(d, s)
 }
 
 // CopyColumns implements kernels.Backend.
 func (be *Backend[F]) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, sc int) {
-	c := be.check("copy_columns")
-	c.dims("Rw,n,dCols,dc,sCols,sc", Rw, n, dCols, dc, sCols, sc)
-	c.cond(dc+n <= dCols, "dst columns [%d,%d) are outside its %d", dc, dc+n, dCols)
-	c.cond(sc+n <= sCols, "src columns [%d,%d) are outside its %d", sc, sc+n, sCols)
-	d := c.buf("dst", dst, Rw*dCols, "Rw·dCols")
-	s := c.buf("src", src, Rw*sCols, "Rw·sCols")
-	c.cond(!overlap(d, s), "dst and src overlap")
-	if !c.ok || n == 0 {
+	c := be.check(kernels.OpCopyColumns, []int{Rw, n, dCols, dc, sCols, sc}, dst, src)
+	if !c.ok {
+		return
+	}
+	d, s := c.f[0], c.f[1]
+	if overlap(d, s) {
+		c.failf("dst and src overlap")
+		return
+	}
+	if n == 0 {
 		return
 	}
 	for r := range Rw {
@@ -351,16 +323,11 @@ func overlap[F kernels.Float](a, b []F) bool {
 
 // Accumulate implements kernels.Backend.
 func (be *Backend[F]) Accumulate(dst, src kernels.Buffer) {
-	c := be.check("accumulate")
-	if src == nil {
-		c.failf("src is nil")
-		return
-	}
-	s := c.buf("src", src, src.Len(), "src.Len()")
-	d := c.buf("dst", dst, len(s), "src.Len()")
+	c := be.check(kernels.OpAccumulate, nil, dst, src)
 	if !c.ok {
 		return
 	}
+	d, s := c.f[0], c.f[1]
 	parallel(len(d), 1, func(_, lo, hi int) {
 		dd, ss := d[lo:hi], s[lo:hi]
 		for i := range dd {
@@ -371,13 +338,11 @@ func (be *Backend[F]) Accumulate(dst, src kernels.Buffer) {
 
 // Scale implements kernels.Backend.
 func (be *Backend[F]) Scale(x kernels.Buffer, s float64) {
-	c := be.check("scale")
-	if x == nil {
-		c.failf("x is nil")
+	c := be.check(kernels.OpScale, nil, x)
+	if !c.ok {
 		return
 	}
-	xs := c.buf("x", x, x.Len(), "x.Len()")
-	f := F(s)
+	xs, f := c.f[0], F(s)
 	parallel(len(xs), 1, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			xs[i] *= f
@@ -389,12 +354,11 @@ func (be *Backend[F]) Scale(x kernels.Buffer, s float64) {
 // the partial sums are added in worker order, so the result is
 // deterministic for a given GOMAXPROCS.
 func (be *Backend[F]) SumSquares(x kernels.Buffer) float64 {
-	c := be.check("sum_squares")
-	if x == nil {
-		c.failf("x is nil")
+	c := be.check(kernels.OpSumSquares, nil, x)
+	if !c.ok {
 		return math.NaN()
 	}
-	xs := c.buf("x", x, x.Len(), "x.Len()")
+	xs := c.f[0]
 	part := make([]float64, runtime.GOMAXPROCS(0))
 	parallel(len(xs), 1, func(w, lo, hi int) {
 		var s float64

@@ -41,14 +41,11 @@ func gemm[F kernels.Float](tA, tB bool, m, n, k int, a []F, lda int, b []F, ldb 
 
 // MatMul implements kernels.Backend.
 func (be *Backend[F]) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool) {
-	c := be.check("matmul")
-	c.dims("Rw,N,K", Rw, N, K)
-	o := c.buf("out", out, Rw*N, "Rw*N")
-	xs := c.buf("x", x, Rw*K, "Rw*K")
-	ws := c.buf("w", w, N*K, "N*K")
+	c := be.check(kernels.OpMatMul, []int{Rw, N, K}, out, x, w)
 	if !c.ok || Rw == 0 || N == 0 {
 		return
 	}
+	o, xs, ws := c.f[0], c.f[1], c.f[2]
 	if K == 0 {
 		if !accumulate {
 			clear(o)
@@ -64,12 +61,13 @@ func (be *Backend[F]) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate 
 
 // MatMulAdd implements kernels.Backend.
 func (be *Backend[F]) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
-	c := be.check("matmul_add")
-	c.dims("Rw,N,K", Rw, N, K)
-	o := c.buf("out", out, Rw*N, "Rw*N")
-	rs := c.buf("r", r, Rw*N, "Rw*N")
-	c.cond(!overlap(o, rs) || &o[0] == &rs[0], "r overlaps out without being it")
+	c := be.check(kernels.OpMatMulAdd, []int{Rw, N, K}, out, r, x, w)
 	if !c.ok {
+		return
+	}
+	o, rs := c.f[0], c.f[1]
+	if overlap(o, rs) && &o[0] != &rs[0] {
+		c.failf("r overlaps out without being it")
 		return
 	}
 	copy(o, rs)
@@ -78,16 +76,11 @@ func (be *Backend[F]) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
 
 // MatMulBackward implements kernels.Backend.
 func (be *Backend[F]) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int) {
-	c := be.check("matmul_backward")
-	c.dims("Rw,N,K", Rw, N, K)
-	dxs := c.opt("dx", dx, Rw*K, "Rw*K")
-	dws := c.opt("dw", dw, N*K, "N*K")
-	do := c.buf("dout", dout, Rw*N, "Rw*N")
-	xs := c.buf("x", x, Rw*K, "Rw*K")
-	ws := c.buf("w", w, N*K, "N*K")
+	c := be.check(kernels.OpMatMulBackward, []int{Rw, N, K}, dx, dw, dout, x, w)
 	if !c.ok || Rw == 0 || N == 0 || K == 0 {
 		return
 	}
+	dxs, dws, do, xs, ws := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4]
 	if dxs != nil {
 		addDoutW(dxs, do, ws, Rw, N, K)
 	}
@@ -115,16 +108,11 @@ func addDoutW[F kernels.Float](dx, dout, w []F, Rw, N, K int) {
 // scratch buffer, added exactly as MatMulBackward adds its dx, then
 // SiLU's backward from dh.
 func (be *Backend[F]) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
-	c := be.check("silu_matmul_backward")
-	c.dims("Rw,N,K", Rw, N, K)
-	dxs := c.opt("dx", dx, Rw*K, "Rw*K")
-	drs := c.buf("dr", dr, Rw*K, "Rw*K")
-	do := c.buf("dout", dout, Rw*N, "Rw*N")
-	ws := c.buf("w", w, N*K, "N*K")
-	xs := c.buf("x", x, Rw*K, "Rw*K")
-	if !c.ok || dxs == nil || Rw*K == 0 {
+	c := be.check(kernels.OpSiLUMatMulBackward, []int{Rw, N, K}, dx, dr, dout, w, x)
+	if !c.ok || c.f[0] == nil || Rw*K == 0 {
 		return
 	}
+	dxs, drs, do, ws, xs := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4]
 	dh := getScratch[F](Rw * K)
 	copy(*dh, drs)
 	if N > 0 {

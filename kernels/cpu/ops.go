@@ -10,24 +10,11 @@ import (
 
 // Embedding implements kernels.Backend.
 func (be *Backend[F]) Embedding(out, table kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
-	c := be.check("embedding")
-	c.dims("Rw,d", Rw, d)
-	o := c.buf("out", out, Rw*d, "Rw*d")
-	tok := c.ints("tokens", tokens, Rw, "Rw")
-	if !c.ok {
+	c := be.check(kernels.OpEmbedding, []int{Rw, d}, out, table, tokens)
+	if !c.ok || d == 0 || !c.tokensIn(len(c.f[1])/d) {
 		return
 	}
-	if d == 0 {
-		return
-	}
-	if table == nil {
-		c.failf("table is nil")
-		return
-	}
-	tab := c.table("table", table, d, tok)
-	if !c.ok {
-		return
-	}
+	o, tab, tok := c.f[0], c.f[1], c.i[2]
 	parallel(Rw, d, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			t := int(tok[r])
@@ -36,35 +23,26 @@ func (be *Backend[F]) Embedding(out, table kernels.Buffer, tokens kernels.IntBuf
 	})
 }
 
-// table checks an embedding table [V,d] (V taken from its length) and that
-// every token indexes a row of it.
-func (c *checker[F]) table(name string, b kernels.Buffer, d int, tok []int32) []F {
-	c.cond(b.Len()%d == 0, "%s has %d elements, not a multiple of d=%d", name, b.Len(), d)
-	tab := c.buf(name, b, b.Len(), "V*d")
-	V := len(tab) / d
-	for r, tk := range tok {
+// tokensIn reports whether every token (argument 2 of the embedding ops)
+// indexes one of the table's V rows, recording the first that does not.
+func (c *checker[F]) tokensIn(V int) bool {
+	for r, tk := range c.i[2] {
 		if tk < 0 || int(tk) >= V {
 			c.failf("tokens[%d]=%d out of range [0,%d)", r, tk, V)
-			return nil
+			return false
 		}
 	}
-	return tab
+	return true
 }
 
 // EmbeddingBackward implements kernels.Backend. Tokens repeat, so workers
 // split the columns, not the rows.
 func (be *Backend[F]) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
-	c := be.check("embedding_backward")
-	c.dims("Rw,d", Rw, d)
-	do := c.buf("dout", dout, Rw*d, "Rw*d")
-	tok := c.ints("tokens", tokens, Rw, "Rw")
-	if !c.ok || dtable == nil || d == 0 {
+	c := be.check(kernels.OpEmbeddingBackward, []int{Rw, d}, dtable, dout, tokens)
+	if !c.ok || c.f[0] == nil || d == 0 || !c.tokensIn(len(c.f[0])/d) {
 		return
 	}
-	dt := c.table("dtable", dtable, d, tok)
-	if !c.ok {
-		return
-	}
+	dt, do, tok := c.f[0], c.f[1], c.i[2]
 	parallel(d, Rw, func(_, lo, hi int) {
 		for r := 0; r < Rw; r++ {
 			t := int(tok[r])
@@ -81,15 +59,11 @@ const rmsEps = 1e-5
 
 // RMSNorm implements kernels.Backend.
 func (be *Backend[F]) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
-	c := be.check("rmsnorm")
-	c.dims("Rw,d", Rw, d)
-	o := c.buf("out", out, Rw*d, "Rw*d")
-	rs := c.buf("rstd", rstd, Rw, "Rw")
-	xs := c.buf("x", x, Rw*d, "Rw*d")
-	gs := c.buf("g", g, d, "d")
+	c := be.check(kernels.OpRMSNorm, []int{Rw, d}, out, rstd, x, g)
 	if !c.ok || d == 0 {
 		return
 	}
+	o, rs, xs, gs := c.f[0], c.f[1], c.f[2], c.f[3]
 	parallel(Rw, 3*d, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			xr := xs[r*d : (r+1)*d]
@@ -110,17 +84,11 @@ func (be *Backend[F]) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
 // RMSNormBackward implements kernels.Backend. dg is summed per worker and
 // reduced in worker order to stay race-free and deterministic.
 func (be *Backend[F]) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d int) {
-	c := be.check("rmsnorm_backward")
-	c.dims("Rw,d", Rw, d)
-	dxs := c.opt("dx", dx, Rw*d, "Rw*d")
-	dgs := c.opt("dg", dg, d, "d")
-	do := c.buf("dout", dout, Rw*d, "Rw*d")
-	xs := c.buf("x", x, Rw*d, "Rw*d")
-	gs := c.buf("g", g, d, "d")
-	rs := c.buf("rstd", rstd, Rw, "Rw")
+	c := be.check(kernels.OpRMSNormBackward, []int{Rw, d}, dx, dg, dout, x, g, rstd)
 	if !c.ok || d == 0 {
 		return
 	}
+	dxs, dgs, do, xs, gs, rs := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.f[5]
 	nw := runtime.GOMAXPROCS(0)
 	var part [][]float64
 	if dgs != nil {
@@ -163,15 +131,11 @@ func (be *Backend[F]) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, R
 
 // Conv1d implements kernels.Backend.
 func (be *Backend[F]) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
-	c := be.check("conv1d")
-	c.dims("B,T,E,K", B, T, E, K)
-	o := c.buf("out", out, B*T*E, "B*T*E")
-	xs := c.buf("x", x, B*T*E, "B*T*E")
-	ws := c.buf("w", w, E*K, "E*K")
-	bs := c.buf("bias", bias, E, "E")
+	c := be.check(kernels.OpConv1d, []int{B, T, E, K}, out, x, w, bias)
 	if !c.ok {
 		return
 	}
+	o, xs, ws, bs := c.f[0], c.f[1], c.f[2], c.f[3]
 	parallel(B*T, E*K, func(_, lo, hi int) {
 		for bt := lo; bt < hi; bt++ {
 			b, t := bt/T, bt%T
@@ -194,17 +158,11 @@ func (be *Backend[F]) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 // Conv1dBackward implements kernels.Backend. Workers split channels so dw
 // and dbias have one writer each.
 func (be *Backend[F]) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T, E, K int) {
-	c := be.check("conv1d_backward")
-	c.dims("B,T,E,K", B, T, E, K)
-	dxs := c.opt("dx", dx, B*T*E, "B*T*E")
-	dws := c.opt("dw", dw, E*K, "E*K")
-	dbs := c.opt("dbias", dbias, E, "E")
-	do := c.buf("dout", dout, B*T*E, "B*T*E")
-	xs := c.buf("x", x, B*T*E, "B*T*E")
-	ws := c.buf("w", w, E*K, "E*K")
+	c := be.check(kernels.OpConv1dBackward, []int{B, T, E, K}, dx, dw, dbias, dout, x, w)
 	if !c.ok {
 		return
 	}
+	dxs, dws, dbs, do, xs, ws := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.f[5]
 	parallel(E, B*T*K*2, func(_, lo, hi int) {
 		acc := make([]float64, K+1)
 		for e := lo; e < hi; e++ {
@@ -251,18 +209,12 @@ func sigmoid[F kernels.Float](x float64) float64 { return 1 / (1 + expOf[F](-x))
 
 // SiLU implements kernels.Backend.
 func (be *Backend[F]) SiLU(out, x kernels.Buffer) {
-	c := be.check("silu")
-	if out == nil {
-		c.failf("out is nil")
-		return
-	}
-	n := out.Len()
-	o := c.buf("out", out, n, "out.Len()")
-	xs := c.buf("x", x, n, "out.Len()")
+	c := be.check(kernels.OpSiLU, nil, out, x)
 	if !c.ok {
 		return
 	}
-	parallel(n, 20, func(_, lo, hi int) {
+	o, xs := c.f[0], c.f[1]
+	parallel(len(o), 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(xs[i])
 			o[i] = F(v * sigmoid[F](v))
@@ -272,19 +224,11 @@ func (be *Backend[F]) SiLU(out, x kernels.Buffer) {
 
 // SiLUBackward implements kernels.Backend.
 func (be *Backend[F]) SiLUBackward(dx, dout, x kernels.Buffer) {
-	c := be.check("silu_backward")
-	if dout == nil {
-		c.failf("dout is nil")
+	c := be.check(kernels.OpSiLUBackward, nil, dx, dout, x)
+	if !c.ok || c.f[0] == nil {
 		return
 	}
-	n := dout.Len()
-	do := c.buf("dout", dout, n, "dout.Len()")
-	xs := c.buf("x", x, n, "dout.Len()")
-	dxs := c.opt("dx", dx, n, "dout.Len()")
-	if !c.ok || dxs == nil {
-		return
-	}
-	siluBackward(dxs, do, xs)
+	siluBackward(c.f[0], c.f[1], c.f[2])
 }
 
 // siluBackward is dx += dout·silu'(x) (SiLUBackward, SiLUMatMulBackward).
@@ -300,19 +244,12 @@ func siluBackward[F kernels.Float](dxs, do, xs []F) {
 
 // SwiGLU implements kernels.Backend.
 func (be *Backend[F]) SwiGLU(h, gate, up kernels.Buffer) {
-	c := be.check("swiglu")
-	if h == nil {
-		c.failf("h is nil")
-		return
-	}
-	n := h.Len()
-	hs := c.buf("h", h, n, "h.Len()")
-	gs := c.buf("gate", gate, n, "h.Len()")
-	us := c.buf("up", up, n, "h.Len()")
+	c := be.check(kernels.OpSwiGLU, nil, h, gate, up)
 	if !c.ok {
 		return
 	}
-	parallel(n, 20, func(_, lo, hi int) {
+	hs, gs, us := c.f[0], c.f[1], c.f[2]
+	parallel(len(hs), 20, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(gs[i])
 			hs[i] = F(v * sigmoid[F](v) * float64(us[i]))
@@ -322,21 +259,12 @@ func (be *Backend[F]) SwiGLU(h, gate, up kernels.Buffer) {
 
 // SwiGLUBackward implements kernels.Backend.
 func (be *Backend[F]) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
-	c := be.check("swiglu_backward")
-	if dh == nil {
-		c.failf("dh is nil")
-		return
-	}
-	n := dh.Len()
-	dhs := c.buf("dh", dh, n, "dh.Len()")
-	gs := c.buf("gate", gate, n, "dh.Len()")
-	us := c.buf("up", up, n, "dh.Len()")
-	dgs := c.opt("dgate", dgate, n, "dh.Len()")
-	dus := c.opt("dup", dup, n, "dh.Len()")
+	c := be.check(kernels.OpSwiGLUBackward, nil, dgate, dup, dh, gate, up)
 	if !c.ok {
 		return
 	}
-	parallel(n, 25, func(_, lo, hi int) {
+	dgs, dus, dhs, gs, us := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4]
+	parallel(len(dhs), 25, func(_, lo, hi int) {
 		for i := lo; i < hi; i++ {
 			v := float64(gs[i])
 			s := sigmoid[F](v)
@@ -365,16 +293,12 @@ func ropeTable(T, D int, theta float64) (cos, sin []float64) {
 	return cos, sin
 }
 
-func (be *Backend[F]) rope(op string, out, x kernels.Buffer, B, T, nh, D int, theta float64, sign float64, accumulate bool) {
-	c := be.check(op)
-	c.dims("B,T,nh,D", B, T, nh, D)
-	c.cond(D%2 == 0, "head width D=%d is odd", D)
-	n := B * T * nh * D
-	o := c.opt("out", out, n, "B*T*nh*D")
-	xs := c.buf("x", x, n, "B*T*nh*D")
-	if !c.ok || o == nil || D == 0 {
+func (be *Backend[F]) rope(op *kernels.Op, out, x kernels.Buffer, B, T, nh, D int, theta float64, sign float64, accumulate bool) {
+	c := be.check(op, []int{B, T, nh, D}, out, x)
+	if !c.ok || c.f[0] == nil || D == 0 {
 		return
 	}
+	o, xs := c.f[0], c.f[1]
 	cos, sin := ropeTable(T, D, theta)
 	h := D / 2
 	parallel(B*T, nh*D*2, func(_, lo, hi int) {
@@ -402,28 +326,22 @@ func (be *Backend[F]) rope(op string, out, x kernels.Buffer, B, T, nh, D int, th
 
 // RoPE implements kernels.Backend. out may alias x.
 func (be *Backend[F]) RoPE(out, x kernels.Buffer, B, T, nh, D int, theta float64) {
-	if out == nil {
-		be.failf("rope: out is nil")
-		return
-	}
-	be.rope("rope", out, x, B, T, nh, D, theta, 1, false)
+	be.rope(kernels.OpRoPE, out, x, B, T, nh, D, theta, 1, false)
 }
 
 // RoPEBackward implements kernels.Backend.
 func (be *Backend[F]) RoPEBackward(dx, dout kernels.Buffer, B, T, nh, D int, theta float64) {
-	be.rope("rope_backward", dx, dout, B, T, nh, D, theta, -1, true)
+	be.rope(kernels.OpRoPEBackward, dx, dout, B, T, nh, D, theta, -1, true)
 }
 
 // ShiftRows implements kernels.Backend. Rows move from the end backwards so
 // out may alias x.
 func (be *Backend[F]) ShiftRows(out, x kernels.Buffer, B, T, d int) {
-	c := be.check("shift_rows")
-	c.dims("B,T,d", B, T, d)
-	o := c.buf("out", out, B*T*d, "B*T*d")
-	xs := c.buf("x", x, B*T*d, "B*T*d")
+	c := be.check(kernels.OpShiftRows, []int{B, T, d}, out, x)
 	if !c.ok || T == 0 {
 		return
 	}
+	o, xs := c.f[0], c.f[1]
 	parallel(B, T*d, func(_, lo, hi int) {
 		for b := lo; b < hi; b++ {
 			for t := T - 1; t > 0; t-- {
@@ -436,15 +354,11 @@ func (be *Backend[F]) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 
 // Innovation implements kernels.Backend.
 func (be *Backend[F]) Innovation(e, u, p kernels.Buffer, Rw, d int) {
-	c := be.check("innovation")
-	c.dims("Rw,d", Rw, d)
-	es := c.buf("e", e, Rw, "Rw")
-	us := c.buf("u", u, Rw*d, "Rw*d")
-	ps := c.buf("p", p, Rw*d, "Rw*d")
-	c.cond(d > 0, "d=%d, want > 0", d)
+	c := be.check(kernels.OpInnovation, []int{Rw, d}, e, u, p)
 	if !c.ok {
 		return
 	}
+	es, us, ps := c.f[0], c.f[1], c.f[2]
 	parallel(Rw, 3*d, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			var s float64
@@ -459,16 +373,11 @@ func (be *Backend[F]) Innovation(e, u, p kernels.Buffer, Rw, d int) {
 
 // InnovationBackward implements kernels.Backend.
 func (be *Backend[F]) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
-	c := be.check("innovation_backward")
-	c.dims("Rw,d", Rw, d)
-	dps := c.opt("dp", dp, Rw*d, "Rw*d")
-	des := c.buf("de", de, Rw, "Rw")
-	us := c.buf("u", u, Rw*d, "Rw*d")
-	ps := c.buf("p", p, Rw*d, "Rw*d")
-	c.cond(d > 0, "d=%d, want > 0", d)
-	if !c.ok || dps == nil {
+	c := be.check(kernels.OpInnovationBackward, []int{Rw, d}, dp, de, u, p)
+	if !c.ok || c.f[0] == nil {
 		return
 	}
+	dps, des, us, ps := c.f[0], c.f[1], c.f[2], c.f[3]
 	parallel(Rw, 3*d, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			k := float64(des[r]) * (-2 / float64(d))
@@ -481,19 +390,11 @@ func (be *Backend[F]) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int)
 
 // SelectChunks implements kernels.Backend.
 func (be *Backend[F]) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T, C, S int) {
-	c := be.check("select_chunks")
-	c.dims("B,T,C,S", B, T, C, S)
-	c.cond(C > 0, "chunk length C=%d, want > 0", C)
-	c.cond(S <= C, "S=%d selected per chunk exceeds chunk length C=%d", S, C)
+	c := be.check(kernels.OpSelectChunks, []int{B, T, C, S}, sel, e)
 	if !c.ok {
 		return
 	}
-	nC := T / C
-	ss := c.ints("sel", sel, B*nC*S, "B*(T/C)*S")
-	es := c.buf("e", e, B*T, "B*T")
-	if !c.ok {
-		return
-	}
+	ss, es, nC := c.i[0], c.f[1], T/C
 	parallel(B*nC, C*8, func(_, lo, hi int) {
 		idx := make([]int, C)
 		for bc := lo; bc < hi; bc++ {
@@ -525,15 +426,11 @@ func (be *Backend[F]) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T
 
 // CrossEntropy implements kernels.Backend.
 func (be *Backend[F]) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntBuffer, Rw, V int) {
-	c := be.check("cross_entropy")
-	c.dims("Rw,V", Rw, V)
-	ls := c.buf("loss", loss, Rw, "Rw")
-	lg := c.buf("logits", logits, Rw*V, "Rw*V")
-	tg := c.ints("targets", targets, Rw, "Rw")
-	be.checkTargets(c, tg, V)
-	if !c.ok {
+	c := be.check(kernels.OpCrossEntropy, []int{Rw, V}, loss, logits, targets)
+	if !c.ok || !c.targetsIn(V) {
 		return
 	}
+	ls, lg, tg := c.f[0], c.f[1], c.i[2]
 	parallel(Rw, 25*V, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			if tg[r] < 0 {
@@ -546,13 +443,17 @@ func (be *Backend[F]) CrossEntropy(loss, logits kernels.Buffer, targets kernels.
 	})
 }
 
-func (be *Backend[F]) checkTargets(c *checker[F], tg []int32, V int) {
-	for r, t := range tg {
+// targetsIn reports whether every target (argument 2 of the cross-entropy
+// ops) is below V, recording the first that is not; negative targets mark
+// ignored rows.
+func (c *checker[F]) targetsIn(V int) bool {
+	for r, t := range c.i[2] {
 		if int(t) >= V {
 			c.failf("targets[%d]=%d out of range [0,%d)", r, t, V)
-			return
+			return false
 		}
 	}
+	return true
 }
 
 func logSumExp[F kernels.Float](row []F) float64 {
@@ -569,15 +470,11 @@ func logSumExp[F kernels.Float](row []F) float64 {
 
 // CrossEntropyBackward implements kernels.Backend.
 func (be *Backend[F]) CrossEntropyBackward(dlogits, logits kernels.Buffer, targets kernels.IntBuffer, scale float64, Rw, V int) {
-	c := be.check("cross_entropy_backward")
-	c.dims("Rw,V", Rw, V)
-	dl := c.opt("dlogits", dlogits, Rw*V, "Rw*V")
-	lg := c.buf("logits", logits, Rw*V, "Rw*V")
-	tg := c.ints("targets", targets, Rw, "Rw")
-	be.checkTargets(c, tg, V)
-	if !c.ok || dl == nil {
+	c := be.check(kernels.OpCrossEntropyBackward, []int{Rw, V}, dlogits, logits, targets)
+	if !c.ok || !c.targetsIn(V) || c.f[0] == nil {
 		return
 	}
+	dl, lg, tg := c.f[0], c.f[1], c.i[2]
 	parallel(Rw, 30*V, func(_, lo, hi int) {
 		for r := lo; r < hi; r++ {
 			if tg[r] < 0 {
@@ -598,20 +495,12 @@ func (be *Backend[F]) CrossEntropyBackward(dlogits, logits kernels.Buffer, targe
 
 // AdamWStep implements kernels.Backend.
 func (be *Backend[F]) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
-	c := be.check("adamw")
-	if param == nil {
-		c.failf("param is nil")
-		return
-	}
-	n := param.Len()
-	ps := c.buf("param", param, n, "param.Len()")
-	gs := c.buf("grad", grad, n, "param.Len()")
-	ms := c.buf("m", m, n, "param.Len()")
-	vs := c.buf("v", v, n, "param.Len()")
-	c.cond(h.Step >= 1, "step=%d, want >= 1 (1-based)", h.Step)
+	c := be.check(kernels.OpAdamWStep, []int{h.Step}, param, grad, m, v)
 	if !c.ok {
 		return
 	}
+	ps, gs, ms, vs := c.f[0], c.f[1], c.f[2], c.f[3]
+	n := len(ps)
 	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
 	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))
 	parallel(n, 20, func(_, lo, hi int) {

@@ -37,19 +37,11 @@ type scanArgs[F kernels.Float] struct {
 	B, T, E, N                            int
 }
 
-func (be *Backend[F]) scanCheck(c *checker[F], x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) scanArgs[F] {
-	c.dims("B,T,E,N", B, T, E, N)
-	return scanArgs[F]{
-		x:      c.buf("x", x, B*T*E, "B*T*E"),
-		dt:     c.buf("dt", dt, B*T*E, "B*T*E"),
-		dtBias: c.buf("dtBias", dtBias, E, "E"),
-		Alog:   c.buf("Alog", Alog, E*N, "E*N"),
-		Bm:     c.buf("Bm", Bm, B*T*N, "B*T*N"),
-		Cm:     c.buf("Cm", Cm, B*T*N, "B*T*N"),
-		Dskip:  c.buf("Dskip", Dskip, E, "E"),
-		z:      c.buf("z", z, B*T*E, "B*T*E"),
-		B:      B, T: T, E: E, N: N,
-	}
+// scanInputs returns the inputs x to z of a checked scan call, from argument
+// in on (kernels.OpSelectiveScan and OpSelectiveScanBackward).
+func scanInputs[F kernels.Float](c *checker[F], in, B, T, E, N int) scanArgs[F] {
+	f := c.f[in:]
+	return scanArgs[F]{x: f[0], dt: f[1], dtBias: f[2], Alog: f[3], Bm: f[4], Cm: f[5], Dskip: f[6], z: f[7], B: B, T: T, E: E, N: N}
 }
 
 // expCost is the rough operation count of one exponential, which dominates
@@ -83,12 +75,11 @@ func negExp[F kernels.Float](dst []float64, alog []F) {
 // F is, so the float64 backend stays exact for gradient checks and the
 // float32 one loses nothing over long sequences.
 func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
-	c := be.check("selective_scan")
-	a := be.scanCheck(c, x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
-	o := c.buf("out", out, B*T*E, "B*T*E")
+	c := be.check(kernels.OpSelectiveScan, []int{B, T, E, N}, out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z)
 	if !c.ok {
 		return
 	}
+	o, a := c.f[0], scanInputs(c, 1, B, T, E, N)
 	nEB := (E + scanBlock - 1) / scanBlock
 	parallel(B*nEB, T*N*scanBlock*expCost, func(_, lo, hi int) {
 		h := make([]float64, scanBlock*N)
@@ -132,20 +123,14 @@ func (be *Backend[F]) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z k
 // GOMAXPROCS). A block's [T] columns are gathered into contiguous scratch
 // first, then each channel's T×N states are recomputed and walked back.
 func (be *Backend[F]) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
-	c := be.check("selective_scan_backward")
-	a := be.scanCheck(c, x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
-	do := c.buf("dout", dout, B*T*E, "B*T*E")
-	gx := c.opt("dx", dx, B*T*E, "B*T*E")
-	gdt := c.opt("ddt", ddt, B*T*E, "B*T*E")
-	gbias := c.opt("ddtBias", ddtBias, E, "E")
-	gA := c.opt("dAlog", dAlog, E*N, "E*N")
-	gB := c.opt("dBm", dBm, B*T*N, "B*T*N")
-	gC := c.opt("dCm", dCm, B*T*N, "B*T*N")
-	gD := c.opt("dDskip", dDskip, E, "E")
-	gz := c.opt("dz", dz, B*T*E, "B*T*E")
+	c := be.check(kernels.OpSelectiveScanBackward, []int{B, T, E, N},
+		dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z)
 	if !c.ok {
 		return
 	}
+	g := c.f
+	gx, gdt, gbias, gA, gB, gC, gD, gz, do := g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
+	a := scanInputs(c, 9, B, T, E, N)
 	nw := runtime.GOMAXPROCS(0)
 	slotB := make([][]float64, nw)
 	slotC := make([][]float64, nw)

@@ -66,11 +66,14 @@ func (b *Backend) Device() *Device { return b.d }
 // inputs to bfloat16 (tensor cores) and accumulate in float32.
 func (b *Backend) MatMulBF16() bool { return b.d.opt.MatMul == "bf16" }
 
-func (b *Backend) failf(format string, args ...any) {
+func (b *Backend) failf(format string, args ...any) { b.fail(fmt.Errorf(format, args...)) }
+
+// fail records err unless an error is recorded already.
+func (b *Backend) fail(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err == nil {
-		b.err = fmt.Errorf("kernels/cuda: "+format, args...)
+		b.err = fmt.Errorf("kernels/cuda: %w", err)
 	}
 }
 
@@ -198,53 +201,46 @@ func (b *Backend) allocWords(n int, raw bool) (devptr, *allocation, int) {
 	return a.ptr, a, n
 }
 
-// Slice implements kernels.Backend.
+// Slice implements kernels.Backend. It only checks (no bookkeeping): a
+// view reads and writes nothing, and a Zero pending on x stays pending.
 func (b *Backend) Slice(x kernels.Buffer, off, n int) kernels.Buffer {
-	f, ok := x.(*floats)
-	if !ok || f == nil {
-		b.failf("slice: buffer is a %T, not a cuda buffer", x)
+	c := b.validate(kernels.OpSlice, []int{off, n}, x)
+	if !c.ok {
 		return &floats{}
 	}
-	if off < 0 || n < 0 || off+n > f.n {
-		b.failf("slice: [%d, %d+%d) is outside a buffer of %d", off, off, n, f.n)
-		return &floats{}
-	}
+	f := c.f[0]
 	return &floats{ptr: f.ptr + devptr(4*off), n: n, owner: f.owner}
 }
 
 // Upload implements kernels.Backend.
 func (b *Backend) Upload(dst kernels.Buffer, src []float32) {
-	c := b.check("upload")
-	d := c.buf("dst", dst, len(src), "len(src)")
+	c := b.check(kernels.OpUpload, []int{len(src)}, dst)
 	if c.ok && len(src) > 0 {
-		b.copyIn(d.ptr, unsafe.Pointer(&src[0]), len(src))
+		b.copyIn(c.f[0].ptr, unsafe.Pointer(&src[0]), len(src))
 	}
 }
 
 // Download implements kernels.Backend; it waits for the queued work.
 func (b *Backend) Download(dst []float32, src kernels.Buffer) {
-	c := b.check("download")
-	s := c.in("src", src, len(dst), "len(dst)")
+	c := b.check(kernels.OpDownload, []int{len(dst)}, src)
 	if c.ok && len(dst) > 0 {
-		b.copyOut(unsafe.Pointer(&dst[0]), s.ptr, len(dst))
+		b.copyOut(unsafe.Pointer(&dst[0]), c.f[0].ptr, len(dst))
 	}
 }
 
 // UploadInt implements kernels.Backend.
 func (b *Backend) UploadInt(dst kernels.IntBuffer, src []int32) {
-	c := b.check("upload")
-	d := c.ints("dst", dst, len(src), "len(src)")
+	c := b.check(kernels.OpUploadInt, []int{len(src)}, dst)
 	if c.ok && len(src) > 0 {
-		b.copyIn(d.ptr, unsafe.Pointer(&src[0]), len(src))
+		b.copyIn(c.i[0].ptr, unsafe.Pointer(&src[0]), len(src))
 	}
 }
 
 // DownloadInt implements kernels.Backend.
 func (b *Backend) DownloadInt(dst []int32, src kernels.IntBuffer) {
-	c := b.check("download")
-	s := c.ints("src", src, len(dst), "len(dst)")
+	c := b.check(kernels.OpDownloadInt, []int{len(dst)}, src)
 	if c.ok && len(dst) > 0 {
-		b.copyOut(unsafe.Pointer(&dst[0]), s.ptr, len(dst))
+		b.copyOut(unsafe.Pointer(&dst[0]), c.i[0].ptr, len(dst))
 	}
 }
 
@@ -261,69 +257,149 @@ func (b *Backend) copyOut(dst unsafe.Pointer, src devptr, n int) {
 
 // Zero implements kernels.Backend.
 func (b *Backend) Zero(x kernels.Buffer) {
-	c := b.check("zero")
-	f, _ := c.optFresh("x", x, lenOf(x), "len(x)") // a pending Zero of x merges
-	if c.ok && f == nil {
-		c.failf("x is nil")
-	}
-	if !c.ok || f.n == 0 {
+	c := b.check(kernels.OpZero, nil, fresh(x)) // a pending Zero of x merges
+	if !c.ok || c.f[0].n == 0 {
 		return
 	}
-	b.d.zeros.add(f) // done by the next op that uses f (lazyzero.go)
+	b.d.zeros.add(c.f[0]) // done by the next op that uses it (lazyzero.go)
 }
 
 // Copy implements kernels.Backend.
 func (b *Backend) Copy(dst, src kernels.Buffer) {
-	c := b.check("copy")
-	s := c.anyIn("src", src)
-	d := c.buf("dst", dst, s.Len(), "len(src)")
-	if !c.ok || s.n == 0 {
+	c := b.check(kernels.OpCopy, nil, dst, src)
+	if !c.ok || c.f[1].n == 0 {
 		return
 	}
+	d, s := c.f[0], c.f[1]
 	b.queue("copy", func() error { return b.d.drv.dtod(d.ptr, s.ptr, int64(4*s.n)) })
 }
 
-// checker validates the arguments of one op; after the first mismatch the
-// remaining checks are skipped and ok stays false.
+// checker is one op call checked against its contract (kernels.Op.Check):
+// its buffers in the op's argument order, nil for an absent or unused one,
+// with the bookkeeping of shadow.go and lazyzero.go done. ok is false once
+// a check failed; the failure is recorded under the op's name.
 type checker struct {
 	b  *Backend
-	op string
+	op *kernels.Op
 	ok bool
-	// reading is set while in and anyIn check a read-only argument; every
-	// other buffer argument may be written and invalidates the bf16
-	// shadows it overlaps (shadow.go).
-	reading bool
-	// freshing is set while optFresh checks an output; overwrite reports
-	// that it was pending a Zero.
-	freshing, overwrite bool
+	f  []*floats // float arguments
+	i  []*ints   // int arguments
+	// over[i] reports that argument i, passed as fresh, was pending a Zero,
+	// which is dropped: the op must write it instead of adding to it.
+	over  []bool
+	fresh []bool
 }
 
-func (b *Backend) check(op string) *checker { return &checker{b: b, op: op, ok: !b.failed()} }
+// freshArg marks an argument passed through fresh.
+type freshArg struct{ kernels.Buffer }
 
-func (c *checker) failf(format string, args ...any) {
-	if c.ok {
-		c.ok = false
-		c.b.failf("%s: "+format, append([]any{c.op}, args...)...)
+// fresh marks an output that the op's kernels can write instead of adding
+// to: a Zero pending on exactly that buffer is then dropped rather than
+// done, and checker.over says so.
+func fresh(x kernels.Buffer) kernels.Buffer { return freshArg{x} }
+
+// check checks a call of op with dims (the values of op.Dims) and args (its
+// buffer arguments in order, IntBuffers included, outputs the op can
+// overwrite through fresh), then does the bookkeeping of every buffer:
+// those the op only reads first, so that a Zero pending on a buffer that
+// is read and written is done rather than dropped, then the rest in order.
+// A buffer that is not only read may be written, and invalidates the bf16
+// copies it overlaps (shadow.go). A deferred Zero (lazyzero.go) overlapping
+// any buffer is done before the op, except one covering exactly a fresh
+// output, which is dropped.
+func (b *Backend) check(op *kernels.Op, dims []int, args ...kernels.Buffer) *checker {
+	c := b.validate(op, dims, args...)
+	if !c.ok {
+		return c
 	}
+	for _, reads := range []bool{true, false} {
+		for i, f := range c.f {
+			if f == nil || (op.Args[i].Dir == kernels.In) != reads {
+				continue
+			}
+			if !reads {
+				b.d.shadows.touch(f)
+			}
+			flush, exact := b.d.zeros.take(f)
+			if exact && c.fresh[i] && !reads {
+				c.over[i] = true
+			} else if exact {
+				flush = append(flush, f.span())
+			}
+			b.zeroNow(flush)
+		}
+	}
+	return c
 }
 
+// validate is check without the bookkeeping.
+func (b *Backend) validate(op *kernels.Op, dims []int, args ...kernels.Buffer) *checker {
+	n := len(args)
+	c := &checker{b: b, op: op, f: make([]*floats, n), i: make([]*ints, n), over: make([]bool, n), fresh: make([]bool, n)}
+	if b.failed() {
+		return c
+	}
+	lens := make([]int, n)
+	for i, a := range args {
+		if fa, ok := a.(freshArg); ok {
+			args[i], c.fresh[i] = fa.Buffer, true
+		}
+		lens[i] = kernels.Nil
+		if !isNil(args[i]) {
+			lens[i] = args[i].Len()
+		}
+	}
+	if err := op.Check(dims, lens); err != nil {
+		b.fail(err)
+		return c
+	}
+	for i, a := range args {
+		if lens[i] == kernels.Nil || !op.Uses(i, dims) {
+			continue
+		}
+		var ok bool
+		kind := "buffer"
+		if op.Args[i].Int {
+			c.i[i], ok = a.(*ints)
+			kind = "int buffer"
+		} else {
+			c.f[i], ok = a.(*floats)
+		}
+		if !ok {
+			c.failf("%s is a %T, not a cuda %s", op.Args[i].Name, a, kind)
+			return c
+		}
+	}
+	c.ok = true
+	return c
+}
+
+// isNil reports whether x is nil, or a nil device buffer.
+func isNil(x kernels.Buffer) bool {
+	switch f := x.(type) {
+	case nil:
+		return true
+	case *floats:
+		return f == nil
+	case *ints:
+		return f == nil
+	}
+	return false
+}
+
+// failf records what is wrong with a call the contract allows (a limit of
+// the CUDA kernels, overlapping buffers) under the op's name.
+func (c *checker) failf(format string, args ...any) {
+	c.ok = false
+	c.b.failf("%s: "+format, append([]any{c.op.Name}, args...)...)
+}
+
+// cond is failf unless ok.
 func (c *checker) cond(ok bool, format string, args ...any) {
 	if !ok {
 		c.failf(format, args...)
 	}
 }
-
-// dims rejects negative dimensions before they are multiplied into lengths.
-func (c *checker) dims(names string, vals ...int) {
-	for _, v := range vals {
-		if v < 0 {
-			c.failf("negative dimension in %s=%v", names, vals)
-			return
-		}
-	}
-}
-
-var noFloats = &floats{}
 
 // boolInt is a kernel's int flag.
 func boolInt(v bool) int {
@@ -331,111 +407,4 @@ func boolInt(v bool) int {
 		return 1
 	}
 	return 0
-}
-
-// lenOf is x.Len(), or 0 for a nil x.
-func lenOf(x kernels.Buffer) int {
-	if x == nil {
-		return 0
-	}
-	if f, ok := x.(*floats); ok && f == nil {
-		return 0
-	}
-	return x.Len()
-}
-
-// any returns x as a device buffer of any length.
-func (c *checker) any(name string, x kernels.Buffer) *floats {
-	if !c.ok {
-		return noFloats
-	}
-	f, ok := x.(*floats)
-	if !ok || f == nil {
-		if x == nil {
-			c.failf("%s is nil", name)
-		} else {
-			c.failf("%s is a %T, not a cuda buffer", name, x)
-		}
-		return noFloats
-	}
-	if !c.reading {
-		c.b.d.shadows.touch(f)
-	}
-	// A deferred Zero of f (lazyzero.go) is done now, before this op's
-	// work, unless the op takes f as an output it overwrites (fresh).
-	flush, exact := c.b.d.zeros.take(f)
-	if exact {
-		if c.freshing {
-			c.overwrite = true
-		} else {
-			flush = append(flush, f.span())
-		}
-	}
-	c.b.zeroNow(flush)
-	return f
-}
-
-// optFresh is opt for a gradient output the op accumulates into, and
-// overwrite reports that x is pending a Zero (which is dropped): the op
-// must then write x instead of adding to it.
-func (c *checker) optFresh(name string, x kernels.Buffer, want int, expr string) (f *floats, overwrite bool) {
-	c.freshing, c.overwrite = true, false
-	defer func() { c.freshing = false }()
-	f = c.opt(name, x, want, expr)
-	return f, c.overwrite && f != nil
-}
-
-// in is buf for an argument the op only reads.
-func (c *checker) in(name string, x kernels.Buffer, want int, expr string) *floats {
-	c.reading = true
-	defer func() { c.reading = false }()
-	return c.buf(name, x, want, expr)
-}
-
-// anyIn is any for an argument the op only reads.
-func (c *checker) anyIn(name string, x kernels.Buffer) *floats {
-	c.reading = true
-	defer func() { c.reading = false }()
-	return c.any(name, x)
-}
-
-// buf returns x after checking it is a device buffer of want elements.
-func (c *checker) buf(name string, x kernels.Buffer, want int, expr string) *floats {
-	f := c.any(name, x)
-	if c.ok && f.n != want {
-		c.failf("%s has %d elements, want %s=%d", name, f.n, expr, want)
-	}
-	return f
-}
-
-// opt is buf for optional buffers: nil gives a nil *floats (a null
-// pointer in the kernel).
-func (c *checker) opt(name string, x kernels.Buffer, want int, expr string) *floats {
-	if x == nil || !c.ok {
-		return nil
-	}
-	if f, ok := x.(*floats); ok && f == nil {
-		return nil
-	}
-	return c.buf(name, x, want, expr)
-}
-
-// ints returns x after checking it is a device int buffer of want elements.
-func (c *checker) ints(name string, x kernels.IntBuffer, want int, expr string) *ints {
-	if !c.ok {
-		return &ints{}
-	}
-	f, ok := x.(*ints)
-	if !ok || f == nil {
-		if x == nil {
-			c.failf("%s is nil", name)
-		} else {
-			c.failf("%s is a %T, not a cuda int buffer", name, x)
-		}
-		return &ints{}
-	}
-	if f.n != want {
-		c.failf("%s has %d elements, want %s=%d", name, f.n, expr, want)
-	}
-	return f
 }

@@ -37,7 +37,7 @@ func openDevice(t testing.TB, matmul string) *Device {
 	return d
 }
 
-// The conformance suite against the CPU reference, with the production
+// The conformance suite (kerneltest's naive float64 references), with the production
 // precision (bf16 tensor-core matmuls) and with fp32 matmuls.
 func TestConformanceBF16(t *testing.T) {
 	d := openDevice(t, "bf16")

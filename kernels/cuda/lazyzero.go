@@ -8,9 +8,10 @@ import "sync"
 // model zeroes each gradient buffer right before its first writer. Most
 // first writers are matrix products, which can overwrite instead (cuBLAS
 // beta = 0) for free. Zero therefore only records the range; the next op
-// that touches it either takes it as an output it overwrites (checker.fresh)
-// or, for any other use, gets the memset queued before its own work
-// (checker.any). The table lives on the calling goroutines, in issue order.
+// that touches it either takes it as an output it overwrites (passed
+// through fresh) or, for any other use, gets the memset queued before its
+// own work (Backend.check). The table lives on the calling goroutines, in
+// issue order.
 
 // zeroTable is a Device's deferred zeroings, by allocation id.
 type zeroTable struct {

@@ -50,39 +50,27 @@ type attnArgs struct {
 	scale             float32
 }
 
-// attnCheck validates an attention call like the CPU reference does.
-func (b *Backend) attnCheck(c *checker, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) *attnArgs {
-	c.dims("B,T,H,G,D,Wc,Wf,C,S,M,Delta", s.B, s.T, s.H, s.G, s.D, s.Wc, s.Wf, s.C, s.S, s.M, s.Delta)
-	c.cond(s.H >= 1 && s.G >= 1 && s.G <= s.H, "heads H=%d, G=%d: want 1 <= G <= H", s.H, s.G)
-	c.cond(s.D >= 1, "head width D=%d, want >= 1", s.D)
+// attnInputs returns the attention inputs of a checked call, q to sel, from
+// argument in on (kernels.OpAttention and OpAttentionBackward), with the
+// bounds the kernels take; nil when the call failed, or the shape is
+// beyond the CUDA kernels.
+func attnInputs(c *checker, in int, s kernels.AttnShape) *attnArgs {
+	if !c.ok {
+		return nil
+	}
 	c.cond(s.D <= attnMaxD, "head width D=%d exceeds the CUDA kernels' limit of %d", s.D, attnMaxD)
-	c.cond(s.Wc >= 1, "context window Wc=%d, want >= 1", s.Wc)
-	c.cond(s.M == 0 || s.C >= 1, "chunk length C=%d, want >= 1 when M=%d > 0", s.C, s.M)
 	c.cond(s.B <= maxGridYZ && s.H <= maxGridYZ, "B=%d, H=%d: the CUDA grid takes at most %d of each", s.B, s.H, maxGridYZ)
 	if !c.ok {
 		return nil
 	}
-	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	a := &attnArgs{}
-	a.q = c.in("q", q, nq, "B·T·H·D")
-	a.k = c.in("k", k, nk, "B·T·G·D")
-	a.v = c.in("v", v, nk, "B·T·G·D")
-	if s.Wf > 0 {
-		a.kf = c.in("kf", kf, nk, "B·T·G·D")
-		a.vf = c.in("vf", vf, nk, "B·T·G·D")
-	}
+	f := c.f[in:]
+	a := &attnArgs{q: f[0], k: f[1], v: f[2], kf: f[3], vf: f[4], qm: f[5], km: f[6], sel: c.i[in+7]}
 	if s.M > 0 {
-		a.qm = c.in("qm", qm, nq, "B·T·H·D")
-		a.km = c.in("km", km, nk, "B·T·G·D")
 		a.nC = s.T / s.C
 		a.nCS = a.nC * s.S
-		a.sel = c.ints("sel", sel, s.B*a.nCS, "B·(T/C)·S")
 		a.m = min(s.M, a.nCS)
 		a.cc = min(s.C, s.T+1)
 		a.delta = min(s.Delta, s.T+1)
-	}
-	if !c.ok {
-		return nil
 	}
 	a.d, a.dm = s.D, 32
 	for a.dm < s.D {
@@ -129,16 +117,12 @@ func (b *Backend) attnMemIndex(op string, a *attnArgs, s kernels.AttnShape) (com
 // of the keys and values made first (attnConv), double-buffered.
 func (b *Backend) Attention(out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
 	const op = "attention"
-	c := b.check(op)
-	a := b.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
-	if a == nil {
+	c := b.check(kernels.OpAttention, s.Dims(), out, lse, q, k, v, kf, vf, qm, km, sel)
+	a := attnInputs(c, 2, s)
+	if a == nil || s.B*s.T == 0 {
 		return
 	}
-	o := c.buf("out", out, s.B*s.T*s.H*s.D, "B·T·H·D")
-	ls := c.buf("lse", lse, s.B*s.T*s.H, "B·T·H")
-	if !c.ok || s.B*s.T == 0 {
-		return
-	}
+	o, ls := c.f[0], c.f[1]
 	var comp, pre *ints
 	if s.M > 0 {
 		comp, pre, _ = b.attnMemIndex(op, a, s)
@@ -210,37 +194,24 @@ func (c *attnConv) bf16(x *floats, rows int) any {
 // atomics.
 func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, lse, q, k, v, kf, vf, qm, km kernels.Buffer, sel kernels.IntBuffer, s kernels.AttnShape) {
 	const op = "attention_backward"
-	c := b.check(op)
-	a := b.attnCheck(c, q, k, v, kf, vf, qm, km, sel, s)
+	// The gradients pending a Zero that a launch below writes whole are
+	// overwritten instead (over); the rest are zeroed before it (flush).
+	c := b.check(kernels.OpAttentionBackward, s.Dims(), fresh(dq), fresh(dk), fresh(dv), fresh(dkf), fresh(dvf), dqm, dkm,
+		dout, out, lse, q, k, v, kf, vf, qm, km, sel)
+	a := attnInputs(c, 10, s)
 	if a == nil {
 		return
 	}
-	nq, nk := s.B*s.T*s.H*s.D, s.B*s.T*s.G*s.D
-	do := c.in("dout", dout, nq, "B·T·H·D")
-	os := c.in("out", out, nq, "B·T·H·D")
-	ls := c.in("lse", lse, s.B*s.T*s.H, "B·T·H")
-	// The gradients pending a Zero that a launch below writes whole are
-	// overwritten instead (over); the rest are zeroed before it (flush).
-	gq, fq := c.optFresh("dq", dq, nq, "B·T·H·D")
-	gk, fk := c.optFresh("dk", dk, nk, "B·T·G·D")
-	gv, fv := c.optFresh("dv", dv, nk, "B·T·G·D")
-	var gkf, gvf, gqm, gkm *floats
-	var fkf, fvf bool
-	if s.Wf > 0 {
-		gkf, fkf = c.optFresh("dkf", dkf, nk, "B·T·G·D")
-		gvf, fvf = c.optFresh("dvf", dvf, nk, "B·T·G·D")
-	}
-	fresh := [5]bool{fq, fk, fv, fkf, fvf}
-	flush := func(over ...bool) { // the fresh gradients no launch overwrites
+	g := c.f
+	gq, gk, gv, gkf, gvf, gqm, gkm, do, os, ls := g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]
+	fq, fk, fv, fkf, fvf := c.over[0], c.over[1], c.over[2], c.over[3], c.over[4]
+	pending := [5]bool{fq, fk, fv, fkf, fvf}
+	flush := func(over ...bool) { // the pending gradients no launch overwrites
 		for i, g := range []*floats{gq, gk, gv, gkf, gvf} {
-			if fresh[i] && !over[i] {
+			if pending[i] && !over[i] {
 				b.zeroNow([]span{g.span()})
 			}
 		}
-	}
-	if s.M > 0 {
-		gqm = c.opt("dqm", dqm, nq, "B·T·H·D")
-		gkm = c.opt("dkm", dkm, nk, "B·T·G·D")
 	}
 	c.cond(s.G <= maxGridYZ, "G=%d: the CUDA grid takes at most %d", s.G, maxGridYZ)
 	if !c.ok {
@@ -336,50 +307,41 @@ func (b *Backend) AttentionBackward(dq, dk, dv, dkf, dvf, dqm, dkm, dout, out, l
 }
 
 // rope is RoPE (sign 1, overwrite) and its backward (sign −1, accumulate).
-func (b *Backend) rope(op, outName, xName string, out, x kernels.Buffer, B, T, nh, D int, theta, sign float64, accumulate bool) {
-	c := b.check(op)
-	c.dims("B,T,nh,D", B, T, nh, D)
-	c.cond(D%2 == 0, "head width D=%d is odd", D)
+func (b *Backend) rope(op *kernels.Op, out, x kernels.Buffer, B, T, nh, D int, theta, sign float64, accumulate bool) {
+	c := b.check(op, []int{B, T, nh, D}, fresh(out), x) // x is read first: a pending Zero of x is done
 	n := B * T * nh * D
-	xs := c.in(xName, x, n, "B·T·nh·D") // before out: a pending Zero of x is done first
-	o, zeroed := c.optFresh(outName, out, n, "B·T·nh·D")
-	if !c.ok || o == nil || n == 0 {
+	if !c.ok || c.f[0] == nil || n == 0 {
 		return
 	}
+	o, xs, zeroed := c.f[0], c.f[1], c.over[0]
 	pairs := B * T * (D / 2)
 	acc := 0
 	if accumulate && !zeroed {
 		acc = 1
 	}
-	b.launch(op, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs), b.d.shadows.produce(o))
+	b.launch(op.Name, "bm_rope", grid1(pairs, 256), dim{256, 1, 1}, 0, o, xs, T, nh, D, theta, sign, acc, int64(pairs), b.d.shadows.produce(o))
 }
 
 // RoPE implements kernels.Backend. out may alias x.
 func (b *Backend) RoPE(out, x kernels.Buffer, B, T, nh, D int, theta float64) {
-	if out == nil {
-		b.failf("rope: out is nil")
-		return
-	}
-	b.rope("rope", "out", "x", out, x, B, T, nh, D, theta, 1, false)
+	b.rope(kernels.OpRoPE, out, x, B, T, nh, D, theta, 1, false)
 }
 
 // RoPEBackward implements kernels.Backend.
 func (b *Backend) RoPEBackward(dx, dout kernels.Buffer, B, T, nh, D int, theta float64) {
-	b.rope("rope_backward", "dx", "dout", dx, dout, B, T, nh, D, theta, -1, true)
+	b.rope(kernels.OpRoPEBackward, dx, dout, B, T, nh, D, theta, -1, true)
 }
 
 // ShiftRows implements kernels.Backend. out may alias x: x is then staged
 // through a copy, since the rows of one sequence shift in parallel.
 func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 	const op = "shift_rows"
-	c := b.check(op)
-	c.dims("B,T,d", B, T, d)
+	c := b.check(kernels.OpShiftRows, []int{B, T, d}, out, x)
 	n := B * T * d
-	o := c.buf("out", out, n, "B·T·d")
-	xs := c.in("x", x, n, "B·T·d")
 	if !c.ok || n == 0 {
 		return
 	}
+	o, xs := c.f[0], c.f[1]
 	if o.span().overlaps(xs.span()) {
 		tmp := b.Alloc(n).(*floats)
 		b.Copy(tmp, xs)
@@ -392,31 +354,22 @@ func (b *Backend) ShiftRows(out, x kernels.Buffer, B, T, d int) {
 // Innovation implements kernels.Backend: one warp per row, float64 sums.
 func (b *Backend) Innovation(e, u, p kernels.Buffer, Rw, d int) {
 	const op = "innovation"
-	c := b.check(op)
-	c.dims("Rw,d", Rw, d)
-	es := c.buf("e", e, Rw, "Rw")
-	us := c.in("u", u, Rw*d, "Rw·d")
-	ps := c.in("p", p, Rw*d, "Rw·d")
-	c.cond(d > 0, "d=%d, want > 0", d)
+	c := b.check(kernels.OpInnovation, []int{Rw, d}, e, u, p)
 	if !c.ok || Rw == 0 {
 		return
 	}
+	es, us, ps := c.f[0], c.f[1], c.f[2]
 	b.launch(op, "bm_innovation", grid1(Rw, 8), dim{256, 1, 1}, 0, es, us, ps, Rw, d)
 }
 
 // InnovationBackward implements kernels.Backend: one block per row.
 func (b *Backend) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
 	const op = "innovation_backward"
-	c := b.check(op)
-	c.dims("Rw,d", Rw, d)
-	des := c.in("de", de, Rw, "Rw")
-	us := c.in("u", u, Rw*d, "Rw·d")
-	ps := c.in("p", p, Rw*d, "Rw·d")
-	dps, over := c.optFresh("dp", dp, Rw*d, "Rw·d")
-	c.cond(d > 0, "d=%d, want > 0", d)
-	if !c.ok || dps == nil || Rw == 0 {
+	c := b.check(kernels.OpInnovationBackward, []int{Rw, d}, fresh(dp), de, u, p)
+	if !c.ok || c.f[0] == nil || Rw == 0 {
 		return
 	}
+	dps, des, us, ps, over := c.f[0], c.f[1], c.f[2], c.f[3], c.over[0]
 	threads := min(256, (d+31)/32*32)
 	b.launch(op, "bm_innovation_backward", dim{Rw, 1, 1}, dim{threads, 1, 1}, 0, dps, des, us, ps, d,
 		boolInt(over), b.d.shadows.produce(dps))
@@ -427,19 +380,15 @@ func (b *Backend) InnovationBackward(dp, de, u, p kernels.Buffer, Rw, d int) {
 // top S in position order.
 func (b *Backend) SelectChunks(sel kernels.IntBuffer, e kernels.Buffer, B, T, C, S int) {
 	const op = "select_chunks"
-	c := b.check(op)
-	c.dims("B,T,C,S", B, T, C, S)
-	c.cond(C > 0, "chunk length C=%d, want > 0", C)
-	c.cond(S <= C, "S=%d selected per chunk exceeds chunk length C=%d", S, C)
-	c.cond(B <= maxGridYZ, "B=%d: the CUDA grid takes at most %d", B, maxGridYZ)
+	c := b.check(kernels.OpSelectChunks, []int{B, T, C, S}, sel, e)
 	if !c.ok {
 		return
 	}
+	c.cond(B <= maxGridYZ, "B=%d: the CUDA grid takes at most %d", B, maxGridYZ)
 	nC := T / C
-	ss := c.ints("sel", sel, B*nC*S, "B·(T/C)·S")
-	es := c.in("e", e, B*T, "B·T")
 	if !c.ok || B*nC*S == 0 {
 		return
 	}
+	ss, es := c.i[0], c.f[1]
 	b.launch(op, "bm_select_chunks", dim{nC, B, 1}, dim{256, 1, 1}, 0, ss, es, T, C, S, nC, b.status)
 }

@@ -26,16 +26,12 @@ var block256 = dim{threads, 1, 1}
 
 // Accumulate implements kernels.Backend.
 func (b *Backend) Accumulate(dst, src kernels.Buffer) {
-	c := b.check("accumulate")
-	s := c.anyIn("src", src)
-	d, zeroed := c.optFresh("dst", dst, s.n, "len(src)")
-	if c.ok && d == nil {
-		c.failf("dst is nil")
-	}
-	if !c.ok || s.n == 0 {
+	c := b.check(kernels.OpAccumulate, nil, fresh(dst), src)
+	if !c.ok || c.f[1].n == 0 {
 		return
 	}
-	if zeroed { // dst was pending a Zero: dst = src
+	d, s := c.f[0], c.f[1]
+	if c.over[0] { // dst was pending a Zero: dst = src
 		b.queue("accumulate", func() error { return b.d.drv.dtod(d.ptr, s.ptr, int64(4*s.n)) })
 		return
 	}
@@ -44,12 +40,11 @@ func (b *Backend) Accumulate(dst, src kernels.Buffer) {
 
 // CopyColumns implements kernels.Backend.
 func (b *Backend) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, sc int) {
-	c := b.check("copy_columns")
-	c.dims("Rw,n,dCols,dc,sCols,sc", Rw, n, dCols, dc, sCols, sc)
-	c.cond(dc+n <= dCols, "dst columns [%d,%d) are outside its %d", dc, dc+n, dCols)
-	c.cond(sc+n <= sCols, "src columns [%d,%d) are outside its %d", sc, sc+n, sCols)
-	d := c.buf("dst", dst, Rw*dCols, "Rw·dCols")
-	s := c.in("src", src, Rw*sCols, "Rw·sCols")
+	c := b.check(kernels.OpCopyColumns, []int{Rw, n, dCols, dc, sCols, sc}, dst, src)
+	if !c.ok {
+		return
+	}
+	d, s := c.f[0], c.f[1]
 	c.cond(!d.span().overlaps(s.span()), "dst and src overlap")
 	if !c.ok || Rw*n == 0 {
 		return
@@ -60,21 +55,21 @@ func (b *Backend) CopyColumns(dst, src kernels.Buffer, Rw, n, dCols, dc, sCols, 
 
 // Scale implements kernels.Backend.
 func (b *Backend) Scale(x kernels.Buffer, s float64) {
-	c := b.check("scale")
-	f := c.any("x", x)
-	if !c.ok || f.n == 0 {
+	c := b.check(kernels.OpScale, nil, x)
+	if !c.ok || c.f[0].n == 0 {
 		return
 	}
+	f := c.f[0]
 	b.launch("scale", "bm_scale", b.gridFor(f.n), block256, 0, f, s, int64(f.n))
 }
 
 // SumSquares implements kernels.Backend. It waits for the result.
 func (b *Backend) SumSquares(x kernels.Buffer) float64 {
-	c := b.check("sum_squares")
-	f := c.anyIn("x", x)
-	if !c.ok || f.n == 0 {
+	c := b.check(kernels.OpSumSquares, nil, x)
+	if !c.ok || c.f[0].n == 0 {
 		return 0
 	}
+	f := c.f[0]
 	acc := b.Alloc(2).(*floats) // one double
 	var out float64
 	b.launch("sum_squares", "bm_sum_squares", b.gridFor(f.n), block256, 0, acc, f, int64(f.n))
@@ -86,35 +81,21 @@ func (b *Backend) SumSquares(x kernels.Buffer) float64 {
 
 // Embedding implements kernels.Backend. Tokens are checked on the device.
 func (b *Backend) Embedding(out, table kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
-	c := b.check("embedding")
-	c.dims("Rw,d", Rw, d)
-	o := c.buf("out", out, Rw*d, "Rw*d")
-	tok := c.ints("tokens", tokens, Rw, "Rw")
-	if !c.ok || d == 0 {
+	c := b.check(kernels.OpEmbedding, []int{Rw, d}, out, table, tokens)
+	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
-	tab := c.anyIn("table", table)
-	c.cond(tab.n%d == 0, "table has %d elements, not a multiple of d=%d", tab.n, d)
-	if !c.ok || Rw == 0 {
-		return
-	}
+	o, tab, tok := c.f[0], c.f[1], c.i[2]
 	b.launch("embedding", "bm_embedding", dim{Rw, 1, 1}, dim{min(256, roundUp(d, 32)), 1, 1}, 0, o, tab, tok, Rw, d, tab.n/d, b.status)
 }
 
 // EmbeddingBackward implements kernels.Backend.
 func (b *Backend) EmbeddingBackward(dtable, dout kernels.Buffer, tokens kernels.IntBuffer, Rw, d int) {
-	c := b.check("embedding_backward")
-	c.dims("Rw,d", Rw, d)
-	do := c.in("dout", dout, Rw*d, "Rw*d")
-	tok := c.ints("tokens", tokens, Rw, "Rw")
-	if !c.ok || dtable == nil || d == 0 {
+	c := b.check(kernels.OpEmbeddingBackward, []int{Rw, d}, dtable, dout, tokens)
+	if !c.ok || c.f[0] == nil || d == 0 || Rw == 0 {
 		return
 	}
-	dt := c.any("dtable", dtable)
-	c.cond(dt.n%d == 0, "dtable has %d elements, not a multiple of d=%d", dt.n, d)
-	if !c.ok || Rw == 0 {
-		return
-	}
+	dt, do, tok := c.f[0], c.f[1], c.i[2]
 	b.launch("embedding_backward", "bm_embedding_backward", dim{Rw, 1, 1}, dim{min(256, roundUp(d, 32)), 1, 1}, 0, dt, do, tok, Rw, d, dt.n/d, b.status)
 }
 
@@ -125,31 +106,21 @@ func rowBlock(n int) dim { return dim{min(1024, max(32, roundUp(n, 32))), 1, 1} 
 
 // RMSNorm implements kernels.Backend.
 func (b *Backend) RMSNorm(out, rstd, x, g kernels.Buffer, Rw, d int) {
-	c := b.check("rmsnorm")
-	c.dims("Rw,d", Rw, d)
-	o := c.buf("out", out, Rw*d, "Rw*d")
-	rs := c.buf("rstd", rstd, Rw, "Rw")
-	xs := c.in("x", x, Rw*d, "Rw*d")
-	gs := c.in("g", g, d, "d")
+	c := b.check(kernels.OpRMSNorm, []int{Rw, d}, out, rstd, x, g)
 	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
+	o, rs, xs, gs := c.f[0], c.f[1], c.f[2], c.f[3]
 	b.launch("rmsnorm", "bm_rmsnorm", dim{min((Rw+7)/8, 32*max(1, b.d.info.SMs)), 1, 1}, block256, 0, o, rs, xs, gs, Rw, d, b.d.shadows.produce(o))
 }
 
 // RMSNormBackward implements kernels.Backend.
 func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d int) {
-	c := b.check("rmsnorm_backward")
-	c.dims("Rw,d", Rw, d)
-	dxs := c.opt("dx", dx, Rw*d, "Rw*d")
-	dgs := c.opt("dg", dg, d, "d")
-	do := c.in("dout", dout, Rw*d, "Rw*d")
-	xs := c.in("x", x, Rw*d, "Rw*d")
-	gs := c.in("g", g, d, "d")
-	rs := c.in("rstd", rstd, Rw, "Rw")
+	c := b.check(kernels.OpRMSNormBackward, []int{Rw, d}, dx, dg, dout, x, g, rstd)
 	if !c.ok || d == 0 || Rw == 0 {
 		return
 	}
+	dxs, dgs, do, xs, gs, rs := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.f[5]
 	if dxs != nil {
 		// Blocks of rows, about 8 per SM; dg rides along when its d
 		// partial sums fit in shared memory.
@@ -170,38 +141,24 @@ func (b *Backend) RMSNormBackward(dx, dg, dout, x, g, rstd kernels.Buffer, Rw, d
 
 // SwiGLU implements kernels.Backend.
 func (b *Backend) SwiGLU(h, gate, up kernels.Buffer) {
-	c := b.check("swiglu")
-	if h == nil {
-		c.failf("h is nil")
+	c := b.check(kernels.OpSwiGLU, nil, h, gate, up)
+	if !c.ok || c.f[0].n == 0 {
 		return
 	}
-	n := h.Len()
-	hs := c.buf("h", h, n, "h.Len()")
-	gs := c.in("gate", gate, n, "h.Len()")
-	us := c.in("up", up, n, "h.Len()")
-	if !c.ok || n == 0 {
-		return
-	}
+	hs, gs, us := c.f[0], c.f[1], c.f[2]
+	n := hs.n
 	b.launch("swiglu", "bm_swiglu", b.gridFor(n), block256, 0, hs, gs, us, int64(n), b.d.shadows.produce(hs))
 }
 
 // SwiGLUBackward implements kernels.Backend.
 func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
-	c := b.check("swiglu_backward")
-	if dh == nil {
-		c.failf("dh is nil")
+	c := b.check(kernels.OpSwiGLUBackward, nil, fresh(dgate), fresh(dup), dh, gate, up)
+	if !c.ok || c.f[2].n == 0 || (c.f[0] == nil && c.f[1] == nil) {
 		return
 	}
-	n := dh.Len()
-	dhs := c.in("dh", dh, n, "dh.Len()")
-	gs := c.in("gate", gate, n, "dh.Len()")
-	us := c.in("up", up, n, "dh.Len()")
-	dgs, og := c.optFresh("dgate", dgate, n, "dh.Len()")
-	dus, ou := c.optFresh("dup", dup, n, "dh.Len()")
-	if !c.ok || n == 0 || (dgs == nil && dus == nil) {
-		return
-	}
-	over := boolInt(og) | boolInt(ou)<<1 // outputs pending a Zero are written, not added to
+	dgs, dus, dhs, gs, us := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4]
+	n := dhs.n
+	over := boolInt(c.over[0]) | boolInt(c.over[1])<<1 // outputs pending a Zero are written, not added to
 	b.launch("swiglu_backward", "bm_swiglu_backward", b.gridFor(n), block256, 0, dgs, dus, dhs, gs, us, int64(n), over,
 		b.d.shadows.produce(dgs), b.d.shadows.produce(dus))
 }
@@ -209,46 +166,32 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 // CrossEntropy implements kernels.Backend. Targets ≥ V are found on the
 // device and reported by Err.
 func (b *Backend) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntBuffer, Rw, V int) {
-	c := b.check("cross_entropy")
-	c.dims("Rw,V", Rw, V)
-	ls := c.buf("loss", loss, Rw, "Rw")
-	lg := c.in("logits", logits, Rw*V, "Rw*V")
-	tg := c.ints("targets", targets, Rw, "Rw")
+	c := b.check(kernels.OpCrossEntropy, []int{Rw, V}, loss, logits, targets)
 	if !c.ok || Rw == 0 {
 		return
 	}
+	ls, lg, tg := c.f[0], c.f[1], c.i[2]
 	b.launch("cross_entropy", "bm_cross_entropy", dim{Rw, 1, 1}, rowBlock(min(V, 512)), 0, ls, (*floats)(nil), lg, tg, float32(0), Rw, V, b.status)
 }
 
 // CrossEntropyBackward implements kernels.Backend.
 func (b *Backend) CrossEntropyBackward(dlogits, logits kernels.Buffer, targets kernels.IntBuffer, scale float64, Rw, V int) {
-	c := b.check("cross_entropy_backward")
-	c.dims("Rw,V", Rw, V)
-	dl := c.opt("dlogits", dlogits, Rw*V, "Rw*V")
-	lg := c.in("logits", logits, Rw*V, "Rw*V")
-	tg := c.ints("targets", targets, Rw, "Rw")
-	if !c.ok || dl == nil || Rw == 0 {
+	c := b.check(kernels.OpCrossEntropyBackward, []int{Rw, V}, dlogits, logits, targets)
+	if !c.ok || c.f[0] == nil || Rw == 0 {
 		return
 	}
+	dl, lg, tg := c.f[0], c.f[1], c.i[2]
 	b.launch("cross_entropy_backward", "bm_cross_entropy", dim{Rw, 1, 1}, rowBlock(min(V, 512)), 0, (*floats)(nil), dl, lg, tg, float32(scale), Rw, V, b.status)
 }
 
 // AdamWStep implements kernels.Backend.
 func (b *Backend) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
-	c := b.check("adamw")
-	if param == nil {
-		c.failf("param is nil")
+	c := b.check(kernels.OpAdamWStep, []int{h.Step}, param, grad, m, v)
+	if !c.ok || c.f[0].n == 0 {
 		return
 	}
-	n := param.Len()
-	ps := c.buf("param", param, n, "param.Len()")
-	gs := c.in("grad", grad, n, "param.Len()")
-	ms := c.buf("m", m, n, "param.Len()")
-	vs := c.buf("v", v, n, "param.Len()")
-	c.cond(h.Step >= 1, "step=%d, want >= 1 (1-based)", h.Step)
-	if !c.ok || n == 0 {
-		return
-	}
+	ps, gs, ms, vs := c.f[0], c.f[1], c.f[2], c.f[3]
+	n := ps.n
 	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
 	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))
 	gscale := h.GradScale

@@ -141,17 +141,11 @@ func (d *Device) gemm(transA, transB bool, m, n, k int, A operand, lda int, B op
 
 // MatMul implements kernels.Backend.
 func (b *Backend) MatMul(out, x, w kernels.Buffer, Rw, N, K int, accumulate bool) {
-	c := b.check("matmul")
-	c.dims("Rw,N,K", Rw, N, K)
-	o, zeroed := c.optFresh("out", out, Rw*N, "Rw·N")
-	if c.ok && o == nil {
-		c.failf("out is nil")
-	}
-	xb := c.in("x", x, Rw*K, "Rw·K")
-	wb := c.in("w", w, N*K, "N·K")
+	c := b.check(kernels.OpMatMul, []int{Rw, N, K}, fresh(out), x, w)
 	if !c.ok || Rw*N == 0 {
 		return
 	}
+	o, xb, wb, zeroed := c.f[0], c.f[1], c.f[2], c.over[0]
 	if K == 0 {
 		if !accumulate || zeroed {
 			b.Zero(out)
@@ -185,17 +179,13 @@ func (b *Backend) product(op string, o, xb, wb *floats, Rw, N, K int, beta float
 // MatMulAdd implements kernels.Backend: the product reads r as its C and
 // writes out (cuBLASLt's separate C and D), instead of a copy first.
 func (b *Backend) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
-	c := b.check("matmul_add")
-	c.dims("Rw,N,K", Rw, N, K)
-	rs := c.in("r", r, Rw*N, "Rw·N") // before out: a pending Zero of r is done first
-	o, _ := c.optFresh("out", out, Rw*N, "Rw·N")
-	if c.ok && o == nil {
-		c.failf("out is nil")
+	c := b.check(kernels.OpMatMulAdd, []int{Rw, N, K}, fresh(out), r, x, w) // out is written whole
+	if !c.ok {
+		return
 	}
-	inPlace := c.ok && rs.span() == o.span()
+	o, rs, xb, wb := c.f[0], c.f[1], c.f[2], c.f[3]
+	inPlace := rs.span() == o.span()
 	c.cond(inPlace || !rs.span().overlaps(o.span()), "r overlaps out without being it")
-	xb := c.in("x", x, Rw*K, "Rw·K")
-	wb := c.in("w", w, N*K, "N·K")
 	if !c.ok || Rw*N == 0 {
 		return
 	}
@@ -214,14 +204,12 @@ func (b *Backend) MatMulAdd(out, r, x, w kernels.Buffer, Rw, N, K int) {
 
 // MatMulBackward implements kernels.Backend.
 func (b *Backend) MatMulBackward(dx, dw, dout, x, w kernels.Buffer, Rw, N, K int) {
-	c := b.check("matmul_backward")
-	c.dims("Rw,N,K", Rw, N, K)
-	dxb, dxZeroed := c.optFresh("dx", dx, Rw*K, "Rw·K")
-	dwb := c.opt("dw", dw, N*K, "N·K")
-	do := c.in("dout", dout, Rw*N, "Rw·N")
-	xb := c.in("x", x, Rw*K, "Rw·K")
-	wb := c.in("w", w, N*K, "N·K")
-	if !c.ok || Rw*N*K == 0 || (dxb == nil && dwb == nil) {
+	c := b.check(kernels.OpMatMulBackward, []int{Rw, N, K}, fresh(dx), dw, dout, x, w)
+	if !c.ok {
+		return
+	}
+	dxb, dwb, do, xb, wb, dxZeroed := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.over[0]
+	if Rw*N*K == 0 || (dxb == nil && dwb == nil) {
 		if dxZeroed {
 			b.Zero(dx) // still pending
 		}

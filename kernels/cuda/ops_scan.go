@@ -17,26 +17,23 @@ func (b *Backend) scanStrideGrid(n int) dim { return b.d.strideGrid(n, 16) }
 
 // SiLU implements kernels.Backend.
 func (b *Backend) SiLU(out, x kernels.Buffer) {
-	c := b.check("silu")
-	o := c.any("out", out)
-	n := o.n
-	xb := c.in("x", x, n, "out.Len()")
-	if !c.ok || n == 0 {
+	c := b.check(kernels.OpSiLU, nil, out, x)
+	if !c.ok || c.f[0].n == 0 {
 		return
 	}
+	o, xb := c.f[0], c.f[1]
+	n := o.n
 	b.launch("silu", "bm_silu_fwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, o, xb, int64(n), b.d.shadows.produce(o))
 }
 
 // SiLUBackward implements kernels.Backend.
 func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
-	c := b.check("silu_backward")
-	do := c.anyIn("dout", dout)
-	n := do.n
-	xb := c.in("x", x, n, "dout.Len()")
-	dxb, over := c.optFresh("dx", dx, n, "dout.Len()")
-	if !c.ok || dxb == nil || n == 0 {
+	c := b.check(kernels.OpSiLUBackward, nil, fresh(dx), dout, x)
+	if !c.ok || c.f[0] == nil || c.f[1].n == 0 {
 		return
 	}
+	dxb, do, xb, over := c.f[0], c.f[1], c.f[2], c.over[0]
+	n := do.n
 	b.launch("silu_backward", "bm_silu_bwd", b.scanStrideGrid(n), dim{256, 1, 1}, 0, dxb, do, xb, int64(n), boolInt(over))
 }
 
@@ -48,13 +45,11 @@ func (b *Backend) SiLUBackward(dx, dout, x kernels.Buffer) {
 // is the two ops it stands for, through a scratch dh.
 func (b *Backend) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K int) {
 	const op = "silu_matmul_backward"
-	c := b.check(op)
-	c.dims("Rw,N,K", Rw, N, K)
-	drb := c.in("dr", dr, Rw*K, "Rw·K")
-	do := c.in("dout", dout, Rw*N, "Rw·N")
-	wb := c.in("w", w, N*K, "N·K")
-	xb := c.in("x", x, Rw*K, "Rw·K")
-	dxb, over := c.optFresh("dx", dx, Rw*K, "Rw·K")
+	c := b.check(kernels.OpSiLUMatMulBackward, []int{Rw, N, K}, fresh(dx), dr, dout, w, x)
+	if !c.ok {
+		return
+	}
+	dxb, drb, do, wb, xb, over := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.over[0]
 	c.cond(Rw <= maxGridYZ*64, "Rw is too large for one launch")
 	if !c.ok || dxb == nil || Rw*K == 0 {
 		if over {
@@ -79,12 +74,11 @@ func (b *Backend) SiLUMatMulBackward(dx, dr, dout, w, x kernels.Buffer, Rw, N, K
 
 // Conv1d implements kernels.Backend.
 func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
-	c := b.check("conv1d")
-	c.dims("B,T,E,K", B, T, E, K)
-	o := c.buf("out", out, B*T*E, "B·T·E")
-	xb := c.in("x", x, B*T*E, "B·T·E")
-	wb := c.in("w", w, E*K, "E·K")
-	bb := c.in("bias", bias, E, "E")
+	c := b.check(kernels.OpConv1d, []int{B, T, E, K}, out, x, w, bias)
+	if !c.ok {
+		return
+	}
+	o, xb, wb, bb := c.f[0], c.f[1], c.f[2], c.f[3]
 	kw := c.convWindow(K)
 	if !c.ok || B*T*E == 0 {
 		return
@@ -123,14 +117,11 @@ const conv1dRY = 8
 // row segments per 32 channels write partial sums to scratch, then one
 // thread per (e, k) adds the P partials (in a fixed order) into dw or dbias.
 func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T, E, K int) {
-	c := b.check("conv1d_backward")
-	c.dims("B,T,E,K", B, T, E, K)
-	do := c.in("dout", dout, B*T*E, "B·T·E")
-	xb := c.in("x", x, B*T*E, "B·T·E")
-	wb := c.in("w", w, E*K, "E·K")
-	dxb, over := c.optFresh("dx", dx, B*T*E, "B·T·E")
-	dwb := c.opt("dw", dw, E*K, "E·K")
-	dbb := c.opt("dbias", dbias, E, "E")
+	c := b.check(kernels.OpConv1dBackward, []int{B, T, E, K}, fresh(dx), dw, dbias, dout, x, w)
+	if !c.ok {
+		return
+	}
+	dxb, dwb, dbb, do, xb, wb, over := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4], c.f[5], c.over[0]
 	kw := c.convWindow(K)
 	if !c.ok || E == 0 {
 		return
@@ -157,23 +148,16 @@ func (b *Backend) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B, T,
 // with at most 8 states each.
 const scanMaxN = 128
 
-// scanBuffers are the validated inputs of one SelectiveScan(Backward) call.
+// scanBuffers are the inputs of one SelectiveScan(Backward) call.
 type scanBuffers struct{ x, dt, dtBias, Alog, Bm, Cm, Dskip, z *floats }
 
-func (c *checker) scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) scanBuffers {
-	c.dims("B,T,E,N", B, T, E, N)
-	s := scanBuffers{
-		x:      c.in("x", x, B*T*E, "B·T·E"),
-		dt:     c.in("dt", dt, B*T*E, "B·T·E"),
-		dtBias: c.in("dtBias", dtBias, E, "E"),
-		Alog:   c.in("Alog", Alog, E*N, "E·N"),
-		Bm:     c.in("Bm", Bm, B*T*N, "B·T·N"),
-		Cm:     c.in("Cm", Cm, B*T*N, "B·T·N"),
-		Dskip:  c.in("Dskip", Dskip, E, "E"),
-		z:      c.in("z", z, B*T*E, "B·T·E"),
-	}
+// scanInputs returns the inputs x to z of a checked scan call, from argument
+// in on (kernels.OpSelectiveScan and OpSelectiveScanBackward), and fails
+// the call when N is beyond the kernels.
+func (c *checker) scanInputs(in, N int) scanBuffers {
 	c.cond(N <= scanMaxN, "N=%d is more than the %d states per channel the CUDA scan keeps", N, scanMaxN)
-	return s
+	f := c.f[in:]
+	return scanBuffers{x: f[0], dt: f[1], dtBias: f[2], Alog: f[3], Bm: f[4], Cm: f[5], Dskip: f[6], z: f[7]}
 }
 
 // scanVariant picks the generic kernel instance for N > 16: NP = ceil(N/16)
@@ -234,9 +218,11 @@ func scanOverlap(fs ...*floats) bool {
 // Larger N: the generic kernels, one thread per (b, e, 16-lane slot of n),
 // a sequential loop over t.
 func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
-	c := b.check("selective_scan")
-	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
-	o := c.buf("out", out, B*T*E, "B·T·E")
+	c := b.check(kernels.OpSelectiveScan, []int{B, T, E, N}, out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z)
+	if !c.ok {
+		return
+	}
+	o, s := c.f[0], c.scanInputs(1, N)
 	if !c.ok || B*T*E == 0 {
 		return
 	}
@@ -288,17 +274,15 @@ func (b *Backend) SelectiveScan(out, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kerne
 // of L steps in scratch ([ceil(T/L)−1][B][E][N] floats), then walks the
 // chunks in reverse, recomputing each chunk's states in registers.
 func (b *Backend) SelectiveScanBackward(dx, ddt, ddtBias, dAlog, dBm, dCm, dDskip, dz, dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z kernels.Buffer, B, T, E, N int) {
-	c := b.check("selective_scan_backward")
-	s := c.scanInputs(x, dt, dtBias, Alog, Bm, Cm, Dskip, z, B, T, E, N)
-	do := c.in("dout", dout, B*T*E, "B·T·E")
-	gx, ox := c.optFresh("dx", dx, B*T*E, "B·T·E")
-	gdt, odt := c.optFresh("ddt", ddt, B*T*E, "B·T·E")
-	gbias := c.opt("ddtBias", ddtBias, E, "E")
-	gA := c.opt("dAlog", dAlog, E*N, "E·N")
-	gB := c.opt("dBm", dBm, B*T*N, "B·T·N")
-	gC := c.opt("dCm", dCm, B*T*N, "B·T·N")
-	gD := c.opt("dDskip", dDskip, E, "E")
-	gz, oz := c.optFresh("dz", dz, B*T*E, "B·T·E")
+	c := b.check(kernels.OpSelectiveScanBackward, []int{B, T, E, N},
+		fresh(dx), fresh(ddt), ddtBias, dAlog, dBm, dCm, dDskip, fresh(dz), dout, x, dt, dtBias, Alog, Bm, Cm, Dskip, z)
+	if !c.ok {
+		return
+	}
+	g := c.f
+	gx, gdt, gbias, gA, gB, gC, gD, gz, do := g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
+	ox, odt, oz := c.over[0], c.over[1], c.over[7]
+	s := c.scanInputs(9, N)
 	if !c.ok || B*T*E == 0 {
 		return
 	}

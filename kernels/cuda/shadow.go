@@ -13,10 +13,9 @@ import "sync"
 // mixed-precision framework keeps bf16 weights and activations.
 //
 // Validity is tracked on the calling goroutine, in the order ops are issued
-// (the stream runs them in that order): every buffer argument an op does
-// not declare read-only (checker.in) may be written, and invalidates the
-// shadows it overlaps. An op that forgets a declaration costs a conversion,
-// never a stale copy.
+// (the stream runs them in that order): every buffer argument that the op's
+// contract (kernels.Op) does not declare read-only (kernels.In) may be
+// written, and invalidates the shadows it overlaps (Backend.check).
 
 // span is one float32 range: a buffer or a view of one.
 type span struct {

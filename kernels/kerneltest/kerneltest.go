@@ -5,84 +5,45 @@
 // Backward ops are checked against central finite differences of those
 // naive forwards, including the accumulate (+=) convention.
 //
-// A final "Errors" subtest checks that bad shapes are recorded by Err
-// rather than panicking. The suite never imports a backend; a backend's
-// test calls Run (float32) or Run64 (float64).
+// The suite walks kernels.Contract: an op declared there without a test
+// here or a row in Tolerances fails the suite. A "Contract" subtest calls
+// every op with the lengths its contract wants, then with each argument
+// wrong in turn, and checks that the backend accepts the first and reports
+// the contract's own error for the others; an "Errors" subtest checks that
+// bad data and shapes are recorded by Err rather than panicking. The suite
+// never imports a backend; a backend's test calls Run (float32) or Run64
+// (float64).
+//
+// The inputs are drawn from -kerneltest.seed (see seedFlag).
 package kerneltest
 
 import (
+	"flag"
+	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/bmojo/bmojo/kernels"
 )
 
-// tol is a mixed tolerance: |got−want| ≤ abs + rel·|want|.
-type tol struct {
-	abs, rel float64
-}
+// seedFlag is the seed of the suite's random inputs. The default draws the
+// same inputs on every run; 0 draws a new seed each run. The suite logs
+// the seed it used (go test -v, or any failure), so that a failure can be
+// replayed with -kerneltest.seed=N.
+var seedFlag = flag.Uint64("kerneltest.seed", 20240611,
+	"seed of the kernel conformance suite's random inputs; 0 draws a new one (logged either way)")
 
-// tolerance is one row of the table: float32 and float64 tolerances of an op
-// and why they are what they are.
-type tolerance struct {
-	f32, f64 tol
-	why      string
+// runSeed returns the seed of one run of the suite.
+func runSeed() uint64 {
+	s := *seedFlag
+	for s == 0 {
+		s = rand.Uint64()
+	}
+	return s
 }
-
-// tolerances is the single tolerance table of the suite, keyed by subtest
-// (op) name. Backward entries compare against finite differences (step
-// fdEps in float64), whose own error is ~1e-9 and bounds the float64 rows.
-var tolerances = map[string]tolerance{
-	"Zero":                  {tol{0, 0}, tol{0, 0}, "exact"},
-	"Copy":                  {tol{0, 0}, tol{0, 0}, "exact"},
-	"CopyColumns":           {tol{0, 0}, tol{0, 0}, "exact"},
-	"MatMulAdd":             {tol{1e-5, 1e-5}, tol{1e-12, 1e-12}, "MatMul's: dot products of up to 129 terms, one add"},
-	"Accumulate":            {tol{0, 0}, tol{0, 0}, "one rounded add, reproduced by the reference"},
-	"Scale":                 {tol{0, 1.2e-7}, tol{0, 2.3e-16}, "one rounding; s may be rounded to F first or not (1 ulp)"},
-	"Slice":                 {tol{0, 0}, tol{0, 0}, "views and round trips are exact"},
-	"SumSquares":            {tol{0, 1e-12}, tol{0, 1e-12}, "float64 accumulation; only summation order differs"},
-	"Embedding":             {tol{0, 0}, tol{0, 0}, "a gather is exact"},
-	"EmbeddingBackward":     {tol{1e-6, 1e-5}, tol{1e-8, 1e-7}, "finite differences of a linear map; float32 sums of a few terms"},
-	"RMSNorm":               {tol{1e-6, 1e-5}, tol{1e-13, 1e-12}, "float64 reduction, one float32 rounding of out"},
-	"RMSNormBackward":       {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences; rstd is stored in F"},
-	"MatMul":                {tol{1e-5, 1e-5}, tol{1e-12, 1e-12}, "float32 dot products of up to 129 terms"},
-	"MatMulBackward":        {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences of a bilinear map"},
-	"Conv1d":                {tol{1e-6, 1e-5}, tol{1e-13, 1e-12}, "float32 sums of K+1 terms"},
-	"Conv1dBackward":        {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences; float32 accumulation over B·T"},
-	"SiLU":                  {tol{1e-7, 1e-6}, tol{1e-15, 1e-14}, "float64 math, one float32 rounding"},
-	"SiLUBackward":          {tol{1e-6, 1e-5}, tol{1e-8, 1e-7}, "finite differences"},
-	"SiLUMatMulBackward":    {tol{1e-5, 1e-4}, tol{1e-12, 1e-11}, "float32 dot products of up to 80 terms, then SiLUBackward's float64 factor"},
-	"SelectiveScan":         {tol{1e-5, 1e-5}, tol{1e-12, 1e-11}, "float64 state; error is the float32 rounding of inputs and out"},
-	"SelectiveScanBackward": {tol{1e-4, 1e-3}, tol{1e-7, 1e-6}, "finite differences through T exponentials and products"},
-	"RoPE":                  {tol{1e-6, 1e-5}, tol{1e-13, 1e-12}, "float64 angles, one float32 rounding"},
-	"RoPEBackward":          {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences of a rotation"},
-	"Attention":             {tol{2e-5, 1e-4}, tol{1e-12, 1e-11}, "float32 dot products; LSE merge vs one softmax differs by rounding only"},
-	"AttentionBackward":     {tol{1e-4, 1e-3}, tol{1e-7, 1e-6}, "finite differences of softmax; float32 scores and probabilities"},
-	"ShiftRows":             {tol{0, 0}, tol{0, 0}, "a copy is exact"},
-	"Innovation":            {tol{1e-6, 1e-5}, tol{1e-13, 1e-12}, "float64 mean of squares, one float32 rounding"},
-	"InnovationBackward":    {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences of a quadratic"},
-	"SelectChunks":          {tol{0, 0}, tol{0, 0}, "selection is discrete"},
-	"SwiGLU":                {tol{1e-6, 1e-5}, tol{1e-14, 1e-13}, "float64 math, one float32 rounding"},
-	"SwiGLUBackward":        {tol{1e-5, 1e-4}, tol{1e-8, 1e-7}, "finite differences"},
-	"CrossEntropy":          {tol{1e-5, 1e-5}, tol{1e-12, 1e-12}, "float64 log-sum-exp, one float32 rounding"},
-	"CrossEntropyBackward":  {tol{1e-5, 1e-4}, tol{1e-7, 1e-6}, "finite differences of log-sum-exp"},
-	"AdamWStep":             {tol{1e-6, 1e-5}, tol{1e-14, 1e-13}, "float64 update; moments stored in F between steps"},
-}
-
-// bf16Tolerances replace the float32 rows of the attention ops on a backend
-// whose attention runs its matrix products on bf16 tensor cores
-// (BF16Attention). Its inputs are then drawn bf16-representable, so Q·Kᵀ and
-// dO·Vᵀ are exact, but the probabilities P and score gradients dS are
-// rounded to bf16 (relative error ≤ 2⁻⁹) as operands of P·V, Pᵀ·dO, dS·K and
-// dSᵀ·Q. A wrong fragment index or mask shows up as errors of order 1.
-var bf16Tolerances = map[string]tol{
-	"Attention":         {3e-3, 3e-3},
-	"AttentionBackward": {1e-2, 1e-2},
-}
-
-// seed makes every run draw the same inputs.
-const seed = 20240611
 
 // fdEps is the central-difference step on the float64 naive forwards.
 const fdEps = 1e-6
@@ -99,36 +60,75 @@ func Run(t *testing.T, newBackend func() kernels.Backend[float32]) {
 }
 
 // Run64 runs the same suite against a float64 backend with tight
-// tolerances (the CPU reference's exactness check).
+// tolerances (the CPU backend's exactness check).
 func Run64(t *testing.T, newBackend func() kernels.Backend[float64]) {
 	runSuite(t, newBackend, true)
 }
 
+// runSuite runs one subtest per op of kernels.Contract, in its order.
 func runSuite[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F], wide bool) {
+	seed := runSeed()
+	t.Logf("kerneltest: seed %d (replay with -kerneltest.seed=%d)", seed, seed)
+	tests := map[string]func(*harness[F]){}
 	for _, op := range suite[F]() {
-		t.Run(op.name, func(t *testing.T) {
-			row, ok := tolerances[op.name]
+		tests[op.name] = op.fn
+	}
+	for _, op := range kernels.Contract {
+		t.Run(op.Method, func(t *testing.T) {
+			fn, ok := tests[op.Method]
 			if !ok {
-				t.Fatalf("no tolerance entry for %s", op.name)
+				t.Fatalf("%s is in kernels.Contract but has no conformance test: add one to suite()", op.Method)
 			}
-			tl := row.f32
+			row, ok := kernels.Tolerances[op.Method]
+			if !ok {
+				t.Fatalf("%s is in kernels.Contract but has no row in kernels.Tolerances", op.Method)
+			}
+			tl := row.F32
 			if wide {
-				tl = row.f64
+				tl = row.F64
 			}
 			h := &harness[F]{
 				t:   t,
 				be:  newBackend(),
-				rng: rand.New(rand.NewPCG(seed, uint64(len(op.name)))),
+				rng: rand.New(rand.NewPCG(seed, uint64(len(op.Method)))),
 				tol: tl,
 			}
-			if bt, ok := bf16Tolerances[op.name]; ok && h.attnBF16() {
+			if bt, ok := kernels.BF16Tolerances[op.Method]; ok && h.attnBF16() {
 				h.tol = bt
 			}
-			op.fn(h)
+			fn(h)
 			h.done()
 		})
 	}
+	t.Run("Stale", func(t *testing.T) {
+		for _, msg := range stale(suite[F]()) {
+			t.Error(msg)
+		}
+	})
+	t.Run("Contract", func(t *testing.T) { runContract(t, newBackend) })
 	t.Run("Errors", func(t *testing.T) { runErrors(t, newBackend) })
+}
+
+// stale lists the tests and tolerance rows that name no op of
+// kernels.Contract (a renamed or removed op left them behind).
+func stale[F kernels.Float](tests []opTest[F]) []string {
+	ops := map[string]bool{}
+	for _, op := range kernels.Contract {
+		ops[op.Method] = true
+	}
+	var msgs []string
+	for _, tc := range tests {
+		if !ops[tc.name] {
+			msgs = append(msgs, fmt.Sprintf("conformance test %s tests no op of kernels.Contract", tc.name))
+		}
+	}
+	rows := slices.Concat(slices.Sorted(maps.Keys(kernels.Tolerances)), slices.Sorted(maps.Keys(kernels.BF16Tolerances)))
+	for _, name := range rows {
+		if !ops[name] {
+			msgs = append(msgs, fmt.Sprintf("tolerance row %s is for no op of kernels.Contract", name))
+		}
+	}
+	return msgs
 }
 
 type guard struct {
@@ -143,7 +143,7 @@ type harness[F kernels.Float] struct {
 	t      *testing.T
 	be     kernels.Backend[F]
 	rng    *rand.Rand
-	tol    tol
+	tol    kernels.Tol
 	guards []guard
 }
 
@@ -157,18 +157,11 @@ func (h *harness[F]) randn(n int, scale float64) []float64 {
 	return x
 }
 
-// BF16MatMul is implemented by backends whose matrix products round their
-// inputs to bfloat16 (tensor cores) and accumulate in float32. The suite
-// then draws matrix-product inputs that bfloat16 represents exactly, so the
-// products are exact and the float32 tolerance still holds; the effect of
-// the rounding itself is checked at model level (model.md §5).
-type BF16MatMul interface{ MatMulBF16() bool }
-
 // mmIn returns n normal values for a matrix-product input, representable in
 // bfloat16 when the backend rounds to it.
 func (h *harness[F]) mmIn(n int) []float64 {
 	x := h.randn(n, 1)
-	if r, ok := h.be.(BF16MatMul); ok && r.MatMulBF16() {
+	if r, ok := h.be.(kernels.BF16MatMul); ok && r.MatMulBF16() {
 		for i, v := range x {
 			x[i] = float64(kernels.RoundBF16(float32(v)))
 		}
@@ -176,14 +169,8 @@ func (h *harness[F]) mmIn(n int) []float64 {
 	return x
 }
 
-// BF16Attention is implemented by backends whose attention rounds the
-// operands of its matrix products to bfloat16 and accumulates in float32
-// (flash-attention on tensor cores). The suite then draws attention inputs
-// that bfloat16 represents exactly and compares with bf16Tolerances.
-type BF16Attention interface{ AttentionBF16() bool }
-
 func (h *harness[F]) attnBF16() bool {
-	r, ok := h.be.(BF16Attention)
+	r, ok := h.be.(kernels.BF16Attention)
 	return ok && r.AttentionBF16()
 }
 
@@ -278,7 +265,7 @@ func (h *harness[F]) near(name string, got, want []float64) {
 	bad := 0
 	for i := range got {
 		d := math.Abs(got[i] - want[i])
-		if !(d <= h.tol.abs+h.tol.rel*math.Abs(want[i])) {
+		if !(d <= h.tol.Abs+h.tol.Rel*math.Abs(want[i])) {
 			if bad < 4 {
 				h.t.Errorf("%s[%d] = %.10g, want %.10g (diff %.3g)", name, i, got[i], want[i], d)
 			}

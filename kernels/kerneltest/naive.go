@@ -8,7 +8,7 @@ import (
 )
 
 // The naive references: float64, one loop nest per formula of
-// kernels/backend.go and model.md, no tiling, no parallelism, no merging.
+// kernels/backend.go and docs/model.md, no tiling, no parallelism, no merging.
 
 func naiveEmbedding(table []float64, tokens []int32, Rw, d int) []float64 {
 	out := make([]float64, Rw*d)

@@ -14,9 +14,14 @@ type opTest[F kernels.Float] struct {
 	fn   func(h *harness[F])
 }
 
-// suite lists one subtest per op; names match the tolerance table.
+// suite lists one subtest per op of kernels.Contract, named by its method
+// (the key of its row in Tolerances).
 func suite[F kernels.Float]() []opTest[F] {
 	return []opTest[F]{
+		{"Upload", testUpload[F]},
+		{"Download", testDownload[F]},
+		{"UploadInt", testUploadInt[F]},
+		{"DownloadInt", testDownloadInt[F]},
 		{"Zero", testZero[F]},
 		{"Copy", testCopy[F]},
 		{"CopyColumns", testCopyColumns[F]},
@@ -51,6 +56,57 @@ func suite[F kernels.Float]() []opTest[F] {
 		{"CrossEntropy", testCrossEntropy[F]},
 		{"CrossEntropyBackward", testCrossEntropyBackward[F]},
 		{"AdamWStep", testAdamW[F]},
+	}
+}
+
+// testUpload writes into a view; the guard zones around it must stay.
+func testUpload[F kernels.Float](h *harness[F]) {
+	a := h.randn(23, 1)
+	y := h.out("y", 23)
+	src := make([]F, len(a))
+	for i, v := range a {
+		src[i] = F(v)
+	}
+	h.be.Upload(y, src)
+	h.near("upload", h.load(y), a)
+}
+
+// testDownload reads a view into the middle of a host slice, whose other
+// elements must stay.
+func testDownload[F kernels.Float](h *harness[F]) {
+	a := h.randn(23, 1)
+	dst := make([]F, 2+len(a)+2)
+	for i := range dst {
+		dst[i] = sentinel
+	}
+	h.be.Download(dst[2:2+len(a)], h.buf("x", a))
+	got := make([]float64, len(dst))
+	for i, v := range dst {
+		got[i] = float64(v)
+	}
+	want := slices.Concat([]float64{sentinel, sentinel}, a, []float64{sentinel, sentinel})
+	h.near("download", got, want)
+}
+
+func testUploadInt[F kernels.Float](h *harness[F]) {
+	want := []int32{4, -1, 7, 1 << 30}
+	b := h.be.AllocInt(len(want))
+	h.be.UploadInt(b, want)
+	got := make([]int32, len(want))
+	h.be.DownloadInt(got, b)
+	if !slices.Equal(got, want) {
+		h.t.Errorf("int round trip: got %v, want %v", got, want)
+	}
+}
+
+// testDownloadInt reads into the middle of a host slice, whose other
+// elements must stay.
+func testDownloadInt[F kernels.Float](h *harness[F]) {
+	b := h.ints([]int32{3, -2, 5})
+	got := []int32{9, 9, 9, 9, 9}
+	h.be.DownloadInt(got[1:4], b)
+	if want := []int32{9, 3, -2, 5, 9}; !slices.Equal(got, want) {
+		h.t.Errorf("int download: got %v, want %v", got, want)
 	}
 }
 
@@ -561,7 +617,7 @@ func (in *attnInputs) bufs(h interface {
 	return
 }
 
-// testAttention is also model.md §5's check that the LSE-merged attention
+// testAttention is also docs/model.md §5's check that the LSE-merged attention
 // equals a naive masked softmax over the concatenated key set.
 func testAttention[F kernels.Float](h *harness[F]) {
 	for _, c := range attnCases {

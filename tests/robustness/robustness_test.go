@@ -5,6 +5,7 @@
 package robustness
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/localrun"
@@ -282,7 +284,7 @@ func TestKillWorkerMidRun(t *testing.T) {
 	}
 	checkExactlyOnce(t, ledger(t, res, j.Name), steps, batch)
 	// keep_checkpoints (3) of the 4 written survive, the newest.
-	dirs, err := train.ListCheckpoints(j.CheckpointDir)
+	dirs, err := checkpoint.List(j.CheckpointDir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -335,7 +337,7 @@ func TestEverythingDiesThenResumes(t *testing.T) {
 	<-r1.done
 	// The newest checkpoint (step 20) is damaged on disk: the restart must
 	// detect it from its manifest's SHA-256 and fall back to step 10.
-	weights := filepath.Join(j.CheckpointDir, "step-00000020", train.WeightsFile)
+	weights := filepath.Join(j.CheckpointDir, "step-00000020", checkpoint.WeightsFile)
 	b, err := os.ReadFile(weights)
 	if err != nil {
 		t.Fatal(err)
@@ -503,4 +505,54 @@ func span(s []int) string {
 		return "none"
 	}
 	return fmt.Sprintf("%d..%d", s[0], s[len(s)-1])
+}
+
+// TestOneWorkerMatchesSingleProcess: the single-process trainer (`bmojo
+// train --workers 0`) and a distributed job of one worker run the same
+// step (internal/train.Engine): on the CPU their loss curves are bitwise
+// identical, so are their validation losses, and so are the tensor files of
+// their final checkpoints.
+func TestOneWorkerMatchesSingleProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("robustness suite: runs real processes")
+	}
+	const steps, batch = 50, 4
+	single := job(t, "parity", steps, batch)
+	single.EvalEvery, single.CheckpointEvery = 25, 25
+	dist := single
+	dist.CheckpointDir = t.TempDir()
+
+	ctx, cancel := context.WithTimeout(context.Background(), runTimeout)
+	defer cancel()
+	want, err := train.Run(ctx, single, train.Options{Logger: testlog.New(t, hclog.Info), Device: "cpu"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := startJob(t, dist, 1).wait(t)
+	got := ledger(t, res, dist.Name)
+	if len(want.Losses) != steps {
+		t.Fatalf("single process: %d losses, want %d", len(want.Losses), steps)
+	}
+	for s := range steps {
+		if math.Float64bits(got[s].Loss) != math.Float64bits(want.Losses[s]) {
+			t.Fatalf("step %d: loss %v with one worker, %v in one process", s, got[s].Loss, want.Losses[s])
+		}
+	}
+	if math.Float64bits(res.Done.ValLoss) != math.Float64bits(want.ValLoss) {
+		t.Fatalf("val loss %v with one worker, %v in one process", res.Done.ValLoss, want.ValLoss)
+	}
+	for _, f := range []string{checkpoint.WeightsFile, checkpoint.OptimFile} {
+		a, err := os.ReadFile(filepath.Join(single.CheckpointDir, "step-00000050", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(filepath.Join(dist.CheckpointDir, "step-00000050", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(a, b) {
+			t.Fatalf("%s differs between the single-process and the one-worker checkpoint (%d and %d bytes)", f, len(a), len(b))
+		}
+	}
+	t.Logf("%d steps: losses, val loss %.6f and checkpoint tensors identical", steps, want.ValLoss)
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference of the B'MOJO model (shared/design/model.md), checked
+"""PyTorch reference of the B'MOJO model (docs/model.md), checked
 against a golden file written by the Go trainer (tools/torchref/dump).
 
 The golden file is one safetensors file holding the initial parameters
@@ -7,11 +7,11 @@ The golden file is one safetensors file holding the initial parameters
 logits, the three loss scalars, the batches and loss curve of a few AdamW
 steps, and in its metadata the model config (JSON, key "config") and the
 optimizer settings (JSON, key "optim"). This script rebuilds the network from
-model.md alone -- plain PyTorch autograd, float64 on the CPU by default --
+docs/model.md alone -- plain PyTorch autograd, float64 on the CPU by default --
 recomputes logits, losses and every gradient at the Go initial weights,
 replays the same optimizer steps with its own AdamW, and compares:
 
-  logits            max abs error <= 2e-2                  (model.md section 5)
+  logits            max abs error <= 2e-2                  (docs/model.md section 5)
   loss_ce/aux/total relative error <= 1e-3
   grad.NAME         cosine similarity >= 0.999 (max abs and max-abs/max|ref|
                     errors are reported, not gated)
@@ -20,7 +20,7 @@ replays the same optimizer steps with its own AdamW, and compares:
   curve.grad_norm[0] global gradient norm before clipping, rel. error <= 1e-3
   innovation, select  the eidetic innovation and top-k selection (near-ties
                     below float32 resolution follow the Go choice)
-  layout, decay     tensor names/shapes of model.md section 7 and the
+  layout, decay     tensor names/shapes of docs/model.md section 7 and the
                     weight-decay groups of section 6
 
 --strict tightens these for an fp32 CPU golden (see STRICT below).
@@ -130,7 +130,7 @@ def load_safetensors(path):
 
 
 # ---------------------------------------------------------------------------
-# config, layout (model.md sections 1 and 7)
+# config, layout (docs/model.md sections 1 and 7)
 
 class Config:
     def __init__(self, js):
@@ -165,7 +165,7 @@ class Config:
 
 
 def expected_layout(c):
-    """model.md section 7: name -> shape, in order."""
+    """docs/model.md section 7: name -> shape, in order."""
     out = {"embed.weight": [c.V, c.d], "norm_f.weight": [c.d]}
     for i, m in enumerate(c.mixers):
         p = f"layers.{i}."
@@ -202,13 +202,13 @@ def expected_layout(c):
 
 
 def decays(name, shape):
-    """model.md section 6: weight decay on matrices only, not on norms,
+    """docs/model.md section 6: weight decay on matrices only, not on norms,
     biases, embeddings, A_log, D."""
     return len(shape) == 2 and name != "embed.weight" and not name.endswith(".A_log")
 
 
 # ---------------------------------------------------------------------------
-# the network (model.md sections 2-4)
+# the network (docs/model.md sections 2-4)
 
 def rmsnorm(x, g):
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * g
@@ -268,7 +268,7 @@ def selective_scan(a, delta, A, Bm, Cm, Dskip, chunk=None):
 
 
 def scan_loop(a, delta, A, Bm, Cm, Dskip):
-    """The recurrence of model.md section 3, one step at a time."""
+    """The recurrence of docs/model.md section 3, one step at a time."""
     Bsz, T, E = a.shape
     h = torch.zeros(Bsz, E, A.shape[1], dtype=a.dtype, device=a.device)
     ys = []
@@ -279,7 +279,7 @@ def scan_loop(a, delta, A, Bm, Cm, Dskip):
 
 
 def ssm(u, P, p, c, scan=selective_scan):
-    """Mamba-1 fading memory (model.md section 3). u [B,T,d] -> f [B,T,d]."""
+    """Mamba-1 fading memory (docs/model.md section 3). u [B,T,d] -> f [B,T,d]."""
     E, N, R, K = c.E, c.N, c.R, c.K
     w_in = P[p + "ssm.in_proj.weight"]
     a, z = linear(u, w_in[:E]), linear(u, w_in[E:])
@@ -320,7 +320,7 @@ def select_chunks(e, C, k):
 
 def memory_mask(sel, c, T, device):
     """[B,T(query),T(key)] bool: key j is in Mem(c(t)), the M most recent
-    selected positions among chunks <= c(t) - delta (model.md section 4)."""
+    selected positions among chunks <= c(t) - delta (docs/model.md section 4)."""
     Bsz = len(sel)
     nC, dl = T // c.C, c.delta()
     mask = torch.zeros(Bsz, T, T, dtype=torch.bool)
@@ -393,7 +393,7 @@ class Trace:
 
 
 def attn_mixer(u, f, P, p, c, mixer, tr):
-    """The B'MOJO mixer (model.md section 4); with mixer 'attention' only the
+    """The B'MOJO mixer (docs/model.md section 4); with mixer 'attention' only the
     context keys exist. One softmax over the concatenated key set
     [context | fading | memory], each part masked. Returns (out, aux|None)."""
     Bsz, T, _ = u.shape
@@ -448,7 +448,7 @@ def attn_mixer(u, f, P, p, c, mixer, tr):
 
 
 def forward(P, c, tokens, targets, tr=None):
-    """Returns (logits [B,T,V], ce, aux_sum, total) per model.md section 2."""
+    """Returns (logits [B,T,V], ce, aux_sum, total) per docs/model.md section 2."""
     tr = tr or Trace()
     x = P["embed.weight"][tokens.long()]
     aux_sum = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -482,7 +482,7 @@ def forward(P, c, tokens, targets, tr=None):
 
 
 # ---------------------------------------------------------------------------
-# optimizer (model.md section 6, semantics of model/optim.go)
+# optimizer (docs/model.md section 6, semantics of model/optim.go)
 
 def lr_at(o, s):
     if s < o["warmup_steps"]:
@@ -529,8 +529,8 @@ class AdamW:
 # ---------------------------------------------------------------------------
 # checks
 
-# model.md section 5 (CUDA bf16 vs CPU fp32), the contract every backend meets.
-# The gradient norm and the eidetic selection have no model.md figure: bf16
+# docs/model.md section 5 (CUDA bf16 vs CPU fp32), the contract every backend meets.
+# The gradient norm and the eidetic selection have no docs/model.md figure: bf16
 # matrix products move innovations by ~1e-3 relative, which can reorder a
 # chunk's top-k, and the norm by up to a few 1e-3 (cosine 0.999 allows more),
 # so this tier follows the Go selection when the values differ by <= 1e-2 and
@@ -627,7 +627,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--strict", action="store_true",
-                    help="tight tolerances for an fp32 CPU golden (see STRICT) instead of model.md section 5's")
+                    help="tight tolerances for an fp32 CPU golden (see STRICT) instead of docs/model.md section 5's")
     ap.add_argument("--steps", type=int, default=-1, help="optimizer steps to replay (default: all in the file)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--scan-chunk", type=int, default=0,
@@ -682,16 +682,16 @@ def run(args):
           f"d={c.d} T={c.T} B={meta.get('batch', '?')} M={c.M} w_c={c.wc} w_f={c.wf} C={c.C}; "
           f"Go {meta.get('backend', '?')}/{meta.get('dtype', '?')}; "
           f"torch {torch.__version__} {args.device}/{args.dtype}; "
-          f"{'strict' if args.strict else 'model.md section 5'} tolerances")
+          f"{'strict' if args.strict else 'docs/model.md section 5'} tolerances")
     rep = Report()
 
-    # layout (model.md section 7) and decay groups (section 6)
+    # layout (docs/model.md section 7) and decay groups (section 6)
     lay = expected_layout(c)
     have = {k[len("param."):]: list(v.shape) for k, v in ts.items() if k.startswith("param.")}
     missing = [k for k in lay if k not in have]
     extra = [k for k in have if k not in lay]
     badshape = [k for k in lay if k in have and have[k] != lay[k]]
-    note = "model.md section 7 names and shapes"
+    note = "docs/model.md section 7 names and shapes"
     if missing or extra or badshape:
         note = f"missing {missing[:4]} extra {extra[:4]} shape {badshape[:4]}"
     rep.add("layout", not (missing or extra or badshape), note=note)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Golden-state check of the Go model against the PyTorch reference of
-# model.md (tools/torchref/README.md): for every family at the tiny and small
+# docs/model.md (tools/torchref/README.md): for every family at the tiny and small
 # sizes (plus option cases), the Go dump writes a golden file and
 # bmojo_ref.py recomputes and compares it.
 #
@@ -13,7 +13,7 @@
 #   GO_DEVICE  -device of the dump (default cpu)
 #   DEVICE     torch device of the reference (default cpu)
 #   DTYPE      reference dtype (default float64)
-#   STRICT     1 = tight tolerances (default when GO_DEVICE=cpu), 0 = model.md §5 only
+#   STRICT     1 = tight tolerances (default when GO_DEVICE=cpu), 0 = docs/model.md §5 only
 #   SIZES      sizes to run (default "tiny small"); "extra" cases run with tiny
 #   STEPS      optimizer steps per case (default 10)
 #   ONLY       run only cases whose name contains this string

@@ -1,4 +1,4 @@
-// B'MOJO attention (model.md §4) and its companions: RoPE, ShiftRows,
+// B'MOJO attention (docs/model.md §4) and its companions: RoPE, ShiftRows,
 // Innovation, SelectChunks. Semantics: kernels/backend.go and the CPU
 // reference (kernels/cpu/attention.go, kernels/cpu/ops.go).
 //
@@ -1215,7 +1215,7 @@ extern "C" __global__ void __launch_bounds__(256) bm_attn_mem_index(int *comp, i
 // ------------------------------------------------------------------- RoPE
 
 // bm_rope rotates the pairs (i, i+D/2) of x[B,T,nh,D] by sign·t·theta^(−2i/D)
-// into out (out += when accumulate), in float64 like the CPU reference. One
+// into out (out += when accumulate), in float64 like the CPU backend. One
 // thread per (b, t, i): the angle is computed once for the nh heads. out may
 // alias x. out16, when set, gets a bf16 copy of out (a product's operand).
 extern "C" __global__ void bm_rope(float *out, const float *x, int T, int nh, int D, double theta, double sign, int accumulate,

@@ -1,5 +1,5 @@
 // Elementwise ops, reductions, embedding, RMSNorm, SwiGLU, cross-entropy and
-// AdamW. Semantics: kernels/backend.go and the CPU reference kernels/cpu.
+// AdamW. Semantics: kernels/backend.go and the CPU backend kernels/cpu.
 #include "common.cuh"
 
 extern "C" __global__ void bm_accumulate(float *dst, const float *src, long long n) {

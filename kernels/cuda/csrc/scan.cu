@@ -1,5 +1,5 @@
 // The SSM kernels: SiLU, the causal depthwise Conv1d and the Mamba-1
-// selective scan (model.md §3), forward and backward. Backward kernels
+// selective scan (docs/model.md §3), forward and backward. Backward kernels
 // ACCUMULATE (+=) into their gradient outputs; a null gradient is skipped.
 #include "common.cuh"
 
@@ -377,7 +377,7 @@ extern "C" __global__ void bm_conv1d_bwd_wsum(float *dw, float *dbias, const flo
 // Channels past E (the last group) compute on clamped inputs with dout = 0
 // and write nothing, so they too contribute nothing to shared sums. Every
 // thread runs every step: sums over n are half-warp shuffles. The state is
-// fp32 (model.md §5).
+// fp32 (docs/model.md §5).
 
 #define BM_SCAN_THREADS 256
 

@@ -7,7 +7,7 @@
 //
 //	go run ./tools/torchref/dump -preset bmojo-tiny -batch 2 -seq-len 0 -steps 10 -seed 1 -out golden.safetensors
 //
-// Tensors (model.md §7 names): param.NAME (initial weights), grad.NAME
+// Tensors (docs/model.md §7 names): param.NAME (initial weights), grad.NAME
 // (gradient of loss_total on the first batch), tokens and targets [B,T]
 // int32 (the first batch; targets < 0 are ignored), logits [B,T,V],
 // scalars loss_ce, loss_aux, loss_total (float64), and for the -steps
@@ -24,7 +24,7 @@
 // than a float32 ulp, so rounding alone can flip it; the Python side compares
 // its own selection with these and tells such a near-tie from a bug.
 //
-// -set KEY=VALUE (repeatable) overrides a config key of model.md §1 after the
+// -set KEY=VALUE (repeatable) overrides a config key of docs/model.md §1 after the
 // preset and -seq-len, e.g. -set memory=5 -set memory_rope=none -set
 // n_kv_head=2; VALUE is JSON (a bare word is a string).
 //
@@ -38,10 +38,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -49,6 +49,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/data"
 	"github.com/bmojo/bmojo/internal/device"
+	"github.com/bmojo/bmojo/internal/fsutil"
 	"github.com/bmojo/bmojo/internal/train"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cpu"
@@ -443,7 +444,7 @@ func i32Tensor(name string, shape []int, v []int32) tensor {
 
 // writeFile stores tensors in safetensors format (internal/safetensors
 // writes F32 only; tokens need I32 and the scalars F64), sorted by name,
-// header padded to 8 bytes, through a temporary file renamed over path.
+// header padded to 8 bytes, atomically (fsutil.WriteFile).
 func writeFile(path string, ts []tensor, meta map[string]string) error {
 	ts = slices.Clone(ts)
 	slices.SortFunc(ts, func(a, b tensor) int { return strings.Compare(a.name, b.name) })
@@ -479,25 +480,19 @@ func writeFile(path string, ts []tensor, meta map[string]string) error {
 	if pad := len(js) % 8; pad != 0 {
 		js = append(js, strings.Repeat(" ", 8-pad)...)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	buf := binary.LittleEndian.AppendUint64(nil, uint64(len(js)))
-	buf = append(buf, js...)
-	for _, t := range ts {
-		buf = append(buf, t.data...)
-	}
-	if _, err := tmp.Write(buf); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	_, err = fsutil.WriteFile(path, func(w io.Writer) error {
+		if _, err := w.Write(binary.LittleEndian.AppendUint64(nil, uint64(len(js)))); err != nil {
+			return err
+		}
+		if _, err := w.Write(js); err != nil {
+			return err
+		}
+		for _, t := range ts {
+			if _, err := w.Write(t.data); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return err
 }
