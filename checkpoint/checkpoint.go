@@ -106,7 +106,7 @@ type State struct {
 	Losses        []float64 `json:"train_losses"`       // one per completed step when the trainer keeps them (the single-process one does)
 	ValLoss       float64   `json:"val_loss,omitempty"` // validation loss at DataStep, 0 if none was computed
 	// Job is the job file (YAML) the run was started with: a resume must
-	// bring the same settings (train.Job.Diff). Empty in older checkpoints.
+	// bring the same settings (job.Job.Diff). Empty in older checkpoints.
 	Job string `json:"job,omitempty"`
 }
 
@@ -127,7 +127,7 @@ type File struct {
 }
 
 // Manifest is manifest.json: what a checkpoint must hold. A distributed job
-// also commits it to etcd (internal/cluster.Manifest).
+// also commits it to etcd (internal/job.Manifest).
 type Manifest struct {
 	Format  string `json:"format"`  // ManifestFormat
 	Version int    `json:"version"` // ManifestVersion

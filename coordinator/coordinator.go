@@ -14,13 +14,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/job"
 )
 
 // Config configures one coordinator replica.
 type Config struct {
-	// JobName selects the job's keys, cluster.Prefix(JobName). Required.
+	// JobName selects the job's keys, job.Prefix(JobName). Required.
 	JobName string
 	// Etcd is how to reach etcd (ignored when Client is set).
 	Etcd etcdserver.ClientConfig
@@ -32,7 +32,7 @@ type Config struct {
 	ID string
 	// ReadyTimeout is how long the members of a new ring have to write
 	// ready before the unready ones are dropped. Default
-	// cluster.DefaultReadyGrace seconds.
+	// job.DefaultReadyGrace seconds.
 	ReadyTimeout time.Duration
 	// BootstrapTimeout is how long the first ring waits for JobSpec.Workers
 	// members after the first one registered, before starting with fewer
@@ -40,7 +40,7 @@ type Config struct {
 	BootstrapTimeout time.Duration
 	// LeaseTTL is the TTL of this replica's election lease: how long a
 	// crashed leader blocks a standby. Whole seconds, at least 1.
-	// Default cluster.DefaultLeaseTTL seconds.
+	// Default job.DefaultLeaseTTL seconds.
 	LeaseTTL time.Duration
 	// Debounce batches events: the first event of a quiet period is
 	// acted on this long after it arrives, with all that came meanwhile.
@@ -56,9 +56,9 @@ type Config struct {
 // Default returns a Config with every default set and no job.
 func Default() Config {
 	return Config{
-		ReadyTimeout:     cluster.DefaultReadyGrace * time.Second,
+		ReadyTimeout:     job.DefaultReadyGrace * time.Second,
 		BootstrapTimeout: 10 * time.Second,
-		LeaseTTL:         cluster.DefaultLeaseTTL * time.Second,
+		LeaseTTL:         job.DefaultLeaseTTL * time.Second,
 		Debounce:         100 * time.Millisecond,
 		MaxBackoff:       2 * time.Second,
 	}
@@ -127,7 +127,7 @@ func New(cfg Config) (*Coordinator, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	return &Coordinator{cfg: cfg, log: cfg.Logger.With("job", cfg.JobName, "replica", cfg.ID), prefix: cluster.Prefix(cfg.JobName)}, nil
+	return &Coordinator{cfg: cfg, log: cfg.Logger.With("job", cfg.JobName, "replica", cfg.ID), prefix: job.Prefix(cfg.JobName)}, nil
 }
 
 // Run is New(cfg) then Run(ctx).
@@ -188,7 +188,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if c.waitKey(ctx, cli, c.prefix+cluster.KeyDone, nil) {
+		if c.waitKey(ctx, cli, c.prefix+job.KeyDone, nil) {
 			close(done)
 			cancel()
 		}
@@ -205,11 +205,11 @@ func (c *Coordinator) Run(ctx context.Context) error {
 
 	var specKV []byte
 	c.log.Info("waiting for the job spec")
-	if !c.waitKey(ctx, cli, c.prefix+cluster.KeySpec, &specKV) {
+	if !c.waitKey(ctx, cli, c.prefix+job.KeySpec, &specKV) {
 		return finish()
 	}
-	var spec cluster.JobSpec
-	if err := cluster.Decode(cluster.KeySpec, specKV, &spec); err != nil {
+	var spec job.Spec
+	if err := job.Decode(job.KeySpec, specKV, &spec); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadSpec, err)
 	}
 	if _, err := NewMachine(spec); err != nil {
@@ -225,7 +225,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			backoff.wait(ctx)
 			continue
 		}
-		election := concurrency.NewElection(session, c.prefix+cluster.KeyElection)
+		election := concurrency.NewElection(session, c.prefix+job.KeyElection)
 		if err := c.campaign(ctx, session, election); err != nil {
 			c.log.Warn("campaign failed, retrying", "error", err)
 			c.closeSession(session)
@@ -344,7 +344,7 @@ func (c *Coordinator) waitKey(ctx context.Context, cli *clientv3.Client, key str
 
 // lead runs the state machine while this replica leads. It returns when
 // ctx ends, leadership is lost (ErrNotLeader) or a watch fails.
-func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *concurrency.Session, election *concurrency.Election, spec cluster.JobSpec) error {
+func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *concurrency.Session, election *concurrency.Election, spec job.Spec) error {
 	// Every etcd call of this term ends when the election lease does: with
 	// etcd down a read would otherwise block past the lease and the replica
 	// would go on calling itself leader.
@@ -374,25 +374,25 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 	// One consistent snapshot at revision rev, then watches from rev+1:
 	// nothing is missed in between.
 	p := c.prefix
-	rresp, err := cli.Get(ctx, p+cluster.KeyRing)
+	rresp, err := cli.Get(ctx, p+job.KeyRing)
 	if err != nil {
 		return fmt.Errorf("coordinator: read ring: %w", err)
 	}
 	rev := rresp.Header.Revision
-	var ring *cluster.Ring
-	var start *cluster.Start
+	var ring *job.Ring
+	var start *job.Start
 	if len(rresp.Kvs) > 0 {
-		ring = new(cluster.Ring)
-		if err := cluster.Decode(cluster.KeyRing, rresp.Kvs[0].Value, ring); err != nil {
+		ring = new(job.Ring)
+		if err := job.Decode(job.KeyRing, rresp.Kvs[0].Value, ring); err != nil {
 			return err // the ring is only written by us: a corrupt one needs a person
 		}
-		sresp, err := cli.Get(ctx, p+cluster.StartKey(ring.Epoch), clientv3.WithRev(rev))
+		sresp, err := cli.Get(ctx, p+job.StartKey(ring.Epoch), clientv3.WithRev(rev))
 		if err != nil {
 			return fmt.Errorf("coordinator: read start: %w", err)
 		}
 		if len(sresp.Kvs) > 0 {
-			start = new(cluster.Start)
-			if err := cluster.Decode(cluster.StartKey(ring.Epoch), sresp.Kvs[0].Value, start); err != nil {
+			start = new(job.Start)
+			if err := job.Decode(job.StartKey(ring.Epoch), sresp.Kvs[0].Value, start); err != nil {
 				return err
 			}
 		}
@@ -408,25 +408,25 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 		}
 		return out, nil
 	}
-	members, err := get(cluster.KeyMembers)
+	members, err := get(job.KeyMembers)
 	if err != nil {
 		return err
 	}
-	readies, err := get(cluster.KeyReady)
+	readies, err := get(job.KeyReady)
 	if err != nil {
 		return err
 	}
-	reports, err := get(cluster.KeyReports)
+	reports, err := get(job.KeyReports)
 	if err != nil {
 		return err
 	}
 
-	last, err := cli.Get(ctx, p+cluster.KeyEvents, clientv3.WithLastKey()...)
+	last, err := cli.Get(ctx, p+job.KeyEvents, clientv3.WithLastKey()...)
 	if err != nil {
 		return fmt.Errorf("coordinator: read events: %w", err)
 	}
 	if len(last.Kvs) > 0 {
-		l.eventSeq, _ = strconv.ParseUint(strings.TrimPrefix(string(last.Kvs[0].Key), p+cluster.KeyEvents), 10, 64)
+		l.eventSeq, _ = strconv.ParseUint(strings.TrimPrefix(string(last.Kvs[0].Key), p+job.KeyEvents), 10, 64)
 	}
 
 	c.setLeader(true)
@@ -464,7 +464,7 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 	watch := func(sub string) clientv3.WatchChan {
 		return cli.Watch(wctx, p+sub, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	}
-	wMembers, wReady, wReports := watch(cluster.KeyMembers), watch(cluster.KeyReady), watch(cluster.KeyReports)
+	wMembers, wReady, wReports := watch(job.KeyMembers), watch(job.KeyReady), watch(job.KeyReports)
 
 	debounce := time.NewTimer(time.Hour)
 	debounce.Stop()
@@ -487,20 +487,20 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 		case <-session.Done():
 			return fmt.Errorf("%w: election lease expired", ErrNotLeader)
 		case wresp, ok := <-wMembers:
-			if err := watchErr(wresp, ok, cluster.KeyMembers); err != nil {
+			if err := watchErr(wresp, ok, job.KeyMembers); err != nil {
 				return err
 			}
 			for _, ev := range wresp.Events {
 				if ev.Type == clientv3.EventTypePut {
 					l.memberPut(&mvccKV{key: string(ev.Kv.Key), value: ev.Kv.Value, create: ev.Kv.CreateRevision, mod: ev.Kv.ModRevision})
 				} else {
-					delete(l.members, cluster.MemberID(string(ev.Kv.Key)))
+					delete(l.members, job.MemberID(string(ev.Kv.Key)))
 				}
 				l.membersDirty = true
 			}
 			kick()
 		case wresp, ok := <-wReady:
-			if err := watchErr(wresp, ok, cluster.KeyReady); err != nil {
+			if err := watchErr(wresp, ok, job.KeyReady); err != nil {
 				return err
 			}
 			for _, ev := range wresp.Events {
@@ -510,7 +510,7 @@ func (c *Coordinator) lead(ctx context.Context, cli *clientv3.Client, session *c
 			}
 			kick()
 		case wresp, ok := <-wReports:
-			if err := watchErr(wresp, ok, cluster.KeyReports); err != nil {
+			if err := watchErr(wresp, ok, job.KeyReports); err != nil {
 				return err
 			}
 			for _, ev := range wresp.Events {
@@ -574,9 +574,9 @@ type timer struct {
 }
 
 func (l *leader) memberPut(kv *mvccKV) {
-	id := cluster.MemberID(kv.key)
+	id := job.MemberID(kv.key)
 	mi := MemberInfo{Rev: kv.create}
-	if err := cluster.Decode(kv.key, kv.value, &mi.Member); err != nil {
+	if err := job.Decode(kv.key, kv.value, &mi.Member); err != nil {
 		mi.Err = err
 	} else if mi.Member.ID != id {
 		mi.Err = fmt.Errorf("record id %q differs from its key's %q", mi.Member.ID, id)
@@ -595,15 +595,15 @@ func (l *leader) memberList() []MemberInfo {
 
 func (l *leader) readyPut(kv *mvccKV) {
 	// ready/<epoch>/<id>
-	rest := strings.TrimPrefix(kv.key, l.c.prefix+cluster.KeyReady)
+	rest := strings.TrimPrefix(kv.key, l.c.prefix+job.KeyReady)
 	es, id, ok := strings.Cut(rest, "/")
 	epoch, err := strconv.ParseUint(es, 10, 64)
 	if !ok || err != nil {
 		l.log.Warn("ignoring a ready key of an unknown form", "key", kv.key)
 		return
 	}
-	var r cluster.Ready
-	if err := cluster.Decode(kv.key, kv.value, &r); err != nil || r.Epoch != epoch {
+	var r job.Ready
+	if err := job.Decode(kv.key, kv.value, &r); err != nil || r.Epoch != epoch {
 		l.log.Warn("ignoring a malformed ready record", "key", kv.key, "error", err)
 		return
 	}
@@ -611,11 +611,11 @@ func (l *leader) readyPut(kv *mvccKV) {
 }
 
 func (l *leader) reportPut(kv *mvccKV) {
-	var r cluster.Report
+	var r job.Report
 	key := strings.TrimPrefix(kv.key, l.c.prefix)
-	if err := cluster.Decode(kv.key, kv.value, &r); err != nil {
+	if err := job.Decode(kv.key, kv.value, &r); err != nil {
 		l.log.Warn("deleting a malformed report", "key", kv.key, "error", err)
-		r = cluster.Report{} // epoch 0: ignored as stale, and deleted
+		r = job.Report{} // epoch 0: ignored as stale, and deleted
 	}
 	l.m.Step(ReportSeen{Key: key, Rev: kv.mod, Report: r})
 }
@@ -684,7 +684,7 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 		}
 		l.timers = append(keep, timer{at: time.Now().Add(d), ev: TimerFired(a)})
 	case PublishRing:
-		if err := l.txn(ctx, "publish ring", clientv3.OpPut(p+cluster.KeyRing, cluster.Encode(a.Ring))); err != nil {
+		if err := l.txn(ctx, "publish ring", clientv3.OpPut(p+job.KeyRing, job.Encode(a.Ring))); err != nil {
 			return err
 		}
 		if l.changeAt.IsZero() {
@@ -699,10 +699,10 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 	case PublishStart:
 		// The previous epoch's barrier keys go in the same transaction: a
 		// worker still waiting on them sees the newer ring instead.
-		ops := []clientv3.Op{clientv3.OpPut(p+cluster.StartKey(a.Start.Epoch), cluster.Encode(a.Start))}
+		ops := []clientv3.Op{clientv3.OpPut(p+job.StartKey(a.Start.Epoch), job.Encode(a.Start))}
 		if prev := a.Start.Epoch - 1; prev > 0 {
-			ops = append(ops, clientv3.OpDelete(p+cluster.StartKey(prev)),
-				clientv3.OpDelete(p+cluster.KeyReady+strconv.FormatUint(prev, 10)+"/", clientv3.WithPrefix()))
+			ops = append(ops, clientv3.OpDelete(p+job.StartKey(prev)),
+				clientv3.OpDelete(p+job.KeyReady+strconv.FormatUint(prev, 10)+"/", clientv3.WithPrefix()))
 		}
 		if err := l.txn(ctx, "publish start", clientv3.OpTxn(nil, ops, nil)); err != nil {
 			return err
@@ -719,7 +719,7 @@ func (l *leader) execute(ctx context.Context, a Action) error {
 		l.log.Info("epoch started", args...)
 		return l.event(ctx, Record{Time: time.Now(), Kind: KindStarted, Epoch: a.Start.Epoch, Reason: reason, Recovery: rec})
 	case DeleteMember:
-		key := p + cluster.KeyMembers + a.ID
+		key := p + job.KeyMembers + a.ID
 		op := clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", a.Rev)},
 			[]clientv3.Op{clientv3.OpDelete(key)}, nil)
 		return l.txn(ctx, "delete member", op)
@@ -740,17 +740,17 @@ const (
 )
 
 // event keeps r in memory and writes it to events/<seq> (guarded like every
-// leader write), deleting events older than the newest cluster.MaxEvents.
+// leader write), deleting events older than the newest job.MaxEvents.
 func (l *leader) event(ctx context.Context, r Record) error {
 	l.c.record(r)
 	p := l.c.prefix
 	seq := l.eventSeq + 1
-	ev := cluster.Event{Seq: seq, TimeUnix: float64(r.Time.UnixNano()) / 1e9, Kind: r.Kind, WorkerID: r.WorkerID,
+	ev := job.Event{Seq: seq, TimeUnix: float64(r.Time.UnixNano()) / 1e9, Kind: r.Kind, WorkerID: r.WorkerID,
 		Epoch: r.Epoch, Reason: r.Reason, Leader: l.c.cfg.ID, RecoverySeconds: r.Recovery.Seconds()}
-	ops := []clientv3.Op{clientv3.OpPut(p+cluster.EventKey(seq), cluster.Encode(ev))}
-	if seq > cluster.MaxEvents {
+	ops := []clientv3.Op{clientv3.OpPut(p+job.EventKey(seq), job.Encode(ev))}
+	if seq > job.MaxEvents {
 		// A range, not one key: seqs a failed leader skipped go too.
-		ops = append(ops, clientv3.OpDelete(p+cluster.KeyEvents, clientv3.WithRange(p+cluster.EventKey(seq-cluster.MaxEvents+1))))
+		ops = append(ops, clientv3.OpDelete(p+job.KeyEvents, clientv3.WithRange(p+job.EventKey(seq-job.MaxEvents+1))))
 	}
 	if err := l.txn(ctx, "write event", clientv3.OpTxn(nil, ops, nil)); err != nil {
 		return err

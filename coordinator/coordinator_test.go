@@ -19,9 +19,9 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/testleak"
+	"github.com/bmojo/bmojo/job"
 )
 
 func TestMain(m *testing.M) {
@@ -63,7 +63,7 @@ type env struct {
 	url    string
 	server etcdProc
 	cli    *clientv3.Client
-	spec   cluster.JobSpec
+	spec   job.Spec
 }
 
 // etcdProc is the etcd a test runs against: the embedded one, or, when
@@ -84,8 +84,8 @@ func newEnv(t *testing.T, ctx context.Context, workers int) *env {
 	}
 	e.cli = cli
 	t.Cleanup(func() { cli.Close() })
-	e.spec = cluster.JobSpec{Protocol: cluster.ProtocolVersion, Hash: "spec-hash", CodeHash: "code-hash", Workers: workers, MinRing: 1}
-	if _, err := cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeySpec, cluster.Encode(e.spec)); err != nil {
+	e.spec = job.Spec{Protocol: job.ProtocolVersion, Hash: "spec-hash", CodeHash: "code-hash", Workers: workers, MinRing: 1}
+	if _, err := cli.Put(ctx, job.Prefix(testJob)+job.KeySpec, job.Encode(e.spec)); err != nil {
 		t.Fatal(err)
 	}
 	return e
@@ -192,27 +192,27 @@ func (e *env) coordinator(id string, cli *clientv3.Client) (*Coordinator, func()
 }
 
 func (e *env) get(key string, v any) bool {
-	resp, err := e.cli.Get(e.ctx, cluster.Prefix(testJob)+key)
+	resp, err := e.cli.Get(e.ctx, job.Prefix(testJob)+key)
 	if err != nil || len(resp.Kvs) == 0 {
 		return false
 	}
-	return cluster.Decode(key, resp.Kvs[0].Value, v) == nil
+	return job.Decode(key, resp.Kvs[0].Value, v) == nil
 }
 
 func (e *env) exists(key string) bool {
-	resp, err := e.cli.Get(e.ctx, cluster.Prefix(testJob)+key)
+	resp, err := e.cli.Get(e.ctx, job.Prefix(testJob)+key)
 	return err == nil && len(resp.Kvs) > 0
 }
 
 // waitStarted waits until ring has exactly ids (in rank order) at an epoch
 // > after and that epoch has started; it returns the ring and start.
-func (e *env) waitStarted(timeout time.Duration, after uint64, ids ...string) (cluster.Ring, cluster.Start) {
+func (e *env) waitStarted(timeout time.Duration, after uint64, ids ...string) (job.Ring, job.Start) {
 	e.t.Helper()
-	var ring cluster.Ring
-	var start cluster.Start
+	var ring job.Ring
+	var start job.Start
 	waitFor(e.t, e.ctx, timeout, func() (bool, string) {
-		ring = cluster.Ring{}
-		if !e.get(cluster.KeyRing, &ring) {
+		ring = job.Ring{}
+		if !e.get(job.KeyRing, &ring) {
 			return false, "no ring"
 		}
 		got := make([]string, len(ring.Members))
@@ -222,7 +222,7 @@ func (e *env) waitStarted(timeout time.Duration, after uint64, ids ...string) (c
 		if ring.Epoch <= after || strings.Join(got, ",") != strings.Join(ids, ",") {
 			return false, fmt.Sprintf("ring epoch %d %v, want epoch > %d with %v", ring.Epoch, got, after, ids)
 		}
-		if !e.get(cluster.StartKey(ring.Epoch), &start) {
+		if !e.get(job.StartKey(ring.Epoch), &start) {
 			return false, fmt.Sprintf("epoch %d not started", ring.Epoch)
 		}
 		return true, ""
@@ -271,10 +271,10 @@ type fakeWorker struct {
 
 func (e *env) worker(id string, ttl int64) *fakeWorker {
 	e.t.Helper()
-	return e.workerWith(id, ttl, func(m *cluster.Member) {})
+	return e.workerWith(id, ttl, func(m *job.Member) {})
 }
 
-func (e *env) workerWith(id string, ttl int64, edit func(*cluster.Member)) *fakeWorker {
+func (e *env) workerWith(id string, ttl int64, edit func(*job.Member)) *fakeWorker {
 	e.t.Helper()
 	ctx, cancel := context.WithCancel(e.ctx)
 	w := &fakeWorker{id: id, cli: e.cli, cancel: cancel, done: make(chan struct{})}
@@ -283,11 +283,11 @@ func (e *env) workerWith(id string, ttl int64, edit func(*cluster.Member)) *fake
 		e.t.Fatal(err)
 	}
 	w.lease = lease.ID
-	m := cluster.Member{ID: id, Endpoint: "127.0.0.1:" + id, Device: "cpu", SpecHash: e.spec.Hash, CodeHash: e.spec.CodeHash, Protocol: cluster.ProtocolVersion}
+	m := job.Member{ID: id, Endpoint: "127.0.0.1:" + id, Device: "cpu", SpecHash: e.spec.Hash, CodeHash: e.spec.CodeHash, Protocol: job.ProtocolVersion}
 	edit(&m)
-	key := cluster.Prefix(testJob) + cluster.KeyMembers + id
+	key := job.Prefix(testJob) + job.KeyMembers + id
 	resp, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, cluster.Encode(m), clientv3.WithLease(lease.ID))).Commit()
+		Then(clientv3.OpPut(key, job.Encode(m), clientv3.WithLease(lease.ID))).Commit()
 	if err != nil || !resp.Succeeded {
 		e.t.Fatalf("register %s: %v (succeeded %v)", id, err, resp != nil && resp.Succeeded)
 	}
@@ -313,30 +313,30 @@ func (w *fakeWorker) kill() {
 
 func (w *fakeWorker) follow(ctx context.Context) {
 	defer close(w.done)
-	p := cluster.Prefix(testJob)
+	p := job.Prefix(testJob)
 	readied, started := uint64(0), uint64(0)
 	for ctx.Err() == nil {
 		wctx, cancel := context.WithCancel(ctx)
 		wch := w.cli.Watch(wctx, p, clientv3.WithPrefix())
 		// Act on what is there already, then on every change.
 		check := func() {
-			var ring cluster.Ring
-			resp, err := w.cli.Get(ctx, p+cluster.KeyRing)
-			if err != nil || len(resp.Kvs) == 0 || cluster.Decode("ring", resp.Kvs[0].Value, &ring) != nil {
+			var ring job.Ring
+			resp, err := w.cli.Get(ctx, p+job.KeyRing)
+			if err != nil || len(resp.Kvs) == 0 || job.Decode("ring", resp.Kvs[0].Value, &ring) != nil {
 				return
 			}
 			if ring.Rank(w.id) < 0 {
 				return
 			}
 			if ring.Epoch > readied {
-				r := cluster.Ready{Epoch: ring.Epoch, Step: int(w.step.Load())}
-				if _, err := w.cli.Put(ctx, p+cluster.ReadyKey(ring.Epoch, w.id), cluster.Encode(r)); err == nil {
+				r := job.Ready{Epoch: ring.Epoch, Step: int(w.step.Load())}
+				if _, err := w.cli.Put(ctx, p+job.ReadyKey(ring.Epoch, w.id), job.Encode(r)); err == nil {
 					readied = ring.Epoch
 				}
 			}
-			sresp, err := w.cli.Get(ctx, p+cluster.StartKey(ring.Epoch))
-			var s cluster.Start
-			if ring.Epoch > started && err == nil && len(sresp.Kvs) > 0 && cluster.Decode("start", sresp.Kvs[0].Value, &s) == nil {
+			sresp, err := w.cli.Get(ctx, p+job.StartKey(ring.Epoch))
+			var s job.Start
+			if ring.Epoch > started && err == nil && len(sresp.Kvs) > 0 && job.Decode("start", sresp.Kvs[0].Value, &s) == nil {
 				w.step.Store(int64(s.Step))
 				started = ring.Epoch
 				w.started.Store(started)
@@ -390,14 +390,14 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 		t.Fatalf("after the join: start %+v, want step 17 from w1 with sync", start)
 	}
 	// Only the current epoch's barrier keys are left.
-	for _, prefix := range []string{cluster.KeyReady, cluster.KeyStart} {
-		resp, err := e.cli.Get(ctx, cluster.Prefix(testJob)+prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	for _, prefix := range []string{job.KeyReady, job.KeyStart} {
+		resp, err := e.cli.Get(ctx, job.Prefix(testJob)+prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, kv := range resp.Kvs {
-			k := strings.TrimPrefix(string(kv.Key), cluster.Prefix(testJob))
-			if !strings.HasPrefix(k, cluster.StartKey(ring.Epoch)) && !strings.HasPrefix(k, cluster.KeyReady+fmt.Sprint(ring.Epoch)+"/") {
+			k := strings.TrimPrefix(string(kv.Key), job.Prefix(testJob))
+			if !strings.HasPrefix(k, job.StartKey(ring.Epoch)) && !strings.HasPrefix(k, job.KeyReady+fmt.Sprint(ring.Epoch)+"/") {
 				t.Errorf("barrier key %s of an old epoch is left (epoch %d)", k, ring.Epoch)
 			}
 		}
@@ -439,7 +439,7 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 	}
 
 	// done ends Run with nil.
-	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyDone, cluster.Encode(cluster.Done{Step: 17})); err != nil {
+	if _, err := e.cli.Put(ctx, job.Prefix(testJob)+job.KeyDone, job.Encode(job.Done{Step: 17})); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !c.IsLeader(), "still leading after done" })
@@ -449,16 +449,16 @@ func TestThreeWorkersKillJoin(t *testing.T) {
 }
 
 // events reads events/ in key order.
-func (e *env) events() []cluster.Event {
+func (e *env) events() []job.Event {
 	e.t.Helper()
-	p := cluster.Prefix(testJob)
-	resp, err := e.cli.Get(e.ctx, p+cluster.KeyEvents, clientv3.WithPrefix())
+	p := job.Prefix(testJob)
+	resp, err := e.cli.Get(e.ctx, p+job.KeyEvents, clientv3.WithPrefix())
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	out := make([]cluster.Event, len(resp.Kvs))
+	out := make([]job.Event, len(resp.Kvs))
 	for i, kv := range resp.Kvs {
-		if err := cluster.Decode(string(kv.Key), kv.Value, &out[i]); err != nil {
+		if err := job.Decode(string(kv.Key), kv.Value, &out[i]); err != nil {
 			e.t.Fatal(err)
 		}
 	}
@@ -466,31 +466,31 @@ func (e *env) events() []cluster.Event {
 }
 
 // A new leader continues the sequence after the newest stored event and
-// keeps only the newest cluster.MaxEvents.
+// keeps only the newest job.MaxEvents.
 func TestEventsContinueAndTrim(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	e := newEnv(t, ctx, 1)
-	p := cluster.Prefix(testJob)
-	for seq := uint64(1); seq <= cluster.MaxEvents; seq++ {
-		if _, err := e.cli.Put(ctx, p+cluster.EventKey(seq), cluster.Encode(cluster.Event{Seq: seq, Kind: "old"})); err != nil {
+	p := job.Prefix(testJob)
+	for seq := uint64(1); seq <= job.MaxEvents; seq++ {
+		if _, err := e.cli.Put(ctx, p+job.EventKey(seq), job.Encode(job.Event{Seq: seq, Kind: "old"})); err != nil {
 			t.Fatal(err)
 		}
 	}
 	e.coordinator("c1", e.cli)
 	e.worker("w1", 30)
 	e.waitStarted(10*time.Second, 0, "w1")
-	var evs []cluster.Event
+	var evs []job.Event
 	waitFor(t, ctx, 5*time.Second, func() (bool, string) {
 		evs = e.events()
 		n := len(evs)
-		return n == cluster.MaxEvents && evs[n-1].Kind == KindStarted, fmt.Sprintf("%d events, want %d ending with started", n, cluster.MaxEvents)
+		return n == job.MaxEvents && evs[n-1].Kind == KindStarted, fmt.Sprintf("%d events, want %d ending with started", n, job.MaxEvents)
 	})
 	// leader_elected, joined, ring, started: four new, four old gone.
 	first, last := evs[0], evs[len(evs)-1]
-	if first.Seq != 5 || last.Seq != cluster.MaxEvents+4 || evs[len(evs)-4].Kind != KindLeaderElected {
+	if first.Seq != 5 || last.Seq != job.MaxEvents+4 || evs[len(evs)-4].Kind != KindLeaderElected {
 		t.Fatalf("events run from seq %d to %d (the 4th newest %+v), want 5 to %d with leader_elected first of the new",
-			first.Seq, last.Seq, evs[len(evs)-4], cluster.MaxEvents+4)
+			first.Seq, last.Seq, evs[len(evs)-4], job.MaxEvents+4)
 	}
 }
 
@@ -506,8 +506,8 @@ func TestReportRemovesSuspectAtOnce(t *testing.T) {
 	e.waitStarted(10*time.Second, 0, "w1", "w2", "w3")
 
 	t0 := time.Now()
-	rep := cluster.Report{Epoch: 1, Reporter: "w1", Suspect: "w2", Error: "send chunk 3 to rank 1: connection reset"}
-	if _, err := e.cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyReports+"w1", cluster.Encode(rep)); err != nil {
+	rep := job.Report{Epoch: 1, Reporter: "w1", Suspect: "w2", Error: "send chunk 3 to rank 1: connection reset"}
+	if _, err := e.cli.Put(ctx, job.Prefix(testJob)+job.KeyReports+"w1", job.Encode(rep)); err != nil {
 		t.Fatal(err)
 	}
 	ring, start := e.waitStarted(5*time.Second, 1, "w1", "w3")
@@ -519,7 +519,7 @@ func TestReportRemovesSuspectAtOnce(t *testing.T) {
 		t.Errorf("ring reason %q does not name the reporter", ring.Reason)
 	}
 	waitFor(t, ctx, 5*time.Second, func() (bool, string) {
-		return !e.exists(cluster.KeyMembers+"w2") && !e.exists(cluster.KeyReports+"w1"),
+		return !e.exists(job.KeyMembers+"w2") && !e.exists(job.KeyReports+"w1"),
 			"the suspect's key or the consumed report is still there"
 	})
 }
@@ -529,10 +529,10 @@ func TestRefusedMember(t *testing.T) {
 	defer cancel()
 	e := newEnv(t, ctx, 1)
 	c, _ := e.coordinator("c1", e.cli)
-	e.workerWith("old", 30, func(m *cluster.Member) { m.CodeHash = "another-build" })
+	e.workerWith("old", 30, func(m *job.Member) { m.CodeHash = "another-build" })
 	e.worker("w1", 30)
 	e.waitStarted(10*time.Second, 0, "w1")
-	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !e.exists(cluster.KeyMembers + "old"), "refused key not deleted" })
+	waitFor(t, ctx, 5*time.Second, func() (bool, string) { return !e.exists(job.KeyMembers + "old"), "refused key not deleted" })
 	var refused []Record
 	for _, r := range c.Events() {
 		if r.Kind == NoticeRefused {
@@ -594,11 +594,11 @@ func TestLeaderHandoverMidEpochChange(t *testing.T) {
 	w1.kill() // w1 registered but never answers: epoch 1 cannot start
 	e.worker("w2", 30)
 	c1, stop1 := e.coordinator("c1", e.cli)
-	var ring cluster.Ring
+	var ring job.Ring
 	waitFor(t, ctx, 10*time.Second, func() (bool, string) {
-		return e.get(cluster.KeyRing, &ring) && ring.Epoch == 1, "no ring 1"
+		return e.get(job.KeyRing, &ring) && ring.Epoch == 1, "no ring 1"
 	})
-	if !c1.IsLeader() || e.exists(cluster.StartKey(1)) {
+	if !c1.IsLeader() || e.exists(job.StartKey(1)) {
 		t.Fatal("epoch 1 started without w1")
 	}
 	c2, _ := e.coordinator("c2", e.cli)

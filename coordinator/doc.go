@@ -1,7 +1,7 @@
 // Package coordinator is the control plane's leader: it owns the membership
 // and epoch decisions of one job (which workers form the ring, when an epoch
 // starts and at which step) and writes them to etcd under the keys of
-// internal/cluster. It never touches tensors, shard data or checkpoints, and
+// internal/job. It never touches tensors, shard data or checkpoints, and
 // it writes only ring, start/<epoch>, member keys it removes and reports it
 // consumed.
 //

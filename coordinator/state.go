@@ -5,7 +5,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/job"
 )
 
 // This file is the membership/epoch logic of the coordinator leader as a
@@ -52,7 +52,7 @@ import (
 
 // MemberInfo is one members/<id> key as the etcd layer read it.
 type MemberInfo struct {
-	Member cluster.Member
+	Member job.Member
 	// Rev is the key's create revision: a re-registration has a new one.
 	Rev int64
 	// Err is set when the record could not be decoded; the member is refused.
@@ -68,14 +68,14 @@ type MembersChanged struct{ Members []MemberInfo }
 // ReadySeen is a ready/<epoch>/<id> record.
 type ReadySeen struct {
 	ID    string
-	Ready cluster.Ready
+	Ready job.Ready
 }
 
 // ReportSeen is a reports/<reporter> record; Rev is the key's mod revision.
 type ReportSeen struct {
 	Key    string // relative to the job prefix
 	Rev    int64
-	Report cluster.Report
+	Report job.Report
 }
 
 // TimerFired says a timer armed by an ArmTimer action has expired.
@@ -89,8 +89,8 @@ type TimerFired struct {
 // its epoch (nil if it has not started). Members, ready records and reports
 // follow as ordinary events.
 type LeaderElected struct {
-	Ring  *cluster.Ring
-	Start *cluster.Start
+	Ring  *job.Ring
+	Start *job.Start
 }
 
 func (MembersChanged) isEvent() {}
@@ -114,10 +114,10 @@ const (
 type Action interface{ isAction() }
 
 // PublishRing writes ring.
-type PublishRing struct{ Ring cluster.Ring }
+type PublishRing struct{ Ring job.Ring }
 
 // PublishStart writes start/<epoch>.
-type PublishStart struct{ Start cluster.Start }
+type PublishStart struct{ Start job.Start }
 
 // DeleteMember deletes members/<id> if its create revision is still Rev.
 type DeleteMember struct {
@@ -168,13 +168,13 @@ const (
 // Machine is the leader's membership and epoch state. It is not safe for
 // concurrent use.
 type Machine struct {
-	spec    cluster.JobSpec
+	spec    job.Spec
 	minRing int
 
 	members map[string]MemberInfo // the last MembersChanged, refused ones excluded
 	removed map[string]removal    // members whose key we delete, by id
 
-	ring     cluster.Ring
+	ring     job.Ring
 	ringRevs map[string]int64 // create revisions of the ring's member keys (0: not known yet)
 	started  bool
 	// prevStarted holds the members of the last started epoch (nil: none
@@ -200,7 +200,7 @@ type removal struct {
 
 // NewMachine returns a machine for spec, as a fresh leader with nothing
 // persisted. It fails with ErrBadSpec if spec cannot be run.
-func NewMachine(spec cluster.JobSpec) (*Machine, error) {
+func NewMachine(spec job.Spec) (*Machine, error) {
 	if spec.Workers < 1 {
 		return nil, fmt.Errorf("%w: workers is %d, want at least 1", ErrBadSpec, spec.Workers)
 	}
@@ -212,10 +212,10 @@ func NewMachine(spec cluster.JobSpec) (*Machine, error) {
 	return m, nil
 }
 
-func (m *Machine) reset(r *cluster.Ring, s *cluster.Start) {
+func (m *Machine) reset(r *job.Ring, s *job.Start) {
 	m.members = map[string]MemberInfo{}
 	m.removed = map[string]removal{}
-	m.ring = cluster.Ring{}
+	m.ring = job.Ring{}
 	if r != nil {
 		m.ring = *r
 	}
@@ -235,7 +235,7 @@ func (m *Machine) reset(r *cluster.Ring, s *cluster.Start) {
 }
 
 // Ring returns the last ring published or loaded.
-func (m *Machine) Ring() cluster.Ring { return m.ring }
+func (m *Machine) Ring() job.Ring { return m.ring }
 
 // Started reports whether the current ring's epoch has been started.
 func (m *Machine) Started() bool { return m.started }
@@ -479,21 +479,21 @@ func (m *Machine) decide() {
 	}
 	m.started = true
 	m.prevStarted, m.prevKnown = ringIDs(m.ring), true
-	m.out = append(m.out, PublishStart{Start: cluster.Start{Epoch: m.ring.Epoch, Step: step, Source: source, Sync: sync}})
+	m.out = append(m.out, PublishStart{Start: job.Start{Epoch: m.ring.Epoch, Step: step, Source: source, Sync: sync}})
 }
 
 // wanted is the ring the current members make, in rank order.
-func (m *Machine) wanted() []cluster.RingMember {
-	out := make([]cluster.RingMember, 0, len(m.members))
+func (m *Machine) wanted() []job.RingMember {
+	out := make([]job.RingMember, 0, len(m.members))
 	for _, id := range sortedKeys(m.members) {
-		out = append(out, cluster.RingMember{ID: id, Endpoint: m.members[id].Member.Endpoint})
+		out = append(out, job.RingMember{ID: id, Endpoint: m.members[id].Member.Endpoint})
 	}
 	return out
 }
 
 func (m *Machine) publish(reason string) {
 	want := m.wanted()
-	m.ring = cluster.Ring{Epoch: m.ring.Epoch + 1, Members: want, Reason: reason}
+	m.ring = job.Ring{Epoch: m.ring.Epoch + 1, Members: want, Reason: reason}
 	m.ringRevs = map[string]int64{}
 	for _, rm := range want {
 		m.ringRevs[rm.ID] = m.members[rm.ID].Rev
@@ -520,7 +520,7 @@ func (m *Machine) wait(reason string) {
 }
 
 // diff names why want differs from the current ring.
-func (m *Machine) diff(want []cluster.RingMember) string {
+func (m *Machine) diff(want []job.RingMember) string {
 	old := map[string]string{}
 	for _, rm := range m.ring.Members {
 		old[rm.ID] = rm.Endpoint
@@ -582,7 +582,7 @@ func (m *Machine) reregistered() string {
 	return ""
 }
 
-func ringIDs(r cluster.Ring) map[string]bool {
+func ringIDs(r job.Ring) map[string]bool {
 	ids := make(map[string]bool, len(r.Members))
 	for _, rm := range r.Members {
 		ids[rm.ID] = true
@@ -590,7 +590,7 @@ func ringIDs(r cluster.Ring) map[string]bool {
 	return ids
 }
 
-func sameMembers(a, b []cluster.RingMember) bool {
+func sameMembers(a, b []job.RingMember) bool {
 	return slices.Equal(a, b)
 }
 

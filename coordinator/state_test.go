@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/job"
 )
 
 var rewrite = flag.Bool("rewrite", false, "rewrite the expected actions of testdata/*.txt from the current machine")
@@ -124,7 +124,7 @@ func (h *harness) do(f []string, line string) {
 	}
 	switch f[0] {
 	case "spec":
-		spec := cluster.JobSpec{Protocol: 1, Hash: "h", CodeHash: "c"}
+		spec := job.Spec{Protocol: 1, Hash: "h", CodeHash: "c"}
 		for _, a := range f[1:] {
 			switch k, v := kv(a); k {
 			case "workers":
@@ -145,7 +145,7 @@ func (h *harness) do(f []string, line string) {
 		for _, a := range f[1:] {
 			parts := strings.Split(a, ",")
 			h.rev++
-			mi := MemberInfo{Rev: h.rev, Member: cluster.Member{ID: parts[0], Endpoint: parts[0] + ":7000",
+			mi := MemberInfo{Rev: h.rev, Member: job.Member{ID: parts[0], Endpoint: parts[0] + ":7000",
 				SpecHash: "h", CodeHash: "c", Protocol: 1}}
 			for _, p := range parts[1:] {
 				switch k, v := kv(p); k {
@@ -179,17 +179,17 @@ func (h *harness) do(f []string, line string) {
 		epoch := uint64(atoi(f[1]))
 		for _, a := range f[2:] {
 			id, v := kv(a)
-			h.m.Step(ReadySeen{ID: id, Ready: cluster.Ready{Epoch: epoch, Step: atoi(v)}})
+			h.m.Step(ReadySeen{ID: id, Ready: job.Ready{Epoch: epoch, Step: atoi(v)}})
 		}
 	case "report":
 		h.rev++
-		r := cluster.Report{Epoch: h.m.Ring().Epoch, Reporter: f[1], Suspect: f[2], Error: "recv: connection reset"}
+		r := job.Report{Epoch: h.m.Ring().Epoch, Reporter: f[1], Suspect: f[2], Error: "recv: connection reset"}
 		for _, a := range f[3:] {
 			if k, v := kv(a); k == "epoch" {
 				r.Epoch = uint64(atoi(v))
 			}
 		}
-		h.m.Step(ReportSeen{Key: cluster.KeyReports + f[1], Rev: h.rev, Report: r})
+		h.m.Step(ReportSeen{Key: job.KeyReports + f[1], Rev: h.rev, Report: r})
 	case "timer":
 		ev := TimerFired{Timer: Timer(f[1])}
 		if len(f) > 2 {
@@ -203,13 +203,13 @@ func (h *harness) do(f []string, line string) {
 			p := strings.Split(v, ":")
 			switch k {
 			case "ring":
-				r := cluster.Ring{Epoch: uint64(atoi(p[0]))}
+				r := job.Ring{Epoch: uint64(atoi(p[0]))}
 				for _, id := range strings.Split(p[1], ",") {
-					r.Members = append(r.Members, cluster.RingMember{ID: id, Endpoint: id + ":7000"})
+					r.Members = append(r.Members, job.RingMember{ID: id, Endpoint: id + ":7000"})
 				}
 				ev.Ring = &r
 			case "start":
-				ev.Start = &cluster.Start{Epoch: uint64(atoi(p[0])), Step: atoi(p[1]), Source: p[2]}
+				ev.Start = &job.Start{Epoch: uint64(atoi(p[0])), Step: atoi(p[1]), Source: p[2]}
 			default:
 				fail("unknown %s", k)
 			}
@@ -270,11 +270,11 @@ func (h *harness) render(a Action) string {
 func TestNewMachineBadSpec(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		spec cluster.JobSpec
+		spec job.Spec
 	}{
-		{"no workers", cluster.JobSpec{Workers: 0}},
-		{"min ring above workers", cluster.JobSpec{Workers: 2, MinRing: 3}},
-		{"negative min ring", cluster.JobSpec{Workers: 2, MinRing: -1}},
+		{"no workers", job.Spec{Workers: 0}},
+		{"min ring above workers", job.Spec{Workers: 2, MinRing: 3}},
+		{"negative min ring", job.Spec{Workers: 2, MinRing: -1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := NewMachine(tc.spec); !errors.Is(err, ErrBadSpec) {

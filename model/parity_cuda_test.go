@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/kernels/cpu"
 	"github.com/bmojo/bmojo/kernels/cuda"
 )

@@ -13,11 +13,11 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels/cpu"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/train"
 )
 
 // TestCheckpointCommitPruneResume: rank 0's checkpoints are committed to
@@ -61,14 +61,14 @@ func TestCheckpointCommitPruneResume(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		j := train.Default()
+		j := job.Default()
 		j.CheckpointDir, j.KeepCheckpoints, j.Seed, j.BatchSize = root, 2, 1, 4
-		return &worker{cli: cli, prefix: cluster.Prefix("t"), log: hclog.NewNullLogger(), job: j,
+		return &worker{cli: cli, prefix: job.Prefix("t"), log: hclog.NewNullLogger(), job: j,
 			eng: &train.Engine{M: m, Opt: model.NewOptimizer(m, model.DefaultOptim(1e-3, 10)), GB: j.BatchSize}}
 	}
-	putManifest := func(man cluster.Manifest) {
+	putManifest := func(man job.Manifest) {
 		t.Helper()
-		if _, err := cli.Put(ctx, cluster.Prefix("t")+cluster.CheckpointKey(man.Step), cluster.Encode(man)); err != nil {
+		if _, err := cli.Put(ctx, job.Prefix("t")+job.CheckpointKey(man.Step), job.Encode(man)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -80,7 +80,7 @@ func TestCheckpointCommitPruneResume(t *testing.T) {
 		if step == 6 {
 			// An older manifest naming a directory outside checkpoint_dir:
 			// pruning it must leave that directory alone.
-			putManifest(cluster.Manifest{Step: 1, Dir: filepath.Join(root, "..", "elsewhere")})
+			putManifest(job.Manifest{Step: 1, Dir: filepath.Join(root, "..", "elsewhere")})
 		}
 		params := w.eng.M.ParamsF32()
 		params[step] += 1 // each checkpoint different
@@ -96,7 +96,7 @@ func TestCheckpointCommitPruneResume(t *testing.T) {
 	if err != nil || !slices.Equal(dirs, []string{checkpoint.StepDir(root, 6), checkpoint.StepDir(root, 4)}) {
 		t.Fatalf("checkpoint dirs after pruning to 2: %v (%v)", dirs, err)
 	}
-	resp, err := cli.Get(ctx, cluster.Prefix("t")+cluster.KeyCheckpoints, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	resp, err := cli.Get(ctx, job.Prefix("t")+job.KeyCheckpoints, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,20 +104,20 @@ func TestCheckpointCommitPruneResume(t *testing.T) {
 	for _, kv := range resp.Kvs {
 		keys = append(keys, string(kv.Key))
 	}
-	want := []string{cluster.CheckpointKey(4), cluster.CheckpointKey(6), cluster.KeyLatestCkpt}
+	want := []string{job.CheckpointKey(4), job.CheckpointKey(6), job.KeyLatestCkpt}
 	for i := range want {
-		want[i] = cluster.Prefix("t") + want[i]
+		want[i] = job.Prefix("t") + want[i]
 	}
 	if !slices.Equal(keys, want) {
 		t.Fatalf("etcd holds %v, want %v", keys, want)
 	}
 	// The committed manifest is the one on disk.
-	r, err := cli.Get(ctx, cluster.Prefix("t")+cluster.CheckpointKey(6))
+	r, err := cli.Get(ctx, job.Prefix("t")+job.CheckpointKey(6))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var man cluster.Manifest
-	if err := cluster.Decode("m", r.Kvs[0].Value, &man); err != nil {
+	var man job.Manifest
+	if err := job.Decode("m", r.Kvs[0].Value, &man); err != nil {
 		t.Fatal(err)
 	}
 	disk, err := checkpoint.Verify(checkpoint.StepDir(root, 6))
@@ -127,7 +127,7 @@ func TestCheckpointCommitPruneResume(t *testing.T) {
 
 	// The newest manifest names a directory outside checkpoint_dir, and the
 	// newest real checkpoint has a flipped bit.
-	putManifest(cluster.Manifest{Step: 9, Dir: elsewhere, Files: man.Files, Config: man.Config})
+	putManifest(job.Manifest{Step: 9, Dir: elsewhere, Files: man.Files, Config: man.Config})
 	weights := filepath.Join(checkpoint.StepDir(root, 6), checkpoint.WeightsFile)
 	b, err := os.ReadFile(weights)
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -188,15 +188,15 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 			w.log.Warn("checkpoint failed", "step", ck.State.DataStep, "error", err)
 			return
 		}
-		man := cluster.Manifest{Step: saved.Step, Epoch: epoch, Dir: saved.Dir, Config: saved.Config}
+		man := job.Manifest{Step: saved.Step, Epoch: epoch, Dir: saved.Dir, Config: saved.Config}
 		for _, f := range saved.Files {
-			man.Files = append(man.Files, cluster.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256})
+			man.Files = append(man.Files, job.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256})
 		}
 		for attempt := 0; ; attempt++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			_, err = w.cli.Txn(ctx).Then(
-				clientv3.OpPut(w.key(cluster.CheckpointKey(man.Step)), cluster.Encode(man)),
-				clientv3.OpPut(w.key(cluster.KeyLatestCkpt), strconv.Itoa(man.Step)),
+				clientv3.OpPut(w.key(job.CheckpointKey(man.Step)), job.Encode(man)),
+				clientv3.OpPut(w.key(job.KeyLatestCkpt), strconv.Itoa(man.Step)),
 			).Commit()
 			cancel()
 			if err == nil || attempt > 40 {
@@ -232,16 +232,16 @@ func (c *checkpointer) prune() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	resp, err := w.cli.Get(ctx, w.key(cluster.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	resp, err := w.cli.Get(ctx, w.key(job.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
 	if err != nil {
 		return // next time
 	}
 	n, oldestKept := 0, -1
 	for _, kv := range resp.Kvs {
-		if string(kv.Key) == w.key(cluster.KeyLatestCkpt) {
+		if string(kv.Key) == w.key(job.KeyLatestCkpt) {
 			continue
 		}
-		step, err := strconv.Atoi(strings.TrimPrefix(string(kv.Key), w.key(cluster.KeyCheckpoints)))
+		step, err := strconv.Atoi(strings.TrimPrefix(string(kv.Key), w.key(job.KeyCheckpoints)))
 		if err != nil {
 			continue // not a checkpoint record
 		}
@@ -269,16 +269,16 @@ func (c *checkpointer) prune() {
 func (w *worker) resume(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := w.cli.Get(ctx, w.key(cluster.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
+	resp, err := w.cli.Get(ctx, w.key(job.KeyCheckpoints), clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortDescend))
 	if err != nil {
 		return fmt.Errorf("worker: read checkpoint manifests: %w", err)
 	}
 	for _, kv := range resp.Kvs {
-		if string(kv.Key) == w.key(cluster.KeyLatestCkpt) {
+		if string(kv.Key) == w.key(job.KeyLatestCkpt) {
 			continue
 		}
-		var man cluster.Manifest
-		if err := cluster.Decode(string(kv.Key), kv.Value, &man); err != nil {
+		var man job.Manifest
+		if err := job.Decode(string(kv.Key), kv.Value, &man); err != nil {
 			w.log.Warn("skipping checkpoint", "key", string(kv.Key), "error", err)
 			continue
 		}

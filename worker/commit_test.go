@@ -9,8 +9,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/job"
 )
 
 // TestCommitterRepeatedKeys: progress and stats records repeat between
@@ -34,11 +34,11 @@ func TestCommitterRepeatedKeys(t *testing.T) {
 	defer c.close()
 	// Many records added faster than one transaction: batches hold repeats.
 	for step := range 300 {
-		c.add(cluster.LedgerKey(step), fmt.Sprintf(`{"step":%d}`, step))
-		c.add(cluster.KeyProgress, fmt.Sprintf(`{"step":%d}`, step+1))
-		c.add(cluster.KeyStats+"w0", fmt.Sprintf(`{"step":%d}`, step+1))
+		c.add(job.LedgerKey(step), fmt.Sprintf(`{"step":%d}`, step))
+		c.add(job.KeyProgress, fmt.Sprintf(`{"step":%d}`, step+1))
+		c.add(job.KeyStats+"w0", fmt.Sprintf(`{"step":%d}`, step+1))
 	}
-	c.add(cluster.KeyDone, `{"step":300}`)
+	c.add(job.KeyDone, `{"step":300}`)
 	fctx, fcancel := context.WithTimeout(ctx, 10*time.Second)
 	c.flush(fctx)
 	timedOut := fctx.Err() != nil
@@ -46,14 +46,14 @@ func TestCommitterRepeatedKeys(t *testing.T) {
 	if timedOut {
 		t.Fatal("flush did not finish: a batch is being refused")
 	}
-	resp, err := cli.Get(ctx, prefix+cluster.KeyLedger, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	resp, err := cli.Get(ctx, prefix+job.KeyLedger, clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if resp.Count != 300 {
 		t.Fatalf("%d ledger entries in etcd, want 300", resp.Count)
 	}
-	for k, want := range map[string]string{cluster.KeyProgress: `{"step":300}`, cluster.KeyStats + "w0": `{"step":300}`, cluster.KeyDone: `{"step":300}`} {
+	for k, want := range map[string]string{job.KeyProgress: `{"step":300}`, job.KeyStats + "w0": `{"step":300}`, job.KeyDone: `{"step":300}`} {
 		r, err := cli.Get(ctx, prefix+k)
 		if err != nil || len(r.Kvs) != 1 || string(r.Kvs[0].Value) != want {
 			t.Fatalf("%s: got %v (err %v), want %s", k, r.Kvs, err, want)

@@ -8,15 +8,15 @@ import (
 	"time"
 
 	"github.com/bmojo/bmojo/allreduce"
-	"github.com/bmojo/bmojo/internal/cluster"
-	"github.com/bmojo/bmojo/internal/data"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/data"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/train"
 )
 
 // runEpoch connects the ring of epoch r, synchronises state if asked, and
 // trains until the job ends, the epoch is superseded, or a peer fails.
-func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st cluster.Start) error {
+func (w *worker) runEpoch(ctx context.Context, r job.Ring, rank int, st job.Start) error {
 	log := w.log.With("epoch", r.Epoch, "rank", rank)
 	peers := make([]string, len(r.Members))
 	for i, m := range r.Members {
@@ -90,7 +90,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 		last := w.eng.Step == w.job.Steps
 		if now := time.Now(); now.Sub(lastStats) >= time.Second || last {
 			lastStats = now
-			w.commits.add(cluster.KeyStats+w.cfg.ID, cluster.Encode(cluster.WorkerStats{
+			w.commits.add(job.KeyStats+w.cfg.ID, job.Encode(job.WorkerStats{
 				ID: w.cfg.ID, Rank: rank, Epoch: r.Epoch, Step: w.eng.Step, Device: w.deviceDesc(),
 				StepSeconds: now.Sub(ts).Seconds(), DataSeconds: tm.Data.Seconds(), ComputeSec: tm.Compute.Seconds(),
 				WaitSeconds: tm.Wait.Seconds(), OptimSeconds: tm.Optim.Seconds(),
@@ -108,14 +108,14 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 			log.Info("eval", "step", w.eng.Step, "train_loss", round4(loss), "val_loss", round4(val), "tokens_per_s", math.Round(tps))
 		}
 		if rank == 0 {
-			entry := cluster.LedgerEntry{Step: w.eng.Step - 1, Epoch: r.Epoch, Ranges: map[string]cluster.Range{}, Loss: loss,
+			entry := job.LedgerEntry{Step: w.eng.Step - 1, Epoch: r.Epoch, Ranges: map[string]job.Range{}, Loss: loss,
 				Time: float64(time.Now().UnixNano()) / 1e9}
 			for i, m := range r.Members {
 				s, c, _ := data.BatchRange(w.eng.Step-1, w.job.BatchSize, i, len(peers))
-				entry.Ranges[m.ID] = cluster.Range{Start: s, Count: c}
+				entry.Ranges[m.ID] = job.Range{Start: s, Count: c}
 			}
-			w.commits.add(cluster.LedgerKey(w.eng.Step-1), cluster.Encode(entry))
-			w.commits.add(cluster.KeyProgress, cluster.Encode(cluster.Progress{Step: w.eng.Step, Steps: w.job.Steps, Epoch: r.Epoch,
+			w.commits.add(job.LedgerKey(w.eng.Step-1), job.Encode(entry))
+			w.commits.add(job.KeyProgress, job.Encode(job.Progress{Step: w.eng.Step, Steps: w.job.Steps, Epoch: r.Epoch,
 				Loss: loss, ValLoss: val, TokensPerS: tps, Workers: len(peers), Skipped: w.eng.Skipped,
 				UpdatedUnix: float64(time.Now().UnixNano()) / 1e9}))
 			if (w.job.CheckpointEvery > 0 && w.eng.Step%w.job.CheckpointEvery == 0) || last {
@@ -124,7 +124,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 			if last {
 				w.ckpt.wait()
 				w.commits.flush(ctx)
-				w.commits.add(cluster.KeyDone, cluster.Encode(cluster.Done{Step: w.eng.Step, ValLoss: val, Loss: loss}))
+				w.commits.add(job.KeyDone, job.Encode(job.Done{Step: w.eng.Step, ValLoss: val, Loss: loss}))
 				w.commits.flush(ctx)
 				finished = true
 			}
@@ -132,7 +132,7 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 	}
 	if rank == 0 && !finished {
 		// Resumed at the final step (done was never written): write it now.
-		w.commits.add(cluster.KeyDone, cluster.Encode(cluster.Done{Step: w.eng.Step}))
+		w.commits.add(job.KeyDone, job.Encode(job.Done{Step: w.eng.Step}))
 		w.commits.flush(ctx)
 	}
 	return nil
@@ -140,12 +140,12 @@ func (w *worker) runEpoch(ctx context.Context, r cluster.Ring, rank int, st clus
 
 // peerFailed turns a collective's error into a report naming the suspect,
 // so the coordinator re-forms the ring without waiting for a lease to lapse.
-func (w *worker) peerFailed(ctx context.Context, r cluster.Ring, err error) error {
+func (w *worker) peerFailed(ctx context.Context, r job.Ring, err error) error {
 	var pe *allreduce.PeerError
 	if errors.As(err, &pe) && pe.Rank >= 0 && pe.Rank < len(r.Members) && r.Members[pe.Rank].ID != w.cfg.ID {
-		rep := cluster.Report{Epoch: r.Epoch, Reporter: w.cfg.ID, Suspect: r.Members[pe.Rank].ID, Error: err.Error()}
+		rep := job.Report{Epoch: r.Epoch, Reporter: w.cfg.ID, Suspect: r.Members[pe.Rank].ID, Error: err.Error()}
 		w.log.Warn("peer failed", "epoch", r.Epoch, "suspect", rep.Suspect, "error", err)
-		_ = w.put(ctx, cluster.KeyReports+w.cfg.ID, cluster.Encode(rep))
+		_ = w.put(ctx, job.KeyReports+w.cfg.ID, job.Encode(rep))
 	}
 	// The ring stays open until the next epoch arrives: closing it now would
 	// break our neighbours' streams before the abort reaches them, and they
@@ -238,7 +238,7 @@ func (r *ringReducer) Sum(xs []float64) ([]float64, error) {
 // broadcast copies the source member's parameters, optimizer moments and
 // counters to every rank: all ranks sum a buffer that is zero except on the
 // source, which is exact.
-func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, r cluster.Ring, st cluster.Start) error {
+func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, r job.Ring, st job.Start) error {
 	be := w.eng.M.Backend()
 	P := w.eng.M.Layout.Total
 	buf := make([]float32, 3*P+2)

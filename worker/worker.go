@@ -1,5 +1,5 @@
 // Package worker owns one data-parallel replica of a job: it registers in
-// etcd under a lease, follows the coordinator's ring epochs (internal/cluster
+// etcd under a lease, follows the coordinator's ring epochs (package job
 // documents the protocol), trains its share of every global batch with the
 // model on its backend, all-reduces gradients in buckets while backward is
 // still running, and commits progress, ledger entries and asynchronous
@@ -21,13 +21,12 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/allreduce"
-	"github.com/bmojo/bmojo/internal/cluster"
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/gpu"
-	"github.com/bmojo/bmojo/internal/train"
-	"github.com/bmojo/bmojo/kernels/cuda"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/train"
 )
 
 // Sentinel errors.
@@ -43,7 +42,7 @@ type Config struct {
 	Listen    string           // all-reduce listen address; port 0 picks one (default 127.0.0.1:0)
 	Advertise string           // address peers dial; default: the listener's address
 	Etcd      *clientv3.Client // connected client (owned by the caller)
-	LeaseTTL  int              // seconds; default cluster.DefaultLeaseTTL
+	LeaseTTL  int              // seconds; default job.DefaultLeaseTTL
 	Threads   int              // kernel threads; 0 = all cores
 	// Device is the compute device: auto (a GPU when built with -tags cuda
 	// and one is present, else the CPU), cpu, cuda or cuda:N.
@@ -74,8 +73,8 @@ type worker struct {
 	log    hclog.Logger
 	cli    *clientv3.Client
 	prefix string
-	job    train.Job
-	spec   cluster.JobSpec
+	job    job.Job
+	spec   job.Spec
 
 	dev *device.Opened
 	eng *train.Engine // the model, its optimizer, the data and the step counters
@@ -86,8 +85,8 @@ type worker struct {
 	bg       sync.WaitGroup // the background goroutines: lease, membership and ring watchers
 	ringMu   sync.Mutex
 	ring     *allreduce.Ring
-	ringInfo cluster.Ring
-	latest   chan cluster.Ring // newest published ring, size 1
+	ringInfo job.Ring
+	latest   chan job.Ring // newest published ring, size 1
 
 	commits *committer
 	ckpt    *checkpointer
@@ -102,7 +101,7 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.Listen = "127.0.0.1:0"
 	}
 	if cfg.LeaseTTL == 0 {
-		cfg.LeaseTTL = cluster.DefaultLeaseTTL
+		cfg.LeaseTTL = job.DefaultLeaseTTL
 	}
 	if cfg.HopTimeout == 0 {
 		cfg.HopTimeout = 30 * time.Second
@@ -113,8 +112,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Threads > 0 {
 		runtime.GOMAXPROCS(cfg.Threads)
 	}
-	w := &worker{cfg: cfg, cli: cfg.Etcd, prefix: cluster.Prefix(cfg.Job),
-		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID), latest: make(chan cluster.Ring, 1)}
+	w := &worker{cfg: cfg, cli: cfg.Etcd, prefix: job.Prefix(cfg.Job),
+		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID), latest: make(chan job.Ring, 1)}
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() { cancel(); w.bg.Wait() }()
 	if err := w.loadSpec(ctx); err != nil {
@@ -179,9 +178,9 @@ func (w *worker) key(k string) string { return w.prefix + k }
 // loadSpec waits for the job spec and builds the job from it.
 func (w *worker) loadSpec(ctx context.Context) error {
 	for {
-		resp, err := w.cli.Get(ctx, w.key(cluster.KeySpec))
+		resp, err := w.cli.Get(ctx, w.key(job.KeySpec))
 		if err == nil && len(resp.Kvs) > 0 {
-			if err := cluster.Decode(cluster.KeySpec, resp.Kvs[0].Value, &w.spec); err != nil {
+			if err := job.Decode(job.KeySpec, resp.Kvs[0].Value, &w.spec); err != nil {
 				return err
 			}
 			break
@@ -195,14 +194,14 @@ func (w *worker) loadSpec(ctx context.Context) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-	if w.spec.Protocol != cluster.ProtocolVersion {
-		return fmt.Errorf("worker: %w: protocol %d, this build speaks %d", ErrSpec, w.spec.Protocol, cluster.ProtocolVersion)
+	if w.spec.Protocol != job.ProtocolVersion {
+		return fmt.Errorf("worker: %w: protocol %d, this build speaks %d", ErrSpec, w.spec.Protocol, job.ProtocolVersion)
 	}
-	if w.spec.CodeHash != cluster.CodeHash() {
+	if w.spec.CodeHash != job.CodeHash() {
 		return fmt.Errorf("worker: %w: job was started by build %s, this is build %s; run the same bmojo binary everywhere",
-			ErrSpec, w.spec.CodeHash, cluster.CodeHash())
+			ErrSpec, w.spec.CodeHash, job.CodeHash())
 	}
-	j, err := train.ParseJob("job spec", []byte(w.spec.YAML))
+	j, err := job.Parse("job spec", []byte(w.spec.YAML))
 	if err != nil {
 		return fmt.Errorf("worker: %w: %w", ErrSpec, err)
 	}
@@ -238,7 +237,7 @@ func (w *worker) build() error {
 	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	if w.dev, err = device.Open(w.cfg.Device, cuda.Options{}, w.log.Named("device")); err != nil {
+	if w.dev, err = device.Open(w.cfg.Device, device.Options{Logger: w.log.Named("device")}); err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
 	m, err := model.New[float32](w.dev.Backend, mc, w.job.Seed)
@@ -254,15 +253,15 @@ func (w *worker) build() error {
 // gpuStats samples the worker's GPU through NVML (nil on the CPU or when
 // NVML cannot read it), found by UUID: CUDA_VISIBLE_DEVICES and
 // CUDA_DEVICE_ORDER renumber CUDA's devices but not NVML's.
-func (w *worker) gpuStats() *cluster.GPUStats {
-	if w.dev == nil || w.dev.Kind != "cuda" || w.dev.Dev == nil {
+func (w *worker) gpuStats() *job.GPUStats {
+	if w.dev == nil || w.dev.UUID == "" {
 		return nil
 	}
-	t, err := gpu.Sample(w.dev.Dev.Info().UUID)
+	t, err := gpu.Sample(w.dev.UUID)
 	if err != nil {
 		return nil
 	}
-	s := cluster.GPUStats(t) // the same fields: a field added to one fails the build
+	s := job.GPUStats(t) // the same fields: a field added to one fails the build
 	return &s
 }
 
@@ -307,21 +306,21 @@ func (w *worker) register(ctx context.Context) error {
 }
 
 func (w *worker) putMember(ctx context.Context) error {
-	rec := cluster.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: w.deviceDesc(), PID: os.Getpid(),
-		SpecHash: w.spec.Hash, CodeHash: cluster.CodeHash(), Protocol: cluster.ProtocolVersion,
+	rec := job.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: w.deviceDesc(), PID: os.Getpid(),
+		SpecHash: w.spec.Hash, CodeHash: job.CodeHash(), Protocol: job.ProtocolVersion,
 		Registered: time.Now().UTC().Format(time.RFC3339Nano)}
-	k := w.key(cluster.KeyMembers + w.cfg.ID)
+	k := w.key(job.KeyMembers + w.cfg.ID)
 	resp, err := w.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, cluster.Encode(rec), clientv3.WithLease(clientv3.LeaseID(w.leaseID.Load())))).
+		Then(clientv3.OpPut(k, job.Encode(rec), clientv3.WithLease(clientv3.LeaseID(w.leaseID.Load())))).
 		Else(clientv3.OpGet(k)).Commit()
 	if err != nil {
 		return fmt.Errorf("worker: register: %w", err)
 	}
 	if !resp.Succeeded {
-		var other cluster.Member
+		var other job.Member
 		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-			_ = cluster.Decode(k, kvs[0].Value, &other)
+			_ = job.Decode(k, kvs[0].Value, &other)
 		}
 		return fmt.Errorf("worker: %w: %q is held by pid %d at %s; give this worker another --id",
 			ErrDuplicateID, w.cfg.ID, other.PID, other.Endpoint)
@@ -356,7 +355,7 @@ func (w *worker) holdLease(ctx context.Context) {
 // keepRegistered re-creates the member key if the coordinator removed it
 // (this worker was reported as failed while alive) or the lease was lost.
 func (w *worker) keepRegistered(ctx context.Context) {
-	k := w.key(cluster.KeyMembers + w.cfg.ID)
+	k := w.key(job.KeyMembers + w.cfg.ID)
 	for ctx.Err() == nil {
 		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), k)
 		for resp := range wc {
@@ -387,8 +386,8 @@ func (w *worker) keepRegistered(ctx context.Context) {
 func (w *worker) watchRing(ctx context.Context) {
 	var last uint64
 	publish := func(b []byte) {
-		var r cluster.Ring
-		if cluster.Decode(cluster.KeyRing, b, &r) != nil || r.Epoch <= last {
+		var r job.Ring
+		if job.Decode(job.KeyRing, b, &r) != nil || r.Epoch <= last {
 			return
 		}
 		last = r.Epoch
@@ -404,7 +403,7 @@ func (w *worker) watchRing(ctx context.Context) {
 		w.latest <- r
 	}
 	for ctx.Err() == nil {
-		resp, err := w.cli.Get(ctx, w.key(cluster.KeyRing))
+		resp, err := w.cli.Get(ctx, w.key(job.KeyRing))
 		if err != nil {
 			sleep(ctx, 200*time.Millisecond)
 			continue
@@ -412,7 +411,7 @@ func (w *worker) watchRing(ctx context.Context) {
 		if len(resp.Kvs) > 0 {
 			publish(resp.Kvs[0].Value)
 		}
-		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), w.key(cluster.KeyRing), clientv3.WithRev(resp.Header.Revision+1))
+		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), w.key(job.KeyRing), clientv3.WithRev(resp.Header.Revision+1))
 		for wr := range wc {
 			for _, ev := range wr.Events {
 				if ev.Type == clientv3.EventTypePut {
@@ -434,12 +433,12 @@ func (w *worker) closeRing() {
 
 // loop follows epochs until the job is done.
 func (w *worker) loop(ctx context.Context) error {
-	var cur cluster.Ring
+	var cur job.Ring
 	for {
 		if w.eng.Step >= w.job.Steps {
 			return w.finish(ctx)
 		}
-		var r cluster.Ring
+		var r job.Ring
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -461,7 +460,7 @@ func (w *worker) loop(ctx context.Context) error {
 			continue
 		}
 		w.closeRing()
-		if err := w.put(ctx, cluster.ReadyKey(r.Epoch, w.cfg.ID), cluster.Encode(cluster.Ready{Epoch: r.Epoch, Step: w.eng.Step})); err != nil {
+		if err := w.put(ctx, job.ReadyKey(r.Epoch, w.cfg.ID), job.Encode(job.Ready{Epoch: r.Epoch, Step: w.eng.Step})); err != nil {
 			return err
 		}
 		st, ok, err := w.waitStart(ctx, r.Epoch)
@@ -505,24 +504,24 @@ func (w *worker) put(ctx context.Context, k, v string) error {
 
 // waitStart waits for start/<epoch>; ok is false when a newer ring arrives
 // first (the new ring is put back for the loop).
-func (w *worker) waitStart(ctx context.Context, epoch uint64) (cluster.Start, bool, error) {
-	k := w.key(cluster.StartKey(epoch))
+func (w *worker) waitStart(ctx context.Context, epoch uint64) (job.Start, bool, error) {
+	k := w.key(job.StartKey(epoch))
 	for {
 		resp, err := w.cli.Get(ctx, k)
 		if err == nil && len(resp.Kvs) > 0 {
-			var st cluster.Start
-			if err := cluster.Decode(k, resp.Kvs[0].Value, &st); err != nil {
+			var st job.Start
+			if err := job.Decode(k, resp.Kvs[0].Value, &st); err != nil {
 				return st, false, err
 			}
 			return st, true, nil
 		}
 		select {
 		case <-ctx.Done():
-			return cluster.Start{}, false, ctx.Err()
+			return job.Start{}, false, ctx.Err()
 		case r := <-w.latest:
 			if r.Epoch > epoch {
 				w.latest <- r
-				return cluster.Start{}, false, nil
+				return job.Start{}, false, nil
 			}
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -532,7 +531,7 @@ func (w *worker) waitStart(ctx context.Context, epoch uint64) (cluster.Start, bo
 // finish waits for the job's done record (rank 0 of the last epoch writes it).
 func (w *worker) finish(ctx context.Context) error {
 	for {
-		resp, err := w.cli.Get(ctx, w.key(cluster.KeyDone))
+		resp, err := w.cli.Get(ctx, w.key(job.KeyDone))
 		if err == nil && len(resp.Kvs) > 0 {
 			w.log.Info("job done", "step", w.eng.Step)
 			return nil

@@ -66,7 +66,7 @@ bench/torch_matmul.py times torch.matmul on the same shapes from --json.`,
 			if seqLen > 0 {
 				c.SeqLen = seqLen
 			}
-			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt, NoGemmTune: noTune}, newLogger())
+			o, err := device.Open(dev, device.Options{Logger: newLogger(), NoCublasLt: noLt, NoGemmTune: noTune})
 			if err != nil {
 				return err
 			}

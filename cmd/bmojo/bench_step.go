@@ -82,7 +82,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
 			}
-			o, err := device.Open(dev, cuda.Options{NoCublasLt: noLt, NoGemmTune: noTune}, newLogger())
+			o, err := device.Open(dev, device.Options{Logger: newLogger(), NoCublasLt: noLt, NoGemmTune: noTune})
 			if err != nil {
 				return err
 			}

@@ -13,9 +13,9 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/bmojo/bmojo/coordinator"
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/job/spec"
 )
 
 // etcdClientFlags adds the flags that say how to reach etcd; the returned
@@ -70,7 +70,10 @@ over when the leader dies. It exits when the job is done.`,
 	cmd.Flags().StringVar(&jobFile, "job-file", "", "create the job from this job file if etcd does not hold it yet (how Kubernetes launches start a job)")
 	cmd.Flags().IntVar(&workers, "workers", 1, "with --job-file: workers the first ring waits for")
 	cmd.Flags().IntVar(&minWorkers, "min-workers", 1, "with --job-file: the smallest ring that may train")
-	cmd.Flags().StringVar(&healthAddr, "listen", "", "serve the gRPC health service here (e.g. :7000) for probes")
+	cmd.Flags().StringVar(&healthAddr, "health", "", "serve the gRPC health service here (e.g. :7000) for probes")
+	// --listen was this flag's name before --health meant health on every role.
+	cmd.Flags().StringVar(&healthAddr, "listen", "", "")
+	_ = cmd.Flags().MarkDeprecated("listen", "use --health (the worker's --listen is its all-reduce address)")
 	mon := monitorFlags(cmd.Flags(), "")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		fill()
@@ -80,7 +83,7 @@ over when the leader dies. It exits when the job is done.`,
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
 		if jobFile != "" {
-			j, err := train.LoadJob(jobFile)
+			j, err := job.Load(jobFile)
 			if err != nil {
 				return err
 			}
@@ -95,7 +98,7 @@ over when the leader dies. It exits when the job is done.`,
 				return err
 			}
 			defer cli.Close()
-			if _, resumed, err := coordinator.PutSpec(ctx, cli, j, workers, minWorkers, cluster.CodeHash()); err != nil {
+			if _, resumed, err := spec.Put(ctx, cli, j, workers, minWorkers, job.CodeHash()); err != nil {
 				return err
 			} else if resumed {
 				log.Info("job exists in etcd; continuing it", "job", j.Name)

@@ -8,11 +8,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	devicepkg "github.com/bmojo/bmojo/internal/device"
-	"github.com/bmojo/bmojo/internal/train"
-	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/train"
 )
 
 func init() {
@@ -47,7 +46,7 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 			if err != nil {
 				return err
 			}
-			dev, err := devicepkg.Open(devSpec, cuda.Options{}, log)
+			dev, err := devicepkg.Open(devSpec, devicepkg.Options{Logger: log})
 			if err != nil {
 				return err
 			}

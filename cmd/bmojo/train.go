@@ -12,10 +12,11 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/localrun"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/train"
 )
 
 func init() {
@@ -26,7 +27,7 @@ func init() {
 		workers int
 		devSpec string
 		mon     *monitorOpts
-		f       = train.Default()
+		f       = job.Default()
 	)
 	cmd := &cobra.Command{
 		Use:   "train",
@@ -39,10 +40,10 @@ and writes checkpoints under runs/bmojo-tiny. A job file (-f job.yaml) sets
 any field; flags given on the command line override the file.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			j := train.Default()
+			j := job.Default()
 			if file != "" {
 				var err error
-				if j, err = train.LoadJob(file); err != nil {
+				if j, err = job.Load(file); err != nil {
 					return err
 				}
 			}
@@ -137,7 +138,7 @@ any field; flags given on the command line override the file.`,
 
 // trainLocal runs the job with an embedded etcd, a coordinator and workers
 // worker processes; rerunning the same job resumes it.
-func trainLocal(ctx context.Context, j train.Job, workers int, devSpec string, quiet bool, mon *monitorOpts, log hclog.Logger) error {
+func trainLocal(ctx context.Context, j job.Job, workers int, devSpec string, quiet bool, mon *monitorOpts, log hclog.Logger) error {
 	opts := localrun.Options{Workers: workers, Device: devSpec, Logger: log.Named("train"), WorkerLevel: "warn",
 		HTTP: mon.http, Token: mon.tokenOrEnv(), TensorBoard: mon.tensorboard,
 		OnHTTP: func(url string) { log.Info("dashboard (bmojo status reads it too)", "url", url) }}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -21,6 +22,7 @@ func init() {
 		fillEtcd func()
 		health   string
 		device   string
+		leaseTTL time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "worker",
@@ -36,6 +38,10 @@ parameters and optimizer state from a peer.`,
 				return fmt.Errorf("worker: --device: %w", err)
 			}
 			cfg.Device = device
+			if leaseTTL < 0 || leaseTTL%time.Second != 0 {
+				return fmt.Errorf("worker: --lease-ttl %v: want whole seconds, e.g. 3s", leaseTTL)
+			}
+			cfg.LeaseTTL = int(leaseTTL / time.Second)
 			if cfg.ID == "" {
 				host, _ := os.Hostname()
 				cfg.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
@@ -67,7 +73,7 @@ parameters and optimizer state from a peer.`,
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "all-reduce listen address")
 	fl.StringVar(&cfg.Advertise, "advertise", "", "address peers dial (default: the listen address)")
 	fl.IntVar(&cfg.Threads, "threads", 0, "kernel threads (0 = all cores)")
-	fl.IntVar(&cfg.LeaseTTL, "lease-ttl", 0, "membership lease TTL in seconds (default 3)")
+	fl.DurationVar(&leaseTTL, "lease-ttl", 0, "membership lease TTL, whole seconds (default 3s)")
 	fl.DurationVar(&cfg.HopTimeout, "hop-timeout", 0, "all-reduce per-hop deadline (default 30s)")
 	fl.StringVar(&health, "health", "", "serve the gRPC health service here (e.g. :7101) for probes")
 	fl.StringVar(&device, "device", "auto", "compute device: auto (a GPU if this build has -tags cuda and one is present, else the CPU), cpu, cuda or cuda:N")

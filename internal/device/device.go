@@ -18,11 +18,19 @@ import (
 	"github.com/bmojo/bmojo/kernels/cuda"
 )
 
+// Options configure Open. The zero value is the default everywhere.
+type Options struct {
+	Logger hclog.Logger // where Open says what it chose and why; nil = silent
+	// NoCublasLt and NoGemmTune are cuda.Options' (benchmarks compare them).
+	NoCublasLt, NoGemmTune bool
+}
+
 // Opened is a backend and what runs it.
 type Opened struct {
 	Backend kernels.Backend[float32]
 	Kind    string // "cpu" or "cuda"
 	GPU     int    // device ordinal when Kind is "cuda"
+	UUID    string // the GPU's UUID when Kind is "cuda" (NVML finds it by this)
 	Desc    string // for logs and membership records, e.g. "cuda:0 NVIDIA H200"
 	Dev     *cuda.Device
 }
@@ -105,12 +113,13 @@ func discover() ([]gpu.GPU, error) {
 	return gpu.Discover()
 }
 
-// Open returns the backend for spec. opt applies to GPUs.
-func Open(spec string, opt cuda.Options, log hclog.Logger) (*Opened, error) {
+// Open returns the backend for spec.
+func Open(spec string, o Options) (*Opened, error) {
 	kind, ordinal, err := Parse(spec)
 	if err != nil {
 		return nil, err
 	}
+	log := o.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
@@ -134,19 +143,17 @@ func Open(spec string, opt cuda.Options, log hclog.Logger) (*Opened, error) {
 		return &Opened{Backend: cpu.New[float32](), Kind: "cpu", GPU: -1,
 			Desc: fmt.Sprintf("cpu (%d threads)", runtime.GOMAXPROCS(0))}, nil
 	}
-	if opt.MatMul == "" {
-		opt.MatMul = "bf16"
-	}
+	opt := cuda.Options{MatMul: "bf16", NoCublasLt: o.NoCublasLt, NoGemmTune: o.NoGemmTune}
 	d, err := cuda.Open(ordinal, opt)
 	if err != nil {
 		return nil, err
 	}
 	i := d.Info()
-	o := &Opened{Backend: d.Backend(), Kind: "cuda", GPU: ordinal, Dev: d,
+	op := &Opened{Backend: d.Backend(), Kind: "cuda", GPU: ordinal, UUID: i.UUID, Dev: d,
 		Desc: fmt.Sprintf("cuda:%d %s", ordinal, i.Name)}
-	log.Info("using the GPU", "device", o.Desc, "memory_gib", fmt.Sprintf("%.1f", float64(i.MemTotal)/(1<<30)),
+	log.Info("using the GPU", "device", op.Desc, "memory_gib", fmt.Sprintf("%.1f", float64(i.MemTotal)/(1<<30)),
 		"sm", fmt.Sprintf("%d.%d", i.ComputeMajor, i.ComputeMinor), "matmul", opt.MatMul, "cublas", i.CuBLAS)
-	return o, nil
+	return op, nil
 }
 
 // CPU returns the CPU backend.

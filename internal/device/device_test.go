@@ -25,11 +25,11 @@ func TestOpenWithoutCUDA(t *testing.T) {
 	if cuda.Built {
 		t.Skip("built with -tags cuda")
 	}
-	o, err := Open("auto", cuda.Options{}, nil)
+	o, err := Open("auto", Options{})
 	if err != nil || o.Kind != "cpu" {
 		t.Fatalf("auto: %+v, %v; want the CPU", o, err)
 	}
-	if _, err := Open("cuda:0", cuda.Options{}, nil); err == nil {
+	if _, err := Open("cuda:0", Options{}); err == nil {
 		t.Fatal("cuda:0 opened in a CPU-only build")
 	}
 }

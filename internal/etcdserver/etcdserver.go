@@ -1,7 +1,7 @@
 // Package etcdserver starts an embedded single-node etcd (for `bmojo train`,
 // `bmojo etcd` and tests) and connects clients to any etcd (embedded or a
 // production cluster) with retry. It owns nothing of the job's keys: those
-// are internal/cluster's.
+// are package job's.
 package etcdserver
 
 import (

@@ -26,7 +26,7 @@ func (g GPU) String() string {
 }
 
 // Telemetry is one sample of a device's state. Workers report it as
-// cluster.GPUStats (the wire format), a conversion of this type.
+// job.GPUStats (the wire format), a conversion of this type.
 type Telemetry struct {
 	UUID         string
 	UtilPercent  float64

@@ -24,7 +24,7 @@ import (
 // because the launch spec is the source of truth for a launched job.
 const FieldManager = "bmojo"
 
-// Client applies, lists and deletes a job's objects in one cluster.
+// Client applies, lists and deletes a job's objects in one job.
 type Client struct {
 	host   string
 	dyn    dynamic.Interface

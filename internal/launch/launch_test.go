@@ -13,7 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/rest"
 
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	k8sfs "github.com/bmojo/bmojo/k8s"
 )
 
@@ -179,14 +179,14 @@ func TestRenderSpec(t *testing.T) {
 			t.Errorf("%s/%s labels %v", o.GetKind(), o.GetName(), l)
 		}
 	}
-	job := find(t, m, "Job", s.Name+"-worker")
-	if n, _, _ := unstructured.NestedInt64(job.Object, "spec", "completions"); n != int64(s.Workers) {
+	wjob := find(t, m, "Job", s.Name+"-worker")
+	if n, _, _ := unstructured.NestedInt64(wjob.Object, "spec", "completions"); n != int64(s.Workers) {
 		t.Errorf("completions %d, want %d", n, s.Workers)
 	}
-	if job.GetLabels()[LabelQueue] != s.Queue {
-		t.Errorf("queue label %q, want %q", job.GetLabels()[LabelQueue], s.Queue)
+	if wjob.GetLabels()[LabelQueue] != s.Queue {
+		t.Errorf("queue label %q, want %q", wjob.GetLabels()[LabelQueue], s.Queue)
 	}
-	cs, _, _ := unstructured.NestedSlice(job.Object, "spec", "template", "spec", "containers")
+	cs, _, _ := unstructured.NestedSlice(wjob.Object, "spec", "template", "spec", "containers")
 	c := cs[0].(map[string]any)
 	if g, _, _ := unstructured.NestedFieldNoCopy(c, "resources", "limits", "nvidia.com/gpu"); g != int64(s.GPUsPerWorker) {
 		t.Errorf("nvidia.com/gpu %v (%T), want %d", g, g, s.GPUsPerWorker)
@@ -194,7 +194,7 @@ func TestRenderSpec(t *testing.T) {
 	if img, _, _ := unstructured.NestedString(c, "image"); img != s.Image {
 		t.Errorf("image %q, want %q", img, s.Image)
 	}
-	if tol, _, _ := unstructured.NestedSlice(job.Object, "spec", "template", "spec", "tolerations"); len(tol) == 0 {
+	if tol, _, _ := unstructured.NestedSlice(wjob.Object, "spec", "template", "spec", "tolerations"); len(tol) == 0 {
 		t.Error("gpu workers have no toleration for the nvidia.com/gpu taint")
 	}
 	if n, _, _ := unstructured.NestedInt64(find(t, m, "PodDisruptionBudget", s.Name+"-worker").Object, "spec", "minAvailable"); n != int64(s.MinWorkers) {
@@ -206,7 +206,7 @@ func TestRenderSpec(t *testing.T) {
 			jobFile, _, _ = unstructured.NestedString(o.Object, "data", "job.yaml")
 		}
 	}
-	j, err := train.ParseJob("configmap", []byte(jobFile))
+	j, err := job.Parse("configmap", []byte(jobFile))
 	if err != nil {
 		t.Fatalf("the job ConfigMap does not parse as a job file: %v\n%s", err, jobFile)
 	}

@@ -4,7 +4,7 @@
 // builds the manifests with the kustomize library; Apply, Delete and Status
 // talk to the cluster with client-go (server-side apply, field manager
 // "bmojo"). It owns nothing that runs inside the pods: those read the job
-// file (internal/train) that Render puts into a ConfigMap.
+// file (package job) that Render puts into a ConfigMap.
 package launch
 
 import (
@@ -18,7 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/validation"
 
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	k8sfs "github.com/bmojo/bmojo/k8s"
 )
 
@@ -61,7 +61,7 @@ type Spec struct {
 	Queue string `yaml:"queue"`
 
 	// Train holds further job file keys (steps, batch_size, lr, model, ...;
-	// see internal/train). name, preset, data and checkpoint_dir come from
+	// see package job). name, preset, data and checkpoint_dir come from
 	// this spec and may not be repeated here.
 	Train map[string]any `yaml:"train"`
 }
@@ -252,7 +252,7 @@ var reservedTrainKeys = map[string]string{
 }
 
 // JobFile renders the job file the pods read (/etc/bmojo/job.yaml) and
-// checks it with internal/train, so a bad key or value fails at launch, not
+// checks it with package job, so a bad key or value fails at launch, not
 // in a crash-looping pod.
 func (s Spec) JobFile() ([]byte, error) {
 	j := map[string]any{}
@@ -262,7 +262,7 @@ func (s Spec) JobFile() ([]byte, error) {
 		}
 		j[k] = v
 	}
-	j["version"] = train.JobVersion
+	j["version"] = job.FileVersion
 	j["name"] = s.Name
 	if s.Preset != "" {
 		j["preset"] = s.Preset
@@ -275,7 +275,7 @@ func (s Spec) JobFile() ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("launch: job file: %w", err)
 	}
-	if _, err := train.ParseJob("train", b); err != nil {
+	if _, err := job.Parse("train", b); err != nil {
 		// train's errors name the job file key; say where it came from.
 		return nil, fmt.Errorf("%w: %w", ErrSpec, err)
 	}

@@ -24,12 +24,12 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/coordinator"
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/monitor"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/job/spec"
+	"github.com/bmojo/bmojo/train"
 )
 
 // Options configure a local run.
@@ -72,8 +72,8 @@ type Options struct {
 
 // Result is what the job reached.
 type Result struct {
-	Done        cluster.Done
-	Progress    cluster.Progress
+	Done        job.Done
+	Progress    job.Progress
 	Checkpoint  string // newest committed checkpoint dir
 	Resumed     bool   // the job existed already: it continued
 	EtcdDataDir string
@@ -88,7 +88,7 @@ type Outage struct{ Stopped, Restarting time.Time }
 var ErrFinished = train.ErrFinished
 
 // Run runs job j with o.Workers local workers until it is done.
-func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
+func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	log := o.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -170,12 +170,12 @@ func Run(ctx context.Context, j train.Job, o Options) (Result, error) {
 		defer stopMonitor()
 	}
 
-	prefix := cluster.Prefix(j.Name)
-	code, err := cluster.FileHash(exe)
+	prefix := job.Prefix(j.Name)
+	code, err := job.FileHash(exe)
 	if err != nil {
 		return res, fmt.Errorf("localrun: %w", err)
 	}
-	_, resumed, err := coordinator.PutSpec(ctx, cli, j, o.Workers, 1, code)
+	_, resumed, err := spec.Put(ctx, cli, j, o.Workers, 1, code)
 	if err != nil {
 		return res, err
 	}
@@ -335,35 +335,35 @@ const readTimeout = 5 * time.Second
 // ReadProgress returns the job's progress record (zero if none yet), or the
 // error of the read; ctx should carry a deadline (the client's call timeout
 // bounds it otherwise).
-func ReadProgress(ctx context.Context, cli *clientv3.Client, job string) (cluster.Progress, error) {
-	var p cluster.Progress
-	resp, err := cli.Get(ctx, cluster.Prefix(job)+cluster.KeyProgress)
+func ReadProgress(ctx context.Context, cli *clientv3.Client, jobName string) (job.Progress, error) {
+	var p job.Progress
+	resp, err := cli.Get(ctx, job.Prefix(jobName)+job.KeyProgress)
 	if err != nil {
-		return p, fmt.Errorf("localrun: read progress of %s: %w", job, err)
+		return p, fmt.Errorf("localrun: read progress of %s: %w", jobName, err)
 	}
 	if len(resp.Kvs) > 0 {
-		err = cluster.Decode(cluster.KeyProgress, resp.Kvs[0].Value, &p)
+		err = job.Decode(job.KeyProgress, resp.Kvs[0].Value, &p)
 	}
 	return p, err
 }
 
 // readProgress is ReadProgress under readTimeout, zero on any error.
-func readProgress(ctx context.Context, cli *clientv3.Client, job string) cluster.Progress {
+func readProgress(ctx context.Context, cli *clientv3.Client, jobName string) job.Progress {
 	ctx, cancel := context.WithTimeout(ctx, readTimeout)
 	defer cancel()
-	p, _ := ReadProgress(ctx, cli, job)
+	p, _ := ReadProgress(ctx, cli, jobName)
 	return p
 }
 
-func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (cluster.Done, bool) {
+func readDone(ctx context.Context, cli *clientv3.Client, prefix string) (job.Done, bool) {
 	ctx, cancel := context.WithTimeout(ctx, readTimeout)
 	defer cancel()
-	var d cluster.Done
-	resp, err := cli.Get(ctx, prefix+cluster.KeyDone)
+	var d job.Done
+	resp, err := cli.Get(ctx, prefix+job.KeyDone)
 	if err != nil || len(resp.Kvs) == 0 {
 		return d, false
 	}
-	return d, cluster.Decode(cluster.KeyDone, resp.Kvs[0].Value, &d) == nil
+	return d, job.Decode(job.KeyDone, resp.Kvs[0].Value, &d) == nil
 }
 
 // latestCheckpoint is the newest checkpoint under dir that verifies, for

@@ -19,13 +19,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/job"
 )
 
 // Config configures a monitor of one job.
 type Config struct {
-	// JobName selects the job's keys, cluster.Prefix(JobName). Required.
+	// JobName selects the job's keys, job.Prefix(JobName). Required.
 	JobName string
 	// Client, when set, is used instead of connecting with Etcd; the
 	// monitor does not close it.
@@ -78,23 +78,23 @@ type Monitor struct {
 
 // state is the cached job, rebuilt from a snapshot after a watch breaks.
 type state struct {
-	spec        *cluster.JobSpec
-	ring        cluster.Ring
-	progress    cluster.Progress
-	members     map[string]cluster.Member
-	stats       map[string]cluster.WorkerStats
+	spec        *job.Spec
+	ring        job.Ring
+	progress    job.Progress
+	members     map[string]job.Member
+	stats       map[string]job.WorkerStats
 	losses      []Point
 	valLosses   []Point
 	tps         []Point
 	samples     []Sample
-	events      []cluster.Event
+	events      []job.Event
 	eventCounts map[string]float64
 	ckpt        *Checkpoint
-	done        *cluster.Done
+	done        *job.Done
 }
 
 func newState() *state {
-	return &state{members: map[string]cluster.Member{}, stats: map[string]cluster.WorkerStats{}, eventCounts: map[string]float64{}}
+	return &state{members: map[string]job.Member{}, stats: map[string]job.WorkerStats{}, eventCounts: map[string]float64{}}
 }
 
 // New checks cfg and returns a monitor ready to Run.
@@ -111,7 +111,7 @@ func New(cfg Config) (*Monitor, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	return &Monitor{cfg: cfg, log: cfg.Logger.With("job", cfg.JobName), prefix: cluster.Prefix(cfg.JobName), st: newState()}, nil
+	return &Monitor{cfg: cfg, log: cfg.Logger.With("job", cfg.JobName), prefix: job.Prefix(cfg.JobName), st: newState()}, nil
 }
 
 // Run keeps the cache in sync with etcd until ctx ends (it returns nil
@@ -198,25 +198,25 @@ func (m *Monitor) apply(st *state, key string, val []byte, deleted bool) {
 		if deleted {
 			return false
 		}
-		if err := cluster.Decode(k, val, v); err != nil {
+		if err := job.Decode(k, val, v); err != nil {
 			m.log.Debug("skipping a malformed record", "key", k, "error", err)
 			return false
 		}
 		return true
 	}
 	switch {
-	case k == cluster.KeySpec:
-		var s cluster.JobSpec
+	case k == job.KeySpec:
+		var s job.Spec
 		if dec(&s) {
 			st.spec = &s
 		}
-	case k == cluster.KeyRing:
-		var r cluster.Ring
+	case k == job.KeyRing:
+		var r job.Ring
 		if dec(&r) {
 			st.ring = r
 		}
-	case k == cluster.KeyProgress:
-		var p cluster.Progress
+	case k == job.KeyProgress:
+		var p job.Progress
 		if !dec(&p) {
 			return
 		}
@@ -231,8 +231,8 @@ func (m *Monitor) apply(st *state, key string, val []byte, deleted bool) {
 			st.valLosses = bound(upsert(st.valLosses, Point{Step: p.Step, Value: finite(p.ValLoss)}))
 			m.tb.scalar("val_loss", p.Step, p.ValLoss)
 		}
-	case k == cluster.KeyDone:
-		var d cluster.Done
+	case k == job.KeyDone:
+		var d job.Done
 		if dec(&d) {
 			st.done = &d
 			if d.ValLoss != 0 {
@@ -240,46 +240,46 @@ func (m *Monitor) apply(st *state, key string, val []byte, deleted bool) {
 				m.tb.scalar("val_loss", d.Step, d.ValLoss)
 			}
 		}
-	case k == cluster.KeyLatestCkpt:
+	case k == job.KeyLatestCkpt:
 		// The manifest (checkpoints/<step>) carries the dir; this key only
 		// says which is newest.
 		if step, err := strconv.Atoi(string(val)); err == nil && !deleted && (st.ckpt == nil || st.ckpt.Step != step) {
 			st.ckpt = &Checkpoint{Step: step}
 		}
-	case strings.HasPrefix(k, cluster.KeyCheckpoints):
-		var man cluster.Manifest
+	case strings.HasPrefix(k, job.KeyCheckpoints):
+		var man job.Manifest
 		if dec(&man) && (st.ckpt == nil || man.Step >= st.ckpt.Step) {
 			st.ckpt = &Checkpoint{Step: man.Step, Dir: man.Dir}
 		}
-	case strings.HasPrefix(k, cluster.KeyLedger):
-		var e cluster.LedgerEntry
+	case strings.HasPrefix(k, job.KeyLedger):
+		var e job.LedgerEntry
 		if dec(&e) {
 			// Ledger steps count from 0; curves use completed steps, as progress does.
 			st.losses = bound(upsert(st.losses, Point{Step: e.Step + 1, Value: finite(e.Loss)}))
 			m.tb.scalar("loss", e.Step+1, e.Loss)
 		}
-	case strings.HasPrefix(k, cluster.KeyMembers):
-		id := cluster.MemberID(k)
-		var mb cluster.Member
+	case strings.HasPrefix(k, job.KeyMembers):
+		id := job.MemberID(k)
+		var mb job.Member
 		if deleted {
 			delete(st.members, id)
 		} else if dec(&mb) {
 			st.members[id] = mb
 		}
-	case strings.HasPrefix(k, cluster.KeyStats):
-		var ws cluster.WorkerStats
+	case strings.HasPrefix(k, job.KeyStats):
+		var ws job.WorkerStats
 		if dec(&ws) {
-			st.stats[cluster.MemberID(k)] = ws
+			st.stats[job.MemberID(k)] = ws
 		}
-	case strings.HasPrefix(k, cluster.KeyEvents):
-		var ev cluster.Event
+	case strings.HasPrefix(k, job.KeyEvents):
+		var ev job.Event
 		if !dec(&ev) {
 			return // a trimmed event leaves the log; the counters keep it
 		}
 		st.eventCounts[ev.Kind]++
 		st.events = append(st.events, ev)
-		if len(st.events) > cluster.MaxEvents {
-			st.events = append(st.events[:0], st.events[len(st.events)-cluster.MaxEvents:]...)
+		if len(st.events) > job.MaxEvents {
+			st.events = append(st.events[:0], st.events[len(st.events)-job.MaxEvents:]...)
 		}
 	}
 }
@@ -306,16 +306,16 @@ func (m *Monitor) Status() (Status, error) {
 	}
 	st := m.st
 	if st.spec == nil {
-		return Status{}, fmt.Errorf("%w: no job %q in etcd (no %s%s key)", ErrNoJob, m.cfg.JobName, m.prefix, cluster.KeySpec)
+		return Status{}, fmt.Errorf("%w: no job %q in etcd (no %s%s key)", ErrNoJob, m.cfg.JobName, m.prefix, job.KeySpec)
 	}
 	return buildStatus(m.cfg.JobName, st, m.cfg.LossPoints, m.cfg.EventsShown), nil
 }
 
 // buildStatus is the pure part of Status.
-func buildStatus(job string, st *state, points, events int) Status {
+func buildStatus(jobName string, st *state, points, events int) Status {
 	p := st.progress
 	s := Status{
-		Job: job, Step: p.Step, Steps: p.Steps, Epoch: st.ring.Epoch, TokensPerS: finite(p.TokensPerS),
+		Job: jobName, Step: p.Step, Steps: p.Steps, Epoch: st.ring.Epoch, TokensPerS: finite(p.TokensPerS),
 		Loss: finite(p.Loss), RingSize: len(st.ring.Members), Skipped: p.Skipped, Updated: p.UpdatedUnix,
 		LossHistory:       Downsample(st.losses, points),
 		ValLossHistory:    Downsample(st.valLosses, points),
@@ -346,7 +346,7 @@ func buildStatus(job string, st *state, points, events int) Status {
 	if len(evs) > events {
 		evs = evs[len(evs)-events:]
 	}
-	s.Events = append([]cluster.Event{}, evs...)
+	s.Events = append([]job.Event{}, evs...)
 	for i := len(st.events) - 1; i >= 0; i-- {
 		if st.events[i].RecoverySeconds > 0 {
 			s.LastRecoverySeconds = st.events[i].RecoverySeconds
@@ -426,7 +426,7 @@ func workers(st *state) []WorkerStatus {
 }
 
 // specSteps reads steps from the job YAML (before the first progress record).
-func specSteps(s *cluster.JobSpec) int {
+func specSteps(s *job.Spec) int {
 	for _, line := range strings.Split(s.YAML, "\n") {
 		if v, ok := strings.CutPrefix(line, "steps:"); ok {
 			n, _ := strconv.Atoi(strings.TrimSpace(v))

@@ -21,9 +21,9 @@ import (
 	"github.com/prometheus/common/model"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/monitor/monitortest"
+	"github.com/bmojo/bmojo/job"
 )
 
 const testJob = "mon-job"
@@ -255,11 +255,11 @@ func TestMetricsAndStatus(t *testing.T) {
 	}
 
 	// The watch keeps it live: the next step and the end show up.
-	pr := cluster.Progress{Step: 41, Steps: 100, Epoch: 2, Loss: 2.4, TokensPerS: 1300, Workers: 2, UpdatedUnix: 1_800_000_000 + 61.5}
-	if _, err := cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyProgress, cluster.Encode(pr)); err != nil {
+	pr := job.Progress{Step: 41, Steps: 100, Epoch: 2, Loss: 2.4, TokensPerS: 1300, Workers: 2, UpdatedUnix: 1_800_000_000 + 61.5}
+	if _, err := cli.Put(ctx, job.Prefix(testJob)+job.KeyProgress, job.Encode(pr)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cli.Put(ctx, cluster.Prefix(testJob)+cluster.KeyDone, cluster.Encode(cluster.Done{Step: 100, ValLoss: 2.0, Loss: 2.1})); err != nil {
+	if _, err := cli.Put(ctx, job.Prefix(testJob)+job.KeyDone, job.Encode(job.Done{Step: 100, ValLoss: 2.0, Loss: 2.1})); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, 5*time.Second, "the watch to deliver done", func() bool {

@@ -4,7 +4,7 @@ import (
 	"math"
 	"sort"
 
-	"github.com/bmojo/bmojo/internal/cluster"
+	"github.com/bmojo/bmojo/job"
 )
 
 // Status is the JSON of /api/v1/status, and what `bmojo status` prints.
@@ -26,12 +26,12 @@ type Status struct {
 	ValLossHistory    []Point `json:"val_loss_history"` // step -> validation loss
 	TokensPerSHistory []Point `json:"tokens_per_s_history"`
 
-	Workers             []WorkerStatus  `json:"workers"`
-	Events              []cluster.Event `json:"events"` // oldest first, the newest few
-	LastRecoverySeconds float64         `json:"last_recovery_seconds"`
-	Checkpoint          *Checkpoint     `json:"checkpoint"` // null before the first
-	Done                bool            `json:"done"`
-	Final               *cluster.Done   `json:"final,omitempty"`
+	Workers             []WorkerStatus `json:"workers"`
+	Events              []job.Event    `json:"events"` // oldest first, the newest few
+	LastRecoverySeconds float64        `json:"last_recovery_seconds"`
+	Checkpoint          *Checkpoint    `json:"checkpoint"` // null before the first
+	Done                bool           `json:"done"`
+	Final               *job.Done      `json:"final,omitempty"`
 }
 
 // Point is one (step, value) sample of a curve.
@@ -69,7 +69,7 @@ type WorkerStatus struct {
 	Straggler bool    `json:"straggler"`
 	Updated   float64 `json:"updated"`
 	// GPU is the worker's newest NVML sample (GPU workers only).
-	GPU *cluster.GPUStats `json:"gpu,omitempty"`
+	GPU *job.GPUStats `json:"gpu,omitempty"`
 	// RingArrival is how long after the ring's first rank this rank's
 	// gradients entered the all-reduce, in the newest step every up worker
 	// has reported (0 for the first rank; the largest is the slow rank).

@@ -22,7 +22,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/internal/testbin"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -60,7 +60,7 @@ func TestDashboardLiveRun(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 
-	j := train.Default()
+	j := job.Default()
 	j.Name = "dashboard-test"
 	mc, err := model.Preset("bmojo-tiny")
 	if err != nil {

@@ -24,13 +24,13 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/cluster"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/internal/testbin"
 	"github.com/bmojo/bmojo/internal/testlog"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/train"
 )
 
 var bmojoBin string
@@ -47,9 +47,9 @@ const callTimeout = 5 * time.Second
 // its test with the run's error instead of waiting for go test's timeout.
 const runTimeout = 5 * time.Minute
 
-func job(t *testing.T, name string, steps, batch int) train.Job {
+func newJob(t *testing.T, name string, steps, batch int) job.Job {
 	t.Helper()
-	j := train.Default()
+	j := job.Default()
 	j.Name = name
 	j.Preset = "bmojo-tiny"
 	mc, err := model.Preset(j.Preset)
@@ -83,7 +83,7 @@ type run struct {
 // startJob is the prologue the tests share: skipped under -short, it starts
 // job j with the given workers (opts may change other options) and
 // connects a client to the run's etcd. Cleanup stops the run.
-func startJob(t *testing.T, j train.Job, workers int, opts ...func(*localrun.Options)) *run {
+func startJob(t *testing.T, j job.Job, workers int, opts ...func(*localrun.Options)) *run {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("robustness suite: runs real processes")
@@ -137,8 +137,8 @@ func connect(t *testing.T, endpoints []string) *clientv3.Client {
 
 // progress reads the job's progress record under ctx (zero on an error:
 // a wait polls it again).
-func (r *run) progress(ctx context.Context, job string) cluster.Progress {
-	p, _ := localrun.ReadProgress(ctx, r.cli, job)
+func (r *run) progress(ctx context.Context, jobName string) job.Progress {
+	p, _ := localrun.ReadProgress(ctx, r.cli, jobName)
 	return p
 }
 
@@ -206,7 +206,7 @@ func waitFor(t *testing.T, d time.Duration, stop <-chan struct{}, what string, c
 
 // ledger reads every ledger entry of a finished job from its etcd data
 // directory (the run's embedded etcd is gone; its data persists).
-func ledger(t *testing.T, res localrun.Result, jobName string) map[int]cluster.LedgerEntry {
+func ledger(t *testing.T, res localrun.Result, jobName string) map[int]job.LedgerEntry {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -216,14 +216,14 @@ func ledger(t *testing.T, res localrun.Result, jobName string) map[int]cluster.L
 	}
 	defer srv.Close()
 	cli := connect(t, srv.Endpoints())
-	resp, err := cli.Get(ctx, cluster.Prefix(jobName)+cluster.KeyLedger, clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, job.Prefix(jobName)+job.KeyLedger, clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[int]cluster.LedgerEntry{}
+	out := map[int]job.LedgerEntry{}
 	for _, kv := range resp.Kvs {
-		var e cluster.LedgerEntry
-		if err := cluster.Decode(string(kv.Key), kv.Value, &e); err != nil {
+		var e job.LedgerEntry
+		if err := job.Decode(string(kv.Key), kv.Value, &e); err != nil {
 			t.Fatal(err)
 		}
 		out[e.Step] = e
@@ -233,7 +233,7 @@ func ledger(t *testing.T, res localrun.Result, jobName string) map[int]cluster.L
 
 // checkExactlyOnce asserts every step of the job consumed exactly its
 // global batch positions, each sample once.
-func checkExactlyOnce(t *testing.T, l map[int]cluster.LedgerEntry, steps, batch int) {
+func checkExactlyOnce(t *testing.T, l map[int]job.LedgerEntry, steps, batch int) {
 	t.Helper()
 	for s := range steps {
 		e, ok := l[s]
@@ -259,9 +259,9 @@ func checkExactlyOnce(t *testing.T, l map[int]cluster.LedgerEntry, steps, batch 
 
 func TestKillWorkerMidRun(t *testing.T) {
 	const steps, batch = 40, 6
-	j := job(t, "kill", steps, batch)
+	j := newJob(t, "kill", steps, batch)
 	r := startJob(t, j, 3)
-	var before cluster.Progress
+	var before job.Progress
 	r.until(t, 2*time.Minute, "step 8", func(ctx context.Context) bool {
 		before = r.progress(ctx, j.Name)
 		return before.Step >= 8
@@ -270,7 +270,7 @@ func TestKillWorkerMidRun(t *testing.T) {
 	if err := r.proc("worker-1").Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	var after cluster.Progress
+	var after job.Progress
 	r.until(t, time.Minute, "a step committed by the 2 survivors", func(ctx context.Context) bool {
 		after = r.progress(ctx, j.Name)
 		return after.Workers == 2 && after.Step > before.Step
@@ -295,7 +295,7 @@ func TestKillWorkerMidRun(t *testing.T) {
 
 func TestWorkerJoinsMidRun(t *testing.T) {
 	const steps, batch = 40, 6
-	j := job(t, "join", steps, batch)
+	j := newJob(t, "join", steps, batch)
 	r := startJob(t, j, 2)
 	r.until(t, 2*time.Minute, "step 8", func(ctx context.Context) bool { return r.progress(ctx, j.Name).Step >= 8 })
 	wctx, wcancel := context.WithTimeout(context.Background(), runTimeout)
@@ -322,10 +322,10 @@ func TestWorkerJoinsMidRun(t *testing.T) {
 // loss curve is bitwise identical to an uninterrupted run's.
 func TestEverythingDiesThenResumes(t *testing.T) {
 	const steps, batch = 40, 4
-	ref := job(t, "resume", steps, batch)
+	ref := newJob(t, "resume", steps, batch)
 	want := ledger(t, startJob(t, ref, 2).wait(t), ref.Name)
 
-	j := job(t, "resume", steps, batch)
+	j := newJob(t, "resume", steps, batch)
 	r1 := startJob(t, j, 2)
 	r1.until(t, 2*time.Minute, "step 25", func(ctx context.Context) bool { return r1.progress(ctx, j.Name).Step >= 25 })
 	r1.mu.Lock()
@@ -363,9 +363,9 @@ func TestEverythingDiesThenResumes(t *testing.T) {
 // TestWorkersTimesBatch: 2 workers × local batch b follow 1 worker × 2b.
 func TestWorkersTimesBatch(t *testing.T) {
 	const steps, batch = 8, 4
-	var losses [2]map[int]cluster.LedgerEntry
+	var losses [2]map[int]job.LedgerEntry
 	for i, workers := range []int{1, 2} {
-		j := job(t, fmt.Sprintf("dp%d", workers), steps, batch)
+		j := newJob(t, fmt.Sprintf("dp%d", workers), steps, batch)
 		losses[i] = ledger(t, startJob(t, j, workers).wait(t), j.Name)
 	}
 	for s := range steps {
@@ -381,12 +381,12 @@ func TestWorkersTimesBatch(t *testing.T) {
 // the ring: the job must still finish with every sample consumed once.
 func TestLeaderCoordinatorKilled(t *testing.T) {
 	const steps, batch = 40, 6
-	j := job(t, "leader", steps, batch)
+	j := newJob(t, "leader", steps, batch)
 	r := startJob(t, j, 3, func(o *localrun.Options) { o.Coordinators = 2 })
 	r.until(t, 2*time.Minute, "step 8", func(ctx context.Context) bool { return r.progress(ctx, j.Name).Step >= 8 })
 	// The leader holds the oldest key under election/.
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
-	resp, err := r.cli.Get(ctx, cluster.Prefix(j.Name)+cluster.KeyElection, clientv3.WithFirstCreate()...)
+	resp, err := r.cli.Get(ctx, job.Prefix(j.Name)+job.KeyElection, clientv3.WithFirstCreate()...)
 	cancel()
 	if err != nil || len(resp.Kvs) == 0 {
 		t.Fatalf("no election key: %v", err)
@@ -431,13 +431,13 @@ func leaderPID(v []byte) int {
 // refused with an error naming the holder; the job is undisturbed.
 func TestDuplicateWorkerID(t *testing.T) {
 	const steps, batch = 100, 4
-	j := job(t, "dup", steps, batch)
+	j := newJob(t, "dup", steps, batch)
 	r := startJob(t, j, 2)
 	r.until(t, 2*time.Minute, "step 2", func(ctx context.Context) bool { return r.progress(ctx, j.Name).Step >= 2 })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var out strings.Builder
-	cmd := exec.CommandContext(ctx, bmojoBin, "worker", "--job", j.Name, "--etcd-endpoints", r.endpoints[0], "--id", "worker-0", "--lease-ttl", "1")
+	cmd := exec.CommandContext(ctx, bmojoBin, "worker", "--job", j.Name, "--etcd-endpoints", r.endpoints[0], "--id", "worker-0", "--lease-ttl", "1s")
 	cmd.Stderr = &out
 	err := cmd.Run()
 	if ctx.Err() != nil {
@@ -463,9 +463,9 @@ func TestDuplicateWorkerID(t *testing.T) {
 // and under which ring epoch.
 func TestEtcdBrieflyUnavailable(t *testing.T) {
 	const steps, batch = 80, 4
-	j := job(t, "etcd-down", steps, batch)
+	j := newJob(t, "etcd-down", steps, batch)
 	r := startJob(t, j, 2)
-	var before cluster.Progress
+	var before job.Progress
 	r.until(t, 2*time.Minute, "step 10", func(ctx context.Context) bool {
 		before = r.progress(ctx, j.Name)
 		return before.Step >= 10
@@ -509,7 +509,7 @@ func span(s []int) string {
 
 // TestOneWorkerMatchesSingleProcess: the single-process trainer (`bmojo
 // train --workers 0`) and a distributed job of one worker run the same
-// step (internal/train.Engine): on the CPU their loss curves are bitwise
+// step (train.Engine): on the CPU their loss curves are bitwise
 // identical, so are their validation losses, and so are the tensor files of
 // their final checkpoints.
 func TestOneWorkerMatchesSingleProcess(t *testing.T) {
@@ -517,7 +517,7 @@ func TestOneWorkerMatchesSingleProcess(t *testing.T) {
 		t.Skip("robustness suite: runs real processes")
 	}
 	const steps, batch = 50, 4
-	single := job(t, "parity", steps, batch)
+	single := newJob(t, "parity", steps, batch)
 	single.EvalEvery, single.CheckpointEvery = 25, 25
 	dist := single
 	dist.CheckpointDir = t.TempDir()

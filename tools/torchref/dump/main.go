@@ -47,13 +47,12 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/fsutil"
-	"github.com/bmojo/bmojo/internal/train"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cpu"
-	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -86,8 +85,8 @@ func main() {
 	flag.Uint64Var(&o.seed, "seed", 1, "seed for the initial weights, the batch order and the ignored labels")
 	flag.StringVar(&o.out, "out", "golden.safetensors", "output file")
 	flag.StringVar(&o.device, "device", "cpu", "kernel backend (cpu)")
-	flag.Float64Var(&o.lr, "lr", train.Default().LR, "peak learning rate")
-	flag.IntVar(&o.warmup, "warmup", 3, "linear warm-up steps (0 = internal/train's default, 5% of -steps)")
+	flag.Float64Var(&o.lr, "lr", job.Default().LR, "peak learning rate")
+	flag.IntVar(&o.warmup, "warmup", 3, "linear warm-up steps (0 = train's default, 5% of -steps)")
 	flag.Float64Var(&o.ignoreFrac, "ignore-frac", 0.1, "share of targets set to -1 (ignored), drawn from -seed")
 	flag.StringVar(&o.dataDir, "data", "", "prepared dataset directory; empty = the bundled corpus")
 	flag.IntVar(&o.threads, "threads", 0, "CPU threads (0 = all cores)")
@@ -125,7 +124,7 @@ func openBackend(name string) (kernels.Backend[float32], error) {
 	if kind, _, err := device.Parse(name); err != nil || kind != "cuda" {
 		return nil, fmt.Errorf("unknown -device %q (known: cpu, cuda, cuda:N)", name)
 	}
-	o, err := device.Open(name, cuda.Options{}, nil)
+	o, err := device.Open(name, device.Options{})
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +222,7 @@ func applySet(c *model.Config, set []string) error {
 }
 
 // batches draws steps (at least one) batches of B sequences the way
-// internal/train does (sampler position step·B), then sets a seeded share of
+// train does (sampler position step·B), then sets a seeded share of
 // the targets to -1.
 func batches(o options, T int) (tokens, targets [][]int32, err error) {
 	ds, err := data.Load(o.dataDir, data.SplitTrain)
@@ -272,11 +271,11 @@ func run(be kernels.Backend[float32], o options) error {
 	if err := m.Prepare(B, T); err != nil {
 		return err
 	}
-	// The optimizer exactly as internal/train builds it for a job.
-	job := train.Default()
-	job.Preset, job.Model = o.preset, c
-	job.Steps, job.LR, job.WarmupSteps, job.Seed = max(1, o.steps), o.lr, min(o.warmup, max(1, o.steps)), o.seed
-	oc := job.Optim()
+	// The optimizer exactly as train builds it for a job.
+	j := job.Default()
+	j.Preset, j.Model = o.preset, c
+	j.Steps, j.LR, j.WarmupSteps, j.Seed = max(1, o.steps), o.lr, min(o.warmup, max(1, o.steps)), o.seed
+	oc := j.Optim()
 	opt := model.NewOptimizer(m, oc)
 
 	var out []tensor

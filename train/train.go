@@ -15,9 +15,9 @@ import (
 	"github.com/schollz/progressbar/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/device"
-	"github.com/bmojo/bmojo/kernels/cuda"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 )
 
@@ -47,9 +47,9 @@ type Result struct {
 // Run trains j to completion (or until ctx is done, after writing a
 // checkpoint of the last completed step). When j.CheckpointDir holds
 // checkpoints of this job, Run resumes from the newest that verifies; a
-// checkpoint of a job with other settings (Job.Diff) is refused, naming
+// checkpoint of a job with other settings (job.Job.Diff) is refused, naming
 // them. The loop is cadence only: the step is Engine's, as a worker's is.
-func Run(ctx context.Context, j Job, o Options) (Result, error) {
+func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	log := o.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -84,7 +84,7 @@ func Run(ctx context.Context, j Job, o Options) (Result, error) {
 		return Result{}, err
 	}
 
-	dev, err := device.Open(o.Device, cuda.Options{}, log.Named("device"))
+	dev, err := device.Open(o.Device, device.Options{Logger: log.Named("device")})
 	if err != nil {
 		return Result{}, fmt.Errorf("train: %w", err)
 	}
@@ -274,11 +274,11 @@ func EvalSum(m *model.Model[float32], s *data.Sampler, start, n int) (sum float6
 }
 
 // compatible refuses to resume j from ck when ck was written by a job with
-// other settings: the job it records (Job.Diff), or, for checkpoints that
+// other settings: the job it records (job.Job.Diff), or, for checkpoints that
 // record none, its model, batch size and seed.
-func compatible(ck *checkpoint.Checkpoint, mc model.Config, j Job) error {
+func compatible(ck *checkpoint.Checkpoint, mc model.Config, j job.Job) error {
 	if ck.State.Job != "" {
-		old, err := ParseJob(filepath.Join(ck.Dir, checkpoint.StateFile), []byte(ck.State.Job))
+		old, err := job.Parse(filepath.Join(ck.Dir, checkpoint.StateFile), []byte(ck.State.Job))
 		if err != nil {
 			return fmt.Errorf("train: checkpoint %s: %w", ck.Dir, err)
 		}

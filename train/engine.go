@@ -1,3 +1,8 @@
+// Package train trains one replica of a job: Engine is the training step
+// (this file), which the single-process run (train.go, `bmojo train
+// --workers 0`) and every worker of a distributed job execute alike; Run is
+// the single-process loop around it, cadence only: when to evaluate,
+// checkpoint and report. It knows nothing of processes, networks or etcd.
 package train
 
 import (
@@ -7,7 +12,8 @@ import (
 	"time"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/data"
+	"github.com/bmojo/bmojo/data"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/model"
 )
@@ -208,7 +214,7 @@ func (e *Engine) Evaluate(r Reducer) (float64, error) {
 // Snapshot copies the replica's state into a checkpoint of data step
 // e.Step of job j: float32 parameters and moments, the counters, and the
 // job itself, with val the validation loss at this step (0 if none).
-func (e *Engine) Snapshot(j Job, val float64) (checkpoint.Checkpoint, error) {
+func (e *Engine) Snapshot(j job.Job, val float64) (checkpoint.Checkpoint, error) {
 	y, err := j.YAML()
 	if err != nil {
 		return checkpoint.Checkpoint{}, err

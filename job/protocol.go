@@ -1,11 +1,14 @@
-// Package cluster is the contract between coordinators and workers: the
-// etcd key layout of one job and the JSON records stored under it. It holds
-// no logic beyond naming keys and encoding records, so both sides (and
-// tests, and `bmojo status`) agree on one definition.
+// Package job is what every process of a training job shares: the job file
+// (job.go: Job, Load, Parse, Diff), and the contract between coordinators
+// and workers (this file): the etcd key layout of one job and the JSON
+// records stored under it, plus PutSpec (spec.go), which creates a job in
+// etcd or checks that it is the same job. It holds no logic beyond naming
+// keys, encoding records and checking job files, so both sides (and tests,
+// and `bmojo status`) agree on one definition.
 //
 // # Keys (all under Prefix(job) = "/bmojo/jobs/<job>/")
 //
-//	spec                      JobSpec: the job file as YAML plus its hash; written once by `bmojo train`
+//	spec                      Spec: the job file as YAML plus its hash; written once by `bmojo train`
 //	members/<worker-id>       Member, attached to the worker's lease (TTL a few seconds)
 //	election/                 coordinator leader election (etcd concurrency.Election)
 //	ring                      Ring: the current epoch (only grows), its members in rank order
@@ -39,7 +42,7 @@
 // deterministic sampler, split contiguously over the ring's ranks, so which
 // samples a step consumes does not depend on who computes it: across any
 // failure or resize every sample is consumed exactly once.
-package cluster
+package job
 
 import (
 	"crypto/sha256"
@@ -115,10 +118,10 @@ type Event struct {
 	RecoverySeconds float64 `json:"recovery_seconds,omitempty"`
 }
 
-// JobSpec is the job every process of the job runs.
-type JobSpec struct {
+// Spec is the job every process of the job runs.
+type Spec struct {
 	Protocol int    `json:"protocol"`
-	YAML     string `json:"yaml"`     // the resolved job file (train.Job as YAML)
+	YAML     string `json:"yaml"`     // the resolved job file (Job as YAML)
 	Hash     string `json:"hash"`     // SHA-256 of YAML: members with another hash are refused
 	Workers  int    `json:"workers"`  // expected ring size at start (the coordinator waits for it once)
 	MinRing  int    `json:"min_ring"` // smallest ring that may train (default 1)

@@ -1,4 +1,4 @@
-package train
+package job
 
 import (
 	"fmt"
@@ -8,11 +8,11 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// YAML is j as a job file (ParseJob reads it back to the same Job).
+// YAML is j as a job file (Parse reads it back to the same Job).
 func (j Job) YAML() (string, error) {
 	b, err := yaml.Marshal(j)
 	if err != nil {
-		return "", fmt.Errorf("%w: encode: %w", ErrJob, err)
+		return "", fmt.Errorf("%w: encode: %w", ErrInvalid, err)
 	}
 	return string(b), nil
 }
@@ -65,5 +65,5 @@ func (j Job) ResumeError(old Job, where string) error {
 		return nil
 	}
 	return fmt.Errorf("%w: %s holds job %q started with other settings (%s); resume it with the same job file and flags, or choose another checkpoint_dir",
-		ErrJob, where, old.Name, strings.Join(d, "; "))
+		ErrInvalid, where, old.Name, strings.Join(d, "; "))
 }

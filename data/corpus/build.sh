@@ -1,9 +1,9 @@
 #!/bin/sh
-# Regenerates the bundled corpus files embedded by internal/data.
+# Regenerates the bundled corpus files embedded by package data.
 #
 # Run from anywhere on Debian with Go installed:
 #   apt-get install bible-kjv        # pulls in bible-kjv-text (the KJV data)
-#   sh internal/data/corpus/build.sh
+#   sh data/corpus/build.sh
 #
 # Output is byte-for-byte reproducible: gzip -n drops the name and timestamp
 # so rebuilding does not produce a spurious diff.

@@ -1,9 +1,6 @@
-// Package train owns one training job on one replica: the versioned job
-// file, the loop (sampling, forward, backward, AdamW, schedule, clipping),
-// periodic validation, and checkpoint directories with resume. It knows
-// nothing of processes, networks or etcd; the multi-worker control plane
-// drives the same pieces.
-package train
+// The job file: a whole training run as a versioned YAML document (Job),
+// read by Load and Parse, checked by Validate, compared by Diff.
+package job
 
 import (
 	"bytes"
@@ -17,11 +14,11 @@ import (
 	"github.com/bmojo/bmojo/model"
 )
 
-// JobVersion is the job file format version this build reads.
-const JobVersion = 1
+// FileVersion is the job file format version this build reads.
+const FileVersion = 1
 
-// ErrJob is wrapped by every job validation error.
-var ErrJob = errors.New("invalid job")
+// ErrInvalid is wrapped by every job validation error.
+var ErrInvalid = errors.New("invalid job")
 
 // Job is a whole training run. Zero values mean "default" only where the
 // field says so; Default fills everything.
@@ -58,7 +55,7 @@ type Job struct {
 // 2-core CPU and to get well under the corpus's unigram entropy.
 func Default() Job {
 	return Job{
-		Version:         JobVersion,
+		Version:         FileVersion,
 		Name:            "bmojo-tiny",
 		Preset:          "bmojo-tiny",
 		Steps:           600,
@@ -76,7 +73,7 @@ func Default() Job {
 }
 
 // ModelConfig resolves the preset and the overrides the job file gave.
-// Overrides are applied by LoadJob; here the preset fills a zero Model.
+// Overrides are applied by Load; here the preset fills a zero Model.
 func (j Job) ModelConfig() (model.Config, error) {
 	if j.Model.DModel != 0 {
 		return j.Model, nil
@@ -87,17 +84,17 @@ func (j Job) ModelConfig() (model.Config, error) {
 // Validate checks the job without side effects; errors name the field.
 func (j Job) Validate() error {
 	bad := func(format string, a ...any) error {
-		return fmt.Errorf("%w: %s", ErrJob, fmt.Sprintf(format, a...))
+		return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, a...))
 	}
-	if j.Version != JobVersion {
-		return bad("version is %d; this build reads version %d job files", j.Version, JobVersion)
+	if j.Version != FileVersion {
+		return bad("version is %d; this build reads version %d job files", j.Version, FileVersion)
 	}
 	mc, err := j.ModelConfig()
 	if err != nil {
-		return fmt.Errorf("%w: %w", ErrJob, err)
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	if err := mc.Validate(); err != nil {
-		return fmt.Errorf("%w: model: %w", ErrJob, err)
+		return fmt.Errorf("%w: model: %w", ErrInvalid, err)
 	}
 	switch {
 	case j.Steps <= 0:
@@ -132,19 +129,19 @@ func (j Job) Optim() model.OptimConfig {
 	return o
 }
 
-// LoadJob reads a YAML job file over Default(). Unknown keys are errors, so
+// Load reads a YAML job file over Default(). Unknown keys are errors, so
 // a typo does not silently train the wrong model. Keys under model: override
 // the preset's values.
-func LoadJob(path string) (Job, error) {
+func Load(path string) (Job, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return Job{}, fmt.Errorf("job file: %w", err)
 	}
-	return ParseJob(path, b)
+	return Parse(path, b)
 }
 
-// ParseJob is LoadJob on bytes; name is used in errors.
-func ParseJob(name string, b []byte) (Job, error) {
+// Parse is Load on bytes; name is used in errors.
+func Parse(name string, b []byte) (Job, error) {
 	j := Default()
 	// First pass: the preset, so model overrides land on its values.
 	var head struct {
@@ -152,24 +149,24 @@ func ParseJob(name string, b []byte) (Job, error) {
 		Preset  string `yaml:"preset"`
 	}
 	if err := yaml.Unmarshal(b, &head); err != nil {
-		return Job{}, fmt.Errorf("%w: %s: %v", ErrJob, name, err)
+		return Job{}, fmt.Errorf("%w: %s: %v", ErrInvalid, name, err)
 	}
-	if head.Version != JobVersion {
+	if head.Version != FileVersion {
 		return Job{}, fmt.Errorf("%w: %s: version is %d; this build reads version %d job files (add `version: %d`)",
-			ErrJob, name, head.Version, JobVersion, JobVersion)
+			ErrInvalid, name, head.Version, FileVersion, FileVersion)
 	}
 	if head.Preset != "" {
 		j.Preset = head.Preset
 	}
 	mc, err := model.Preset(j.Preset)
 	if err != nil {
-		return Job{}, fmt.Errorf("%w: %s: %w", ErrJob, name, err)
+		return Job{}, fmt.Errorf("%w: %s: %w", ErrInvalid, name, err)
 	}
 	j.Model = mc
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&j); err != nil {
-		return Job{}, fmt.Errorf("%w: %s: %v", ErrJob, name, err)
+		return Job{}, fmt.Errorf("%w: %s: %v", ErrInvalid, name, err)
 	}
 	if m := j.Model.Mixers; j.Model.NLayer != len(m) && len(m) > 0 && j.Model.NLayer > 0 && uniform(m) {
 		// n_layer given alone: grow or shrink a one-mixer stack to match.

@@ -87,7 +87,7 @@ func bundledTexts() ([]BundledSource, [][]byte, error) {
 		texts = append(texts, text)
 	}
 	if len(texts) == 0 {
-		return nil, nil, fmt.Errorf("data: bundled corpus is empty (build with internal/data/corpus/build.sh)")
+		return nil, nil, fmt.Errorf("data: bundled corpus is empty (build with data/corpus/build.sh)")
 	}
 	return srcs, texts, nil
 }

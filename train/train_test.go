@@ -13,12 +13,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/bmojo/bmojo/checkpoint"
+	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 )
 
-func tinyJob(t *testing.T) Job {
+func tinyJob(t *testing.T) job.Job {
 	t.Helper()
-	j := Default()
+	j := job.Default()
 	j.Preset = "bmojo-tiny"
 	mc, err := model.Preset(j.Preset)
 	if err != nil {
@@ -32,7 +33,7 @@ func tinyJob(t *testing.T) Job {
 	return j
 }
 
-func run(t *testing.T, j Job) (Result, *captureLog) {
+func run(t *testing.T, j job.Job) (Result, *captureLog) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -172,23 +173,23 @@ func TestResumeRejectsDifferentJob(t *testing.T) {
 	}
 	cases := []struct {
 		name  string
-		tweak func(*Job)
+		tweak func(*job.Job)
 		want  string
 	}{
-		{"model", func(j *Job) { j.Model.DFF = 64 }, "model.d_ff: "},
-		{"batch", func(j *Job) { j.BatchSize = 3 }, "batch_size: 2 -> 3"},
-		{"seed", func(j *Job) { j.Seed = 9 }, "seed: 1 -> 9"},
-		{"steps", func(j *Job) { j.Steps = 12 }, "steps: 6 -> 12"},
-		{"lr", func(j *Job) { j.LR = 1e-3 }, "lr: 0.003 -> 0.001"},
-		{"warmup", func(j *Job) { j.WarmupSteps = 2 }, "warmup_steps: 0 -> 2"},
+		{"model", func(j *job.Job) { j.Model.DFF = 64 }, "model.d_ff: "},
+		{"batch", func(j *job.Job) { j.BatchSize = 3 }, "batch_size: 2 -> 3"},
+		{"seed", func(j *job.Job) { j.Seed = 9 }, "seed: 1 -> 9"},
+		{"steps", func(j *job.Job) { j.Steps = 12 }, "steps: 6 -> 12"},
+		{"lr", func(j *job.Job) { j.LR = 1e-3 }, "lr: 0.003 -> 0.001"},
+		{"warmup", func(j *job.Job) { j.WarmupSteps = 2 }, "warmup_steps: 0 -> 2"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			k := j
 			tc.tweak(&k)
 			_, err := Run(ctx, k, Options{})
-			if !errors.Is(err, ErrJob) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("got %v, want an ErrJob naming %q", err, tc.want)
+			if !errors.Is(err, job.ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an job.ErrInvalid naming %q", err, tc.want)
 			}
 		})
 	}
@@ -224,42 +225,5 @@ func TestUnwritableCheckpointDir(t *testing.T) {
 	_, err := Run(context.Background(), j, Options{})
 	if err == nil || !strings.Contains(err.Error(), "not writable") {
 		t.Fatalf("got %v, want a not-writable error", err)
-	}
-}
-
-func TestParseJob(t *testing.T) {
-	good := `version: 1
-preset: mamba-tiny
-steps: 5
-batch_size: 3
-model:
-  d_state: 8
-  n_layer: 2
-`
-	j, err := ParseJob("job.yaml", []byte(good))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if j.Model.DState != 8 || j.Model.NLayer != 2 || len(j.Model.Mixers) != 2 || j.Model.DModel != 64 || j.Steps != 5 {
-		t.Fatalf("parsed %+v", j)
-	}
-	bad := []struct{ name, yaml, want string }{
-		{"no version", "preset: bmojo\n", "version"},
-		{"future version", "version: 2\n", "version"},
-		{"typo", "version: 1\nstepz: 4\n", "stepz"},
-		{"unknown preset", "version: 1\npreset: gpt9\n", "gpt9"},
-		{"bad model key value", "version: 1\nmodel:\n  d_model: -4\n", "d_model"},
-		{"zero steps", "version: 1\nsteps: 0\n", "steps"},
-		{"heads", "version: 1\npreset: bmojo-tiny\nmodel:\n  n_kv_head: 3\n", "n_kv_head"},
-		{"window > seq", "version: 1\npreset: swa-tiny\nmodel:\n  window: 999\n", "window"},
-		{"not yaml", "version: 1\n\t- [", "job.yaml"},
-	}
-	for _, tc := range bad {
-		t.Run(tc.name, func(t *testing.T) {
-			_, err := ParseJob("job.yaml", []byte(tc.yaml))
-			if !errors.Is(err, ErrJob) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("got %v, want ErrJob naming %q", err, tc.want)
-			}
-		})
 	}
 }
