@@ -2,25 +2,19 @@ package coordinator
 
 import (
 	"errors"
-	"flag"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/bmojo/bmojo/internal/golden"
 	"github.com/bmojo/bmojo/job"
 )
 
-var rewrite = flag.Bool("rewrite", false, "rewrite the expected actions of testdata/*.txt from the current machine")
-
-// TestMachineScripts runs the golden scripts in testdata/. A script is a
-// sequence of blocks separated by blank lines; in a block, lines starting
-// with "> " are events applied in order as one batch, and the other lines
-// are the actions Machine.Actions must return after them, one per line.
-// Lines starting with "#" are comments. Run with -rewrite to regenerate the
-// expected lines (then read the diff).
+// TestMachineScripts runs the golden scripts in testdata/ (internal/golden
+// has the format; -rewrite regenerates them): the "> " lines of a block are
+// events applied in order as one batch, the other lines the actions
+// Machine.Actions must return after them, one per line.
 //
 // Commands:
 //
@@ -38,15 +32,9 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the expected actions of testd
 // The harness applies DeleteMember actions to its member set, as etcd would;
 // the machine sees that at the next member event.
 func TestMachineScripts(t *testing.T) {
-	files, err := filepath.Glob("testdata/*.txt")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no scripts in testdata: %v", err)
-	}
-	for _, f := range files {
-		t.Run(strings.TrimSuffix(filepath.Base(f), ".txt"), func(t *testing.T) {
-			runScript(t, f)
-		})
-	}
+	golden.Run(t, "testdata", func(t *testing.T) golden.Script {
+		return &harness{t: t, members: map[string]MemberInfo{}}
+	})
 }
 
 type harness struct {
@@ -56,56 +44,26 @@ type harness struct {
 	rev     int64
 }
 
-func runScript(t *testing.T, path string) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
+// Do applies one command.
+func (h *harness) Do(f []string, line string) { h.do(f, line) }
+
+// Output renders the machine's actions, applying DeleteMember actions to
+// the harness's member set as etcd would (the machine sees that at the
+// next member event).
+func (h *harness) Output() []string {
+	if h.m == nil {
+		return nil
 	}
-	h := &harness{t: t, members: map[string]MemberInfo{}}
-	var out strings.Builder
-	blocks := strings.Split(strings.TrimRight(string(b), "\n"), "\n\n")
-	for bi, block := range blocks {
-		var cmds, want, head []string
-		for _, line := range strings.Split(block, "\n") {
-			switch {
-			case strings.HasPrefix(line, "#"):
-				head = append(head, line)
-			case strings.HasPrefix(line, "> "):
-				cmds = append(cmds, line)
-			case strings.TrimSpace(line) != "":
-				want = append(want, line)
+	var got []string
+	for _, a := range h.m.Actions() {
+		got = append(got, h.render(a))
+		if d, ok := a.(DeleteMember); ok {
+			if mi, ok := h.members[d.ID]; ok && mi.Rev == d.Rev {
+				delete(h.members, d.ID)
 			}
 		}
-		for _, c := range cmds {
-			h.do(strings.Fields(strings.TrimPrefix(c, "> ")), c)
-		}
-		var got []string
-		if h.m != nil && len(cmds) > 0 {
-			for _, a := range h.m.Actions() {
-				got = append(got, h.render(a))
-				if d, ok := a.(DeleteMember); ok {
-					if mi, ok := h.members[d.ID]; ok && mi.Rev == d.Rev {
-						delete(h.members, d.ID)
-					}
-				}
-			}
-		}
-		if !*rewrite && strings.Join(got, "\n") != strings.Join(want, "\n") {
-			t.Errorf("%s block %d (%s):\ngot:\n%s\nwant:\n%s", path, bi+1, strings.Join(cmds, " | "),
-				strings.Join(got, "\n"), strings.Join(want, "\n"))
-		}
-		if bi > 0 {
-			out.WriteString("\n")
-		}
-		for _, l := range append(append(head, cmds...), got...) {
-			out.WriteString(l + "\n")
-		}
 	}
-	if *rewrite {
-		if err := os.WriteFile(path, []byte(out.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	return got
 }
 
 func (h *harness) do(f []string, line string) {

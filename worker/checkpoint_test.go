@@ -13,7 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/etcdtest"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels/cpu"
 	"github.com/bmojo/bmojo/model"
@@ -29,16 +29,7 @@ import (
 func TestCheckpointCommitPruneResume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: srv.Endpoints()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := etcdtest.Start(t)
 
 	base := t.TempDir()
 	root := filepath.Join(base, "ckpt")

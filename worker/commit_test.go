@@ -9,7 +9,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/etcdtest"
 	"github.com/bmojo/bmojo/job"
 )
 
@@ -19,16 +19,7 @@ import (
 func TestCommitterRepeatedKeys(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: srv.Endpoints()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := etcdtest.Start(t)
 	const prefix = "/bmojo/jobs/t/"
 	c := newCommitter(cli, prefix, hclog.NewNullLogger())
 	defer c.close()

@@ -2,156 +2,11 @@ package worker
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"math"
-	"time"
 
 	"github.com/bmojo/bmojo/allreduce"
-	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels"
-	"github.com/bmojo/bmojo/train"
 )
-
-// runEpoch connects the ring of epoch r, synchronises state if asked, and
-// trains until the job ends, the epoch is superseded, or a peer fails.
-func (w *worker) runEpoch(ctx context.Context, r job.Ring, rank int, st job.Start) error {
-	log := w.log.With("epoch", r.Epoch, "rank", rank)
-	peers := make([]string, len(r.Members))
-	for i, m := range r.Members {
-		peers[i] = m.Endpoint
-	}
-	cfg := allreduce.Default()
-	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.HopTimeout, cfg.Logger = rank, peers, r.Epoch, w.cfg.HopTimeout, w.log
-	lis := w.lis
-	w.lis = nil
-	if lis == nil {
-		var err error
-		if lis, err = listenRetry(ctx, peers[rank]); err != nil {
-			return &fatalError{err}
-		}
-	}
-	ring, err := allreduce.New(cfg, lis)
-	if err != nil {
-		lis.Close()
-		return err
-	}
-	w.ringMu.Lock()
-	w.ring, w.ringInfo = ring, r
-	w.ringMu.Unlock()
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err = ring.Connect(cctx)
-	cancel()
-	if err != nil {
-		return w.peerFailed(ctx, r, err)
-	}
-	if st.Sync {
-		if err := w.broadcast(ctx, ring, r, st); err != nil {
-			return w.peerFailed(ctx, r, err)
-		}
-	}
-	if w.eng.Step != st.Step {
-		return &fatalError{fmt.Errorf("worker: epoch %d starts at step %d but this worker is at step %d and no sync was ordered",
-			r.Epoch, st.Step, w.eng.Step)}
-	}
-	log.Info("epoch started", "step", w.eng.Step, "ring_size", len(peers), "synced", st.Sync, "reason", r.Reason)
-	red := &ringReducer{ctx: ctx, ring: ring, rank: rank, size: len(peers), be: w.eng.M.Backend()}
-	t0, tokens0 := time.Now(), 0
-	var lastStats time.Time
-	finished := false
-	for w.eng.Step < w.job.Steps {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		select {
-		case nr := <-w.latest:
-			w.latest <- nr
-			if nr.Epoch > r.Epoch {
-				return fmt.Errorf("superseded by epoch %d", nr.Epoch)
-			}
-		default:
-		}
-		ts := time.Now()
-		tm, err := w.eng.TrainStep(red)
-		if errors.Is(err, train.ErrStep) {
-			return &fatalError{err}
-		}
-		if err != nil {
-			return w.peerFailed(ctx, r, err)
-		}
-		loss, rows := tm.Loss, tm.Rows
-		if tm.Skipped {
-			log.Warn("non-finite loss or gradient; step skipped", "step", w.eng.Step-1, "loss", loss, "grad_norm", tm.GradNorm)
-		}
-		tokens0 += rows * w.eng.M.Cfg.SeqLen
-		tps := float64(tokens0*len(peers)) / time.Since(t0).Seconds()
-		var val float64
-		last := w.eng.Step == w.job.Steps
-		if now := time.Now(); now.Sub(lastStats) >= time.Second || last {
-			lastStats = now
-			w.commits.add(job.KeyStats+w.cfg.ID, job.Encode(job.WorkerStats{
-				ID: w.cfg.ID, Rank: rank, Epoch: r.Epoch, Step: w.eng.Step, Device: w.deviceDesc(),
-				StepSeconds: now.Sub(ts).Seconds(), DataSeconds: tm.Data.Seconds(), ComputeSec: tm.Compute.Seconds(),
-				WaitSeconds: tm.Wait.Seconds(), OptimSeconds: tm.Optim.Seconds(),
-				TokensPerS: float64(rows*w.eng.M.Cfg.SeqLen) / now.Sub(ts).Seconds(), Loss: loss, GradNorm: tm.GradNorm,
-				Skipped: w.eng.Skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: float64(now.UnixNano()) / 1e9,
-				GPU: w.gpuStats(), ArrivalUnix: float64(tm.Arrive.UnixNano()) / 1e9,
-			}))
-		}
-		if (w.job.EvalEvery > 0 && w.eng.Step%w.job.EvalEvery == 0) || last {
-			if val, err = w.eng.Evaluate(red); errors.Is(err, train.ErrStep) {
-				return &fatalError{err}
-			} else if err != nil {
-				return w.peerFailed(ctx, r, err)
-			}
-			log.Info("eval", "step", w.eng.Step, "train_loss", round4(loss), "val_loss", round4(val), "tokens_per_s", math.Round(tps))
-		}
-		if rank == 0 {
-			entry := job.LedgerEntry{Step: w.eng.Step - 1, Epoch: r.Epoch, Ranges: map[string]job.Range{}, Loss: loss,
-				Time: float64(time.Now().UnixNano()) / 1e9}
-			for i, m := range r.Members {
-				s, c, _ := data.BatchRange(w.eng.Step-1, w.job.BatchSize, i, len(peers))
-				entry.Ranges[m.ID] = job.Range{Start: s, Count: c}
-			}
-			w.commits.add(job.LedgerKey(w.eng.Step-1), job.Encode(entry))
-			w.commits.add(job.KeyProgress, job.Encode(job.Progress{Step: w.eng.Step, Steps: w.job.Steps, Epoch: r.Epoch,
-				Loss: loss, ValLoss: val, TokensPerS: tps, Workers: len(peers), Skipped: w.eng.Skipped,
-				UpdatedUnix: float64(time.Now().UnixNano()) / 1e9}))
-			if (w.job.CheckpointEvery > 0 && w.eng.Step%w.job.CheckpointEvery == 0) || last {
-				w.ckpt.start(r.Epoch, val)
-			}
-			if last {
-				w.ckpt.wait()
-				w.commits.flush(ctx)
-				w.commits.add(job.KeyDone, job.Encode(job.Done{Step: w.eng.Step, ValLoss: val, Loss: loss}))
-				w.commits.flush(ctx)
-				finished = true
-			}
-		}
-	}
-	if rank == 0 && !finished {
-		// Resumed at the final step (done was never written): write it now.
-		w.commits.add(job.KeyDone, job.Encode(job.Done{Step: w.eng.Step}))
-		w.commits.flush(ctx)
-	}
-	return nil
-}
-
-// peerFailed turns a collective's error into a report naming the suspect,
-// so the coordinator re-forms the ring without waiting for a lease to lapse.
-func (w *worker) peerFailed(ctx context.Context, r job.Ring, err error) error {
-	var pe *allreduce.PeerError
-	if errors.As(err, &pe) && pe.Rank >= 0 && pe.Rank < len(r.Members) && r.Members[pe.Rank].ID != w.cfg.ID {
-		rep := job.Report{Epoch: r.Epoch, Reporter: w.cfg.ID, Suspect: r.Members[pe.Rank].ID, Error: err.Error()}
-		w.log.Warn("peer failed", "epoch", r.Epoch, "suspect", rep.Suspect, "error", err)
-		_ = w.put(ctx, job.KeyReports+w.cfg.ID, job.Encode(rep))
-	}
-	// The ring stays open until the next epoch arrives: closing it now would
-	// break our neighbours' streams before the abort reaches them, and they
-	// would blame us instead of the failed rank.
-	return err
-}
 
 // ringReducer is the train.Reducer of one epoch's ring: each layer's
 // gradient range is downloaded, scaled and all-reduced as soon as backward
@@ -238,7 +93,7 @@ func (r *ringReducer) Sum(xs []float64) ([]float64, error) {
 // broadcast copies the source member's parameters, optimizer moments and
 // counters to every rank: all ranks sum a buffer that is zero except on the
 // source, which is exact.
-func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, r job.Ring, st job.Start) error {
+func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, st job.Start) error {
 	be := w.eng.M.Backend()
 	P := w.eng.M.Layout.Total
 	buf := make([]float32, 3*P+2)
@@ -260,5 +115,3 @@ func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, r job.Ring
 	w.log.Info("state synchronised", "source", st.Source, "step", st.Step, "floats", len(buf))
 	return be.Err()
 }
-
-func round4(x float64) float64 { return math.Round(x*1e4) / 1e4 }

@@ -1,9 +1,13 @@
 // Package worker owns one data-parallel replica of a job: it registers in
 // etcd under a lease, follows the coordinator's ring epochs (package job
 // documents the protocol), trains its share of every global batch with the
-// model on its backend, all-reduces gradients in buckets while backward is
-// still running, and commits progress, ledger entries and asynchronous
-// checkpoints. It never decides membership: that is the coordinator's.
+// step every path runs (train.Engine; its Reducer here is the ring, each
+// layer's gradient all-reduced while backward is still running), and
+// commits progress, ledger entries and asynchronous checkpoints. Its
+// decisions are a pure state machine (state.go, golden scripts in
+// testdata/) that driver.go feeds with etcd watch events, the results of
+// its work and the clock. It never decides membership: that is the
+// coordinator's.
 package worker
 
 import (
@@ -50,7 +54,10 @@ type Config struct {
 	// HopTimeout bounds one all-reduce hop (default 30 s). A killed peer is
 	// detected at once by its broken stream; this is for stalls.
 	HopTimeout time.Duration
-	Logger     hclog.Logger
+	// Health, when set, is told what the gRPC health service should say:
+	// ready (readiness) and live (liveness), and why (see state.go).
+	Health func(ready, live bool, reason string)
+	Logger hclog.Logger
 }
 
 // Validate checks c without side effects.
@@ -79,14 +86,20 @@ type worker struct {
 	dev *device.Opened
 	eng *train.Engine // the model, its optimizer, the data and the step counters
 
-	lis      net.Listener
-	addr     string
-	leaseID  atomic.Int64   // the member key's lease (a clientv3.LeaseID); replaced when lost
-	bg       sync.WaitGroup // the background goroutines: lease, membership and ring watchers
-	ringMu   sync.Mutex
-	ring     *allreduce.Ring
-	ringInfo job.Ring
-	latest   chan job.Ring // newest published ring, size 1
+	lis     net.Listener
+	addr    string
+	leaseID atomic.Int64    // the member key's lease (a clientv3.LeaseID); replaced when lost
+	bg      sync.WaitGroup  // the background goroutines: lease, membership and ring watchers
+	ringMu  sync.Mutex      // guards ring and lis, which a connect hands over
+	ring    *allreduce.Ring // the open ring, nil if none
+
+	// Of the loop (driver.go): the epoch it trains in, the newest step's
+	// stats, validation loss and throughput.
+	cur       *epochRing
+	last      train.StepStats
+	lastVal   float64
+	lastTPS   float64
+	lastStats time.Time
 
 	commits *committer
 	ckpt    *checkpointer
@@ -113,7 +126,7 @@ func Run(ctx context.Context, cfg Config) error {
 		runtime.GOMAXPROCS(cfg.Threads)
 	}
 	w := &worker{cfg: cfg, cli: cfg.Etcd, prefix: job.Prefix(cfg.Job),
-		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID), latest: make(chan job.Ring, 1)}
+		log: cfg.Logger.Named("worker").With("worker_id", cfg.ID)}
 	ctx, cancel := context.WithCancel(ctx)
 	defer func() { cancel(); w.bg.Wait() }()
 	if err := w.loadSpec(ctx); err != nil {
@@ -136,9 +149,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer func() {
 		w.closeRing()
+		w.ringMu.Lock()
 		if w.lis != nil {
 			w.lis.Close()
 		}
+		w.ringMu.Unlock()
 	}()
 	if err := w.register(ctx); err != nil {
 		return err
@@ -146,9 +161,9 @@ func Run(ctx context.Context, cfg Config) error {
 	w.commits = newCommitter(w.cli, w.prefix, w.log)
 	defer w.commits.close()
 	w.ckpt = &checkpointer{w: w}
-	w.bg.Go(func() { w.watchRing(ctx) })
 	w.bg.Go(func() { w.keepRegistered(ctx) })
 	err = w.loop(ctx)
+	w.closeRing() // work still in flight fails at once
 	w.ckpt.wait()
 	w.commits.close()
 	cancel() // stop re-registering before the lease goes
@@ -175,24 +190,46 @@ func sleep(ctx context.Context, d time.Duration) bool {
 
 func (w *worker) key(k string) string { return w.prefix + k }
 
+// await returns the value of key k once it exists: a read, then a watch
+// from that read's revision (a new read when the watch breaks).
+func (w *worker) await(ctx context.Context, k string) ([]byte, error) {
+	warned := false
+	for ctx.Err() == nil {
+		resp, err := w.cli.Get(ctx, w.key(k))
+		if err != nil {
+			if !warned {
+				w.log.Warn("waiting for etcd", "error", err)
+				warned = true
+			}
+			sleep(ctx, 200*time.Millisecond)
+			continue
+		}
+		if len(resp.Kvs) > 0 {
+			return resp.Kvs[0].Value, nil
+		}
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		for wr := range w.cli.Watch(wctx, w.key(k), clientv3.WithRev(resp.Header.Revision+1)) {
+			for _, e := range wr.Events {
+				if e.Type == clientv3.EventTypePut {
+					cancel()
+					return e.Kv.Value, nil
+				}
+			}
+		}
+		cancel()
+		sleep(ctx, 200*time.Millisecond)
+	}
+	return nil, ctx.Err()
+}
+
 // loadSpec waits for the job spec and builds the job from it.
 func (w *worker) loadSpec(ctx context.Context) error {
-	for {
-		resp, err := w.cli.Get(ctx, w.key(job.KeySpec))
-		if err == nil && len(resp.Kvs) > 0 {
-			if err := job.Decode(job.KeySpec, resp.Kvs[0].Value, &w.spec); err != nil {
-				return err
-			}
-			break
-		}
-		if err != nil {
-			w.log.Warn("waiting for etcd", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("worker: no job spec for %q: %w", w.cfg.Job, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
+	v, err := w.await(ctx, job.KeySpec)
+	if err != nil {
+		return fmt.Errorf("worker: no job spec for %q: %w", w.cfg.Job, err)
+	}
+	if err := job.Decode(job.KeySpec, v, &w.spec); err != nil {
+		return err
 	}
 	if w.spec.Protocol != job.ProtocolVersion {
 		return fmt.Errorf("worker: %w: protocol %d, this build speaks %d", ErrSpec, w.spec.Protocol, job.ProtocolVersion)
@@ -381,47 +418,6 @@ func (w *worker) keepRegistered(ctx context.Context) {
 	}
 }
 
-// watchRing publishes every new ring epoch to w.latest and aborts the
-// collective of an older epoch at once.
-func (w *worker) watchRing(ctx context.Context) {
-	var last uint64
-	publish := func(b []byte) {
-		var r job.Ring
-		if job.Decode(job.KeyRing, b, &r) != nil || r.Epoch <= last {
-			return
-		}
-		last = r.Epoch
-		w.ringMu.Lock()
-		if w.ring != nil && w.ringInfo.Epoch < r.Epoch {
-			_ = w.ring.Close() // fail the in-flight collective: the step is redone in the new epoch
-		}
-		w.ringMu.Unlock()
-		select {
-		case <-w.latest:
-		default:
-		}
-		w.latest <- r
-	}
-	for ctx.Err() == nil {
-		resp, err := w.cli.Get(ctx, w.key(job.KeyRing))
-		if err != nil {
-			sleep(ctx, 200*time.Millisecond)
-			continue
-		}
-		if len(resp.Kvs) > 0 {
-			publish(resp.Kvs[0].Value)
-		}
-		wc := w.cli.Watch(clientv3.WithRequireLeader(ctx), w.key(job.KeyRing), clientv3.WithRev(resp.Header.Revision+1))
-		for wr := range wc {
-			for _, ev := range wr.Events {
-				if ev.Type == clientv3.EventTypePut {
-					publish(ev.Kv.Value)
-				}
-			}
-		}
-	}
-}
-
 func (w *worker) closeRing() {
 	w.ringMu.Lock()
 	defer w.ringMu.Unlock()
@@ -430,62 +426,6 @@ func (w *worker) closeRing() {
 		w.ring = nil
 	}
 }
-
-// loop follows epochs until the job is done.
-func (w *worker) loop(ctx context.Context) error {
-	var cur job.Ring
-	for {
-		if w.eng.Step >= w.job.Steps {
-			return w.finish(ctx)
-		}
-		var r job.Ring
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case r = <-w.latest:
-		}
-		if r.Epoch <= cur.Epoch {
-			continue
-		}
-		cur = r
-		rank := r.Rank(w.cfg.ID)
-		if rank < 0 {
-			w.log.Debug("not in ring", "epoch", r.Epoch)
-			continue
-		}
-		if r.Members[rank].Endpoint != w.addr {
-			// A ring of an earlier process with this id (the job was
-			// restarted): the coordinator will publish one with us.
-			w.log.Debug("ring names a previous incarnation", "epoch", r.Epoch, "endpoint", r.Members[rank].Endpoint)
-			continue
-		}
-		w.closeRing()
-		if err := w.put(ctx, job.ReadyKey(r.Epoch, w.cfg.ID), job.Encode(job.Ready{Epoch: r.Epoch, Step: w.eng.Step})); err != nil {
-			return err
-		}
-		st, ok, err := w.waitStart(ctx, r.Epoch)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			continue // a newer epoch superseded this one
-		}
-		if err := w.runEpoch(ctx, r, rank, st); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			var fatal *fatalError
-			if errors.As(err, &fatal) {
-				return fatal.err
-			}
-			w.log.Warn("epoch ended", "epoch", r.Epoch, "step", w.eng.Step, "error", err)
-		}
-	}
-}
-
-type fatalError struct{ err error }
-
-func (e *fatalError) Error() string { return e.err.Error() }
 
 // put writes a key, retrying while etcd is unavailable.
 func (w *worker) put(ctx context.Context, k, v string) error {
@@ -499,47 +439,5 @@ func (w *worker) put(ctx context.Context, k, v string) error {
 		}
 		w.log.Warn("etcd put failed; retrying", "key", k, "error", err)
 		sleep(ctx, 250*time.Millisecond)
-	}
-}
-
-// waitStart waits for start/<epoch>; ok is false when a newer ring arrives
-// first (the new ring is put back for the loop).
-func (w *worker) waitStart(ctx context.Context, epoch uint64) (job.Start, bool, error) {
-	k := w.key(job.StartKey(epoch))
-	for {
-		resp, err := w.cli.Get(ctx, k)
-		if err == nil && len(resp.Kvs) > 0 {
-			var st job.Start
-			if err := job.Decode(k, resp.Kvs[0].Value, &st); err != nil {
-				return st, false, err
-			}
-			return st, true, nil
-		}
-		select {
-		case <-ctx.Done():
-			return job.Start{}, false, ctx.Err()
-		case r := <-w.latest:
-			if r.Epoch > epoch {
-				w.latest <- r
-				return job.Start{}, false, nil
-			}
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-}
-
-// finish waits for the job's done record (rank 0 of the last epoch writes it).
-func (w *worker) finish(ctx context.Context) error {
-	for {
-		resp, err := w.cli.Get(ctx, w.key(job.KeyDone))
-		if err == nil && len(resp.Kvs) > 0 {
-			w.log.Info("job done", "step", w.eng.Step)
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
 	}
 }

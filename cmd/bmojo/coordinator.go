@@ -108,7 +108,7 @@ over when the leader dies. It exits when the job is done.`,
 		if err := cfg.Validate(); err != nil {
 			return err
 		}
-		stopHealth, err := serveHealth(healthAddr, log)
+		stopHealth, _, err := serveHealth(healthAddr, log)
 		if err != nil {
 			return err
 		}

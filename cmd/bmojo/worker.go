@@ -58,11 +58,13 @@ parameters and optimizer state from a peer.`,
 			defer cli.Close()
 			cfg.Etcd = cli
 			cfg.Logger = log
-			stopHealth, err := serveHealth(health, log)
+			stopHealth, setHealth, err := serveHealth(health, log)
 			if err != nil {
 				return err
 			}
 			defer stopHealth()
+			setHealth(false, true) // not ready until registered and in the ring
+			cfg.Health = func(ready, live bool, _ string) { setHealth(ready, live) }
 			return worker.Run(ctx, cfg)
 		},
 	}

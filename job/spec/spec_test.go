@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/etcdtest"
 	"github.com/bmojo/bmojo/internal/testleak"
 	"github.com/bmojo/bmojo/job"
 )
@@ -21,16 +21,7 @@ func TestMain(m *testing.M) { testleak.Main(m) }
 func TestPutSpecRefusesAChangedJob(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: srv.Endpoints()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := etcdtest.Start(t)
 	j := job.Default()
 	j.Name, j.CheckpointDir = "spec-test", t.TempDir()
 	if _, resumed, err := Put(ctx, cli, j, 2, 1, "code"); err != nil || resumed {

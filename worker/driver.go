@@ -1,0 +1,376 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"math"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/bmojo/bmojo/allreduce"
+	"github.com/bmojo/bmojo/data"
+	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/train"
+)
+
+// This file drives the Machine (state.go): it feeds it what etcd, the work
+// it runs and the clock say, and carries out its actions. All protocol
+// decisions are the machine's; everything here is I/O.
+
+// fatalEvent ends the loop with err: the work could not run at all (the
+// data, a shape, the device), which no new ring can mend.
+type fatalEvent struct{ err error }
+
+func (fatalEvent) isEvent() {}
+
+// epochRing is the ring this worker trains in, once connected.
+type epochRing struct {
+	info   job.Ring
+	rank   int
+	red    *ringReducer
+	t0     time.Time // connected
+	tokens int       // trained by this worker in this epoch
+}
+
+// loop runs the machine until the job is done (nil), the machine stops on
+// a protocol error, or ctx ends.
+func (w *worker) loop(ctx context.Context) error {
+	m, err := NewMachine(MachineConfig{ID: w.cfg.ID, Endpoint: w.addr, Steps: w.job.Steps,
+		EvalEvery: w.job.EvalEvery, CheckpointEvery: w.job.CheckpointEvery, Step: w.eng.Step})
+	if err != nil {
+		return err
+	}
+	events := make(chan Event, 16)
+	results := make(chan Event, 1) // one piece of work runs at a time
+	w.bg.Go(func() { w.watch(ctx, events) })
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	m.Step(Registered{At: time.Now()})
+	m.Step(Tick{Now: time.Now()})
+	for {
+		for _, a := range m.Actions() {
+			if exit, err := w.execute(ctx, a, results); exit || err != nil {
+				return err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case ev := <-events:
+			m.Step(ev)
+		case ev := <-results:
+			if f, ok := ev.(fatalEvent); ok {
+				return f.err
+			}
+			m.Step(ev)
+		case now := <-tick.C:
+			m.Step(Tick{Now: now})
+		}
+	}
+}
+
+// execute carries out one action. Work (Connect, Train, Evaluate) runs on a
+// goroutine of its own and reports on results; the rest is done here.
+func (w *worker) execute(ctx context.Context, a Action, results chan<- Event) (exit bool, err error) {
+	run := func(f func() Event) {
+		w.bg.Go(func() {
+			ev := f()
+			select {
+			case results <- ev:
+			case <-ctx.Done():
+			}
+		})
+	}
+	switch a := a.(type) {
+	case CloseRing:
+		w.closeRing()
+	case PutReady:
+		w.log.Debug("ready", "epoch", a.Epoch, "step", a.Step)
+		return false, w.put(ctx, job.ReadyKey(a.Epoch, w.cfg.ID), job.Encode(job.Ready{Epoch: a.Epoch, Step: a.Step}))
+	case Connect:
+		run(func() Event { return w.connect(ctx, a) })
+	case Train:
+		ep := w.cur
+		run(func() Event { return w.trainStep(ep) })
+	case Evaluate:
+		ep := w.cur
+		run(func() Event { return w.evaluate(ep) })
+	case Record:
+		w.record(a)
+	case Progress:
+		w.lastVal = a.Val
+		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
+	case Checkpoint:
+		w.ckpt.start(a.Epoch, a.Val)
+	case Report:
+		w.log.Warn("peer failed", "epoch", a.Epoch, "suspect", a.Suspect, "error", a.Err)
+		rep := job.Report{Epoch: a.Epoch, Reporter: w.cfg.ID, Suspect: a.Suspect, Error: a.Err}
+		return false, w.put(ctx, job.KeyReports+w.cfg.ID, job.Encode(rep))
+	case Finish:
+		w.lastVal = a.Val
+		w.ckpt.start(w.cur.info.Epoch, a.Val)
+		w.ckpt.wait()
+		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
+		w.commits.flush(ctx)
+		w.commits.add(job.KeyDone, job.Encode(job.Done{Step: a.Step, ValLoss: a.Val, Loss: w.last.Loss}))
+		w.commits.flush(ctx)
+	case SetHealth:
+		w.log.Debug("health", "ready", a.Ready, "live", a.Live, "reason", a.Reason)
+		if w.cfg.Health != nil {
+			w.cfg.Health(a.Ready, a.Live, a.Reason)
+		}
+	case Exit:
+		w.log.Info("job done", "step", w.eng.Step)
+		return true, nil
+	case Fatal:
+		return true, a.Err
+	}
+	return false, nil
+}
+
+// connect opens the ring of a.Start.Epoch and, if asked, takes part in the
+// state transfer.
+func (w *worker) connect(ctx context.Context, a Connect) Event {
+	r, rank, st := a.Ring, a.Rank, a.Start
+	peers := make([]string, len(r.Members))
+	for i, m := range r.Members {
+		peers[i] = m.Endpoint
+	}
+	cfg := allreduce.Default()
+	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.HopTimeout, cfg.Logger = rank, peers, r.Epoch, w.cfg.HopTimeout, w.log
+	w.ringMu.Lock()
+	lis := w.lis
+	w.lis = nil
+	w.ringMu.Unlock()
+	if lis == nil {
+		var err error
+		if lis, err = listenRetry(ctx, peers[rank]); err != nil {
+			return fatalEvent{err}
+		}
+	}
+	ring, err := allreduce.New(cfg, lis)
+	if err != nil {
+		lis.Close()
+		return w.failed(r, err)
+	}
+	w.ringMu.Lock()
+	w.ring = ring
+	w.ringMu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err = ring.Connect(cctx)
+	cancel()
+	if err != nil {
+		return w.failed(r, err)
+	}
+	if st.Sync {
+		if err := w.broadcast(ctx, ring, st); err != nil {
+			return w.failed(r, err)
+		}
+	}
+	w.cur = &epochRing{info: r, rank: rank, t0: time.Now(),
+		red: &ringReducer{ctx: ctx, ring: ring, rank: rank, size: len(peers), be: w.eng.M.Backend()}}
+	w.log.Info("epoch started", "epoch", r.Epoch, "rank", rank, "step", w.eng.Step, "ring_size", len(peers),
+		"synced", st.Sync, "reason", r.Reason)
+	return Connected{Epoch: r.Epoch, Step: w.eng.Step, At: time.Now()}
+}
+
+// failed turns a collective's error into a Failed event naming the member
+// the ring blamed.
+func (w *worker) failed(r job.Ring, err error) Event {
+	ev := Failed{Epoch: r.Epoch, Err: err.Error()}
+	var pe *allreduce.PeerError
+	if errors.As(err, &pe) && pe.Rank >= 0 && pe.Rank < len(r.Members) {
+		ev.Suspect = r.Members[pe.Rank].ID
+	}
+	w.log.Warn("epoch ended", "epoch", r.Epoch, "step", w.eng.Step, "error", err)
+	return ev
+}
+
+// trainStep runs one step of the engine in ring ep and publishes this
+// worker's stats.
+func (w *worker) trainStep(ep *epochRing) Event {
+	ts := time.Now()
+	st, err := w.eng.TrainStep(ep.red)
+	if errors.Is(err, train.ErrStep) {
+		return fatalEvent{err}
+	}
+	if err != nil {
+		return w.failed(ep.info, err)
+	}
+	if st.Skipped {
+		w.log.Warn("non-finite loss or gradient; step skipped", "step", w.eng.Step-1, "loss", st.Loss, "grad_norm", st.GradNorm)
+	}
+	now := time.Now()
+	ep.tokens += st.Rows * w.eng.M.Cfg.SeqLen
+	w.last, w.lastTPS = st, float64(ep.tokens*len(ep.info.Members))/now.Sub(ep.t0).Seconds()
+	if now.Sub(w.lastStats) >= time.Second || w.eng.Step == w.job.Steps {
+		w.lastStats = now
+		w.commits.add(job.KeyStats+w.cfg.ID, job.Encode(job.WorkerStats{
+			ID: w.cfg.ID, Rank: ep.rank, Epoch: ep.info.Epoch, Step: w.eng.Step, Device: w.deviceDesc(),
+			StepSeconds: now.Sub(ts).Seconds(), DataSeconds: st.Data.Seconds(), ComputeSec: st.Compute.Seconds(),
+			WaitSeconds: st.Wait.Seconds(), OptimSeconds: st.Optim.Seconds(),
+			TokensPerS: float64(st.Rows*w.eng.M.Cfg.SeqLen) / now.Sub(ts).Seconds(), Loss: st.Loss, GradNorm: st.GradNorm,
+			Skipped: w.eng.Skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: unix(now),
+			GPU: w.gpuStats(), ArrivalUnix: unix(st.Arrive),
+		}))
+	}
+	return StepDone{Epoch: ep.info.Epoch, Step: w.eng.Step, At: now}
+}
+
+// evaluate runs the validation pass in ring ep.
+func (w *worker) evaluate(ep *epochRing) Event {
+	val, err := w.eng.Evaluate(ep.red)
+	if errors.Is(err, train.ErrStep) {
+		return fatalEvent{err}
+	}
+	if err != nil {
+		return w.failed(ep.info, err)
+	}
+	w.log.Info("eval", "epoch", ep.info.Epoch, "rank", ep.rank, "step", w.eng.Step, "train_loss", round4(w.last.Loss),
+		"val_loss", round4(val), "tokens_per_s", math.Round(w.lastTPS))
+	return EvalDone{Epoch: ep.info.Epoch, Step: w.eng.Step, Val: val, At: time.Now()}
+}
+
+// record queues the ledger entry of the step that ended at a.Step (the
+// ranges every member of the ring trained on) and the progress record.
+func (w *worker) record(a Record) {
+	r := w.cur.info
+	e := job.LedgerEntry{Step: a.Step - 1, Epoch: r.Epoch, Ranges: map[string]job.Range{}, Loss: w.last.Loss, Time: unix(time.Now())}
+	for i, m := range r.Members {
+		s, c, _ := data.BatchRange(a.Step-1, w.job.BatchSize, i, len(r.Members))
+		e.Ranges[m.ID] = job.Range{Start: s, Count: c}
+	}
+	w.commits.add(job.LedgerKey(a.Step-1), job.Encode(e))
+	w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
+}
+
+func (w *worker) progressRecord(step int) job.Progress {
+	return job.Progress{Step: step, Steps: w.job.Steps, Epoch: w.cur.info.Epoch, Loss: w.last.Loss, ValLoss: w.lastVal,
+		TokensPerS: w.lastTPS, Workers: len(w.cur.info.Members), Skipped: w.eng.Skipped, UpdatedUnix: unix(time.Now())}
+}
+
+// watch feeds the machine the ring, start and done records: a snapshot at
+// one revision, then watches from the next; when a watch breaks (etcd
+// restarting, the history compacted), a new snapshot and new watches.
+func (w *worker) watch(ctx context.Context, out chan<- Event) {
+	send := func(ev Event) bool {
+		select {
+		case out <- ev:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	for ctx.Err() == nil {
+		rev, evs, err := w.snapshot(ctx)
+		if err != nil {
+			w.log.Debug("etcd snapshot failed; retrying", "error", err)
+			sleep(ctx, 200*time.Millisecond)
+			continue
+		}
+		for _, ev := range evs {
+			if !send(ev) {
+				return
+			}
+		}
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		chans := []clientv3.WatchChan{
+			w.cli.Watch(wctx, w.key(job.KeyRing), clientv3.WithRev(rev+1)),
+			w.cli.Watch(wctx, w.key(job.KeyStart), clientv3.WithPrefix(), clientv3.WithRev(rev+1)),
+			w.cli.Watch(wctx, w.key(job.KeyDone), clientv3.WithRev(rev+1)),
+		}
+		w.follow(ctx, chans, send)
+		cancel()
+		sleep(ctx, 200*time.Millisecond)
+	}
+}
+
+// snapshot reads the ring, start and done records at one revision.
+func (w *worker) snapshot(ctx context.Context) (int64, []Event, error) {
+	var evs []Event
+	resp, err := w.cli.Get(ctx, w.key(job.KeyRing))
+	if err != nil {
+		return 0, nil, err
+	}
+	rev := resp.Header.Revision
+	kvs := resp.Kvs
+	sresp, err := w.cli.Get(ctx, w.key(job.KeyStart), clientv3.WithPrefix(), clientv3.WithRev(rev))
+	if err != nil {
+		return 0, nil, err
+	}
+	kvs = append(kvs, sresp.Kvs...)
+	dresp, err := w.cli.Get(ctx, w.key(job.KeyDone), clientv3.WithRev(rev))
+	if err != nil {
+		return 0, nil, err
+	}
+	kvs = append(kvs, dresp.Kvs...)
+	for _, kv := range kvs {
+		if ev := w.decode(string(kv.Key), kv.Value); ev != nil {
+			evs = append(evs, ev)
+		}
+	}
+	return rev, evs, nil
+}
+
+// follow forwards watch events until one of the watches ends.
+func (w *worker) follow(ctx context.Context, chans []clientv3.WatchChan, send func(Event) bool) {
+	for {
+		var resp clientv3.WatchResponse
+		var ok bool
+		select {
+		case <-ctx.Done():
+			return
+		case resp, ok = <-chans[0]:
+		case resp, ok = <-chans[1]:
+		case resp, ok = <-chans[2]:
+		}
+		if !ok || resp.Err() != nil {
+			if ok {
+				w.log.Debug("etcd watch ended; reading a new snapshot", "error", resp.Err())
+			}
+			return
+		}
+		for _, e := range resp.Events {
+			if e.Type != clientv3.EventTypePut {
+				continue
+			}
+			if ev := w.decode(string(e.Kv.Key), e.Kv.Value); ev != nil && !send(ev) {
+				return
+			}
+		}
+	}
+}
+
+// decode turns a ring, start or done record into the machine's event (nil
+// for a record that does not decode: it is logged and skipped).
+func (w *worker) decode(key string, value []byte) Event {
+	k := key[len(w.prefix):]
+	var err error
+	var ev Event
+	switch {
+	case k == job.KeyRing:
+		var r job.Ring
+		if err = job.Decode(k, value, &r); err == nil {
+			ev = RingSeen{Ring: r}
+		}
+	case k == job.KeyDone:
+		ev = DoneSeen{}
+	case len(k) > len(job.KeyStart) && k[:len(job.KeyStart)] == job.KeyStart:
+		var st job.Start
+		if err = job.Decode(k, value, &st); err == nil {
+			ev = StartSeen{Start: st}
+		}
+	default:
+		return nil
+	}
+	if err != nil {
+		w.log.Warn("skipping a record that does not decode", "key", k, "error", err)
+		return nil
+	}
+	return ev
+}
+
+func unix(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
+
+func round4(x float64) float64 { return math.Round(x*1e4) / 1e4 }
