@@ -538,6 +538,22 @@ func (r *Ring) Close() error {
 	return nil
 }
 
+// Err is nil while the ring can still reduce, else why it cannot: the
+// error that broke it, or ErrClosed. Long local work between collectives
+// (an evaluation pass) polls it to stop early instead of finishing work
+// whose sum can no longer be taken.
+func (r *Ring) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch {
+	case r.failed != nil:
+		return r.failed
+	case r.closed:
+		return fmt.Errorf("allreduce: rank %d: %w", r.rank, ErrClosed)
+	}
+	return nil
+}
+
 func (r *Ring) isStopping() bool {
 	select {
 	case <-r.stopCh:

@@ -78,6 +78,25 @@ func (c Config) Validate() error {
 			return bad("%s must be positive, got %d", p.name, p.v)
 		}
 	}
+	// Upper bounds: far beyond any model this code trains, and small enough
+	// that no size derived from them overflows or asks for an absurd
+	// allocation (a hostile job file or checkpoint gets this error, not a
+	// panic or an out-of-memory crash).
+	for _, p := range []struct {
+		name   string
+		v, max int
+	}{
+		{"vocab_size", c.VocabSize, 1 << 22}, {"d_model", c.DModel, 1 << 16}, {"n_layer", c.NLayer, 1 << 10},
+		{"seq_len", c.SeqLen, 1 << 22}, {"d_ff", c.DFF, 1 << 18}, {"d_inner", c.DInner, 1 << 18},
+		{"d_state", c.DState, 1 << 12}, {"d_conv", c.DConv, 1 << 10}, {"dt_rank", c.DtRank, 1 << 16},
+		{"n_head", c.NHead, 1 << 12}, {"n_kv_head", c.NKVHead, 1 << 12}, {"head_dim", c.HeadDim, 1 << 12},
+		{"window", c.Window, 1 << 22}, {"fading_window", c.FadingWindow, 1 << 22}, {"memory", c.Memory, 1 << 22},
+		{"chunk", c.Chunk, 1 << 22}, {"select_per_chunk", c.SelectPerChunk, 1 << 22},
+	} {
+		if p.v > p.max {
+			return bad("%s must be at most %d, got %d", p.name, p.max, p.v)
+		}
+	}
 	nonneg := []struct {
 		name string
 		v    int
@@ -135,6 +154,9 @@ func (c Config) Validate() error {
 			return bad("rope_theta must be positive, got %v", c.RopeTheta)
 		}
 	}
+	if n := NewLayout(c).Total; n > MaxParams {
+		return bad("%d parameters is more than this build trains (%d)", n, MaxParams)
+	}
 	if hasBMOJO && c.Memory > 0 {
 		if c.Chunk <= 0 {
 			return bad("chunk must be positive when memory > 0, got %d", c.Chunk)
@@ -154,6 +176,10 @@ func (c Config) Validate() error {
 	}
 	return nil
 }
+
+// MaxParams bounds a model's parameter count (16 Gi: 64 GiB of float32
+// weights, before gradients and moments).
+const MaxParams = 1 << 34
 
 // Families are the model kinds of docs/model.md §1, the paper's special cases.
 var Families = []string{"bmojo", "bmojo-f", "mamba", "swa", "transformer", "hybrid"}

@@ -2,6 +2,7 @@ package model
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -31,6 +32,31 @@ func TestLayerRangesPartition(t *testing.T) {
 		}
 		if next != l.Total {
 			t.Fatalf("%s: ranges end at %d, the vector has %d", preset, next, l.Total)
+		}
+	}
+}
+
+// TestHostileSizesRefused: sizes that would overflow or ask for an absurd
+// allocation are an error naming the field, never a panic.
+func TestHostileSizesRefused(t *testing.T) {
+	base, err := Preset("bmojo-tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		tweak func(*Config)
+		want  string
+	}{
+		{"d_model 2^40", func(c *Config) { c.DModel = 1 << 40 }, "d_model must be at most"},
+		{"vocab 2^40", func(c *Config) { c.VocabSize = 1 << 40 }, "vocab_size must be at most"},
+		{"seq_len 2^40", func(c *Config) { c.SeqLen = 1 << 40 }, "seq_len must be at most"},
+		{"too many parameters", func(c *Config) { c.VocabSize, c.DModel = 1<<22, 1<<16 }, "parameters is more than"},
+	} {
+		c := base
+		tc.tweak(&c)
+		if err := c.Validate(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
 		}
 	}
 }

@@ -61,6 +61,9 @@ type Reducer interface {
 	Finish() error
 	// Sum returns the element-wise sums of xs over the replicas.
 	Sum(xs []float64) ([]float64, error)
+	// Err is nil while the replicas can still sum, else why not (a peer
+	// failed): long local work polls it to stop early.
+	Err() error
 }
 
 // Local is the Reducer of a single replica: every sum is the value itself.
@@ -73,6 +76,7 @@ func (Local) Size() int                           { return 1 }
 func (Local) Start(kernels.Buffer, float32)       {}
 func (Local) Finish() error                       { return nil }
 func (Local) Sum(xs []float64) ([]float64, error) { return xs, nil }
+func (Local) Err() error                          { return nil }
 
 // StepStats reports one step.
 type StepStats struct {
@@ -197,7 +201,10 @@ func (e *Engine) Evaluate(r Reducer) (float64, error) {
 			return 0, fmt.Errorf("%w: eval: %w", ErrStep, err)
 		}
 	}
-	sum, cnt, err := EvalSum(e.M, e.Val, start, count)
+	sum, cnt, err := evalSum(e.M, e.Val, start, count, r.Err)
+	if err := r.Err(); err != nil {
+		return 0, err // the ring broke meanwhile: the pass is redone in the next
+	}
 	if err != nil {
 		return 0, fmt.Errorf("%w: %w", ErrStep, err)
 	}

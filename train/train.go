@@ -253,9 +253,20 @@ func Evaluate(m *model.Model[float32], ds *data.Dataset, batches int) (float64, 
 // windows [start, start+n) of s, so data-parallel ranks can evaluate
 // disjoint shares and add them up.
 func EvalSum(m *model.Model[float32], s *data.Sampler, start, n int) (sum float64, count int, err error) {
+	return evalSum(m, s, start, n, nil)
+}
+
+// evalSum is EvalSum, stopping early (with the error) when stop, checked
+// between batches, returns one.
+func evalSum(m *model.Model[float32], s *data.Sampler, start, n int, stop func() error) (sum float64, count int, err error) {
 	B, T := m.B, m.T
 	tokens, targets := make([]int32, B*T), make([]int32, B*T)
 	for i := 0; i < n; i += B {
+		if stop != nil {
+			if err := stop(); err != nil {
+				return 0, 0, err
+			}
+		}
 		k := min(B, n-i)
 		if err := s.Fill(0, start+i, k, tokens[:k*T], targets[:k*T]); err != nil {
 			return 0, 0, fmt.Errorf("eval: %w", err)

@@ -28,8 +28,9 @@ type bucket struct {
 	h    *allreduce.Handle
 }
 
-func (r *ringReducer) Rank() int { return r.rank }
-func (r *ringReducer) Size() int { return r.size }
+func (r *ringReducer) Rank() int  { return r.rank }
+func (r *ringReducer) Err() error { return r.ring.Err() }
+func (r *ringReducer) Size() int  { return r.size }
 
 func (r *ringReducer) Start(g kernels.Buffer, scale float32) {
 	if r.started == len(r.bufs) {

@@ -556,3 +556,31 @@ func TestOneWorkerMatchesSingleProcess(t *testing.T) {
 	}
 	t.Logf("%d steps: losses, val loss %.6f and checkpoint tensors identical", steps, want.ValLoss)
 }
+
+// TestKillDuringFinalEvaluation: rank 0, which writes done, is SIGKILLed
+// while the last step's evaluation runs. The survivors re-form the ring,
+// evaluate again and the new rank 0 finishes the job: nobody waits for a
+// done that no one would write.
+func TestKillDuringFinalEvaluation(t *testing.T) {
+	const steps, batch = 12, 6
+	j := newJob(t, "final-eval", steps, batch)
+	j.EvalBatches = 0 // the whole validation split: an evaluation of seconds
+	r := startJob(t, j, 3)
+	r.until(t, 2*time.Minute, "the last step recorded", func(ctx context.Context) bool {
+		return r.progress(ctx, j.Name).Step == steps
+	})
+	if err := r.proc("worker-0").Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	res := r.wait(t)
+	if res.Done.Step != steps || !(res.Done.ValLoss > 0) {
+		t.Fatalf("job ended with %+v, want step %d and a validation loss", res.Done, steps)
+	}
+	l := ledger(t, res, j.Name)
+	checkExactlyOnce(t, l, steps, batch)
+	if last := l[steps-1].Epoch; res.Progress.Epoch <= last {
+		t.Fatalf("the job finished in epoch %d, the last step's: the kill came after the final evaluation (make it longer)", last)
+	}
+	t.Logf("rank 0 killed during the final evaluation; finished in epoch %d (last step in %d), val loss %.4f",
+		res.Progress.Epoch, l[steps-1].Epoch, res.Done.ValLoss)
+}
