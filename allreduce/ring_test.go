@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/hashicorp/go-hclog"
 )
 
@@ -26,17 +27,7 @@ func testConfig() Config {
 	return c
 }
 
-func testLogger(t *testing.T) hclog.Logger {
-	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Warn, Output: testWriter{t}})
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
+func testLogger(t *testing.T) hclog.Logger { return testlog.New(t, hclog.Warn) }
 
 // checkNoLeaks fails the test if goroutines started during it are still
 // running shortly after it ends.

@@ -21,6 +21,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/testleak"
+	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/bmojo/bmojo/job"
 )
 
@@ -36,7 +37,7 @@ func testLogger(t *testing.T, name string) hclog.Logger {
 	if testing.Verbose() {
 		level = hclog.Info
 	}
-	return hclog.New(&hclog.LoggerOptions{Name: name, Level: level, Output: os.Stderr})
+	return testlog.New(t, level).Named(name)
 }
 
 // testConfig shrinks every timeout.

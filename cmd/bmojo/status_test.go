@@ -15,6 +15,7 @@ import (
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/monitor"
 	"github.com/bmojo/bmojo/internal/monitor/monitortest"
+	"github.com/bmojo/bmojo/internal/testlog"
 )
 
 // runStatus runs `bmojo status args...` in-process and returns its output.
@@ -32,7 +33,7 @@ func runStatus(t *testing.T, args ...string) (string, error) {
 func TestStatusCommand(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn})
+	log := testlog.New(t, hclog.Warn)
 	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir(), Logger: log})
 	if err != nil {
 		t.Fatal(err)

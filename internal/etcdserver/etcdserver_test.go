@@ -11,15 +11,14 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/internal/testleak"
+	"github.com/bmojo/bmojo/internal/testlog"
 )
 
 func TestMain(m *testing.M) {
 	testleak.Main(m)
 }
 
-func testLogger(t *testing.T) hclog.Logger {
-	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Warn, Output: hclog.DefaultOutput})
-}
+func testLogger(t *testing.T) hclog.Logger { return testlog.New(t, hclog.Warn) }
 
 func TestStartPutRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

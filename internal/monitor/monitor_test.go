@@ -23,6 +23,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/monitor/monitortest"
+	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/bmojo/bmojo/job"
 )
 
@@ -33,7 +34,7 @@ func testLogger(t *testing.T) hclog.Logger {
 	if testing.Verbose() {
 		level = hclog.Debug
 	}
-	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: level, Output: os.Stderr})
+	return testlog.New(t, level)
 }
 
 // startEtcd starts an embedded etcd and returns a client of it.

@@ -22,6 +22,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/internal/testbin"
+	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 )
@@ -34,13 +35,6 @@ func TestMain(m *testing.M) {
 	flag.Parse()
 	_, err := os.Stat(chromium)
 	testbin.Main(m.Run, &bmojoBin, err != nil || testing.Short()) // without chromium the test skips and says why
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(b []byte) (int, error) {
-	w.t.Log(string(b))
-	return len(b), nil
 }
 
 func TestDashboardLiveRun(t *testing.T) {
@@ -82,7 +76,7 @@ func TestDashboardLiveRun(t *testing.T) {
 	go func() {
 		_, err := localrun.Run(runCtx, j, localrun.Options{
 			Workers: 2, Executable: bmojoBin, HTTP: "127.0.0.1:0", CoordinatorLevel: "warn",
-			Logger: hclog.New(&hclog.LoggerOptions{Name: "run", Level: hclog.Warn, Output: testWriter{t}}),
+			Logger: testlog.New(t, hclog.Warn).Named("run"),
 			OnHTTP: func(u string) { url <- u },
 			OnWorker: func(id string, p *os.Process) {
 				mu.Lock()
