@@ -462,6 +462,11 @@ func TestWeightsMismatchNamesTheTensor(t *testing.T) {
 			bad := c
 			bad.VocabSize = 1 << 40
 			return ts, model.ConfigMetadata(bad)
+		}, "vocab_size must be at most"},
+		{"config unlike the tensors", func(ts []safetensors.Tensor) ([]safetensors.Tensor, map[string]string) {
+			bad := c
+			bad.VocabSize *= 2
+			return ts, model.ConfigMetadata(bad)
 		}, "embed.weight"},
 	}
 	for _, tc := range cases {
