@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -153,8 +155,13 @@ func TestMetricsAndStatus(t *testing.T) {
 	for _, w := range s.Workers {
 		byID[w.ID] = w
 	}
-	if w := byID["w1"]; w.State != "up" || w.Rank != 1 || !w.Straggler || w.Endpoint != "10.0.0.2:7000" {
+	if w := byID["w1"]; w.State != "up" || w.Rank != 1 || !w.Straggler {
 		t.Errorf("w1 %+v: want up at rank 1, the straggler", w)
+	}
+	for _, w := range s.Workers {
+		if w.Endpoint != "" {
+			t.Errorf("%s: endpoint %q shown without a token", w.ID, w.Endpoint)
+		}
 	}
 	if w := byID["w2"]; w.State != "down" || w.Up || w.Rank != -1 || !strings.Contains(w.Reason, "left") {
 		t.Errorf("w2 %+v: want down, with the left event as reason", w)
@@ -401,5 +408,66 @@ func TestTensorBoardExport(t *testing.T) {
 	}
 	if n["loss"] != 40 || n["val_loss"] != 2 || n["tokens_per_s"] != 40 {
 		t.Errorf("scalars per tag %v, want 40 loss, 2 val_loss, 40 tokens_per_s", n)
+	}
+}
+
+// TestStatusEndpointsNeedAToken: the workers' endpoints (where their rings
+// listen) are in /api/v1/status only for a caller with the token.
+func TestStatusEndpointsNeedAToken(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cli := startEtcd(t, ctx)
+	if err := monitortest.Populate(ctx, cli, testJob); err != nil {
+		t.Fatal(err)
+	}
+	_, url := serve(t, ctx, cli, testJob, "sekret")
+	if code, _ := get(t, url+"/api/v1/status", ""); code != http.StatusUnauthorized {
+		t.Fatalf("status without the token: %d, want 401", code)
+	}
+	var s Status
+	waitFor(t, ctx, 10*time.Second, "the populated job", func() bool {
+		code, body := get(t, url+"/api/v1/status", "sekret")
+		return code == http.StatusOK && json.Unmarshal(body, &s) == nil && len(s.Workers) > 0
+	})
+	for _, w := range s.Workers {
+		if w.ID == "w1" && w.Endpoint != "10.0.0.2:7000" {
+			t.Errorf("w1's endpoint %q with the token, want 10.0.0.2:7000", w.Endpoint)
+		}
+	}
+}
+
+// TestHostCheckOnLoopback: a server on a loopback address answers requests
+// naming localhost or a loopback IP, and refuses other host names (DNS
+// rebinding) with 421.
+func TestHostCheckOnLoopback(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: HostCheck(ln, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {})),
+		ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	for host, want := range map[string]int{
+		fmt.Sprintf("127.0.0.1:%d", port):    http.StatusOK,
+		fmt.Sprintf("localhost:%d", port):    http.StatusOK,
+		"[::1]":                              http.StatusOK,
+		fmt.Sprintf("evil.example:%d", port): http.StatusMisdirectedRequest,
+		fmt.Sprintf("10.1.2.3:%d", port):     http.StatusMisdirectedRequest,
+	} {
+		req, err := http.NewRequest("GET", "http://"+ln.Addr().String()+"/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("Host %s: %d, want %d", host, resp.StatusCode, want)
+		}
 	}
 }

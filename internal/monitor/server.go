@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"net"
 	"net/http"
+	"strings"
 	"syscall"
 	"time"
 
@@ -50,6 +51,13 @@ func (m *Monitor) Handler() http.Handler {
 
 func (m *Monitor) serveStatus(w http.ResponseWriter, _ *http.Request) {
 	s, err := m.Status()
+	if err == nil && m.cfg.Token == "" {
+		// Without a token anyone who reaches the port reads this: leave out
+		// where the workers listen.
+		for i := range s.Workers {
+			s.Workers[i].Endpoint = ""
+		}
+	}
 	switch {
 	case errors.Is(err, ErrNoJob):
 		writeJSON(w, http.StatusNotFound, errorBody{Error: err.Error(), Job: m.cfg.JobName})
@@ -93,6 +101,31 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_ = enc.Encode(v) // the client went away: nothing to do
 }
 
+// HostCheck guards next against DNS rebinding when ln is a loopback
+// address: a browser tricked into sending a page's requests to 127.0.0.1
+// still sends the attacker's host name, and gets 421 Misdirected Request.
+// Requests naming localhost or a loopback IP (any port) pass. On other
+// addresses the check is left to the token and the network.
+func HostCheck(ln net.Listener, next http.Handler) http.Handler {
+	a, ok := ln.Addr().(*net.TCPAddr)
+	if !ok || !a.IP.IsLoopback() {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := r.Host
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		host = strings.Trim(host, "[]")
+		if ip := net.ParseIP(host); !(strings.EqualFold(host, "localhost") || ip != nil && ip.IsLoopback()) {
+			http.Error(w, fmt.Sprintf("monitor: host %q is not this loopback server's: open it as http://127.0.0.1:%d/", r.Host, a.Port),
+				http.StatusMisdirectedRequest)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
 // Listen listens on addr; when fallback is set and addr's port is taken,
 // it listens on a free port of the same host instead.
 func Listen(addr string, fallback bool) (net.Listener, error) {
@@ -122,7 +155,10 @@ func URL(ln net.Listener) string {
 
 // Serve runs the cache (Run) and the HTTP server on ln until ctx ends.
 func (m *Monitor) Serve(ctx context.Context, ln net.Listener) error {
-	srv := &http.Server{Handler: m.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: HostCheck(ln, m.Handler()),
+		// Bounded everything: the dashboard polls small JSON documents.
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	runErr := make(chan error, 1)
