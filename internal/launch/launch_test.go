@@ -87,12 +87,24 @@ func hardened(t *testing.T, m *Manifests) {
 		switch o.GetKind() {
 		case "Deployment", "StatefulSet", "Job":
 			path = []string{"spec", "template", "spec"}
+		case "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding":
+			// Nothing in a job talks to the Kubernetes API.
+			t.Errorf("%s/%s: a job needs no API access", o.GetKind(), o.GetName())
+			continue
+		case "ServiceAccount":
+			if v, ok, _ := unstructured.NestedBool(o.Object, "automountServiceAccountToken"); !ok || v {
+				t.Errorf("ServiceAccount/%s mounts its token", o.GetName())
+			}
+			continue
 		default:
 			continue
 		}
 		workloads++
 		spec, _, _ := unstructured.NestedMap(o.Object, path...)
 		id := o.GetKind() + "/" + o.GetName()
+		if v, ok, _ := unstructured.NestedBool(spec, "automountServiceAccountToken"); !ok || v {
+			t.Errorf("%s: the pod mounts a service-account token", id)
+		}
 		if v, _, _ := unstructured.NestedBool(spec, "securityContext", "runAsNonRoot"); !v {
 			t.Errorf("%s: runAsNonRoot not set", id)
 		}
