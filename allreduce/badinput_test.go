@@ -150,6 +150,48 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
+// TestStashBounded: a predecessor may run one collective ahead of this
+// rank, and no further: frames beyond that collective's buffer, frames
+// disagreeing on its length, or a buffer longer than MaxElems are refused
+// naming the predecessor, before anything is applied.
+func TestStashBounded(t *testing.T) {
+	checkNoLeaks(t)
+	const length = 8
+	frame := func(step, chunk, elems int, total uint64) *outFrame {
+		h := &pb.FrameHeader{Kind: pb.Kind_KIND_DATA, Epoch: 5, SrcRank: 0, WorldSize: 2, Op: 1,
+			Step: uint32(step), Chunk: uint32(chunk), TotalElems: total, Dtype: pb.DType_DTYPE_F32, Elems: uint32(elems)}
+		return &outFrame{hdr: h, inline: make([]byte, elems*4)}
+	}
+	for _, c := range []struct {
+		name   string
+		frames []any
+	}{
+		// Two of these are all of an 8-element buffer; a third is more.
+		{"more than one collective", []any{frame(0, 0, 4, length), frame(1, 0, 4, length), frame(2, 0, 4, length)}},
+		{"lengths disagree", []any{frame(0, 0, 4, length), frame(1, 0, 4, 1<<20)}},
+		{"longer than MaxElems", []any{frame(0, 0, 4, 1<<31)}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := testConfig()
+			cfg.HopTimeout = time.Second
+			cfg.MaxElems = 1 << 30
+			fp, real := newFakePred(t, cfg)
+			for _, f := range c.frames {
+				fp.send(t, f)
+			}
+			time.Sleep(100 * time.Millisecond) // the frames arrive before the collective starts: stashed
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			err := real.Start(make([]float32, length), Sum).Wait(ctx)
+			var pe *PeerError
+			if !errors.Is(err, ErrProtocol) || !errors.As(err, &pe) || pe.Rank != 0 {
+				t.Fatalf("err = %v, want a PeerError blaming rank 0 for a protocol violation", err)
+			}
+			t.Log(err)
+		})
+	}
+}
+
 // checkPeerFailure: err is a *PeerError wrapping want that blames rank 0
 // (and step, unless step < 0), returned within 3 s after wantDelay.
 func checkPeerFailure(t *testing.T, err error, el time.Duration, want error, step int, wantDelay time.Duration) *PeerError {

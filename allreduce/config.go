@@ -57,6 +57,12 @@ type Config struct {
 	// straight into frame buffers; written one HTTP/2 frame per syscall).
 	// Default: reads unbuffered, 1 MiB write buffer.
 	ReadBufferBytes, WriteBufferBytes int
+	// MaxElems bounds a collective's length in elements: frames announcing
+	// a longer buffer are refused, and so is a predecessor running ahead
+	// with more than one such buffer of frames (see Ring's stash). Set it to
+	// the largest buffer this process reduces. Default 1<<30 (4 GiB of
+	// float32).
+	MaxElems int
 	// ServerTLS and ClientTLS enable (mutual) TLS when both are set: the
 	// server side should set ClientAuth = tls.RequireAndVerifyClientCert.
 	ServerTLS, ClientTLS *tls.Config
@@ -92,6 +98,7 @@ func Default() Config {
 		WindowBytes:      32 << 20,
 		ReadBufferBytes:  -1,
 		WriteBufferBytes: 1 << 20,
+		MaxElems:         1 << 30,
 	}
 }
 
@@ -123,6 +130,9 @@ func (c *Config) fillDefaults() {
 	}
 	if c.WriteBufferBytes == 0 {
 		c.WriteBufferBytes = d.WriteBufferBytes
+	}
+	if c.MaxElems == 0 {
+		c.MaxElems = d.MaxElems
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()

@@ -63,6 +63,7 @@ type Ring struct {
 	cur      *opState
 	lastOp   uint64
 	stash    map[uint64][]*inFrame
+	stashed  int64 // elements in stash, all of one collective (lastOp+1)
 	inCount  int
 	inWant   int
 	inReady  chan struct{}
@@ -701,6 +702,7 @@ func (r *Ring) run(h *Handle) error {
 	r.opCh = make(chan struct{})
 	stashed := r.stash[op.id]
 	delete(r.stash, op.id)
+	r.stashed = 0
 	r.mu.Unlock()
 	for _, f := range stashed {
 		if err := r.apply(op, f); err != nil {
@@ -900,8 +902,21 @@ func (r *Ring) deliver(f *inFrame, stream int) error {
 		r.mu.Unlock()
 		return r.apply(op, f)
 	case h.GetOp() == r.lastOp+1 && len(r.stash[h.GetOp()]) < maxStashed:
-		// The predecessor may run up to one collective ahead of us.
+		// The predecessor may run up to one collective ahead of us: at
+		// most that collective's buffer, whose length every frame of it
+		// announces alike, and never more than MaxElems.
+		total := h.GetTotalElems()
+		if fs := r.stash[h.GetOp()]; len(fs) > 0 && fs[0].hdr.GetTotalElems() != total ||
+			total > uint64(r.cfg.MaxElems) || uint64(r.stashed)+uint64(h.GetElems()) > total {
+			stashed := r.stashed
+			r.mu.Unlock()
+			f.release()
+			return &PeerError{Rank: r.pred, Via: r.rank, Op: h.GetOp(), Step: int(h.GetStep()), Chunk: int(h.GetChunk()),
+				Err: fmt.Errorf("running ahead with more than one collective: %d elements stashed, a frame of %d more, for a buffer of %d (at most %d): %w",
+					stashed, h.GetElems(), total, r.cfg.MaxElems, ErrProtocol)}
+		}
 		r.stash[h.GetOp()] = append(r.stash[h.GetOp()], f)
+		r.stashed += int64(h.GetElems())
 		r.mu.Unlock()
 		return nil
 	default:

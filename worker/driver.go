@@ -139,6 +139,7 @@ func (w *worker) connect(ctx context.Context, a Connect) Event {
 	}
 	cfg := allreduce.Default()
 	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.HopTimeout, cfg.Logger = rank, peers, r.Epoch, w.cfg.HopTimeout, w.log
+	cfg.MaxElems = 3*w.eng.M.Layout.Total + 2 // the largest collective: the state transfer (broadcast)
 	w.ringMu.Lock()
 	lis := w.lis
 	w.lis = nil
