@@ -23,7 +23,7 @@ import (
 	"github.com/prometheus/common/model"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/etcdtest"
 	"github.com/bmojo/bmojo/internal/monitor/monitortest"
 	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/bmojo/bmojo/job"
@@ -37,22 +37,6 @@ func testLogger(t *testing.T) hclog.Logger {
 		level = hclog.Debug
 	}
 	return testlog.New(t, level)
-}
-
-// startEtcd starts an embedded etcd and returns a client of it.
-func startEtcd(t *testing.T, ctx context.Context) *clientv3.Client {
-	t.Helper()
-	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: t.TempDir(), Logger: testLogger(t).Named("etcd")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Close)
-	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: srv.Endpoints()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
 }
 
 // serve runs a monitor of job and an HTTP server of its handler.
@@ -112,7 +96,7 @@ func get(t *testing.T, url, token string) (int, []byte) {
 func TestMetricsAndStatus(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cli := startEtcd(t, ctx)
+	cli := etcdtest.Start(t)
 	// The monitor starts first: every record comes through its watch, as
 	// in a live job (a snapshot holds only the newest progress record, so
 	// the ETA and the val-loss curve build up from the watch).
@@ -280,7 +264,7 @@ func TestMetricsAndStatus(t *testing.T) {
 func TestAuthAndMissingJob(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cli := startEtcd(t, ctx)
+	cli := etcdtest.Start(t)
 	if err := monitortest.Populate(ctx, cli, testJob); err != nil {
 		t.Fatal(err)
 	}
@@ -368,7 +352,7 @@ func TestTensorBoardRoundTrip(t *testing.T) {
 func TestTensorBoardExport(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cli := startEtcd(t, ctx)
+	cli := etcdtest.Start(t)
 	dir := t.TempDir()
 	m, err := New(Config{JobName: testJob, Client: cli, TensorBoardDir: dir, Logger: testLogger(t)})
 	if err != nil {
@@ -416,7 +400,7 @@ func TestTensorBoardExport(t *testing.T) {
 func TestStatusEndpointsNeedAToken(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cli := startEtcd(t, ctx)
+	cli := etcdtest.Start(t)
 	if err := monitortest.Populate(ctx, cli, testJob); err != nil {
 		t.Fatal(err)
 	}
