@@ -1,5 +1,5 @@
 # Developer shortcuts; CI runs .ci/run.
-.PHONY: ptx ptx-check build build-cuda test
+.PHONY: ptx ptx-check build build-cuda test fuzz
 
 ptx: ## regenerate kernels/cuda/ptx from kernels/cuda/csrc (needs nvcc)
 	scripts/gen-ptx.sh
@@ -15,3 +15,13 @@ build-cuda: ptx ## the GPU binary: CGO, links only libcuda.so.1
 
 test:
 	go test ./...
+
+# Every fuzz target for FUZZTIME each (CI runs them for 10 s).
+FUZZTIME ?= 1m
+FUZZ_TARGETS = FuzzParse:./job FuzzDecodeRecords:./job FuzzParseConfig:./model FuzzLaunchFile:./internal/launch \
+	FuzzParseShard:./data FuzzDecodeFrame:./allreduce FuzzParse:./internal/safetensors
+fuzz: ## run every fuzz target for FUZZTIME (default 1m)
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== $${t%%:*} in $${t#*:}"; \
+		go test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) "$${t#*:}" || exit 1; \
+	done

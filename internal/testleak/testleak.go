@@ -5,6 +5,9 @@
 package testleak
 
 import (
+	"flag"
+	"fmt"
+	"os"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -25,7 +28,20 @@ func Options(extra ...goleak.Option) []goleak.Option {
 
 // Main is a TestMain body: it runs the tests, then fails the binary if a
 // goroutine started by them is still running (goleak waits a moment for
-// ones that are ending).
+// ones that are ending). A fuzzing run (-fuzz) is not checked: its workers
+// are other processes, and the fuzzing engine's own goroutines outlive it.
 func Main(m *testing.M, extra ...goleak.Option) {
-	goleak.VerifyTestMain(m, Options(extra...)...)
+	code := m.Run()
+	if code == 0 && !fuzzing() {
+		if err := goleak.Find(Options(extra...)...); err != nil {
+			fmt.Fprintf(os.Stderr, "testleak: goroutines left running after the tests: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+func fuzzing() bool {
+	f := flag.Lookup("test.fuzz")
+	return f != nil && f.Value.String() != ""
 }
