@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -84,14 +85,6 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.CertFile != "" {
 		scheme = "https"
 	}
-	curl, err := urlOrFree(cfg.ClientURL, "ClientURL (--listen-client)", scheme)
-	if err != nil {
-		return nil, err
-	}
-	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)", "http")
-	if err != nil {
-		return nil, err
-	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: data dir: %w", ErrStart, err)
 	}
@@ -102,6 +95,31 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 
 	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
 		return nil, fmt.Errorf("%w: CertFile and KeyFile go together", ErrBadConfig)
+	}
+	// A port picked free can be taken by another process before etcd binds
+	// it: then pick again (a port the caller named is not retried).
+	for attempt := 1; ; attempt++ {
+		s, err := start(ctx, cfg, scheme)
+		var inUse bool
+		if err != nil {
+			inUse = errors.Is(err, syscall.EADDRINUSE) && (cfg.ClientURL == "" || cfg.PeerURL == "")
+		}
+		if !inUse || attempt == 5 {
+			return s, err
+		}
+		cfg.Logger.Debug("a free port was taken before etcd bound it; picking another", "error", err)
+	}
+}
+
+// start is one attempt of Start.
+func start(ctx context.Context, cfg Config, scheme string) (*Server, error) {
+	curl, err := urlOrFree(cfg.ClientURL, "ClientURL (--listen-client)", scheme)
+	if err != nil {
+		return nil, err
+	}
+	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)", "http")
+	if err != nil {
+		return nil, err
 	}
 	if (cfg.CertFile != "") != (curl.Scheme == "https") {
 		return nil, fmt.Errorf("%w: ClientURL %s: TLS needs https and a certificate, plain needs http", ErrBadConfig, curl)
