@@ -109,6 +109,7 @@ func (w *worker) execute(ctx context.Context, a Action, results chan<- Event) (e
 		return false, w.put(ctx, job.KeyReports+w.cfg.ID, job.Encode(rep))
 	case Finish:
 		w.lastVal = a.Val
+		w.ckpt.wait() // a checkpoint still writing would make start skip the last one
 		w.ckpt.start(w.cur.info.Epoch, a.Val)
 		w.ckpt.wait()
 		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
