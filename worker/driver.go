@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -358,7 +359,7 @@ func (w *worker) decode(key string, value []byte) Event {
 		}
 	case k == job.KeyDone:
 		ev = DoneSeen{}
-	case len(k) > len(job.KeyStart) && k[:len(job.KeyStart)] == job.KeyStart:
+	case strings.HasPrefix(k, job.KeyStart) && len(k) > len(job.KeyStart):
 		var st job.Start
 		if err = job.Decode(k, value, &st); err == nil {
 			ev = StartSeen{Start: st}
