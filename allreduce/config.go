@@ -2,6 +2,7 @@ package allreduce
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"time"
 
@@ -66,6 +67,13 @@ type Config struct {
 	// ServerTLS and ClientTLS enable (mutual) TLS when both are set: the
 	// server side should set ClientAuth = tls.RequireAndVerifyClientCert.
 	ServerTLS, ClientTLS *tls.Config
+	// VerifyPeer, with TLS, binds ranks to identities: it is called with
+	// the certificate the predecessor presents on each incoming stream and
+	// the one the successor presents to our dial, and the rank that peer
+	// must hold; an error refuses the connection before any frame of it is
+	// read (aborts included). Without it, any certificate the CA signed may
+	// take any slot.
+	VerifyPeer func(rank int, cert *x509.Certificate) error
 	// Logger is the parent logger; the ring logs under Named("allreduce").
 	// Default: a null logger.
 	Logger hclog.Logger
@@ -169,6 +177,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("allreduce: WriteBufferBytes %d below -1: %w", c.WriteBufferBytes, ErrConfig)
 	case (c.ServerTLS == nil) != (c.ClientTLS == nil):
 		return fmt.Errorf("allreduce: set both ServerTLS and ClientTLS, or neither: %w", ErrConfig)
+	case c.VerifyPeer != nil && c.ServerTLS == nil:
+		return fmt.Errorf("allreduce: VerifyPeer needs ServerTLS and ClientTLS (identities are certificates): %w", ErrConfig)
 	}
 	return nil
 }

@@ -26,6 +26,9 @@ var (
 	// ErrPeerFailed: a neighbour's stream broke, or another rank reported
 	// a failure around the ring.
 	ErrPeerFailed = errors.New("peer failed")
+	// ErrIdentity: a peer's certificate does not name the rank it connects
+	// as (Config.VerifyPeer refused it).
+	ErrIdentity = errors.New("peer identity refused")
 )
 
 // PeerError names the rank a collective failed on and, where known, the
@@ -74,6 +77,8 @@ func toStatus(err error) error {
 		code = codes.Unavailable
 	case errors.Is(err, ErrHopTimeout):
 		code = codes.DeadlineExceeded
+	case errors.Is(err, ErrIdentity):
+		code = codes.PermissionDenied
 	default:
 		code = codes.Aborted
 	}

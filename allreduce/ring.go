@@ -2,6 +2,8 @@ package allreduce
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +21,7 @@ import (
 	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
 	pb "github.com/bmojo/bmojo/proto/allreducepb"
 )
@@ -270,7 +273,28 @@ func (r *Ring) Connect(ctx context.Context) error {
 func (r *Ring) dial(addr string) (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if r.cfg.ClientTLS != nil {
-		creds = credentials.NewTLS(r.cfg.ClientTLS)
+		tc := r.cfg.ClientTLS
+		if verify := r.cfg.VerifyPeer; verify != nil {
+			// The successor must hold the successor's slot too: our
+			// gradients go to no one else.
+			tc = tc.Clone()
+			base, succ := tc.VerifyConnection, r.succ
+			tc.VerifyConnection = func(cs tls.ConnectionState) error {
+				if base != nil {
+					if err := base(cs); err != nil {
+						return err
+					}
+				}
+				if len(cs.PeerCertificates) == 0 {
+					return fmt.Errorf("allreduce: successor rank %d presented no certificate: %w", succ, ErrIdentity)
+				}
+				if err := verify(succ, cs.PeerCertificates[0]); err != nil {
+					return fmt.Errorf("allreduce: successor rank %d: %v: %w", succ, err, ErrIdentity)
+				}
+				return nil
+			}
+		}
+		creds = credentials.NewTLS(tc)
 	}
 	c, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(creds),
@@ -1010,6 +1034,15 @@ type ringServer struct {
 // Push serves one stream from the predecessor.
 func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSummary]) error {
 	r := s.r
+	if err := r.checkPeerIdentity(stream.Context()); err != nil {
+		// Not the predecessor's stream: nothing of it is read, and the
+		// ring goes on (a stranger must not be able to fail it).
+		r.log.Warn("refused stream", "error", err)
+		r.mu.Lock()
+		r.refused = err
+		r.mu.Unlock()
+		return toStatus(err)
+	}
 	hello := &inFrame{}
 	if err := stream.RecvMsg(hello); err != nil {
 		return toStatus(fmt.Errorf("allreduce: rank %d: reading hello: %w", r.rank, err))
@@ -1101,6 +1134,30 @@ func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSum
 			return toStatus(err)
 		}
 	}
+}
+
+// checkPeerIdentity applies Config.VerifyPeer to the certificate an
+// incoming stream's connection presented: only the predecessor's slot may
+// push to us.
+func (r *Ring) checkPeerIdentity(ctx context.Context) error {
+	if r.cfg.VerifyPeer == nil {
+		return nil
+	}
+	var cert *x509.Certificate
+	if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+			cert = ti.State.PeerCertificates[0]
+		}
+	}
+	err := fmt.Errorf("no client certificate")
+	if cert != nil {
+		err = r.cfg.VerifyPeer(r.pred, cert)
+	}
+	if err != nil {
+		return &PeerError{Rank: r.pred, Via: r.rank, Step: -1, Chunk: -1,
+			Err: fmt.Errorf("a stream claiming predecessor rank %d's slot: %v: %w", r.pred, err, ErrIdentity)}
+	}
+	return nil
 }
 
 // acceptShm maps the shared-memory file a predecessor's hello offers and

@@ -33,6 +33,8 @@ func fromStatus(err error) error {
 		sentinel = ErrProtocol
 	case codes.DeadlineExceeded:
 		sentinel = ErrHopTimeout
+	case codes.PermissionDenied:
+		sentinel = ErrIdentity
 	default:
 		sentinel = ErrPeerFailed
 	}

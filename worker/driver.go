@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"math"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/data"
+	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/train"
 )
@@ -142,6 +144,12 @@ func (w *worker) connect(ctx context.Context, a Connect) Event {
 	cfg := allreduce.Default()
 	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.HopTimeout, cfg.Logger = rank, peers, r.Epoch, w.cfg.HopTimeout, w.log
 	cfg.MaxElems = 3*w.eng.M.Layout.Total + 2 // the largest collective: the state transfer (broadcast)
+	if c := w.cfg.TLS; c != nil {
+		cfg.ServerTLS, cfg.ClientTLS = c.Server(), c.Client()
+		cfg.VerifyPeer = func(rank int, cert *x509.Certificate) error {
+			return pki.Check(cert, pki.RoleWorker, r.Members[rank].ID)
+		}
+	}
 	w.ringMu.Lock()
 	lis := w.lis
 	w.lis = nil

@@ -28,6 +28,7 @@ import (
 	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/gpu"
+	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
 	"github.com/bmojo/bmojo/train"
@@ -57,6 +58,11 @@ type Config struct {
 	// Health, when set, is told what the gRPC health service should say:
 	// ready (readiness) and live (liveness), and why (see state.go).
 	Health func(ready, live bool, reason string)
+	// TLS, when set, is the job identity: the ring runs mutual TLS, and a
+	// neighbour must present a certificate naming the worker id that the
+	// ring record places in its slot (see internal/pki). Its own
+	// certificate must name ID.
+	TLS    *pki.Creds
 	Logger hclog.Logger
 }
 
@@ -71,6 +77,12 @@ func (c Config) Validate() error {
 		return errors.New("worker: no etcd client")
 	case c.LeaseTTL < 0 || c.Threads < 0 || c.HopTimeout < 0:
 		return errors.New("worker: lease TTL, threads and hop timeout must be >= 0")
+	}
+	if c.TLS != nil {
+		// Peers would refuse a certificate for another id: say so now.
+		if err := pki.Check(c.TLS.Leaf, pki.RoleWorker, c.ID); err != nil {
+			return fmt.Errorf("worker: --id %s: its own TLS certificate: %w", c.ID, err)
+		}
 	}
 	return nil
 }

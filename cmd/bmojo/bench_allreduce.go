@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime/pprof"
 	"sort"
 	"strconv"
@@ -20,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bmojo/bmojo/allreduce"
+	"github.com/bmojo/bmojo/internal/pki"
 )
 
 // benchAllreduceFlags are shared by the launcher and the hidden per-rank command.
@@ -40,6 +43,8 @@ type benchAllreduceFlags struct {
 	transport  string
 	shmQueues  int
 	shmSlots   int
+	tls        bool
+	tlsDir     string // the rank command's: where the launcher put rank-<i> certificates
 }
 
 func (f *benchAllreduceFlags) register(c *cobra.Command) {
@@ -61,6 +66,7 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise) or "grpc"`)
 	c.Flags().IntVar(&f.shmQueues, "shm-queues", d.ShmQueues, "shared-memory slot rings per neighbour (the same-host path's parallelism)")
 	c.Flags().IntVar(&f.shmSlots, "shm-slots", d.ShmSlots, "chunk-sized slots per shared-memory ring")
+	c.Flags().BoolVar(&f.tls, "tls", false, "mutual TLS with each rank's certificate checked against its slot, as training runs it (a job CA made for the run)")
 }
 
 func (f *benchAllreduceFlags) sizeList() ([]int, error) {
@@ -201,6 +207,7 @@ gRPC only as the control plane; --transport grpc measures the gRPC streams.`,
 	rf.register(rankCmd)
 	rankCmd.Flags().IntVar(&rank, "rank", 0, "this rank")
 	rankCmd.Flags().StringVar(&peers, "peers", "", "comma-separated addresses of all ranks")
+	rankCmd.Flags().StringVar(&rf.tlsDir, "tls-dir", "", "with --tls: the directory of the ranks' certificates")
 	benchCmd.AddCommand(launch, rankCmd)
 }
 
@@ -261,6 +268,14 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 		}
 	}
 
+	tlsDir := ""
+	if f.tls {
+		if tlsDir, err = benchIdentities(f.ranks); err != nil {
+			return err
+		}
+		defer os.RemoveAll(tlsDir)
+	}
+
 	type result struct {
 		size, iters   int
 		mean, minimum time.Duration
@@ -282,6 +297,9 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 		}
 		if f.bf16 {
 			args = append(args, "--bf16")
+		}
+		if f.tls {
+			args = append(args, "--tls", "--tls-dir", tlsDir)
 		}
 		c := exec.CommandContext(ctx, exe, args...)
 		c.ExtraFiles = []*os.File{files[i]}
@@ -338,6 +356,9 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	if hops[allreduce.TransportShm] == f.ranks && f.ranks > 1 {
 		how = "data over shared memory, control over gRPC on " + map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
 	}
+	if f.tls {
+		how += ", gRPC under mutual TLS with slot identities"
+	}
 	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on one host, %s, float32 buffers, wire %s\n",
 		f.ranks, how, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
 	fmt.Fprintf(out, "# transport %s: hops %s; chunk %s; grpc: streams/neighbour %d, window %s, read buffer %s, write buffer %s; shm: queues/neighbour %d, slots/queue %d\n",
@@ -384,6 +405,16 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	}
 	cfg.Rank, cfg.Peers, cfg.Epoch = rank, peers, 1
 	cfg.Logger = newLogger().With("rank", rank)
+	if f.tls {
+		creds, err := benchRankFiles(f.tlsDir, rank).Load()
+		if err != nil {
+			return fmt.Errorf("rank %d: %w", rank, err)
+		}
+		cfg.ServerTLS, cfg.ClientTLS = creds.Server(), creds.Client()
+		cfg.VerifyPeer = func(r int, cert *x509.Certificate) error {
+			return pki.Check(cert, pki.RoleWorker, fmt.Sprintf("rank-%d", r))
+		}
+	}
 	var lis net.Listener
 	if len(peers) > 1 {
 		lf := os.NewFile(3, "listener")
@@ -454,4 +485,35 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	// Leave together: a rank that exits while others still send would look
 	// like a failure to them.
 	return ring.AllReduce(ctx, all[:1], allreduce.Sum)
+}
+
+// benchIdentities makes a job CA and a certificate per rank (rank-<i>) in a
+// new directory, as a training run's launcher does for its workers.
+func benchIdentities(ranks int) (string, error) {
+	ca, err := pki.NewCA("bmojo bench", 24*time.Hour)
+	if err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp("", "bmojo-bench-pki-")
+	if err != nil {
+		return "", fmt.Errorf("bench allreduce: %w", err)
+	}
+	for i := range ranks {
+		id := fmt.Sprintf("rank-%d", i)
+		leaf, err := ca.Issue(pki.RoleWorker, id, nil, 24*time.Hour)
+		if err == nil {
+			_, err = pki.Write(dir, id, ca.PEM, leaf)
+		}
+		if err != nil {
+			os.RemoveAll(dir)
+			return "", fmt.Errorf("bench allreduce: %w", err)
+		}
+	}
+	return dir, nil
+}
+
+// benchRankFiles are rank's files in a benchIdentities directory.
+func benchRankFiles(dir string, rank int) pki.Files {
+	id := fmt.Sprintf("rank-%d", rank)
+	return pki.Files{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, id+".pem"), Key: filepath.Join(dir, id+"-key.pem")}
 }

@@ -14,34 +14,67 @@ import (
 
 	"github.com/bmojo/bmojo/coordinator"
 	"github.com/bmojo/bmojo/internal/etcdserver"
+	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/job/spec"
 )
 
-// etcdClientFlags adds the flags that say how to reach etcd; the returned
-// function fills cfg from them after parsing.
-func etcdClientFlags(fl *pflag.FlagSet, cfg *etcdserver.ClientConfig) func() {
-	var endpoints string
-	fl.StringVar(&endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs, comma-separated")
-	fl.StringVar(&cfg.CertFile, "etcd-cert", "", "client certificate for etcd mutual TLS (PEM)")
-	fl.StringVar(&cfg.KeyFile, "etcd-key", "", "client key for etcd mutual TLS (PEM)")
-	fl.StringVar(&cfg.CAFile, "etcd-ca", "", "CA bundle that signed the etcd servers' certificates; enables TLS")
+// etcdFlags are the flags of a job process that reaches etcd: where etcd
+// is, its credentials, and the job identity (--tls-*).
+type etcdFlags struct {
+	cfg       *etcdserver.ClientConfig
+	endpoints string
+	tls       pki.Files
+}
+
+// etcdClientFlags adds the flags that say how to reach etcd and the job's
+// TLS identity; fill sets cfg from them after parsing.
+func etcdClientFlags(fl *pflag.FlagSet, cfg *etcdserver.ClientConfig) *etcdFlags {
+	f := &etcdFlags{cfg: cfg}
+	fl.StringVar(&f.endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "etcd client URLs, comma-separated (https:// with TLS)")
+	fl.StringVar(&cfg.CertFile, "etcd-cert", "", "client certificate for etcd mutual TLS (PEM; default --tls-cert)")
+	fl.StringVar(&cfg.KeyFile, "etcd-key", "", "client key for etcd mutual TLS (PEM; default --tls-key)")
+	fl.StringVar(&cfg.CAFile, "etcd-ca", "", "CA bundle that signed the etcd servers' certificates; enables TLS (default --tls-ca)")
 	fl.StringVar(&cfg.Username, "etcd-user", "", "etcd username (when etcd auth is on)")
 	fl.StringVar(&cfg.Password, "etcd-password", "", "etcd password (or set BMOJO_ETCD_PASSWORD)")
-	return func() {
-		cfg.Endpoints = nil
-		for _, e := range strings.Split(endpoints, ",") {
-			if e = strings.TrimSpace(e); e != "" {
-				if !strings.Contains(e, "://") {
-					e = "http://" + e
-				}
-				cfg.Endpoints = append(cfg.Endpoints, e)
-			}
+	fl.StringVar(&f.tls.CA, "tls-ca", "", "the job CA (PEM): peers must present certificates it signed (mutual TLS)")
+	fl.StringVar(&f.tls.Cert, "tls-cert", "", "this process's job certificate (PEM), naming its role and id")
+	fl.StringVar(&f.tls.Key, "tls-key", "", "the key of --tls-cert (PEM)")
+	return f
+}
+
+// fill sets the etcd client config from the flags and loads the job
+// identity: nil when no --tls-* flag is given. The identity is also the
+// etcd client's certificate unless --etcd-* name others.
+func (f *etcdFlags) fill() (*pki.Creds, error) {
+	cfg := f.cfg
+	var creds *pki.Creds
+	if f.tls.Set() {
+		var err error
+		if creds, err = f.tls.Load(); err != nil {
+			return nil, err
 		}
-		if cfg.Password == "" {
-			cfg.Password = os.Getenv("BMOJO_ETCD_PASSWORD")
+		if cfg.CAFile == "" && cfg.CertFile == "" && cfg.KeyFile == "" {
+			cfg.CAFile, cfg.CertFile, cfg.KeyFile = f.tls.CA, f.tls.Cert, f.tls.Key
 		}
 	}
+	scheme := "http://"
+	if cfg.CAFile != "" || cfg.CertFile != "" {
+		scheme = "https://"
+	}
+	cfg.Endpoints = nil
+	for _, e := range strings.Split(f.endpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			if !strings.Contains(e, "://") {
+				e = scheme + e
+			}
+			cfg.Endpoints = append(cfg.Endpoints, e)
+		}
+	}
+	if cfg.Password == "" {
+		cfg.Password = os.Getenv("BMOJO_ETCD_PASSWORD")
+	}
+	return creds, nil
 }
 
 func init() {
@@ -76,7 +109,9 @@ over when the leader dies. It exits when the job is done.`,
 	_ = cmd.Flags().MarkDeprecated("listen", "use --health (the worker's --listen is its all-reduce address)")
 	mon := monitorFlags(cmd.Flags(), "")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		fill()
+		if _, err := fill.fill(); err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
 		log := newLogger().Named("coordinator")
 		cfg.Logger = log
 		cfg.Etcd.Logger = log.Named("etcd")

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -19,6 +21,7 @@ import (
 // monitorOpts are the flags of a command that serves the monitor.
 type monitorOpts struct {
 	http, token, tensorboard string
+	httpCert, httpKey        string
 }
 
 // monitorFlags adds --http, --token and --tensorboard; defHTTP is the
@@ -28,6 +31,8 @@ func monitorFlags(fl *pflag.FlagSet, defHTTP string) *monitorOpts {
 	fl.StringVar(&o.http, "http", defHTTP, "serve the dashboard, /metrics and /api/v1/status here (host:port; empty = off)")
 	fl.StringVar(&o.token, "token", "", "bearer token the HTTP API requires (or set BMOJO_TOKEN; empty = none)")
 	fl.StringVar(&o.tensorboard, "tensorboard", "", "write TensorBoard scalar event files (loss, val_loss, tokens_per_s) to this directory")
+	fl.StringVar(&o.httpCert, "http-cert", "", "serve --http over HTTPS with this certificate (PEM)")
+	fl.StringVar(&o.httpKey, "http-key", "", "the key of --http-cert (PEM)")
 	return o
 }
 
@@ -45,8 +50,16 @@ func (o *monitorOpts) start(ctx context.Context, job string, cli *clientv3.Clien
 	if o.http == "" && o.tensorboard == "" {
 		return func() {}, nil
 	}
+	var tc *tls.Config
+	if o.httpCert != "" || o.httpKey != "" {
+		cert, err := tls.LoadX509KeyPair(o.httpCert, o.httpKey)
+		if err != nil {
+			return nil, fmt.Errorf("monitor: --http-cert %q and --http-key %q: %w", o.httpCert, o.httpKey, err)
+		}
+		tc = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}}
+	}
 	return monitor.Start(ctx, monitor.Config{JobName: job, Client: cli, Etcd: ec, Token: o.tokenOrEnv(),
-		TensorBoardDir: o.tensorboard, Logger: log}, o.http, fallback, func(url string) {
+		TensorBoardDir: o.tensorboard, TLS: tc, Logger: log}, o.http, fallback, func(url string) {
 		log.Info("dashboard", "url", url, "token_required", o.tokenOrEnv() != "")
 	})
 }
@@ -67,7 +80,9 @@ serve the same with --http, and bmojo train --workers N on 127.0.0.1:8080.`,
 	cmd.Flags().StringVar(&job, "job", "", "job name (the etcd prefix the job was created under)")
 	mon := monitorFlags(cmd.Flags(), "127.0.0.1:8080")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		fill()
+		if _, err := fill.fill(); err != nil {
+			return fmt.Errorf("monitor: %w", err)
+		}
 		log := newLogger().Named("monitor")
 		ec.Logger = log.Named("etcd")
 		if mon.http == "" && mon.tensorboard == "" {

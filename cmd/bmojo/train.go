@@ -24,6 +24,7 @@ func init() {
 		file    string
 		resume  bool
 		quiet   bool
+		noTLS   bool
 		workers int
 		devSpec string
 		mon     *monitorOpts
@@ -90,7 +91,7 @@ any field; flags given on the command line override the file.`,
 				}
 			}
 			if workers > 0 {
-				return trainLocal(ctx, j, workers, devSpec, quiet, mon, log)
+				return trainLocal(ctx, j, workers, devSpec, quiet, noTLS, mon, log)
 			}
 			opts := train.Options{Logger: log.Named("train"), Device: devSpec}
 			if !quiet {
@@ -119,6 +120,7 @@ any field; flags given on the command line override the file.`,
 	fl.BoolVar(&resume, "resume", false, "no effect: a job always resumes from the newest good checkpoint in its --checkpoint-dir")
 	_ = fl.MarkDeprecated("resume", "a job always resumes from its checkpoint directory")
 	fl.BoolVarP(&quiet, "quiet", "q", false, "no progress bar")
+	fl.BoolVar(&noTLS, "insecure", false, "with --workers N: no job CA, no mutual TLS on etcd and the ring (to measure what TLS costs)")
 	fl.StringVar(&devSpec, "device", "auto", "compute device: auto (the GPUs, one worker each, when built with -tags cuda; else the CPU), cpu, cuda or cuda:N")
 	mon = monitorFlags(fl, "127.0.0.1:8080") // with --workers N: a free port when this one is taken
 	fl.StringVar(&f.Preset, "preset", f.Preset, "model preset: FAMILY[-SIZE], families bmojo, bmojo-f, mamba, swa, transformer, hybrid; sizes tiny, small, 130m, 370m")
@@ -138,9 +140,9 @@ any field; flags given on the command line override the file.`,
 
 // trainLocal runs the job with an embedded etcd, a coordinator and workers
 // worker processes; rerunning the same job resumes it.
-func trainLocal(ctx context.Context, j job.Job, workers int, devSpec string, quiet bool, mon *monitorOpts, log hclog.Logger) error {
+func trainLocal(ctx context.Context, j job.Job, workers int, devSpec string, quiet, insecure bool, mon *monitorOpts, log hclog.Logger) error {
 	opts := localrun.Options{Workers: workers, Device: devSpec, Logger: log.Named("train"), WorkerLevel: "warn",
-		HTTP: mon.http, Token: mon.tokenOrEnv(), TensorBoard: mon.tensorboard,
+		HTTP: mon.http, Token: mon.tokenOrEnv(), TensorBoard: mon.tensorboard, Insecure: insecure,
 		OnHTTP: func(url string) { log.Info("dashboard (bmojo status reads it too)", "url", url) }}
 	if log.IsDebug() {
 		opts.WorkerLevel = "debug"

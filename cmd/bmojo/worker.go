@@ -19,7 +19,7 @@ func init() {
 	var (
 		cfg      worker.Config
 		etcdCfg  etcdserver.ClientConfig
-		fillEtcd func()
+		flags    *etcdFlags
 		health   string
 		device   string
 		leaseTTL time.Duration
@@ -42,13 +42,21 @@ parameters and optimizer state from a peer.`,
 				return fmt.Errorf("worker: --lease-ttl %v: want whole seconds, e.g. 3s", leaseTTL)
 			}
 			cfg.LeaseTTL = int(leaseTTL / time.Second)
+			creds, err := flags.fill()
+			if err != nil {
+				return fmt.Errorf("worker: %w", err)
+			}
+			cfg.TLS = creds
+			if cfg.ID == "" && creds != nil {
+				// The certificate says who this worker is.
+				_, cfg.ID = creds.Identity()
+			}
 			if cfg.ID == "" {
 				host, _ := os.Hostname()
 				cfg.ID = fmt.Sprintf("%s-%d", host, os.Getpid())
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			fillEtcd()
 			log := newLogger()
 			etcdCfg.Logger = log.Named("etcd")
 			cli, err := etcdserver.Connect(ctx, etcdCfg)
@@ -69,9 +77,9 @@ parameters and optimizer state from a peer.`,
 		},
 	}
 	fl := cmd.Flags()
-	fillEtcd = etcdClientFlags(fl, &etcdCfg)
+	flags = etcdClientFlags(fl, &etcdCfg)
 	fl.StringVar(&cfg.Job, "job", "", "job name (the etcd prefix the job was created under)")
-	fl.StringVar(&cfg.ID, "id", "", "unique worker id (default: hostname-pid)")
+	fl.StringVar(&cfg.ID, "id", "", "unique worker id (default: the id --tls-cert names, else hostname-pid)")
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "all-reduce listen address")
 	fl.StringVar(&cfg.Advertise, "advertise", "", "address peers dial (default: the listen address)")
 	fl.IntVar(&cfg.Threads, "threads", 0, "kernel threads (0 = all cores)")

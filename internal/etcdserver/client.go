@@ -3,8 +3,11 @@ package etcdserver
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"strings"
 	"time"
 
@@ -136,6 +139,13 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 			// Retrying cannot help: say so now.
 			return nil, fmt.Errorf("%w: %s as user %q: %w", ErrAuth, strings.Join(cfg.Endpoints, ","), cfg.Username, err)
 		}
+		if tlsCfg != nil {
+			// gRPC reports a refused certificate as a timeout; a
+			// handshake of our own tells it from an etcd not up yet.
+			if terr := tlsRefused(ctx, cfg.Endpoints[0], tlsCfg, cfg.DialTimeout); terr != nil {
+				return nil, fmt.Errorf("%w: %s: TLS (--etcd-ca/--etcd-cert or --tls-*): %w", ErrAuth, cfg.Endpoints[0], terr)
+			}
+		}
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %s: gave up after %d attempts: %w", ErrUnreachable,
 				strings.Join(cfg.Endpoints, ","), attempt, err)
@@ -167,4 +177,63 @@ func ClientOr(ctx context.Context, cli *clientv3.Client, cfg ClientConfig, log h
 		return nil, nil, err
 	}
 	return c, func() { c.Close() }, nil
+}
+
+// tlsRefused makes one TLS connection to endpoint and reports a
+// certificate either side refused: the server's, not signed by our CA or
+// not for its name, or ours, which the server answers with an alert. A
+// connection that fails otherwise (nothing listening yet) or that the server
+// keeps open reports nil.
+func tlsRefused(ctx context.Context, endpoint string, cfg *tls.Config, timeout time.Duration) error {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Host == "" {
+		return nil
+	}
+	d := net.Dialer{Timeout: timeout}
+	raw, err := d.DialContext(ctx, "tcp", u.Host)
+	if err != nil {
+		return nil
+	}
+	defer raw.Close()
+	c := cfg.Clone()
+	if c.ServerName == "" {
+		c.ServerName = u.Hostname()
+	}
+	c.NextProtos = []string{"h2"}
+	conn := tls.Client(raw, c)
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+	if err := conn.HandshakeContext(ctx); err != nil {
+		return certErr(err)
+	}
+	// TLS 1.3 refuses a client certificate after the client's handshake:
+	// the alert comes with the server's first bytes. An accepted client
+	// hears the HTTP/2 server's settings once it sends the preface.
+	_ = conn.SetDeadline(time.Now().Add(min(timeout, 500*time.Millisecond)))
+	if _, err := conn.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")); err != nil {
+		return certErr(err)
+	}
+	var b [1]byte
+	if _, err := conn.Read(b[:]); err != nil {
+		return certErr(err)
+	}
+	return nil
+}
+
+// certErr keeps the errors that name a refused certificate: ours (the
+// server's alert, which crypto/tls reports as a "remote error") or the
+// server's.
+func certErr(err error) error {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "remote error" {
+		return err
+	}
+	var alert tls.AlertError
+	var unknown x509.UnknownAuthorityError
+	var invalid x509.CertificateInvalidError
+	var host x509.HostnameError
+	var verify *tls.CertificateVerificationError
+	if errors.As(err, &alert) || errors.As(err, &unknown) || errors.As(err, &invalid) || errors.As(err, &host) || errors.As(err, &verify) {
+		return err
+	}
+	return nil
 }

@@ -68,6 +68,15 @@ type Options struct {
 	Token string
 	// TensorBoard, when set, is a directory for TensorBoard event files.
 	TensorBoard string
+	// Insecure runs without the job identity: no TLS on etcd or the ring,
+	// and any process that can reach a port may speak to it (for
+	// measuring what TLS costs). By default Run makes a job CA for this run
+	// and a certificate for every process (see internal/pki).
+	Insecure bool
+	// OnIdentities, unless Insecure, is called with the run's identities
+	// before anything starts (tests use them to reach etcd and to start
+	// workers of their own).
+	OnIdentities func(*Identities)
 }
 
 // Result is what the job reached.
@@ -121,7 +130,21 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	}
 	defer unlock()
 	res := Result{EtcdDataDir: filepath.Join(j.CheckpointDir, "etcd")}
-	srv, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, Logger: log.Named("etcd")})
+	var ids *Identities
+	if !o.Insecure {
+		if ids, err = newIdentities(j.Name, o.Workers, max(1, o.Coordinators)); err != nil {
+			return res, err
+		}
+		defer ids.remove()
+		if o.OnIdentities != nil {
+			o.OnIdentities(ids)
+		}
+	}
+	srvCfg := etcdserver.Config{DataDir: res.EtcdDataDir, Logger: log.Named("etcd")}
+	if ids != nil {
+		srvCfg.CertFile, srvCfg.KeyFile, srvCfg.ClientCAFile = ids.etcd.Cert, ids.etcd.Key, ids.etcd.CA
+	}
+	srv, err := etcdserver.Start(ctx, srvCfg)
 	if err != nil {
 		return res, err
 	}
@@ -143,7 +166,9 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 				return out, ctx.Err()
 			}
 			out.Restarting = time.Now()
-			s, err := etcdserver.Start(ctx, etcdserver.Config{DataDir: res.EtcdDataDir, ClientURL: endpoints[0], Logger: log.Named("etcd")})
+			again := srvCfg
+			again.ClientURL = endpoints[0]
+			s, err := etcdserver.Start(ctx, again)
 			if err != nil {
 				return out, err
 			}
@@ -155,7 +180,11 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 		o.OnEtcd(endpoints)
 	}
 	cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
-	cli, err := etcdserver.Connect(cctx, etcdserver.ClientConfig{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: log.Named("etcd")})
+	cliCfg := etcdserver.ClientConfig{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: log.Named("etcd")}
+	if ids != nil {
+		cliCfg.CAFile, cliCfg.CertFile, cliCfg.KeyFile = ids.Client.CA, ids.Client.Cert, ids.Client.Key
+	}
+	cli, err := etcdserver.Connect(cctx, cliCfg)
 	ccancel()
 	if err != nil {
 		return res, fmt.Errorf("localrun: etcd: %w", err)
@@ -198,8 +227,11 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	coords := max(1, o.Coordinators)
 	coordExit := make(chan error, coords)
 	for i := range coords {
-		cmd := exec.CommandContext(ctx, exe, "coordinator", "--job", j.Name, "--etcd-endpoints", endpoints[0],
-			"--log-level", o.CoordinatorLevel)
+		args := []string{"coordinator", "--job", j.Name, "--etcd-endpoints", endpoints[0], "--log-level", o.CoordinatorLevel}
+		if ids != nil {
+			args = append(args, TLSFlags(ids.coordinators[i])...)
+		}
+		cmd := exec.CommandContext(ctx, exe, args...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 		cmd.WaitDelay = 10 * time.Second
@@ -223,7 +255,11 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	exited := make(chan error, o.Workers)
 	for i := range o.Workers {
 		id := fmt.Sprintf("worker-%d", i)
-		cmd, err := StartWorker(ctx, exe, j.Name, endpoints[0], id, threads, o.WorkerLevel, "--device", devs[i])
+		extra := []string{"--device", devs[i]}
+		if ids != nil {
+			extra = append(extra, TLSFlags(ids.workers[i])...)
+		}
+		cmd, err := StartWorker(ctx, exe, j.Name, endpoints[0], id, threads, o.WorkerLevel, extra...)
 		if err != nil {
 			return res, err
 		}

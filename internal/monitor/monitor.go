@@ -8,6 +8,7 @@ package monitor
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sort"
@@ -44,6 +45,8 @@ type Config struct {
 	// TensorBoardDir, when set, receives a TensorBoard event file with
 	// loss, val_loss and tokens_per_s per step. Default none.
 	TensorBoardDir string
+	// TLS, when set, serves HTTPS (Start). Default plain HTTP.
+	TLS *tls.Config
 	// Logger is the parent logger. Default: hclog.NewNullLogger.
 	Logger hclog.Logger
 }

@@ -3,6 +3,7 @@ package monitor
 import (
 	"context"
 	"crypto/subtle"
+	"crypto/tls"
 	"embed"
 	"encoding/json"
 	"errors"
@@ -205,8 +206,13 @@ func Start(ctx context.Context, cfg Config, addr string, fallback bool, onURL fu
 			cancel()
 			return nil, err
 		}
+		url := URL(ln)
+		if cfg.TLS != nil {
+			ln = tls.NewListener(ln, cfg.TLS)
+			url = "https" + strings.TrimPrefix(url, "http")
+		}
 		if onURL != nil {
-			onURL(URL(ln))
+			onURL(url)
 		}
 		go func() { done <- m.Serve(ctx, ln) }()
 	}

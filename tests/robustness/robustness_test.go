@@ -26,6 +26,7 @@ import (
 	"github.com/bmojo/bmojo/checkpoint"
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/localrun"
+	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/internal/testbin"
 	"github.com/bmojo/bmojo/internal/testlog"
 	"github.com/bmojo/bmojo/job"
@@ -78,6 +79,7 @@ type run struct {
 	done      chan struct{}
 	cancel    context.CancelFunc
 	restart   func(down time.Duration) (localrun.Outage, error) // stops etcd, waits, starts it again
+	ids       *localrun.Identities                              // the run's job CA: certificates for the test's etcd client and workers
 }
 
 // startJob is the prologue the tests share: skipped under -short, it starts
@@ -93,6 +95,7 @@ func startJob(t *testing.T, j job.Job, workers int, opts ...func(*localrun.Optio
 	o := localrun.Options{
 		Workers: workers, Executable: bmojoBin, Logger: testlog.New(t, hclog.Info), WorkerLevel: "info",
 		OnEtcd:        func(ep []string) { r.endpoints = ep; close(r.ready) },
+		OnIdentities:  func(ids *localrun.Identities) { r.ids = ids },
 		OnEtcdRestart: func(f func(time.Duration) (localrun.Outage, error)) { r.restart = f },
 		OnWorker: func(id string, p *os.Process) {
 			r.mu.Lock()
@@ -118,16 +121,22 @@ func startJob(t *testing.T, j job.Job, workers int, opts ...func(*localrun.Optio
 	case <-r.done:
 		t.Fatalf("run ended before etcd started: %v", r.err)
 	}
-	r.cli = connect(t, r.endpoints)
+	var tls pki.Files
+	if r.ids != nil {
+		tls = r.ids.Client
+	}
+	r.cli = connect(t, r.endpoints, tls)
 	return r
 }
 
-// connect returns a client of the etcd at endpoints, closed at cleanup.
-func connect(t *testing.T, endpoints []string) *clientv3.Client {
+// connect returns a client of the etcd at endpoints (with the job
+// certificate tls, unless empty), closed at cleanup.
+func connect(t *testing.T, endpoints []string, tls pki.Files) *clientv3.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: endpoints, CallTimeout: callTimeout})
+	cli, err := etcdserver.Connect(ctx, etcdserver.ClientConfig{Endpoints: endpoints, CallTimeout: callTimeout,
+		CAFile: tls.CA, CertFile: tls.Cert, KeyFile: tls.Key})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +224,7 @@ func ledger(t *testing.T, res localrun.Result, jobName string) map[int]job.Ledge
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	cli := connect(t, srv.Endpoints())
+	cli := connect(t, srv.Endpoints(), pki.Files{})
 	resp, err := cli.Get(ctx, job.Prefix(jobName)+job.KeyLedger, clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
@@ -299,7 +308,12 @@ func TestWorkerJoinsMidRun(t *testing.T) {
 	r := startJob(t, j, 2)
 	r.until(t, 2*time.Minute, "step 8", func(ctx context.Context) bool { return r.progress(ctx, j.Name).Step >= 8 })
 	wctx, wcancel := context.WithTimeout(context.Background(), runTimeout)
-	cmd, err := localrun.StartWorker(wctx, bmojoBin, j.Name, r.endpoints[0], "worker-late", 1, "info")
+	cert, err := r.ids.Issue(pki.RoleWorker, "worker-late")
+	if err != nil {
+		wcancel()
+		t.Fatal(err)
+	}
+	cmd, err := localrun.StartWorker(wctx, bmojoBin, j.Name, r.endpoints[0], "worker-late", 1, "info", localrun.TLSFlags(cert)...)
 	if err != nil {
 		wcancel()
 		t.Fatal(err)
@@ -437,9 +451,14 @@ func TestDuplicateWorkerID(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var out strings.Builder
-	cmd := exec.CommandContext(ctx, bmojoBin, "worker", "--job", j.Name, "--etcd-endpoints", r.endpoints[0], "--id", "worker-0", "--lease-ttl", "1s")
+	cert, err := r.ids.Issue(pki.RoleWorker, "worker-0") // a valid certificate: an operator's mistake, not an attack
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"worker", "--job", j.Name, "--etcd-endpoints", r.endpoints[0], "--id", "worker-0", "--lease-ttl", "1s"}, localrun.TLSFlags(cert)...)
+	cmd := exec.CommandContext(ctx, bmojoBin, args...)
 	cmd.Stderr = &out
-	err := cmd.Run()
+	err = cmd.Run()
 	if ctx.Err() != nil {
 		t.Fatalf("the duplicate worker was still running after a minute; stderr:\n%s", out.String())
 	}
