@@ -53,5 +53,8 @@ It prints the client URL to give the other commands as --etcd-endpoints.`,
 	fl.StringVar(&cfg.CertFile, "cert-file", "", "serve clients over TLS with this certificate (--listen-client must be https)")
 	fl.StringVar(&cfg.KeyFile, "key-file", "", "the key of --cert-file")
 	fl.StringVar(&cfg.ClientCAFile, "client-ca-file", "", "require client certificates signed by this CA (mutual TLS)")
+	fl.StringVar(&cfg.PeerCertFile, "peer-cert-file", "", "serve the peer port over TLS with this certificate (--listen-peer must be https)")
+	fl.StringVar(&cfg.PeerKeyFile, "peer-key-file", "", "the key of --peer-cert-file")
+	fl.StringVar(&cfg.PeerCAFile, "peer-client-ca-file", "", "require peer certificates signed by this CA (peer mutual TLS)")
 	rootCmd.AddCommand(cmd)
 }

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -47,11 +49,12 @@ func signalContext() (context.Context, context.CancelFunc) {
 
 func init() {
 	var (
-		file   string
-		dryRun bool
-		server bool
-		kf     kubeFlags
-		over   launch.Spec
+		file        string
+		dryRun      bool
+		server      bool
+		secretsOnly bool
+		kf          kubeFlags
+		over        launch.Spec
 	)
 	launchCmd := &cobra.Command{
 		Use:   "launch -f launch.yaml",
@@ -62,7 +65,13 @@ apply, field manager "bmojo". Launching the same file again changes nothing;
 a changed launch file updates what can change in place.
 
 --dry-run prints the manifests and contacts no cluster; add --server to also
-have the API server validate them (dryRun=All, nothing is stored).`,
+have the API server validate them (dryRun=All, nothing is stored).
+
+The job runs mutual TLS with its own CA: launch makes the CA, a certificate
+per worker index, etcd's and the coordinators' certificates and the
+monitor's bearer token as Secrets <name>-ca, -etcd-tls, -coordinator-tls,
+-worker-tls and -monitor-token, and reuses them on every later launch.
+--dry-run prints those Secrets without their data.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if file == "" {
@@ -94,6 +103,13 @@ have the API server validate them (dryRun=All, nothing is stored).`,
 			if err := spec.Validate(); err != nil {
 				return err
 			}
+			log := newLogger().Named("launch")
+			for _, w := range spec.Warnings() {
+				log.Warn(w)
+			}
+			if secretsOnly && dryRun && !server {
+				return fmt.Errorf("launch: --secrets-only applies the Secrets to a cluster, and --dry-run alone prints them without data; add --server to have the API server check them")
+			}
 			if dryRun && !server {
 				// No cluster: the namespace is the spec's or -n's, else
 				// none (kubectl apply -n decides).
@@ -101,6 +117,12 @@ have the API server validate them (dryRun=All, nothing is stored).`,
 				if err != nil {
 					return err
 				}
+				// The Secrets print as the placeholders they are in
+				// k8s/base: keys go to the cluster, never to stdout, where
+				// they would end up in CI logs and terminal scrollback.
+				fmt.Printf("# The Secrets are printed without data: bmojo launch makes the job CA,\n"+
+					"# certificates and monitor token (or reuses the cluster's) when it applies:\n# %s\n",
+					strings.Join(launch.SecretNames(spec.Name), ", "))
 				_, err = os.Stdout.Write(m.YAML)
 				return err
 			}
@@ -119,7 +141,16 @@ have the API server validate them (dryRun=All, nothing is stored).`,
 			}
 			ctx, stop := signalContext()
 			defer stop()
-			log := newLogger().Named("launch")
+			notes, err := c.FillSecrets(ctx, ns, spec, m, time.Now())
+			if err != nil {
+				return err
+			}
+			for _, n := range notes {
+				log.Info("credentials", "change", n, "dry_run", dryRun)
+			}
+			if secretsOnly {
+				m = m.OnlySecrets()
+			}
 			log.Info("applying", "job", spec.Name, "namespace", ns, "context", kc.Context, "objects", len(m.Objects), "dry_run", dryRun)
 			res, err := c.Apply(ctx, ns, m, launch.ApplyOptions{DryRun: dryRun})
 			for _, a := range res {
@@ -132,8 +163,9 @@ have the API server validate them (dryRun=All, nothing is stored).`,
 			if err != nil {
 				return err
 			}
-			if !dryRun {
+			if !dryRun && !secretsOnly {
 				fmt.Printf("\nwatch it with: bmojo k8s-status %s -n %s\n", spec.Name, ns)
+				fmt.Printf("the monitor's token: kubectl get secret %s-monitor-token -n %s -o jsonpath='{.data.token}' | base64 -d\n", spec.Name, ns)
 			}
 			return nil
 		},
@@ -142,6 +174,7 @@ have the API server validate them (dryRun=All, nothing is stored).`,
 	fs.StringVarP(&file, "file", "f", "", "launch file (YAML, see examples/launch.yaml)")
 	fs.BoolVar(&dryRun, "dry-run", false, "print the manifests instead of applying them")
 	fs.BoolVar(&server, "server", false, "with --dry-run: send them to the API server with dryRun=All instead of printing")
+	fs.BoolVar(&secretsOnly, "secrets-only", false, "apply only the job's Secrets (CA, certificates, monitor token), for an overlay deployed with kubectl apply -k")
 	fs.StringVar(&over.Name, "name", "", "override the file's job name")
 	fs.StringVar(&over.Overlay, "overlay", "", "override the file's overlay (cpu-demo, gpu)")
 	fs.StringVar(&over.Image, "image", "", "override the file's image (with a tag)")

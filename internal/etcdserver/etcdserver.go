@@ -51,6 +51,10 @@ type Config struct {
 	// be https); with ClientCAFile, clients must present a certificate
 	// that CA signed (mutual TLS).
 	CertFile, KeyFile, ClientCAFile string
+	// PeerCertFile and PeerKeyFile serve the peer port over TLS (PeerURL
+	// must be https); with PeerCAFile, peers must present a certificate
+	// that CA signed. A single member has no peers, but it binds the port.
+	PeerCertFile, PeerKeyFile, PeerCAFile string
 	// StartTimeout bounds the wait for the server to become ready.
 	// Default 10 s.
 	StartTimeout time.Duration
@@ -96,6 +100,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if (cfg.CertFile == "") != (cfg.KeyFile == "") {
 		return nil, fmt.Errorf("%w: CertFile and KeyFile go together", ErrBadConfig)
 	}
+	if (cfg.PeerCertFile == "") != (cfg.PeerKeyFile == "") {
+		return nil, fmt.Errorf("%w: PeerCertFile and PeerKeyFile go together", ErrBadConfig)
+	}
 	// A port picked free can be taken by another process before etcd binds
 	// it: then pick again (a port the caller named is not retried).
 	for attempt := 1; ; attempt++ {
@@ -117,9 +124,16 @@ func start(ctx context.Context, cfg Config, scheme string) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)", "http")
+	peerScheme := "http"
+	if cfg.PeerCertFile != "" {
+		peerScheme = "https"
+	}
+	purl, err := urlOrFree(cfg.PeerURL, "PeerURL (--listen-peer)", peerScheme)
 	if err != nil {
 		return nil, err
+	}
+	if (cfg.PeerCertFile != "") != (purl.Scheme == "https") {
+		return nil, fmt.Errorf("%w: PeerURL %s: peer TLS needs https and a certificate, plain needs http", ErrBadConfig, purl)
 	}
 	if (cfg.CertFile != "") != (curl.Scheme == "https") {
 		return nil, fmt.Errorf("%w: ClientURL %s: TLS needs https and a certificate, plain needs http", ErrBadConfig, curl)
@@ -130,6 +144,11 @@ func start(ctx context.Context, cfg Config, scheme string) (*Server, error) {
 		ec.ClientTLSInfo.CertFile, ec.ClientTLSInfo.KeyFile = cfg.CertFile, cfg.KeyFile
 		ec.ClientTLSInfo.TrustedCAFile = cfg.ClientCAFile
 		ec.ClientTLSInfo.ClientCertAuth = cfg.ClientCAFile != ""
+	}
+	if cfg.PeerCertFile != "" {
+		ec.PeerTLSInfo.CertFile, ec.PeerTLSInfo.KeyFile = cfg.PeerCertFile, cfg.PeerKeyFile
+		ec.PeerTLSInfo.TrustedCAFile = cfg.PeerCAFile
+		ec.PeerTLSInfo.ClientCertAuth = cfg.PeerCAFile != ""
 	}
 	ec.Dir = cfg.DataDir
 	ec.ListenClientUrls = []url.URL{*curl}

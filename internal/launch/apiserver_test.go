@@ -15,6 +15,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/kubernetes"
@@ -56,6 +58,7 @@ func TestAPIServer(t *testing.T) {
 	t.Run("launch is idempotent and delete removes it", func(t *testing.T) { testLaunchLifecycle(t, tc) })
 	t.Run("invalid fields are rejected by name", func(t *testing.T) { testInvalid(t, tc) })
 	t.Run("RBAC denial is reported as forbidden", func(t *testing.T) { testForbidden(t, tc) })
+	t.Run("credentials without their CA are refused", func(t *testing.T) { testLostCA(t, tc) })
 }
 
 func ctxT(t *testing.T) context.Context {
@@ -93,6 +96,10 @@ func testOverlays(t *testing.T, tc *testCluster) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			// As `bmojo launch --secrets-only` fills them for kubectl apply -k.
+			if _, err := c.FillSecrets(ctx, ns, Spec{Name: "bmojo", Workers: 2}, m, time.Now()); err != nil {
+				t.Fatal(err)
+			}
 			// dryRun=All runs defaulting, validation and admission and
 			// stores nothing.
 			res, err := c.Apply(ctx, ns, m, ApplyOptions{DryRun: true})
@@ -101,6 +108,13 @@ func testOverlays(t *testing.T, tc *testCluster) {
 			}
 			if len(res) != len(m.Objects) {
 				t.Fatalf("dry run applied %d of %d objects", len(res), len(m.Objects))
+			}
+			kinds := map[string]int{}
+			for _, a := range res {
+				kinds[a.Kind]++
+			}
+			if kinds["Secret"] != 5 || kinds["NetworkPolicy"] != 4 || kinds["Role"]+kinds["RoleBinding"] != 0 {
+				t.Errorf("dry run applied %v, want 5 Secrets, 4 NetworkPolicies and no Role", kinds)
 			}
 			if objs, err := c.List(ctx, ns, "bmojo"); err != nil || len(objs) != 0 {
 				t.Fatalf("a dry run stored objects: %v %v", objs, err)
@@ -139,20 +153,35 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 	// a data claim, resource overrides.
 	s := loadExample(t, "launch-gpu.yaml")
 	s.Namespace = ns
-	m, err := Render(s)
-	if err != nil {
-		t.Fatal(err)
+	s.Monitor = Monitor{Namespace: "monitoring", HTTPS: true}
+	render := func(s Spec) *Manifests {
+		t.Helper()
+		m, err := Render(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.FillSecrets(ctx, ns, s, m, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return m
 	}
+	m := render(s)
 	first, err := c.Apply(ctx, ns, m, ApplyOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	secretsBefore := readSecrets(t, tc, ns, s.Name)
+	if len(secretsBefore) != 5 {
+		t.Fatalf("launch stored %d Secrets, want 5", len(secretsBefore))
 	}
 	// In a cluster the PV controller writes a new claim's status at once.
 	// None runs here, and the API server's first write to a claim whose
 	// status was never stored is not a no-op (phase Pending is defaulted on
 	// read but absent in storage), so do the controller's write first.
 	settleClaim(t, tc, ns, s.Name+"-checkpoints")
-	second, err := c.Apply(ctx, ns, m, ApplyOptions{})
+	// A second launch renders and fills afresh: the Secrets it sends are
+	// the cluster's, so nothing rotates.
+	second, err := c.Apply(ctx, ns, render(s), ApplyOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,10 +210,7 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 	// changes completions and parallelism together) and a smaller gang.
 	s2 := s
 	s2.Workers, s2.MinWorkers = 6, 6
-	m2, err := Render(s2)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m2 := render(s2)
 	res, err := c.Apply(ctx, ns, m2, ApplyOptions{})
 	if err != nil {
 		t.Fatalf("resize: %v", err)
@@ -202,12 +228,15 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 	}
 
 	// What may not change says what to do.
+	for n, d := range readSecrets(t, tc, ns, s.Name) {
+		if !maps.EqualFunc(d, secretsBefore[n], bytes.Equal) {
+			t.Errorf("relaunching and resizing changed Secret %s", n)
+		}
+	}
+
 	s3 := s2
 	s3.Image = "registry.example.com/bmojo:0.2.0-cuda"
-	m3, err := Render(s3)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m3 := render(s3)
 	_, err = c.Apply(ctx, ns, m3, ApplyOptions{})
 	if !errors.Is(err, ErrImmutable) || !strings.Contains(err.Error(), "bmojo delete") {
 		t.Errorf("new image on a running job: %v, want ErrImmutable pointing at bmojo delete", err)
@@ -225,6 +254,9 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 	if len(left) != 1 || left[0].Kind != "PersistentVolumeClaim" {
 		t.Errorf("after delete (deleted %v) left %v, want only the checkpoint claim", deleted, left)
 	}
+	if n := len(readSecrets(t, tc, ns, s.Name)); n != 0 {
+		t.Errorf("delete left %d of the job's Secrets", n)
+	}
 	if _, err := Status(ctx, kc.REST, ns, s.Name); !errors.Is(err, ErrNotFound) {
 		t.Errorf("status after delete: %v, want ErrNotFound", err)
 	}
@@ -237,6 +269,24 @@ func testLaunchLifecycle(t *testing.T, tc *testCluster) {
 	if _, err := c.Delete(ctx, ns, s.Name, DeleteOptions{}); !errors.Is(err, ErrNotFound) {
 		t.Errorf("deleting a deleted job: %v, want ErrNotFound", err)
 	}
+}
+
+// readSecrets returns the data of the job's Secrets in ns.
+func readSecrets(t *testing.T, tc *testCluster, ns, job string) Existing {
+	t.Helper()
+	cs := kubernetes.NewForConfigOrDie(tc.admin)
+	out := Existing{}
+	for _, n := range SecretNames(job) {
+		sec, err := cs.CoreV1().Secrets(ns).Get(ctxT(t), n, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[n] = sec.Data
+	}
+	return out
 }
 
 func settleClaim(t *testing.T, tc *testCluster, ns, name string) {
@@ -273,6 +323,9 @@ func testInvalid(t *testing.T, tc *testCluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := Fill(s, m, nil, time.Now()); err != nil {
+		t.Fatal(err)
+	}
 	for _, o := range m.Objects {
 		if o.GetKind() == "Job" {
 			if err := unstructured.SetNestedField(o.Object, int64(-1), "spec", "parallelism"); err != nil {
@@ -287,9 +340,45 @@ func testInvalid(t *testing.T, tc *testCluster) {
 
 	// A namespace that does not exist says so.
 	m, _ = Render(s)
+	if _, err := Fill(s, m, nil, time.Now()); err != nil {
+		t.Fatal(err)
+	}
 	_, err = c.Apply(ctx, "no-such-ns", m, ApplyOptions{})
 	if err == nil || !strings.Contains(err.Error(), `namespace "no-such-ns" does not exist`) {
 		t.Errorf("missing namespace: %v", err)
+	}
+}
+
+// A job whose CA Secret was deleted cannot be relaunched in place (its
+// certificates could be neither checked nor extended): launch says what to
+// do and changes nothing.
+func testLostCA(t *testing.T, tc *testCluster) {
+	ctx := ctxT(t)
+	ns := "lost-ca"
+	createNamespace(t, tc, ns)
+	c := newClient(t, tc.admin)
+	s := loadExample(t, "launch.yaml")
+	s.Namespace = ns
+	m, err := Render(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.FillSecrets(ctx, ns, s, m, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Apply(ctx, ns, m.OnlySecrets(), ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cs := kubernetes.NewForConfigOrDie(tc.admin)
+	if err := cs.CoreV1().Secrets(ns).Delete(ctx, s.Name+"-ca", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m, err = Render(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.FillSecrets(ctx, ns, s, m, time.Now()); !errors.Is(err, ErrCredentials) || !strings.Contains(err.Error(), "bmojo delete") {
+		t.Errorf("relaunch without the CA: %v, want ErrCredentials saying what to do", err)
 	}
 }
 
@@ -306,6 +395,12 @@ func testForbidden(t *testing.T, tc *testCluster) {
 	s.Namespace = ns
 	m, err := Render(s)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.FillSecrets(ctx, ns, s, m, time.Now()); !IsForbidden(err) {
+		t.Errorf("reading the job's Secrets as alice: %v, want forbidden", err)
+	}
+	if _, err := Fill(s, m, nil, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	_, err = c.Apply(ctx, ns, m, ApplyOptions{})

@@ -77,6 +77,9 @@ type ApplyOptions struct {
 // skips no-op writes, so resourceVersions stay). It stops at the first
 // error, naming the object.
 func (c *Client) Apply(ctx context.Context, ns string, m *Manifests, opts ApplyOptions) ([]Applied, error) {
+	if ph := m.Placeholders(); len(ph) > 0 {
+		return nil, fmt.Errorf("launch: %w: Secrets %s are unfilled placeholders (FillSecrets makes their data); pods would start without credentials", ErrCredentials, strings.Join(ph, ", "))
+	}
 	var out []Applied
 	for _, obj := range m.Objects {
 		a, err := c.applyOne(ctx, ns, obj, opts)
@@ -162,6 +165,9 @@ var jobKinds = []schema.GroupVersionKind{
 	{Group: "networking.k8s.io", Version: "v1", Kind: "NetworkPolicy"},
 	{Version: "v1", Kind: "Service"},
 	{Version: "v1", Kind: "ConfigMap"},
+	{Version: "v1", Kind: "Secret"},
+	// Jobs hold no Role now; listed so that delete removes the Role and
+	// RoleBinding that launches by older versions made.
 	{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "RoleBinding"},
 	{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "Role"},
 	{Version: "v1", Kind: "ServiceAccount"},

@@ -53,6 +53,8 @@ func TestValidateNamesTheField(t *testing.T) {
 		{"unknown train key", "stepz", func(s *Spec) { s.Train = map[string]any{"stepz": 3} }},
 		{"bad preset", "preset", func(s *Spec) { s.Preset = "gpt-9000" }},
 		{"version", "version", func(s *Spec) { s.Version = 2 }},
+		{"bad monitor namespace", "monitor.namespace", func(s *Spec) { s.Monitor.Namespace = "Monitoring" }},
+		{"etcd image latest", "etcd_image", func(s *Spec) { s.EtcdImage = "quay.io/coreos/etcd:latest" }},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -299,8 +301,15 @@ func TestUnreachableServer(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	m, err := Render(loadExample(t, "launch.yaml"))
+	s := loadExample(t, "launch.yaml")
+	m, err := Render(s)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.FillSecrets(ctx, "bmojo", s, m, time.Now()); !errors.Is(err, ErrUnreachable) {
+		t.Errorf("reading the Secrets: %v, want ErrUnreachable", err)
+	}
+	if _, err := Fill(s, m, nil, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	_, err = c.Apply(ctx, "bmojo", m, ApplyOptions{})

@@ -28,7 +28,9 @@ const (
 )
 
 // Manifests is a rendered job: the objects in apply order and the same as
-// one YAML stream.
+// one YAML stream. The job's Secrets render as placeholders without data;
+// FillSecrets (or Fill) puts the credentials into Objects only, so YAML,
+// which --dry-run prints, never holds key material.
 type Manifests struct {
 	Objects []*unstructured.Unstructured
 	YAML    []byte
@@ -116,14 +118,11 @@ func customize(k *types.Kustomization, s Spec) error {
 	// changes there.
 	k.Labels = append(k.Labels, types.Label{Pairs: map[string]string{LabelManagedBy: "bmojo"}})
 
-	img := types.Image{Name: "bmojo"}
-	if name, digest, ok := strings.Cut(s.Image, "@"); ok {
-		img.NewName, img.Digest = name, digest
-	} else {
-		i := strings.LastIndex(s.Image, ":")
-		img.NewName, img.NewTag = s.Image[:i], s.Image[i+1:]
+	k.Images = []types.Image{kustomizeImage("bmojo", s.Image)}
+	if s.EtcdImage != "" {
+		name, _, _ := strings.Cut(DefaultEtcdImage, ":")
+		k.Images = append(k.Images, kustomizeImage(name, s.EtcdImage))
 	}
-	k.Images = []types.Image{img}
 
 	patches, err := specPatches(s)
 	if err != nil {
@@ -133,6 +132,19 @@ func customize(k *types.Kustomization, s Spec) error {
 		k.Patches = append(k.Patches, types.Patch{Patch: p})
 	}
 	return nil
+}
+
+// kustomizeImage replaces the image name in the manifests with img, a
+// reference checkImage accepted (a tag or a digest).
+func kustomizeImage(name, img string) types.Image {
+	out := types.Image{Name: name}
+	if n, digest, ok := strings.Cut(img, "@"); ok {
+		out.NewName, out.Digest = n, digest
+	} else {
+		i := strings.LastIndex(img, ":")
+		out.NewName, out.NewTag = img[:i], img[i+1:]
+	}
+	return out
 }
 
 // specPatches are strategic-merge patches, applied after the overlay's own,
@@ -209,18 +221,40 @@ func specPatches(s Spec) ([]string, error) {
 	}
 	// The coordinator creates the job in etcd and waits for this many
 	// workers before the first ring (env merges by name).
+	coordEnv := []any{
+		map[string]any{"name": "WORKERS", "value": strconv.Itoa(s.Workers)},
+		map[string]any{"name": "MIN_WORKERS", "value": strconv.Itoa(minW)},
+	}
+	if s.Monitor.HTTPS {
+		// The coordinators' certificate names the coordinator Service.
+		coordEnv = append(coordEnv,
+			map[string]any{"name": "HTTP_CERT", "value": "/etc/bmojo-tls/tls.crt"},
+			map[string]any{"name": "HTTP_KEY", "value": "/etc/bmojo-tls/tls.key"})
+	}
 	coord := map[string]any{
 		"apiVersion": "apps/v1",
 		"kind":       "Deployment",
 		"metadata":   map[string]any{"name": "coordinator"},
 		"spec": map[string]any{"template": map[string]any{"spec": map[string]any{
-			"containers": []any{map[string]any{"name": "coordinator", "env": []any{
-				map[string]any{"name": "WORKERS", "value": strconv.Itoa(s.Workers)},
-				map[string]any{"name": "MIN_WORKERS", "value": strconv.Itoa(minW)},
-			}}},
+			"containers": []any{map[string]any{"name": "coordinator", "env": coordEnv}},
 		}}},
 	}
 	out := []map[string]any{job, pdb, coord}
+	if ns := s.Monitor.Namespace; ns != "" {
+		// Replaces the base's rule (a list without a merge key): the
+		// monitor port from that namespace's pods only.
+		out = append(out, map[string]any{
+			"apiVersion": "networking.k8s.io/v1",
+			"kind":       "NetworkPolicy",
+			"metadata":   map[string]any{"name": "coordinator"},
+			"spec": map[string]any{"ingress": []any{map[string]any{
+				"from": []any{map[string]any{"namespaceSelector": map[string]any{
+					"matchLabels": map[string]any{"kubernetes.io/metadata.name": ns},
+				}}},
+				"ports": []any{map[string]any{"protocol": "TCP", "port": 8080}},
+			}}},
+		})
+	}
 	if s.Checkpoint.Size != "" || s.Checkpoint.StorageClass != "" {
 		spec := map[string]any{}
 		if s.Checkpoint.Size != "" {

@@ -3,8 +3,11 @@
 // sets the job's name, image, worker count, GPUs, model and volumes; Render
 // builds the manifests with the kustomize library; Apply, Delete and Status
 // talk to the cluster with client-go (server-side apply, field manager
-// "bmojo"). It owns nothing that runs inside the pods: those read the job
-// file (package job) that Render puts into a ConfigMap.
+// "bmojo"). FillSecrets gives the job its credentials: a job CA, a
+// certificate per process identity (package pki) and the monitor's token,
+// kept in Secrets and reused on every later launch. It owns nothing that
+// runs inside the pods: those read the job file (package job) that Render
+// puts into a ConfigMap, and the Secrets' files.
 package launch
 
 import (
@@ -56,6 +59,13 @@ type Spec struct {
 
 	Checkpoint Volume `yaml:"checkpoint"`
 
+	// EtcdImage overrides the overlay's etcd image (quay.io/coreos/etcd
+	// with a tag); "" keeps it. Production launches pin it by digest, as
+	// Image: registry/etcd:v3.6.13@sha256:<64 hex>.
+	EtcdImage string `yaml:"etcd_image"`
+
+	Monitor Monitor `yaml:"monitor"`
+
 	// Queue is a Kueue LocalQueue name; set, the worker Job carries
 	// kueue.x-k8s.io/queue-name and Kueue admits all workers at once.
 	Queue string `yaml:"queue"`
@@ -73,6 +83,19 @@ type Data struct {
 	Claim string `yaml:"claim"`
 	// Path is the dataset directory inside the claim; "" = its root.
 	Path string `yaml:"path"`
+}
+
+// Monitor is the coordinators' HTTP port 8080 (dashboard, /metrics,
+// /api/v1/status). Its bearer token is always on: launch keeps it in the
+// Secret <name>-monitor-token.
+type Monitor struct {
+	// Namespace is the namespace whose pods may connect to port 8080 (a
+	// Prometheus namespace, say); "" = the job's own namespace.
+	Namespace string `yaml:"namespace"`
+	// HTTPS serves port 8080 over TLS with the coordinators' certificate
+	// (from the job CA, naming the coordinator Service); clients then need
+	// the job CA's certificate (Secret <name>-ca, key ca.crt).
+	HTTPS bool `yaml:"https"`
 }
 
 // Volume is the checkpoint PersistentVolumeClaim.
@@ -137,6 +160,16 @@ func (s Spec) Validate() error {
 	if err := checkImage(s.Image); err != nil {
 		return bad("image", "%v", err)
 	}
+	if s.EtcdImage != "" {
+		if err := checkImage(s.EtcdImage); err != nil {
+			return bad("etcd_image", "%v", err)
+		}
+	}
+	if n := s.Monitor.Namespace; n != "" {
+		if errs := validation.IsDNS1123Label(n); len(errs) > 0 {
+			return bad("monitor.namespace", "%q: %s", n, strings.Join(errs, "; "))
+		}
+	}
 	if s.Workers < 1 {
 		return bad("workers", "must be at least 1, got %d", s.Workers)
 	}
@@ -187,6 +220,38 @@ func (s Spec) Validate() error {
 		return err
 	}
 	return nil
+}
+
+// DefaultEtcdImage is the base's etcd image (k8s/base/etcd.yaml).
+const DefaultEtcdImage = "quay.io/coreos/etcd:v3.6.13"
+
+// productionOverlays are the overlays meant for real clusters, where an
+// image must be pinned by digest (cpu-demo runs images loaded into a
+// laptop cluster, which have no registry digest).
+var productionOverlays = map[string]bool{"gpu": true}
+
+// Warnings are things Validate accepts but a production launch should not
+// do: today, images named by tag alone in a production overlay. A tag can be
+// moved to another build in the registry; a digest cannot, so every node
+// runs the bytes that were tested. (Workers of one ring also compare a code
+// hash, so a moved tag fails loudly rather than mixing builds; etcd has no
+// such check.) bmojo launch prints them; k8s/README.md says how to find a
+// digest.
+func (s Spec) Warnings() []string {
+	if !productionOverlays[s.Overlay] {
+		return nil
+	}
+	var out []string
+	for _, im := range []struct{ field, img string }{{"image", s.Image}, {"etcd_image", s.EtcdImage}} {
+		img := im.img
+		if img == "" {
+			img = DefaultEtcdImage
+		}
+		if !strings.Contains(img, "@sha256:") {
+			out = append(out, fmt.Sprintf("%s %s is pinned by tag only in production overlay %q: pin it by digest (%s@sha256:...; k8s/README.md, \"Images\")", im.field, img, s.Overlay, img))
+		}
+	}
+	return out
 }
 
 // EffectiveMinWorkers is MinWorkers with its default applied.

@@ -140,6 +140,36 @@ func (ca *CA) KeyPEM() ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), nil
 }
 
+// ParseCA reads a CA back from its PEM certificate and key (as KeyPEM
+// wrote it), checking that they belong together and that the certificate
+// is a CA: bmojo launch keeps a job's CA in a Secret and issues further
+// certificates (a larger ring) from it on a later launch.
+func ParseCA(certPEM, keyPEM []byte) (*CA, error) {
+	cb, _ := pem.Decode(certPEM)
+	if cb == nil || cb.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%w: CA certificate: no PEM CERTIFICATE block", ErrFiles)
+	}
+	cert, err := x509.ParseCertificate(cb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: CA certificate: %w", ErrFiles, err)
+	}
+	if !cert.IsCA {
+		return nil, fmt.Errorf("%w: CA certificate %q is not a CA", ErrFiles, cert.Subject.CommonName)
+	}
+	kb, _ := pem.Decode(keyPEM)
+	if kb == nil || kb.Type != "EC PRIVATE KEY" {
+		return nil, fmt.Errorf("%w: CA key: no PEM EC PRIVATE KEY block", ErrFiles)
+	}
+	key, err := x509.ParseECPrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: CA key: %w", ErrFiles, err)
+	}
+	if !key.PublicKey.Equal(cert.PublicKey) {
+		return nil, fmt.Errorf("%w: the CA key does not match the CA certificate %q", ErrFiles, cert.Subject.CommonName)
+	}
+	return &CA{Cert: cert, Key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cb.Bytes})}, nil
+}
+
 func serial() *big.Int {
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil { // crypto/rand does not fail on supported platforms
