@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,6 +27,7 @@ func init() {
 	var (
 		watch, asJSON bool
 		addr, token   string
+		caFile        string
 		k8sJob        string
 		kf            kubeFlags
 	)
@@ -64,8 +67,12 @@ and worker pods, as bmojo k8s-status does.`,
 			out := cmd.OutOrStdout()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			client, err := statusClient(caFile)
+			if err != nil {
+				return err
+			}
 			show := func() error {
-				body, err := fetchStatus(ctx, url, token)
+				body, err := fetchStatus(ctx, client, url, token)
 				if err != nil {
 					return err
 				}
@@ -105,6 +112,7 @@ and worker pods, as bmojo k8s-status does.`,
 	fl.BoolVar(&asJSON, "json", false, "print the /api/v1/status JSON as served")
 	fl.StringVar(&addr, "addr", "http://127.0.0.1:8080", "the monitor's address (bmojo train, bmojo coordinator --http, bmojo monitor)")
 	fl.StringVar(&token, "token", "", "bearer token (or set BMOJO_TOKEN)")
+	fl.StringVar(&caFile, "ca", "", "CA bundle (PEM) that signed an https monitor's certificate, e.g. the job CA")
 	fl.StringVar(&k8sJob, "k8s", "", "show this job's Kubernetes state instead (uses your kubeconfig like kubectl)")
 	kf.add(fl)
 	rootCmd.AddCommand(cmd)
@@ -114,7 +122,7 @@ and worker pods, as bmojo k8s-status does.`,
 var errStatus = errors.New("status")
 
 // fetchStatus GETs url and turns the failures a user meets into sentences.
-func fetchStatus(ctx context.Context, url, token string) ([]byte, error) {
+func fetchStatus(ctx context.Context, client *http.Client, url, token string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
@@ -124,7 +132,7 @@ func fetchStatus(ctx context.Context, url, token string) ([]byte, error) {
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("%w: cannot reach the monitor at %s (is the job running? give its address with --addr): %w", errStatus, url, err)
 	}
@@ -216,4 +224,21 @@ func printStatus(w io.Writer, s monitor.Status, now time.Time) {
 			fmt.Fprintf(w, "  %s  epoch %d  %s%s: %s\n", t, ev.Epoch, ev.Kind, who, ev.Reason)
 		}
 	}
+}
+
+// statusClient is the HTTP client of bmojo status: the system's roots, or
+// those of --ca for a monitor whose certificate the job CA signed.
+func statusClient(caFile string) (*http.Client, error) {
+	if caFile == "" {
+		return http.DefaultClient, nil
+	}
+	pemBytes, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --ca: %w", errStatus, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pemBytes) {
+		return nil, fmt.Errorf("%w: --ca %s holds no PEM certificate", errStatus, caFile)
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}}}, nil
 }

@@ -3,9 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -115,5 +118,33 @@ func TestStatusCommand(t *testing.T) {
 	}
 	if _, err := runStatus(t, "--addr", tokURL, "--token", "right"); err != nil {
 		t.Errorf("with the right token: %v", err)
+	}
+}
+
+// TestStatusCA: an https monitor is read with --ca naming the CA that
+// signed its certificate, and refused (naming the reason) without it.
+func TestStatusCA(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(`{"job":"j"}`))
+	}))
+	defer srv.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	c, err := statusClient(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body, err := fetchStatus(ctx, c, srv.URL+"/api/v1/status", ""); err != nil || !strings.Contains(string(body), `"job":"j"`) {
+		t.Fatalf("with --ca: %q, %v", body, err)
+	}
+	plain, _ := statusClient("")
+	if _, err := fetchStatus(ctx, plain, srv.URL+"/api/v1/status", ""); err == nil {
+		t.Fatal("a monitor signed by an unknown CA was trusted without --ca")
+	}
+	if _, err := statusClient(filepath.Join(t.TempDir(), "none.pem")); err == nil {
+		t.Fatal("a missing --ca file was accepted")
 	}
 }
