@@ -444,3 +444,32 @@ func weightsOf(m Manifest, name string) (Weights, error) {
 	}
 	return Weights{Config: c, Params: p, Path: path}, nil
 }
+
+// JobOf returns the job file (State.Job) recorded beside the weights file
+// at weightsPath, read from its checkpoint's trainer.json and checked
+// against the manifest's SHA-256: eval and generate learn the checkpoint's
+// tokenizer from it. It is "" for a bare weights file with no trainer.json
+// beside it and for checkpoints older than State.Job.
+func JobOf(weightsPath string) (string, error) {
+	dir := filepath.Dir(weightsPath)
+	if !isCheckpointDir(dir, ManifestFile, StateFile) {
+		return "", nil
+	}
+	m, err := ReadManifest(dir)
+	if err != nil {
+		return "", err
+	}
+	f, ok := m.file(StateFile)
+	if !ok {
+		return "", fmt.Errorf("checkpoint: %s: %w: %s is not listed", filepath.Join(dir, ManifestFile), ErrManifest, StateFile)
+	}
+	b, err := readVerified(dir, f)
+	if err != nil {
+		return "", err
+	}
+	st, err := decodeState(filepath.Join(dir, StateFile), b)
+	if err != nil {
+		return "", err
+	}
+	return st.Job, nil
+}

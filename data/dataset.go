@@ -1,17 +1,15 @@
 package data
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 
-	"github.com/bmojo/bmojo/internal/fsutil"
+	"github.com/bmojo/bmojo/tokenizer"
 )
 
 // Split names one half of a prepared dataset.
@@ -24,13 +22,20 @@ const (
 )
 
 // Manifest constants. The manifest is JSON, so its "magic" is the format
-// field; its version moves with the shard format version.
+// field; its version moves with the shard format version. Fields added
+// since version 1 (tokenizer names other than "byte", eot, val_split,
+// documents) are optional, so version 1 still describes every dataset.
 const (
 	ManifestFile    = "dataset.json"
 	ManifestFormat  = "bmojo-dataset"
 	ManifestVersion = 1
-	// TokenizerByte is the only tokenizer so far: ByteTokenizer.
+	// TokenizerByte is the name the first datasets recorded for the byte
+	// tokenizer; ReadManifest reports it (and a missing name) as
+	// tokenizer.Bytes.
 	TokenizerByte = "byte"
+	// TokenizerFile is the copy of a tokenizer.json that Prepare keeps in
+	// the dataset directory, so the dataset can be decoded on its own.
+	TokenizerFile = "tokenizer.json"
 )
 
 // ShardInfo is one shard as listed in the manifest.
@@ -42,22 +47,31 @@ type ShardInfo struct {
 
 // SourceInfo records how one input file was split.
 type SourceInfo struct {
-	File       string `json:"file"`        // path as given to Prepare
-	Bytes      int64  `json:"bytes"`       // input size
-	TrainBytes int64  `json:"train_bytes"` // leading bytes that went to train; the rest went to val
+	File       string `json:"file"`                // path as found (given, or inside a given directory or glob); "-" is stdin
+	Bytes      int64  `json:"bytes"`               // text bytes read (after gzip)
+	TrainBytes int64  `json:"train_bytes"`         // text bytes that went to train; the rest went to val
+	Docs       int64  `json:"documents,omitempty"` // documents (1 for a text file, records for .jsonl)
+	ValDocs    int64  `json:"val_documents,omitempty"`
 }
 
 // Manifest describes a prepared dataset directory (dataset.json).
 type Manifest struct {
-	Format        string       `json:"format"`         // always ManifestFormat
-	FormatVersion int          `json:"format_version"` // ManifestVersion
-	Vocab         int          `json:"vocab"`
-	Tokenizer     string       `json:"tokenizer"`
-	ValFraction   float64      `json:"val_fraction"`
-	ShardTokens   int          `json:"shard_tokens"`
-	Train         []ShardInfo  `json:"train"`
-	Val           []ShardInfo  `json:"val"`
-	Sources       []SourceInfo `json:"sources"`
+	Format        string  `json:"format"`         // always ManifestFormat
+	FormatVersion int     `json:"format_version"` // ManifestVersion
+	Vocab         int     `json:"vocab"`          // the tokenizer's vocabulary (not padded)
+	Tokenizer     string  `json:"tokenizer"`      // tokenizer.Tokenizer.Name(): "bytes", "gpt2", "tokenizer.json@sha256:…"
+	TokenizerFile string  `json:"tokenizer_file,omitempty"`
+	EOT           *int32  `json:"eot,omitempty"`       // the id after every document; absent for bytes
+	ValSplit      string  `json:"val_split,omitempty"` // "tail" or "document" (absent: tail)
+	ValFraction   float64 `json:"val_fraction"`
+	ShardTokens   int     `json:"shard_tokens"`
+	// TrainDocs and ValDocs count the documents of each split (a text
+	// file split at its tail counts in both).
+	TrainDocs int64        `json:"train_documents,omitempty"`
+	ValDocs   int64        `json:"val_documents,omitempty"`
+	Train     []ShardInfo  `json:"train"`
+	Val       []ShardInfo  `json:"val"`
+	Sources   []SourceInfo `json:"sources"`
 }
 
 // Shards returns the shard list of one split.
@@ -75,207 +89,6 @@ func (m Manifest) Tokens(split Split) int64 {
 		n += s.Tokens
 	}
 	return n
-}
-
-// PrepareOptions configures Prepare.
-type PrepareOptions struct {
-	// ValFraction is the share of each input file, taken from its end and
-	// extended to the next line start, that goes to the validation split.
-	// In [0, 1); default 0.05.
-	ValFraction float64
-	// ShardTokens is the maximum number of tokens per shard file; default
-	// 1<<24 (16 Mi tokens, 32 MiB on disk with the byte tokenizer).
-	ShardTokens int
-	// Progress, if set, is called after each chunk of input with the input
-	// bytes consumed so far and the total input size.
-	Progress func(done, total int64)
-}
-
-// DefaultPrepareOptions returns the documented defaults.
-func DefaultPrepareOptions() PrepareOptions {
-	return PrepareOptions{ValFraction: 0.05, ShardTokens: 1 << 24}
-}
-
-// Validate reports the first invalid option, named as its CLI flag.
-func (o PrepareOptions) Validate() error {
-	if !(o.ValFraction >= 0 && o.ValFraction < 1) {
-		return fmt.Errorf("data: --val-fraction %v must be in [0, 1)", o.ValFraction)
-	}
-	if o.ShardTokens <= 0 {
-		return fmt.Errorf("data: --shard-tokens %d must be positive", o.ShardTokens)
-	}
-	return nil
-}
-
-// shardWriter buffers tokens of one split and writes a shard each time
-// ShardTokens accumulate.
-type shardWriter struct {
-	dir, split string
-	vocab      int
-	max        int
-	buf        []int32
-	shards     []ShardInfo
-}
-
-func (w *shardWriter) add(tokens []int32) error {
-	for len(tokens) > 0 {
-		n := min(len(tokens), w.max-len(w.buf))
-		w.buf = append(w.buf, tokens[:n]...)
-		tokens = tokens[n:]
-		if len(w.buf) == w.max {
-			if err := w.flush(); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-func (w *shardWriter) flush() error {
-	if len(w.buf) == 0 {
-		return nil
-	}
-	name := fmt.Sprintf("%s-%05d.tok", w.split, len(w.shards))
-	h, err := writeShard(filepath.Join(w.dir, name), w.buf, w.vocab)
-	if err != nil {
-		return err
-	}
-	w.shards = append(w.shards, ShardInfo{File: name, Tokens: int64(h.Count), CRC32C: fmt.Sprintf("%08x", h.Checksum)})
-	w.buf = w.buf[:0]
-	return nil
-}
-
-// Prepare tokenizes text files with ByteTokenizer into train and validation
-// shards in outDir and writes the manifest (dataset.json) last, atomically,
-// so a directory with a manifest always describes complete shards.
-//
-// Each input is split on its own, exactly like the bundled corpus: the last
-// ValFraction of its bytes, moved forward to the next line start, goes to
-// validation. Inputs are then concatenated in the order given, train parts
-// into train-NNNNN.tok and validation parts into val-NNNNN.tok. Inputs are
-// streamed, so memory use is bounded by ShardTokens, not by input size.
-// Shard files left over from an earlier Prepare into the same directory and
-// not in the new manifest are removed.
-func Prepare(inputs []string, outDir string, opts PrepareOptions) (Manifest, error) {
-	if err := opts.Validate(); err != nil {
-		return Manifest{}, err
-	}
-	if len(inputs) == 0 {
-		return Manifest{}, fmt.Errorf("data: prepare: no input files")
-	}
-	var total int64
-	sizes := make([]int64, len(inputs))
-	for i, in := range inputs {
-		st, err := os.Stat(in)
-		if err != nil {
-			return Manifest{}, fmt.Errorf("data: prepare: %w", err)
-		}
-		if st.IsDir() {
-			return Manifest{}, fmt.Errorf("data: prepare: %s is a directory; pass text files", in)
-		}
-		sizes[i] = st.Size()
-		total += st.Size()
-	}
-	if err := os.MkdirAll(outDir, 0o755); err != nil {
-		return Manifest{}, fmt.Errorf("data: prepare: %w", err)
-	}
-
-	vocab := ByteVocabSize
-	train := &shardWriter{dir: outDir, split: string(SplitTrain), vocab: vocab, max: opts.ShardTokens}
-	val := &shardWriter{dir: outDir, split: string(SplitVal), vocab: vocab, max: opts.ShardTokens}
-	m := Manifest{
-		Format: ManifestFormat, FormatVersion: ManifestVersion, Vocab: vocab, Tokenizer: TokenizerByte,
-		ValFraction: opts.ValFraction, ShardTokens: opts.ShardTokens,
-	}
-	var done int64
-	for i, in := range inputs {
-		trainBytes, err := splitFile(in, sizes[i], opts.ValFraction, train, val, func(n int64) {
-			done += n
-			if opts.Progress != nil {
-				opts.Progress(done, total)
-			}
-		})
-		if err != nil {
-			return Manifest{}, err
-		}
-		m.Sources = append(m.Sources, SourceInfo{File: in, Bytes: sizes[i], TrainBytes: trainBytes})
-	}
-	if err := train.flush(); err != nil {
-		return Manifest{}, err
-	}
-	if err := val.flush(); err != nil {
-		return Manifest{}, err
-	}
-	if len(train.shards) == 0 {
-		return Manifest{}, fmt.Errorf("data: prepare: inputs hold no training text (%d bytes in all)", total)
-	}
-	m.Train, m.Val = train.shards, val.shards
-
-	js, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return Manifest{}, fmt.Errorf("data: prepare: %w", err)
-	}
-	js = append(js, '\n')
-	mpath := filepath.Join(outDir, ManifestFile)
-	if _, err := fsutil.WriteBytes(mpath, js); err != nil {
-		return Manifest{}, fmt.Errorf("data: prepare: write %s: %w", mpath, err)
-	}
-	removeStaleShards(outDir, m)
-	return m, nil
-}
-
-// splitFile streams one input into the train and val writers, switching at
-// the byte splitPoint would choose, and returns the train byte count.
-func splitFile(path string, size int64, valFraction float64, train, val *shardWriter, progress func(int64)) (int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, fmt.Errorf("data: prepare: %w", err)
-	}
-	defer f.Close()
-	cut := size // valFraction 0: everything is train
-	if valFraction > 0 {
-		cut = int64(float64(size) * (1 - valFraction))
-	}
-	var tok ByteTokenizer
-	var pos, trainBytes int64
-	inVal := false
-	buf := make([]byte, 1<<20)
-	for {
-		n, rerr := f.Read(buf)
-		chunk := buf[:n]
-		if !inVal {
-			// Train takes everything before the cut, then up to and
-			// including the first newline at or after it.
-			take := len(chunk)
-			if pos+int64(take) > cut {
-				from := int(max(cut-pos, 0))
-				if i := bytes.IndexByte(chunk[from:], '\n'); i >= 0 {
-					take = from + i + 1
-					inVal = true
-				}
-			}
-			if err := train.add(tok.EncodeBytes(chunk[:take])); err != nil {
-				return 0, err
-			}
-			trainBytes += int64(take)
-			chunk = chunk[take:]
-		}
-		if len(chunk) > 0 {
-			if err := val.add(tok.EncodeBytes(chunk)); err != nil {
-				return 0, err
-			}
-		}
-		pos += int64(n)
-		if n > 0 {
-			progress(int64(n))
-		}
-		if rerr == io.EOF {
-			return trainBytes, nil
-		}
-		if rerr != nil {
-			return 0, fmt.Errorf("data: prepare: read %s: %w", path, rerr)
-		}
-	}
 }
 
 // removeStaleShards deletes shard files from an earlier Prepare that the new
@@ -313,8 +126,16 @@ func ReadManifest(dir string) (Manifest, error) {
 	if m.FormatVersion != ManifestVersion {
 		return Manifest{}, fmt.Errorf("data: %s: %w %d (this build reads version %d); re-run `bmojo data prepare` with this build", path, ErrVersion, m.FormatVersion, ManifestVersion)
 	}
-	if m.Tokenizer != TokenizerByte || m.Vocab != ByteVocabSize {
-		return Manifest{}, fmt.Errorf("data: %s: %w: tokenizer %q with vocab %d, this build supports %q with vocab %d", path, ErrCorrupt, m.Tokenizer, m.Vocab, TokenizerByte, ByteVocabSize)
+	m.Tokenizer = tokenizer.CanonicalName(m.Tokenizer)
+	want := map[string]int{tokenizer.Bytes: tokenizer.ByteVocab, tokenizer.GPT2: tokenizer.GPT2Vocab}
+	if n, builtin := want[m.Tokenizer]; builtin && m.Vocab != n || m.Vocab <= 0 || m.Vocab > maxVocab {
+		return Manifest{}, fmt.Errorf("data: %s: %w: tokenizer %q with vocab %d (%s has %d)", path, ErrCorrupt, m.Tokenizer, m.Vocab, m.Tokenizer, n)
+	}
+	if m.EOT != nil && (*m.EOT < 0 || int(*m.EOT) >= m.Vocab) {
+		return Manifest{}, fmt.Errorf("data: %s: %w: eot %d outside the vocabulary [0, %d)", path, ErrCorrupt, *m.EOT, m.Vocab)
+	}
+	if m.TokenizerFile != "" && m.TokenizerFile != TokenizerFile {
+		return Manifest{}, fmt.Errorf("data: %s: %w: tokenizer_file %q, want %q", path, ErrCorrupt, m.TokenizerFile, TokenizerFile)
 	}
 	for _, s := range append(append([]ShardInfo{}, m.Train...), m.Val...) {
 		// Shard names come from a file anyone can edit; keep them inside dir.
@@ -330,9 +151,13 @@ func ReadManifest(dir string) (Manifest, error) {
 type Dataset struct {
 	// Name identifies the data in messages: "DIR (train)", "bundled (val)"
 	// or "memory".
-	Name   string
-	Vocab  int
-	shards [][]int32
+	Name  string
+	Vocab int
+	// Tokenizer is the name of the tokenizer that made the tokens
+	// (tokenizer.Tokenizer.Name()); "" for a memory dataset, which does
+	// not know.
+	Tokenizer string
+	shards    [][]int32
 }
 
 // NewMemoryDataset wraps tokens as a one-shard dataset, checking that every
@@ -363,7 +188,7 @@ func OpenDataset(dir string, split Split) (*Dataset, error) {
 	if len(infos) == 0 {
 		return nil, fmt.Errorf("data: open dataset %s: no %s shards (was it prepared with --val-fraction 0?)", dir, split)
 	}
-	ds := &Dataset{Name: fmt.Sprintf("%s (%s)", dir, split), Vocab: m.Vocab}
+	ds := &Dataset{Name: fmt.Sprintf("%s (%s)", dir, split), Vocab: m.Vocab, Tokenizer: m.Tokenizer}
 	for _, info := range infos {
 		sh, err := checkShard(dir, m, info)
 		if err != nil {
@@ -415,6 +240,7 @@ func BundledDataset(split Split) (*Dataset, error) {
 		return nil, err
 	}
 	ds.Name = fmt.Sprintf("bundled (%s)", split)
+	ds.Tokenizer = tokenizer.Bytes
 	return ds, nil
 }
 
@@ -489,4 +315,26 @@ func entropy(counts []int64) float64 {
 		}
 	}
 	return h
+}
+
+// OpenTokenizer returns the tokenizer dir's dataset was prepared with: a
+// built-in one by name, or the tokenizer.json Prepare copied into dir,
+// which must still be the file the manifest names.
+func OpenTokenizer(dir string, m Manifest) (tokenizer.Tokenizer, error) {
+	name := tokenizer.CanonicalName(m.Tokenizer)
+	if name == tokenizer.Bytes || name == tokenizer.GPT2 {
+		return tokenizer.New(name)
+	}
+	if m.TokenizerFile == "" {
+		return nil, fmt.Errorf("data: dataset %s: %w: tokenizer %q is not built in and the dataset keeps no %s", dir, ErrCorrupt, name, TokenizerFile)
+	}
+	path := filepath.Join(dir, m.TokenizerFile)
+	tok, err := tokenizer.LoadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("data: dataset %s: %w", dir, err)
+	}
+	if tok.Name() != name {
+		return nil, fmt.Errorf("data: dataset %s: %w: %s is %s, the manifest says %s; re-run `bmojo data prepare`", dir, ErrCorrupt, path, tok.Name(), name)
+	}
+	return tok, nil
 }

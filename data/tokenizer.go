@@ -4,7 +4,9 @@ import "strings"
 
 // ByteTokenizer maps each byte of UTF-8 text to one token in [0, 256). It
 // needs no vocabulary file, cannot meet an unknown symbol, and makes the
-// unigram entropy of the data a meaningful floor for the loss.
+// unigram entropy of the data a meaningful floor for the loss. It is the
+// mapping of tokenizer.ByteTokenizer (the "bytes" tokenizer), with
+// error-free signatures for the callers that only ever use bytes.
 type ByteTokenizer struct{}
 
 // ByteVocabSize is the vocabulary size of ByteTokenizer.

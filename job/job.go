@@ -43,6 +43,12 @@ type Job struct {
 	EvalEvery   int    `yaml:"eval_every"`   // steps between validation passes; 0 = only at the end
 	EvalBatches int    `yaml:"eval_batches"` // validation batches per pass; 0 = whole split
 
+	// Tokenizer names the tokenizer of the data and the model: bytes,
+	// gpt2 or a tokenizer.json path (see package tokenizer). "" takes the
+	// dataset's; a run records what it resolved to ("" for bytes, so job
+	// files and checkpoints from before tokenizers had names still match).
+	Tokenizer string `yaml:"tokenizer,omitempty"`
+
 	CheckpointDir   string `yaml:"checkpoint_dir"`   // where step-N/ directories go
 	CheckpointEvery int    `yaml:"checkpoint_every"` // steps between checkpoints; 0 = only at the end
 	KeepCheckpoints int    `yaml:"keep_checkpoints"` // newest checkpoints kept; 0 = all

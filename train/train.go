@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -19,6 +20,7 @@ import (
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/tokenizer"
 )
 
 // ErrFinished means the checkpoint directory holds this job, already done.
@@ -54,11 +56,15 @@ func Run(ctx context.Context, j job.Job, o Options) (Result, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	if err := j.Validate(); err != nil {
+	err := j.Validate()
+	if err != nil {
 		return Result{}, err
 	}
 	if j.Threads > 0 {
 		defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(j.Threads))
+	}
+	if j, err = ResolveTokenizer(j); err != nil {
+		return Result{}, err
 	}
 	mc, _ := j.ModelConfig()
 	trainDS, err := data.Load(j.Data, data.SplitTrain)
@@ -293,6 +299,10 @@ func compatible(ck *checkpoint.Checkpoint, mc model.Config, j job.Job) error {
 		if err != nil {
 			return fmt.Errorf("train: checkpoint %s: %w", ck.Dir, err)
 		}
+		if a, b := tokenizer.CanonicalName(old.Tokenizer), tokenizer.CanonicalName(j.Tokenizer); a != b {
+			return fmt.Errorf("train: %w: checkpoint %s was trained with tokenizer %s, the dataset %s is tokenized with %s; train it in another checkpoint_dir",
+				ErrTokenizer, ck.Dir, a, dataName(j.Data), b)
+		}
 		return j.ResumeError(old, ck.Dir)
 	}
 	a, b := model.ConfigMetadata(ck.Config)[model.ConfigKey], model.ConfigMetadata(mc)[model.ConfigKey]
@@ -307,6 +317,64 @@ func compatible(ck *checkpoint.Checkpoint, mc model.Config, j job.Job) error {
 		return fmt.Errorf("train: checkpoint %s used seed %d, the job says %d", ck.Dir, ck.State.Seed, j.Seed)
 	}
 	return nil
+}
+
+// ErrTokenizer: data and a model (or a job) of different tokenizers.
+var ErrTokenizer = errors.New("tokenizer mismatch")
+
+// ResolveTokenizer settles j's tokenizer against its dataset: a job naming
+// none takes the dataset's; one naming another is refused, naming both. The
+// model's vocab_size grows to the tokenizer's padded vocabulary
+// (tokenizer.PadVocab: 50,304 for gpt2) when it is smaller. The result
+// records bytes as "" (job.Job.Tokenizer). Train and the local launcher
+// call it before a run, so checkpoints record what was resolved.
+func ResolveTokenizer(j job.Job) (job.Job, error) {
+	dsName, vocab := tokenizer.Bytes, tokenizer.ByteVocab
+	if j.Data != "" && !strings.EqualFold(j.Data, "bundled") {
+		m, err := data.ReadManifest(j.Data)
+		if err != nil {
+			return j, fmt.Errorf("train: data: %w", err)
+		}
+		dsName, vocab = m.Tokenizer, m.Vocab
+	}
+	want := dsName
+	if j.Tokenizer != "" {
+		want = tokenizer.CanonicalName(j.Tokenizer)
+		if want != tokenizer.Bytes && want != tokenizer.GPT2 {
+			// A tokenizer.json path: compare its content's name.
+			if _, err := os.Stat(j.Tokenizer); err == nil {
+				tok, err := tokenizer.LoadFile(j.Tokenizer)
+				if err != nil {
+					return j, fmt.Errorf("train: tokenizer: %w", err)
+				}
+				want = tok.Name()
+			}
+		}
+	}
+	if want != dsName {
+		return j, fmt.Errorf("train: %w: the job's tokenizer is %s, the dataset %s is tokenized with %s; prepare the data with --tokenizer %s or train with --tokenizer %s",
+			ErrTokenizer, want, dataName(j.Data), dsName, want, dsName)
+	}
+	j.Tokenizer = want
+	if want == tokenizer.Bytes {
+		j.Tokenizer = ""
+	}
+	mc, err := j.ModelConfig()
+	if err != nil {
+		return j, err
+	}
+	if mc.VocabSize < vocab {
+		mc.VocabSize = tokenizer.PadVocab(vocab)
+		j.Model = mc
+	}
+	return j, nil
+}
+
+func dataName(dir string) string {
+	if dir == "" {
+		return "bundled"
+	}
+	return dir
 }
 
 // CheckWritable fails with a clear error when dir cannot take new files.

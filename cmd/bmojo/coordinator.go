@@ -17,6 +17,7 @@ import (
 	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/job/spec"
+	"github.com/bmojo/bmojo/train"
 )
 
 // etcdFlags are the flags of a job process that reaches etcd: where etcd
@@ -127,6 +128,11 @@ over when the leader dies. It exits when the job is done.`,
 			}
 			if j.Name != cfg.JobName {
 				return fmt.Errorf("coordinator: --job %q but the job file %s names job %q", cfg.JobName, jobFile, j.Name)
+			}
+			// As bmojo train does: the dataset's tokenizer, checked against
+			// the job's, and the model's vocabulary padded to it.
+			if j, err = train.ResolveTokenizer(j); err != nil {
+				return fmt.Errorf("coordinator: %w", err)
 			}
 			cli, err := etcdserver.Connect(ctx, cfg.Etcd)
 			if err != nil {

@@ -46,6 +46,9 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 			if err != nil {
 				return err
 			}
+			if err := checkDataTokenizer("eval", path, c, ds); err != nil {
+				return err
+			}
 			dev, err := devicepkg.Open(devSpec, devicepkg.Options{Logger: log})
 			if err != nil {
 				return err

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -18,8 +19,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/bmojo/bmojo/checkpoint"
-	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/tokenizer"
 )
 
 // newlineToken starts generation when the prompt is empty.
@@ -33,18 +34,22 @@ func init() {
 		temperature float64
 		topK        int
 		seed        uint64
+		tokFlag     string
 	)
 	cmd := &cobra.Command{
 		Use:   "generate --checkpoint PATH [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]",
-		Short: "Generate text from a trained checkpoint (byte tokenizer, streamed to stdout)",
-		Long: `Generate text from a trained model, one byte token at a time.
+		Short: "Generate text from a trained checkpoint (streamed to stdout)",
+		Long: `Generate text from a trained model, one token at a time, with the tokenizer
+the checkpoint was trained with (a tokenizer.json one is found in the
+training dataset, or given with --tokenizer). Padding ids past the
+tokenizer's vocabulary are never sampled.
 
 --checkpoint is a model.safetensors file, a step-N checkpoint directory, or a
 checkpoint root directory (such as runs/bmojo-small), in which case the newest
 checkpoint that reads back cleanly is used. The prompt is printed, then each
-generated token as soon as it is sampled. An empty prompt starts from a
-newline. Temperature 0 is greedy decoding; --top-k 0 samples from the whole
-vocabulary. The model carries a fixed-size state, so generation may run past
+generated token as soon as it is sampled. An empty prompt starts from the
+end-of-text token, or a newline for the byte tokenizer. Temperature 0 is
+greedy decoding; --top-k 0 samples from the whole vocabulary. The model carries a fixed-size state, so generation may run past
 the training length.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -63,11 +68,15 @@ the training length.`,
 			if err != nil {
 				return err
 			}
-			log.Info("loaded checkpoint", "path", from, "mixers", fmt.Sprint(cfg.Mixers), "d_model", cfg.DModel, "parameters", len(params))
+			tok, err := checkpointTokenizerFor("generate", from, cfg, tokFlag)
+			if err != nil {
+				return err
+			}
+			log.Info("loaded checkpoint", "path", from, "mixers", fmt.Sprint(cfg.Mixers), "d_model", cfg.DModel, "parameters", len(params), "tokenizer", tok.Name())
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			g := generation{
-				cfg: cfg, params: params, prompt: prompt, tokens: tokens,
+				cfg: cfg, params: params, tok: tok, prompt: prompt, tokens: tokens,
 				temperature: temperature, topK: topK, seed: seed, log: log,
 			}
 			return g.run(ctx, cmd.OutOrStdout())
@@ -75,8 +84,9 @@ the training length.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&checkpoint, "checkpoint", "", "model.safetensors file, step-N checkpoint directory, or checkpoint root (newest good checkpoint)")
-	fl.StringVar(&prompt, "prompt", "", "text to continue (empty: start from a newline)")
-	fl.IntVar(&tokens, "tokens", 256, "tokens (bytes) to generate")
+	fl.StringVar(&prompt, "prompt", "", "text to continue (empty: start from the end-of-text token, or a newline for bytes)")
+	fl.IntVar(&tokens, "tokens", 256, "tokens to generate")
+	fl.StringVar(&tokFlag, "tokenizer", "", "the checkpoint's tokenizer.json, when it is not in the training dataset (bytes and gpt2 need none)")
 	fl.Float64Var(&temperature, "temperature", 0.8, "sampling temperature (0 = greedy)")
 	fl.IntVar(&topK, "top-k", 40, "sample among the K most likely tokens (0 = all)")
 	fl.Uint64Var(&seed, "seed", 1, "sampling seed")
@@ -99,6 +109,7 @@ func loadForGenerate(path string, log hclog.Logger) (model.Config, []float32, st
 type generation struct {
 	cfg         model.Config
 	params      []float32
+	tok         tokenizer.Tokenizer
 	prompt      string
 	tokens      int
 	temperature float64
@@ -108,9 +119,16 @@ type generation struct {
 }
 
 func (g *generation) run(ctx context.Context, stdout io.Writer) error {
-	var tok data.ByteTokenizer
+	tok := g.tok
 	V := g.cfg.VocabSize
-	in := tok.Encode(g.prompt)
+	in, err := tokenizer.EncodeSpecial(tok, g.prompt)
+	if err != nil {
+		return fmt.Errorf("generate: prompt: %w", err)
+	}
+	prompt := slices.Clone(in)
+	if eot, ok := tok.EOT(); len(in) == 0 && ok {
+		in = []int32{eot}
+	}
 	if len(in) == 0 {
 		if V <= newlineToken {
 			return fmt.Errorf("generate: --prompt is empty and the model's %d-token vocabulary has no newline token (%d) to start from; give a --prompt", V, newlineToken)
@@ -119,20 +137,20 @@ func (g *generation) run(ctx context.Context, stdout io.Writer) error {
 	}
 	for i, t := range in {
 		if int(t) >= V {
-			return fmt.Errorf("generate: prompt byte %d (0x%02x, at offset %d) is outside the model's %d-token vocabulary", t, t, i, V)
+			return fmt.Errorf("generate: prompt token %d (at %d) is outside the model's %d-token vocabulary", t, i, V)
 		}
 	}
-	if V != data.ByteVocabSize {
-		g.log.Warn("model vocabulary is not the byte tokenizer's; tokens >= 256 print as U+FFFD", "vocab_size", V)
-	}
+	// Ids from the tokenizer's vocabulary up are padding (or, for a byte
+	// model, never valid): never sampled.
+	sampleV := min(V, tok.VocabSize())
 	dec, err := model.NewDecoder(g.cfg, g.params)
 	if err != nil {
 		return fmt.Errorf("generate: %w", err)
 	}
 	w := bufio.NewWriter(stdout)
 	out := &utf8Stream{w: w}
-	for _, t := range tok.Encode(g.prompt) {
-		if err := out.put(t); err != nil {
+	for _, t := range prompt {
+		if err := out.put(tok.TokenBytes(t)); err != nil {
 			return fmt.Errorf("generate: write: %w", err)
 		}
 	}
@@ -155,8 +173,8 @@ func (g *generation) run(ctx context.Context, stdout io.Writer) error {
 			g.log.Info("interrupted", "generated", n)
 			break
 		}
-		next := model.Sample(logits, g.temperature, g.topK, rng)
-		if err := out.put(next); err != nil {
+		next := model.Sample(logits[:sampleV], g.temperature, g.topK, rng)
+		if err := out.put(tok.TokenBytes(next)); err != nil {
 			return fmt.Errorf("generate: write: %w", err)
 		}
 		if err := w.Flush(); err != nil {
@@ -185,23 +203,23 @@ func (g *generation) run(ctx context.Context, stdout io.Writer) error {
 	return nil
 }
 
-// utf8Stream writes byte tokens as they come, holding back an incomplete
+// utf8Stream writes tokens' bytes as they come, holding back an incomplete
 // UTF-8 sequence until its last byte arrives, and replacing invalid bytes
-// and ids outside [0, 256) with U+FFFD (as ByteTokenizer.Decode does).
+// and unknown tokens (nil) with U+FFFD (as Tokenizer.Decode does).
 type utf8Stream struct {
 	w       *bufio.Writer
 	pending []byte
 }
 
-func (s *utf8Stream) put(id int32) error {
-	if id < 0 || id >= data.ByteVocabSize {
+func (s *utf8Stream) put(b []byte) error {
+	if b == nil {
 		if err := s.flushInvalid(); err != nil {
 			return err
 		}
 		_, err := s.w.WriteRune(utf8.RuneError)
 		return err
 	}
-	s.pending = append(s.pending, byte(id))
+	s.pending = append(s.pending, b...)
 	for len(s.pending) > 0 {
 		if !utf8.FullRune(s.pending) {
 			return nil // wait for the rest of the sequence

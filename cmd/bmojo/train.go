@@ -16,6 +16,7 @@ import (
 	devicepkg "github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/internal/localrun"
 	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/tokenizer"
 	"github.com/bmojo/bmojo/train"
 )
 
@@ -70,6 +71,7 @@ any field; flags given on the command line override the file.`,
 			set("warmup-steps", func() { j.WarmupSteps = f.WarmupSteps })
 			set("seed", func() { j.Seed = f.Seed })
 			set("data", func() { j.Data = f.Data })
+			set("tokenizer", func() { j.Tokenizer = f.Tokenizer })
 			set("checkpoint-dir", func() { j.CheckpointDir = f.CheckpointDir })
 			set("checkpoint-every", func() { j.CheckpointEvery = f.CheckpointEvery })
 			set("eval-every", func() { j.EvalEvery = f.EvalEvery })
@@ -78,6 +80,12 @@ any field; flags given on the command line override the file.`,
 			if err := j.Validate(); err != nil {
 				return err
 			}
+			// Both paths below (and the workers) train the resolved job.
+			resolved, err := train.ResolveTokenizer(j)
+			if err != nil {
+				return err
+			}
+			j = resolved
 			if _, _, err := devicepkg.Parse(devSpec); err != nil {
 				return fmt.Errorf("train: --device: %w", err)
 			}
@@ -109,7 +117,7 @@ any field; flags given on the command line override the file.`,
 			if n := len(res.Losses); n > 0 {
 				last = res.Losses[n-1]
 			}
-			printSummary(summary{steps: res.Steps, skipped: res.Skipped, workers: 1, train: last, val: res.ValLoss,
+			printSummary(summary{unit: lossUnit(j), steps: res.Steps, skipped: res.Skipped, workers: 1, train: last, val: res.ValLoss,
 				entropy: res.UnigramEntropy, tps: res.TokensPerSec, checkpoint: res.Checkpoint})
 			return nil
 		},
@@ -130,6 +138,7 @@ any field; flags given on the command line override the file.`,
 	fl.IntVar(&f.WarmupSteps, "warmup-steps", 0, "linear warm-up steps (0 = 5% of steps)")
 	fl.Uint64Var(&f.Seed, "seed", f.Seed, "seed for initialisation and data order")
 	fl.StringVar(&f.Data, "data", "", "dataset directory from `bmojo data prepare` (default: the bundled corpus)")
+	fl.StringVar(&f.Tokenizer, "tokenizer", "", "tokenizer the data must have: bytes, gpt2 or a tokenizer.json path (default: the dataset's); the model's vocab_size grows to its padded vocabulary")
 	fl.StringVar(&f.CheckpointDir, "checkpoint-dir", f.CheckpointDir, "checkpoint directory")
 	fl.IntVar(&f.CheckpointEvery, "checkpoint-every", f.CheckpointEvery, "steps between checkpoints (0 = only at the end)")
 	fl.IntVar(&f.EvalEvery, "eval-every", f.EvalEvery, "steps between validation passes (0 = only at the end)")
@@ -162,12 +171,13 @@ func trainLocal(ctx context.Context, j job.Job, workers int, devSpec string, qui
 	if err != nil {
 		return err
 	}
-	printSummary(summary{steps: res.Done.Step, skipped: res.Progress.Skipped, workers: workers, train: res.Done.Loss,
+	printSummary(summary{unit: lossUnit(j), steps: res.Done.Step, skipped: res.Progress.Skipped, workers: workers, train: res.Done.Loss,
 		val: res.Done.ValLoss, entropy: ds.UnigramEntropy(), tps: res.Progress.TokensPerS, checkpoint: res.Checkpoint})
 	return nil
 }
 
 type summary struct {
+	unit                     string // what the loss is per: byte or token
 	steps, skipped, workers  int
 	train, val, entropy, tps float64
 	checkpoint               string
@@ -178,8 +188,17 @@ type summary struct {
 func printSummary(s summary) {
 	fmt.Printf("steps            %d (skipped %d) on %d worker(s)\n", s.steps, s.skipped, s.workers)
 	fmt.Printf("train loss       %.4f\n", s.train)
-	fmt.Printf("val loss         %.4f nats/byte (%.3f bits/byte)\n", s.val, s.val/math.Ln2)
-	fmt.Printf("unigram entropy  %.4f nats/byte; val loss is %.3f× of it\n", s.entropy, s.val/s.entropy)
+	fmt.Printf("val loss         %.4f nats/%s (%.3f bits/%s)\n", s.val, s.unit, s.val/math.Ln2, s.unit)
+	fmt.Printf("unigram entropy  %.4f nats/%s; val loss is %.3f× of it\n", s.entropy, s.unit, s.val/s.entropy)
 	fmt.Printf("throughput       %.0f tokens/s\n", s.tps)
 	fmt.Printf("checkpoint       %s\n", s.checkpoint)
+}
+
+// lossUnit is what j's loss is measured per: a byte with the bytes
+// tokenizer, else a token.
+func lossUnit(j job.Job) string {
+	if j.Tokenizer == "" || j.Tokenizer == tokenizer.Bytes {
+		return "byte"
+	}
+	return "token"
 }
