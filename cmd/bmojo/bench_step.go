@@ -53,6 +53,7 @@ func init() {
 	var (
 		preset, dev, jsonOut string
 		batch, steps, seqLen int
+		vocab                int
 		threadList           []int
 		peakTFLOPs           float64
 		maxBatch, prof, noLt bool
@@ -78,6 +79,12 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			}
 			if seqLen > 0 {
 				c.SeqLen = seqLen
+			}
+			if vocab > 0 {
+				c.VocabSize = vocab
+			}
+			if err := c.Validate(); err != nil {
+				return fmt.Errorf("bench step: %w", err)
 			}
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
@@ -149,6 +156,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.IntVar(&batch, "batch-size", 4, "sequences per step")
 	fl.IntVar(&steps, "steps", 3, "timed steps (per thread count on the CPU)")
 	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
+	fl.IntVar(&vocab, "vocab-size", 0, "vocabulary (default: the preset's, 256 bytes; 50304 is GPT-2's padded)")
 	fl.IntSliceVar(&threadList, "threads", nil, "CPU: thread counts to time (default: 1 and all cores)")
 	fl.StringVar(&dev, "device", "auto", "auto, cpu, cuda or cuda:N")
 	fl.Float64Var(&peakTFLOPs, "peak-tflops", 0, "GPU: a reference matrix rate (e.g. torch's); MFU uses it or this backend's measured rate, whichever is higher")
