@@ -1,5 +1,5 @@
 # Developer shortcuts; CI runs .ci/run.
-.PHONY: ptx ptx-check build build-cuda test fuzz
+.PHONY: ptx ptx-check build build-cuda test fuzz experiments-quick
 
 ptx: ## regenerate kernels/cuda/ptx from kernels/cuda/csrc (needs nvcc)
 	scripts/gen-ptx.sh
@@ -25,3 +25,6 @@ fuzz: ## run every fuzz target for FUZZTIME (default 1m)
 		echo "== $${t%%:*} in $${t#*:}"; \
 		go test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) "$${t#*:}" || exit 1; \
 	done
+
+experiments-quick: ## the three experiments' --quick mode on the CPU, as a test (minutes)
+	BMOJO_LONG=1 go test -count=1 -run '^TestExperimentQuick$$' -timeout 30m ./cmd/bmojo

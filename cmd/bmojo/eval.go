@@ -20,6 +20,8 @@ func init() {
 		devSpec       string
 		seqLen, batch int
 		maxBatches    int
+		task          string
+		mq            mqarEvalFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "eval",
@@ -31,6 +33,16 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := newLogger().Named("eval")
+			switch task {
+			case "lm":
+			case "mqar":
+				if seqLen <= 0 {
+					return fmt.Errorf("eval: --task mqar needs --seq-len and --kv")
+				}
+				return evalMQAR(cmd, ckpt, devSpec, seqLen, mq, log)
+			default:
+				return fmt.Errorf("eval: --task %q: want lm or mqar", task)
+			}
 			c, params, path, err := loadForEval(ckpt, log)
 			if err != nil {
 				return err
@@ -84,6 +96,8 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 	fl.IntVar(&batch, "batch-size", 4, "sequences per forward pass")
 	fl.StringVar(&devSpec, "device", "auto", "compute device: auto, cpu, cuda or cuda:N")
 	fl.IntVar(&maxBatches, "max-batches", 0, "stop after this many batches (0 = the whole split)")
+	fl.StringVar(&task, "task", "lm", "lm: loss on a dataset; mqar: MQAR accuracy at (--seq-len, --kv), see `bmojo experiment mqar`")
+	mq.register(fl)
 	rootCmd.AddCommand(cmd)
 }
 

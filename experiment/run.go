@@ -1,0 +1,237 @@
+package experiment
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"path/filepath"
+	"time"
+
+	"github.com/bmojo/bmojo/checkpoint"
+	"github.com/bmojo/bmojo/experiment/mqar"
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/model"
+)
+
+// Progress is one report from a running cell.
+type Progress struct {
+	Cell  string  // Cell.Name
+	Hash  string  // Cell.Hash
+	Phase string  // "train" or "eval"
+	Step  int     // steps done
+	Steps int     // steps planned
+	Loss  float64 // mean training loss since the last report
+}
+
+// Env is where a cell runs: its backend, the device's name for the
+// result, the cache, and an optional progress callback (called from the
+// cell's goroutine at most every ReportEvery).
+type Env struct {
+	Backend     kernels.Backend[float32]
+	Device      string
+	Cache       Cache
+	Report      func(Progress)
+	ReportEvery time.Duration
+}
+
+func (e Env) report(p Progress) {
+	if e.Report != nil {
+		e.Report(p)
+	}
+}
+
+// batchRef is one training batch of an MQAR cell: Rows examples of one
+// setting, by index into that setting's training set.
+type batchRef struct {
+	setting int
+	first   []int
+}
+
+// mqarSchedule is the cell's batches, in order: each epoch visits every
+// example of every mix entry once; examples are shuffled within a setting,
+// cut into batches of one setting, and the batches shuffled, all from the
+// cell's seed.
+func mqarSchedule(c Cell) []batchRef {
+	var out []batchRef
+	for e := range c.Epochs {
+		r := rand.New(rand.NewPCG(c.Seed, uint64(e)+1))
+		var ep []batchRef
+		for si, m := range c.Mix {
+			idx := r.Perm(m.Examples)
+			for a := 0; a < len(idx); a += c.Batch {
+				ep = append(ep, batchRef{si, idx[a:min(a+c.Batch, len(idx))]})
+			}
+		}
+		r.Shuffle(len(ep), func(i, j int) { ep[i], ep[j] = ep[j], ep[i] })
+		out = append(out, ep...)
+	}
+	return out
+}
+
+// MQARSteps is the number of optimizer steps of an MQAR cell.
+func MQARSteps(c Cell) int {
+	n := 0
+	for _, m := range c.Mix {
+		n += (m.Examples + c.Batch - 1) / c.Batch
+	}
+	return n * c.Epochs
+}
+
+// optimConfig is the protocol's AdamW: weight decay 0.1 on matrices,
+// warm-up over the first 5% of steps, cosine decay to 0 (MQAR) or to 10%
+// (LM, the project's default).
+func optimConfig(c Cell, steps int) model.OptimConfig {
+	o := model.DefaultOptim(c.LR, steps)
+	if c.Kind == KindMQAR {
+		o.MinLRFrac = 0
+	}
+	return o
+}
+
+// RunMQAR trains and tests an MQAR cell and returns its result (the
+// caller stores it). It writes the trained model as a normal checkpoint
+// under the cache's CheckpointDir.
+func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
+	if err := c.Validate(); err != nil {
+		return Result{}, err
+	}
+	cfg, err := c.ModelConfig(mqar.Vocab)
+	if err != nil {
+		return Result{}, err
+	}
+	t0 := time.Now()
+	m, err := model.New[float32](env.Backend, cfg, c.Seed)
+	if err != nil {
+		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
+	}
+	T, B := c.MaxTrainT(), c.Batch
+	if err := m.Prepare(B, T); err != nil {
+		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
+	}
+	sched := mqarSchedule(c)
+	opt := model.NewOptimizer(m, optimConfig(c, len(sched)))
+	src := mqar.Source{Seed: c.Seed, Noise: c.Noise}
+	tokens, targets := make([]int32, B*T), make([]int32, B*T)
+	res := Result{Hash: c.Hash(), Cell: c, Device: env.Device, Params: m.Layout.ParamCount()}
+	losses := make([]float64, 0, len(sched))
+	last, sum, cnt := time.Now(), 0.0, 0
+	for step, b := range sched {
+		if err := ctx.Err(); err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: stopped at step %d: %w", c.Name(), step, err)
+		}
+		s := c.Mix[b.setting].Setting
+		for p := range tokens {
+			tokens[p], targets[p] = mqar.Filler, mqar.Ignore
+		}
+		for r, i := range b.first {
+			if err := src.Fill(s, i, 1, tokens[r*T:r*T+s.T], targets[r*T:r*T+s.T]); err != nil {
+				return Result{}, err
+			}
+		}
+		l, err := m.Forward(tokens, targets)
+		if err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
+		}
+		m.ZeroGrads()
+		if err := m.Backward(); err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
+		}
+		if st := opt.Apply(); st.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0) {
+			res.Skipped++
+		}
+		losses = append(losses, l.CE)
+		res.TrainTokens += int64(B * T)
+		sum, cnt = sum+l.CE, cnt+1
+		if time.Since(last) >= env.ReportEvery || step == len(sched)-1 {
+			env.report(Progress{Cell: c.Name(), Hash: res.Hash, Phase: "train", Step: step + 1, Steps: len(sched), Loss: sum / float64(cnt)})
+			last, sum, cnt = time.Now(), 0, 0
+		}
+	}
+	if err := env.Backend.Err(); err != nil {
+		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
+	}
+	res.Steps, res.TrainLoss = len(sched), tenths(losses)
+	ck, err := saveCheckpoint(env.Cache, c, m, opt, res.Steps, T, losses)
+	if err != nil {
+		return Result{}, err
+	}
+	res.Checkpoint = ck
+	env.report(Progress{Cell: c.Name(), Hash: res.Hash, Phase: "eval", Step: res.Steps, Steps: res.Steps})
+	for _, s := range c.Test {
+		sc, err := EvalMQAR(ctx, m, mqar.Source{Seed: c.TestSeed, Noise: c.Noise}, s, c.TestExamples)
+		if err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
+		}
+		res.MQAR = append(res.MQAR, SettingResult{Setting: s, Accuracy: sc.Accuracy(), Loss: Float(sc.Loss()), Examples: sc.Examples})
+	}
+	res.WallSeconds = time.Since(t0).Seconds()
+	return res, nil
+}
+
+// EvalBatch is the evaluation batch at length T: as many rows as keep the
+// logits near 2^25 floats (128 MiB), at most 64. A fixed function of T, so
+// that `bmojo eval --task mqar` runs the very batches a cell ran.
+func EvalBatch(T, vocab int) int {
+	return max(1, min(64, (1<<25)/(T*vocab)))
+}
+
+// EvalMQAR scores m on the first n examples of setting s from src.
+func EvalMQAR(ctx context.Context, m *model.Model[float32], src mqar.Source, s mqar.Setting, n int) (mqar.Score, error) {
+	if err := s.Validate(); err != nil {
+		return mqar.Score{}, err
+	}
+	V := m.Cfg.VocabSize
+	if V < mqar.Vocab {
+		return mqar.Score{}, fmt.Errorf("%w: the model's vocabulary %d is smaller than MQAR's %d: not an MQAR model", ErrSpec, V, mqar.Vocab)
+	}
+	B := EvalBatch(s.T, V)
+	if err := m.Prepare(B, s.T); err != nil {
+		return mqar.Score{}, err
+	}
+	tokens, targets := make([]int32, B*s.T), make([]int32, B*s.T)
+	var total mqar.Score
+	for first := 0; first < n; first += B {
+		if err := ctx.Err(); err != nil {
+			return mqar.Score{}, err
+		}
+		k := min(B, n-first)
+		if err := src.Fill(s, first, k, tokens[:k*s.T], targets[:k*s.T]); err != nil {
+			return mqar.Score{}, err
+		}
+		for p := k * s.T; p < B*s.T; p++ {
+			tokens[p], targets[p] = mqar.Filler, mqar.Ignore
+		}
+		// The loss comes from the model (computed on the device), the
+		// accuracy from the argmax at the query positions.
+		l, err := m.Forward(tokens, targets)
+		if err != nil {
+			return mqar.Score{}, fmt.Errorf("eval %v: %w", s, err)
+		}
+		sc, err := mqar.ScoreArgmax(m.Logits(), targets, k, s.T, V)
+		if err != nil {
+			return mqar.Score{}, err
+		}
+		sc.LossSum = l.CE * float64(l.Labelled)
+		total.Add(sc)
+	}
+	return total, nil
+}
+
+// saveCheckpoint writes the cell's model as a normal bmojo checkpoint and
+// returns its path relative to the directory above the cell's checkpoints
+// (Cache.CellDir, or the cell's directory under Cache.Checkpoints).
+func saveCheckpoint(k Cache, c Cell, m *model.Model[float32], opt *model.Optimizer[float32], steps, T int, losses []float64) (string, error) {
+	mom, vel := opt.MomentsF32()
+	root := k.CheckpointDir(c)
+	man, err := checkpoint.Save(root, checkpoint.Checkpoint{Config: m.Cfg, Params: m.ParamsF32(), M: mom, V: vel,
+		State: checkpoint.State{DataStep: steps, OptimizerStep: opt.Step, Seed: c.Seed, BatchSize: c.Batch, SeqLen: T, Losses: losses}})
+	if err != nil {
+		return "", fmt.Errorf("experiment: %s: %w", c.Name(), err)
+	}
+	rel, err := filepath.Rel(k.ckptCellDir(c), man.Dir)
+	if err != nil {
+		return man.Dir, nil
+	}
+	return rel, nil
+}

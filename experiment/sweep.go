@@ -1,0 +1,337 @@
+package experiment
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/bmojo/bmojo/experiment/mqar"
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/model"
+)
+
+// ErrBudget: the sweep's estimated device time exceeds --budget.
+var ErrBudget = errors.New("sweep does not fit the budget")
+
+// RunCell runs one cell from scratch (any checkpoint of an interrupted
+// earlier attempt is removed first) and stores its result in the cache.
+func RunCell(ctx context.Context, env Env, c Cell) (Result, error) {
+	if _, err := env.Cache.Begin(c); err != nil {
+		return Result{}, err
+	}
+	if err := os.RemoveAll(env.Cache.CheckpointDir(c)); err != nil {
+		return Result{}, fmt.Errorf("experiment: %s: clear old checkpoint: %w", c.Name(), err)
+	}
+	var r Result
+	var err error
+	switch c.Kind {
+	case KindMQAR:
+		r, err = RunMQAR(ctx, env, c)
+	case KindLM:
+		r, err = RunLM(ctx, env, c)
+	default:
+		err = fmt.Errorf("%w: unknown cell kind %q", ErrSpec, c.Kind)
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	return r, env.Cache.Store(r)
+}
+
+// Cost is a cell's estimated work.
+type Cost struct {
+	TrainTokens int64   // positions trained on (padding and prefixes included)
+	EvalTokens  int64   // positions evaluated (forward only)
+	FLOPs       float64 // model FLOPs (model.FLOPsPerToken; evaluation counted as a third of training)
+}
+
+// CellCost estimates a cell's work from its spec alone.
+func CellCost(c Cell, vocab int) (Cost, error) {
+	cfg, err := c.ModelConfig(vocab)
+	if err != nil {
+		return Cost{}, err
+	}
+	var k Cost
+	switch c.Kind {
+	case KindMQAR:
+		T := c.MaxTrainT()
+		k.TrainTokens = int64(MQARSteps(c)) * int64(c.Batch) * int64(T)
+		k.FLOPs = float64(k.TrainTokens) * model.FLOPsPerToken(cfg, T)
+		for _, s := range c.Test {
+			B := EvalBatch(s.T, cfg.VocabSize)
+			n := int64((c.TestExamples+B-1)/B) * int64(B*s.T)
+			k.EvalTokens += n
+			k.FLOPs += float64(n) * model.FLOPsPerToken(cfg, s.T) / 3
+		}
+	case KindLM:
+		T := c.TrainT
+		if c.StatePassing {
+			T *= 2
+		}
+		k.TrainTokens = int64(c.Steps) * int64(c.Batch) * int64(T)
+		k.FLOPs = float64(k.TrainTokens) * model.FLOPsPerToken(cfg, T)
+		for _, t := range c.EvalT {
+			w := c.EvalWindows
+			if w == 0 {
+				w = 64 // unknown without the data: assume a typical cap
+			}
+			n := int64(w) * int64(t)
+			k.EvalTokens += n
+			k.FLOPs += float64(n) * model.FLOPsPerToken(cfg, t) / 3
+		}
+	}
+	return k, nil
+}
+
+// Rate is a measured or given device speed: TokensPerS training tokens per
+// second of a reference cell whose model does FLOPsPerToken, so that
+// Seconds scales any cell by its FLOPs (the usual assumption that time
+// goes with model FLOPs; small models on a GPU are often slower than that
+// because kernel launches dominate).
+type Rate struct {
+	TokensPerS    float64
+	FLOPsPerToken float64
+	Source        string // "measured on <cell>" or "given"
+}
+
+// Seconds is the estimated device time of a cost at this rate.
+func (r Rate) Seconds(k Cost) float64 {
+	return k.FLOPs / (r.TokensPerS * r.FLOPsPerToken)
+}
+
+// MeasureRate times steps training steps (after one warm-up step) of cell
+// c's model on be, on MQAR or random tokens.
+func MeasureRate(ctx context.Context, be kernels.Backend[float32], c Cell, vocab, steps int) (Rate, error) {
+	cfg, err := c.ModelConfig(vocab)
+	if err != nil {
+		return Rate{}, err
+	}
+	T := c.MaxTrainT()
+	if c.Kind == KindLM {
+		T = c.TrainT
+		if c.StatePassing {
+			T *= 2
+		}
+	}
+	m, err := model.New[float32](be, cfg, 1)
+	if err != nil {
+		return Rate{}, err
+	}
+	if err := m.Prepare(c.Batch, T); err != nil {
+		return Rate{}, err
+	}
+	tok, tgt := make([]int32, c.Batch*T), make([]int32, c.Batch*T)
+	for i := range tok {
+		tok[i] = int32((i*7919 + 13) % cfg.VocabSize)
+		tgt[i] = int32((i*104729 + 7) % cfg.VocabSize)
+	}
+	opt := model.NewOptimizer(m, model.DefaultOptim(1e-4, steps+1))
+	var t0 time.Time
+	for s := range steps + 1 {
+		if err := ctx.Err(); err != nil {
+			return Rate{}, err
+		}
+		if s == 1 {
+			t0 = time.Now()
+		}
+		if _, err := m.Forward(tok, tgt); err != nil {
+			return Rate{}, err
+		}
+		m.ZeroGrads()
+		if err := m.Backward(); err != nil {
+			return Rate{}, err
+		}
+		opt.Apply()
+		_ = m.GradNorm() // a host read: the device has finished the step
+	}
+	if err := be.Err(); err != nil {
+		return Rate{}, err
+	}
+	el := time.Since(t0).Seconds()
+	return Rate{TokensPerS: float64(steps*c.Batch*T) / el, FLOPsPerToken: model.FLOPsPerToken(cfg, T), Source: "measured on " + c.Name()}, nil
+}
+
+// Costliest is the cell with the most FLOPs per training token, the one
+// worth measuring.
+func Costliest(cells []Cell, vocab int) (Cell, error) {
+	var best Cell
+	bestF := -1.0
+	for _, c := range cells {
+		cfg, err := c.ModelConfig(vocab)
+		if err != nil {
+			return Cell{}, err
+		}
+		T := c.MaxTrainT()
+		if c.Kind == KindLM {
+			T = c.TrainT
+		}
+		if f := model.FLOPsPerToken(cfg, T); f > bestF {
+			best, bestF = c, f
+		}
+	}
+	if bestF < 0 {
+		return Cell{}, fmt.Errorf("%w: no cells", ErrSpec)
+	}
+	return best, nil
+}
+
+// Plan is what a sweep will run: the cells not yet cached, their estimate,
+// and the ones dropped to fit the budget.
+type Plan struct {
+	Cached  []Cell
+	Run     []Cell
+	Dropped []Cell
+	Seconds []float64 // estimate per Run cell
+	Total   float64   // Σ Seconds
+	FLOPs   float64   // Σ model FLOPs of the Run cells
+	Tokens  int64     // Σ training tokens of the Run cells
+	Rate    Rate
+}
+
+// NewPlan splits cells into cached and pending, estimates the pending ones
+// at rate, and checks them against budget (0 = none): when they do not
+// fit, fit keeps the cells that do, in order, and reports the others as
+// dropped; without fit it is an ErrBudget error.
+func NewPlan(k Cache, cells []Cell, vocab int, rate Rate, budget time.Duration, fit bool) (Plan, error) {
+	p := Plan{Rate: rate}
+	left := budget.Seconds()
+	for _, c := range cells {
+		if _, err := k.Load(c); err == nil {
+			p.Cached = append(p.Cached, c)
+			continue
+		} else if !errors.Is(err, ErrNotCached) {
+			return p, err
+		}
+		cost, err := CellCost(c, vocab)
+		if err != nil {
+			return p, err
+		}
+		s := rate.Seconds(cost)
+		if budget > 0 && fit && s > left {
+			p.Dropped = append(p.Dropped, c)
+			continue
+		}
+		left -= s
+		p.Run = append(p.Run, c)
+		p.Seconds = append(p.Seconds, s)
+		p.Total += s
+		p.FLOPs += cost.FLOPs
+		p.Tokens += cost.TrainTokens
+	}
+	if budget > 0 && !fit && p.Total > budget.Seconds() {
+		return p, fmt.Errorf("%w: %d cells need about %s of device time at %.0f tokens/s (%s), the budget is %s; raise --budget, narrow the sweep, or pass --fit to run the cells that fit",
+			ErrBudget, len(p.Run), time.Duration(p.Total*float64(time.Second)).Round(time.Second), rate.TokensPerS, rate.Source, budget)
+	}
+	return p, nil
+}
+
+// Executor runs one cell to completion (its result in the cache).
+type Executor func(ctx context.Context, c Cell, slot int) error
+
+// Execute runs cells on jobs executors at once and returns the first
+// error after the others finish or stop; cells already started are
+// allowed to finish unless ctx ends. done is called after each success.
+func Execute(ctx context.Context, cells []Cell, jobs int, run Executor, done func(Cell)) error {
+	jobs = max(1, min(jobs, len(cells)))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	next := make(chan Cell)
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	for slot := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range next {
+				if err := run(ctx, c, slot); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+					cancel()
+					continue
+				}
+				if done != nil {
+					done(c)
+				}
+			}
+		}()
+	}
+feed:
+	for _, c := range cells {
+		select {
+		case next <- c:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	return ctx.Err()
+}
+
+// MQARSweep is the MQAR experiment's cells: every family × d_model × lr on
+// one training recipe (base), ordered by d_model, then family, then lr,
+// so that a sweep cut short has whole lr sweeps of the small models.
+func MQARSweep(base Cell, families []string, dModels []int, lrs []float64) []Cell {
+	var out []Cell
+	for _, d := range dModels {
+		for _, f := range families {
+			for _, lr := range lrs {
+				c := base
+				c.Model.Family, c.Model.DModel, c.LR = f, d, lr
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// DefaultTest is the Based test suite, up to (1024, 256).
+var DefaultTest = []mqar.Setting{{T: 64, K: 4}, {T: 64, K: 8}, {T: 64, K: 16}, {T: 128, K: 32}, {T: 256, K: 64}, {T: 512, K: 128}, {T: 1024, K: 256}}
+
+// DefaultLRs is the Based lr sweep.
+var DefaultLRs = []float64{1e-3, 3.2e-3, 1e-2, 3.2e-2}
+
+// BestByLR keeps, for each group (the cell with its lr zeroed), the result
+// with the highest mean test accuracy; ties go to the lower lr.
+func BestByLR(rs []Result) []Result {
+	best := map[string]Result{}
+	for _, r := range rs {
+		k := r.Cell
+		k.LR = 0
+		h := k.Hash()
+		if b, ok := best[h]; !ok || r.MeanAccuracy() > b.MeanAccuracy() || (r.MeanAccuracy() == b.MeanAccuracy() && r.Cell.LR < b.Cell.LR) {
+			best[h] = r
+		}
+	}
+	out := make([]Result, 0, len(best))
+	for _, h := range sortedKeys(best) {
+		out = append(out, best[h])
+	}
+	slices.SortStableFunc(out, func(a, b Result) int {
+		if a.Cell.Model.DModel != b.Cell.Model.DModel {
+			return a.Cell.Model.DModel - b.Cell.Model.DModel
+		}
+		return familyIndex(a.Cell.Model.Family) - familyIndex(b.Cell.Model.Family)
+	})
+	return out
+}
+
+func familyIndex(f string) int {
+	if i := slices.Index(Families, f); i >= 0 {
+		return i
+	}
+	return len(Families)
+}
