@@ -1,5 +1,5 @@
 # Developer shortcuts; CI runs .ci/run.
-.PHONY: ptx ptx-check build build-cuda test fuzz experiments-quick
+.PHONY: ptx ptx-check build build-cuda test fuzz experiments-quick chaos
 
 ptx: ## regenerate kernels/cuda/ptx from kernels/cuda/csrc (needs nvcc)
 	scripts/gen-ptx.sh
@@ -15,6 +15,12 @@ build-cuda: ptx ## the GPU binary: CGO, links only libcuda.so.1
 
 test:
 	go test ./...
+
+# The long chaos run (tests/chaos): 1000 steps, 20 worker, 3 coordinator and
+# 1 etcd SIGKILLs; go test ./... runs the short one. BMOJO_CHAOS_SEED=N
+# replays a schedule.
+chaos: ## the long chaos run (about 5 minutes on 2 cores)
+	BMOJO_CHAOS=long go test -count=1 -v -timeout 40m -run '^TestChaos$$' ./tests/chaos/
 
 # Every fuzz target for FUZZTIME each (CI runs them for 10 s).
 FUZZTIME ?= 1m

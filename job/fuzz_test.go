@@ -34,7 +34,7 @@ func FuzzDecodeRecords(f *testing.F) {
 		Encode(Ring{Epoch: 3, Members: []RingMember{{ID: "w1", Endpoint: "h:1"}}}),
 		Encode(Start{Epoch: 3, Step: 7, Source: "w1", Sync: true}),
 		Encode(Progress{Step: 4, Steps: 10, Loss: 1.5}),
-		Encode(LedgerEntry{Step: 3, Epoch: 2, Ranges: map[string]Range{"w1": {Start: 0, Count: 4}}}),
+		Encode(LedgerEntry{Step: 3, Epoch: 2, Workers: []Consumed{{ID: "w1", Range: Range{Start: 0, Count: 4}, Checksum: "00"}}}),
 		Encode(Manifest{Step: 10}),
 		`{"epoch": 1e400}`, `[]`, `null`,
 	} {

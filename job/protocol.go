@@ -15,7 +15,7 @@
 //	ready/<epoch>/<worker-id> Ready: a member has stopped training for this epoch, at its local step
 //	start/<epoch>             Start: the step the epoch starts at and which member holds that state
 //	reports/<worker-id>       Report: a worker saw a peer fail (the coordinator drops the suspect)
-//	ledger/<step>             LedgerEntry: which sample ranges a committed step consumed
+//	ledger/<step>             LedgerEntry: what each worker of a committed step reports it read (fenced, written once)
 //	progress                  Progress: the latest committed step, loss, tokens/s (rank 0 writes)
 //	stats/<worker-id>         WorkerStats: one worker's latest step timings (about once a second)
 //	checkpoints/<step>        Manifest: a durable checkpoint (files with sizes and SHA-256)
@@ -198,14 +198,38 @@ type Range struct {
 	Count int `json:"count"`
 }
 
-// LedgerEntry records what a committed step consumed.
+// Consumed is one worker's own report of what it read for a step: its
+// sample positions and a checksum of the token windows it actually trained
+// on. Every rank's report travels in the step's own collective (the one
+// that sums the loss), so a rank that applied the step holds every rank's
+// report, and any of them can commit the entry.
+type Consumed struct {
+	ID   string `json:"id"`
+	Rank int    `json:"rank"`
+	Range
+	// Checksum is FNV-1a 64 (hex, 16 digits) over the windows the worker
+	// fed the model, in position order: each window's SeqLen+1 tokens (the
+	// inputs, then the last target) as 4-byte little-endian integers.
+	Checksum string `json:"checksum"`
+}
+
+// LedgerEntry records what a committed step consumed. Ledger writes are
+// fenced: a worker commits entries in a transaction that holds only while
+// the ring record is the one it is a member of (its mod revision), and
+// only if ledger/<step> does not exist yet, so a stale ring writes nothing
+// and an entry is never rewritten. Every member holds the entries of the
+// steps it applied: rank 0 commits them as it goes, the others when their
+// ring changes or they exit (the entries still missing then), so an entry
+// survives the death of any one of them.
 type LedgerEntry struct {
-	Step   int              `json:"step"`
-	Epoch  uint64           `json:"epoch"`
-	Ranges map[string]Range `json:"ranges"` // member id -> its positions
-	Loss   float64          `json:"loss"`   // the step's global training loss
-	// Time is when rank 0 finished the step (Unix seconds, its clock).
-	Time float64 `json:"time,omitempty"`
+	Step    int        `json:"step"`
+	Epoch   uint64     `json:"epoch"`   // the ring the step ran in
+	Workers []Consumed `json:"workers"` // rank order: each rank's own report
+	Loss    float64    `json:"loss"`    // the step's global training loss
+	// Time is when the committing worker finished the step (Unix seconds,
+	// its clock).
+	Time   float64 `json:"time,omitempty"`
+	Writer string  `json:"writer,omitempty"` // the worker that committed the entry
 }
 
 // Progress is the job's latest committed step.

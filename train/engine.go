@@ -66,6 +66,14 @@ type Reducer interface {
 	Err() error
 }
 
+// BatchObserver is a Reducer that keeps a ledger (the worker's): TrainStep
+// shows it the batch this replica really trains on, after filling it and
+// before the step's sums. The slices are the engine's and are refilled by
+// the next step.
+type BatchObserver interface {
+	Batch(start, count int, tokens, targets []int32)
+}
+
 // Local is the Reducer of a single replica: every sum is the value itself.
 type Local struct{}
 
@@ -135,6 +143,9 @@ func (e *Engine) TrainStep(r Reducer) (StepStats, error) {
 		tokens, targets := e.tokens[:count*T], e.targets[:count*T]
 		if err := e.Train.Fill(0, start, count, tokens, targets); err != nil {
 			return st, fmt.Errorf("%w: step %d: %w", ErrStep, e.Step, err)
+		}
+		if o, ok := r.(BatchObserver); ok {
+			o.Batch(start, count, tokens, targets)
 		}
 		st.Data = time.Since(t0)
 		l, err := m.Forward(tokens, targets)

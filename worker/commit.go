@@ -2,9 +2,11 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,37 +20,119 @@ import (
 	"github.com/bmojo/bmojo/model"
 )
 
-// committer writes progress and ledger records to etcd in order, in the
-// background, retrying while etcd is unavailable: training never waits for
-// etcd, and nothing queued is lost.
+// committer writes this worker's records (ledger entries, progress, stats,
+// done) to etcd in order, in the background, retrying while etcd is
+// unavailable: training never waits for etcd, and nothing queued is lost.
+//
+// Every write is fenced: a batch is one transaction that holds only while
+// the ring record's mod revision is the fence, the ring this worker is a
+// member of (setFence). When the ring has changed, the batch stays queued
+// until a new fence comes (the worker is a member of the new ring) and is
+// written under it; a worker of a stale ring writes nothing. Ledger entries
+// are only created, never rewritten (a step's first committed entry stands).
+//
+// Entries a worker holds for rank 0 (backup) are not written at once: they
+// join the queue when the fence changes (the ring changed: rank 0 may have
+// died with entries unwritten) and when the committer closes, and are
+// dropped, every backupTrim entries, once etcd has them.
 type committer struct {
-	cli    *clientv3.Client
-	prefix string
-	log    hclog.Logger
+	cli     *clientv3.Client
+	prefix  string
+	ringKey string
+	log     hclog.Logger
 
 	mu      sync.Mutex
 	cond    *sync.Cond
-	queue   [][2]string
+	queue   []record
 	busy    bool
 	closed  bool
+	fence   int64 // the ring's mod revision writes are fenced on; 0: none
+	stale   bool  // the ring moved past the fence: writes wait for a new one
+	backup  map[int]string
+	added   int  // backups added since the last trim
+	trimNow bool // run should drop the backups etcd has
 	stopped chan struct{}
 }
 
+// record is one queued write.
+type record struct {
+	key, value string
+	create     bool // a ledger entry: written only if the key does not exist
+}
+
+// backupTrim is how many backup entries a worker adds between two reads
+// that drop those etcd already has.
+const backupTrim = 128
+
+// errFenced says queued writes cannot land: this worker is not a member of
+// the current ring.
+var errFenced = errors.New("worker: not a member of the current ring: writes are fenced off")
+
 func newCommitter(cli *clientv3.Client, prefix string, log hclog.Logger) *committer {
-	c := &committer{cli: cli, prefix: prefix, log: log, stopped: make(chan struct{})}
+	c := &committer{cli: cli, prefix: prefix, ringKey: prefix + job.KeyRing, log: log,
+		backup: map[int]string{}, stopped: make(chan struct{})}
 	c.cond = sync.NewCond(&c.mu)
 	go c.run()
 	return c
 }
 
-func (c *committer) add(key, value string) {
+func (c *committer) add(key, value string) { c.push(record{key: key, value: value}) }
+
+func (c *committer) push(r record) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return
 	}
-	c.queue = append(c.queue, [2]string{key, value})
+	c.queue = append(c.queue, r)
 	c.cond.Broadcast()
+}
+
+// addLedger queues the entry of step for writing (primary: rank 0) or holds
+// it for rank 0 (see committer).
+func (c *committer) addLedger(step int, value string, primary bool) {
+	if primary {
+		c.push(record{key: job.LedgerKey(step), value: value, create: true})
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.backup[step] = value
+	if c.added++; c.added >= backupTrim {
+		c.added, c.trimNow = 0, true
+		c.cond.Broadcast()
+	}
+}
+
+// setFence fences every write from now on on the ring record at mod
+// revision rev (0: hold writes). A new ring may mean rank 0 died with
+// entries unwritten: the backups join the queue.
+func (c *committer) setFence(rev int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.fence, c.stale = rev, false
+	if rev != 0 {
+		c.queueBackups()
+	}
+	c.cond.Broadcast()
+}
+
+// queueBackups moves the held entries to the queue, in step order; c.mu is
+// held.
+func (c *committer) queueBackups() {
+	steps := make([]int, 0, len(c.backup))
+	for s := range c.backup {
+		steps = append(steps, s)
+	}
+	slices.Sort(steps)
+	for _, s := range steps {
+		c.queue = append(c.queue, record{key: job.LedgerKey(s), value: c.backup[s], create: true})
+	}
+	clear(c.backup)
+	c.added = 0
 }
 
 func (c *committer) run() {
@@ -56,49 +140,44 @@ func (c *committer) run() {
 	failures := 0
 	for {
 		c.mu.Lock()
-		for len(c.queue) == 0 && !c.closed {
+		for !c.closed && !c.writable() && !c.trimNow {
 			c.cond.Wait()
 		}
-		if len(c.queue) == 0 && c.closed {
+		if c.trimNow && !c.closed {
+			c.trimNow = false
+			lo, hi := c.backupSpan()
+			c.mu.Unlock()
+			c.trim(lo, hi)
+			continue
+		}
+		if !c.writable() { // closed, with nothing that can still be written
 			c.mu.Unlock()
 			return
 		}
 		batch := c.queue[:len(c.queue):len(c.queue)] // appends during the write go to a new array
+		fence := c.fence
 		c.busy = true
 		c.mu.Unlock()
-		// etcd refuses a transaction that names a key twice, and progress
-		// and stats records repeat: keep each key's newest value, at its
-		// newest position (so done stays last).
-		last := make(map[string]int, len(batch))
-		for i, kv := range batch {
-			last[kv[0]] = i
-		}
-		ops := make([]clientv3.Op, 0, len(last))
-		for i, kv := range batch {
-			if last[kv[0]] == i {
-				ops = append(ops, clientv3.OpPut(c.prefix+kv[0], kv[1]))
-			}
-		}
-		// A short deadline: a write caught by an etcd outage is retried with
-		// everything queued meanwhile instead of landing late with a stale
-		// batch (progress would then lag the workers after the outage).
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		var err error
-		for i := 0; i < len(ops) && err == nil; i += 64 { // etcd caps ops per txn
-			_, err = c.cli.Txn(ctx).Then(ops[i:min(i+64, len(ops))]...).Commit()
-		}
-		cancel()
+		fenced, err := c.write(batch, fence)
 		c.mu.Lock()
 		c.busy = false
-		if err == nil {
+		switch {
+		case err != nil:
+			failures++
+		case fenced:
+			if c.fence == fence {
+				c.stale = true // wait for a new fence
+			}
+		default:
 			c.queue = c.queue[len(batch):]
 			failures = 0
-		} else {
-			failures++
 		}
 		closed := c.closed
 		c.cond.Broadcast()
 		c.mu.Unlock()
+		if fenced {
+			c.log.Info("the ring changed: writes wait for the next ring this worker is a member of", "queued", len(batch))
+		}
 		if err != nil {
 			if failures == 1 || failures%20 == 0 {
 				c.log.Warn("etcd write failed; progress and ledger stay queued", "queued", len(batch), "error", err)
@@ -111,27 +190,115 @@ func (c *committer) run() {
 	}
 }
 
-// flush waits until everything queued so far is in etcd (or ctx ends).
-func (c *committer) flush(ctx context.Context) {
-	done := make(chan struct{})
-	go func() {
-		c.mu.Lock()
-		for (len(c.queue) > 0 || c.busy) && ctx.Err() == nil {
-			c.cond.Wait()
+// writable says a batch can be written now; c.mu is held.
+func (c *committer) writable() bool { return len(c.queue) > 0 && c.fence != 0 && !c.stale }
+
+// write commits batch in transactions fenced on the ring's mod revision;
+// fenced is true when the ring had moved on (nothing of that transaction
+// was written).
+func (c *committer) write(batch []record, fence int64) (fenced bool, err error) {
+	// etcd refuses a transaction that names a key twice, and progress and
+	// stats records repeat: keep each key's newest value, at its newest
+	// position (so done stays last).
+	last := make(map[string]int, len(batch))
+	for i, r := range batch {
+		last[r.key] = i
+	}
+	ops := make([]clientv3.Op, 0, len(last))
+	for i, r := range batch {
+		if last[r.key] != i {
+			continue
 		}
-		c.mu.Unlock()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		c.cond.Broadcast()
+		k := c.prefix + r.key
+		if r.create {
+			ops = append(ops, clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+				[]clientv3.Op{clientv3.OpPut(k, r.value)}, nil))
+		} else {
+			ops = append(ops, clientv3.OpPut(k, r.value))
+		}
+	}
+	// A short deadline: a write caught by an etcd outage is retried with
+	// everything queued meanwhile instead of landing late with a stale
+	// batch (progress would then lag the workers after the outage).
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	for i := 0; i < len(ops); i += 64 { // etcd caps ops per txn
+		resp, err := c.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(c.ringKey), "=", fence)).
+			Then(ops[i:min(i+64, len(ops))]...).Commit()
+		if err != nil {
+			return false, fmt.Errorf("worker: commit: %w", err)
+		}
+		if !resp.Succeeded {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// backupSpan is the range of steps held as backups; c.mu is held.
+func (c *committer) backupSpan() (lo, hi int) {
+	lo, hi = -1, -1
+	for s := range c.backup {
+		if lo < 0 || s < lo {
+			lo = s
+		}
+		hi = max(hi, s)
+	}
+	return lo, hi
+}
+
+// trim drops the backups of steps lo..hi that etcd has (a keys-only read).
+func (c *committer) trim(lo, hi int) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	resp, err := c.cli.Get(ctx, c.prefix+job.LedgerKey(lo), clientv3.WithRange(c.prefix+job.LedgerKey(hi+1)), clientv3.WithKeysOnly())
+	if err != nil {
+		return // kept: the next trim, or the next ring, writes them
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, kv := range resp.Kvs {
+		var s int
+		if _, err := fmt.Sscanf(strings.TrimPrefix(string(kv.Key), c.prefix+job.KeyLedger), "%d", &s); err == nil {
+			delete(c.backup, s)
+		}
 	}
 }
 
+// flush waits until everything queued so far is in etcd (nil), the writes
+// are fenced off (errFenced: this worker's ring is no longer the current
+// one), or ctx ends.
+func (c *committer) flush(ctx context.Context) error {
+	done := make(chan error, 1)
+	go func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		for (len(c.queue) > 0 || c.busy) && ctx.Err() == nil {
+			if !c.busy && (c.stale || c.fence == 0) {
+				done <- errFenced
+				return
+			}
+			c.cond.Wait()
+		}
+		done <- ctx.Err()
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		c.cond.Broadcast()
+		return ctx.Err()
+	}
+}
+
+// close writes the backups still held (under the current fence) and what is
+// queued, giving up after 10 s.
 func (c *committer) close() {
 	c.mu.Lock()
 	if !c.closed {
+		if c.fence != 0 && !c.stale {
+			c.queueBackups()
+		}
 		c.closed = true
 		c.cond.Broadcast()
 	}
@@ -184,6 +351,12 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 		defer func() { c.mu.Lock(); c.running = false; c.mu.Unlock() }()
 		t0 := time.Now()
 		saved, err := checkpoint.Save(w.job.CheckpointDir, ck)
+		if errors.Is(err, checkpoint.ErrExists) {
+			// An epoch that starts at an evaluation step evaluates it again
+			// (state.go), and rank 0 then checkpoints it again.
+			w.log.Info("checkpoint of this step already written", "step", ck.State.DataStep)
+			return
+		}
 		if err != nil {
 			w.log.Warn("checkpoint failed", "step", ck.State.DataStep, "error", err)
 			return

@@ -11,7 +11,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/allreduce"
-	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/train"
@@ -34,6 +33,9 @@ type epochRing struct {
 	red    *ringReducer
 	t0     time.Time // connected
 	tokens int       // trained by this worker in this epoch
+	// consumed is every rank's report of what it read in the newest step
+	// (ledger.go).
+	consumed []job.Consumed
 }
 
 // loop runs the machine until the job is done (nil), the machine stops on
@@ -101,6 +103,9 @@ func (w *worker) execute(ctx context.Context, a Action, results chan<- Event) (e
 		run(func() Event { return w.evaluate(ep) })
 	case Record:
 		w.record(a)
+	case Fence:
+		w.log.Debug("writes fenced", "epoch", a.Epoch, "ring_revision", a.Rev)
+		w.commits.setFence(a.Rev)
 	case Progress:
 		w.lastVal = a.Val
 		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
@@ -115,10 +120,17 @@ func (w *worker) execute(ctx context.Context, a Action, results chan<- Event) (e
 		w.ckpt.wait() // a checkpoint still writing would make start skip the last one
 		w.ckpt.start(w.cur.info.Epoch, a.Val)
 		w.ckpt.wait()
+		// done goes last, fenced like the rest: if this ring is no longer
+		// the current one, the next ring's rank 0 finishes instead.
 		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
-		w.commits.flush(ctx)
+		if err := w.commits.flush(ctx); err != nil {
+			w.log.Warn("not finishing the job: the ledger and progress could not be committed", "step", a.Step, "error", err)
+			return false, nil
+		}
 		w.commits.add(job.KeyDone, job.Encode(job.Done{Step: a.Step, ValLoss: a.Val, Loss: w.last.Loss}))
-		w.commits.flush(ctx)
+		if err := w.commits.flush(ctx); err != nil {
+			w.log.Warn("done could not be committed", "step", a.Step, "error", err)
+		}
 	case SetHealth:
 		w.log.Debug("health", "ready", a.Ready, "live", a.Live, "reason", a.Reason)
 		if w.cfg.Health != nil {
@@ -202,7 +214,13 @@ func (w *worker) failed(r job.Ring, err error) Event {
 // worker's stats.
 func (w *worker) trainStep(ep *epochRing) Event {
 	ts := time.Now()
-	st, err := w.eng.TrainStep(ep.red)
+	ids := make([]string, len(ep.info.Members))
+	for i, m := range ep.info.Members {
+		ids[i] = m.ID
+	}
+	red := &ledgerReducer{ringReducer: ep.red, ids: ids, mine: job.Consumed{ID: w.cfg.ID, Rank: ep.rank}}
+	st, err := w.eng.TrainStep(red)
+	red.wait() // the batch is refilled next step
 	if errors.Is(err, train.ErrStep) {
 		return fatalEvent{err}
 	}
@@ -213,6 +231,7 @@ func (w *worker) trainStep(ep *epochRing) Event {
 		w.log.Warn("non-finite loss or gradient; step skipped", "step", w.eng.Step-1, "loss", st.Loss, "grad_norm", st.GradNorm)
 	}
 	now := time.Now()
+	ep.consumed = red.got
 	ep.tokens += st.Rows * w.eng.M.Cfg.SeqLen
 	w.last, w.lastTPS = st, float64(ep.tokens*len(ep.info.Members))/now.Sub(ep.t0).Seconds()
 	if now.Sub(w.lastStats) >= time.Second || w.eng.Step == w.job.Steps {
@@ -243,17 +262,16 @@ func (w *worker) evaluate(ep *epochRing) Event {
 	return EvalDone{Epoch: ep.info.Epoch, Step: w.eng.Step, Val: val, At: time.Now()}
 }
 
-// record queues the ledger entry of the step that ended at a.Step (the
-// ranges every member of the ring trained on) and the progress record.
+// record holds the ledger entry of the step that ended at a.Step: every
+// rank's report of what it read, gathered in the step's collective. Rank 0
+// commits it with the progress record; the others keep it (committer).
 func (w *worker) record(a Record) {
-	r := w.cur.info
-	e := job.LedgerEntry{Step: a.Step - 1, Epoch: r.Epoch, Ranges: map[string]job.Range{}, Loss: w.last.Loss, Time: unix(time.Now())}
-	for i, m := range r.Members {
-		s, c, _ := data.BatchRange(a.Step-1, w.job.BatchSize, i, len(r.Members))
-		e.Ranges[m.ID] = job.Range{Start: s, Count: c}
+	e := job.LedgerEntry{Step: a.Step - 1, Epoch: a.Epoch, Workers: w.cur.consumed, Loss: w.last.Loss,
+		Time: unix(time.Now()), Writer: w.cfg.ID}
+	w.commits.addLedger(e.Step, job.Encode(e), a.Primary)
+	if a.Primary {
+		w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
 	}
-	w.commits.add(job.LedgerKey(a.Step-1), job.Encode(e))
-	w.commits.add(job.KeyProgress, job.Encode(w.progressRecord(a.Step)))
 }
 
 func (w *worker) progressRecord(step int) job.Progress {
@@ -317,7 +335,7 @@ func (w *worker) snapshot(ctx context.Context) (int64, []Event, error) {
 	}
 	kvs = append(kvs, dresp.Kvs...)
 	for _, kv := range kvs {
-		if ev := w.decode(string(kv.Key), kv.Value); ev != nil {
+		if ev := w.decode(string(kv.Key), kv.Value, kv.ModRevision); ev != nil {
 			evs = append(evs, ev)
 		}
 	}
@@ -346,16 +364,17 @@ func (w *worker) follow(ctx context.Context, chans []clientv3.WatchChan, send fu
 			if e.Type != clientv3.EventTypePut {
 				continue
 			}
-			if ev := w.decode(string(e.Kv.Key), e.Kv.Value); ev != nil && !send(ev) {
+			if ev := w.decode(string(e.Kv.Key), e.Kv.Value, e.Kv.ModRevision); ev != nil && !send(ev) {
 				return
 			}
 		}
 	}
 }
 
-// decode turns a ring, start or done record into the machine's event (nil
-// for a record that does not decode: it is logged and skipped).
-func (w *worker) decode(key string, value []byte) Event {
+// decode turns a ring, start or done record (at mod revision rev) into the
+// machine's event (nil for a record that does not decode: it is logged and
+// skipped).
+func (w *worker) decode(key string, value []byte, rev int64) Event {
 	k := key[len(w.prefix):]
 	var err error
 	var ev Event
@@ -363,7 +382,7 @@ func (w *worker) decode(key string, value []byte) Event {
 	case k == job.KeyRing:
 		var r job.Ring
 		if err = job.Decode(k, value, &r); err == nil {
-			ev = RingSeen{Ring: r}
+			ev = RingSeen{Ring: r, Rev: rev}
 		}
 	case k == job.KeyDone:
 		ev = DoneSeen{}

@@ -30,11 +30,26 @@ import (
 //     names that epoch. After Connect (and the state transfer Start.Sync
 //     asks for) the worker must be at Start.Step.
 //   - One piece of work runs at a time: Connect, Train (one step) or Evaluate.
-//   - After each step rank 0 records it (the ledger entry and progress) before
-//     anything else can fail. Evaluation follows at eval_every and at the
-//     last step; a failure interrupts it and the new epoch evaluates first,
-//     so the last step's evaluation always happens. Rank 0 checkpoints at
+//   - After each step every member records it (Record) before anything else
+//     can fail: it holds the step's ledger entry, built from every rank's
+//     report of what it read (they travel in the step's own collective), so
+//     the entry outlives any one worker. Rank 0 (Primary) commits it at once
+//     with the progress record; the others commit the entries still missing
+//     when their ring changes or they exit. Evaluation follows at eval_every
+//     and at the last step. An epoch that starts at such a step evaluates
+//     first, on every member, whether or not it evaluated that step before:
+//     so a failure that interrupts an evaluation is mended by the next epoch
+//     (the last step's evaluation always happens), and the members agree on
+//     their first collective. (Which member had finished the evaluation is
+//     not shared: a member synced to the step never reached it itself, and a
+//     failure can end the collective on one rank and not another. Were they to
+//     differ, one would evaluate while another trained, the ring would fail,
+//     and every next epoch would fail the same way.) Rank 0 checkpoints at
 //     checkpoint_every and at the end, after that step's evaluation.
+//   - Every write a worker commits (ledger, progress, done) is fenced on the
+//     ring record it is a member of: entering a ring's epoch as a member sets
+//     the fence to that record's revision (Fence), leaving the ring clears
+//     it, so a worker of a stale ring writes nothing.
 //   - A failed collective is reported naming the failed peer (never this
 //     worker); the ring stays open until the next epoch arrives, so that the
 //     abort reaches every rank before anyone's stream breaks.
@@ -52,8 +67,12 @@ type Event interface{ isEvent() }
 // Registered says the member key is written (with this process's endpoint).
 type Registered struct{ At time.Time }
 
-// RingSeen is a ring record.
-type RingSeen struct{ Ring job.Ring }
+// RingSeen is a ring record and its etcd mod revision (what writes are
+// fenced on).
+type RingSeen struct {
+	Ring job.Ring
+	Rev  int64
+}
 
 // StartSeen is a start/<epoch> record.
 type StartSeen struct{ Start job.Start }
@@ -133,11 +152,20 @@ type Train struct{ Epoch uint64 }
 // EvalDone or Failed.
 type Evaluate struct{ Epoch uint64 }
 
-// Record (rank 0) queues the ledger entry of the step that ended at Step and
-// the progress record.
+// Record holds the ledger entry of the step that ended at Step (trained in
+// the ring of Epoch); Primary (rank 0) commits it at once and queues the
+// progress record, the other members keep it until their ring changes.
 type Record struct {
+	Epoch   uint64
+	Step    int
+	Primary bool
+}
+
+// Fence sets the ring revision every write is fenced on: the ring of Epoch,
+// which this worker is a member of; Rev 0 holds writes (not a member).
+type Fence struct {
 	Epoch uint64
-	Step  int
+	Rev   int64
 }
 
 // Progress (rank 0) queues the progress record with the validation loss.
@@ -185,6 +213,7 @@ func (Connect) isAction()    {}
 func (Train) isAction()      {}
 func (Evaluate) isAction()   {}
 func (Record) isAction()     {}
+func (Fence) isAction()      {}
 func (Progress) isAction()   {}
 func (Checkpoint) isAction() {}
 func (Report) isAction()     {}
@@ -233,6 +262,8 @@ type Machine struct {
 
 	registered bool
 	ring       job.Ring  // the newest ring seen
+	ringRev    int64     // its mod revision
+	fence      int64     // the revision writes are fenced on (0: none)
 	rank       int       // this worker's rank in ring, -1 if not in it
 	epoch      uint64    // the epoch this worker acts in (ready written)
 	start      job.Start // start/<epoch> once seen
@@ -271,7 +302,7 @@ func (m *Machine) Step(ev Event) {
 		m.registered = true
 		m.lastStep = e.At
 	case RingSeen:
-		m.ringSeen(e.Ring)
+		m.ringSeen(e.Ring, e.Rev)
 	case StartSeen:
 		if m.phase == waitStart && e.Start.Epoch == m.epoch {
 			m.start = e.Start
@@ -295,6 +326,9 @@ func (m *Machine) Step(ev Event) {
 			m.phase = exited
 			return
 		}
+		if m.step > 0 && m.evalDue(m.step) {
+			m.evalAt = m.step // every member evaluates first (see the rules)
+		}
 		m.work()
 	case StepDone:
 		m.busy = false
@@ -304,9 +338,7 @@ func (m *Machine) Step(ev Event) {
 			m.next()
 			return
 		}
-		if m.rank == 0 {
-			m.emit(Record{Epoch: e.Epoch, Step: e.Step})
-		}
+		m.emit(Record{Epoch: e.Epoch, Step: e.Step, Primary: m.rank == 0})
 		if m.superseded(e.Epoch) {
 			m.next() // the step counts; the next one runs in the new epoch
 			return
@@ -349,12 +381,21 @@ func (m *Machine) Step(ev Event) {
 }
 
 // ringSeen handles a ring record.
-func (m *Machine) ringSeen(r job.Ring) {
+func (m *Machine) ringSeen(r job.Ring, rev int64) {
+	if r.Epoch == m.ring.Epoch && rev > m.ringRev {
+		// The same epoch written again (a coordinator retrying its
+		// write): the fence follows the record.
+		m.ringRev = rev
+		if m.fence != 0 && m.epoch == r.Epoch {
+			m.setFence(rev)
+		}
+		return
+	}
 	if r.Epoch <= m.ring.Epoch {
 		return
 	}
 	active := m.phase != idle && m.phase != exited
-	m.ring = r
+	m.ring, m.ringRev = r, rev
 	m.rank = r.Rank(m.cfg.ID)
 	if m.rank >= 0 && r.Members[m.rank].Endpoint != m.cfg.Endpoint {
 		m.rank = -1 // an earlier incarnation of this id
@@ -383,11 +424,21 @@ func (m *Machine) next() {
 	}
 	if m.rank < 0 {
 		m.phase = idle
+		m.setFence(0)
 		return
 	}
 	m.epoch, m.start = m.ring.Epoch, job.Start{}
 	m.phase = waitStart
+	m.setFence(m.ringRev)
 	m.emit(PutReady{Epoch: m.epoch, Step: m.step})
+}
+
+// setFence emits Fence when the revision writes are fenced on changes.
+func (m *Machine) setFence(rev int64) {
+	if rev != m.fence {
+		m.fence = rev
+		m.emit(Fence{Epoch: m.ring.Epoch, Rev: rev})
+	}
 }
 
 // work issues what comes next in an epoch that has connected.

@@ -23,7 +23,8 @@ import (
 //	> worker id=ID steps=N [eval_every=K] [checkpoint_every=K] [step=S]
 //	                                      a new machine, endpoint ID:7000
 //	> registered                          the member key is written
-//	> ring E ID[@HOST:PORT],...           a ring record (endpoint ID:7000 unless given)
+//	> ring E ID[@HOST:PORT],... [rev=R]   a ring record (endpoint ID:7000 unless given;
+//	                                      mod revision 100·E unless given)
 //	> start E step=S [sync source=ID]     a start record
 //	> connected E step=S                  Connect ended (clock +1s)
 //	> stepdone E step=S                   Train ended (clock +1s)
@@ -113,7 +114,11 @@ func (h *harness) do(f []string, line string) {
 			}
 			r.Members = append(r.Members, job.RingMember{ID: id, Endpoint: ep})
 		}
-		h.m.Step(RingSeen{Ring: r})
+		rev := int64(100 * r.Epoch)
+		if v, ok := kv["rev"]; ok {
+			rev = int64(atoi(v))
+		}
+		h.m.Step(RingSeen{Ring: r, Rev: rev})
 	case "start":
 		st := job.Start{Epoch: epoch(), Step: atoi(kv["step"]), Source: kv["source"]}
 		st.Sync = len(pos) > 1 && pos[1] == "sync"
@@ -161,7 +166,13 @@ func render(a Action) string {
 	case Evaluate:
 		return fmt.Sprintf("evaluate %d", a.Epoch)
 	case Record:
-		return fmt.Sprintf("record %d step=%d", a.Epoch, a.Step)
+		s := fmt.Sprintf("record %d step=%d", a.Epoch, a.Step)
+		if !a.Primary {
+			s += " backup"
+		}
+		return s
+	case Fence:
+		return fmt.Sprintf("fence %d rev=%d", a.Epoch, a.Rev)
 	case Progress:
 		return fmt.Sprintf("progress step=%d val=%g", a.Step, a.Val)
 	case Checkpoint:
