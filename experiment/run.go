@@ -129,15 +129,11 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 				return Result{}, err
 			}
 		}
-		l, err := m.Forward(tokens, targets)
+		l, skipped, err := trainStep(m, opt, tokens, targets)
 		if err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
 		}
-		m.ZeroGrads()
-		if err := m.Backward(); err != nil {
-			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
-		}
-		if st := opt.Apply(); st.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0) {
+		if skipped {
 			res.Skipped++
 		}
 		losses = append(losses, l.CE)
@@ -234,4 +230,19 @@ func saveCheckpoint(k Cache, c Cell, m *model.Model[float32], opt *model.Optimiz
 		return man.Dir, nil
 	}
 	return rel, nil
+}
+
+// trainStep is one optimizer step of a cell's model on one batch: forward,
+// backward, AdamW. skipped reports a step the optimizer refused (a
+// non-finite gradient) or whose loss is not finite.
+func trainStep(m *model.Model[float32], opt *model.Optimizer[float32], tokens, targets []int32) (l model.Loss, skipped bool, err error) {
+	if l, err = m.Forward(tokens, targets); err != nil {
+		return l, false, err
+	}
+	m.ZeroGrads()
+	if err := m.Backward(); err != nil {
+		return l, false, err
+	}
+	st := opt.Apply()
+	return l, st.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0), nil
 }

@@ -108,15 +108,11 @@ func RunLM(ctx context.Context, env Env, c Cell) (Result, error) {
 			copy(tokens, tok1)
 			copy(targets, tgt1)
 		}
-		l, err := m.Forward(tokens, targets)
+		l, skipped, err := trainStep(m, opt, tokens, targets)
 		if err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
 		}
-		m.ZeroGrads()
-		if err := m.Backward(); err != nil {
-			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
-		}
-		if st := opt.Apply(); st.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0) {
+		if skipped {
 			res.Skipped++
 		}
 		losses = append(losses, l.CE)

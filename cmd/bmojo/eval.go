@@ -61,18 +61,11 @@ test (B'MOJO's fading and eidetic memories keep working past it).`,
 			if err := checkDataTokenizer("eval", path, c, ds); err != nil {
 				return err
 			}
-			dev, err := devicepkg.Open(devSpec, devicepkg.Options{Logger: log})
+			m, closeDev, err := openModel(devSpec, c, params, log)
 			if err != nil {
 				return err
 			}
-			defer dev.Close()
-			m, err := model.New[float32](dev.Backend, c, 0)
-			if err != nil {
-				return err
-			}
-			if err := m.SetParamsF32(params); err != nil {
-				return err
-			}
+			defer closeDev()
 			if err := m.Prepare(batch, T); err != nil {
 				return err
 			}
@@ -111,4 +104,21 @@ func loadForEval(path string, log hclog.Logger) (model.Config, []float32, string
 		return model.Config{}, nil, "", fmt.Errorf("eval: %w", err)
 	}
 	return w.Config, w.Params, w.Path, nil
+}
+
+// openModel opens the device devSpec names and builds model c on it with
+// params (from loadForEval); closeDev releases the device.
+func openModel(devSpec string, c model.Config, params []float32, log hclog.Logger) (m *model.Model[float32], closeDev func(), err error) {
+	dev, err := devicepkg.Open(devSpec, devicepkg.Options{Logger: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	if m, err = model.New[float32](dev.Backend, c, 0); err == nil {
+		err = m.SetParamsF32(params)
+	}
+	if err != nil {
+		dev.Close()
+		return nil, nil, err
+	}
+	return m, func() { dev.Close() }, nil
 }

@@ -706,18 +706,11 @@ func evalMQAR(cmd *cobra.Command, ckpt, devSpec string, T int, f mqarEvalFlags, 
 	if err := src.Check(mqar.Test); err != nil {
 		return fmt.Errorf("eval: --test-seed: %w", err)
 	}
-	dev, err := device.Open(devSpec, device.Options{Logger: log})
+	m, closeDev, err := openModel(devSpec, c, params, log)
 	if err != nil {
 		return err
 	}
-	defer dev.Close()
-	m, err := model.New[float32](dev.Backend, c, 0)
-	if err != nil {
-		return err
-	}
-	if err := m.SetParamsF32(params); err != nil {
-		return err
-	}
+	defer closeDev()
 	ctx := cmd.Context()
 	if ctx == nil {
 		ctx = context.Background()
