@@ -46,15 +46,16 @@ func TestStartHTTPS(t *testing.T) {
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Cert)
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	resp, err := c.Get(url + "healthz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(body), `"ok":true`) {
-		t.Fatalf("GET /healthz over https: %d %s", resp.StatusCode, body)
-	}
+	// /healthz says 503 until the monitor's first read of etcd.
+	waitFor(t, ctx, 10*time.Second, "/healthz over https to answer 200", func() bool {
+		resp, err := c.Get(url + "healthz")
+		if err != nil {
+			t.Fatalf("GET /healthz over https: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode == 200 && strings.Contains(string(body), `"ok":true`)
+	})
 	plain := &http.Client{Timeout: 5 * time.Second}
 	if resp, err := plain.Get("http" + strings.TrimPrefix(url, "https") + "healthz"); err == nil {
 		b, _ := io.ReadAll(resp.Body)
