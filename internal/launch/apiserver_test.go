@@ -506,14 +506,21 @@ func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
 // printed when the test fails.
 func start(t *testing.T, dir, name, bin string, args ...string) <-chan error {
 	t.Helper()
+	return startCmd(t, dir, name, exec.Command(bin, args...))
+}
+
+// startCmd starts cmd for the test's lifetime, its output in dir/name.log,
+// the log's tail printed when the test fails; the channel gets its exit.
+func startCmd(t *testing.T, dir, name string, cmd *exec.Cmd) <-chan error {
+	t.Helper()
 	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
+		logf.Close()
 		t.Fatalf("start %s: %v", name, err)
 	}
 	exited := make(chan error, 1)
