@@ -114,8 +114,7 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 	src := mqar.Source{Seed: c.Seed, Noise: c.Noise}
 	tokens, targets := make([]int32, B*T), make([]int32, B*T)
 	res := Result{Hash: c.Hash(), Cell: c, Device: env.Device, Params: m.Layout.ParamCount()}
-	losses := make([]float64, 0, len(sched))
-	last, sum, cnt := time.Now(), 0.0, 0
+	tl := newTrainLog(env, c, res.Hash, len(sched))
 	for step, b := range sched {
 		if err := ctx.Err(); err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: stopped at step %d: %w", c.Name(), step, err)
@@ -136,19 +135,14 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 		if skipped {
 			res.Skipped++
 		}
-		losses = append(losses, l.CE)
 		res.TrainTokens += int64(B * T)
-		sum, cnt = sum+l.CE, cnt+1
-		if time.Since(last) >= env.ReportEvery || step == len(sched)-1 {
-			env.report(Progress{Cell: c.Name(), Hash: res.Hash, Phase: "train", Step: step + 1, Steps: len(sched), Loss: sum / float64(cnt)})
-			last, sum, cnt = time.Now(), 0, 0
-		}
+		tl.add(step, l.CE)
 	}
 	if err := env.Backend.Err(); err != nil {
 		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
 	}
-	res.Steps, res.TrainLoss = len(sched), tenths(losses)
-	ck, err := saveCheckpoint(env.Cache, c, m, opt, res.Steps, T, losses)
+	res.Steps, res.TrainLoss = len(sched), tenths(tl.losses)
+	ck, err := saveCheckpoint(env.Cache, c, m, opt, res.Steps, T, tl.losses)
 	if err != nil {
 		return Result{}, err
 	}
@@ -245,4 +239,30 @@ func trainStep(m *model.Model[float32], opt *model.Optimizer[float32], tokens, t
 	}
 	st := opt.Apply()
 	return l, st.Skipped || math.IsNaN(l.Total) || math.IsInf(l.Total, 0), nil
+}
+
+// trainLog keeps a cell's training losses and reports their mean since the
+// last report every Env.ReportEvery, and at the last step.
+type trainLog struct {
+	env        Env
+	cell, hash string
+	steps      int
+	losses     []float64
+	last       time.Time
+	sum        float64
+	cnt        int
+}
+
+func newTrainLog(env Env, c Cell, hash string, steps int) *trainLog {
+	return &trainLog{env: env, cell: c.Name(), hash: hash, steps: steps, losses: make([]float64, 0, steps), last: time.Now()}
+}
+
+// add records step's loss (steps count from 0).
+func (g *trainLog) add(step int, loss float64) {
+	g.losses = append(g.losses, loss)
+	g.sum, g.cnt = g.sum+loss, g.cnt+1
+	if time.Since(g.last) >= g.env.ReportEvery || step == g.steps-1 {
+		g.env.report(Progress{Cell: g.cell, Hash: g.hash, Phase: "train", Step: step + 1, Steps: g.steps, Loss: g.sum / float64(g.cnt)})
+		g.last, g.sum, g.cnt = time.Now(), 0, 0
+	}
 }

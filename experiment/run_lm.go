@@ -82,8 +82,7 @@ func RunLM(ctx context.Context, env Env, c Cell) (Result, error) {
 	tokens, targets := make([]int32, B*rowT), make([]int32, B*rowT)
 	tok1, tgt1 := make([]int32, B*T), make([]int32, B*T)
 	res := Result{Hash: c.Hash(), Cell: c, Device: env.Device, Params: m.Layout.ParamCount()}
-	losses := make([]float64, 0, c.Steps)
-	last, sum, cnt := time.Now(), 0.0, 0
+	tl := newTrainLog(env, c, res.Hash, c.Steps)
 	for step := range c.Steps {
 		if err := ctx.Err(); err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: stopped at step %d: %w", c.Name(), step, err)
@@ -115,19 +114,14 @@ func RunLM(ctx context.Context, env Env, c Cell) (Result, error) {
 		if skipped {
 			res.Skipped++
 		}
-		losses = append(losses, l.CE)
 		res.TrainTokens += int64(B * rowT)
-		sum, cnt = sum+l.CE, cnt+1
-		if time.Since(last) >= env.ReportEvery || step == c.Steps-1 {
-			env.report(Progress{Cell: c.Name(), Hash: res.Hash, Phase: "train", Step: step + 1, Steps: c.Steps, Loss: sum / float64(cnt)})
-			last, sum, cnt = time.Now(), 0, 0
-		}
+		tl.add(step, l.CE)
 	}
 	if err := env.Backend.Err(); err != nil {
 		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
 	}
-	res.Steps, res.TrainLoss = c.Steps, tenths(losses)
-	ck, err := saveCheckpoint(env.Cache, c, m, opt, c.Steps, rowT, losses)
+	res.Steps, res.TrainLoss = c.Steps, tenths(tl.losses)
+	ck, err := saveCheckpoint(env.Cache, c, m, opt, c.Steps, rowT, tl.losses)
 	if err != nil {
 		return Result{}, err
 	}
