@@ -21,7 +21,7 @@ import (
 
 // Version is part of every cell's hash: bump it when a change to the code
 // changes what a cell computes, so old cached results are not reused.
-const Version = 2
+const Version = 3
 
 // Cell kinds.
 const (

@@ -163,7 +163,10 @@ func TestPlanBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cost.TrainTokens != int64(MQARSteps(a)*a.Batch*32) || cost.FLOPs <= 0 {
+	// Each setting at its own length: (16,2) 2 batches × 2 epochs × 4 × 16
+	// and (32,4) 1 × 2 × 4 × 32 positions; 6 steps (2 evaluation batches
+	// count as none).
+	if cost.TrainTokens != 512 || cost.Steps != 6 || cost.FLOPs <= 0 || MQARSteps(a) != 6 {
 		t.Fatalf("cost %+v", cost)
 	}
 	cfg, _ := a.ModelConfig(0)
@@ -183,6 +186,35 @@ func TestPlanBudget(t *testing.T) {
 	p, err = NewPlan(k, []Cell{a, b, c}, 0, rate, budget, false)
 	if err != nil || len(p.Cached) != 1 || len(p.Run) != 2 {
 		t.Fatalf("with one cached: cached %d run %d, %v", len(p.Cached), len(p.Run), err)
+	}
+}
+
+// TestRateFrom: one probe puts the time on FLOPs; two fit a fixed cost
+// per step and a cost per FLOP through both.
+func TestRateFrom(t *testing.T) {
+	a := Probe{Cell: "a", StepSeconds: 1e-3, Tokens: 100, FLOPsPerStep: 1e9}
+	b := Probe{Cell: "b", StepSeconds: 3e-3, Tokens: 100, FLOPsPerStep: 5e9}
+	one, err := RateFrom(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := one.Seconds(Cost{Steps: 10, FLOPs: 1e10}); math.Abs(got-10e-3) > 1e-12 {
+		t.Fatalf("one probe: %g s, want 0.01 (1e10 FLOPs at 1e12 FLOP/s)", got)
+	}
+	two, err := RateFrom(b, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 0.5 ms per step + 5e-13 s per FLOP: 10 steps, 1e10 FLOPs = 5 + 5 ms.
+	if got := two.Seconds(Cost{Steps: 10, FLOPs: 1e10}); math.Abs(got-10e-3) > 1e-12 || math.Abs(two.StepSeconds-0.5e-3) > 1e-15 {
+		t.Fatalf("two probes: %g s (fixed %g per step), want 0.01 (fixed 5e-4)", got, two.StepSeconds)
+	}
+	flat, _ := RateFrom(a, Probe{Cell: "c", StepSeconds: 1e-3, Tokens: 100, FLOPsPerStep: 5e9})
+	if got := flat.Seconds(Cost{Steps: 10, FLOPs: 1e12}); math.Abs(got-10e-3) > 1e-12 {
+		t.Fatalf("equal step times: %g s, want 10 steps × 1 ms", got)
+	}
+	if _, err := RateFrom(); !errors.Is(err, ErrSpec) {
+		t.Fatalf("no probes: %v", err)
 	}
 }
 

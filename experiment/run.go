@@ -105,14 +105,16 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
 	}
+	// Each batch runs at its setting's own length (the model keeps the
+	// activations of each length), with B rows: a short last batch of a
+	// setting is padded with unlabelled filler rows. The head runs only
+	// at the query positions (model.LabelledHead), K of T.
 	T, B := c.MaxTrainT(), c.Batch
-	if err := m.Prepare(B, T); err != nil {
-		return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
-	}
+	m.LabelledHead = true
 	sched := mqarSchedule(c)
 	opt := model.NewOptimizer(m, optimConfig(c, len(sched)))
 	src := mqar.Source{Seed: c.Seed, Noise: c.Noise}
-	tokens, targets := make([]int32, B*T), make([]int32, B*T)
+	buf, tbuf := make([]int32, B*T), make([]int32, B*T)
 	res := Result{Hash: c.Hash(), Cell: c, Device: env.Device, Params: m.Layout.ParamCount()}
 	tl := newTrainLog(env, c, res.Hash, len(sched))
 	for step, b := range sched {
@@ -120,11 +122,15 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 			return Result{}, fmt.Errorf("experiment: %s: stopped at step %d: %w", c.Name(), step, err)
 		}
 		s := c.Mix[b.setting].Setting
-		for p := range tokens {
+		if err := m.Prepare(B, s.T); err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
+		}
+		tokens, targets := buf[:B*s.T], tbuf[:B*s.T]
+		for p := len(b.first) * s.T; p < len(tokens); p++ {
 			tokens[p], targets[p] = mqar.Filler, mqar.Ignore
 		}
 		for r, i := range b.first {
-			if err := src.Fill(s, i, 1, tokens[r*T:r*T+s.T], targets[r*T:r*T+s.T]); err != nil {
+			if err := src.Fill(s, i, 1, tokens[r*s.T:(r+1)*s.T], targets[r*s.T:(r+1)*s.T]); err != nil {
 				return Result{}, err
 			}
 		}
@@ -135,7 +141,7 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 		if skipped {
 			res.Skipped++
 		}
-		res.TrainTokens += int64(B * T)
+		res.TrainTokens += int64(len(tokens))
 		tl.add(step, l.CE)
 	}
 	if err := env.Backend.Err(); err != nil {
@@ -193,12 +199,15 @@ func EvalMQAR(ctx context.Context, m *model.Model[float32], src mqar.Source, s m
 			tokens[p], targets[p] = mqar.Filler, mqar.Ignore
 		}
 		// The loss comes from the model (computed on the device), the
-		// accuracy from the argmax at the query positions.
+		// accuracy from the argmax at the query positions, whose logits
+		// alone the labelled head computes and reads back.
+		m.LabelledHead = true
 		l, err := m.Forward(tokens, targets)
 		if err != nil {
 			return mqar.Score{}, fmt.Errorf("eval %v: %w", s, err)
 		}
-		sc, err := mqar.ScoreArgmax(m.Logits(), targets, k, s.T, V)
+		rows, pos := m.LabelledLogits()
+		sc, err := mqar.ScoreLabelled(rows, pos, targets, k, s.T, V)
 		if err != nil {
 			return mqar.Score{}, err
 		}

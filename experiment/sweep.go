@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"sync"
@@ -46,6 +47,7 @@ func RunCell(ctx context.Context, env Env, c Cell) (Result, error) {
 type Cost struct {
 	TrainTokens int64   // positions trained on (padding and prefixes included)
 	EvalTokens  int64   // positions evaluated (forward only)
+	Steps       int64   // training steps, plus evaluation batches counted as a third of a step
 	FLOPs       float64 // model FLOPs (model.FLOPsPerToken; evaluation counted as a third of training)
 }
 
@@ -56,14 +58,22 @@ func CellCost(c Cell, vocab int) (Cost, error) {
 		return Cost{}, err
 	}
 	var k Cost
+	var evalBatches int64
 	switch c.Kind {
 	case KindMQAR:
-		T := c.MaxTrainT()
-		k.TrainTokens = int64(MQARSteps(c)) * int64(c.Batch) * int64(T)
-		k.FLOPs = float64(k.TrainTokens) * model.FLOPsPerToken(cfg, T)
+		// Each setting's batches run at its own length (RunMQAR).
+		for _, m := range c.Mix {
+			steps := int64((m.Examples+c.Batch-1)/c.Batch) * int64(c.Epochs)
+			n := steps * int64(c.Batch) * int64(m.Setting.T)
+			k.Steps += steps
+			k.TrainTokens += n
+			k.FLOPs += float64(n) * model.FLOPsPerToken(cfg, m.Setting.T)
+		}
 		for _, s := range c.Test {
 			B := EvalBatch(s.T, cfg.VocabSize)
-			n := int64((c.TestExamples+B-1)/B) * int64(B*s.T)
+			b := int64((c.TestExamples + B - 1) / B)
+			n := b * int64(B*s.T)
+			evalBatches += b
 			k.EvalTokens += n
 			k.FLOPs += float64(n) * model.FLOPsPerToken(cfg, s.T) / 3
 		}
@@ -72,6 +82,7 @@ func CellCost(c Cell, vocab int) (Cost, error) {
 		if c.StatePassing {
 			T *= 2
 		}
+		k.Steps = int64(c.Steps)
 		k.TrainTokens = int64(c.Steps) * int64(c.Batch) * int64(T)
 		k.FLOPs = float64(k.TrainTokens) * model.FLOPsPerToken(cfg, T)
 		for _, t := range c.EvalT {
@@ -80,35 +91,84 @@ func CellCost(c Cell, vocab int) (Cost, error) {
 				w = 64 // unknown without the data: assume a typical cap
 			}
 			n := int64(w) * int64(t)
+			evalBatches += int64(w)
 			k.EvalTokens += n
 			k.FLOPs += float64(n) * model.FLOPsPerToken(cfg, t) / 3
 		}
 	}
+	k.Steps += evalBatches / 3
 	return k, nil
 }
 
-// Rate is a measured or given device speed: TokensPerS training tokens per
-// second of a reference cell whose model does FLOPsPerToken, so that
-// Seconds scales any cell by its FLOPs (the usual assumption that time
-// goes with model FLOPs; small models on a GPU are often slower than that
-// because kernel launches dominate).
+// Rate is a measured or given device speed, as a line: a fixed
+// StepSeconds per step (kernel launches, host reads: what dominates the
+// small models of MQAR on a GPU) plus the model FLOPs at TokensPerS
+// tokens per second of a model doing FLOPsPerToken. With one probe, or a
+// rate given, StepSeconds is 0 and time goes with model FLOPs alone.
 type Rate struct {
 	TokensPerS    float64
 	FLOPsPerToken float64
+	StepSeconds   float64
 	Source        string // "measured on <cell>" or "given"
 }
 
 // Seconds is the estimated device time of a cost at this rate.
 func (r Rate) Seconds(k Cost) float64 {
-	return k.FLOPs / (r.TokensPerS * r.FLOPsPerToken)
+	return float64(k.Steps)*r.StepSeconds + k.FLOPs/(r.TokensPerS*r.FLOPsPerToken)
+}
+
+// Probe is one measured training step of a cell.
+type Probe struct {
+	Cell         string
+	StepSeconds  float64 // wall time per step
+	Tokens       int     // positions per step
+	FLOPsPerStep float64 // model FLOPs per step
+}
+
+// RateFrom fits a Rate to probes: one probe puts all the time on the
+// FLOPs; two with different FLOPs give the line through both (slope and
+// intercept clamped at 0).
+func RateFrom(ps ...Probe) (Rate, error) {
+	if len(ps) == 0 || len(ps) > 2 {
+		return Rate{}, fmt.Errorf("%w: a rate needs one or two probes, got %d", ErrSpec, len(ps))
+	}
+	a := ps[0]
+	one := Rate{TokensPerS: float64(a.Tokens) / a.StepSeconds, FLOPsPerToken: a.FLOPsPerStep / float64(a.Tokens), Source: "measured on " + a.Cell}
+	if len(ps) == 1 {
+		return one, nil
+	}
+	b := ps[1]
+	if b.FLOPsPerStep < a.FLOPsPerStep {
+		a, b = b, a
+	}
+	if b.FLOPsPerStep <= a.FLOPsPerStep*1.01 || b.StepSeconds <= a.StepSeconds {
+		// No slope to fit: the cheaper step costs as much; all fixed.
+		return Rate{TokensPerS: math.Inf(1), FLOPsPerToken: 1, StepSeconds: max(a.StepSeconds, b.StepSeconds),
+			Source: "measured on " + a.Cell + " and " + b.Cell + " (fixed cost per step)"}, nil
+	}
+	perFLOP := (b.StepSeconds - a.StepSeconds) / (b.FLOPsPerStep - a.FLOPsPerStep)
+	fixed := max(0, a.StepSeconds-perFLOP*a.FLOPsPerStep)
+	return Rate{TokensPerS: 1 / perFLOP, FLOPsPerToken: 1, StepSeconds: fixed,
+		Source: "measured on " + a.Cell + " and " + b.Cell}, nil
 }
 
 // MeasureRate times steps training steps (after one warm-up step) of cell
-// c's model on be, on MQAR or random tokens.
+// c's model on be and returns the rate that puts all the time on FLOPs.
 func MeasureRate(ctx context.Context, be kernels.Backend[float32], c Cell, vocab, steps int) (Rate, error) {
-	cfg, err := c.ModelConfig(vocab)
+	p, err := MeasureStep(ctx, be, c, vocab, steps)
 	if err != nil {
 		return Rate{}, err
+	}
+	return RateFrom(p)
+}
+
+// MeasureStep times steps training steps (after one warm-up step) of cell
+// c's model on be: for MQAR, batches of its longest training setting with
+// the labelled head, as RunMQAR trains; for LM, random tokens.
+func MeasureStep(ctx context.Context, be kernels.Backend[float32], c Cell, vocab, steps int) (Probe, error) {
+	cfg, err := c.ModelConfig(vocab)
+	if err != nil {
+		return Probe{}, err
 	}
 	T := c.MaxTrainT()
 	if c.Kind == KindLM {
@@ -119,40 +179,73 @@ func MeasureRate(ctx context.Context, be kernels.Backend[float32], c Cell, vocab
 	}
 	m, err := model.New[float32](be, cfg, 1)
 	if err != nil {
-		return Rate{}, err
+		return Probe{}, err
 	}
 	if err := m.Prepare(c.Batch, T); err != nil {
-		return Rate{}, err
+		return Probe{}, err
 	}
 	tok, tgt := make([]int32, c.Batch*T), make([]int32, c.Batch*T)
-	for i := range tok {
-		tok[i] = int32((i*7919 + 13) % cfg.VocabSize)
-		tgt[i] = int32((i*104729 + 7) % cfg.VocabSize)
+	if c.Kind == KindMQAR {
+		var s mqar.Setting
+		for _, e := range c.Mix {
+			if e.Setting.T == T && e.Setting.K > s.K {
+				s = e.Setting
+			}
+		}
+		if err := (mqar.Source{Seed: c.Seed, Noise: c.Noise}).Fill(s, 0, c.Batch, tok, tgt); err != nil {
+			return Probe{}, err
+		}
+		m.LabelledHead = true
+	} else {
+		for i := range tok {
+			tok[i] = int32((i*7919 + 13) % cfg.VocabSize)
+			tgt[i] = int32((i*104729 + 7) % cfg.VocabSize)
+		}
 	}
 	opt := model.NewOptimizer(m, model.DefaultOptim(1e-4, steps+1))
 	var t0 time.Time
 	for s := range steps + 1 {
 		if err := ctx.Err(); err != nil {
-			return Rate{}, err
+			return Probe{}, err
 		}
 		if s == 1 {
 			t0 = time.Now()
 		}
-		if _, err := m.Forward(tok, tgt); err != nil {
-			return Rate{}, err
+		if _, _, err := trainStep(m, opt, tok, tgt); err != nil {
+			return Probe{}, err
 		}
-		m.ZeroGrads()
-		if err := m.Backward(); err != nil {
-			return Rate{}, err
-		}
-		opt.Apply()
 		_ = m.GradNorm() // a host read: the device has finished the step
 	}
 	if err := be.Err(); err != nil {
-		return Rate{}, err
+		return Probe{}, err
 	}
-	el := time.Since(t0).Seconds()
-	return Rate{TokensPerS: float64(steps*c.Batch*T) / el, FLOPsPerToken: model.FLOPsPerToken(cfg, T), Source: "measured on " + c.Name()}, nil
+	el := time.Since(t0).Seconds() / float64(steps)
+	n := c.Batch * T
+	return Probe{Cell: c.Name(), StepSeconds: el, Tokens: n, FLOPsPerStep: float64(n) * model.FLOPsPerToken(cfg, T)}, nil
+}
+
+// Cheapest is the cell with the fewest FLOPs per training token, the
+// other end of the line RateFrom fits.
+func Cheapest(cells []Cell, vocab int) (Cell, error) {
+	var best Cell
+	bestF := math.Inf(1)
+	for _, c := range cells {
+		cfg, err := c.ModelConfig(vocab)
+		if err != nil {
+			return Cell{}, err
+		}
+		T := c.MaxTrainT()
+		if c.Kind == KindLM {
+			T = c.TrainT
+		}
+		if f := model.FLOPsPerToken(cfg, T); f < bestF {
+			best, bestF = c, f
+		}
+	}
+	if math.IsInf(bestF, 1) {
+		return Cell{}, fmt.Errorf("%w: no cells", ErrSpec)
+	}
+	return best, nil
 }
 
 // Costliest is the cell with the most FLOPs per training token, the one
@@ -223,8 +316,8 @@ func NewPlan(k Cache, cells []Cell, vocab int, rate Rate, budget time.Duration, 
 		p.Tokens += cost.TrainTokens
 	}
 	if budget > 0 && !fit && p.Total > budget.Seconds() {
-		return p, fmt.Errorf("%w: %d cells need about %s of device time at %.0f tokens/s (%s), the budget is %s; raise --budget, narrow the sweep, or pass --fit to run the cells that fit",
-			ErrBudget, len(p.Run), time.Duration(p.Total*float64(time.Second)).Round(time.Second), rate.TokensPerS, rate.Source, budget)
+		return p, fmt.Errorf("%w: %d cells need about %s of device time (rate %s), the budget is %s; raise --budget, narrow the sweep, or pass --fit to run the cells that fit",
+			ErrBudget, len(p.Run), time.Duration(p.Total*float64(time.Second)).Round(time.Second), rate.Source, budget)
 	}
 	return p, nil
 }

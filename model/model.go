@@ -3,6 +3,7 @@ package model
 import (
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/bmojo/bmojo/kernels"
 )
@@ -23,7 +24,37 @@ type Model[F kernels.Float] struct {
 	acts   *activations[F]
 	nLabel int // labelled positions of the last Forward
 
+	// LabelledHead makes Forward compute the output head (the product
+	// with the embedding, the cross-entropy and their backward) only at
+	// the labelled positions, when they are at most half of the batch:
+	// the loss and every gradient are the same, at a fraction of the
+	// cost for sparse targets (MQAR labels K of T positions). Logits then
+	// holds zeros at the unlabelled positions; LabelledLogits returns the
+	// computed rows alone.
+	LabelledHead bool
+	head         *headRows // the rows of the last Forward's head, nil for all
+
+	// prepared keeps the activations of the last few batch shapes, so
+	// that alternating between them (one batch per MQAR setting) does not
+	// reallocate.
+	prepared []*activations[F]
 }
+
+// headRows is the labelled head of one Forward: the R = len(pos) rows it
+// computed (the labelled positions, padded to a multiple of headPad with
+// ignored rows) and, per R, the device index buffers.
+type headRows struct {
+	pos      []int             // labelled positions, ascending (len n ≤ R)
+	R        int               // rows computed
+	idx, tgt kernels.IntBuffer // [R] positions gathered and their targets
+}
+
+// headPad is the row multiple of a labelled head: few distinct shapes,
+// so each product shape is tuned once.
+const headPad = 256
+
+// maxPrepared bounds Model.prepared.
+const maxPrepared = 4
 
 // New builds a model with parameters from InitParams(seed).
 func New[F kernels.Float](be kernels.Backend[F], c Config, seed uint64) (*Model[F], error) {
@@ -142,6 +173,9 @@ type layerActs struct {
 }
 
 type activations[F kernels.Float] struct {
+	B, T             int
+	xsel, dxsel      kernels.Buffer    // [BT,d]: the head's gathered rows and their gradient (first R rows used)
+	heads            map[int]*headRows // labelled heads by R
 	tokens, targets  kernels.IntBuffer
 	layers           []layerActs
 	resOut           kernels.Buffer // residual after the last layer
@@ -173,6 +207,12 @@ func (m *Model[F]) Prepare(B, T int) error {
 	c := m.Cfg
 	if B <= 0 || T <= 0 {
 		return fmt.Errorf("model: batch %d × length %d must be positive", B, T)
+	}
+	for _, a := range m.prepared {
+		if a.B == B && a.T == T {
+			m.B, m.T, m.acts, m.head = B, T, a, nil
+			return nil
+		}
 	}
 	be := m.be
 	BT, d, E, N, R := B*T, c.DModel, c.DInner, c.DState, c.DtRank
@@ -243,7 +283,14 @@ func (m *Model[F]) Prepare(B, T int) error {
 		a.hostIn[i] = F(c.InnovationLoss / float64(BT))
 	}
 	be.Upload(a.dinnov, a.hostIn)
-	m.B, m.T, m.acts = B, T, a
+	a.B, a.T = B, T
+	a.xsel, a.dxsel = be.Alloc(BT*d), be.Alloc(BT*d)
+	a.heads = map[int]*headRows{}
+	if len(m.prepared) == maxPrepared {
+		m.prepared = m.prepared[1:]
+	}
+	m.prepared = append(m.prepared, a)
+	m.B, m.T, m.acts, m.head = B, T, a, nil
 	return be.Err()
 }
 
@@ -302,17 +349,29 @@ func (m *Model[F]) Forward(tokens, targets []int32) (Loss, error) {
 	be.UploadInt(a.tokens, tokens)
 	be.UploadInt(a.targets, targets)
 	m.nLabel = n
+	m.head = nil
+	if m.LabelledHead && n > 0 && 2*n <= BT {
+		m.head = m.labelledRows(targets, n)
+	}
 	m.forwardLogits()
-	be.CrossEntropy(a.losses, a.logits, a.targets, BT, m.Cfg.VocabSize)
+	hostLoss := a.hostLoss
+	if h := m.head; h != nil {
+		V := m.Cfg.VocabSize
+		be.CrossEntropy(be.Slice(a.losses, 0, h.R), be.Slice(a.logits, 0, h.R*V), h.tgt, h.R, V)
+		hostLoss = hostLoss[:h.R]
+		be.Download(hostLoss, be.Slice(a.losses, 0, h.R))
+	} else {
+		be.CrossEntropy(a.losses, a.logits, a.targets, BT, m.Cfg.VocabSize)
+		be.Download(hostLoss, a.losses)
+	}
 	if err := be.Err(); err != nil {
 		return Loss{}, err
 	}
 	var l Loss
 	l.Labelled = n
-	be.Download(a.hostLoss, a.losses)
 	if n > 0 {
 		var s float64
-		for _, x := range a.hostLoss {
+		for _, x := range hostLoss {
 			s += float64(x)
 		}
 		l.CE = s / float64(n)
@@ -332,9 +391,69 @@ func (m *Model[F]) Forward(tokens, targets []int32) (Loss, error) {
 }
 
 // Logits returns the logits [B·T, V] of the last Forward (or ForwardLogits).
+// After a Forward with a labelled head (LabelledHead), the rows at the
+// unlabelled positions are 0.
 func (m *Model[F]) Logits() []F {
-	h := make([]F, m.acts.logits.Len())
-	m.be.Download(h, m.acts.logits)
+	out := make([]F, m.acts.logits.Len())
+	if h := m.head; h != nil {
+		V := m.Cfg.VocabSize
+		rows := make([]F, h.R*V)
+		m.be.Download(rows, m.be.Slice(m.acts.logits, 0, h.R*V))
+		for i, p := range h.pos {
+			copy(out[p*V:(p+1)*V], rows[i*V:(i+1)*V])
+		}
+		return out
+	}
+	m.be.Download(out, m.acts.logits)
+	return out
+}
+
+// LabelledLogits returns the logits of the last Forward's labelled
+// positions, [len(pos), V] in position order, and the positions, reading
+// back only those rows after a Forward with a labelled head.
+func (m *Model[F]) LabelledLogits() (logits []F, pos []int) {
+	V := m.Cfg.VocabSize
+	if h := m.head; h != nil {
+		rows := make([]F, h.R*V)
+		m.be.Download(rows, m.be.Slice(m.acts.logits, 0, h.R*V))
+		return rows[:len(h.pos)*V], slices.Clone(h.pos)
+	}
+	all := m.Logits()
+	tg := make([]int32, m.B*m.T)
+	m.be.DownloadInt(tg, m.acts.targets)
+	for p, y := range tg {
+		if y >= 0 {
+			pos = append(pos, p)
+			logits = append(logits, all[p*V:(p+1)*V]...)
+		}
+	}
+	return logits, pos
+}
+
+// labelledRows uploads the gather indices and targets of a labelled head:
+// the n labelled positions of targets, then ignored rows (position 0,
+// target −1) up to a multiple of headPad.
+func (m *Model[F]) labelledRows(targets []int32, n int) *headRows {
+	a, BT := m.acts, m.B*m.T
+	R := min(BT, (n+headPad-1)/headPad*headPad)
+	h := a.heads[R]
+	if h == nil {
+		h = &headRows{R: R, idx: m.be.AllocInt(R), tgt: m.be.AllocInt(R)}
+		a.heads[R] = h
+	}
+	h.pos = h.pos[:0]
+	idx, tgt := make([]int32, R), make([]int32, R)
+	for p, y := range targets {
+		if y >= 0 {
+			idx[len(h.pos)], tgt[len(h.pos)] = int32(p), y
+			h.pos = append(h.pos, p)
+		}
+	}
+	for i := n; i < R; i++ {
+		tgt[i] = -1
+	}
+	m.be.UploadInt(h.idx, idx)
+	m.be.UploadInt(h.tgt, tgt)
 	return h
 }
 
@@ -352,6 +471,7 @@ func (m *Model[F]) ForwardLogits(tokens []int32) error {
 		}
 	}
 	m.be.UploadInt(m.acts.tokens, tokens)
+	m.head = nil
 	m.forwardLogits()
 	return m.be.Err()
 }
@@ -395,6 +515,12 @@ func (m *Model[F]) forwardLogits() {
 		}
 	}
 	be.RMSNorm(a.xf, a.rstdF, a.resOut, m.p["norm_f.weight"], BT, d)
+	if h := m.head; h != nil {
+		xs := be.Slice(a.xsel, 0, h.R*d)
+		be.Embedding(xs, a.xf, h.idx, h.R, d) // gathers the labelled rows
+		be.MatMul(be.Slice(a.logits, 0, h.R*c.VocabSize), xs, m.p["embed.weight"], h.R, c.VocabSize, d, false)
+		return
+	}
 	be.MatMul(a.logits, a.xf, m.p["embed.weight"], BT, c.VocabSize, d, false)
 }
 
@@ -477,12 +603,24 @@ func (m *Model[F]) BackwardHook(done func(layer int)) error {
 	c, a, be := m.Cfg, m.acts, m.be
 	B, T := m.B, m.T
 	BT, d := B*T, c.DModel
-	be.Zero(a.dlogits)
-	if m.nLabel > 0 {
-		be.CrossEntropyBackward(a.dlogits, a.logits, a.targets, 1/float64(m.nLabel), BT, c.VocabSize)
+	if h := m.head; h != nil {
+		V := c.VocabSize
+		dl, lg := be.Slice(a.dlogits, 0, h.R*V), be.Slice(a.logits, 0, h.R*V)
+		xs, dxs := be.Slice(a.xsel, 0, h.R*d), be.Slice(a.dxsel, 0, h.R*d)
+		be.Zero(dl)
+		be.CrossEntropyBackward(dl, lg, h.tgt, 1/float64(m.nLabel), h.R, V)
+		be.Zero(dxs)
+		be.MatMulBackward(dxs, m.g["embed.weight"], dl, xs, m.p["embed.weight"], h.R, V, d)
+		be.Zero(a.dxf)
+		be.EmbeddingBackward(a.dxf, dxs, h.idx, h.R, d) // scatters them back
+	} else {
+		be.Zero(a.dlogits)
+		if m.nLabel > 0 {
+			be.CrossEntropyBackward(a.dlogits, a.logits, a.targets, 1/float64(m.nLabel), BT, c.VocabSize)
+		}
+		be.Zero(a.dxf)
+		be.MatMulBackward(a.dxf, m.g["embed.weight"], a.dlogits, a.xf, m.p["embed.weight"], BT, c.VocabSize, d)
 	}
-	be.Zero(a.dxf)
-	be.MatMulBackward(a.dxf, m.g["embed.weight"], a.dlogits, a.xf, m.p["embed.weight"], BT, c.VocabSize, d)
 	be.Zero(a.dres)
 	be.RMSNormBackward(a.dres, m.g["norm_f.weight"], a.dxf, a.resOut, m.p["norm_f.weight"], a.rstdF, BT, d)
 	for i := len(c.Mixers) - 1; i >= 0; i-- {

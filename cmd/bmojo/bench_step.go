@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"time"
 
@@ -17,11 +18,14 @@ import (
 
 // stepReport is what bench step measured (--json).
 type stepReport struct {
-	Preset        string  `json:"preset"`
-	Device        string  `json:"device"`
-	Params        int     `json:"params"`
-	Batch         int     `json:"batch"`
-	SeqLen        int     `json:"seq_len"`
+	Preset string `json:"preset"`
+	Device string `json:"device"`
+	Params int    `json:"params"`
+	Batch  int    `json:"batch"`
+	SeqLen int    `json:"seq_len"`
+	// LabelEvery > 1 labels one position in LabelEvery (as MQAR labels K
+	// of T), with the model's labelled head on (--label-every).
+	LabelEvery    int     `json:"label_every,omitempty"`
 	StepSeconds   float64 `json:"step_seconds"`
 	TokensPerS    float64 `json:"tokens_per_s"`
 	FLOPsPerToken float64 `json:"flops_per_token"`
@@ -52,6 +56,8 @@ type stepReport struct {
 func init() {
 	var (
 		preset, dev, jsonOut string
+		configFile           string
+		labelEvery           int
 		batch, steps, seqLen int
 		vocab                int
 		threadList           []int
@@ -74,6 +80,16 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := model.Preset(preset)
+			if configFile != "" {
+				js, rerr := os.ReadFile(configFile)
+				if rerr != nil {
+					return fmt.Errorf("bench step: %w", rerr)
+				}
+				if c, err = model.ParseConfig(string(js)); err != nil {
+					return fmt.Errorf("bench step: --config %s: %w", configFile, err)
+				}
+				preset = configFile
+			}
 			if err != nil {
 				return err
 			}
@@ -97,7 +113,7 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			if o.Kind == "cpu" {
 				return benchStepCPU(c, preset, batch, steps, threadList)
 			}
-			r := stepReport{Preset: preset, Device: o.Desc, Batch: batch, SeqLen: c.SeqLen}
+			r := stepReport{Preset: preset, Device: o.Desc, Batch: batch, SeqLen: c.SeqLen, LabelEvery: labelEvery}
 			// MFU's denominator is the higher of the two rates: this
 			// backend's own product and the reference given, so neither
 			// flatters the figure.
@@ -153,6 +169,8 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&preset, "preset", "bmojo", "model preset")
+	fl.StringVar(&configFile, "config", "", "a model config JSON (a checkpoint's config.json, for example) instead of --preset")
+	fl.IntVar(&labelEvery, "label-every", 0, "GPU: label one position in N (as MQAR labels K of T) and compute the head only there (model.LabelledHead)")
 	fl.IntVar(&batch, "batch-size", 4, "sequences per step")
 	fl.IntVar(&steps, "steps", 3, "timed steps (per thread count on the CPU)")
 	fl.IntVar(&seqLen, "seq-len", 0, "sequence length (default: the preset's)")
@@ -194,6 +212,20 @@ func newBenchRun(be kernels.Backend[float32], c model.Config, batch int) (*bench
 		r.tokens[i], r.targets[i] = int32(rng.IntN(c.VocabSize)), int32(rng.IntN(c.VocabSize))
 	}
 	return r, nil
+}
+
+// labelEvery keeps the targets of one position in every (> 1) and
+// ignores the others, with the model's labelled head on.
+func (r *benchRun) labelEvery(every int) {
+	if every <= 1 {
+		return
+	}
+	for i := range r.targets {
+		if i%every != every-1 {
+			r.targets[i] = -1
+		}
+	}
+	r.m.LabelledHead = true
 }
 
 // step is one training step: zero, forward, backward, AdamW.
@@ -256,6 +288,7 @@ func timeSteps(be kernels.Backend[float32], dev *cuda.Device, perKernel bool, c 
 	if err != nil {
 		return err
 	}
+	run.labelEvery(r.LabelEvery)
 	r.Params = run.m.Layout.ParamCount()
 	for range 2 {
 		if err := run.step(); err != nil {
@@ -328,6 +361,7 @@ func profileStep(pb *profile.Backend[float32], c model.Config, batch int, r *ste
 	if err != nil {
 		return err
 	}
+	run.labelEvery(r.LabelEvery)
 	if err := run.step(); err != nil {
 		return err
 	}

@@ -51,7 +51,7 @@ func (s *sweepFlags) register(fl *pflag.FlagSet) {
 	fl.DurationVar(&s.budget, "budget", 0, "device time the sweep may take, e.g. 20m (0 = no check): refuse a sweep estimated above it")
 	fl.BoolVar(&s.fit, "fit", false, "with --budget: run the cells that fit, in order, and skip the rest (a later call resumes)")
 	fl.Float64Var(&s.tokensPerS, "tokens-per-s", 0, "training tokens/s of the costliest cell for the estimate (0 = measure it at startup)")
-	fl.IntVar(&s.probeSteps, "probe-steps", 2, "timed steps of the startup measurement")
+	fl.IntVar(&s.probeSteps, "probe-steps", 5, "timed steps of each startup measurement")
 	fl.BoolVar(&s.dryRun, "dry-run", false, "print the plan and the estimate, run nothing")
 	fl.BoolVar(&s.quick, "quick", false, "one small cell on the CPU in a few minutes (flags given explicitly still apply)")
 	fl.Uint64Var(&s.seed, "seed", 1, "initialisation and training-data seed (below 2^31)")
@@ -508,8 +508,24 @@ func runSweep(cmd *cobra.Command, sf *sweepFlags, name string, cells []experimen
 			rate.FLOPsPerToken = model.FLOPsPerToken(cfg, T)
 			rate.Source += " for " + probe.Name()
 		} else {
-			fmt.Fprintf(os.Stderr, "measuring %d steps of %s on %s for the estimate\n", sf.probeSteps, probe.Name(), desc)
-			if rate, err = experiment.MeasureRate(ctx, o.Backend, probe, vocab, sf.probeSteps); err != nil {
+			// Two probes, the costliest and the cheapest cell, fit the
+			// estimate's fixed cost per step and its cost per FLOP.
+			probes := []experiment.Cell{probe}
+			if cheap, err := experiment.Cheapest(pending, vocab); err == nil && cheap.Hash() != probe.Hash() {
+				probes = append(probes, cheap)
+			}
+			var ps []experiment.Probe
+			for _, c := range probes {
+				fmt.Fprintf(os.Stderr, "measuring %d steps of %s on %s for the estimate\n", sf.probeSteps, c.Name(), desc)
+				p, err := experiment.MeasureStep(ctx, o.Backend, c, vocab, sf.probeSteps)
+				if err != nil {
+					o.Close()
+					return nil, fmt.Errorf("experiment %s: measure: %w", name, err)
+				}
+				fmt.Fprintf(os.Stderr, "  %.2f ms per step of %d tokens\n", 1e3*p.StepSeconds, p.Tokens)
+				ps = append(ps, p)
+			}
+			if rate, err = experiment.RateFrom(ps...); err != nil {
 				o.Close()
 				return nil, fmt.Errorf("experiment %s: measure: %w", name, err)
 			}
@@ -611,7 +627,11 @@ func printPlan(w io.Writer, name, desc string, sf *sweepFlags, p experiment.Plan
 	if len(p.Run) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "estimate at %.0f tokens/s (%s), assuming time goes with model FLOPs:\n", p.Rate.TokensPerS, p.Rate.Source)
+	if p.Rate.StepSeconds > 0 {
+		fmt.Fprintf(w, "estimate at %.2f ms per step + %.3g model FLOP/s (%s):\n", 1e3*p.Rate.StepSeconds, p.Rate.TokensPerS*p.Rate.FLOPsPerToken, p.Rate.Source)
+	} else {
+		fmt.Fprintf(w, "estimate at %.0f tokens/s (%s), assuming time goes with model FLOPs:\n", p.Rate.TokensPerS, p.Rate.Source)
+	}
 	for i, c := range p.Run {
 		fmt.Fprintf(w, "  %-60s %s  ~%s\n", c.Name(), c.Hash(), time.Duration(p.Seconds[i]*float64(time.Second)).Round(time.Second))
 	}

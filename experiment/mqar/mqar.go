@@ -292,6 +292,40 @@ func score[F float32 | float64](logits []F, targets []int32, n, T, V int, withLo
 		return Score{}, fmt.Errorf("%w: score: %d rows of %d positions over %d ids need %d targets and %d logits, got %d and %d",
 			ErrSetting, n, T, V, n*T, n*T*V, len(targets), len(logits))
 	}
+	return scoreRows(targets, n, T, V, withLoss, func(p int) []F { return logits[p*V : (p+1)*V] })
+}
+
+// ScoreLabelled is ScoreArgmax on the logits of the labelled positions
+// alone (model.LabelledLogits): rows [len(pos), V], where rows[i] are the
+// logits at position pos[i] of the batch. Every labelled position of the
+// first n examples must be in pos.
+func ScoreLabelled[F float32 | float64](rows []F, pos []int, targets []int32, n, T, V int) (Score, error) {
+	if n < 0 || T <= 0 || V <= 0 || len(targets) < n*T || len(rows) != len(pos)*V {
+		return Score{}, fmt.Errorf("%w: score: %d rows of %d positions over %d ids need %d targets and %d×%d logits, got %d and %d",
+			ErrSetting, n, T, V, n*T, len(pos), V, len(targets), len(rows))
+	}
+	at := make(map[int]int, len(pos))
+	for i, p := range pos {
+		at[p] = i
+	}
+	var missing error
+	sc, err := scoreRows(targets, n, T, V, false, func(p int) []F {
+		i, ok := at[p]
+		if !ok {
+			missing = fmt.Errorf("%w: score: labelled position %d has no logits", ErrSetting, p)
+			return make([]F, V)
+		}
+		return rows[i*V : (i+1)*V]
+	})
+	if err == nil {
+		err = missing
+	}
+	return sc, err
+}
+
+// scoreRows scores the first n examples of targets [·T], reading the
+// logits of labelled position p from row(p).
+func scoreRows[F float32 | float64](targets []int32, n, T, V int, withLoss bool, row func(p int) []F) (Score, error) {
 	var sc Score
 	for r := range n {
 		hit, lab := 0, 0
@@ -303,7 +337,7 @@ func score[F float32 | float64](logits []F, targets []int32, n, T, V int, withLo
 			if int(y) >= V {
 				return Score{}, fmt.Errorf("%w: score: target %d at position %d is outside [0,%d)", ErrSetting, y, p, V)
 			}
-			row := logits[p*V : (p+1)*V]
+			row := row(p)
 			best, mx := 0, row[0]
 			for j, x := range row {
 				if x > mx {
