@@ -394,6 +394,16 @@ func MQARSweep(base Cell, families []string, dModels []int, lrs []float64) []Cel
 // DefaultTest is the Based test suite, up to (1024, 256).
 var DefaultTest = []mqar.Setting{{T: 64, K: 4}, {T: 64, K: 8}, {T: 64, K: 16}, {T: 128, K: 32}, {T: 256, K: 64}, {T: 512, K: 128}, {T: 1024, K: 256}}
 
+// The MQAR training defaults: the Based mix (experiments.md §1) at half
+// its size, 8 epochs (Based trains 32) at Based's batch of 256: 2,812
+// steps. A tenth of the mix for 4 epochs at batch 64 left full attention
+// at 0.21 accuracy at d_model 64 (first GPU sweep, 2026-12-06).
+const (
+	DefaultMix    = "64:4:50000,128:8:10000,256:16:10000,256:32:10000,256:64:10000"
+	DefaultEpochs = 8
+	DefaultBatch  = 256
+)
+
 // DefaultLRs is the Based lr sweep.
 var DefaultLRs = []float64{1e-3, 3.2e-3, 1e-2, 3.2e-2}
 

@@ -47,7 +47,7 @@ if [ "${1:-}" = unpack ]; then
 fi
 
 BIN=${BIN:-.dev/bmojo}
-[ -f "$BIN.gz" ] && [ ! -x "$BIN" ] && gunzip -kf "$BIN.gz"
+[ -f "$BIN.gz" ] && [ ! -x "$BIN" ] && gunzip -kf "$BIN.gz" && chmod +x "$BIN"
 OUTDIR=${OUT:-/tmp/bmojo-experiments-out}
 WORK=/tmp/bmojo-experiments
 EXPERIMENTS=${EXPERIMENTS:-mqar length memory}
@@ -62,6 +62,19 @@ LOG=$WORK/log.txt
 pack() {
 	tar czf "$OUTDIR/experiments.tar.gz" -C "$WORK" cells results log.txt
 }
+
+# CUDA MPS lets the JOBS processes' kernels run on the GPU at the same
+# time (without it the GPU time-slices between their contexts, and small
+# models leave it mostly idle). It is a user-space daemon: nothing about
+# the GPU's own settings changes. MPS=0 turns it off.
+if [ "${MPS:-1}" = 1 ] && [ "$DEVICE" = cuda ] && [ "$JOBS" -gt 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+	export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+	mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+	if nvidia-cuda-mps-control -d; then
+		echo "CUDA MPS on for $JOBS processes" | tee -a "$LOG"
+		trap 'echo quit | nvidia-cuda-mps-control' EXIT
+	fi
+fi
 
 {
 	date -u
