@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -249,15 +250,39 @@ func TestExecute(t *testing.T) {
 	if ran.Load() != 9 || peak.Load() > 3 || peak.Load() < 2 {
 		t.Fatalf("ran %d cells, at most %d at once; want 9, 2..3", ran.Load(), peak.Load())
 	}
+	// A failing cell stops nothing: every cell runs, each failure is
+	// retried once alone, and only the cells that fail again are errors.
 	boom := errors.New("boom")
+	var mu sync.Mutex
+	calls := map[float64]int{}
+	var ok atomic.Int32
 	err := Execute(ctx, cells, 2, func(ctx context.Context, c Cell, slot int) error {
-		if c.LR > 4e-3 {
+		mu.Lock()
+		calls[c.LR]++
+		n := calls[c.LR]
+		mu.Unlock()
+		switch {
+		case c.LR > 8e-3: // always fails
+			return boom
+		case c.LR > 6e-3 && n == 1: // fails once, then passes alone
 			return boom
 		}
 		return nil
-	}, nil)
-	if !errors.Is(err, boom) {
-		t.Fatalf("got %v, want boom", err)
+	}, func(Cell) { ok.Add(1) })
+	if !errors.Is(err, boom) || ok.Load() != 8 {
+		t.Fatalf("got %v with %d cells done, want boom and 8 done", err, ok.Load())
+	}
+	for lr, n := range calls {
+		want := 1
+		if lr > 6e-3 {
+			want = 2
+		}
+		if n != want {
+			t.Fatalf("cell lr=%g ran %d times, want %d", lr, n, want)
+		}
+	}
+	if s := err.Error(); !strings.Contains(s, "failed twice") || strings.Count(s, "boom") != 1 {
+		t.Fatalf("error %q should name the one cell that failed twice", s)
 	}
 }
 

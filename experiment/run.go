@@ -111,6 +111,11 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 	// at the query positions (model.LabelledHead), K of T.
 	T, B := c.MaxTrainT(), c.Batch
 	m.LabelledHead = true
+	lengths := map[int]bool{}
+	for _, e := range c.Mix {
+		lengths[e.Setting.T] = true
+	}
+	m.KeepShapes = len(lengths)
 	sched := mqarSchedule(c)
 	opt := model.NewOptimizer(m, optimConfig(c, len(sched)))
 	src := mqar.Source{Seed: c.Seed, Noise: c.Noise}
@@ -153,6 +158,7 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 		return Result{}, err
 	}
 	res.Checkpoint = ck
+	m.KeepShapes = 0 // each test length once: free the training shapes
 	env.report(Progress{Cell: c.Name(), Hash: res.Hash, Phase: "eval", Step: res.Steps, Steps: res.Steps})
 	for _, s := range c.Test {
 		sc, err := EvalMQAR(ctx, m, mqar.Source{Seed: c.TestSeed, Noise: c.Noise}, s, c.TestExamples)

@@ -325,18 +325,19 @@ func NewPlan(k Cache, cells []Cell, vocab int, rate Rate, budget time.Duration, 
 // Executor runs one cell to completion (its result in the cache).
 type Executor func(ctx context.Context, c Cell, slot int) error
 
-// Execute runs cells on jobs executors at once and returns the first
-// error after the others finish or stop; cells already started are
-// allowed to finish unless ctx ends. done is called after each success.
+// Execute runs cells on jobs executors at once. A cell that fails does
+// not stop the others: once they have all run, each failed cell is
+// retried once, alone (cells sharing a GPU can run it out of memory
+// together), and Execute returns the errors of the cells that failed
+// again, joined. done is called after each success. When ctx ends, no
+// new cell starts and Execute returns ctx's error with the failures.
 func Execute(ctx context.Context, cells []Cell, jobs int, run Executor, done func(Cell)) error {
 	jobs = max(1, min(jobs, len(cells)))
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	next := make(chan Cell)
 	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		first error
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		failed []Cell
 	)
 	for slot := range jobs {
 		wg.Add(1)
@@ -345,11 +346,8 @@ func Execute(ctx context.Context, cells []Cell, jobs int, run Executor, done fun
 			for c := range next {
 				if err := run(ctx, c, slot); err != nil {
 					mu.Lock()
-					if first == nil {
-						first = err
-					}
+					failed = append(failed, c)
 					mu.Unlock()
-					cancel()
 					continue
 				}
 				if done != nil {
@@ -368,10 +366,24 @@ feed:
 	}
 	close(next)
 	wg.Wait()
-	if first != nil {
-		return first
+	var errs []error
+	for _, c := range failed {
+		if ctx.Err() != nil {
+			errs = append(errs, fmt.Errorf("%s [%s]: not retried: %w", c.Name(), c.Hash(), ctx.Err()))
+			continue
+		}
+		if err := run(ctx, c, 0); err != nil {
+			errs = append(errs, fmt.Errorf("%s [%s]: failed twice, the second time alone: %w", c.Name(), c.Hash(), err))
+			continue
+		}
+		if done != nil {
+			done(c)
+		}
 	}
-	return ctx.Err()
+	if err := ctx.Err(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // MQARSweep is the MQAR experiment's cells: every family × d_model × lr on

@@ -86,6 +86,7 @@ func TestPrepareAlternating(t *testing.T) {
 	c := gradConfig(MixerBMOJO, MixerBMOJO)
 	shapes := [][2]int{{2, gradT}, {3, 8}, {2, gradT}, {1, 12}, {3, 8}}
 	m := newModel[float64](t, c, 4, 2, gradT)
+	m.KeepShapes = 3
 	for i, s := range shapes {
 		B, T := s[0], s[1]
 		fresh := newModel[float64](t, c, 4, B, T)
@@ -114,5 +115,12 @@ func TestPrepareAlternating(t *testing.T) {
 	}
 	if len(m.prepared) != 3 {
 		t.Fatalf("%d activation sets kept, want 3 (one per shape)", len(m.prepared))
+	}
+	m.KeepShapes = 0
+	if err := m.Prepare(4, 8); err != nil {
+		t.Fatal(err)
+	}
+	if len(m.prepared) != 1 {
+		t.Fatalf("%d activation sets kept with KeepShapes 0, want only the current one", len(m.prepared))
 	}
 }

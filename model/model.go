@@ -34,10 +34,12 @@ type Model[F kernels.Float] struct {
 	LabelledHead bool
 	head         *headRows // the rows of the last Forward's head, nil for all
 
-	// prepared keeps the activations of the last few batch shapes, so
-	// that alternating between them (one batch per MQAR setting) does not
-	// reallocate.
-	prepared []*activations[F]
+	// KeepShapes is how many batch shapes' activations Prepare keeps
+	// (the most recent; 0 or 1: only the current one), so that a model
+	// alternating between shapes (one batch per MQAR setting) does not
+	// reallocate. Each kept shape holds its activations' device memory.
+	KeepShapes int
+	prepared   []*activations[F]
 }
 
 // headRows is the labelled head of one Forward: the R = len(pos) rows it
@@ -52,9 +54,6 @@ type headRows struct {
 // headPad is the row multiple of a labelled head: few distinct shapes,
 // so each product shape is tuned once.
 const headPad = 256
-
-// maxPrepared bounds Model.prepared.
-const maxPrepared = 4
 
 // New builds a model with parameters from InitParams(seed).
 func New[F kernels.Float](be kernels.Backend[F], c Config, seed uint64) (*Model[F], error) {
@@ -286,10 +285,10 @@ func (m *Model[F]) Prepare(B, T int) error {
 	a.B, a.T = B, T
 	a.xsel, a.dxsel = be.Alloc(BT*d), be.Alloc(BT*d)
 	a.heads = map[int]*headRows{}
-	if len(m.prepared) == maxPrepared {
-		m.prepared = m.prepared[1:]
-	}
 	m.prepared = append(m.prepared, a)
+	if n := max(1, m.KeepShapes); len(m.prepared) > n {
+		m.prepared = slices.Delete(m.prepared, 0, len(m.prepared)-n)
+	}
 	m.B, m.T, m.acts, m.head = B, T, a, nil
 	return be.Err()
 }
