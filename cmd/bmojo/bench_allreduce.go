@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -45,7 +46,15 @@ type benchAllreduceFlags struct {
 	shmSlots   int
 	tls        bool
 	tlsDir     string // the rank command's: where the launcher put rank-<i> certificates
+	reference  string
+	repeat     int
+	hosts      string
+	wrap       string
+	listenSelf bool // the rank command's: listen on its own --peers address, not fd 3
 }
+
+// benchTransportTCP is the plain-TCP reference ring (allreduce.TCPRing).
+const benchTransportTCP = "tcp"
 
 func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	d := allreduce.Default()
@@ -63,7 +72,11 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
 	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
 	c.Flags().BoolVar(&f.unix, "unix", false, "connect the ranks over Unix sockets instead of loopback TCP")
-	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise) or "grpc"`)
+	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise), "grpc", or "tcp" (the reference: the same ring over plain TCP connections, no gRPC, no TLS)`)
+	c.Flags().StringVar(&f.reference, "reference", "", `also measure this transport ("tcp"), alternating runs with --transport, and print the busbw ratio`)
+	c.Flags().IntVar(&f.repeat, "repeat", 1, "launch the ranks this many times (alternating with --reference) and report the median run")
+	c.Flags().StringVar(&f.hosts, "hosts", "", "comma-separated host:port each rank listens on (default: loopback ports picked by the launcher)")
+	c.Flags().StringVar(&f.wrap, "wrap", "", `command prefix each rank process is started under, {rank} replaced by its rank (e.g. "ip netns exec bmojo-ns{rank}"; see scripts/netns-ring.sh)`)
 	c.Flags().IntVar(&f.shmQueues, "shm-queues", d.ShmQueues, "shared-memory slot rings per neighbour (the same-host path's parallelism)")
 	c.Flags().IntVar(&f.shmSlots, "shm-slots", d.ShmSlots, "chunk-sized slots per shared-memory ring")
 	c.Flags().BoolVar(&f.tls, "tls", false, "mutual TLS with each rank's certificate checked against its slot, as training runs it (a job CA made for the run)")
@@ -124,6 +137,12 @@ func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
 	}
 	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
 	c.Transport, c.ShmQueues, c.ShmSlots = f.transport, f.shmQueues, f.shmSlots
+	if f.transport == benchTransportTCP {
+		if f.tls {
+			return c, fmt.Errorf("--transport tcp is the plain-TCP reference: it has no TLS (use --transport grpc --tls --reference tcp)")
+		}
+		c.Transport = allreduce.TransportGRPC // the reference ring ignores it
+	}
 	v := c
 	v.Peers = []string{"-"} // the launcher checks the flags before it knows the peers
 	return c, v.Validate()
@@ -184,7 +203,16 @@ float32 buffers of each size. Prints, per size, the slowest rank's mean time,
 algbw = size/time and busbw = algbw * 2(N-1)/N (the nccl-tests definitions,
 GB = 1e9 bytes), then the latency at 1 MiB. With --transport auto (the
 default) the ranks, all on this host, move data through shared memory and use
-gRPC only as the control plane; --transport grpc measures the gRPC streams.`,
+gRPC only as the control plane; --transport grpc measures the gRPC streams;
+--transport tcp measures the reference: the same ring schedule, chunks and
+connections over plain TCP sockets (no gRPC, no TLS).
+
+The "# cpu(ms)" line is the CPU time (user + system) of all rank processes
+per collective: on a machine shared with other work it says more than the
+wall-clock figures. --reference tcp runs the reference alternately with
+--transport and prints the busbw ratio; --repeat R launches both R times and
+reports the median run. --hosts and --wrap start each rank elsewhere, e.g. in
+its own network namespace (scripts/netns-ring.sh).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runBenchAllreduce(cmd.Context(), &f, cmd.OutOrStdout())
@@ -208,12 +236,46 @@ gRPC only as the control plane; --transport grpc measures the gRPC streams.`,
 	rankCmd.Flags().IntVar(&rank, "rank", 0, "this rank")
 	rankCmd.Flags().StringVar(&peers, "peers", "", "comma-separated addresses of all ranks")
 	rankCmd.Flags().StringVar(&rf.tlsDir, "tls-dir", "", "with --tls: the directory of the ranks' certificates")
+	rankCmd.Flags().BoolVar(&rf.listenSelf, "listen-self", false, "listen on this rank's --peers address instead of the listener on fd 3")
 	benchCmd.AddCommand(launch, rankCmd)
 }
 
-// runBenchAllreduce opens one loopback listener per rank (so every address is
-// known before any process starts), hands each to a child process as fd 3,
-// collects their timings and prints the table.
+// arBenchResult is one rank's timing of one size.
+type arBenchResult struct {
+	size, iters   int
+	mean, minimum time.Duration
+	cpu           time.Duration // the rank process's CPU time (user+system) per collective
+}
+
+// arBenchRun is one launch of the ranks: per size every rank's result, and
+// how many ranks sent over each data path.
+type arBenchRun struct {
+	results map[int][]arBenchResult
+	hops    map[string]int
+}
+
+// slowest is the collective's time at size s: the slowest rank's mean and
+// best (the collective is as slow as its slowest rank).
+func (r arBenchRun) slowest(s int) (mean, best, cpu time.Duration) {
+	for _, x := range r.results[s] {
+		mean, best = max(mean, x.mean), max(best, x.minimum)
+		cpu += x.cpu
+	}
+	return mean, best, cpu
+}
+
+// processCPU is this process's CPU time so far, user plus system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// runBenchAllreduce launches the ranks --repeat times (alternating with the
+// --reference transport, so both see the same machine load), then prints
+// per size the median over the runs, and the ratio to the reference.
 func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Writer) error {
 	if ctx == nil {
 		ctx = context.Background()
@@ -229,20 +291,150 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	if f.ranks < 1 {
 		return fmt.Errorf("--ranks %d: need at least 1", f.ranks)
 	}
+	if f.reference != "" && f.reference != benchTransportTCP {
+		return fmt.Errorf("--reference %q: only %q", f.reference, benchTransportTCP)
+	}
+	if f.repeat < 1 {
+		return fmt.Errorf("--repeat %d: need at least 1", f.repeat)
+	}
+	var hosts []string
+	if f.hosts != "" {
+		if hosts = strings.Split(f.hosts, ","); len(hosts) != f.ranks {
+			return fmt.Errorf("--hosts lists %d addresses for %d ranks", len(hosts), f.ranks)
+		}
+	}
+	tlsDir := ""
+	if f.tls {
+		if tlsDir, err = benchIdentities(f.ranks); err != nil {
+			return err
+		}
+		defer os.RemoveAll(tlsDir)
+	}
+	var runs, refs []arBenchRun
+	for i := 0; i < f.repeat; i++ {
+		r, err := launchBenchRanks(ctx, f, f.transport, hosts, tlsDir)
+		if err != nil {
+			return err
+		}
+		runs = append(runs, r)
+		if f.reference != "" {
+			r, err := launchBenchRanks(ctx, f, f.reference, hosts, tlsDir)
+			if err != nil {
+				return fmt.Errorf("reference %s: %w", f.reference, err)
+			}
+			refs = append(refs, r)
+		}
+	}
+	sort.Ints(sizes)
+	where := "on one host"
+	link := map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
+	if hosts != nil {
+		where, link = "at "+f.hosts, "TCP"
+		if f.wrap != "" {
+			where += " (each started under " + strconv.Quote(f.wrap) + ")"
+		}
+	}
+	// Say what was measured: how each hop actually carried its data.
+	var paths []string
+	for hop, k := range runs[0].hops {
+		paths = append(paths, fmt.Sprintf("%d via %s", k, hop))
+	}
+	sort.Strings(paths)
+	how := "data and control over gRPC on " + link
+	switch {
+	case f.transport == benchTransportTCP:
+		how = "data over plain TCP connections (reference ring: no gRPC, no TLS) on " + link
+	case runs[0].hops[allreduce.TransportShm] == f.ranks && f.ranks > 1:
+		how = "data over shared memory, control over gRPC on " + link
+	}
+	if f.tls && f.transport != benchTransportTCP {
+		how += ", gRPC under mutual TLS with slot identities"
+	}
+	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) %s, %s, float32 buffers, wire %s\n",
+		f.ranks, where, how, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
+	fmt.Fprintf(out, "# transport %s: hops %s; chunk %s; grpc: streams/neighbour %d, window %s, read buffer %s, write buffer %s; shm: queues/neighbour %d, slots/queue %d\n",
+		f.transport, strings.Join(paths, ", "), fmtBytes(cfg.ChunkBytes), cfg.Streams, fmtBytes(int(cfg.WindowBytes)), fmtBuf(cfg.ReadBufferBytes), fmtBuf(cfg.WriteBufferBytes), cfg.ShmQueues, cfg.ShmSlots)
+	if f.repeat > 1 {
+		fmt.Fprintf(out, "# %d runs; each row is the run with the median time (slowest rank's mean)\n", f.repeat)
+	}
+	n := float64(f.ranks)
+	busbw := func(s int, mean time.Duration) float64 {
+		return float64(s) / mean.Seconds() / 1e9 * 2 * (n - 1) / n
+	}
+	// The rows keep the 7 columns other tools parse (bench scale); the
+	// reference's rows are comments, and CPU time goes on a comment line.
+	table := func(runs []arBenchRun, pre string) (map[int]time.Duration, error) {
+		fmt.Fprintf(out, "%s%12s %12s %6s %12s %12s %10s %10s\n", pre, "size", "count", "iters", "time(us)", "min(us)", "algbw(GB/s)", "busbw(GB/s)")
+		medians := map[int]time.Duration{}
+		var cpus []string
+		for _, s := range sizes {
+			type row struct{ mean, best, cpu time.Duration }
+			var rows []row
+			for _, r := range runs {
+				if len(r.results[s]) != f.ranks {
+					return nil, fmt.Errorf("bench allreduce: %d of %d ranks reported size %s", len(r.results[s]), f.ranks, fmtBytes(s))
+				}
+				m, b, c := r.slowest(s)
+				rows = append(rows, row{m, b, c})
+			}
+			sort.Slice(rows, func(i, j int) bool { return rows[i].mean < rows[j].mean })
+			med := rows[len(rows)/2]
+			medians[s] = med.mean
+			fmt.Fprintf(out, "%s%12s %12d %6d %12.1f %12.1f %10.3f %10.3f\n", pre, fmtBytes(s), s/4, runs[0].results[s][0].iters,
+				float64(med.mean.Nanoseconds())/1e3, float64(med.best.Nanoseconds())/1e3, float64(s)/med.mean.Seconds()/1e9, busbw(s, med.mean))
+			cpus = append(cpus, fmt.Sprintf("%s %.1f", fmtBytes(s), float64(med.cpu.Nanoseconds())/1e6))
+		}
+		fmt.Fprintf(out, "# cpu(ms) per collective, all ranks, user+system: %s\n", strings.Join(cpus, ", "))
+		if m, ok := medians[1<<20]; ok {
+			fmt.Fprintf(out, "# latency at 1MiB: mean %.1f us\n", float64(m.Nanoseconds())/1e3)
+		}
+		return medians, nil
+	}
+	got, err := table(runs, "")
+	if err != nil {
+		return err
+	}
+	if f.reference == "" {
+		return nil
+	}
+	fmt.Fprintf(out, "# reference: the same ring schedule, chunks and connections over plain TCP (--transport %s), run alternately with the above\n", f.reference)
+	ref, err := table(refs, "# ")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "# ratio: busbw of --transport %s / busbw of the %s reference (medians)\n", f.transport, f.reference)
+	fmt.Fprintf(out, "# %10s %12s %12s %8s\n", "size", f.transport, f.reference, "ratio")
+	for _, s := range sizes {
+		fmt.Fprintf(out, "# %10s %12.3f %12.3f %8.2f\n", fmtBytes(s), busbw(s, got[s]), busbw(s, ref[s]), float64(ref[s])/float64(got[s]))
+	}
+	return nil
+}
+
+// launchBenchRanks starts one process per rank and collects their timings.
+// Without hosts it opens one loopback listener per rank (so every address
+// is known before any process starts) and hands it to the child as fd 3;
+// with hosts every rank listens on its own address (e.g. inside its own
+// network namespace, entered through --wrap).
+func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport string, hosts []string, tlsDir string) (arBenchRun, error) {
+	run := arBenchRun{results: map[int][]arBenchResult{}, hops: map[string]int{}}
 	exe, err := os.Executable()
 	if err != nil {
-		return fmt.Errorf("bench allreduce: find own binary: %w", err)
+		return run, fmt.Errorf("bench allreduce: find own binary: %w", err)
 	}
 	files := make([]*os.File, f.ranks)
 	addrs := make([]string, f.ranks)
+	copy(addrs, hosts)
 	sockDir := ""
-	if f.unix {
+	if f.unix && hosts == nil {
 		if sockDir, err = os.MkdirTemp("", "bmojo-bench-"); err != nil {
-			return fmt.Errorf("bench allreduce: %w", err)
+			return run, fmt.Errorf("bench allreduce: %w", err)
 		}
 		defer os.RemoveAll(sockDir)
 	}
 	for i := range files {
+		if hosts != nil {
+			break
+		}
 		var l net.Listener
 		if f.unix {
 			path := fmt.Sprintf("%s/rank%d.sock", sockDir, i)
@@ -252,7 +444,7 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 			l, err = net.Listen("tcp", "127.0.0.1:0")
 		}
 		if err != nil {
-			return fmt.Errorf("bench allreduce: listen for rank %d: %w", i, err)
+			return run, fmt.Errorf("bench allreduce: listen for rank %d: %w", i, err)
 		}
 		switch tl := l.(type) {
 		case *net.TCPListener:
@@ -264,58 +456,54 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 		}
 		_ = l.Close()
 		if err != nil {
-			return fmt.Errorf("bench allreduce: listener fd for rank %d: %w", i, err)
+			return run, fmt.Errorf("bench allreduce: listener fd for rank %d: %w", i, err)
 		}
 	}
 
-	tlsDir := ""
-	if f.tls {
-		if tlsDir, err = benchIdentities(f.ranks); err != nil {
-			return err
-		}
-		defer os.RemoveAll(tlsDir)
-	}
-
-	type result struct {
-		size, iters   int
-		mean, minimum time.Duration
-	}
 	var mu sync.Mutex
-	results := map[int][]result{} // size -> per rank
-	hops := map[string]int{}      // data path -> ranks sending over it
 	var wg sync.WaitGroup
 	errs := make([]error, f.ranks)
-	cmds := make([]*exec.Cmd, f.ranks)
 	for i := 0; i < f.ranks; i++ {
 		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(i), "--peers", strings.Join(addrs, ","),
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
 			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--rbuf", f.rbuf, "--wbuf", f.wbuf,
 			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel,
-			"--transport", f.transport, "--shm-queues", strconv.Itoa(f.shmQueues), "--shm-slots", strconv.Itoa(f.shmSlots)}
+			"--transport", transport, "--shm-queues", strconv.Itoa(f.shmQueues), "--shm-slots", strconv.Itoa(f.shmSlots)}
 		if f.cpuProfile != "" && i == 0 {
-			args = append(args, "--cpuprofile", f.cpuProfile)
+			args = append(args, "--cpuprofile", f.cpuProfile+map[bool]string{false: "", true: "." + transport}[transport != f.transport])
 		}
 		if f.bf16 {
 			args = append(args, "--bf16")
 		}
-		if f.tls {
+		if f.tls && transport != benchTransportTCP { // the reference has no TLS
 			args = append(args, "--tls", "--tls-dir", tlsDir)
 		}
-		c := exec.CommandContext(ctx, exe, args...)
-		c.ExtraFiles = []*os.File{files[i]}
+		if hosts != nil {
+			args = append(args, "--listen-self")
+		}
+		name, argv := exe, args
+		if f.wrap != "" {
+			w := strings.Fields(strings.ReplaceAll(f.wrap, "{rank}", strconv.Itoa(i)))
+			name, argv = w[0], append(append(w[1:], exe), args...)
+		}
+		c := exec.CommandContext(ctx, name, argv...)
+		if files[i] != nil {
+			c.ExtraFiles = []*os.File{files[i]}
+		}
 		if f.procs > 0 {
 			c.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(f.procs))
 		}
 		c.Stderr = os.Stderr
 		stdout, err := c.StdoutPipe()
 		if err != nil {
-			return err
+			return run, err
 		}
 		if err := c.Start(); err != nil {
-			return fmt.Errorf("bench allreduce: start rank %d: %w", i, err)
+			return run, fmt.Errorf("bench allreduce: start rank %d: %w", i, err)
 		}
-		_ = files[i].Close()
-		cmds[i] = c
+		if files[i] != nil {
+			_ = files[i].Close()
+		}
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
@@ -324,16 +512,16 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 				var hop string
 				if _, err := fmt.Sscanf(sc.Text(), "TRANSPORT %s", &hop); err == nil {
 					mu.Lock()
-					hops[hop]++
+					run.hops[hop]++
 					mu.Unlock()
 					continue
 				}
-				var r result
-				var meanNs, minNs int64
-				if _, err := fmt.Sscanf(sc.Text(), "RESULT %d %d %d %d", &r.size, &r.iters, &meanNs, &minNs); err == nil {
-					r.mean, r.minimum = time.Duration(meanNs), time.Duration(minNs)
+				var r arBenchResult
+				var meanNs, minNs, cpuNs int64
+				if _, err := fmt.Sscanf(sc.Text(), "RESULT %d %d %d %d %d", &r.size, &r.iters, &meanNs, &minNs, &cpuNs); err == nil {
+					r.mean, r.minimum, r.cpu = time.Duration(meanNs), time.Duration(minNs), time.Duration(cpuNs)
 					mu.Lock()
-					results[r.size] = append(results[r.size], r)
+					run.results[r.size] = append(run.results[r.size], r)
 					mu.Unlock()
 				}
 			}
@@ -344,51 +532,16 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("bench allreduce: %w", err)
+		return run, fmt.Errorf("bench allreduce: %w", err)
 	}
-	// Say what was measured: how each hop actually carried its data.
-	var paths []string
-	for hop, k := range hops {
-		paths = append(paths, fmt.Sprintf("%d via %s", k, hop))
-	}
-	sort.Strings(paths)
-	how := "data and control over gRPC on " + map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
-	if hops[allreduce.TransportShm] == f.ranks && f.ranks > 1 {
-		how = "data over shared memory, control over gRPC on " + map[bool]string{false: "loopback TCP", true: "Unix sockets"}[f.unix]
-	}
-	if f.tls {
-		how += ", gRPC under mutual TLS with slot identities"
-	}
-	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) on one host, %s, float32 buffers, wire %s\n",
-		f.ranks, how, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
-	fmt.Fprintf(out, "# transport %s: hops %s; chunk %s; grpc: streams/neighbour %d, window %s, read buffer %s, write buffer %s; shm: queues/neighbour %d, slots/queue %d\n",
-		f.transport, strings.Join(paths, ", "), fmtBytes(cfg.ChunkBytes), cfg.Streams, fmtBytes(int(cfg.WindowBytes)), fmtBuf(cfg.ReadBufferBytes), fmtBuf(cfg.WriteBufferBytes), cfg.ShmQueues, cfg.ShmSlots)
-	n := float64(f.ranks)
-	fmt.Fprintf(out, "%12s %12s %6s %12s %12s %10s %10s\n", "size", "count", "iters", "time(us)", "min(us)", "algbw(GB/s)", "busbw(GB/s)")
-	sort.Ints(sizes)
-	for _, s := range sizes {
-		rs := results[s]
-		if len(rs) != f.ranks {
-			return fmt.Errorf("bench allreduce: %d of %d ranks reported size %s", len(rs), f.ranks, fmtBytes(s))
-		}
-		// The collective is as slow as its slowest rank.
-		var mean, mn time.Duration
-		for _, r := range rs {
-			mean = max(mean, r.mean)
-			mn = max(mn, r.minimum)
-		}
-		alg := float64(s) / mean.Seconds() / 1e9
-		fmt.Fprintf(out, "%12s %12d %6d %12.1f %12.1f %10.3f %10.3f\n", fmtBytes(s), s/4, rs[0].iters,
-			float64(mean.Nanoseconds())/1e3, float64(mn.Nanoseconds())/1e3, alg, alg*2*(n-1)/n)
-	}
-	if rs, ok := results[1<<20]; ok {
-		var mean, mn time.Duration
-		for _, r := range rs {
-			mean, mn = max(mean, r.mean), max(mn, r.minimum)
-		}
-		fmt.Fprintf(out, "# latency at 1MiB: mean %.1f us, best %.1f us\n", float64(mean.Nanoseconds())/1e3, float64(mn.Nanoseconds())/1e3)
-	}
-	return nil
+	return run, nil
+}
+
+// arBenchRing is what a rank process measures: the gRPC/shm Ring, or the
+// plain-TCP reference.
+type arBenchRing interface {
+	AllReduce(ctx context.Context, buf []float32, op allreduce.Op) error
+	Close() error
 }
 
 func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int, peers []string, out io.Writer) error {
@@ -416,16 +569,27 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 		}
 	}
 	var lis net.Listener
-	if len(peers) > 1 {
+	if len(peers) > 1 && !f.listenSelf {
 		lf := os.NewFile(3, "listener")
 		if lis, err = net.FileListener(lf); err != nil {
 			return fmt.Errorf("rank %d: listener from fd 3: %w", rank, err)
 		}
 		_ = lf.Close()
 	}
-	ring, err := allreduce.New(cfg, lis)
-	if err != nil {
-		return err
+	var ring arBenchRing
+	var connect func(context.Context) error
+	var grpcRing *allreduce.Ring
+	if f.transport == benchTransportTCP {
+		tr, err := allreduce.NewTCPRing(cfg, lis)
+		if err != nil {
+			return err
+		}
+		ring, connect = tr, tr.Connect
+	} else {
+		if grpcRing, err = allreduce.New(cfg, lis); err != nil {
+			return err
+		}
+		ring, connect = grpcRing, grpcRing.Connect
 	}
 	defer ring.Close()
 	if f.cpuProfile != "" {
@@ -441,11 +605,14 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	}
 	cctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	if err := ring.Connect(cctx); err != nil {
+	if err := connect(cctx); err != nil {
 		return err
 	}
 	if len(peers) > 1 {
-		toSucc, _ := ring.Transport()
+		toSucc := benchTransportTCP
+		if grpcRing != nil {
+			toSucc, _ = grpcRing.Transport()
+		}
 		fmt.Fprintf(out, "TRANSPORT %s\n", toSucc)
 	}
 	maxSize := 0
@@ -468,6 +635,7 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 			}
 		}
 		var total, best time.Duration
+		cpu0 := processCPU()
 		for i := 0; i < iters; i++ {
 			t0 := time.Now()
 			if err := ring.AllReduce(ctx, buf, allreduce.Sum); err != nil {
@@ -479,7 +647,8 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 				best = d
 			}
 		}
-		fmt.Fprintf(w, "RESULT %d %d %d %d\n", s, iters, (total / time.Duration(iters)).Nanoseconds(), best.Nanoseconds())
+		cpu := (processCPU() - cpu0) / time.Duration(iters)
+		fmt.Fprintf(w, "RESULT %d %d %d %d %d\n", s, iters, (total / time.Duration(iters)).Nanoseconds(), best.Nanoseconds(), cpu.Nanoseconds())
 		_ = w.Flush()
 	}
 	// Leave together: a rank that exits while others still send would look
