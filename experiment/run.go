@@ -118,35 +118,37 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 	m.KeepShapes = len(lengths)
 	sched := mqarSchedule(c)
 	opt := model.NewOptimizer(m, optimConfig(c, len(sched)))
-	src := mqar.Source{Seed: c.Seed, Noise: c.Noise}
-	buf, tbuf := make([]int32, B*T), make([]int32, B*T)
 	res := Result{Hash: c.Hash(), Cell: c, Device: env.Device, Params: m.Layout.ParamCount()}
 	tl := newTrainLog(env, c, res.Hash, len(sched))
-	for step, b := range sched {
+	// The batches are generated one or two ahead, beside the device's
+	// work (a batch of (256, 64) takes milliseconds of CPU).
+	fctx, stopFill := context.WithCancel(ctx)
+	defer stopFill()
+	batches := mqarBatches(fctx, c, sched, mqar.Source{Seed: c.Seed, Noise: c.Noise}, B, T)
+	for step := range sched {
+		var b mqarBatch
+		select {
+		case b = <-batches.ready:
+		case <-ctx.Done():
+		}
 		if err := ctx.Err(); err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: stopped at step %d: %w", c.Name(), step, err)
 		}
-		s := c.Mix[b.setting].Setting
-		if err := m.Prepare(B, s.T); err != nil {
+		if b.err != nil {
+			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, b.err)
+		}
+		if err := m.Prepare(B, b.T); err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: %w", c.Name(), err)
 		}
-		tokens, targets := buf[:B*s.T], tbuf[:B*s.T]
-		for p := len(b.first) * s.T; p < len(tokens); p++ {
-			tokens[p], targets[p] = mqar.Filler, mqar.Ignore
-		}
-		for r, i := range b.first {
-			if err := src.Fill(s, i, 1, tokens[r*s.T:(r+1)*s.T], targets[r*s.T:(r+1)*s.T]); err != nil {
-				return Result{}, err
-			}
-		}
-		l, skipped, err := trainStep(m, opt, tokens, targets)
+		l, skipped, err := trainStep(m, opt, b.tokens, b.targets)
 		if err != nil {
 			return Result{}, fmt.Errorf("experiment: %s: step %d: %w", c.Name(), step, err)
 		}
+		batches.free <- b
 		if skipped {
 			res.Skipped++
 		}
-		res.TrainTokens += int64(len(tokens))
+		res.TrainTokens += int64(len(b.tokens))
 		tl.add(step, l.CE)
 	}
 	if err := env.Backend.Err(); err != nil {
@@ -169,6 +171,61 @@ func RunMQAR(ctx context.Context, env Env, c Cell) (Result, error) {
 	}
 	res.WallSeconds = time.Since(t0).Seconds()
 	return res, nil
+}
+
+// mqarBatch is one generated training batch: B rows at length T.
+type mqarBatch struct {
+	T               int
+	tokens, targets []int32
+	err             error
+	buf, tbuf       []int32 // the whole buffers, B × the longest length
+}
+
+// mqarFeed is the generator's two channels: batches in schedule order,
+// and the buffers the trainer is done with.
+type mqarFeed struct {
+	ready, free chan mqarBatch
+}
+
+// mqarBatches generates the schedule's batches in order on its own
+// goroutine, at most three ahead of the trainer (which hands each batch's
+// buffers back on free), until the schedule ends or ctx is done. A short
+// last batch of a setting is padded with unlabelled filler rows.
+func mqarBatches(ctx context.Context, c Cell, sched []batchRef, src mqar.Source, B, T int) mqarFeed {
+	const ahead = 3
+	f := mqarFeed{ready: make(chan mqarBatch, ahead), free: make(chan mqarBatch, ahead+1)}
+	for range ahead + 1 {
+		f.free <- mqarBatch{buf: make([]int32, B*T), tbuf: make([]int32, B*T)}
+	}
+	go func() {
+		for _, r := range sched {
+			var b mqarBatch
+			select {
+			case b = <-f.free:
+			case <-ctx.Done():
+				return
+			}
+			s := c.Mix[r.setting].Setting
+			b.T, b.tokens, b.targets = s.T, b.buf[:B*s.T], b.tbuf[:B*s.T]
+			for p := len(r.first) * s.T; p < len(b.tokens); p++ {
+				b.tokens[p], b.targets[p] = mqar.Filler, mqar.Ignore
+			}
+			for row, i := range r.first {
+				if b.err = src.Fill(s, i, 1, b.tokens[row*s.T:(row+1)*s.T], b.targets[row*s.T:(row+1)*s.T]); b.err != nil {
+					break
+				}
+			}
+			select {
+			case f.ready <- b:
+			case <-ctx.Done():
+				return
+			}
+			if b.err != nil {
+				return
+			}
+		}
+	}()
+	return f
 }
 
 // EvalBatch is the evaluation batch at length T: as many rows as keep the
