@@ -190,6 +190,24 @@ func TestPlanBudget(t *testing.T) {
 	}
 }
 
+// TestExtremes: the probes of the estimate are the cells with the fewest
+// and the most FLOPs per token.
+func TestExtremes(t *testing.T) {
+	var cells []Cell
+	for _, d := range []int{32, 64, 16} {
+		c := tinyMQAR()
+		c.Model.DModel = d
+		cells = append(cells, c)
+	}
+	lo, hi, err := Extremes(cells, 0)
+	if err != nil || lo.Model.DModel != 16 || hi.Model.DModel != 64 {
+		t.Fatalf("cheapest d=%d, costliest d=%d (%v); want 16 and 64", lo.Model.DModel, hi.Model.DModel, err)
+	}
+	if _, _, err := Extremes(nil, 0); !errors.Is(err, ErrSpec) {
+		t.Fatalf("no cells: %v", err)
+	}
+}
+
 // TestRateFrom: one probe puts the time on FLOPs; two fit a fixed cost
 // per step and a cost per FLOP through both.
 func TestRateFrom(t *testing.T) {

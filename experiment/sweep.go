@@ -224,52 +224,32 @@ func MeasureStep(ctx context.Context, be kernels.Backend[float32], c Cell, vocab
 	return Probe{Cell: c.Name(), StepSeconds: el, Tokens: n, FLOPsPerStep: float64(n) * model.FLOPsPerToken(cfg, T)}, nil
 }
 
-// Cheapest is the cell with the fewest FLOPs per training token, the
-// other end of the line RateFrom fits.
-func Cheapest(cells []Cell, vocab int) (Cell, error) {
-	var best Cell
-	bestF := math.Inf(1)
+// Extremes are the cells with the fewest and the most model FLOPs per
+// training token: the two ends of the line RateFrom fits (the costliest
+// alone when one probe is enough).
+func Extremes(cells []Cell, vocab int) (cheapest, costliest Cell, err error) {
+	lo, hi := math.Inf(1), math.Inf(-1)
 	for _, c := range cells {
 		cfg, err := c.ModelConfig(vocab)
 		if err != nil {
-			return Cell{}, err
+			return Cell{}, Cell{}, err
 		}
 		T := c.MaxTrainT()
 		if c.Kind == KindLM {
 			T = c.TrainT
 		}
-		if f := model.FLOPsPerToken(cfg, T); f < bestF {
-			best, bestF = c, f
+		f := model.FLOPsPerToken(cfg, T)
+		if f < lo {
+			cheapest, lo = c, f
+		}
+		if f > hi {
+			costliest, hi = c, f
 		}
 	}
-	if math.IsInf(bestF, 1) {
-		return Cell{}, fmt.Errorf("%w: no cells", ErrSpec)
+	if len(cells) == 0 {
+		return Cell{}, Cell{}, fmt.Errorf("%w: no cells", ErrSpec)
 	}
-	return best, nil
-}
-
-// Costliest is the cell with the most FLOPs per training token, the one
-// worth measuring.
-func Costliest(cells []Cell, vocab int) (Cell, error) {
-	var best Cell
-	bestF := -1.0
-	for _, c := range cells {
-		cfg, err := c.ModelConfig(vocab)
-		if err != nil {
-			return Cell{}, err
-		}
-		T := c.MaxTrainT()
-		if c.Kind == KindLM {
-			T = c.TrainT
-		}
-		if f := model.FLOPsPerToken(cfg, T); f > bestF {
-			best, bestF = c, f
-		}
-	}
-	if bestF < 0 {
-		return Cell{}, fmt.Errorf("%w: no cells", ErrSpec)
-	}
-	return best, nil
+	return cheapest, costliest, nil
 }
 
 // Plan is what a sweep will run: the cells not yet cached, their estimate,

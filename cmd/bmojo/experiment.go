@@ -490,7 +490,7 @@ func runSweep(cmd *cobra.Command, sf *sweepFlags, name string, cells []experimen
 	kind, desc := o.Kind, o.Desc
 	rate := experiment.Rate{TokensPerS: sf.tokensPerS, Source: "given (--tokens-per-s)"}
 	if len(pending) > 0 {
-		probe, err := experiment.Costliest(pending, vocab)
+		cheap, probe, err := experiment.Extremes(pending, vocab)
 		if err != nil {
 			o.Close()
 			return nil, err
@@ -511,7 +511,7 @@ func runSweep(cmd *cobra.Command, sf *sweepFlags, name string, cells []experimen
 			// Two probes, the costliest and the cheapest cell, fit the
 			// estimate's fixed cost per step and its cost per FLOP.
 			probes := []experiment.Cell{probe}
-			if cheap, err := experiment.Cheapest(pending, vocab); err == nil && cheap.Hash() != probe.Hash() {
+			if cheap.Hash() != probe.Hash() {
 				probes = append(probes, cheap)
 			}
 			var ps []experiment.Probe
