@@ -4,10 +4,13 @@
 # command, about 25 minutes of device time per session, at most 8 files of
 # 16 MiB back from $OUT), resumably across calls.
 #
-# Here, once per code change (the binary travels in .dev, which git ignores):
+# Here, once per code change (the binary travels in .dev, which git ignores),
+# with the RFC bundle the length and memory sweeps train on (made by
+# scripts/corpus-rfc.sh; 13 MiB, prepared on the GPU machine in seconds):
 #
 #   T=cuda,kustomize_disable_go_plugin_support
 #   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9f .dev/bmojo
+#   cp runs/gpu-rfc/rfc-bundle.jsonl.gz .dev/
 #
 # Then, as many times as it takes (each call runs the cells that its
 # estimate says fit CALL_BUDGET, then packs what it has):
@@ -24,9 +27,12 @@
 # priority), CALL_BUDGET (seconds of estimated device time this call may
 # spend, default 420: the estimate can be off, and packing must happen
 # before the 600 s limit), JOBS (cells sharing the GPU at once, each in its
-# own process, default 4), EXTRA_<EXP> (more flags for one experiment, e.g.
+# own process, default 6), EXTRA_<EXP> (more flags for one experiment, e.g.
 # EXTRA_MQAR="--d-model 64,128"), DRY_RUN=1 (print the measured plans only),
-# DEVICE (default cuda; cpu with EXTRA_<EXP>=--quick rehearses the script here).
+# DEVICE (default cuda; cpu with EXTRA_<EXP>=--quick rehearses the script here),
+# RFC (default .dev/rfc-bundle.jsonl.gz: when it exists, it is prepared with
+# the GPT-2 tokenizer and the length and memory sweeps train on it; RFC=""
+# keeps the bundled corpus), MPS (default 1: see below).
 set -u
 cd "$(dirname "$0")/.."
 CELLS=docs/results/gpu-cells
@@ -52,7 +58,7 @@ OUTDIR=${OUT:-/tmp/bmojo-experiments-out}
 WORK=/tmp/bmojo-experiments
 EXPERIMENTS=${EXPERIMENTS:-mqar length memory}
 CALL_BUDGET=${CALL_BUDGET:-420}
-JOBS=${JOBS:-4}
+JOBS=${JOBS:-6}
 DEVICE=${DEVICE:-cuda} # cpu for a rehearsal here (with EXTRA_<EXP>=--quick)
 mkdir -p "$OUTDIR" "$WORK/cells" "$WORK/results"
 [ -d "$CELLS" ] && cp -r "$CELLS/." "$WORK/cells/"
@@ -81,6 +87,12 @@ fi
 	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
 	echo "cells already cached: $(find "$WORK/cells" -name result.json | wc -l)"
 } 2>&1 | tee -a "$LOG"
+
+RFC=${RFC-.dev/rfc-bundle.jsonl.gz}
+if [ -n "$RFC" ] && [ -f "$RFC" ]; then
+	[ -f "$WORK/rfc/dataset.json" ] || timeout 120 "$BIN" data prepare --tokenizer gpt2 --out "$WORK/rfc" "$RFC" 2>&1 | tail -1 | tee -a "$LOG"
+	export EXTRA_LENGTH="--data $WORK/rfc ${EXTRA_LENGTH:-}" EXTRA_MEMORY="--data $WORK/rfc ${EXTRA_MEMORY:-}"
+fi
 
 start=$SECONDS
 for e in $EXPERIMENTS; do
