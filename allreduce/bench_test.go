@@ -71,3 +71,82 @@ func benchRing(b *testing.B, transport string, n, size int, bf16 bool) {
 	b.StopTimer() // Close (deferred) is not part of a collective
 	b.ReportMetric(float64(size)/(b.Elapsed().Seconds()/float64(b.N))/1e9*2*float64(n-1)/float64(n), "busbw_GB/s")
 }
+
+// BenchmarkHier compares, in one process, 2 "hosts" × 2 ranks: a flat
+// 4-rank ring over gRPC (every hop treated as a network hop, as it is when
+// the ranks are on different machines) against Hier, whose local rings use
+// shared memory and whose two cross-host rings carry half the buffer each
+// over gRPC. All ranks share this machine's CPUs and loopback, so the
+// figures say what each scheme costs here, not what a network would give.
+func BenchmarkHier(b *testing.B) {
+	requireShm(b)
+	const hosts, local, size = 2, 2, 64 << 20
+	n := hosts * local
+	ring := func(k int, transport string) []*Ring {
+		lis, addrs := listenersNoT(k)
+		rs := make([]*Ring, k)
+		for i := range rs {
+			c := Default()
+			c.Rank, c.Peers, c.Epoch, c.Transport = i, addrs, 1, transport
+			r, err := New(c, lis[i])
+			if err != nil {
+				b.Fatal(err)
+			}
+			rs[i] = r
+		}
+		return rs
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	connect := func(rs []*Ring) {
+		for i, err := range parallel(len(rs), func(i int) error { return rs[i].Connect(ctx) }) {
+			if err != nil {
+				b.Fatalf("rank %d connect: %v", i, err)
+			}
+		}
+	}
+	bufs := make([][]float32, n)
+	for i := range bufs {
+		bufs[i] = make([]float32, size/4)
+	}
+	run := func(b *testing.B, one func(i int) error) {
+		b.SetBytes(size)
+		b.ResetTimer()
+		for it := 0; it < b.N; it++ {
+			for i, err := range parallel(n, one) {
+				if err != nil {
+					b.Fatalf("rank %d: %v", i, err)
+				}
+			}
+		}
+		b.StopTimer()
+		b.ReportMetric(float64(size)/(b.Elapsed().Seconds()/float64(b.N))/1e9, "algbw_GB/s")
+	}
+	b.Run("flat-grpc", func(b *testing.B) {
+		rs := ring(n, TransportGRPC)
+		defer parallel(n, func(i int) error { return rs[i].Close() })
+		connect(rs)
+		run(b, func(i int) error { return rs[i].AllReduce(ctx, bufs[i], Sum) })
+	})
+	b.Run("hier-shm-grpc", func(b *testing.B) {
+		var all []*Ring
+		hs := make([]*Hier, n)
+		for h := range hosts {
+			rs := ring(local, TransportAuto)
+			for l := range local {
+				hs[h*local+l] = &Hier{Local: rs[l]}
+			}
+			all = append(all, rs...)
+		}
+		for l := range local {
+			rs := ring(hosts, TransportGRPC)
+			for h := range hosts {
+				hs[h*local+l].Cross = rs[h]
+			}
+			all = append(all, rs...)
+		}
+		defer parallel(len(all), func(i int) error { return all[i].Close() })
+		connect(all)
+		run(b, func(i int) error { return hs[i].AllReduce(ctx, bufs[i], Sum) })
+	})
+}
