@@ -87,7 +87,10 @@ func init() {
 election; the leader watches the job's members, publishes the ring at each
 membership change (join, lease expiry, a reported failure) and starts each
 epoch once its members are ready. Standbys wait in the election and take
-over when the leader dies. It exits when the job is done.`,
+over when the leader dies. It exits when the job is done, or with --linger
+keeps serving its health and monitor endpoints until it is stopped (as a
+Kubernetes Deployment needs: an exited replica is restarted, and a
+replica that keeps exiting is put in CrashLoopBackOff).`,
 		Args: cobra.NoArgs,
 	}
 	fill := etcdClientFlags(cmd.Flags(), &cfg.Etcd)
@@ -100,11 +103,13 @@ over when the leader dies. It exits when the job is done.`,
 		jobFile             string
 		workers, minWorkers int
 		healthAddr          string
+		linger              bool
 	)
 	cmd.Flags().StringVar(&jobFile, "job-file", "", "create the job from this job file if etcd does not hold it yet (how Kubernetes launches start a job)")
 	cmd.Flags().IntVar(&workers, "workers", 1, "with --job-file: workers the first ring waits for")
 	cmd.Flags().IntVar(&minWorkers, "min-workers", 1, "with --job-file: the smallest ring that may train")
 	cmd.Flags().StringVar(&healthAddr, "health", "", "serve the gRPC health service here (e.g. :7000) for probes")
+	cmd.Flags().BoolVar(&linger, "linger", false, "when the job is done, keep serving health and the monitor until SIGTERM instead of exiting")
 	// --listen was this flag's name before --health meant health on every role.
 	cmd.Flags().StringVar(&healthAddr, "listen", "", "")
 	_ = cmd.Flags().MarkDeprecated("listen", "use --health (the worker's --listen is its all-reduce address)")
@@ -160,6 +165,11 @@ over when the leader dies. It exits when the job is done.`,
 		}
 		defer stopMon()
 		err = coordinator.Run(ctx, cfg)
+		if err == nil && linger {
+			log.Info("job done; serving health and the monitor until stopped (--linger)")
+			<-ctx.Done()
+			err = ctx.Err()
+		}
 		if errors.Is(err, context.Canceled) {
 			log.Info("stopped")
 			return nil
