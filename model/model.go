@@ -173,7 +173,7 @@ type layerActs struct {
 
 type activations[F kernels.Float] struct {
 	B, T             int
-	xsel, dxsel      kernels.Buffer    // [BT,d]: the head's gathered rows and their gradient (first R rows used)
+	xsel, dxsel      kernels.Buffer    // [BT,d]: a labelled head's gathered rows and their gradient (first R rows used; allocated at its first use)
 	heads            map[int]*headRows // labelled heads by R
 	tokens, targets  kernels.IntBuffer
 	layers           []layerActs
@@ -283,7 +283,6 @@ func (m *Model[F]) Prepare(B, T int) error {
 	}
 	be.Upload(a.dinnov, a.hostIn)
 	a.B, a.T = B, T
-	a.xsel, a.dxsel = be.Alloc(BT*d), be.Alloc(BT*d)
 	a.heads = map[int]*headRows{}
 	m.prepared = append(m.prepared, a)
 	if n := max(1, m.KeepShapes); len(m.prepared) > n {
@@ -394,11 +393,10 @@ func (m *Model[F]) Forward(tokens, targets []int32) (Loss, error) {
 // unlabelled positions are 0.
 func (m *Model[F]) Logits() []F {
 	out := make([]F, m.acts.logits.Len())
-	if h := m.head; h != nil {
+	if m.head != nil {
 		V := m.Cfg.VocabSize
-		rows := make([]F, h.R*V)
-		m.be.Download(rows, m.be.Slice(m.acts.logits, 0, h.R*V))
-		for i, p := range h.pos {
+		rows, pos := m.LabelledLogits()
+		for i, p := range pos {
 			copy(out[p*V:(p+1)*V], rows[i*V:(i+1)*V])
 		}
 		return out
@@ -434,6 +432,9 @@ func (m *Model[F]) LabelledLogits() (logits []F, pos []int) {
 // target −1) up to a multiple of headPad.
 func (m *Model[F]) labelledRows(targets []int32, n int) *headRows {
 	a, BT := m.acts, m.B*m.T
+	if a.xsel == nil { // only models with a labelled head need them
+		a.xsel, a.dxsel = m.be.Alloc(BT*m.Cfg.DModel), m.be.Alloc(BT*m.Cfg.DModel)
+	}
 	R := min(BT, (n+headPad-1)/headPad*headPad)
 	h := a.heads[R]
 	if h == nil {
