@@ -51,6 +51,12 @@ type benchAllreduceFlags struct {
 	hosts      string
 	wrap       string
 	listenSelf bool // the rank command's: listen on its own --peers address, not fd 3
+	perHost    int  // ranks per host: hierarchical (allreduce.Hier) when > 0
+	// The rank command's, with perHost: its ring across hosts (its rank
+	// there and every rank's address); --rank and --peers are then its
+	// host's local ring.
+	crossRank  int
+	crossPeers string
 }
 
 // benchTransportTCP is the plain-TCP reference ring (allreduce.TCPRing).
@@ -76,7 +82,8 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.reference, "reference", "", `also measure this transport ("tcp"), alternating runs with --transport, and print the busbw ratio`)
 	c.Flags().IntVar(&f.repeat, "repeat", 1, "launch the ranks this many times (alternating with --reference) and report the median run")
 	c.Flags().StringVar(&f.hosts, "hosts", "", "comma-separated host:port each rank listens on (default: loopback ports picked by the launcher)")
-	c.Flags().StringVar(&f.wrap, "wrap", "", `command prefix each rank process is started under, {rank} replaced by its rank (e.g. "ip netns exec bmojo-ns{rank}"; see scripts/netns-ring.sh)`)
+	c.Flags().IntVar(&f.perHost, "per-host", 0, `hierarchical all-reduce (allreduce.Hier) with this many consecutive ranks per host: shared memory inside a host, --transport across hosts; ranks of one host share --wrap's {host}`)
+	c.Flags().StringVar(&f.wrap, "wrap", "", `command prefix each rank process is started under, {rank} replaced by its rank (e.g. "ip netns exec bmojo-ns{rank}"; {host} is the rank's host with --per-host; see scripts/netns-ring.sh)`)
 	c.Flags().IntVar(&f.shmQueues, "shm-queues", d.ShmQueues, "shared-memory slot rings per neighbour (the same-host path's parallelism)")
 	c.Flags().IntVar(&f.shmSlots, "shm-slots", d.ShmSlots, "chunk-sized slots per shared-memory ring")
 	c.Flags().BoolVar(&f.tls, "tls", false, "mutual TLS with each rank's certificate checked against its slot, as training runs it (a job CA made for the run)")
@@ -237,6 +244,8 @@ its own network namespace (scripts/netns-ring.sh).`,
 	rankCmd.Flags().StringVar(&peers, "peers", "", "comma-separated addresses of all ranks")
 	rankCmd.Flags().StringVar(&rf.tlsDir, "tls-dir", "", "with --tls: the directory of the ranks' certificates")
 	rankCmd.Flags().BoolVar(&rf.listenSelf, "listen-self", false, "listen on this rank's --peers address instead of the listener on fd 3")
+	rankCmd.Flags().IntVar(&rf.crossRank, "cross-rank", 0, "with --per-host: this rank's rank in its ring across hosts")
+	rankCmd.Flags().StringVar(&rf.crossPeers, "cross-peers", "", "with --per-host: comma-separated addresses of that ring (the listener on fd 3, or --listen-self)")
 	benchCmd.AddCommand(launch, rankCmd)
 }
 
@@ -297,6 +306,12 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	if f.repeat < 1 {
 		return fmt.Errorf("--repeat %d: need at least 1", f.repeat)
 	}
+	if f.perHost < 0 || (f.perHost > 0 && f.ranks%f.perHost != 0) {
+		return fmt.Errorf("--per-host %d: must divide --ranks %d", f.perHost, f.ranks)
+	}
+	if f.perHost > 0 && (f.reference != "" || f.transport == benchTransportTCP || f.unix) {
+		return fmt.Errorf("--per-host: the hierarchical all-reduce runs on gRPC rings (no --transport tcp, --reference or --unix)")
+	}
 	var hosts []string
 	if f.hosts != "" {
 		if hosts = strings.Split(f.hosts, ","); len(hosts) != f.ranks {
@@ -344,6 +359,9 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	switch {
 	case f.transport == benchTransportTCP:
 		how = "data over plain TCP connections (reference ring: no gRPC, no TLS) on " + link
+	case f.perHost > 0:
+		how = fmt.Sprintf("hierarchical (allreduce.Hier): %d hosts × %d ranks, inside a host over its local ring (Unix-socket control), across hosts over --transport %s on %s",
+			f.ranks/f.perHost, f.perHost, f.transport, link)
 	case runs[0].hops[allreduce.TransportShm] == f.ranks && f.ranks > 1:
 		how = "data over shared memory, control over gRPC on " + link
 	}
@@ -425,7 +443,7 @@ func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport str
 	addrs := make([]string, f.ranks)
 	copy(addrs, hosts)
 	sockDir := ""
-	if f.unix && hosts == nil {
+	if (f.unix && hosts == nil) || f.perHost > 0 {
 		if sockDir, err = os.MkdirTemp("", "bmojo-bench-"); err != nil {
 			return run, fmt.Errorf("bench allreduce: %w", err)
 		}
@@ -464,7 +482,25 @@ func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport str
 	var wg sync.WaitGroup
 	errs := make([]error, f.ranks)
 	for i := 0; i < f.ranks; i++ {
-		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(i), "--peers", strings.Join(addrs, ","),
+		rank, peers, host := i, addrs, i
+		var hier []string
+		if L := f.perHost; L > 0 {
+			// Rank i is local rank i%L of host i/L: its local ring is
+			// its host's ranks over Unix sockets (shared memory between
+			// them), its cross ring the ranks of its local index on every
+			// host, at the addresses above.
+			host, rank = i/L, i%L
+			peers = nil
+			for l := range L {
+				peers = append(peers, fmt.Sprintf("unix:%s/h%d-l%d.sock", sockDir, host, l))
+			}
+			var cross []string
+			for h := range f.ranks / L {
+				cross = append(cross, addrs[h*L+rank])
+			}
+			hier = []string{"--per-host", strconv.Itoa(L), "--cross-rank", strconv.Itoa(host), "--cross-peers", strings.Join(cross, ",")}
+		}
+		args := []string{"bench", "allreduce-rank", "--rank", strconv.Itoa(rank), "--peers", strings.Join(peers, ","),
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
 			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--rbuf", f.rbuf, "--wbuf", f.wbuf,
 			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel,
@@ -481,9 +517,10 @@ func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport str
 		if hosts != nil {
 			args = append(args, "--listen-self")
 		}
+		args = append(args, hier...)
 		name, argv := exe, args
 		if f.wrap != "" {
-			w := strings.Fields(strings.ReplaceAll(f.wrap, "{rank}", strconv.Itoa(i)))
+			w := strings.Fields(strings.NewReplacer("{rank}", strconv.Itoa(i), "{host}", strconv.Itoa(host)).Replace(f.wrap))
 			name, argv = w[0], append(append(w[1:], exe), args...)
 		}
 		c := exec.CommandContext(ctx, name, argv...)
@@ -537,6 +574,24 @@ func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport str
 	return run, nil
 }
 
+// benchHier is a rank of the hierarchical all-reduce with its two rings,
+// which it connects and closes.
+type benchHier struct{ allreduce.Hier }
+
+// connect connects the local ring, then the cross ring: every rank does
+// both in this order, so each ring's members are connecting at once.
+func (h *benchHier) connect(ctx context.Context) error {
+	if err := h.Local.Connect(ctx); err != nil {
+		return fmt.Errorf("local ring: %w", err)
+	}
+	if err := h.Cross.Connect(ctx); err != nil {
+		return fmt.Errorf("ring across hosts: %w", err)
+	}
+	return nil
+}
+
+func (h *benchHier) Close() error { return errors.Join(h.Local.Close(), h.Cross.Close()) }
+
 // arBenchRing is what a rank process measures: the gRPC/shm Ring, or the
 // plain-TCP reference.
 type arBenchRing interface {
@@ -556,20 +611,31 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	if err != nil {
 		return err
 	}
+	// global is this process's rank among all of them (its certificate's
+	// name); with --per-host, rank is its local rank on host crossRank.
+	global, listenPeers := rank, peers
+	if f.perHost > 0 {
+		global, listenPeers = f.crossRank*f.perHost+rank, strings.Split(f.crossPeers, ",")
+	}
 	cfg.Rank, cfg.Peers, cfg.Epoch = rank, peers, 1
-	cfg.Logger = newLogger().With("rank", rank)
+	cfg.Logger = newLogger().With("rank", global)
+	// verify checks that ring slot r holds the rank globalOf(r).
+	var verify func(globalOf func(int) int) func(int, *x509.Certificate) error
 	if f.tls {
-		creds, err := benchRankFiles(f.tlsDir, rank).Load()
+		creds, err := benchRankFiles(f.tlsDir, global).Load()
 		if err != nil {
-			return fmt.Errorf("rank %d: %w", rank, err)
+			return fmt.Errorf("rank %d: %w", global, err)
 		}
 		cfg.ServerTLS, cfg.ClientTLS = creds.Server(), creds.Client()
-		cfg.VerifyPeer = func(r int, cert *x509.Certificate) error {
-			return pki.Check(cert, pki.RoleWorker, fmt.Sprintf("rank-%d", r))
+		verify = func(globalOf func(int) int) func(int, *x509.Certificate) error {
+			return func(r int, cert *x509.Certificate) error {
+				return pki.Check(cert, pki.RoleWorker, fmt.Sprintf("rank-%d", globalOf(r)))
+			}
 		}
+		cfg.VerifyPeer = verify(func(r int) int { return r })
 	}
 	var lis net.Listener
-	if len(peers) > 1 && !f.listenSelf {
+	if len(listenPeers) > 1 && !f.listenSelf {
 		lf := os.NewFile(3, "listener")
 		if lis, err = net.FileListener(lf); err != nil {
 			return fmt.Errorf("rank %d: listener from fd 3: %w", rank, err)
@@ -579,7 +645,27 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	var ring arBenchRing
 	var connect func(context.Context) error
 	var grpcRing *allreduce.Ring
-	if f.transport == benchTransportTCP {
+	var hier *benchHier
+	if f.perHost > 0 {
+		// The local ring listens on its own Unix socket; the cross ring
+		// on fd 3 (or its --cross-peers address).
+		local, cross := cfg, cfg
+		local.Transport = allreduce.TransportAuto
+		cross.Rank, cross.Peers = f.crossRank, listenPeers
+		if f.tls {
+			local.VerifyPeer = verify(func(r int) int { return f.crossRank*f.perHost + r })
+			cross.VerifyPeer = verify(func(r int) int { return r*f.perHost + rank })
+		}
+		h := &benchHier{}
+		if h.Local, err = allreduce.New(local, nil); err != nil {
+			return err
+		}
+		if h.Cross, err = allreduce.New(cross, lis); err != nil {
+			h.Local.Close()
+			return err
+		}
+		hier, ring, connect = h, h, h.connect
+	} else if f.transport == benchTransportTCP {
 		tr, err := allreduce.NewTCPRing(cfg, lis)
 		if err != nil {
 			return err
@@ -608,7 +694,15 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	if err := connect(cctx); err != nil {
 		return err
 	}
-	if len(peers) > 1 {
+	switch {
+	case hier != nil:
+		for _, r := range []*allreduce.Ring{hier.Local, hier.Cross} {
+			if r.Size() > 1 {
+				toSucc, _ := r.Transport()
+				fmt.Fprintf(out, "TRANSPORT %s\n", toSucc)
+			}
+		}
+	case len(peers) > 1:
 		toSucc := benchTransportTCP
 		if grpcRing != nil {
 			toSucc, _ = grpcRing.Transport()

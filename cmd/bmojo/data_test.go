@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -18,9 +19,10 @@ import (
 	"github.com/bmojo/bmojo/tokenizer"
 )
 
-// TestDataCLI runs the real binary, built once, for what a user sees of
-// the data commands and the tokenizer checks: output and exit status.
-func TestDataCLI(t *testing.T) {
+// TestCLI runs the real binary, built once, for what a user sees of the
+// data commands, the tokenizer checks and commands that start processes
+// of their own (bench allreduce): output and exit status.
+func TestCLI(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the bmojo binary; skipped with -short")
 	}
@@ -32,6 +34,31 @@ func TestDataCLI(t *testing.T) {
 	t.Run("tokenize", func(t *testing.T) { testDataTokenize(t, bin) })
 	t.Run("prepare-inspect", func(t *testing.T) { testDataPrepareInspect(t, bin) })
 	t.Run("tokenizer-mismatch", func(t *testing.T) { testTokenizerMismatch(t, bin) })
+	t.Run("bench-allreduce-per-host", func(t *testing.T) { testBenchAllreducePerHost(t, bin) })
+}
+
+// testBenchAllreducePerHost: `bench allreduce --per-host 2` runs the
+// hierarchical all-reduce over 2 "hosts" × 2 rank processes, under mutual
+// TLS with every slot's identity checked (a wrong mapping of local and
+// cross-host slots to ranks is refused), and reports what carried it.
+func testBenchAllreducePerHost(t *testing.T, bin string) {
+	out, stderr, code := runBmojo(t, bin, t.TempDir(), "", "bench", "allreduce", "--ranks", "4", "--per-host", "2",
+		"--transport", "grpc", "--tls", "--sizes", "1MiB,3MiB", "--iters", "2", "--log-level", "error")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s%s", code, out, stderr)
+	}
+	for _, want := range []string{"hierarchical (allreduce.Hier): 2 hosts × 2 ranks", "4 via grpc", "4 via shm"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^\s+3MiB\s+786432\s+2\s`).MatchString(out) {
+		t.Fatalf("no 3MiB row:\n%s", out)
+	}
+	_, stderr, code = runBmojo(t, bin, t.TempDir(), "", "bench", "allreduce", "--ranks", "4", "--per-host", "3")
+	if code == 0 || !strings.Contains(stderr, "--per-host 3: must divide --ranks 4") {
+		t.Fatalf("--per-host 3 of 4 ranks: exit %d, %s", code, stderr)
+	}
 }
 
 // runBmojo runs bin in dir with stdin and returns stdout, stderr and the
