@@ -8,6 +8,8 @@
 #
 #   scripts/netns-ring.sh                      # 4 ranks, 64 MiB, links: veth 25g 100g
 #   RANKS=4 SIZE=64MiB LINKS="veth 25g" REPEAT=3 scripts/netns-ring.sh [extra bench flags]
+#   PER_HOST=2 scripts/netns-ring.sh           # 2 ranks per namespace ("host"): the flat gRPC
+#                                              # ring against the hierarchical one (--per-host)
 #
 # LINKS picks the link models, each measured in turn:
 #   veth  unshaped veth pairs (as fast as the kernel and CPUs go)
@@ -28,17 +30,21 @@ delay="${DELAY:-25us}"
 repeat="${REPEAT:-3}"
 iters="${ITERS:-0}"
 port="${PORT:-7470}"
+per_host="${PER_HOST:-1}" # ranks per namespace; above 1 the flat ring is compared with --per-host
 bin="${BMOJO:-bin/bmojo}"
 prefix="bmr$$" # namespace/link names: unique per run, short (IFNAMSIZ is 16)
 hub="${prefix}h"
 
 [ "$(id -u)" = 0 ] || { echo "netns-ring: needs root (ip netns, tc)" >&2; exit 1; }
+[ $((ranks % per_host)) = 0 ] || { echo "netns-ring: PER_HOST=$per_host must divide RANKS=$ranks" >&2; exit 1; }
+nhosts=$((ranks / per_host))
 [ -x "$bin" ] || { echo "netns-ring: $bin missing: CGO_ENABLED=0 go build -o bin/bmojo ./cmd/bmojo" >&2; exit 1; }
 bin="$(realpath "$bin")"
 
 cleanup() {
-	for i in $(seq 0 $((ranks - 1))); do ip netns del "${prefix}r$i" 2>/dev/null || true; done
+	for i in $(seq 0 $((nhosts - 1))); do ip netns del "${prefix}r$i" 2>/dev/null || true; done
 	ip netns del "$hub" 2>/dev/null || true
+	rm -f "${enter:-}"
 }
 trap cleanup EXIT INT TERM
 
@@ -46,7 +52,7 @@ ip netns add "$hub"
 ip -n "$hub" link add br0 type bridge
 ip -n "$hub" link set br0 up
 hosts=()
-for i in $(seq 0 $((ranks - 1))); do
+for i in $(seq 0 $((nhosts - 1))); do
 	ns="${prefix}r$i"
 	ip netns add "$ns"
 	ip link add "${prefix}v$i" type veth peer name "${prefix}p$i"
@@ -58,14 +64,18 @@ for i in $(seq 0 $((ranks - 1))); do
 	ip -n "$ns" link set lo up
 	ip -n "$hub" link set "${prefix}p$i" master br0
 	ip -n "$hub" link set "${prefix}p$i" up
-	hosts+=("198.18.0.$((i + 1)):$port")
+	for l in $(seq 0 $((per_host - 1))); do hosts+=("198.18.0.$((i + 1)):$((port + l))"); done
 done
 hostlist="$(IFS=,; echo "${hosts[*]}")"
+# enter RANK CMD...: runs CMD in rank RANK's namespace (RANK/PER_HOST).
+enter="$(mktemp /tmp/netns-ring-enter.XXXXXX)"
+printf '#!/bin/sh\nr=$1; shift\nexec ip netns exec %sr$((r / %d)) "$@"\n' "$prefix" "$per_host" >"$enter"
+chmod +x "$enter"
 
 shaped_by=""
 shape() { # shape RATE: netem (delay + rate) on every rank's egress, or nothing for ""
 	shaped_by=""
-	for i in $(seq 0 $((ranks - 1))); do
+	for i in $(seq 0 $((nhosts - 1))); do
 		tc -n "${prefix}r$i" qdisc del dev eth0 root 2>/dev/null || true
 		[ -n "$1" ] || continue
 		# limit: enough packets for the delay-bandwidth product with GSO segments
@@ -80,7 +90,7 @@ shape() { # shape RATE: netem (delay + rate) on every rank's egress, or nothing 
 	done
 }
 
-echo "# $(date -u +%FT%TZ) $(uname -srm); $(nproc) CPUs; $ranks ranks in network namespaces on a veth bridge; size $size"
+echo "# $(date -u +%FT%TZ) $(uname -srm); $(nproc) CPUs; $ranks ranks, $per_host per network namespace, namespaces on a veth bridge; size $size"
 for link in $links; do
 	case "$link" in
 	veth) shape "" ;;
@@ -89,7 +99,19 @@ for link in $links; do
 	*) echo "netns-ring: unknown link $link (veth, 25g, 100g)" >&2; exit 1 ;;
 	esac
 	echo "== link $link${shaped_by:+ ($shaped_by)}"
+	if [ "$per_host" = 1 ]; then
+		"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
+			--hosts "$hostlist" --wrap "ip netns exec ${prefix}r{rank}" \
+			--transport grpc --reference tcp --repeat "$repeat" "$@"
+		continue
+	fi
+	# Several ranks per namespace: the flat gRPC ring (every hop over TCP;
+	# rank i in namespace i/PER_HOST, which enter-ns works out), then the
+	# hierarchical one (shared memory inside a namespace).
 	"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
-		--hosts "$hostlist" --wrap "ip netns exec ${prefix}r{rank}" \
-		--transport grpc --reference tcp --repeat "$repeat" "$@"
+		--hosts "$hostlist" --wrap "$enter {rank}" \
+		--transport grpc --repeat "$repeat" "$@"
+	"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
+		--hosts "$hostlist" --wrap "ip netns exec ${prefix}r{host}" \
+		--transport grpc --repeat "$repeat" --per-host "$per_host" "$@"
 done
