@@ -11,6 +11,11 @@
 #   T=cuda,kustomize_disable_go_plugin_support
 #   go build -tags $T -ldflags "-s -w" -o .dev/bmojo ./cmd/bmojo && gzip -9f .dev/bmojo
 #   cp runs/gpu-rfc/rfc-bundle.jsonl.gz .dev/
+#   # for CHECK=1 (the first call after a change to model/ or kernels/):
+#   go test -c -ldflags "-s -w" -tags cuda -o .dev/cuda.test ./kernels/cuda
+#   go test -c -ldflags "-s -w" -tags cuda -o .dev/model.test ./model
+#
+# (.dev must hold nothing else: a call carries at most 64 MiB.)
 #
 # Then, as many times as it takes (each call runs the cells that its
 # estimate says fit CALL_BUDGET, then packs what it has):
@@ -32,7 +37,8 @@
 # DEVICE (default cuda; cpu with EXTRA_<EXP>=--quick rehearses the script here),
 # RFC (default .dev/rfc-bundle.jsonl.gz: when it exists, it is prepared with
 # the GPT-2 tokenizer and the length and memory sweeps train on it; RFC=""
-# keeps the bundled corpus), MPS (default 1: see below).
+# keeps the bundled corpus), MPS (default 1: see below), CHECK (default 0; 1
+# runs the GPU conformance and parity checks first: see below).
 set -u
 cd "$(dirname "$0")/.."
 CELLS=docs/results/gpu-cells
@@ -87,6 +93,14 @@ fi
 	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
 	echo "cells already cached: $(find "$WORK/cells" -name result.json | wc -l)"
 } 2>&1 | tee -a "$LOG"
+
+# CHECK=1 first runs the CUDA backend's conformance suite and the model's
+# GPU parity (scripts/gpu-check.sh, about 1 minute; carry .dev/cuda.test and
+# .dev/model.test too), so results never come from a backend that fails them;
+# its summary goes into the log.
+if [ "${CHECK:-0}" = 1 ]; then
+	BIN=$(dirname "$BIN") CHECKS="conformance parity" timeout 300 scripts/gpu-check.sh "$WORK/gpu-check" 2>&1 | tail -30 | tee -a "$LOG"
+fi
 
 RFC=${RFC-.dev/rfc-bundle.jsonl.gz}
 if [ -n "$RFC" ] && [ -f "$RFC" ]; then

@@ -28,7 +28,7 @@ TRAIN_LR=${TRAIN_LR:-1e-3}
 PYTHON=${PYTHON:-python3}
 OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
-[ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -k "$BIN/bmojo.gz"
+[ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -kf "$BIN/bmojo.gz" && chmod +x "$BIN/bmojo" # gunzip keeps the .gz file's mode
 
 CHECKS=${CHECKS:-conformance devices parity kernels torch step train torchref}
 STEP_BATCHES=${STEP_BATCHES:-}
@@ -56,7 +56,7 @@ grep -- '--- FAIL' "$OUT/conformance.log" | head -20
 step devices 30 "$BIN/device.test" -test.v -test.run 'GPU'
 grep -E -- '--- (PASS|FAIL|SKIP)|device_gpu_test' "$OUT/devices.log" | head -10
 
-step parity 120 "$BIN/model.test" -test.v -test.run TestCUDAParity
+step parity 120 "$BIN/model.test" -test.v -test.run 'TestCUDAParity|TestCUDALabelledHead'
 grep -E -- '--- (PASS|FAIL)|parity_cuda_test' "$OUT/parity.log" | head -40
 
 step kernels 60 "$BIN/bmojo" bench kernels --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --json "$OUT/kernels.json"
