@@ -28,8 +28,7 @@ FUZZ_TARGETS = FuzzParse:./job FuzzDecodeRecords:./job FuzzParseConfig:./model F
 	FuzzParseShard:./data FuzzDecodeFrame:./allreduce FuzzParse:./internal/safetensors
 fuzz: ## run every fuzz target for FUZZTIME (default 1m)
 	@for t in $(FUZZ_TARGETS); do \
-		echo "== $${t%%:*} in $${t#*:}"; \
-		go test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) "$${t#*:}" || exit 1; \
+		FUZZTIME=$(FUZZTIME) scripts/fuzz.sh "$${t%%:*}" "$${t#*:}" || exit 1; \
 	done
 
 experiments-quick: ## the three experiments' --quick mode on the CPU, as a test (minutes)
