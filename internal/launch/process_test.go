@@ -27,6 +27,7 @@ import (
 
 	"github.com/bmojo/bmojo/internal/etcdserver"
 	"github.com/bmojo/bmojo/internal/testbin"
+	"github.com/bmojo/bmojo/internal/testpki"
 	"github.com/bmojo/bmojo/job"
 )
 
@@ -524,18 +525,7 @@ func TestRenderedEtcdCluster(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", members[0].peer),
-			&tls.Config{RootCAs: pool, ServerName: "127.0.0.1", Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12})
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		if _, err := fmt.Fprintf(c, "GET /version HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
-			return err
-		}
-		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		_, err = c.Read(make([]byte, 1))
-		return err
+		return testpki.DialPeer(fmt.Sprintf("127.0.0.1:%d", members[0].peer), pool, []tls.Certificate{pair})
 	}
 	etcdTLS, workers := secrets[s.Name+"-etcd-tls"], secrets[s.Name+"-worker-tls"]
 	if err := peerDial(etcdTLS[KeyCert], etcdTLS[KeyKey]); err != nil {
