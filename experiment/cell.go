@@ -58,7 +58,11 @@ type Cell struct {
 
 	// LM cells: the preset size, the dataset (DataID names its content),
 	// the training length and steps, the evaluation lengths, the windows
-	// evaluated per length (0 = all), the position buckets' width, and
+	// evaluated per length (0 = all) or, when EvalSpan is set, the tokens
+	// scored at every length (the first EvalSpan tokens of the validation
+	// split, cut into EvalSpan/T windows of each length T, so that every
+	// length scores the same tokens and only the context differs), the
+	// position buckets' width, and
 	// state passing (mamba: each sequence starts from the final state of
 	// an unrelated one).
 	Size         string `json:"size,omitempty"`
@@ -69,6 +73,7 @@ type Cell struct {
 	Steps        int    `json:"steps,omitempty"`
 	EvalT        []int  `json:"eval_t,omitempty"`
 	EvalWindows  int    `json:"eval_windows,omitempty"`
+	EvalSpan     int    `json:"eval_span,omitempty"`
 	Bucket       int    `json:"bucket,omitempty"`
 	StatePassing bool   `json:"state_passing,omitempty"`
 }
@@ -80,6 +85,15 @@ func (c Cell) Hash() string {
 	b, _ := json.Marshal(c) // a Cell always encodes
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:8])
+}
+
+// WindowsAt is the number of validation windows an LM cell evaluates at
+// length T (0 = all of them).
+func (c Cell) WindowsAt(T int) int {
+	if c.EvalSpan > 0 && T > 0 {
+		return c.EvalSpan / T
+	}
+	return c.EvalWindows
 }
 
 // Name is a short human label for logs and progress.
@@ -172,6 +186,9 @@ func (c Cell) Validate() error {
 		for _, t := range c.EvalT {
 			if t <= 0 {
 				return bad("--eval-len %d must be positive", t)
+			}
+			if c.EvalSpan < 0 || c.EvalSpan%t != 0 {
+				return bad("the evaluation span of %d tokens is not a whole number of windows of --eval-len %d: every length must score the same tokens", c.EvalSpan, t)
 			}
 		}
 		if c.StatePassing && c.Model.Family != "mamba" {

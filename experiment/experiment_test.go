@@ -419,6 +419,22 @@ func TestRunLMCell(t *testing.T) {
 			}
 		}
 	}
+	// With an evaluation span every length scores the same 512 tokens.
+	same := Cell{Version: Version, Kind: KindLM, Seed: 1, Batch: 2, LR: 1e-3, Model: ModelSpec{Family: "swa", Memory: -1, SelectPerChunk: -1},
+		Size: "tiny", DataID: id, Vocab: vocab, TrainT: 64, Steps: 1, EvalT: []int{64, 128, 256}, EvalSpan: 512, Bucket: 32}
+	r, err := RunCell(context.Background(), env, same)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []int{8, 4, 2} {
+		if l := r.LM[i]; l.Windows != want {
+			t.Fatalf("span 512 at T=%d: %d windows, want %d", l.T, l.Windows, want)
+		}
+	}
+	same.EvalSpan = 500
+	if err := same.Validate(); !errors.Is(err, ErrSpec) || !strings.Contains(err.Error(), "same tokens") {
+		t.Fatalf("a span of 500 tokens at lengths 64..256: %v", err)
+	}
 	c := Cell{Version: Version, Kind: KindLM, Seed: 1, Batch: 2, LR: 1e-3, Model: ModelSpec{Family: "bmojo", Memory: -1, SelectPerChunk: -1},
 		Size: "tiny", TrainT: 64, Steps: 2, EvalT: []int{64}, Bucket: 32, StatePassing: true}
 	if err := c.Validate(); !errors.Is(err, ErrSpec) || !strings.Contains(err.Error(), "state-passing") {
@@ -458,6 +474,39 @@ func TestEvalLengthPositionBuckets(t *testing.T) {
 	}
 	if math.Abs(s/96-float64(l.MeanLoss)) > 1e-9 {
 		t.Fatalf("buckets average %v, mean loss %v", s/96, l.MeanLoss)
+	}
+	// The position losses come from the device's cross-entropy; the
+	// reference is a float64 softmax of the downloaded logits on the host.
+	sw, err := data.EvalWindows(ds, 96)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, tgt := make([]int32, 96), make([]int32, 96)
+	var ref float64
+	var cnt int
+	for w := range 4 {
+		if err := sw.Fill(0, w, 1, tok, tgt); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.ForwardLogits(tok); err != nil {
+			t.Fatal(err)
+		}
+		lg, V := m.Logits(), c.VocabSize
+		for p, y := range tgt {
+			if y < 0 {
+				continue
+			}
+			row := lg[p*V : (p+1)*V]
+			var z float64
+			for _, x := range row {
+				z += math.Exp(float64(x))
+			}
+			ref += math.Log(z) - float64(row[y])
+			cnt++
+		}
+	}
+	if ref /= float64(cnt); math.Abs(ref-float64(l.MeanLoss)) > 1e-5*ref {
+		t.Fatalf("mean loss %v, host softmax of the logits %v", l.MeanLoss, ref)
 	}
 	l, err = EvalLength(context.Background(), m, ds, 1024, 0, 40)
 	if err != nil || l.Note == "" || l.Windows != 0 {

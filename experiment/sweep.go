@@ -86,7 +86,7 @@ func CellCost(c Cell, vocab int) (Cost, error) {
 		k.TrainTokens = int64(c.Steps) * int64(c.Batch) * int64(T)
 		k.FLOPs = float64(k.TrainTokens) * model.FLOPsPerToken(cfg, T)
 		for _, t := range c.EvalT {
-			w := c.EvalWindows
+			w := c.WindowsAt(t)
 			if w == 0 {
 				w = 64 // unknown without the data: assume a typical cap
 			}

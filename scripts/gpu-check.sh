@@ -28,7 +28,10 @@ TRAIN_LR=${TRAIN_LR:-1e-3}
 PYTHON=${PYTHON:-python3}
 OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
-[ -f "$BIN/bmojo.gz" ] && [ ! -x "$BIN/bmojo" ] && gunzip -kf "$BIN/bmojo.gz" && chmod +x "$BIN/bmojo" # gunzip keeps the .gz file's mode
+# Binaries may travel gzipped (a call carries at most 64 MiB): bmojo.gz, cuda.test.gz, ...
+for gz in "$BIN"/*.gz; do
+	[ -f "$gz" ] && [[ $gz != *.jsonl.gz ]] && [ ! -x "${gz%.gz}" ] && gunzip -kf "$gz" && chmod +x "${gz%.gz}" # gunzip keeps the .gz file's mode
+done
 
 CHECKS=${CHECKS:-conformance devices parity kernels torch step train torchref}
 STEP_BATCHES=${STEP_BATCHES:-}

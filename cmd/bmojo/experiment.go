@@ -37,6 +37,7 @@ type sweepFlags struct {
 	tokensPerS    float64
 	probeSteps    int
 	dryRun, quick bool
+	cached        bool
 	seed          uint64
 	title         string
 }
@@ -53,6 +54,7 @@ func (s *sweepFlags) register(fl *pflag.FlagSet) {
 	fl.Float64Var(&s.tokensPerS, "tokens-per-s", 0, "training tokens/s of the costliest cell for the estimate (0 = measure it at startup)")
 	fl.IntVar(&s.probeSteps, "probe-steps", 5, "timed steps of each startup measurement")
 	fl.BoolVar(&s.dryRun, "dry-run", false, "print the plan and the estimate, run nothing")
+	fl.BoolVar(&s.cached, "cached", false, "write the CSV and PNG from the cells already in --cache, run nothing (the missing ones are listed)")
 	fl.BoolVar(&s.quick, "quick", false, "one small cell on the CPU in a few minutes (flags given explicitly still apply)")
 	fl.Uint64Var(&s.seed, "seed", 1, "initialisation and training-data seed (below 2^31)")
 	fl.StringVar(&s.title, "title", "", "plot title (default: the device and mode)")
@@ -244,7 +246,7 @@ sequence starts from the final state of an unrelated sequence.`,
 			for _, f := range families {
 				c := experiment.Cell{Version: experiment.Version, Kind: experiment.KindLM, Seed: sf.seed, Batch: batch, LR: lr,
 					Model: experiment.ModelSpec{Family: f, Memory: -1, SelectPerChunk: -1},
-					Size:  size, Data: dataDir, DataID: id, Vocab: vocab, TrainT: seqLen, Steps: steps, EvalT: evalLens, EvalWindows: windows, Bucket: bucket}
+					Size:  size, Data: dataDir, DataID: id, Vocab: vocab, TrainT: seqLen, Steps: steps, EvalT: evalLens, EvalSpan: evalSpan(windows, evalLens), Bucket: bucket}
 				cells = append(cells, c)
 				if f == "mamba" && statePassing {
 					c.StatePassing = true
@@ -282,7 +284,7 @@ sequence starts from the final state of an unrelated sequence.`,
 	fl.IntVar(&batch, "batch-size", 16, "sequences per step")
 	fl.Float64Var(&lr, "lr", 1e-3, "peak learning rate")
 	fl.IntSliceVar(&evalLens, "eval-len", []int{512, 1024, 2048, 4096, 8192}, "evaluation lengths")
-	fl.IntVar(&windows, "eval-windows", 32, "validation windows per length (0 = all)")
+	fl.IntVar(&windows, "eval-windows", 32, "validation windows at the longest --eval-len; every length scores the same tokens (0 = the whole split)")
 	fl.IntVar(&bucket, "bucket", 0, "positions per bucket of the position-wise loss (default: seq-len/4)")
 	fl.BoolVar(&statePassing, "state-passing", true, "also train mamba with state passing")
 	return cmd
@@ -354,7 +356,7 @@ language-model loss.`,
 					for _, M := range memories {
 						lmc = append(lmc, experiment.Cell{Version: experiment.Version, Kind: experiment.KindLM, Seed: sf.seed, Batch: lmBatch, LR: lmLR,
 							Model: experiment.ModelSpec{Family: "bmojo", Memory: M, SelectPerChunk: k},
-							Size:  lmSize, Data: dataDir, DataID: id, Vocab: vocab, TrainT: lmT, Steps: lmSteps, EvalT: lmEval, EvalWindows: 16, Bucket: max(1, lmT/4)})
+							Size:  lmSize, Data: dataDir, DataID: id, Vocab: vocab, TrainT: lmT, Steps: lmSteps, EvalT: lmEval, EvalSpan: evalSpan(16, lmEval), Bucket: max(1, lmT/4)})
 					}
 				}
 			}
@@ -483,6 +485,16 @@ func runSweep(cmd *cobra.Command, sf *sweepFlags, name string, cells []experimen
 			return nil, err
 		}
 	}
+	if sf.cached {
+		if len(pending) == len(cells) {
+			return nil, fmt.Errorf("experiment %s: --cached: none of the %d cells is in %s", name, len(cells), sf.cache)
+		}
+		for _, c := range pending {
+			fmt.Fprintf(os.Stderr, "not cached, left out of the report: %s [%s]\n", c.Name(), c.Hash())
+		}
+		log.Info("report from the cache", "cached", len(cells)-len(pending), "missing", len(pending))
+		return loadCached(cache, cells, sf)
+	}
 	o, err := device.Open(sf.dev, device.Options{Logger: log})
 	if err != nil {
 		return nil, err
@@ -588,34 +600,7 @@ func runSweep(cmd *cobra.Command, sf *sweepFlags, name string, cells []experimen
 	if err != nil {
 		return nil, fmt.Errorf("experiment %s: %w (finished cells are cached; run again to resume)", name, err)
 	}
-	var rs []experiment.Result
-	for _, c := range cells {
-		r, err := cache.Load(c)
-		if errors.Is(err, experiment.ErrNotCached) {
-			continue // dropped by --fit
-		}
-		if err != nil {
-			return nil, err
-		}
-		rs = append(rs, r)
-	}
-	if sf.title == "" {
-		devs := map[string]bool{}
-		for _, r := range rs {
-			devs[r.Device] = true
-		}
-		var ds []string
-		for d := range devs {
-			ds = append(ds, d)
-		}
-		slices.Sort(ds)
-		mode := ""
-		if sf.quick {
-			mode = "CPU quick run, "
-		}
-		sf.title = fmt.Sprintf("%s%s", mode, strings.Join(ds, ", "))
-	}
-	return rs, nil
+	return loadCached(cache, cells, sf)
 }
 
 func printPlan(w io.Writer, name, desc string, sf *sweepFlags, p experiment.Plan) {
@@ -744,4 +729,46 @@ func evalMQAR(cmd *cobra.Command, ckpt, devSpec string, T int, f mqarEvalFlags, 
 	fmt.Printf("accuracy     %.4f\n", sc.Accuracy())
 	fmt.Printf("loss         %.4f nats/query\n", sc.Loss())
 	return nil
+}
+
+// loadCached returns the results of the cells found in the cache, in cell
+// order, and sets the plot title from their devices unless --title gave one.
+func loadCached(cache experiment.Cache, cells []experiment.Cell, sf *sweepFlags) ([]experiment.Result, error) {
+	var rs []experiment.Result
+	for _, c := range cells {
+		r, err := cache.Load(c)
+		if errors.Is(err, experiment.ErrNotCached) {
+			continue // dropped by --fit, or not run (--cached)
+		}
+		if err != nil {
+			return nil, err
+		}
+		rs = append(rs, r)
+	}
+	if sf.title == "" {
+		devs := map[string]bool{}
+		for _, r := range rs {
+			devs[r.Device] = true
+		}
+		var ds []string
+		for d := range devs {
+			ds = append(ds, d)
+		}
+		slices.Sort(ds)
+		mode := ""
+		if sf.quick {
+			mode = "CPU quick run, "
+		}
+		sf.title = fmt.Sprintf("%s%s", mode, strings.Join(ds, ", "))
+	}
+	return rs, nil
+}
+
+// evalSpan is the number of validation tokens an LM cell scores at every
+// evaluation length: windows windows of the longest one (0: all windows).
+func evalSpan(windows int, lens []int) int {
+	if windows <= 0 || len(lens) == 0 {
+		return 0
+	}
+	return windows * slices.Max(lens)
 }
