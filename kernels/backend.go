@@ -78,6 +78,14 @@ type AdamW struct {
 	GradScale float64
 }
 
+// AdamWSegment is one range [Off, Off+N) of AdamWSteps' flat buffers and
+// the weight decay it takes (a run of neighbouring tensors of one decay
+// group).
+type AdamWSegment struct {
+	Off, N      int
+	WeightDecay float64
+}
+
 // Backend is every operation the model needs. See the package comment for
 // the shape legend and the accumulate-in-backward convention. The argument
 // contract of every method that takes buffers (the length of each buffer,
@@ -152,6 +160,12 @@ type Backend[F Float] interface {
 	// Conv1dBackward: dx +=, dw +=, dbias += from dout.
 	Conv1dBackward(dx, dw, dbias, dout, x, w Buffer, B, T, E, K int)
 
+	// Conv1dSiLU is Conv1d into out, then SiLU(out) into act, in one pass
+	// over x (Mamba's convolution and its activation): out is what the
+	// backward reads (SiLUMatMulBackward's x), act what the next product
+	// reads. out, act: [B,T,E].
+	Conv1dSiLU(out, act, x, w, bias Buffer, B, T, E, K int)
+
 	// SiLU: out = x·sigmoid(x), elementwise over n = out.Len().
 	SiLU(out, x Buffer)
 	// SiLUBackward: dx += dout·silu'(x).
@@ -217,6 +231,15 @@ type Backend[F Float] interface {
 	// SwiGLUBackward: dgate +=, dup += from dh.
 	SwiGLUBackward(dgate, dup, dh, gate, up Buffer)
 
+	// SwiGLUPacked is SwiGLU on the two halves of each row of gu [Rw,2F],
+	// the output of one product with W_gate and W_up stacked ([2F,d]):
+	// h[r,i] = SiLU(gu[r,i])·gu[r,F+i]. h: [Rw,F].
+	SwiGLUPacked(h, gu Buffer, Rw, F int)
+	// SwiGLUPackedBackward is SwiGLUBackward into the two halves of dgu
+	// [Rw,2F] (dgate in columns [0,F), dup in [F,2F)) from dh [Rw,F]; SiLU
+	// is recomputed from gu, not stored.
+	SwiGLUPackedBackward(dgu, dh, gu Buffer, Rw, F int)
+
 	// CrossEntropy: loss[r] = logsumexp(logits[r]) − logits[r, targets[r]],
 	// or 0 where targets[r] < 0 (ignored). logits: [Rw,V].
 	CrossEntropy(loss, logits Buffer, targets IntBuffer, Rw, V int)
@@ -227,4 +250,11 @@ type Backend[F Float] interface {
 	// AdamWStep updates param in place from grad with moments m, v (all n
 	// long) using decoupled weight decay: p -= lr·(m̂/(sqrt(v̂)+eps) + wd·p).
 	AdamWStep(param, grad, m, v Buffer, h AdamW)
+	// AdamWSteps is AdamWStep on every segment s of the flat buffers, as
+	// AdamWStep(Slice(param, s.Off, s.N), …, h with WeightDecay =
+	// s.WeightDecay), h.WeightDecay unused; elements outside the segments
+	// are left as they are. Segments are ascending and do not overlap
+	// (CheckSegments). It is the optimizer's multi-tensor apply: on a GPU
+	// one launch for every tensor instead of one per tensor.
+	AdamWSteps(param, grad, m, v Buffer, segs []AdamWSegment, h AdamW)
 }

@@ -3,6 +3,7 @@ package kernels
 import (
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -49,7 +50,8 @@ func (d Dir) String() string {
 type Arg struct {
 	Name string
 	// Len is the length the buffer must have: dimension names joined by
-	// "·", where a factor may also be a floor quotient such as "(T/C)". A
+	// "·", where a factor may also be a floor quotient such as "(T/C)" or
+	// a constant such as "2" (two stacked matrices). A
 	// name that is not one of the op's Dims is free ("n", "V"): the length
 	// of the first argument that has it fixes it (required arguments before
 	// optional ones), and later arguments must agree.
@@ -87,8 +89,12 @@ type Op struct {
 }
 
 // factor is one factor of a length: the value of names[num], or the floor
-// quotient names[num]/names[den] (0 when the divisor is 0) when den >= 0.
-type factor struct{ num, den int }
+// quotient names[num]/names[den] (0 when the divisor is 0) when den >= 0,
+// or the constant k when num < 0.
+type factor struct{ num, den, k int }
+
+// unknown reports whether f is a dimension whose value is not known yet.
+func (f factor) unknown(vals []int) bool { return f.num >= 0 && f.den < 0 && vals[f.num] < 0 }
 
 // DimValues are the dimension values of one call, free ones included, as a
 // Rule sees them.
@@ -205,9 +211,9 @@ func (op *Op) bind(i, n int, vals, binder []int) error {
 	free, rest := -1, 1
 	for _, f := range op.lens[i] {
 		switch {
-		case f.den < 0 && vals[f.num] < 0 && free < 0:
+		case f.unknown(vals) && free < 0:
 			free = f.num
-		case f.den < 0 && vals[f.num] < 0:
+		case f.unknown(vals):
 			return nil // two unknowns: a later argument may fix one
 		default:
 			rest *= f.value(vals)
@@ -230,7 +236,7 @@ func (op *Op) bind(i, n int, vals, binder []int) error {
 func (op *Op) length(i int, vals []int) (int, bool) {
 	n := 1
 	for _, f := range op.lens[i] {
-		if f.den < 0 && vals[f.num] < 0 {
+		if f.unknown(vals) {
 			return 0, false
 		}
 		n *= f.value(vals)
@@ -239,6 +245,9 @@ func (op *Op) length(i int, vals []int) (int, bool) {
 }
 
 func (f factor) value(vals []int) int {
+	if f.num < 0 {
+		return f.k
+	}
 	if f.den < 0 {
 		return vals[f.num]
 	}
@@ -251,7 +260,7 @@ func (f factor) value(vals []int) int {
 // label is argument i's Len for an error message; a length that is one free
 // dimension fixed by another argument reads "len(that argument)".
 func (op *Op) label(i int, binder []int) string {
-	if l := op.lens[i]; len(l) == 1 && l[0].den < 0 {
+	if l := op.lens[i]; len(l) == 1 && l[0].num >= 0 && l[0].den < 0 {
 		if b := binder[l[0].num]; b >= 0 && b != i {
 			return "len(" + op.Args[b].Name + ")"
 		}
@@ -282,7 +291,9 @@ func (op *Op) compile() error {
 		}
 		for _, s := range strings.Split(a.Len, "·") {
 			f := factor{den: -1}
-			if num, den, ok := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(s, "("), ")"), "/"); ok {
+			if k, err := strconv.Atoi(s); err == nil && k >= 0 {
+				f.num, f.k = -1, k
+			} else if num, den, ok := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(s, "("), ")"), "/"); ok {
 				f.num, f.den = index(num, false), index(den, false)
 				if f.num < 0 || f.den < 0 || !strings.HasPrefix(s, "(") {
 					return fmt.Errorf("kernels: contract of %s: %s's length %q: a quotient must be of two dimensions, in parentheses", op.Method, a.Name, a.Len)
@@ -320,12 +331,13 @@ var Contract = []*Op{
 	OpSlice, OpUpload, OpDownload, OpUploadInt, OpDownloadInt,
 	OpZero, OpCopy, OpCopyColumns, OpAccumulate, OpScale, OpSumSquares,
 	OpEmbedding, OpEmbeddingBackward, OpRMSNorm, OpRMSNormBackward,
-	OpMatMul, OpMatMulAdd, OpMatMulBackward, OpConv1d, OpConv1dBackward,
+	OpMatMul, OpMatMulAdd, OpMatMulBackward, OpConv1d, OpConv1dBackward, OpConv1dSiLU,
 	OpSiLU, OpSiLUBackward, OpSiLUMatMulBackward,
 	OpSelectiveScan, OpSelectiveScanBackward, OpRoPE, OpRoPEBackward,
 	OpAttention, OpAttentionBackward, OpShiftRows, OpInnovation, OpInnovationBackward,
-	OpSelectChunks, OpSwiGLU, OpSwiGLUBackward, OpCrossEntropy, OpCrossEntropyBackward,
-	OpAdamWStep,
+	OpSelectChunks, OpSwiGLU, OpSwiGLUBackward, OpSwiGLUPacked, OpSwiGLUPackedBackward,
+	OpCrossEntropy, OpCrossEntropyBackward,
+	OpAdamWStep, OpAdamWSteps,
 }
 
 // Buffers, copies and reductions. "n" is a free dimension: the buffers'
@@ -439,6 +451,14 @@ var (
 			{Name: "x", Len: "B·T·E", Dir: In},
 			{Name: "w", Len: "E·K", Dir: In},
 		}}
+	OpConv1dSiLU = &Op{Name: "conv1d_silu", Method: "Conv1dSiLU", Dims: []string{"B", "T", "E", "K"},
+		Args: []Arg{
+			{Name: "out", Len: "B·T·E", Dir: Out},
+			{Name: "act", Len: "B·T·E", Dir: Out},
+			{Name: "x", Len: "B·T·E", Dir: In},
+			{Name: "w", Len: "E·K", Dir: In},
+			{Name: "bias", Len: "E", Dir: In},
+		}}
 	OpSiLU = &Op{Name: "silu", Method: "SiLU",
 		Args: []Arg{{Name: "out", Len: "n", Dir: Out}, {Name: "x", Len: "n", Dir: In}}}
 	OpSiLUBackward = &Op{Name: "silu_backward", Method: "SiLUBackward",
@@ -499,6 +519,17 @@ var (
 			{Name: "gate", Len: "n", Dir: In},
 			{Name: "up", Len: "n", Dir: In},
 		}}
+	OpSwiGLUPacked = &Op{Name: "swiglu_packed", Method: "SwiGLUPacked", Dims: []string{"Rw", "F"},
+		Args: []Arg{
+			{Name: "h", Len: "Rw·F", Dir: Out},
+			{Name: "gu", Len: "Rw·2·F", Dir: In},
+		}}
+	OpSwiGLUPackedBackward = &Op{Name: "swiglu_packed_backward", Method: "SwiGLUPackedBackward", Dims: []string{"Rw", "F"},
+		Args: []Arg{
+			{Name: "dgu", Len: "Rw·2·F", Dir: Grad, Optional: true},
+			{Name: "dh", Len: "Rw·F", Dir: In},
+			{Name: "gu", Len: "Rw·2·F", Dir: In},
+		}}
 	OpCrossEntropy = &Op{Name: "cross_entropy", Method: "CrossEntropy", Dims: []string{"Rw", "V"},
 		Args: []Arg{
 			{Name: "loss", Len: "Rw", Dir: Out},
@@ -519,13 +550,41 @@ var (
 			{Name: "m", Len: "n", Dir: InOut},
 			{Name: "v", Len: "n", Dir: InOut},
 		},
-		Rule: func(d DimValues) string {
-			if s := d.Of("Step"); s < 1 {
-				return fmt.Sprintf("step=%d, want >= 1 (1-based)", s)
-			}
-			return ""
-		}}
+		Rule: adamWStep}
+	// OpAdamWSteps is OpAdamWStep over the whole flat buffers; its segments
+	// are checked by CheckSegments.
+	OpAdamWSteps = &Op{Name: "adamw_steps", Method: "AdamWSteps", Dims: []string{"Step"},
+		Args: []Arg{
+			{Name: "param", Len: "n", Dir: InOut},
+			{Name: "grad", Len: "n", Dir: In},
+			{Name: "m", Len: "n", Dir: InOut},
+			{Name: "v", Len: "n", Dir: InOut},
+		},
+		Rule: adamWStep}
 )
+
+func adamWStep(d DimValues) string {
+	if s := d.Of("Step"); s < 1 {
+		return fmt.Sprintf("step=%d, want >= 1 (1-based)", s)
+	}
+	return ""
+}
+
+// CheckSegments checks the segments of AdamWSteps against buffers of n
+// elements: each inside them, in ascending order, none overlapping the next.
+func CheckSegments(segs []AdamWSegment, n int) error {
+	end := 0
+	for i, s := range segs {
+		switch {
+		case s.Off < 0 || s.N < 0 || s.Off > n || s.N > n-s.Off:
+			return fmt.Errorf("segment %d [%d, %d+%d) is outside the buffers of %d", i, s.Off, s.Off, s.N, n)
+		case s.Off < end:
+			return fmt.Errorf("segment %d starts at %d, before the end %d of segment %d (want ascending, not overlapping)", i, s.Off, end, i-1)
+		}
+		end = s.Off + s.N
+	}
+	return nil
+}
 
 func positiveWidth(d DimValues) string {
 	if d.Of("d") == 0 {

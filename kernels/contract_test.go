@@ -103,6 +103,8 @@ func TestCheck(t *testing.T) {
 			[]int{nq, 8, nq, nk, nk, Nil, Nil, Nil, Nil, Nil}, ""},
 		{"attention_rule", OpAttention, AttnShape{B: 1, T: 2, H: 1, G: 1, D: 0, Wc: 1}.Dims(),
 			[]int{0, 2, 0, 0, 0, Nil, Nil, Nil, Nil, Nil}, "attention: head width D=0, want >= 1"},
+		{"constant", OpSwiGLUPacked, []int{3, 4}, []int{12, 24}, ""},
+		{"constant_short", OpSwiGLUPacked, []int{3, 4}, []int{12, 23}, "swiglu_packed: gu has 23 elements, want Rw·2·F=24"},
 		{"wrong_arity", OpMatMul, []int{2, 3}, []int{6, 8, 12}, "matmul: checked with 2 dimensions and 3 buffers, want 3 and 3"},
 	}
 	for _, c := range cases {
@@ -115,6 +117,32 @@ func TestCheck(t *testing.T) {
 				t.Errorf("no error, want %q", c.want)
 			case c.want != "" && err.Error() != c.want:
 				t.Errorf("error %q, want %q", err, c.want)
+			}
+		})
+	}
+}
+
+func TestCheckSegments(t *testing.T) {
+	cases := []struct {
+		name string
+		segs []AdamWSegment
+		want string // "" for no error
+	}{
+		{"none", nil, ""},
+		{"cover", []AdamWSegment{{0, 4, 0.1}, {4, 6, 0}}, ""},
+		{"gaps_and_empty", []AdamWSegment{{0, 0, 0}, {0, 2, 0}, {5, 0, 0}, {7, 3, 0.1}}, ""},
+		{"past_end", []AdamWSegment{{8, 3, 0}}, "segment 0 [8, 8+3) is outside the buffers of 10"},
+		{"negative", []AdamWSegment{{-1, 2, 0}}, "segment 0 [-1, -1+2) is outside the buffers of 10"},
+		{"overlap", []AdamWSegment{{0, 5, 0}, {4, 2, 0}}, "segment 1 starts at 4, before the end 5 of segment 0 (want ascending, not overlapping)"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := CheckSegments(c.segs, 10)
+			switch {
+			case c.want == "" && err != nil:
+				t.Errorf("unexpected error: %v", err)
+			case c.want != "" && (err == nil || err.Error() != c.want):
+				t.Errorf("error %v, want %q", err, c.want)
 			}
 		})
 	}

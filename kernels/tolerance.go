@@ -38,6 +38,7 @@ var Tolerances = map[string]Tolerance{
 	"MatMulBackward":        {Tol{1e-5, 1e-4}, Tol{1e-7, 1e-6}, "finite differences of a bilinear map"},
 	"Conv1d":                {Tol{1e-6, 1e-5}, Tol{1e-13, 1e-12}, "float32 sums of K+1 terms"},
 	"Conv1dBackward":        {Tol{1e-5, 1e-4}, Tol{1e-7, 1e-6}, "finite differences; float32 accumulation over B·T"},
+	"Conv1dSiLU":            {Tol{1e-6, 1e-5}, Tol{1e-13, 1e-12}, "Conv1d's sums of K+1 terms, then SiLU of the rounded out (one more rounding)"},
 	"SiLU":                  {Tol{1e-7, 1e-6}, Tol{1e-15, 1e-14}, "float64 math, one float32 rounding"},
 	"SiLUBackward":          {Tol{1e-6, 1e-5}, Tol{1e-8, 1e-7}, "finite differences"},
 	"SiLUMatMulBackward":    {Tol{1e-5, 1e-4}, Tol{1e-12, 1e-11}, "float32 dot products of up to 80 terms, then SiLUBackward's float64 factor"},
@@ -53,9 +54,12 @@ var Tolerances = map[string]Tolerance{
 	"SelectChunks":          {Tol{0, 0}, Tol{0, 0}, "selection is discrete"},
 	"SwiGLU":                {Tol{1e-6, 1e-5}, Tol{1e-14, 1e-13}, "float64 math, one float32 rounding"},
 	"SwiGLUBackward":        {Tol{1e-5, 1e-4}, Tol{1e-8, 1e-7}, "finite differences"},
+	"SwiGLUPacked":          {Tol{1e-6, 1e-5}, Tol{1e-14, 1e-13}, "SwiGLU's: float64 math, one float32 rounding"},
+	"SwiGLUPackedBackward":  {Tol{1e-5, 1e-4}, Tol{1e-8, 1e-7}, "SwiGLUBackward's: finite differences"},
 	"CrossEntropy":          {Tol{1e-5, 1e-5}, Tol{1e-12, 1e-12}, "float64 log-sum-exp, one float32 rounding"},
 	"CrossEntropyBackward":  {Tol{1e-5, 1e-4}, Tol{1e-7, 1e-6}, "finite differences of log-sum-exp"},
 	"AdamWStep":             {Tol{1e-6, 1e-5}, Tol{1e-14, 1e-13}, "float64 update; moments stored in F between steps"},
+	"AdamWSteps":            {Tol{1e-6, 1e-5}, Tol{1e-14, 1e-13}, "AdamWStep's, segment by segment"},
 }
 
 // BF16Tolerances replace the float32 rows of the attention ops on a backend

@@ -19,10 +19,14 @@ type Model[F kernels.Float] struct {
 	Params kernels.Buffer // flat, Layout order
 	Grads  kernels.Buffer // flat, same order; Backward accumulates here
 
-	p, g   map[string]kernels.Buffer // per-tensor views of Params and Grads
-	B, T   int
-	acts   *activations[F]
-	nLabel int // labelled positions of the last Forward
+	p, g map[string]kernels.Buffer // per-tensor views of Params and Grads
+	// gu, dgu are, per layer with an MLP, W_gate and W_up (neighbours in
+	// the layout) as one [2F,d] view of Params and of Grads: the two
+	// products are one (SwiGLUPacked).
+	gu, dgu []kernels.Buffer
+	B, T    int
+	acts    *activations[F]
+	nLabel  int // labelled positions of the last Forward
 
 	// LabelledHead makes Forward compute the output head (the product
 	// with the embedding, the cross-entropy and their backward) only at
@@ -68,6 +72,13 @@ func New[F kernels.Float](be kernels.Backend[F], c Config, seed uint64) (*Model[
 	for _, t := range l.Tensors {
 		m.p[t.Name] = be.Slice(m.Params, t.Offset, t.Size())
 		m.g[t.Name] = be.Slice(m.Grads, t.Offset, t.Size())
+	}
+	if c.HasMLP() {
+		for i := range c.Mixers {
+			off, n := l.stacked(fmt.Sprintf("layers.%d.mlp.gate_proj.weight", i), fmt.Sprintf("layers.%d.mlp.up_proj.weight", i))
+			m.gu = append(m.gu, be.Slice(m.Params, off, n))
+			m.dgu = append(m.dgu, be.Slice(m.Grads, off, n))
+		}
 	}
 	if err := m.SetParams(InitParams(c, l, seed)); err != nil {
 		return nil, err
@@ -167,8 +178,8 @@ type layerActs struct {
 	uf, kk, vv       kernels.Buffer
 	pin, pred, innov kernels.Buffer
 	sel              kernels.IntBuffer
-	// MLP
-	mid, rstd2, u2, gate, up, h kernels.Buffer
+	// MLP: gu is gate|up, [BT,2F] (one product with W_gate, W_up stacked)
+	mid, rstd2, u2, gu, h kernels.Buffer
 }
 
 type activations[F kernels.Float] struct {
@@ -190,8 +201,8 @@ type activations[F kernels.Float] struct {
 	df, dy, da, dz   kernels.Buffer
 	daConv, daPre    kernels.Buffer
 	ddt, ddlt, dbm   kernels.Buffer
-	dcm, dgate, dup  kernels.Buffer
-	dh, dinnov       kernels.Buffer
+	dcm, dgu, dh     kernels.Buffer // dgu: dgate|dup [BT,2F]
+	dinnov           kernels.Buffer
 	xdbl, dxdbl      kernels.Buffer // x_proj's output [BT, R+2N] and its gradient
 	hostLoss, hostIn []F
 }
@@ -257,7 +268,7 @@ func (m *Model[F]) Prepare(B, T int) error {
 		}
 		if c.HasMLP() {
 			la.mid, la.rstd2, la.u2 = be.Alloc(BT*d), be.Alloc(BT), be.Alloc(BT*d)
-			la.gate, la.up, la.h = be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF)
+			la.gu, la.h = be.Alloc(2*BT*c.DFF), be.Alloc(BT*c.DFF)
 		}
 		a.layers = append(a.layers, la)
 	}
@@ -275,7 +286,7 @@ func (m *Model[F]) Prepare(B, T int) error {
 	a.daConv, a.daPre = be.Alloc(BT*E), be.Alloc(BT*E)
 	a.ddt, a.ddlt, a.dbm, a.dcm = be.Alloc(BT*E), be.Alloc(BT*R), be.Alloc(BT*N), be.Alloc(BT*N)
 	a.xdbl, a.dxdbl = be.Alloc(BT*(R+2*N)), be.Alloc(BT*(R+2*N))
-	a.dgate, a.dup, a.dh = be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF), be.Alloc(BT*c.DFF)
+	a.dgu, a.dh = be.Alloc(2*BT*c.DFF), be.Alloc(BT*c.DFF)
 	a.dinnov = be.Alloc(BT)
 	a.hostLoss, a.hostIn = make([]F, BT), make([]F, BT)
 	for i := range a.hostIn {
@@ -508,9 +519,8 @@ func (m *Model[F]) forwardLogits() {
 		}
 		if c.HasMLP() {
 			be.RMSNorm(la.u2, la.rstd2, mid, P("norm2.weight"), BT, d)
-			be.MatMul(la.gate, la.u2, P("mlp.gate_proj.weight"), BT, c.DFF, d, false)
-			be.MatMul(la.up, la.u2, P("mlp.up_proj.weight"), BT, c.DFF, d, false)
-			be.SwiGLU(la.h, la.gate, la.up)
+			be.MatMul(la.gu, la.u2, m.gu[i], BT, 2*c.DFF, d, false)
+			be.SwiGLUPacked(la.h, la.gu, BT, c.DFF)
 			be.MatMulAdd(next, mid, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF)
 		}
 	}
@@ -538,8 +548,7 @@ func (m *Model[F]) ssmForward(la *layerActs, P func(string) kernels.Buffer, B, T
 	win := P("ssm.in_proj.weight")
 	be.MatMul(la.aPre, la.u, be.Slice(win, 0, E*d), BT, E, d, false)
 	be.MatMul(la.z, la.u, be.Slice(win, E*d, E*d), BT, E, d, false)
-	be.Conv1d(la.aConv, la.aPre, P("ssm.conv.weight"), P("ssm.conv.bias"), B, T, E, K)
-	be.SiLU(la.a, la.aConv)
+	be.Conv1dSiLU(la.aConv, la.a, la.aPre, P("ssm.conv.weight"), P("ssm.conv.bias"), B, T, E, K)
 	// x_proj is one product; its columns (Δ's low rank, B, C) are split
 	// for the ops that read them.
 	xd := m.acts.xdbl
@@ -632,12 +641,10 @@ func (m *Model[F]) BackwardHook(done func(layer int)) error {
 		if c.HasMLP() {
 			be.Zero(a.dh)
 			be.MatMulBackward(a.dh, Gr("mlp.down_proj.weight"), a.dres, la.h, P("mlp.down_proj.weight"), BT, d, c.DFF)
-			be.Zero(a.dgate)
-			be.Zero(a.dup)
-			be.SwiGLUBackward(a.dgate, a.dup, a.dh, la.gate, la.up)
+			be.Zero(a.dgu)
+			be.SwiGLUPackedBackward(a.dgu, a.dh, la.gu, BT, c.DFF)
 			be.Zero(a.du)
-			be.MatMulBackward(a.du, Gr("mlp.gate_proj.weight"), a.dgate, la.u2, P("mlp.gate_proj.weight"), BT, c.DFF, d)
-			be.MatMulBackward(a.du, Gr("mlp.up_proj.weight"), a.dup, la.u2, P("mlp.up_proj.weight"), BT, c.DFF, d)
+			be.MatMulBackward(a.du, m.dgu[i], a.dgu, la.u2, m.gu[i], BT, 2*c.DFF, d)
 			be.RMSNormBackward(a.dres, Gr("norm2.weight"), a.du, la.mid, P("norm2.weight"), la.rstd2, BT, d)
 		}
 		// a.dres is now the gradient of the residual after the mixer.

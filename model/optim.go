@@ -80,18 +80,19 @@ func (o *Optimizer[F]) Apply() StepResult {
 	}
 	o.Step++
 	// The update is elementwise and tensors lie back to back in Layout
-	// order, so each run of neighbours with the same decay is one call (on
-	// a GPU one launch instead of one per tensor).
-	for _, run := range decayRuns(m.Layout) {
-		wd := 0.0
+	// order: each run of neighbours with the same decay is one segment, and
+	// all of them are one call (on a GPU one launch, a multi-tensor apply).
+	runs := decayRuns(m.Layout)
+	segs := make([]kernels.AdamWSegment, len(runs))
+	for i, run := range runs {
+		segs[i] = kernels.AdamWSegment{Off: run.off, N: run.n}
 		if run.decay {
-			wd = o.Cfg.WeightDecay
+			segs[i].WeightDecay = o.Cfg.WeightDecay
 		}
-		sl := func(b kernels.Buffer) kernels.Buffer { return be.Slice(b, run.off, run.n) }
-		be.AdamWStep(sl(m.Params), sl(m.Grads), sl(o.M), sl(o.V), kernels.AdamW{
-			LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, WeightDecay: wd, Step: o.Step, GradScale: scale,
-		})
 	}
+	be.AdamWSteps(m.Params, m.Grads, o.M, o.V, segs, kernels.AdamW{
+		LR: r.LR, Beta1: o.Cfg.Beta1, Beta2: o.Cfg.Beta2, Eps: o.Cfg.Eps, Step: o.Step, GradScale: scale,
+	})
 	return r
 }
 

@@ -104,6 +104,18 @@ func NewLayout(c Config) *Layout {
 	return l
 }
 
+// stacked returns the flat range of tensors a and b, which must be
+// neighbours in that order (NewLayout puts W_gate right before W_up), as
+// one matrix of both row blocks.
+func (l *Layout) stacked(a, b string) (off, n int) {
+	ta, okA := l.Lookup(a)
+	tb, okB := l.Lookup(b)
+	if !okA || !okB || tb.Offset != ta.Offset+ta.Size() {
+		panic(fmt.Sprintf("model: %s and %s are not neighbours in the layout", a, b))
+	}
+	return ta.Offset, ta.Size() + tb.Size()
+}
+
 // InitParams fills a flat parameter vector for layout l with the docs/model.md
 // initialisation, deterministically from seed.
 func InitParams(c Config, l *Layout, seed uint64) []float64 {

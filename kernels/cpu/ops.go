@@ -196,6 +196,21 @@ func (be *Backend[F]) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B
 	})
 }
 
+// Conv1dSiLU implements kernels.Backend: Conv1d, then SiLU over its
+// output (the unfused reference; the CPU gains nothing from one pass).
+func (be *Backend[F]) Conv1dSiLU(out, act, x, w, bias kernels.Buffer, B, T, E, K int) {
+	c := be.check(kernels.OpConv1dSiLU, []int{B, T, E, K}, out, act, x, w, bias)
+	if !c.ok {
+		return
+	}
+	if overlap(c.f[0], c.f[1]) || overlap(c.f[0], c.f[2]) || overlap(c.f[1], c.f[2]) {
+		c.failf("out, act and x overlap")
+		return
+	}
+	be.Conv1d(out, x, w, bias, B, T, E, K)
+	be.SiLU(act, out)
+}
+
 // expOf is exp in the precision F needs: expFast for float32 backends,
 // math.Exp for float64 ones (see expFast).
 func expOf[F kernels.Float](x float64) float64 {
@@ -273,6 +288,54 @@ func (be *Backend[F]) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 				dgs[i] += F(g * float64(us[i]) * s * (1 + v*(1-s)))
 			}
 			if dus != nil {
+				dus[i] += F(g * v * s)
+			}
+		}
+	})
+}
+
+// SwiGLUPacked implements kernels.Backend.
+func (be *Backend[F]) SwiGLUPacked(h, gu kernels.Buffer, Rw, Fw int) {
+	c := be.check(kernels.OpSwiGLUPacked, []int{Rw, Fw}, h, gu)
+	if !c.ok {
+		return
+	}
+	hs, gus := c.f[0], c.f[1]
+	if overlap(hs, gus) {
+		c.failf("h overlaps gu")
+		return
+	}
+	parallel(Rw, 20*Fw, func(_, lo, hi int) {
+		for r := lo; r < hi; r++ {
+			gs, us, hr := gus[2*r*Fw:(2*r+1)*Fw], gus[(2*r+1)*Fw:(2*r+2)*Fw], hs[r*Fw:(r+1)*Fw]
+			for i := range hr {
+				v := float64(gs[i])
+				hr[i] = F(v * sigmoid[F](v) * float64(us[i]))
+			}
+		}
+	})
+}
+
+// SwiGLUPackedBackward implements kernels.Backend.
+func (be *Backend[F]) SwiGLUPackedBackward(dgu, dh, gu kernels.Buffer, Rw, Fw int) {
+	c := be.check(kernels.OpSwiGLUPackedBackward, []int{Rw, Fw}, dgu, dh, gu)
+	if !c.ok || c.f[0] == nil {
+		return
+	}
+	dgus, dhs, gus := c.f[0], c.f[1], c.f[2]
+	if overlap(dgus, dhs) || overlap(dgus, gus) {
+		c.failf("dgu overlaps dh or gu")
+		return
+	}
+	parallel(Rw, 25*Fw, func(_, lo, hi int) {
+		for r := lo; r < hi; r++ {
+			gs, us, dr := gus[2*r*Fw:(2*r+1)*Fw], gus[(2*r+1)*Fw:(2*r+2)*Fw], dhs[r*Fw:(r+1)*Fw]
+			dgs, dus := dgus[2*r*Fw:(2*r+1)*Fw], dgus[(2*r+1)*Fw:(2*r+2)*Fw]
+			for i := range dr {
+				v := float64(gs[i])
+				s := sigmoid[F](v)
+				g := float64(dr[i])
+				dgs[i] += F(g * float64(us[i]) * s * (1 + v*(1-s)))
 				dus[i] += F(g * v * s)
 			}
 		}
@@ -499,7 +562,30 @@ func (be *Backend[F]) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.Adam
 	if !c.ok {
 		return
 	}
+	adamW(c.f[0], c.f[1], c.f[2], c.f[3], h)
+}
+
+// AdamWSteps implements kernels.Backend: AdamWStep's loop per segment.
+func (be *Backend[F]) AdamWSteps(param, grad, m, v kernels.Buffer, segs []kernels.AdamWSegment, h kernels.AdamW) {
+	c := be.check(kernels.OpAdamWSteps, []int{h.Step}, param, grad, m, v)
+	if !c.ok {
+		return
+	}
 	ps, gs, ms, vs := c.f[0], c.f[1], c.f[2], c.f[3]
+	if err := kernels.CheckSegments(segs, len(ps)); err != nil {
+		c.failf("%v", err)
+		return
+	}
+	for _, s := range segs {
+		e := s.Off + s.N
+		hs := h
+		hs.WeightDecay = s.WeightDecay
+		adamW(ps[s.Off:e], gs[s.Off:e], ms[s.Off:e], vs[s.Off:e], hs)
+	}
+}
+
+// adamW is the update of AdamWStep and AdamWSteps.
+func adamW[F kernels.Float](ps, gs, ms, vs []F, h kernels.AdamW) {
 	n := len(ps)
 	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
 	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))

@@ -42,6 +42,8 @@ type Backend struct {
 	// (a token outside the vocabulary, a selected position outside the
 	// sequence): word 0 a code, words 1 and 2 the value and its index.
 	status *ints
+	// adamw is AdamWSteps' tile table (device thread only).
+	adamw adamWTable
 }
 
 var _ kernels.Backend[float32] = (*Backend)(nil)

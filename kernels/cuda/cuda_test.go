@@ -182,6 +182,10 @@ func TestMatMulInputCopies(t *testing.T) {
 		{"AdamW on w1", func() {
 			be.AdamWStep(w1, up(K*K), be.Alloc(K*K), be.Alloc(K*K), kernels.AdamW{LR: 0.1, Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, Step: 1})
 		}},
+		{"AdamWSteps over w1", func() {
+			be.AdamWSteps(w1, up(K*K), be.Alloc(K*K), be.Alloc(K*K), []kernels.AdamWSegment{{Off: 3, N: K}},
+				kernels.AdamW{LR: 0.1, Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, Step: 1})
+		}},
 	}
 	for _, wr := range writers {
 		be.MatMul(o1, x, w1, Rw, K, K, false) // copies of x and w1 are current
@@ -207,6 +211,17 @@ func TestMatMulInputCopies(t *testing.T) {
 		{"ShiftRows", func(dst, in kernels.Buffer) { be.ShiftRows(dst, in, 1, Rw, K) }},
 		{"RoPEBackward", func(dst, in kernels.Buffer) { be.Zero(dst); be.RoPEBackward(dst, in, 1, Rw, 1, K, 1e4) }},
 		{"SiLU", func(dst, in kernels.Buffer) { be.SiLU(dst, in) }},
+		{"Conv1dSiLU", func(dst, in kernels.Buffer) { be.Conv1dSiLU(be.Alloc(Rw*K), dst, in, cw, g, 1, Rw, K, 4) }},
+		{"SwiGLUPacked", func(dst, in kernels.Buffer) {
+			gu := be.Alloc(2 * Rw * K) // gate = in, up = src2
+			be.CopyColumns(gu, in, Rw, K, 2*K, 0, K, 0)
+			be.CopyColumns(gu, src2, Rw, K, 2*K, K, K, 0)
+			be.SwiGLUPacked(dst, gu, Rw, K)
+		}},
+		{"SwiGLUPackedBackward", func(dst, in kernels.Buffer) {
+			be.Zero(dst)
+			be.SwiGLUPackedBackward(dst, be.Slice(in, 0, Rw*K/2), src2, Rw, K/2)
+		}},
 		{"Conv1dBackward", func(dst, in kernels.Buffer) {
 			be.Zero(dst)
 			be.Conv1dBackward(dst, nil, nil, in, src2, cw, 1, Rw, K, 4)

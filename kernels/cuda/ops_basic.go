@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"math"
+	"slices"
 	"unsafe"
 
 	"github.com/bmojo/bmojo/kernels"
@@ -163,6 +164,50 @@ func (b *Backend) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 		b.d.shadows.produce(dgs), b.d.shadows.produce(dus))
 }
 
+// SwiGLUPacked implements kernels.Backend (reference: SwiGLU on the two
+// halves of each row, kernels/cpu). With W_gate and W_up stacked, the
+// model's gate and up are one product [Rw,2F] instead of two, whose input
+// copy is read once; this kernel reads its two halves and writes h with its
+// bf16 copy (down's operand) as bm_swiglu does.
+func (b *Backend) SwiGLUPacked(h, gu kernels.Buffer, Rw, F int) {
+	c := b.check(kernels.OpSwiGLUPacked, []int{Rw, F}, h, gu)
+	if !c.ok || Rw*F == 0 {
+		return
+	}
+	hs, gus := c.f[0], c.f[1]
+	c.cond(!hs.span().overlaps(gus.span()), "h overlaps gu")
+	if !c.ok {
+		return
+	}
+	b.launch("swiglu", "bm_swiglu_packed", b.rowsGrid(Rw, F), block256, 0, hs, gus, Rw, F, b.d.shadows.produce(hs))
+}
+
+// SwiGLUPackedBackward implements kernels.Backend (reference:
+// SwiGLUBackward into the halves of dgu, kernels/cpu). It writes dgu's bf16
+// copy, which the stacked product's backward reads, and recomputes SiLU
+// from gu.
+func (b *Backend) SwiGLUPackedBackward(dgu, dh, gu kernels.Buffer, Rw, F int) {
+	c := b.check(kernels.OpSwiGLUPackedBackward, []int{Rw, F}, fresh(dgu), dh, gu)
+	if !c.ok || c.f[0] == nil || Rw*F == 0 {
+		return
+	}
+	dgus, dhs, gus := c.f[0], c.f[1], c.f[2]
+	c.cond(!dgus.span().overlaps(dhs.span()) && !dgus.span().overlaps(gus.span()), "dgu overlaps dh or gu")
+	if !c.ok {
+		return
+	}
+	b.launch("swiglu_backward", "bm_swiglu_packed_backward", b.rowsGrid(Rw, F), block256, 0, dgus, dhs, gus, Rw, F, boolInt(c.over[0]),
+		b.d.shadows.produce(dgus))
+}
+
+// rowsGrid is the grid of the row kernels of basic.cu over Rw rows of F
+// columns: blocks of 256 columns (x) by row strides (y), about 32 blocks
+// per SM.
+func (b *Backend) rowsGrid(Rw, F int) dim {
+	xb := (F + threads - 1) / threads
+	return dim{xb, max(1, min(Rw, maxGridYZ, (32*max(1, b.d.info.SMs)+xb-1)/xb)), 1}
+}
+
 // CrossEntropy implements kernels.Backend. Targets ≥ V are found on the
 // device and reported by Err.
 func (b *Backend) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntBuffer, Rw, V int) {
@@ -200,4 +245,125 @@ func (b *Backend) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
 	}
 	b.launch("adamw", "bm_adamw", b.gridFor(n), block256, 0, ps, gs, ms, vs,
 		float32(h.LR), float32(h.Beta1), float32(h.Beta2), float32(h.Eps), float32(h.WeightDecay), float32(bc1), float32(bc2), gscale, int64(n))
+}
+
+// adamWTile mirrors BM_ADAMW_TILE in basic.cu: the most elements of one
+// tile of bm_adamw_tiles.
+const adamWTile = 4096
+
+// AdamWSteps implements kernels.Backend (reference: AdamWStep on each
+// segment, kernels/cpu): one launch of bm_adamw_tiles for every segment,
+// where AdamWStep takes one per segment (64 for bmojo-130m), bit for bit
+// the same update. The same pass writes the bf16 copies that products keep
+// of the weights inside param (shadow.go), so the next step's products
+// convert none of them (one bm_to_bf16 launch and a read of the float32
+// weight each, otherwise). Its tiles are built on the device thread and
+// kept on the device while the segments and copies stay the same
+// (adamWTiles).
+func (b *Backend) AdamWSteps(param, grad, m, v kernels.Buffer, segs []kernels.AdamWSegment, h kernels.AdamW) {
+	c := b.check(kernels.OpAdamWSteps, []int{h.Step}, param, grad, m, v)
+	if !c.ok {
+		return
+	}
+	ps, gs, ms, vs := c.f[0], c.f[1], c.f[2], c.f[3]
+	if err := kernels.CheckSegments(segs, ps.n); err != nil {
+		c.failf("%v", err)
+		return
+	}
+	segs = slices.Clone(segs)
+	copies := b.d.shadows.inside(ps, segs)
+	bc1 := 1 - math.Pow(h.Beta1, float64(h.Step))
+	bc2 := 1 - math.Pow(h.Beta2, float64(h.Step))
+	gscale := h.GradScale
+	if gscale == 0 {
+		gscale = 1
+	}
+	b.queueKernel("adamw", "bm_adamw_tiles", func() error {
+		tiles, nt, err := b.adamWTiles(segs, copies)
+		if err != nil || nt == 0 {
+			return err
+		}
+		return b.d.launch("bm_adamw_tiles", dim{min(nt, 32*max(1, b.d.info.SMs)), 1, 1}, block256, 0, ps, gs, ms, vs, uint64(tiles), nt,
+			float32(h.LR), float32(h.Beta1), float32(h.Beta2), float32(h.Eps), float32(bc1), float32(bc2), gscale)
+	})
+}
+
+// adamWTable is AdamWSteps' last tile table on the device and what it was
+// built from (device thread only).
+type adamWTable struct {
+	key   []int64 // the segments, then each copy's range and storage
+	tiles *allocation
+	n     int
+}
+
+// adamWWords is the size of struct bm_adamw_tile in 32-bit words.
+const adamWWords = 6
+
+// adamWTiles returns the device address of the tiles of segs with copies
+// and their number: tiles of up to adamWTile elements of one segment and
+// at most one copy, each struct bm_adamw_tile {off, n, wd, p16}. The table
+// is uploaded again only when the segments or a copy's storage changed.
+// Device thread only.
+func (b *Backend) adamWTiles(segs []kernels.AdamWSegment, copies []innerCopy) (devptr, int, error) {
+	key := make([]int64, 0, 3*len(segs)+3*len(copies))
+	for _, s := range segs {
+		key = append(key, int64(s.Off), int64(s.N), int64(math.Float64bits(s.WeightDecay)))
+	}
+	store := make([]devptr, len(copies))
+	for i, c := range copies {
+		store[i] = b.d.storage(c.s) // 0 without memory for it: the product converts
+		key = append(key, int64(c.off), int64(c.n), int64(store[i]))
+	}
+	t := &b.adamw
+	if t.tiles != nil && slices.Equal(t.key, key) {
+		return t.tiles.ptr, t.n, nil
+	}
+	var words []int32
+	tile := func(off, n int, wd float64, p16 devptr) {
+		for o := 0; o < n; o += adamWTile {
+			at, dst := uint64(off+o), uint64(0)
+			if p16 != 0 {
+				dst = uint64(p16) + 2*uint64(o)
+			}
+			words = append(words, int32(uint32(at)), int32(uint32(at>>32)), int32(min(adamWTile, n-o)),
+				int32(math.Float32bits(float32(wd))), int32(uint32(dst)), int32(uint32(dst>>32)))
+		}
+	}
+	ci := 0
+	for _, s := range segs {
+		for at, end := s.Off, s.Off+s.N; at < end; {
+			for ci < len(copies) && copies[ci].off < at {
+				ci++ // copies lie inside one segment each, in order (shadowTable.inside)
+			}
+			if ci < len(copies) && copies[ci].off == at {
+				tile(at, copies[ci].n, s.WeightDecay, store[ci])
+				at += copies[ci].n
+				continue
+			}
+			next := end
+			if ci < len(copies) && copies[ci].off < end {
+				next = copies[ci].off
+			}
+			tile(at, next-at, s.WeightDecay, 0)
+			at = next
+		}
+	}
+	n := len(words) / adamWWords
+	if n == 0 {
+		t.key, t.n = key, 0
+		return 0, 0, nil
+	}
+	if t.tiles == nil || t.tiles.size < int64(4*len(words)) {
+		a, err := b.d.mem.alloc(int64(4 * len(words)))
+		if err != nil {
+			return 0, 0, err
+		}
+		t.tiles = a // the old table returns to the cache once unreachable; queued work still finds it intact
+	}
+	// Stream-ordered: the copy waits for the launches that read the old table.
+	if err := b.d.drv.htod(t.tiles.ptr, unsafe.Pointer(&words[0]), int64(4*len(words))); err != nil {
+		return 0, 0, err
+	}
+	t.key, t.n = key, n
+	return t.tiles.ptr, n, nil
 }

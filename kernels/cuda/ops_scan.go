@@ -83,7 +83,25 @@ func (b *Backend) Conv1d(out, x, w, bias kernels.Buffer, B, T, E, K int) {
 	if !c.ok || B*T*E == 0 {
 		return
 	}
-	b.launch("conv1d", "bm_conv1d_fwd_k"+kw, b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K)
+	b.launch("conv1d", "bm_conv1d_fwd_k"+kw, b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K, (*floats)(nil), (*shadow)(nil))
+}
+
+// Conv1dSiLU implements kernels.Backend (reference: Conv1d, then SiLU, as
+// kernels/cpu does): the conv kernel writes SiLU(out) and its bf16 copy
+// (x_proj's operand) beside out, with bm_silu_fwd's arithmetic, so the
+// SiLU's own pass (reading out back, B·T·E·4 bytes) and its launch are gone.
+func (b *Backend) Conv1dSiLU(out, act, x, w, bias kernels.Buffer, B, T, E, K int) {
+	c := b.check(kernels.OpConv1dSiLU, []int{B, T, E, K}, out, act, x, w, bias)
+	if !c.ok {
+		return
+	}
+	o, a, xb, wb, bb := c.f[0], c.f[1], c.f[2], c.f[3], c.f[4]
+	c.cond(!o.span().overlaps(a.span()) && !o.span().overlaps(xb.span()) && !a.span().overlaps(xb.span()), "out, act and x overlap")
+	kw := c.convWindow(K)
+	if !c.ok || B*T*E == 0 {
+		return
+	}
+	b.launch("conv1d_silu", "bm_conv1d_fwd_k"+kw, b.convGrid(B*T, E), dim{256, 1, 1}, 0, o, xb, wb, bb, B, T, E, K, a, b.d.shadows.produce(a))
 }
 
 // convMaxK is the widest conv the CUDA kernels take (their largest

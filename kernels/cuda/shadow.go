@@ -2,7 +2,12 @@
 
 package cuda
 
-import "sync"
+import (
+	"sort"
+	"sync"
+
+	"github.com/bmojo/bmojo/kernels"
+)
 
 // Matrix products read bfloat16 copies of their float32 inputs (bf16 mode,
 // ops_matmul.go). A model multiplies the same matrices many times between
@@ -108,6 +113,49 @@ func (d *Device) storage(s *shadow) devptr {
 		s.a = a
 	}
 	return s.a.ptr
+}
+
+// innerCopy is the shadow of a range inside a buffer that an op writes
+// whole, off and n in floats from the buffer's start: a weight inside the
+// flat parameter buffer that AdamWSteps updates.
+type innerCopy struct {
+	off, n int
+	s      *shadow
+}
+
+// inside returns the shadows of the ranges inside f that each lie within
+// one of segs, in order and not overlapping, marked valid: AdamWSteps,
+// which writes f, writes their bf16 copies too (produce for the ranges of
+// a flat buffer). Call it after the op's checks, which invalidated them;
+// the others stay invalid.
+func (t *shadowTable) inside(f *floats, segs []kernels.AdamWSegment) []innerCopy {
+	if f == nil || f.owner == nil || f.n == 0 {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var in []innerCopy
+	fs := f.span()
+	for k, s := range t.owners[f.owner.id] {
+		if k.n == 0 || k.ptr < fs.ptr || k.ptr+devptr(4*k.n) > fs.ptr+devptr(4*fs.n) || (k.ptr-fs.ptr)%4 != 0 {
+			continue
+		}
+		off := int(k.ptr-fs.ptr) / 4
+		i := sort.Search(len(segs), func(i int) bool { return segs[i].Off+segs[i].N > off })
+		if i < len(segs) && segs[i].Off <= off && off+k.n <= segs[i].Off+segs[i].N {
+			in = append(in, innerCopy{off, k.n, s})
+		}
+	}
+	sort.Slice(in, func(i, j int) bool { return in[i].off < in[j].off || in[i].off == in[j].off && in[i].n > in[j].n })
+	kept, end := in[:0], 0
+	for _, c := range in {
+		if c.off >= end { // overlapping ones stay invalid: one copy per element
+			kept = append(kept, c)
+			c.s.valid = true
+			end = c.off + c.n
+		}
+	}
+	return kept
 }
 
 // touch invalidates the shadows that overlap f (it may be written).

@@ -38,6 +38,7 @@ func suite[F kernels.Float]() []opTest[F] {
 		{"MatMulBackward", testMatMulBackward[F]},
 		{"Conv1d", testConv1d[F]},
 		{"Conv1dBackward", testConv1dBackward[F]},
+		{"Conv1dSiLU", testConv1dSiLU[F]},
 		{"SiLU", testSiLU[F]},
 		{"SiLUBackward", testSiLUBackward[F]},
 		{"SiLUMatMulBackward", testSiLUMatMulBackward[F]},
@@ -53,9 +54,12 @@ func suite[F kernels.Float]() []opTest[F] {
 		{"SelectChunks", testSelectChunks[F]},
 		{"SwiGLU", testSwiGLU[F]},
 		{"SwiGLUBackward", testSwiGLUBackward[F]},
+		{"SwiGLUPacked", testSwiGLUPacked[F]},
+		{"SwiGLUPackedBackward", testSwiGLUPackedBackward[F]},
 		{"CrossEntropy", testCrossEntropy[F]},
 		{"CrossEntropyBackward", testCrossEntropyBackward[F]},
 		{"AdamWStep", testAdamW[F]},
+		{"AdamWSteps", testAdamWSteps[F]},
 	}
 }
 
@@ -384,6 +388,26 @@ func testConv1dBackward[F kernels.Float](h *harness[F]) {
 	h.grad("bias", db, preB, bias, dout, fwd)
 }
 
+// testConv1dSiLU holds out to Conv1d and act to SiLU of out as stored
+// (rounded to F), as the unfused Conv1d then SiLU compute it.
+func testConv1dSiLU[F kernels.Float](h *harness[F]) {
+	for _, c := range []struct {
+		name       string
+		B, T, E, K int
+	}{{"odd", 2, 11, 5, 4}, {"wide_k6", 1, 9, 300, 6}} {
+		B, T, E, K := c.B, c.T, c.E, c.K
+		x, w, bias := h.randn(B*T*E, 1), h.randn(E*K, 1), h.randn(E, 1)
+		out, act := h.out(c.name+"/out", B*T*E), h.out(c.name+"/act", B*T*E)
+		h.be.Conv1dSiLU(out, act, h.buf(c.name+"/x", x), h.buf(c.name+"/w", w), h.buf(c.name+"/bias", bias), B, T, E, K)
+		want := naiveConv1d(x, w, bias, B, T, E, K)
+		h.near(c.name+"/out", h.load(out), want)
+		for i, v := range want {
+			want[i] = naiveSiLU(float64(F(v)))
+		}
+		h.near(c.name+"/act", h.load(act), want)
+	}
+}
+
 func testSiLU[F kernels.Float](h *harness[F]) {
 	x := h.randn(37, 3)
 	out := h.out("out", 37)
@@ -449,6 +473,39 @@ func testSwiGLUBackward[F kernels.Float](h *harness[F]) {
 	fwd := func() []float64 { return naiveSwiGLU(gate, up) }
 	h.grad("gate", dg, preG, gate, dh, fwd)
 	h.grad("up", du, preU, up, dh, fwd)
+}
+
+// naiveSwiGLUPacked is SwiGLU on the halves of each row of gu [Rw,2F].
+func naiveSwiGLUPacked(gu []float64, Rw, F int) []float64 {
+	out := make([]float64, Rw*F)
+	for r := range Rw {
+		copy(out[r*F:(r+1)*F], naiveSwiGLU(gu[r*2*F:r*2*F+F], gu[r*2*F+F:(r+1)*2*F]))
+	}
+	return out
+}
+
+func testSwiGLUPacked[F kernels.Float](h *harness[F]) {
+	for _, c := range []struct {
+		name  string
+		Rw, F int
+	}{{"odd", 5, 7}, {"wide", 3, 300}, {"aligned", 4, 64}} {
+		gu := h.randn(c.Rw*2*c.F, 2)
+		out := h.out(c.name+"/h", c.Rw*c.F)
+		h.be.SwiGLUPacked(out, h.buf(c.name+"/gu", gu), c.Rw, c.F)
+		h.near(c.name, h.load(out), naiveSwiGLUPacked(gu, c.Rw, c.F))
+	}
+}
+
+func testSwiGLUPackedBackward[F kernels.Float](h *harness[F]) {
+	for _, c := range []struct {
+		name  string
+		Rw, F int
+	}{{"odd", 5, 7}, {"wide", 2, 300}} {
+		gu, dh, pre := h.randn(c.Rw*2*c.F, 2), h.randn(c.Rw*c.F, 1), h.randn(c.Rw*2*c.F, 1)
+		dgu := h.buf(c.name+"/dgu", pre)
+		h.be.SwiGLUPackedBackward(dgu, h.buf(c.name+"/dh", dh), h.buf(c.name+"/gu", gu), c.Rw, c.F)
+		h.grad(c.name+"/gu", dgu, pre, gu, dh, func() []float64 { return naiveSwiGLUPacked(gu, c.Rw, c.F) })
+	}
 }
 
 // scanInputs are Mamba-like: Alog near log(1..N), Δ around softplus(−1).
@@ -788,6 +845,33 @@ func testAdamW[F kernels.Float](h *harness[F]) {
 	h.near("v", h.load(vb), v)
 }
 
+// testAdamWSteps runs AdamWStep's math over segments of one flat buffer,
+// with a gap between two segments that must stay as it is, and a segment
+// longer than a GPU tile (4096).
+func testAdamWSteps[F kernels.Float](h *harness[F]) {
+	const n = 9001
+	segs := []kernels.AdamWSegment{{Off: 0, N: 13, WeightDecay: 0.1}, {Off: 13, N: 5000}, {Off: 5020, N: n - 5020, WeightDecay: 0.1}}
+	p, m, v := h.randn(n, 1), h.randn(n, 0.1), h.uniform(n, 0, 0.01)
+	pb, mb, vb := h.buf("param", p), h.buf("m", m), h.buf("v", v)
+	for step := 1; step <= 3; step++ {
+		g := h.randn(n, 1)
+		hp := kernels.AdamW{LR: 1e-2, Beta1: 0.9, Beta2: 0.95, Eps: 1e-8, WeightDecay: 7, Step: step} // WeightDecay unused
+		if step == 2 {
+			hp.GradScale = 0.37
+		}
+		h.be.AdamWSteps(pb, h.buf("grad", g), mb, vb, segs, hp)
+		for _, s := range segs {
+			e := s.Off + s.N
+			hs := hp
+			hs.WeightDecay = s.WeightDecay
+			naiveAdamW(p[s.Off:e], g[s.Off:e], m[s.Off:e], v[s.Off:e], hs)
+		}
+	}
+	h.near("param", h.load(pb), p)
+	h.near("m", h.load(mb), m)
+	h.near("v", h.load(vb), v)
+}
+
 // runErrors checks that bad shapes are recorded, named and reported by Err
 // instead of panicking; every case uses a fresh backend.
 func runErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[F]) {
@@ -851,6 +935,14 @@ func runErrors[F kernels.Float](t *testing.T, newBackend func() kernels.Backend[
 		{"adamw_step0", func(be kernels.Backend[F]) {
 			be.AdamWStep(be.Alloc(1), be.Alloc(1), be.Alloc(1), be.Alloc(1), kernels.AdamW{Step: 0})
 		}, "adamw"},
+		{"adamw_steps_segment_outside", func(be kernels.Backend[F]) {
+			x := be.Alloc(4)
+			be.AdamWSteps(x, x, x, x, []kernels.AdamWSegment{{Off: 2, N: 3}}, kernels.AdamW{Step: 1})
+		}, "adamw_steps: segment 0 [2, 2+3) is outside the buffers of 4"},
+		{"adamw_steps_overlap", func(be kernels.Backend[F]) {
+			x := be.Alloc(4)
+			be.AdamWSteps(x, x, x, x, []kernels.AdamWSegment{{Off: 0, N: 3}, {Off: 1, N: 1}}, kernels.AdamW{Step: 1})
+		}, "adamw_steps: segment 1 starts at 1"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -195,6 +195,12 @@ func (pb *Backend[F]) Conv1dBackward(dx, dw, dbias, dout, x, w kernels.Buffer, B
 	pb.Inner.Conv1dBackward(dx, dw, dbias, dout, x, w, B, T, E, K)
 }
 
+// Conv1dSiLU implements kernels.Backend.
+func (pb *Backend[F]) Conv1dSiLU(out, act, x, w, bias kernels.Buffer, B, T, E, K int) {
+	defer pb.stop("Conv1dSiLU", pb.start())
+	pb.Inner.Conv1dSiLU(out, act, x, w, bias, B, T, E, K)
+}
+
 // SiLU implements kernels.Backend.
 func (pb *Backend[F]) SiLU(out, x kernels.Buffer) {
 	defer pb.stop("SiLU", pb.start())
@@ -285,6 +291,18 @@ func (pb *Backend[F]) SwiGLUBackward(dgate, dup, dh, gate, up kernels.Buffer) {
 	pb.Inner.SwiGLUBackward(dgate, dup, dh, gate, up)
 }
 
+// SwiGLUPacked implements kernels.Backend.
+func (pb *Backend[F]) SwiGLUPacked(h, gu kernels.Buffer, Rw, Fw int) {
+	defer pb.stop("SwiGLUPacked", pb.start())
+	pb.Inner.SwiGLUPacked(h, gu, Rw, Fw)
+}
+
+// SwiGLUPackedBackward implements kernels.Backend.
+func (pb *Backend[F]) SwiGLUPackedBackward(dgu, dh, gu kernels.Buffer, Rw, Fw int) {
+	defer pb.stop("SwiGLUPackedBackward", pb.start())
+	pb.Inner.SwiGLUPackedBackward(dgu, dh, gu, Rw, Fw)
+}
+
 // CrossEntropy implements kernels.Backend.
 func (pb *Backend[F]) CrossEntropy(loss, logits kernels.Buffer, targets kernels.IntBuffer, Rw, V int) {
 	defer pb.stop("CrossEntropy", pb.start())
@@ -301,6 +319,12 @@ func (pb *Backend[F]) CrossEntropyBackward(dlogits, logits kernels.Buffer, targe
 func (pb *Backend[F]) AdamWStep(param, grad, m, v kernels.Buffer, h kernels.AdamW) {
 	defer pb.stop("AdamWStep", pb.start())
 	pb.Inner.AdamWStep(param, grad, m, v, h)
+}
+
+// AdamWSteps implements kernels.Backend.
+func (pb *Backend[F]) AdamWSteps(param, grad, m, v kernels.Buffer, segs []kernels.AdamWSegment, h kernels.AdamW) {
+	defer pb.stop("AdamWSteps", pb.start())
+	pb.Inner.AdamWSteps(param, grad, m, v, segs, h)
 }
 
 var _ kernels.Backend[float32] = (*Backend[float32])(nil)

@@ -145,6 +145,41 @@ extern "C" __global__ void bm_swiglu(float *h, const float *gate, const float *u
     }
 }
 
+// SwiGLUPacked: h[r,i] = SiLU(gu[r,i])·gu[r,F+i], gu [Rw,2F] (one product
+// with W_gate and W_up stacked). Blocks stride over rows (blockIdx.y) and
+// cover a row's F columns (blockIdx.x); the arithmetic is bm_swiglu's.
+extern "C" __global__ void bm_swiglu_packed(float *h, const float *gu, int Rw, int F, unsigned short *h16) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= F) return;
+    for (long long r = blockIdx.y; r < Rw; r += gridDim.y) {
+        const float v = gu[r * 2 * F + i];
+        const float o = v * bm_sigmoid(v) * gu[r * 2 * F + F + i];
+        h[r * F + i] = o;
+        if (h16) h16[r * F + i] = (unsigned short)bm_bf16_bits(o);
+    }
+}
+
+// SwiGLUPackedBackward: bm_swiglu_backward into the halves of dgu [Rw,2F]
+// (dgu = when over, the host's deferred zero); dgu16, when set, gets the
+// bf16 copy (the stacked product's operand). SiLU is recomputed from gu.
+extern "C" __global__ void bm_swiglu_packed_backward(float *dgu, const float *dh, const float *gu, int Rw, int F, int over,
+                                                     unsigned short *dgu16) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= F) return;
+    for (long long r = blockIdx.y; r < Rw; r += gridDim.y) {
+        const long long ig = r * 2 * F + i, iu = ig + F;
+        const float v = gu[ig], s = bm_sigmoid(v), g = dh[r * F + i];
+        const float rg = (over ? 0.f : dgu[ig]) + g * gu[iu] * s * (1.f + v * (1.f - s));
+        const float ru = (over ? 0.f : dgu[iu]) + g * v * s;
+        dgu[ig] = rg;
+        dgu[iu] = ru;
+        if (dgu16) {
+            dgu16[ig] = (unsigned short)bm_bf16_bits(rg);
+            dgu16[iu] = (unsigned short)bm_bf16_bits(ru);
+        }
+    }
+}
+
 // dgate += dh·up·silu'(gate), dup += dh·silu(gate); bit 0 of over makes
 // dgate, bit 1 dup, written instead (the host's deferred zero). dgate16 and
 // dup16, when set, get bf16 copies of the results (the matrix products'
@@ -200,18 +235,55 @@ extern "C" __global__ void bm_cross_entropy(float *loss, float *dlogits, const f
     }
 }
 
-// AdamW with decoupled weight decay; bc1, bc2 are the bias corrections.
-// bm_adamw: grad is read as grad·gs, rounded as bm_scale rounds.
+// AdamW with decoupled weight decay at element i; bc1, bc2 are the bias
+// corrections, grad is read as grad·gs, rounded as bm_scale rounds. The one
+// update of bm_adamw and bm_adamw_tiles, so the two agree bit for bit; it
+// returns the new parameter.
+__device__ __forceinline__ float bm_adamw_at(float *p, const float *g, float *m, float *v, long long i, float lr, float b1, float b2, float eps,
+                                            float wd, float bc1, float bc2, double gs) {
+    float gi = gs == 1.0 ? g[i] : (float)((double)g[i] * gs);
+    float mi = b1 * m[i] + (1.f - b1) * gi;
+    float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    float pi = p[i];
+    const float r = pi - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
+    p[i] = r;
+    return r;
+}
+
 extern "C" __global__ void bm_adamw(float *p, const float *g, float *m, float *v, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2,
                                     double gs, long long n) {
-    BM_FOR(i, n) {
-        float gi = gs == 1.0 ? g[i] : (float)((double)g[i] * gs);
-        float mi = b1 * m[i] + (1.f - b1) * gi;
-        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float pi = p[i];
-        p[i] = pi - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
+    BM_FOR(i, n) bm_adamw_at(p, g, m, v, i, lr, b1, b2, eps, wd, bc1, bc2, gs);
+}
+
+// bm_adamw_tile is one tile of bm_adamw_tiles: n ≤ BM_ADAMW_TILE elements
+// from off, all of one segment (weight decay wd) and of at most one kept
+// bf16 copy of a weight: p16, when set, is where element off's copy goes.
+// The host builds the table (ops_basic.go, adamWTiles) and keeps it on the
+// device.
+struct bm_adamw_tile {
+    long long off;
+    int n;
+    float wd;
+    unsigned short *p16;
+};
+#define BM_ADAMW_TILE 4096
+
+// bm_adamw_tiles is AdamWSteps: the update of every parameter tensor in
+// one launch (a multi-tensor apply over a table of tiles), where bm_adamw
+// takes one launch per run of tensors of one decay group; it also writes
+// the bf16 copies the products keep of the weights, which the first
+// product of each weight would otherwise convert again. Blocks stride over
+// the tiles; a tile's threads over its elements.
+extern "C" __global__ void bm_adamw_tiles(float *p, const float *g, float *m, float *v, const bm_adamw_tile *tiles, int ntiles, float lr, float b1,
+                                          float b2, float eps, float bc1, float bc2, double gs) {
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        const bm_adamw_tile d = tiles[t];
+        for (int j = threadIdx.x; j < d.n; j += blockDim.x) {
+            const float r = bm_adamw_at(p, g, m, v, d.off + j, lr, b1, b2, eps, d.wd, bc1, bc2, gs);
+            if (d.p16) d.p16[j] = (unsigned short)bm_bf16_bits(r);
+        }
     }
 }
 

@@ -204,10 +204,13 @@ __device__ __forceinline__ void bm_conv_segment(int &r0, int &r1, int rows, int 
     r1 = min(rows, r0 + L);
 }
 
-// out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t−K+1+k,e] (x at t<0 is 0).
+// out[b,t,e] = bias[e] + Σ_k w[e,k]·x[b,t−K+1+k,e] (x at t<0 is 0). With
+// act set (Conv1dSiLU) it also writes act = SiLU(out) as bm_silu_fwd
+// computes it, and act16, when set, act's bf16 copy: the SiLU's pass over
+// out is saved.
 template <int KW>
 __device__ __forceinline__ void bm_conv1d_fwd_impl(float *out, const float *x, const float *w, const float *bias, int B, int T,
-                                                   int E, int K) {
+                                                   int E, int K, float *act, unsigned short *act16) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= E) return;
     int r0, r1;
@@ -231,6 +234,11 @@ __device__ __forceinline__ void bm_conv1d_fwd_impl(float *out, const float *x, c
         for (int j = 0; j < KW; j++)
             if (j >= j0) acc += wk[j] * xw[j];
         out[i] = acc;
+        if (act) {
+            const float a = acc / (1.f + expf(-acc));
+            act[i] = a;
+            if (act16) act16[i] = (unsigned short)bm_bf16_bits(a);
+        }
 #pragma unroll
         for (int j = 0; j < KW - 1; j++) xw[j] = xw[j + 1];
         if (++t == T) t = 0;
@@ -333,8 +341,8 @@ __device__ __forceinline__ void bm_conv1d_bwd_wpart_impl(float *part, const floa
 // smallest KW ≥ K).
 #define BM_CONV_KERNELS(KW)                                                                                                    \
     extern "C" __global__ void bm_conv1d_fwd_k##KW(float *out, const float *x, const float *w, const float *bias, int B, int T, \
-                                                   int E, int K) {                                                              \
-        bm_conv1d_fwd_impl<KW>(out, x, w, bias, B, T, E, K);                                                                    \
+                                                   int E, int K, float *act, unsigned short *act16) {                           \
+        bm_conv1d_fwd_impl<KW>(out, x, w, bias, B, T, E, K, act, act16);                                                        \
     }                                                                                                                           \
     extern "C" __global__ void bm_conv1d_bwd_dx_k##KW(float *dx, const float *dout, const float *w, int B, int T, int E, int K, \
                                                       int over, unsigned short *dx16) {                                         \
