@@ -74,10 +74,15 @@ func benchRing(b *testing.B, transport string, n, size int, bf16 bool) {
 
 // BenchmarkHier compares, in one process, 2 "hosts" × 2 ranks: a flat
 // 4-rank ring over gRPC (every hop treated as a network hop, as it is when
-// the ranks are on different machines) against Hier, whose local rings use
-// shared memory and whose two cross-host rings carry half the buffer each
-// over gRPC. All ranks share this machine's CPUs and loopback, so the
-// figures say what each scheme costs here, not what a network would give.
+// the ranks are on different machines) against Hier (hier-shm-grpc/rs-ag:
+// reduce-scatter in the host over shared memory, an all-reduce of each
+// rank's half across the hosts over gRPC, all-gather in the host) and
+// against the scheme Hier ran before Ring had a reduce-scatter
+// (hier-shm-grpc/2allreduce: the whole buffer all-reduced in the host, the
+// half across, then the halves gathered by a second whole-buffer
+// all-reduce of zeros and halves), on the same rings in the same run. All
+// ranks share this machine's CPUs and loopback, so the figures say what
+// each scheme costs here, not what a network would give.
 func BenchmarkHier(b *testing.B) {
 	requireShm(b)
 	const hosts, local, size = 2, 2, 64 << 20
@@ -147,6 +152,28 @@ func BenchmarkHier(b *testing.B) {
 		}
 		defer parallel(len(all), func(i int) error { return all[i].Close() })
 		connect(all)
-		run(b, func(i int) error { return hs[i].AllReduce(ctx, bufs[i], Sum) })
+		b.Run("rs-ag", func(b *testing.B) {
+			run(b, func(i int) error { return hs[i].AllReduce(ctx, bufs[i], Sum) })
+		})
+		b.Run("2allreduce", func(b *testing.B) {
+			run(b, func(i int) error { return twoAllReduces(ctx, hs[i], bufs[i]) })
+		})
 	})
+}
+
+// twoAllReduces is the hierarchical sum as Hier ran it before Ring had a
+// reduce-scatter, kept for BenchmarkHier's comparison: all-reduce the whole
+// buffer in the host, all-reduce this rank's slice across the hosts, zero
+// the rest and all-reduce the whole buffer in the host again (x + 0 is x).
+func twoAllReduces(ctx context.Context, h *Hier, buf []float32) error {
+	if err := h.Local.AllReduce(ctx, buf, Sum); err != nil {
+		return err
+	}
+	lo, hi := balanced(len(buf), h.Local.Size(), h.Local.rank)
+	if err := h.Cross.AllReduce(ctx, buf[lo:hi], Sum); err != nil {
+		return err
+	}
+	clear(buf[:lo])
+	clear(buf[hi:])
+	return h.Local.AllReduce(ctx, buf, Sum)
 }

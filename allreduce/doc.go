@@ -9,7 +9,10 @@
 // pass-through gRPC codec; ring.go is the thin transport that runs a plan;
 // shm.go is the same-host data path (slot rings in a shared-memory file,
 // negotiated in the gRPC handshake), which runs the same plan and applies
-// chunks through the same checks and loops.
+// chunks through the same checks and loops. A Ring also runs either half of
+// the plan alone (ReduceScatter, AllGather); hier.go composes two rings, one
+// inside a host and one across hosts, into a hierarchical all-reduce (Hier)
+// out of those halves, and defines Collective, which both satisfy.
 // The package knows nothing about membership, etcd or the model: the caller
 // gives it the ordered peer list and the ring epoch, and re-forms the ring
 // (with a higher epoch) after a failure.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -28,18 +29,27 @@ func newHier(t *testing.T, hosts, local int, bf16 bool) []*Hier {
 			out = append(out, &Hier{Local: locals[h][l], Cross: cross[l][h]})
 		}
 	}
+	for i, h := range out {
+		if h.Rank() != i || h.Size() != hosts*local {
+			t.Fatalf("rank %d says it is rank %d of %d", i, h.Rank(), h.Size())
+		}
+	}
 	return out
 }
 
-// TestHierMatchesTheSum: every shape of hosts × ranks per host, odd lengths,
-// sum and average, float32 and bf16 on the wire: each rank ends with the
-// float64 reduction of all ranks' inputs (within the wire's tolerance) and
-// the same bits as every other rank.
+// TestHierMatchesTheSum: every shape of hosts × ranks per host (one host,
+// one rank per host, both), odd lengths (lengths below the rank count
+// leave some ranks an empty share), sum and average, float32 and bf16 on
+// the wire: each rank ends with the float64 reduction of all ranks' inputs
+// (within the wire's tolerance) and the same bits as every other rank.
 func TestHierMatchesTheSum(t *testing.T) {
 	checkNoLeaks(t)
-	for _, shape := range [][2]int{{2, 2}, {3, 2}, {2, 3}, {1, 3}, {3, 1}} {
+	for _, shape := range [][2]int{{2, 2}, {3, 2}, {2, 3}, {1, 3}, {3, 1}, {1, 1}} {
 		for _, bf16 := range []bool{false, true} {
 			hosts, local := shape[0], shape[1]
+			if hosts*local == 1 && bf16 {
+				continue
+			}
 			t.Run(fmt.Sprintf("hosts=%d/local=%d/bf16=%v", hosts, local, bf16), func(t *testing.T) {
 				hs := newHier(t, hosts, local, bf16)
 				n := hosts * local
@@ -58,8 +68,10 @@ func TestHierMatchesTheSum(t *testing.T) {
 								t.Fatalf("length %d: rank %d: %v", l, i, err)
 							}
 						}
-						// bf16 rounds the inputs three times (two local
-						// passes, one across hosts) instead of once.
+						// bf16 rounds a value on the wire up to three
+						// times (in the host, across, the gather's
+						// rounding of an average) instead of once; the
+						// bf16 tolerance covers it.
 						checkResults(t, in, bufs, kind, bf16)
 					}
 				}
@@ -68,10 +80,132 @@ func TestHierMatchesTheSum(t *testing.T) {
 	}
 }
 
-// TestHierFailure: a broken cross-host ring fails the collective on the
-// ranks that use it, with an error that says where, and does not hang the
-// others of their host (their local ring breaks with the first one).
+// TestHierBucketsOverlap: buckets started back to back (Start), as
+// backward starts them, and waited for in reverse order, each end with the
+// sum, bitwise identical across ranks; the collective is idle afterwards
+// (no goroutine left running: checkNoLeaks).
+func TestHierBucketsOverlap(t *testing.T) {
+	checkNoLeaks(t)
+	const hosts, local = 2, 2
+	n := hosts * local
+	hs := newHier(t, hosts, local, false)
+	sizes := []int{50_000, 1, 0, 12_345, 3, 7}
+	inputs := make([][][]float32, len(sizes))
+	bufs := make([][][]float32, len(sizes))
+	for b, l := range sizes {
+		inputs[b] = seededInputs(uint64(b)+11, n, l)
+		bufs[b] = make([][]float32, n)
+		for r := range bufs[b] {
+			bufs[b][r] = append([]float32(nil), inputs[b][r]...)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	errs := parallel(n, func(r int) error {
+		var c Collective = hs[r]
+		handles := make([]*Handle, len(sizes))
+		for b := range sizes {
+			handles[b] = c.Start(bufs[b][r], Avg)
+		}
+		for b := len(handles) - 1; b >= 0; b-- {
+			if err := handles[b].Wait(ctx); err != nil {
+				return err
+			}
+		}
+		return c.Err()
+	})
+	for r, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+	for b := range sizes {
+		got := make([][]float32, n)
+		for r := range got {
+			got[r] = bufs[b][r]
+		}
+		checkResults(t, inputs[b], got, Avg, false)
+	}
+}
+
+// TestHierFailure: a rank goes away in the middle of a collective (both of
+// its rings closed under it, as a killed process's would break). Every
+// other rank fails, well before its hop deadline, and no error blames
+// anyone but the dead rank, by its global number: its neighbours in either
+// ring name it, and the ranks that only hear of it through the other ring
+// blame nobody (no *PeerError), so a worker reports no innocent peer.
 func TestHierFailure(t *testing.T) {
+	checkNoLeaks(t)
+	for _, victim := range []int{0, 3} {
+		t.Run(fmt.Sprintf("victim=%d", victim), func(t *testing.T) {
+			hs := newHier(t, 2, 2, false)
+			n := len(hs)
+			bufs := make([][]float32, n)
+			for i := range bufs {
+				bufs[i] = make([]float32, 4<<20) // long enough to be mid-flight when it goes
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			start := time.Now()
+			handles := make([]*Handle, n)
+			for i := range hs {
+				handles[i] = hs[i].Start(bufs[i], Sum)
+			}
+			time.Sleep(20 * time.Millisecond) // let the collective get going
+			gone := time.Now()
+			closed := make(chan error, 1)
+			go func() { closed <- hs[victim].Close() }()
+			took := make([]time.Duration, n)
+			errs := parallel(n, func(i int) error {
+				err := handles[i].Wait(ctx)
+				took[i] = time.Since(gone)
+				return err
+			})
+			if err := <-closed; err != nil {
+				t.Fatal(err)
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("the ranks hung until the deadline: %v", errs)
+			}
+			for i, d := range took {
+				if i != victim && d > testConfig().HopTimeout/2 {
+					t.Errorf("rank %d failed %v after rank %d went: that is a hop deadline, not the failure travelling", i, d, victim)
+				}
+			}
+			t.Logf("started %v before the rank went; the survivors failed within %v of it", gone.Sub(start).Round(time.Millisecond), slices.Max(took).Round(time.Millisecond))
+			named := 0
+			for i, err := range errs {
+				if i == victim {
+					if !errors.Is(err, ErrClosed) {
+						t.Errorf("the closed rank %d: %v, want ErrClosed", i, err)
+					}
+					continue
+				}
+				if err == nil {
+					t.Fatalf("rank %d finished a collective whose rank %d went away", i, victim)
+				}
+				var pe *PeerError
+				if errors.As(err, &pe) {
+					if pe.Rank != victim {
+						t.Errorf("rank %d blames rank %d, not the rank that went (%d): %v", i, pe.Rank, victim, err)
+					}
+					named++
+				}
+				if hs[i].Err() == nil {
+					t.Errorf("rank %d: Err() is nil after a failed collective", i)
+				}
+			}
+			if named == 0 {
+				t.Errorf("no survivor named the rank that went: %v", errs)
+			}
+		})
+	}
+}
+
+// TestHierCrossRingClosed: a cross-host ring closed before the collective
+// fails it on the rank that uses it, saying where, and the others of both
+// its rings within a hop timeout.
+func TestHierCrossRingClosed(t *testing.T) {
 	checkNoLeaks(t)
 	hs := newHier(t, 2, 2, false)
 	// Local index 1's cross ring goes away on host 0.
@@ -84,6 +218,7 @@ func TestHierFailure(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	start := time.Now()
 	errs := parallel(len(hs), func(i int) error { return hs[i].AllReduce(ctx, bufs[i], Sum) })
 	if ctx.Err() != nil {
 		t.Fatalf("the ranks hung until the deadline: %v", errs)
@@ -91,21 +226,30 @@ func TestHierFailure(t *testing.T) {
 	if !errors.Is(errs[1], ErrClosed) || !strings.Contains(errs[1].Error(), "across hosts") {
 		t.Fatalf("rank 1 (its cross ring closed): %v, want ErrClosed across hosts", errs[1])
 	}
-	// The others fail too, each within a hop timeout: rank 3 at the other
-	// end of the closed ring, ranks 0 and 2 in their host's gather, which
-	// their failed neighbour never joins. The caller re-forms the rings, as
-	// after any ring failure.
 	for i, err := range errs {
 		if err == nil {
 			t.Fatalf("rank %d finished a collective that a closed ring was part of", i)
 		}
+	}
+	if el := time.Since(start); el > testConfig().HopTimeout {
+		t.Errorf("failing took %v, longer than a hop deadline", el)
 	}
 }
 
 // TestHierNeedsRings: a Hier without its rings is a configuration error,
 // not a panic.
 func TestHierNeedsRings(t *testing.T) {
-	if err := (&Hier{}).AllReduce(context.Background(), make([]float32, 4), Sum); !errors.Is(err, ErrConfig) {
-		t.Fatalf("got %v, want ErrConfig", err)
+	h := &Hier{}
+	if err := h.AllReduce(context.Background(), make([]float32, 4), Sum); !errors.Is(err, ErrConfig) {
+		t.Fatalf("AllReduce: got %v, want ErrConfig", err)
+	}
+	if err := h.Connect(context.Background()); !errors.Is(err, ErrConfig) {
+		t.Fatalf("Connect: got %v, want ErrConfig", err)
+	}
+	if err := h.Err(); !errors.Is(err, ErrConfig) {
+		t.Fatalf("Err: got %v, want ErrConfig", err)
+	}
+	if h.Size() != 0 || h.Close() != nil {
+		t.Fatal("Size or Close of an empty Hier")
 	}
 }

@@ -427,22 +427,62 @@ func (r *Ring) Transport() (toSuccessor, fromPredecessor string) {
 	return toSuccessor, fromPredecessor
 }
 
-// Handle is a collective in flight.
+// Handle is a collective in flight (of a Ring or a Hier).
 type Handle struct {
-	r    *Ring
+	rank int // for messages: the rank that started it
 	op   uint64
 	buf  []float32
 	kind Op
+	part part
 	done chan struct{}
 	err  error
 }
 
 // Start begins an all-reduce of buf in place and returns at once; buf belongs
 // to the ring until the handle is done. Collectives run in Start order.
-func (r *Ring) Start(buf []float32, op Op) *Handle {
+func (r *Ring) Start(buf []float32, op Op) *Handle { return r.start(buf, op, partAll) }
+
+// StartReduceScatter begins the first half of an all-reduce: when the
+// handle is done, this rank's segment of buf, Owned(len(buf)), holds the
+// reduction (op) of every rank's segment, bitwise identical to what an
+// all-reduce would leave there (rounded to bfloat16 with WireBF16); the
+// rest of buf holds partial sums and is to be ignored.
+func (r *Ring) StartReduceScatter(buf []float32, op Op) *Handle {
+	return r.start(buf, op, partReduceScatter)
+}
+
+// StartAllGather begins the second half of an all-reduce: every rank
+// contributes its segment Owned(len(buf)) of buf, and when the handle is
+// done every rank's buf holds every rank's segment, bit for bit. With
+// WireBF16 the owned segment is first rounded to bfloat16 in place (what
+// the others receive), so every rank ends with the same bits.
+func (r *Ring) StartAllGather(buf []float32) *Handle { return r.start(buf, Sum, partAllGather) }
+
+// ReduceScatter is StartReduceScatter and waiting for it; see AllReduce
+// for what ctx ending does.
+func (r *Ring) ReduceScatter(ctx context.Context, buf []float32, op Op) error {
+	return r.await(ctx, r.StartReduceScatter(buf, op))
+}
+
+// AllGather is StartAllGather and waiting for it; see AllReduce for what
+// ctx ending does.
+func (r *Ring) AllGather(ctx context.Context, buf []float32) error {
+	return r.await(ctx, r.StartAllGather(buf))
+}
+
+// Owned is the element range [lo,hi) of an n-element buffer that this rank
+// holds fully reduced after a reduce-scatter and contributes to an
+// all-gather: segment Plan.Owned() of the ring's plan. Ranks' ranges tile
+// the buffer; some are empty when n is smaller than the ring.
+func (r *Ring) Owned(n int) (lo, hi int) {
+	p := Plan{N: r.n, Rank: r.rank, Length: max(n, 0)}
+	return p.Segment(p.Owned())
+}
+
+func (r *Ring) start(buf []float32, op Op, k part) *Handle {
 	r.mu.Lock()
 	r.nextOp++
-	h := &Handle{r: r, op: r.nextOp, buf: buf, kind: op, done: make(chan struct{})}
+	h := &Handle{rank: r.rank, op: r.nextOp, buf: buf, kind: op, part: k, done: make(chan struct{})}
 	if r.closed {
 		r.mu.Unlock()
 		h.err = fmt.Errorf("allreduce: rank %d op %d: %w", r.rank, h.op, ErrClosed)
@@ -469,7 +509,7 @@ func (h *Handle) Wait(ctx context.Context) error {
 	case <-h.done:
 		return h.err
 	case <-ctx.Done():
-		return fmt.Errorf("allreduce: rank %d waiting for op %d: %w", h.r.rank, h.op, ctx.Err())
+		return fmt.Errorf("allreduce: rank %d waiting for op %d: %w", h.rank, h.op, ctx.Err())
 	}
 }
 
@@ -477,7 +517,12 @@ func (h *Handle) Wait(ctx context.Context) error {
 // ring is aborted (the other ranks fail too) and AllReduce returns once the
 // buffer is no longer in use.
 func (r *Ring) AllReduce(ctx context.Context, buf []float32, op Op) error {
-	h := r.Start(buf, op)
+	return r.await(ctx, r.Start(buf, op))
+}
+
+// await waits for h; if ctx ends first it breaks the ring and waits until
+// the buffer is no longer in use.
+func (r *Ring) await(ctx context.Context, h *Handle) error {
 	select {
 	case <-h.done:
 		return h.err
@@ -594,9 +639,30 @@ func (r *Ring) failure() error {
 	return r.failed
 }
 
+// blameOutside, as an ABORT's blame rank, says the failure happened outside
+// this ring: in the other ring of a hierarchical collective (Hier), which
+// names the culprit in its own ranks. Receivers pass it on and blame no
+// rank of theirs.
+const blameOutside = -2
+
 // fail breaks the ring with err (the first error wins), tells the successor
-// so that the failure travels around the ring, and unblocks everything.
+// so that the failure travels around the ring, and unblocks everything. The
+// abort blames the rank a *PeerError names, else the predecessor (as the
+// successor sees it).
 func (r *Ring) fail(err error) {
+	blame := int32(-1)
+	var pe *PeerError
+	if errors.As(err, &pe) {
+		blame = int32(pe.Rank)
+	}
+	r.failBlame(err, blame)
+}
+
+// failOutside breaks the ring for a failure outside it (see blameOutside):
+// the abort names no rank of this ring.
+func (r *Ring) failOutside(err error) { r.failBlame(err, blameOutside) }
+
+func (r *Ring) failBlame(err error, blame int32) {
 	r.mu.Lock()
 	if r.failed != nil {
 		r.mu.Unlock()
@@ -611,11 +677,6 @@ func (r *Ring) fail(err error) {
 		return
 	}
 	r.log.Warn("ring broken", "error", err)
-	blame := int32(-1)
-	var pe *PeerError
-	if errors.As(err, &pe) {
-		blame = int32(pe.Rank)
-	}
 	if ctl != nil {
 		hdr := &pb.FrameHeader{Kind: pb.Kind_KIND_ABORT, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
 			WorldSize: uint32(r.n), BlameRank: blame, Reason: err.Error()}
@@ -676,8 +737,11 @@ type opState struct {
 	buf  []float32
 	kind Op
 	plan Plan
-	done []chan struct{} // per (step, chunk): received and applied
-	got  []atomic.Bool
+	part part
+	// first and end bound the steps this collective runs (Plan.StepRange).
+	first, end int
+	done       []chan struct{} // per (step, chunk): received and applied
+	got        []atomic.Bool
 	// prep[Index(s, j)] is the bf16 payload to send at step s+1 for chunk
 	// j, written by apply before done[Index(s, j)] is closed.
 	prep [][]byte
@@ -704,7 +768,14 @@ func (r *Ring) run(h *Handle) error {
 	if err != nil {
 		return err
 	}
-	op := &opState{id: h.op, buf: h.buf, kind: h.kind, plan: plan, released: make(chan struct{})}
+	op := &opState{id: h.op, buf: h.buf, kind: h.kind, plan: plan, part: h.part, released: make(chan struct{})}
+	op.first, op.end = plan.StepRange(h.part)
+	if h.part == partAllGather && r.dtype == pb.DType_DTYPE_BF16 {
+		// The others receive our segment rounded; keep ours equal. (After
+		// a reduce-scatter it is bf16 already, and rounding is idempotent.)
+		lo, hi := plan.Segment(plan.Owned())
+		roundBF16(h.buf[lo:hi])
+	}
 	if r.dtype == pb.DType_DTYPE_BF16 {
 		op.prep = make([][]byte, plan.Steps()*plan.Chunks)
 	}
@@ -775,7 +846,7 @@ func (r *Ring) awaitRecv(op *opState) error {
 	timer := time.NewTimer(r.cfg.HopTimeout)
 	defer timer.Stop()
 	p := op.plan
-	for s := 0; s < p.Steps(); s++ {
+	for s := op.first; s < op.end; s++ {
 		for j := 0; j < p.Chunks; j++ {
 			select {
 			case <-op.done[p.Index(s, j)]:
@@ -804,9 +875,9 @@ func (r *Ring) awaitRecv(op *opState) error {
 func (r *Ring) sendLoop(op *opState, k int) error {
 	p := op.plan
 	st := r.data[k].stream
-	for s := 0; s < p.Steps(); s++ {
+	for s := op.first; s < op.end; s++ {
 		for j := k; j < p.Chunks; j += len(r.data) {
-			if s > 0 {
+			if s > op.first {
 				select {
 				case <-op.done[p.Index(s-1, j)]:
 				case <-r.failedCh:
@@ -823,7 +894,7 @@ func (r *Ring) sendLoop(op *opState, k int) error {
 			nbytes := len(src) * dtypeSize(r.dtype)
 			var raw []byte
 			if r.dtype == pb.DType_DTYPE_BF16 {
-				if s > 0 {
+				if s > op.first {
 					// Made by apply while the values were in registers.
 					raw = op.prep[p.Index(s-1, j)]
 					op.prep[p.Index(s-1, j)] = nil
@@ -902,6 +973,12 @@ func (r *Ring) deliver(f *inFrame, stream int) error {
 	case pb.Kind_KIND_ABORT:
 		f.release()
 		blame := int(h.GetBlameRank())
+		if blame == blameOutside {
+			// Not a PeerError: no rank of this ring is to blame.
+			r.failOutside(fmt.Errorf("allreduce: rank %d: aborted by predecessor rank %d for a failure outside this ring: %s: %w",
+				r.rank, r.pred, h.GetReason(), ErrPeerFailed))
+			return nil
+		}
 		if blame < 0 || blame >= r.n {
 			blame = r.pred
 		}
@@ -982,8 +1059,8 @@ func (r *Ring) apply(op *opState, f *inFrame) error {
 		return bad("buffer of %d elements, this rank has %d", h.GetTotalElems(), p.Length)
 	case h.GetDtype() != r.dtype:
 		return bad("wire dtype %v, this rank uses %v", h.GetDtype(), r.dtype)
-	case s >= p.Steps():
-		return bad("step out of range [0,%d)", p.Steps())
+	case s < op.first || s >= op.end:
+		return bad("step out of range [%d,%d) of this %v", op.first, op.end, op.part)
 	case j >= p.Chunks:
 		return bad("chunk out of range [0,%d)", p.Chunks)
 	}
@@ -1009,7 +1086,7 @@ func (r *Ring) apply(op *opState, f *inFrame) error {
 		// pass over memory later.
 		w := getWireBuf(len(dst) * 2)
 		applyBF16Fused(dst, f.payload, w, p.IsReduce(s), p.Finishes(s), op.kind, r.n)
-		if s+1 < p.Steps() {
+		if s+1 < op.end {
 			op.prep[idx] = w
 		} else {
 			putWireBuf(w)

@@ -88,6 +88,43 @@ func (p Plan) Owned() int { return mod(p.Rank+1, p.N) }
 // owned segment (so averaging and wire rounding are applied right after it).
 func (p Plan) Finishes(s int) bool { return s == p.N-2 }
 
+// part selects which steps of the schedule a collective runs: all of them
+// (all-reduce), the reduce-scatter half or the all-gather half.
+type part int
+
+const (
+	partAll part = iota
+	partReduceScatter
+	partAllGather
+)
+
+func (k part) String() string {
+	switch k {
+	case partReduceScatter:
+		return "reduce-scatter"
+	case partAllGather:
+		return "all-gather"
+	}
+	return "all-reduce"
+}
+
+// StepRange is the steps [first, end) a collective of kind k runs:
+// [0, 2(N-1)) for an all-reduce, [0, N-1) for a reduce-scatter (after
+// which the rank holds segment Owned() fully reduced, and nothing else
+// reduced), [N-1, 2(N-1)) for an all-gather (which starts from the owned
+// segment and copies every other rank's owned segment in). The halves keep
+// their step numbers, so a frame of one half can never be taken for the
+// other.
+func (p Plan) StepRange(k part) (first, end int) {
+	switch k {
+	case partReduceScatter:
+		return 0, p.N - 1
+	case partAllGather:
+		return p.N - 1, p.Steps()
+	}
+	return 0, p.Steps()
+}
+
 // Index flattens (step, chunk) for per-op bookkeeping.
 func (p Plan) Index(s, j int) int { return s*p.Chunks + j }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -72,6 +73,13 @@ func checkResults(t *testing.T, inputs, got [][]float32, kind Op, bf16 bool) {
 // it must produce exactly these bits.
 func simulate(t *testing.T, inputs [][]float32, chunk int, kind Op, bf16 bool) [][]float32 {
 	t.Helper()
+	return simulatePart(t, inputs, chunk, kind, bf16, partAll)
+}
+
+// simulatePart is simulate for the steps of one part of the schedule; the
+// inputs are the buffers as that part finds them.
+func simulatePart(t *testing.T, inputs [][]float32, chunk int, kind Op, bf16 bool, k part) [][]float32 {
+	t.Helper()
 	n := len(inputs)
 	bufs := make([][]float32, n)
 	plans := make([]Plan, n)
@@ -83,7 +91,8 @@ func simulate(t *testing.T, inputs [][]float32, chunk int, kind Op, bf16 bool) [
 		}
 		plans[r] = p
 	}
-	for s := 0; s < plans[0].Steps(); s++ {
+	first, end := plans[0].StepRange(k)
+	for s := first; s < end; s++ {
 		type msg struct {
 			to, j int
 			data  []float32
@@ -142,6 +151,58 @@ func TestPlanSimulated(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestPlanHalvesSimulated: the reduce-scatter half leaves each rank's owned
+// segment with the bits the whole all-reduce gives it, and the all-gather
+// half, started from nothing but the owned segments (every other element a
+// NaN guard), gives every rank the whole all-reduce's bits.
+func TestPlanHalvesSimulated(t *testing.T) {
+	for n := 1; n <= 6; n++ {
+		for _, chunk := range []int{1, 3, 64} {
+			for _, l := range oddLengths(n, chunk) {
+				for _, kind := range []Op{Sum, Avg} {
+					for _, bf16 := range []bool{false, true} {
+						if n == 1 && bf16 {
+							continue
+						}
+						in := seededInputs(2, n, l)
+						whole := simulate(t, in, chunk, kind, bf16)
+						rs := simulatePart(t, in, chunk, kind, bf16, partReduceScatter)
+						guarded := make([][]float32, n)
+						for r := range rs {
+							p, _ := NewPlan(n, r, l, chunk)
+							lo, hi := p.Segment(p.Owned())
+							if !slices.Equal(f32Bits(rs[r][lo:hi]), f32Bits(whole[r][lo:hi])) {
+								t.Fatalf("n%d/chunk%d/len%d/op%d/bf16=%v: rank %d's reduce-scatter segment differs from the all-reduce's",
+									n, chunk, l, kind, bf16, r)
+							}
+							guarded[r] = make([]float32, l)
+							for i := range guarded[r] {
+								guarded[r][i] = float32(math.NaN())
+							}
+							copy(guarded[r][lo:hi], rs[r][lo:hi])
+						}
+						ag := simulatePart(t, guarded, chunk, kind, bf16, partAllGather)
+						for r := range ag {
+							if !slices.Equal(f32Bits(ag[r]), f32Bits(whole[r])) {
+								t.Fatalf("n%d/chunk%d/len%d/op%d/bf16=%v: rank %d after the all-gather differs from the all-reduce",
+									n, chunk, l, kind, bf16, r)
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+func f32Bits(xs []float32) []uint32 {
+	out := make([]uint32, len(xs))
+	for i, x := range xs {
+		out[i] = math.Float32bits(x)
+	}
+	return out
 }
 
 // TestPlanSegments pins the schedule for 3 ranks: who sends and receives

@@ -232,9 +232,9 @@ func (r *Ring) shmSendLoop(op *opState, q int) error {
 	nq := len(reg.queues)
 	p := op.plan
 	size := dtypeSize(r.dtype)
-	for s := 0; s < p.Steps(); s++ {
+	for s := op.first; s < op.end; s++ {
 		for j := q; j < p.Chunks; j += nq {
-			if s > 0 {
+			if s > op.first {
 				select {
 				case <-op.done[p.Index(s-1, j)]:
 				case <-r.failedCh:
@@ -257,7 +257,7 @@ func (r *Ring) shmSendLoop(op *opState, q int) error {
 			slot := qu.slot(seq)
 			payload := slot[slotHdrBytes : slotHdrBytes+len(src)*size]
 			if r.dtype == pb.DType_DTYPE_BF16 {
-				if idx := p.Index(s-1, j); s > 0 && op.prep[idx] != nil {
+				if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
 					// Made by apply while the values were in
 					// registers (the chunk came over gRPC).
 					copy(payload, op.prep[idx])
@@ -339,7 +339,7 @@ func (r *Ring) shmRecvOp(reg *shmRegion, q int, op *opState) error {
 		per = (p.Chunks - q + nq - 1) / nq
 	}
 	qu := &reg.queues[q]
-	for i := 0; i < per*p.Steps(); i++ {
+	for i := 0; i < per*(op.end-op.first); i++ {
 		seq := qu.tail.Load()
 		var w spinWait
 		for {

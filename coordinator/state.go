@@ -17,7 +17,11 @@ import (
 //
 // Protocol decisions where the cluster package doc is silent:
 //
-//   - Rank order is the member ids sorted as strings.
+//   - Rank order is the members sorted by host, then by id (as strings), so
+//     the members of one host are contiguous, hosts in name order: the
+//     workers' hierarchical all-reduce takes its rings from that order.
+//     Members with no host (older builds) sort first; with no hosts at
+//     all the order is the ids'.
 //   - First ring: the machine waits until JobSpec.Workers acceptable members
 //     are registered. The bootstrap timer, armed when the first member is
 //     seen, lets it start with fewer (but at least MinRing) if the others
@@ -486,8 +490,11 @@ func (m *Machine) decide() {
 func (m *Machine) wanted() []job.RingMember {
 	out := make([]job.RingMember, 0, len(m.members))
 	for _, id := range sortedKeys(m.members) {
-		out = append(out, job.RingMember{ID: id, Endpoint: m.members[id].Member.Endpoint})
+		mb := m.members[id].Member
+		out = append(out, job.RingMember{ID: id, Endpoint: mb.Endpoint, Host: mb.Host, LocalEndpoint: mb.LocalEndpoint})
 	}
+	// Stable: within a host the ids stay sorted.
+	slices.SortStableFunc(out, func(a, b job.RingMember) int { return strings.Compare(a.Host, b.Host) })
 	return out
 }
 

@@ -19,7 +19,7 @@ import (
 // Commands:
 //
 //	> spec workers=N [min_ring=M]                  a new machine (hash h, code c, protocol 1), no members
-//	> join ID[,ep=HOST:PORT][,rev=R][,spec=S][,code=C][,proto=P][,bad] ...
+//	> join ID[,ep=HOST:PORT][,host=H][,rev=R][,spec=S][,code=C][,proto=P][,bad] ...
 //	                                               add or replace members; send the member set
 //	> leave ID ...                                 delete member keys; send the member set
 //	> sync                                         send the member set as it is
@@ -109,6 +109,8 @@ func (h *harness) do(f []string, line string) {
 				switch k, v := kv(p); k {
 				case "ep":
 					mi.Member.Endpoint = v
+				case "host":
+					mi.Member.Host, mi.Member.LocalEndpoint = v, parts[0]+":7001"
 				case "rev":
 					mi.Rev = int64(atoi(v))
 				case "spec":
@@ -195,6 +197,9 @@ func (h *harness) render(a Action) string {
 			s := rm.ID
 			if rm.Endpoint != rm.ID+":7000" {
 				s += "@" + rm.Endpoint
+			}
+			if rm.Host != "" {
+				s += "(" + rm.Host + ")"
 			}
 			ms = append(ms, s)
 		}

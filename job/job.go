@@ -54,7 +54,24 @@ type Job struct {
 	KeepCheckpoints int    `yaml:"keep_checkpoints"` // newest checkpoints kept; 0 = all
 
 	Threads int `yaml:"threads"` // CPU threads for the kernels; 0 = all cores
+
+	// AllReduce picks how the workers' ring all-reduces gradients: auto
+	// ("" means auto) is hierarchical when the ring's members span two or
+	// more hosts with the same number (two or more) on each (reduce-scatter
+	// inside each host, a ring across hosts per local rank, all-gather
+	// inside each host; allreduce.Hier), else one flat ring; flat is always
+	// one flat ring; hier is auto that warns when the ring's shape rules
+	// the hierarchy out. Every worker reads it from the job, so all ranks
+	// decide alike.
+	AllReduce string `yaml:"allreduce,omitempty"`
 }
+
+// AllReduce values.
+const (
+	AllReduceAuto = "auto"
+	AllReduceFlat = "flat"
+	AllReduceHier = "hier"
+)
 
 // Default is the README's main job: the tiny B'MOJO preset (eidetic memory
 // on) on the bundled corpus, sized to finish in about five minutes on a
@@ -121,6 +138,8 @@ func (j Job) Validate() error {
 		return bad("checkpoint_dir must be set")
 	case j.Threads < 0 || j.Threads > 4*runtime.NumCPU():
 		return bad("threads must be in [0, %d], got %d", 4*runtime.NumCPU(), j.Threads)
+	case j.AllReduce != "" && j.AllReduce != AllReduceAuto && j.AllReduce != AllReduceFlat && j.AllReduce != AllReduceHier:
+		return bad("allreduce must be %s, %s or %s, got %q", AllReduceAuto, AllReduceFlat, AllReduceHier, j.AllReduce)
 	}
 	return nil
 }
@@ -180,6 +199,9 @@ func Parse(name string, b []byte) (Job, error) {
 		for i := range j.Model.Mixers {
 			j.Model.Mixers[i] = m[0]
 		}
+	}
+	if j.AllReduce == AllReduceAuto {
+		j.AllReduce = "" // one spelling of the default, so resumes compare equal
 	}
 	if err := j.Validate(); err != nil {
 		return Job{}, fmt.Errorf("%s: %w", name, err)

@@ -66,3 +66,44 @@ func TestDiffNamesWhatChanged(t *testing.T) {
 		t.Errorf("ResumeError = %v", err)
 	}
 }
+
+// TestAllReduceSetting: the job's all-reduce scheme is validated by name,
+// auto is stored as the default's one spelling (so a job file that says
+// auto resumes one that said nothing), and the default leaves the job
+// file as it was.
+func TestAllReduceSetting(t *testing.T) {
+	for _, tc := range []struct{ value, want, err string }{
+		{"", "", ""},
+		{"auto", "", ""},
+		{"flat", "flat", ""},
+		{"hier", "hier", ""},
+		{"ring", "", "allreduce must be auto, flat or hier"},
+	} {
+		t.Run("value="+tc.value, func(t *testing.T) {
+			y := "version: 1\nsteps: 5\n"
+			if tc.value != "" {
+				y += "allreduce: " + tc.value + "\n"
+			}
+			j, err := Parse("job.yaml", []byte(y))
+			if tc.err != "" {
+				if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %v, want ErrInvalid saying %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || j.AllReduce != tc.want {
+				t.Fatalf("got %q, %v; want %q", j.AllReduce, err, tc.want)
+			}
+			out, err := j.YAML()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if has := strings.Contains(out, "allreduce:"); has != (tc.want != "") {
+				t.Fatalf("YAML of allreduce %q:\n%s", tc.want, out)
+			}
+			if d := j.Diff(Default()); tc.want == "" && len(d) > 0 && strings.Contains(strings.Join(d, ";"), "allreduce") {
+				t.Fatalf("the default differs from itself: %v", d)
+			}
+		})
+	}
+}

@@ -140,20 +140,33 @@ type Member struct {
 	CodeHash   string `json:"code"`
 	Protocol   int    `json:"protocol"`
 	Registered string `json:"registered"` // RFC 3339
+	// Host names the machine the worker runs on (its --host: the
+	// hostname, on Kubernetes the node's name). Workers with the same
+	// host are ranked next to each other, and a ring whose hosts all hold
+	// the same number of them reduces hierarchically (Job.AllReduce).
+	Host string `json:"host,omitempty"`
+	// LocalEndpoint is host:port of the worker's second all-reduce
+	// listener, which serves the ring of its host's workers when the
+	// all-reduce is hierarchical (the ring across hosts uses Endpoint).
+	LocalEndpoint string `json:"local_endpoint,omitempty"`
 }
 
-// RingMember is one rank of a ring.
+// RingMember is one rank of a ring: Member's fields the ranks need.
 type RingMember struct {
-	ID       string `json:"id"`
-	Endpoint string `json:"endpoint"`
+	ID            string `json:"id"`
+	Endpoint      string `json:"endpoint"`
+	Host          string `json:"host,omitempty"`
+	LocalEndpoint string `json:"local_endpoint,omitempty"`
 }
 
 // Ring is the published ring. Epoch only grows; it is the fencing token of
 // every all-reduce message.
 type Ring struct {
-	Epoch   uint64       `json:"epoch"`
-	Members []RingMember `json:"members"` // rank order
-	Reason  string       `json:"reason"`  // why this epoch started (joined, lease expired, reported, ...)
+	Epoch uint64 `json:"epoch"`
+	// Members in rank order: ordered by host, then id, so each host's
+	// members are contiguous (the hierarchical all-reduce needs that).
+	Members []RingMember `json:"members"`
+	Reason  string       `json:"reason"` // why this epoch started (joined, lease expired, reported, ...)
 }
 
 // Rank returns id's rank in r, or -1.

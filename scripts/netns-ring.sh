@@ -10,6 +10,9 @@
 #   RANKS=4 SIZE=64MiB LINKS="veth 25g" REPEAT=3 scripts/netns-ring.sh [extra bench flags]
 #   PER_HOST=2 scripts/netns-ring.sh           # 2 ranks per namespace ("host"): the flat gRPC
 #                                              # ring against the hierarchical one (--per-host)
+#   PER_HOST=2 BASE=/tmp/bmojo-old scripts/netns-ring.sh
+#                                              # and, per link in the same call, the hierarchical
+#                                              # run of another build (before/after a change)
 #
 # LINKS picks the link models, each measured in turn:
 #   veth  unshaped veth pairs (as fast as the kernel and CPUs go)
@@ -32,6 +35,7 @@ iters="${ITERS:-0}"
 port="${PORT:-7470}"
 per_host="${PER_HOST:-1}" # ranks per namespace; above 1 the flat ring is compared with --per-host
 bin="${BMOJO:-bin/bmojo}"
+base="${BASE:-}" # with PER_HOST > 1: another build whose hierarchical run is measured too
 prefix="bmr$$" # namespace/link names: unique per run, short (IFNAMSIZ is 16)
 hub="${prefix}h"
 
@@ -40,6 +44,10 @@ hub="${prefix}h"
 nhosts=$((ranks / per_host))
 [ -x "$bin" ] || { echo "netns-ring: $bin missing: CGO_ENABLED=0 go build -o bin/bmojo ./cmd/bmojo" >&2; exit 1; }
 bin="$(realpath "$bin")"
+if [ -n "$base" ]; then
+	[ -x "$base" ] || { echo "netns-ring: BASE=$base is not an executable" >&2; exit 1; }
+	base="$(realpath "$base")"
+fi
 
 cleanup() {
 	for i in $(seq 0 $((nhosts - 1))); do ip netns del "${prefix}r$i" 2>/dev/null || true; done
@@ -108,10 +116,14 @@ for link in $links; do
 	# Several ranks per namespace: the flat gRPC ring (every hop over TCP;
 	# rank i in namespace i/PER_HOST, which enter-ns works out), then the
 	# hierarchical one (shared memory inside a namespace).
+	echo "-- flat gRPC ring ($bin)"
 	"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
 		--hosts "$hostlist" --wrap "$enter {rank}" \
 		--transport grpc --repeat "$repeat" "$@"
-	"$bin" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
-		--hosts "$hostlist" --wrap "ip netns exec ${prefix}r{host}" \
-		--transport grpc --repeat "$repeat" --per-host "$per_host" "$@"
+	for b in "$bin" ${base:+"$base"}; do
+		echo "-- hierarchical, --per-host $per_host ($b)"
+		"$b" bench allreduce --ranks "$ranks" --sizes "$size" --iters "$iters" --log-level error \
+			--hosts "$hostlist" --wrap "ip netns exec ${prefix}r{host}" \
+			--transport grpc --repeat "$repeat" --per-host "$per_host" "$@"
+	done
 done

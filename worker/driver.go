@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"math"
+	"net"
 	"strings"
 	"time"
 
@@ -145,57 +147,145 @@ func (w *worker) execute(ctx context.Context, a Action, results chan<- Event) (e
 	return false, nil
 }
 
-// connect opens the ring of a.Start.Epoch and, if asked, takes part in the
-// state transfer.
+// connect opens the ring of a.Start.Epoch (flat, or hierarchical: see
+// collective) and, if asked, takes part in the state transfer.
 func (w *worker) connect(ctx context.Context, a Connect) Event {
 	r, rank, st := a.Ring, a.Rank, a.Start
-	peers := make([]string, len(r.Members))
-	for i, m := range r.Members {
-		peers[i] = m.Endpoint
-	}
-	cfg := allreduce.Default()
-	cfg.Rank, cfg.Peers, cfg.Epoch, cfg.HopTimeout, cfg.Logger = rank, peers, r.Epoch, w.cfg.HopTimeout, w.log
-	cfg.MaxElems = 3*w.eng.M.Layout.Total + 2 // the largest collective: the state transfer (broadcast)
-	if c := w.cfg.TLS; c != nil {
-		cfg.ServerTLS, cfg.ClientTLS = c.Server(), c.Client()
-		cfg.VerifyPeer = func(rank int, cert *x509.Certificate) error {
-			return pki.Check(cert, pki.RoleWorker, r.Members[rank].ID)
-		}
-	}
-	w.ringMu.Lock()
-	lis := w.lis
-	w.lis = nil
-	w.ringMu.Unlock()
-	if lis == nil {
-		var err error
-		if lis, err = listenRetry(ctx, peers[rank]); err != nil {
+	coll, scheme, err := w.collective(ctx, r, rank)
+	if err != nil {
+		if errors.Is(err, errListen) {
 			return fatalEvent{err}
 		}
-	}
-	ring, err := allreduce.New(cfg, lis)
-	if err != nil {
-		lis.Close()
 		return w.failed(r, err)
 	}
 	w.ringMu.Lock()
-	w.ring = ring
+	w.ring = coll
 	w.ringMu.Unlock()
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	err = ring.Connect(cctx)
+	err = coll.Connect(cctx)
 	cancel()
 	if err != nil {
 		return w.failed(r, err)
 	}
 	if st.Sync {
-		if err := w.broadcast(ctx, ring, st); err != nil {
+		if err := w.broadcast(ctx, coll, st); err != nil {
 			return w.failed(r, err)
 		}
 	}
 	w.cur = &epochRing{info: r, rank: rank, t0: time.Now(),
-		red: &ringReducer{ctx: ctx, ring: ring, rank: rank, size: len(peers), be: w.eng.M.Backend()}}
-	w.log.Info("epoch started", "epoch", r.Epoch, "rank", rank, "step", w.eng.Step, "ring_size", len(peers),
-		"synced", st.Sync, "reason", r.Reason)
+		red: &ringReducer{ctx: ctx, ring: coll, rank: rank, size: len(r.Members), be: w.eng.M.Backend()}}
+	w.log.Info("epoch started", "epoch", r.Epoch, "rank", rank, "step", w.eng.Step, "ring_size", len(r.Members),
+		"allreduce", scheme, "synced", st.Sync, "reason", r.Reason)
 	return Connected{Epoch: r.Epoch, Step: w.eng.Step, At: time.Now()}
+}
+
+// errListen marks a listener that could not be opened again: no new ring
+// mends that.
+var errListen = errors.New("all-reduce listener")
+
+// collective builds (unconnected) the all-reduce of ring r for rank:
+// hierarchical (allreduce.Hier) when the job allows it (job.Job.AllReduce)
+// and the members' hosts make it possible (hierLayout), else one flat ring.
+// scheme says which, for the log: "flat", or "hier HxL".
+//
+// The flat ring and the ring across hosts serve on the worker's endpoint,
+// the ring of the host's workers on its local endpoint (a second
+// listener). Both sub-rings carry the ring's epoch, so frames of another
+// epoch are refused as on the flat ring, and with TLS each slot of each
+// sub-ring is bound to the member the ring record places there. The ring
+// across hosts always uses gRPC (its members are on other hosts, whatever
+// the kernel says); the local ring takes shared memory when its members
+// share a machine.
+func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduce.Collective, string, error) {
+	base := allreduce.Default()
+	base.Epoch, base.HopTimeout, base.Logger = r.Epoch, w.cfg.HopTimeout, w.log
+	base.MaxElems = 3*w.eng.M.Layout.Total + 2 // the largest collective: the state transfer (broadcast)
+	// ring makes a config for the members at idx (ring ranks), this worker
+	// at position me, dialling them at addr.
+	ring := func(idx []int, me int, addr func(job.RingMember) string) allreduce.Config {
+		cfg := base
+		cfg.Rank = me
+		cfg.Peers = make([]string, len(idx))
+		for i, g := range idx {
+			cfg.Peers[i] = addr(r.Members[g])
+		}
+		if c := w.cfg.TLS; c != nil {
+			cfg.ServerTLS, cfg.ClientTLS = c.Server(), c.Client()
+			cfg.VerifyPeer = func(slot int, cert *x509.Certificate) error {
+				if slot < 0 || slot >= len(idx) {
+					return fmt.Errorf("no slot %d in a ring of %d", slot, len(idx))
+				}
+				return pki.Check(cert, pki.RoleWorker, r.Members[idx[slot]].ID)
+			}
+		}
+		return cfg
+	}
+	endpoint := func(m job.RingMember) string { return m.Endpoint }
+	lay, why := hierLayout(r.Members)
+	mode := w.job.AllReduce
+	if mode == job.AllReduceFlat || why != "" {
+		if mode == job.AllReduceHier {
+			w.log.Warn("the job asks for a hierarchical all-reduce; this ring cannot have one, using a flat ring", "epoch", r.Epoch, "reason", why)
+		}
+		all := make([]int, len(r.Members))
+		for i := range all {
+			all[i] = i
+		}
+		cfg := ring(all, rank, endpoint)
+		lis, err := w.takeListener(ctx, &w.lis, cfg.Peers[rank])
+		if err != nil {
+			return nil, "", err
+		}
+		fl, err := allreduce.New(cfg, lis)
+		if err != nil {
+			lis.Close()
+			return nil, "", err
+		}
+		return fl, "flat", nil
+	}
+	localIdx, crossIdx, localRank, crossRank := lay.subRings(rank)
+	lcfg := ring(localIdx, localRank, func(m job.RingMember) string { return m.LocalEndpoint })
+	ccfg := ring(crossIdx, crossRank, endpoint)
+	ccfg.Transport = allreduce.TransportGRPC
+	llis, err := w.takeListener(ctx, &w.localLis, w.localAddr)
+	if err != nil {
+		return nil, "", err
+	}
+	clis, err := w.takeListener(ctx, &w.lis, r.Members[rank].Endpoint)
+	if err != nil {
+		llis.Close()
+		return nil, "", err
+	}
+	local, err := allreduce.New(lcfg, llis)
+	if err != nil {
+		llis.Close()
+		clis.Close()
+		return nil, "", err
+	}
+	cross, err := allreduce.New(ccfg, clis)
+	if err != nil {
+		local.Close()
+		clis.Close()
+		return nil, "", err
+	}
+	return &allreduce.Hier{Local: local, Cross: cross}, fmt.Sprintf("hier %dx%d", lay.Hosts, lay.PerHost), nil
+}
+
+// takeListener hands over *held (the listener opened at start) or, once a
+// ring has taken and closed it, listens at addr again.
+func (w *worker) takeListener(ctx context.Context, held *net.Listener, addr string) (net.Listener, error) {
+	w.ringMu.Lock()
+	lis := *held
+	*held = nil
+	w.ringMu.Unlock()
+	if lis != nil {
+		return lis, nil
+	}
+	lis, err := listenRetry(ctx, addr)
+	if err != nil {
+		return nil, fmt.Errorf("worker: %w: %w", errListen, err)
+	}
+	return lis, nil
 }
 
 // failed turns a collective's error into a Failed event naming the member

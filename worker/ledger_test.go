@@ -13,13 +13,49 @@ import (
 )
 
 // TestLedgerReportsGathered: the reports ride in the step's loss sum on a
-// real 3-rank ring: every rank ends with every rank's report, exactly
-// (positions near 2^47 and checksums using all 64 bits), and the loss sums
-// as before.
+// real ring, flat (3 ranks) and hierarchical (2 hosts × 2): every rank ends
+// with every rank's report, exactly (positions near 2^47 and checksums
+// using all 64 bits), and the loss sums as before.
 func TestLedgerReportsGathered(t *testing.T) {
-	const n, T = 3, 4
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	for _, tc := range []struct {
+		name         string
+		hosts, local int // hosts == 0: one flat ring of local ranks
+	}{
+		{"flat 3", 0, 3},
+		{"hier 2x2", 2, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var colls []allreduce.Collective
+			if tc.hosts == 0 {
+				for _, r := range testRings(t, tc.local, allreduce.TransportAuto) {
+					colls = append(colls, r)
+				}
+			} else {
+				locals := make([][]*allreduce.Ring, tc.hosts)
+				for h := range locals {
+					locals[h] = testRings(t, tc.local, allreduce.TransportAuto)
+				}
+				cross := make([][]*allreduce.Ring, tc.local)
+				for l := range cross {
+					cross[l] = testRings(t, tc.hosts, allreduce.TransportGRPC)
+				}
+				for h := range tc.hosts {
+					for l := range tc.local {
+						colls = append(colls, &allreduce.Hier{Local: locals[h][l], Cross: cross[l][h]})
+					}
+				}
+			}
+			checkReportsGathered(ctx, t, colls)
+		})
+	}
+}
+
+// testRings makes n unconnected ranks of one ring on loopback, closed
+// together at the end of the test.
+func testRings(t *testing.T, n int, transport string) []*allreduce.Ring {
+	t.Helper()
 	lis := make([]net.Listener, n)
 	peers := make([]string, n)
 	for i := range lis {
@@ -32,21 +68,33 @@ func TestLedgerReportsGathered(t *testing.T) {
 	rings := make([]*allreduce.Ring, n)
 	for i := range rings {
 		cfg := allreduce.Default()
-		cfg.Rank, cfg.Peers, cfg.Epoch = i, peers, 1
+		cfg.Rank, cfg.Peers, cfg.Epoch, cfg.Transport = i, peers, 1, transport
 		r, err := allreduce.New(cfg, lis[i])
 		if err != nil {
 			t.Fatal(err)
 		}
 		rings[i] = r
 	}
-	var wg sync.WaitGroup
-	defer func() {
+	t.Cleanup(func() {
+		var wg sync.WaitGroup
 		for _, r := range rings {
 			wg.Go(func() { _ = r.Close() })
 		}
 		wg.Wait()
-	}()
-	ids := []string{"a", "b", "c"}
+	})
+	return rings
+}
+
+// checkReportsGathered runs one step's sums with reports on every rank of
+// colls (connecting them first) and checks what each rank gathered.
+func checkReportsGathered(ctx context.Context, t *testing.T, colls []allreduce.Collective) {
+	t.Helper()
+	const T = 4
+	n := len(colls)
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = string(rune('a' + i))
+	}
 	want := make([]job.Consumed, n)
 	got := make([][]job.Consumed, n)
 	sums := make([]float64, n)
@@ -62,10 +110,10 @@ func TestLedgerReportsGathered(t *testing.T) {
 		want[i] = job.Consumed{ID: ids[i], Rank: i, Range: job.Range{Start: start, Count: count},
 			Checksum: fmt.Sprintf("%016x", windowChecksum(tokens, targets, count))}
 		run.Go(func() {
-			if errs[i] = rings[i].Connect(ctx); errs[i] != nil {
+			if errs[i] = colls[i].Connect(ctx); errs[i] != nil {
 				return
 			}
-			red := &ledgerReducer{ringReducer: &ringReducer{ctx: ctx, ring: rings[i], rank: i, size: n}, ids: ids}
+			red := &ledgerReducer{ringReducer: &ringReducer{ctx: ctx, ring: colls[i], rank: i, size: n}, ids: ids}
 			red.Batch(start, count, tokens, targets)
 			out, err := red.Sum([]float64{float64(i) + 0.25})
 			red.wait()
@@ -75,12 +123,13 @@ func TestLedgerReportsGathered(t *testing.T) {
 		})
 	}
 	run.Wait()
+	wantSum := float64(n*(n-1))/2 + 0.25*float64(n)
 	for i := range n {
 		if errs[i] != nil {
 			t.Fatalf("rank %d: %v", i, errs[i])
 		}
-		if sums[i] != 3.75 {
-			t.Errorf("rank %d: loss sum %v, want 3.75", i, sums[i])
+		if sums[i] != wantSum {
+			t.Errorf("rank %d: loss sum %v, want %v", i, sums[i], wantSum)
 		}
 		if fmt.Sprint(got[i]) != fmt.Sprint(want) {
 			t.Errorf("rank %d gathered %v, want %v", i, got[i], want)

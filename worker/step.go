@@ -8,13 +8,14 @@ import (
 	"github.com/bmojo/bmojo/kernels"
 )
 
-// ringReducer is the train.Reducer of one epoch's ring: each layer's
+// ringReducer is the train.Reducer of one epoch's ring (flat or
+// hierarchical: allreduce.Collective): each layer's
 // gradient range is downloaded, scaled and all-reduced as soon as backward
 // finishes it, and uploaded back once every range has arrived. Host buffers
 // are kept between steps, one per range in backward's order.
 type ringReducer struct {
 	ctx        context.Context
-	ring       *allreduce.Ring
+	ring       allreduce.Collective
 	rank, size int
 	be         kernels.Backend[float32]
 
@@ -94,7 +95,7 @@ func (r *ringReducer) Sum(xs []float64) ([]float64, error) {
 // broadcast copies the source member's parameters, optimizer moments and
 // counters to every rank: all ranks sum a buffer that is zero except on the
 // source, which is exact.
-func (w *worker) broadcast(ctx context.Context, ring *allreduce.Ring, st job.Start) error {
+func (w *worker) broadcast(ctx context.Context, ring allreduce.Collective, st job.Start) error {
 	be := w.eng.M.Backend()
 	P := w.eng.M.Layout.Total
 	buf := make([]float32, 3*P+2)

@@ -2,7 +2,9 @@
 // etcd under a lease, follows the coordinator's ring epochs (package job
 // documents the protocol), trains its share of every global batch with the
 // step every path runs (train.Engine; its Reducer here is the ring, each
-// layer's gradient all-reduced while backward is still running), and
+// layer's gradient all-reduced while backward is still running: one flat
+// ring, or a hierarchical one when the ring's members span hosts evenly,
+// driver.go's collective and topology.go), and
 // commits progress, ledger entries and asynchronous checkpoints. Its
 // decisions are a pure state machine (state.go, golden scripts in
 // testdata/) that driver.go feeds with etcd watch events, the results of
@@ -49,6 +51,15 @@ type Config struct {
 	Etcd      *clientv3.Client // connected client (owned by the caller)
 	LeaseTTL  int              // seconds; default job.DefaultLeaseTTL
 	Threads   int              // kernel threads; 0 = all cores
+	// Host names the machine this worker runs on (default: the hostname;
+	// on Kubernetes pass the node's name). Workers with the same host
+	// reduce hierarchically when the ring allows it (job.Job.AllReduce).
+	Host string
+	// LocalListen is the listen address of the second all-reduce server,
+	// which serves the ring of this host's workers when the all-reduce is
+	// hierarchical (default: Listen's IP, a free port). Peers dial it at
+	// Advertise's host (else the listener's) with this listener's port.
+	LocalListen string
 	// Device is the compute device: auto (a GPU when built with -tags cuda
 	// and one is present, else the CPU), cpu, cuda or cuda:N.
 	Device string
@@ -100,10 +111,16 @@ type worker struct {
 
 	lis     net.Listener
 	addr    string
-	leaseID atomic.Int64    // the member key's lease (a clientv3.LeaseID); replaced when lost
-	bg      sync.WaitGroup  // the background goroutines: lease, membership and ring watchers
-	ringMu  sync.Mutex      // guards ring and lis, which a connect hands over
-	ring    *allreduce.Ring // the open ring, nil if none
+	leaseID atomic.Int64         // the member key's lease (a clientv3.LeaseID); replaced when lost
+	bg      sync.WaitGroup       // the background goroutines: lease, membership and ring watchers
+	ringMu  sync.Mutex           // guards ring, lis and localLis, which a connect hands over
+	ring    allreduce.Collective // the open ring (flat or hierarchical), nil if none
+	// localLis serves the local ring of a hierarchical all-reduce;
+	// localAddr is where it was bound (a later epoch listens there again),
+	// localEndpoint what peers dial.
+	localLis      net.Listener
+	localAddr     string
+	localEndpoint string
 
 	// Of the loop (driver.go): the epoch it trains in, the newest step's
 	// stats, validation loss and throughput.
@@ -134,6 +151,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
+	if cfg.Host == "" {
+		cfg.Host, _ = os.Hostname()
+	}
 	if cfg.Threads > 0 {
 		runtime.GOMAXPROCS(cfg.Threads)
 	}
@@ -162,11 +182,16 @@ func Run(ctx context.Context, cfg Config) error {
 	defer func() {
 		w.closeRing()
 		w.ringMu.Lock()
-		if w.lis != nil {
-			w.lis.Close()
+		for _, l := range []net.Listener{w.lis, w.localLis} {
+			if l != nil {
+				l.Close()
+			}
 		}
 		w.ringMu.Unlock()
 	}()
+	if err := w.listenLocal(lis.Addr().String()); err != nil {
+		return err
+	}
 	if err := w.register(ctx); err != nil {
 		return err
 	}
@@ -350,14 +375,14 @@ func (w *worker) register(ctx context.Context) error {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
-	w.log.Info("registered", "endpoint", w.addr, "lease_ttl_s", w.cfg.LeaseTTL)
+	w.log.Info("registered", "endpoint", w.addr, "host", w.cfg.Host, "local_endpoint", w.localEndpoint, "lease_ttl_s", w.cfg.LeaseTTL)
 	return nil
 }
 
 func (w *worker) putMember(ctx context.Context) error {
 	rec := job.Member{ID: w.cfg.ID, Endpoint: w.addr, Device: w.deviceDesc(), PID: os.Getpid(),
 		SpecHash: w.spec.Hash, CodeHash: job.CodeHash(), Protocol: job.ProtocolVersion,
-		Registered: time.Now().UTC().Format(time.RFC3339Nano)}
+		Registered: time.Now().UTC().Format(time.RFC3339Nano), Host: w.cfg.Host, LocalEndpoint: w.localEndpoint}
 	k := w.key(job.KeyMembers + w.cfg.ID)
 	resp, err := w.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
@@ -428,6 +453,39 @@ func (w *worker) keepRegistered(ctx context.Context) {
 		}
 		sleep(ctx, 200*time.Millisecond) // the watch broke (etcd restarting): watch again
 	}
+}
+
+// listenLocal opens the local ring's listener (Config.LocalListen, by
+// default main's IP with a free port) and works out the endpoint peers
+// dial: the advertised host with that listener's port.
+func (w *worker) listenLocal(main string) error {
+	addr := w.cfg.LocalListen
+	if addr == "" {
+		host, _, err := net.SplitHostPort(main)
+		if err != nil {
+			return fmt.Errorf("worker: local listener: %w", err)
+		}
+		addr = net.JoinHostPort(host, "0")
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("worker: listen on %s (the local ring's listener, --local-listen): %w", addr, err)
+	}
+	host, _, err := net.SplitHostPort(w.addr)
+	if err == nil {
+		var port string
+		if _, port, err = net.SplitHostPort(lis.Addr().String()); err == nil {
+			w.localEndpoint = net.JoinHostPort(host, port)
+		}
+	}
+	if err != nil {
+		lis.Close()
+		return fmt.Errorf("worker: local ring endpoint from %s and %s: %w", w.addr, lis.Addr(), err)
+	}
+	w.ringMu.Lock()
+	w.localLis, w.localAddr = lis, lis.Addr().String()
+	w.ringMu.Unlock()
+	return nil
 }
 
 func (w *worker) closeRing() {

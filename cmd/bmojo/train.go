@@ -77,6 +77,12 @@ any field; flags given on the command line override the file.`,
 			set("eval-every", func() { j.EvalEvery = f.EvalEvery })
 			set("eval-batches", func() { j.EvalBatches = f.EvalBatches })
 			set("threads", func() { j.Threads = f.Threads })
+			set("allreduce", func() {
+				j.AllReduce = f.AllReduce
+				if j.AllReduce == job.AllReduceAuto {
+					j.AllReduce = "" // the job file's spelling of the default
+				}
+			})
 			if err := j.Validate(); err != nil {
 				return err
 			}
@@ -144,6 +150,7 @@ any field; flags given on the command line override the file.`,
 	fl.IntVar(&f.EvalEvery, "eval-every", f.EvalEvery, "steps between validation passes (0 = only at the end)")
 	fl.IntVar(&f.EvalBatches, "eval-batches", f.EvalBatches, "validation batches per pass (0 = the whole split)")
 	fl.IntVar(&f.Threads, "threads", 0, "CPU threads (0 = all cores)")
+	fl.StringVar(&f.AllReduce, "allreduce", "auto", "gradient all-reduce: auto (hierarchical when the workers span 2+ hosts with the same number, 2+, on each; else one ring), flat or hier (auto that warns when it cannot be hierarchical)")
 	rootCmd.AddCommand(cmd)
 }
 
