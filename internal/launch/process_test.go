@@ -61,6 +61,8 @@ func (p pod) fieldRef(t *testing.T, path string) string {
 		return p.namespace
 	case path == "status.podIP":
 		return p.ip
+	case path == "spec.nodeName":
+		return "node-a"
 	case path == "metadata.annotations['batch.kubernetes.io/job-completion-index']":
 		return p.index
 	case strings.HasPrefix(path, "metadata.labels['"):
@@ -385,6 +387,10 @@ func runJob(t *testing.T, bin string, m *Manifests, s Spec, https bool) {
 	setFlag(t, wargs, "listen", fmt.Sprintf("127.0.0.1:%d", ringPort))
 	setFlag(t, wargs, "advertise", fmt.Sprintf("127.0.0.1:%d", ringPort))
 	setFlag(t, wargs, "health", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+	setFlag(t, wargs, "local-listen", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+	if h := flagValue(wargs, "host"); h != "node-a" {
+		t.Errorf("the worker is given --host=%q, not its node's name", h)
+	}
 	if flagValue(wargs, "id") != "" {
 		t.Errorf("the worker is given --id=%s; its certificate names it", flagValue(wargs, "id"))
 	}

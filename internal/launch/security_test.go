@@ -140,7 +140,7 @@ func workload(t *testing.T, m *Manifests, component string) *unstructured.Unstru
 }
 
 // checkNetworkPolicies: every pod of the job is under a default deny; the
-// ring only from the job's workers, etcd's client port only from the job's
+// rings (7100, and 7102 inside a node) only from the job's workers, etcd's client port only from the job's
 // pods, its peer port only from its members, the monitor only from
 // monitorNS ("" = the job's namespace), and no other port from any pod.
 func checkNetworkPolicies(t *testing.T, m *Manifests, job, monitorNS string) {
@@ -156,7 +156,7 @@ func checkNetworkPolicies(t *testing.T, m *Manifests, job, monitorNS string) {
 		monitor = peer{namespace: monitorNS}
 	}
 	want := map[string]map[int64][]peer{
-		"worker":      {7100: {{pods: with("worker")}}},
+		"worker":      {7100: {{pods: with("worker")}}, 7102: {{pods: with("worker")}}},
 		"etcd":        {2379: {{pods: jobPods}}, 2380: {{pods: with("etcd")}}},
 		"coordinator": {8080: {monitor}},
 	}
