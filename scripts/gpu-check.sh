@@ -33,7 +33,7 @@ for gz in "$BIN"/*.gz; do
 	[ -f "$gz" ] && [[ $gz != *.jsonl.gz ]] && [ ! -x "${gz%.gz}" ] && gunzip -kf "$gz" && chmod +x "${gz%.gz}" # gunzip keeps the .gz file's mode
 done
 
-CHECKS=${CHECKS:-conformance devices parity kernels torch step train torchref}
+CHECKS=${CHECKS:-conformance devices parity kernels torch step torchstep train torchref}
 STEP_BATCHES=${STEP_BATCHES:-}
 
 step() { # name timeout-seconds command...
@@ -79,6 +79,12 @@ peakflag=()
 
 step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --timeline "${peakflag[@]}" --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -40
+# The same model in the best PyTorch a user could write (torch.compile,
+# FlexAttention, a chunked scan), timed right after bench step on the same
+# GPU: the ratio issue 18 sets a floor for. Compiling takes minutes.
+step torchstep 420 "$PYTHON" bench/torch_step.py --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 10 --warmup 3 \
+	--bmojo-json "$OUT/step.json" --json "$OUT/torch-step.json"
+tail -8 "$OUT/torchstep.log"
 for b in $STEP_BATCHES; do
 	step "step-b$b" 150 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$b" --steps 3 --max-batch=false --timeline "${peakflag[@]}" --json "$OUT/step-b$b.json"
 	grep -v '^\s*$' "$OUT/step-b$b.log" | grep -v '^20..-' | head -12

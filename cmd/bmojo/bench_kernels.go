@@ -325,6 +325,14 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 			cases = append(cases, fusedXCases(N, K)...)
 		}
 	}
+	if c.DFF > 0 {
+		// The MLP runs W_gate and W_up as one product ([2F, d], stacked in the
+		// layout): the shape the step runs, beside the two halves above.
+		for _, convert := range []bool{false, true} {
+			cases = append(cases, matmulCase("mlp.gate|up", 2*c.DFF, c.DModel, false, convert, false),
+				matmulCase("mlp.gate|up", 2*c.DFF, c.DModel, true, convert, false))
+		}
+	}
 	cases = append(cases, matmulCase("head", c.VocabSize, c.DModel, false, false, false), matmulCase("head", c.VocabSize, c.DModel, false, true, false))
 	d, E, N := c.DModel, c.DInner, c.DState
 	cases = append(cases,
@@ -342,6 +350,29 @@ func benchKernels(gpu, cpu kernels.Backend[float32], c model.Config, batch, reps
 				be, p := k.pick(onGPU)
 				be.SwiGLU(p(h), p(g), p(u))
 			}, []pair{h}, 0, 12 * float64(n), fmt.Sprintf("%d", n)
+		}},
+		kernelCase{"SwiGLUPacked", "SwiGLUPacked", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			F := max(c.DFF, 1)
+			gu, h := k.rand(B*T*2*F, 1), k.zeros(B*T*F)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.SwiGLUPacked(p(h), p(gu), B*T, F)
+			}, []pair{h}, 0, 12 * float64(B*T*F), fmt.Sprintf("%d×2·%d", B*T, F)
+		}},
+		kernelCase{"SwiGLUPackedBackward", "SwiGLUPackedBackward", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			F := max(c.DFF, 1)
+			gu, dh, dgu := k.rand(B*T*2*F, 1), k.rand(B*T*F, 1), k.zeros(B*T*2*F)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.SwiGLUPackedBackward(p(dgu), p(dh), p(gu), B*T, F)
+			}, []pair{dgu}, 0, 28 * float64(B*T*F), fmt.Sprintf("%d×2·%d", B*T, F)
+		}},
+		kernelCase{"Conv1dSiLU", "Conv1dSiLU", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
+			x, w, bias, out, act := k.rand(B*T*E, 1), k.rand(E*c.DConv, 0.5), k.rand(E, 1), k.zeros(B*T*E), k.zeros(B*T*E)
+			return func(onGPU bool) {
+				be, p := k.pick(onGPU)
+				be.Conv1dSiLU(p(out), p(act), p(x), p(w), p(bias), B, T, E, c.DConv)
+			}, []pair{out, act}, 0, 12 * float64(B*T*E), fmt.Sprintf("%d×%d×%d", B, T, E)
 		}},
 		kernelCase{"Conv1d", "Conv1d", func(k *kbench, B, T int) (func(bool), []pair, float64, float64, string) {
 			x, w, bias, out := k.rand(B*T*E, 1), k.rand(E*c.DConv, 0.5), k.rand(E, 1), k.zeros(B*T*E)
