@@ -6,7 +6,8 @@
 // manifest beside it, has nothing to be checked against).
 //
 // A checkpoint is a directory root/step-NNNNNNNN/ (NNNNNNNN is State.DataStep,
-// zero-padded to 8 digits) holding:
+// zero-padded to 8 digits), or root/step-NNNNNNNN.attempt-K/ (below),
+// holding:
 //
 //	model.safetensors      weights: docs/model.md §7 names (model.Layout), the
 //	                       model config JSON under the "config" metadata key
@@ -15,17 +16,42 @@
 //	manifest.json          Manifest: the step, the config and every other
 //	                       file's size and SHA-256
 //
-// Save writes everything into step-NNNNNNNN.tmp/, hashing each file while it
+// Save writes everything into step-N.tmp/, hashing each file while it
 // writes it and fsyncing it, writes manifest.json last, then renames the
 // directory into place and fsyncs the root: a crash never leaves a partial
 // checkpoint under a final name, and a good one is never overwritten. The
 // tensors are float32 end to end, as the model holds them.
 //
+// # Several writers: attempts
+//
+// In a distributed job the checkpoint that counts is the one whose
+// manifest rank 0 commits to etcd, fenced on its ring (the worker's
+// transaction). A rank 0 whose ring was superseded may still be running: it
+// can leave a complete step-N it can never commit (its transaction is
+// refused, or it dies or loses etcd before it lands), and the new ring's
+// rank 0 may then checkpoint the same step, with other bytes. Neither
+// writer may touch the other's directory: the stale one might be paused
+// mid-operation, and a directory a committed manifest names must never
+// change. So such a writer uses SaveFresh: it writes into a temporary
+// directory of its own (step-N.tmp-<random>) and renames it to the first
+// free name of step-N, step-N.attempt-2, step-N.attempt-3, ... (a rename
+// onto a complete, non-empty directory fails, so two writers never take
+// one name), and commits the name it got: etcd's manifest says which
+// attempt of a step is the checkpoint. Nothing is ever renamed over,
+// rewritten or removed to make room; a directory nobody committed is an
+// orphan that RemoveOlder removes once its step is older than the
+// checkpoints kept, like any other. (Reusing an existing directory whose
+// bytes happen to match was not done: it saves one write in a rare case,
+// and would tie a committed manifest to a directory another writer owns.)
+// List, Latest and LoadLatest, which have no etcd, see every attempt and
+// take the highest (the last written) of a step.
+//
 // The package owns the directory layout, the manifest and trainer.json; it
-// must not touch anything under root but step-N directories (and their
-// step-N.tmp leftovers), whatever a manifest says. It knows nothing of etcd:
-// a distributed job commits the Manifest that Save returns (and passes it
-// back to LoadWith), but that transaction is the worker's.
+// must not touch anything under root but step-N[.attempt-K] directories
+// (and their temporary leftovers), whatever a manifest says. It knows
+// nothing of etcd: a distributed job commits the Manifest that SaveFresh
+// returns (and passes it back to LoadWith, after DirOf has checked the
+// directory it names), but that transaction is the worker's.
 package checkpoint
 
 import (
@@ -144,16 +170,119 @@ func StepDir(root string, step int) string {
 	return filepath.Join(root, dirName(step))
 }
 
+// AttemptDir is the directory of the attempt-th checkpoint of data step
+// step under root, as SaveFresh names it: attempt 1 is StepDir, attempt k
+// > 1 is step-NNNNNNNN.attempt-k.
+func AttemptDir(root string, step, attempt int) string {
+	if attempt <= 1 {
+		return StepDir(root, step)
+	}
+	return filepath.Join(root, fmt.Sprintf("%s%s%d", dirName(step), attemptSep, attempt))
+}
+
 func dirName(step int) string { return fmt.Sprintf("step-%08d", step) }
+
+// maxAttempts bounds the directories SaveFresh tries for one step: each is
+// a complete checkpoint some writer left, so this many means something
+// else is wrong.
+const maxAttempts = 100
 
 // Save writes ck under root/step-N (N = ck.State.DataStep), atomically and
 // durably, and returns its manifest (with Dir set). It refuses to replace an
 // existing step-N (ErrExists). A step-N.tmp left by a crash is replaced; on
-// error the temporary directory is removed.
-func Save(root string, ck Checkpoint) (man Manifest, err error) {
+// error the temporary directory is removed. It is for a writer that is
+// alone under root (the single-process trainer); see SaveFresh otherwise.
+func Save(root string, ck Checkpoint) (Manifest, error) {
+	if err := ck.check(); err != nil {
+		return Manifest{}, err
+	}
+	final := StepDir(root, ck.State.DataStep)
+	if _, err := os.Lstat(final); err == nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: %s: %w; refusing to overwrite it", final, ErrExists)
+	}
+	tmp := final + tmpSuffix
+	if err := os.RemoveAll(tmp); err != nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: clear %s: %w", tmp, err)
+	}
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+	}
+	man, err := writeDir(tmp, ck)
+	if err == nil {
+		err = os.Rename(tmp, final)
+	}
+	if err != nil {
+		os.RemoveAll(tmp)
+		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+	}
+	if err := fsutil.SyncDir(root); err != nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: %s: %w", final, err)
+	}
+	man.Dir = final
+	return man, nil
+}
+
+// SaveFresh is Save for a writer that may not be alone under root: a
+// distributed job's rank 0, where a rank 0 of a superseded ring may still
+// run (see the package doc). It writes ck into a temporary directory of
+// its own (step-N.tmp-<random>: two writers never share one), then renames
+// it to the first of AttemptDir(root, N, 1), (root, N, 2), ... that does
+// not exist. It never modifies, replaces or removes an existing directory;
+// the returned manifest's Dir says where ck went, and the caller commits
+// that (a directory nobody commits is an orphan, removed by RemoveOlder
+// once older than the checkpoints kept).
+func SaveFresh(root string, ck Checkpoint) (Manifest, error) {
+	if err := ck.check(); err != nil {
+		return Manifest{}, err
+	}
+	step := ck.State.DataStep
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+	}
+	tmp, err := os.MkdirTemp(root, dirName(step)+tmpSuffix+"-")
+	if err != nil {
+		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+	}
+	man, err := writeDir(tmp, ck)
+	if err == nil {
+		err = os.Chmod(tmp, 0o755) // as Save's; MkdirTemp makes it 0700
+	}
+	for attempt := 1; err == nil; attempt++ {
+		if attempt > maxAttempts {
+			err = fmt.Errorf("%s and %d more attempt directories of step %d exist already", StepDir(root, step), maxAttempts-1, step)
+			break
+		}
+		dir := AttemptDir(root, step, attempt)
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			continue // another writer's (or an earlier attempt's): left as it is
+		} else if !errors.Is(lerr, os.ErrNotExist) {
+			err = lerr
+			break
+		}
+		// A complete checkpoint directory is never empty, so a rename onto
+		// one that appeared since the Lstat fails instead of replacing it.
+		if rerr := os.Rename(tmp, dir); rerr != nil {
+			if _, lerr := os.Lstat(dir); lerr == nil {
+				continue // another writer took the name first
+			}
+			err = rerr
+			break
+		}
+		if err := fsutil.SyncDir(root); err != nil {
+			return Manifest{}, fmt.Errorf("checkpoint: save: %s: %w", dir, err)
+		}
+		man.Dir = dir
+		return man, nil
+	}
+	os.RemoveAll(tmp)
+	return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+}
+
+// check refuses a checkpoint Save cannot write.
+func (ck Checkpoint) check() error {
 	st := ck.State
 	if err := ck.Config.Validate(); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+		return fmt.Errorf("checkpoint: save: %w", err)
 	}
 	l := model.NewLayout(ck.Config)
 	for _, v := range []struct {
@@ -161,35 +290,27 @@ func Save(root string, ck Checkpoint) (man Manifest, err error) {
 		n    int
 	}{{"parameters", len(ck.Params)}, {"first moments", len(ck.M)}, {"second moments", len(ck.V)}} {
 		if v.n != l.Total {
-			return Manifest{}, fmt.Errorf("checkpoint: save: %d %s given, the config has %d parameters", v.n, v.name, l.Total)
+			return fmt.Errorf("checkpoint: save: %d %s given, the config has %d parameters", v.n, v.name, l.Total)
 		}
 	}
 	if st.DataStep < 0 || st.OptimizerStep < 0 || st.OptimizerStep > st.DataStep {
-		return Manifest{}, fmt.Errorf("checkpoint: save: data step %d, optimizer step %d: want 0 <= optimizer step <= data step", st.DataStep, st.OptimizerStep)
+		return fmt.Errorf("checkpoint: save: data step %d, optimizer step %d: want 0 <= optimizer step <= data step", st.DataStep, st.OptimizerStep)
 	}
-	final := StepDir(root, st.DataStep)
-	if _, err := os.Lstat(final); err == nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %s: %w; refusing to overwrite it", final, ErrExists)
-	}
-	tmp := final + ".tmp"
-	if err := os.RemoveAll(tmp); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: clear %s: %w", tmp, err)
-	}
-	if err := os.MkdirAll(tmp, 0o755); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			os.RemoveAll(tmp)
-		}
-	}()
+	return nil
+}
 
+// writeDir writes ck's files into the empty directory tmp, hashing each
+// while it writes it and fsyncing it, manifest.json last, and returns the
+// manifest (Dir unset).
+func writeDir(tmp string, ck Checkpoint) (Manifest, error) {
+	st := ck.State
+	l := model.NewLayout(ck.Config)
 	meta := model.ConfigMetadata(ck.Config)
-	man = Manifest{Format: ManifestFormat, Version: ManifestVersion, Step: st.DataStep, Config: meta[model.ConfigKey]}
+	man := Manifest{Format: ManifestFormat, Version: ManifestVersion, Step: st.DataStep, Config: meta[model.ConfigKey]}
 	put := func(name string, write func(w io.Writer) error) error {
 		d, err := fsutil.WriteFile(filepath.Join(tmp, name), write)
 		if err != nil {
-			return fmt.Errorf("checkpoint: save: %w", err)
+			return err
 		}
 		man.Files = append(man.Files, File{Name: name, Size: d.Size, SHA256: d.SHA256})
 		return nil
@@ -208,27 +329,20 @@ func Save(root string, ck Checkpoint) (man Manifest, err error) {
 	st.Version = StateVersion
 	sj, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: encode %s: %w", StateFile, err)
+		return Manifest{}, fmt.Errorf("encode %s: %w", StateFile, err)
 	}
 	if err := put(StateFile, func(w io.Writer) error { _, err := w.Write(append(sj, '\n')); return err }); err != nil {
 		return Manifest{}, err
 	}
 	mj, err := json.MarshalIndent(man, "", "  ")
 	if err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: encode %s: %w", ManifestFile, err)
+		return Manifest{}, fmt.Errorf("encode %s: %w", ManifestFile, err)
 	}
 	// The manifest goes last: a directory with a manifest has every file
 	// it lists durable beside it.
 	if _, err := fsutil.WriteBytes(filepath.Join(tmp, ManifestFile), append(mj, '\n')); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
+		return Manifest{}, err
 	}
-	if err := os.Rename(tmp, final); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %w", err)
-	}
-	if err := fsutil.SyncDir(root); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint: save: %s: %w", final, err)
-	}
-	man.Dir = final
 	return man, nil
 }
 

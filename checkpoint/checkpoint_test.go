@@ -374,15 +374,20 @@ func TestLatestSkipsDamagedNewest(t *testing.T) {
 	}
 }
 
-// TestCrashLeftoversAreIgnoredAndCleaned: a step-N.tmp (a save cut short)
-// is never listed or loaded; a later save of that step replaces it, and
-// Prune removes the ones a complete checkpoint has overtaken.
+// TestCrashLeftoversAreIgnoredAndCleaned: a step-N.tmp or step-N.tmp-* (a
+// save cut short) is never listed or loaded; a later save of that step
+// replaces step-N.tmp, and Prune removes the ones a complete checkpoint has
+// overtaken.
 func TestCrashLeftoversAreIgnoredAndCleaned(t *testing.T) {
 	root := t.TempDir()
 	save(t, root, sample(t, "bmojo-tiny", 3))
-	// A crash mid-save of step 6 and one of step 9: half-written files.
+	// A crash mid-save of step 6 and one of step 9 (SaveFresh's name):
+	// half-written files.
 	for _, s := range []int{6, 9} {
 		tmp := StepDir(root, s) + ".tmp"
+		if s == 9 {
+			tmp += "-123456"
+		}
 		os.MkdirAll(tmp, 0o755)
 		os.WriteFile(filepath.Join(tmp, WeightsFile), []byte("partial"), 0o644)
 	}
@@ -401,8 +406,8 @@ func TestCrashLeftoversAreIgnoredAndCleaned(t *testing.T) {
 	}
 	save(t, root, sample(t, "bmojo-tiny", 12))
 	removed, err := Prune(root, 0)
-	if err != nil || !slices.Equal(removed, []string{StepDir(root, 9) + ".tmp"}) {
-		t.Fatalf("Prune removed %v (%v), want only the overtaken step-9.tmp", removed, err)
+	if err != nil || !slices.Equal(removed, []string{StepDir(root, 9) + ".tmp-123456"}) {
+		t.Fatalf("Prune removed %v (%v), want only the overtaken step-9.tmp-123456", removed, err)
 	}
 }
 
@@ -541,5 +546,119 @@ func TestPreManifestCheckpointsMigrate(t *testing.T) {
 	os.WriteFile(path, b, 0o644)
 	if _, err := Load(old.Dir); !errors.Is(err, ErrDamaged) {
 		t.Fatalf("after migration a flipped bit: %v, want ErrDamaged", err)
+	}
+}
+
+// TestSaveFreshNeverTouchesExisting: a writer that finds step-N written
+// (a superseded rank 0's, which it must not trust or touch) gets a
+// directory of its own, the next free attempt; every directory keeps its
+// bytes, List shows the last written attempt of a step first, and Prune
+// counts steps, not attempts.
+func TestSaveFreshNeverTouchesExisting(t *testing.T) {
+	root := t.TempDir()
+	first := save(t, root, sample(t, "bmojo-tiny", 3))
+	mine := sample(t, "bmojo-tiny", 3)
+	mine.Params[0]++ // other bytes than the one already there
+	var dirs []string
+	for attempt := 2; attempt <= 3; attempt++ {
+		m, err := SaveFresh(root, mine)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := AttemptDir(root, 3, attempt); m.Dir != want {
+			t.Fatalf("SaveFresh wrote %s, want %s", m.Dir, want)
+		}
+		ck, err := LoadWith(m.Dir, m) // the manifest to commit describes what it wrote
+		if err != nil || !sameBits(ck.Params, mine.Params) {
+			t.Fatalf("%s: %v", m.Dir, err)
+		}
+		dirs = append([]string{m.Dir}, dirs...)
+	}
+	if got, err := Verify(first.Dir); err != nil || got.Files[0].SHA256 != first.Files[0].SHA256 {
+		t.Fatalf("the existing %s changed: %v", first.Dir, err)
+	}
+	if left, _ := List(root); !slices.Equal(left, append(dirs, first.Dir)) {
+		t.Fatalf("List: %v, want %v", left, append(dirs, first.Dir))
+	}
+	if ents, _ := os.ReadDir(root); len(ents) != 3 {
+		t.Fatalf("root holds %d entries, want the 3 checkpoints (a temporary directory left?)", len(ents))
+	}
+	// A free step takes the plain name.
+	five, err := SaveFresh(root, sample(t, "bmojo-tiny", 5))
+	if err != nil || five.Dir != StepDir(root, 5) {
+		t.Fatalf("SaveFresh of a new step: %s, %v", five.Dir, err)
+	}
+	if m, err := Latest(root, nil); err != nil || m.Dir != five.Dir {
+		t.Fatalf("Latest: %s, %v", m.Dir, err)
+	}
+	removed, err := Prune(root, 2)
+	if err != nil || len(removed) != 0 {
+		t.Fatalf("Prune(2) of two steps removed %v (%v)", removed, err)
+	}
+	save(t, root, sample(t, "bmojo-tiny", 7))
+	removed, err = Prune(root, 2)
+	if want := append(dirs, first.Dir); err != nil || !slices.Equal(removed, want) {
+		t.Fatalf("Prune(2) removed %v (%v), want every attempt of step 3: %v", removed, err, want)
+	}
+}
+
+// TestSaveFreshConcurrentWriters: two writers of one step at once (a stale
+// rank 0 and the new one) never share a temporary directory or a final
+// one: both land whole, each directory holds exactly its writer's bytes.
+func TestSaveFreshConcurrentWriters(t *testing.T) {
+	root := t.TempDir()
+	cks := []Checkpoint{sample(t, "bmojo-tiny", 4), sample(t, "bmojo-tiny", 4)}
+	cks[1].Params[1]++
+	mans := make([]Manifest, len(cks))
+	errs := make([]error, len(cks))
+	done := make(chan int)
+	for i := range cks {
+		go func() { mans[i], errs[i] = SaveFresh(root, cks[i]); done <- i }()
+	}
+	for range cks {
+		<-done
+	}
+	if errs[0] != nil || errs[1] != nil || mans[0].Dir == mans[1].Dir {
+		t.Fatalf("SaveFresh: %s (%v), %s (%v)", mans[0].Dir, errs[0], mans[1].Dir, errs[1])
+	}
+	for i, m := range mans {
+		ck, err := Load(m.Dir)
+		if err != nil || !sameBits(ck.Params, cks[i].Params) {
+			t.Fatalf("writer %d's %s: %v (or another writer's bytes)", i, m.Dir, err)
+		}
+	}
+}
+
+// TestDirOf: a manifest kept in etcd may only name a directory of its own
+// step directly under the checkpoint root.
+func TestDirOf(t *testing.T) {
+	root := t.TempDir()
+	for _, c := range []struct {
+		name, dir string
+		step      int
+		ok        bool
+	}{
+		{"step-N", StepDir(root, 6), 6, true},
+		{"attempt", AttemptDir(root, 6, 3), 6, true},
+		{"unclean but inside", root + "/x/../" + dirName(6), 6, true},
+		{"another step", StepDir(root, 7), 6, false},
+		{"attempt of another step", AttemptDir(root, 7, 2), 6, false},
+		{"attempt 1 spelled out", StepDir(root, 6) + ".attempt-1", 6, false},
+		{"zero-padded attempt", StepDir(root, 6) + ".attempt-02", 6, false},
+		{"set aside", StepDir(root, 6) + ".damaged-5", 6, false},
+		{"temporary", StepDir(root, 6) + ".tmp-123", 6, false},
+		{"outside the root", filepath.Join(root, "..", dirName(6)), 6, false},
+		{"nested", filepath.Join(root, "sub", dirName(6)), 6, false},
+		{"the root", root, 6, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := DirOf(root, c.dir, c.step)
+			if (err == nil) != c.ok {
+				t.Fatalf("DirOf(%s, step %d) = %q, %v; want ok %v", c.dir, c.step, got, err, c.ok)
+			}
+			if c.ok && filepath.Dir(got) != root {
+				t.Fatalf("DirOf = %s, not directly under %s", got, root)
+			}
+		})
 	}
 }

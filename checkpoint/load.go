@@ -84,7 +84,7 @@ func (m Manifest) check() error {
 			return fmt.Errorf("checkpoint: %s: %w: %s is not listed", where, ErrManifest, name)
 		}
 	}
-	if step, ok := parseDirName(filepath.Base(m.Dir)); ok && step != m.Step {
+	if step, _, ok := parseStepDir(filepath.Base(m.Dir)); ok && step != m.Step {
 		return fmt.Errorf("checkpoint: %s: %w: step %d in a directory named for step %d", where, ErrManifest, m.Step, step)
 	}
 	if m.Step < 0 {
@@ -413,7 +413,7 @@ func LoadWeights(path string, warn func(dir string, err error)) (Weights, error)
 // root of them or a directory of exports: it is named step-N or holds one
 // of the files names.
 func isCheckpointDir(dir string, names ...string) bool {
-	if _, ok := parseDirName(filepath.Base(filepath.Clean(dir))); ok {
+	if _, _, ok := parseStepDir(filepath.Base(filepath.Clean(dir))); ok {
 		return true
 	}
 	for _, name := range names {

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"path/filepath"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/bmojo/bmojo/checkpoint"
@@ -64,9 +65,20 @@ type record struct {
 // that drop those etcd already has.
 const backupTrim = 128
 
-// errFenced says queued writes cannot land: this worker is not a member of
-// the current ring.
-var errFenced = errors.New("worker: not a member of the current ring: writes are fenced off")
+// Sentinel errors of the worker's etcd writes.
+var (
+	// ErrFenced: a write was refused, or queued writes cannot land,
+	// because this worker is not a member of the current ring (the ring
+	// record moved past the revision its writes are fenced on).
+	ErrFenced = errors.New("worker: not a member of the current ring: writes are fenced off")
+	// ErrBehindLatest: a checkpoint manifest was refused because
+	// checkpoints/latest names a newer step; latest never moves back.
+	ErrBehindLatest = errors.New("worker: a newer checkpoint is committed: latest never moves back")
+)
+
+// errCommitted: the checkpoint of a step is committed already (a ring
+// that starts at a checkpoint step checkpoints it again): nothing to do.
+var errCommitted = errors.New("worker: this step's checkpoint is committed already")
 
 func newCommitter(cli *clientv3.Client, prefix string, log hclog.Logger) *committer {
 	c := &committer{cli: cli, prefix: prefix, ringKey: prefix + job.KeyRing, log: log,
@@ -266,7 +278,7 @@ func (c *committer) trim(lo, hi int) {
 }
 
 // flush waits until everything queued so far is in etcd (nil), the writes
-// are fenced off (errFenced: this worker's ring is no longer the current
+// are fenced off (ErrFenced: this worker's ring is no longer the current
 // one), or ctx ends.
 func (c *committer) flush(ctx context.Context) error {
 	done := make(chan error, 1)
@@ -275,7 +287,7 @@ func (c *committer) flush(ctx context.Context) error {
 		defer c.mu.Unlock()
 		for (len(c.queue) > 0 || c.busy) && ctx.Err() == nil {
 			if !c.busy && (c.stale || c.fence == 0) {
-				done <- errFenced
+				done <- ErrFenced
 				return
 			}
 			c.cond.Wait()
@@ -289,6 +301,17 @@ func (c *committer) flush(ctx context.Context) error {
 		c.cond.Broadcast()
 		return ctx.Err()
 	}
+}
+
+// currentFence is the ring revision writes are fenced on now, 0 if none
+// (not a member of a ring, or the ring moved past the fence).
+func (c *committer) currentFence() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stale {
+		return 0
+	}
+	return c.fence
 }
 
 // close writes the backups still held (under the current fence) and what is
@@ -311,6 +334,23 @@ func (c *committer) close() {
 
 // checkpointer writes checkpoints in the background from a host snapshot,
 // then commits their manifest to etcd in one transaction.
+//
+// Every etcd write of a checkpoint (the manifest, checkpoints/latest, the
+// deletes of pruning) is a transaction that holds only while the ring
+// record's mod revision is the fence the checkpoint was started under (the
+// ring whose step it is; the committer's), and the manifest's only while
+// checkpoints/latest still has the mod revision read just before, whose
+// step must not be newer than the checkpoint's: a rank 0 whose ring was
+// superseded commits nothing (ErrFenced), and latest never moves back
+// (ErrBehindLatest). A refused checkpoint is logged and dropped; what is
+// committed stays as it is.
+//
+// Before writing, a fenced read checks that the ring is still current (a
+// stale rank 0 that can still reach etcd writes no files) and whether the
+// step is committed already. The files go to a directory of this write's
+// own (checkpoint.SaveFresh): a step-N left by a stale rank 0 that never
+// committed it is neither reused nor removed, and the manifest names the
+// attempt directory written instead.
 type checkpointer struct {
 	w       *worker
 	wg      sync.WaitGroup
@@ -325,6 +365,8 @@ func (c *checkpointer) lastSeconds() float64 {
 	return c.last.Seconds()
 }
 
+// start checkpoints the model's state, a step of the ring of epoch, in the
+// background, fenced on the ring the worker's writes are fenced on now.
 func (c *checkpointer) start(epoch uint64, val float64) {
 	c.mu.Lock()
 	if c.running {
@@ -335,6 +377,10 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 	c.running = true
 	c.mu.Unlock()
 	w := c.w
+	var fence int64
+	if w.commits != nil {
+		fence = w.commits.currentFence()
+	}
 	// The snapshot is float32, as the model holds it: 12 bytes per
 	// parameter of host memory for weights and moments together.
 	ck, err := w.eng.Snapshot(w.job, val)
@@ -349,55 +395,183 @@ func (c *checkpointer) start(epoch uint64, val float64) {
 	go func() {
 		defer c.wg.Done()
 		defer func() { c.mu.Lock(); c.running = false; c.mu.Unlock() }()
-		t0 := time.Now()
-		saved, err := checkpoint.Save(w.job.CheckpointDir, ck)
-		if errors.Is(err, checkpoint.ErrExists) {
+		step := ck.State.DataStep
+		err := c.save(context.Background(), ck, epoch, fence)
+		switch {
+		case errors.Is(err, errCommitted):
 			// An epoch that starts at an evaluation step evaluates it again
 			// (state.go), and rank 0 then checkpoints it again.
-			w.log.Info("checkpoint of this step already written", "step", ck.State.DataStep)
-			return
+			w.log.Info("checkpoint of this step already committed", "step", step)
+		case errors.Is(err, ErrFenced), errors.Is(err, ErrBehindLatest):
+			w.log.Warn("checkpoint refused", "step", step, "epoch", epoch, "ring_revision", fence, "error", err)
+		case err != nil:
+			w.log.Warn("checkpoint failed", "step", step, "error", err)
 		}
-		if err != nil {
-			w.log.Warn("checkpoint failed", "step", ck.State.DataStep, "error", err)
-			return
-		}
-		man := job.Manifest{Step: saved.Step, Epoch: epoch, Dir: saved.Dir, Config: saved.Config}
-		for _, f := range saved.Files {
-			man.Files = append(man.Files, job.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256})
-		}
-		for attempt := 0; ; attempt++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_, err = w.cli.Txn(ctx).Then(
-				clientv3.OpPut(w.key(job.CheckpointKey(man.Step)), job.Encode(man)),
-				clientv3.OpPut(w.key(job.KeyLatestCkpt), strconv.Itoa(man.Step)),
-			).Commit()
-			cancel()
-			if err == nil || attempt > 40 {
-				break
-			}
-			time.Sleep(250 * time.Millisecond)
-		}
-		if err != nil {
-			w.log.Warn("checkpoint written but not committed to etcd", "dir", saved.Dir, "error", err)
-			return
-		}
-		c.mu.Lock()
-		c.last = time.Since(t0)
-		c.mu.Unlock()
-		c.prune()
-		w.log.Info("checkpoint committed", "step", man.Step, "dir", saved.Dir, "duration", time.Since(t0).Round(time.Millisecond))
 	}()
 }
 
 func (c *checkpointer) wait() { c.wg.Wait() }
 
+// save writes ck and commits its manifest (see checkpointer); errCommitted
+// if the step's checkpoint is committed already. Its etcd requests stop
+// when ctx ends.
+func (c *checkpointer) save(ctx context.Context, ck checkpoint.Checkpoint, epoch uint64, fence int64) error {
+	w := c.w
+	step := ck.State.DataStep
+	if fence == 0 {
+		return fmt.Errorf("worker: checkpoint of step %d (epoch %d): %w", step, epoch, ErrFenced)
+	}
+	t0 := time.Now()
+	var kvs []*mvccpb.KeyValue
+	err := retryEtcd(ctx, func(ctx context.Context) (err error) {
+		kvs, err = c.readFenced(ctx, fence, job.CheckpointKey(step), job.KeyLatestCkpt)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("worker: checkpoint of step %d (epoch %d): %w", step, epoch, err)
+	}
+	if kv := kvs[0]; kv != nil {
+		var man job.Manifest
+		if job.Decode(string(kv.Key), kv.Value, &man) == nil {
+			if dir, err := checkpoint.DirOf(w.job.CheckpointDir, man.Dir, step); err == nil {
+				if _, err := os.Stat(dir); err == nil {
+					return errCommitted
+				}
+			}
+		}
+	}
+	if latest := latestStep(kvs[1]); step < latest {
+		return fmt.Errorf("worker: checkpoint of step %d (epoch %d): latest is step %d: %w", step, epoch, latest, ErrBehindLatest)
+	}
+	saved, err := checkpoint.SaveFresh(w.job.CheckpointDir, ck)
+	if err != nil {
+		return err
+	}
+	man := job.Manifest{Step: saved.Step, Epoch: epoch, Dir: saved.Dir, Config: saved.Config}
+	for _, f := range saved.Files {
+		man.Files = append(man.Files, job.File{Name: f.Name, Size: f.Size, SHA256: f.SHA256})
+	}
+	if err := retryEtcd(ctx, func(ctx context.Context) error { return c.commit(ctx, man, fence) }); err != nil {
+		// The directory stays: a refused or failed commit may still have
+		// landed (an etcd timeout), and an orphan goes with the next
+		// prune past its step.
+		return fmt.Errorf("worker: checkpoint %s written but not committed to etcd: %w", saved.Dir, err)
+	}
+	c.mu.Lock()
+	c.last = time.Since(t0)
+	c.mu.Unlock()
+	c.prune(fence)
+	w.log.Info("checkpoint committed", "step", man.Step, "dir", saved.Dir, "duration", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+// errLatestMoved: checkpoints/latest changed between the read and the
+// transaction; read again.
+var errLatestMoved = errors.New("worker: checkpoints/latest changed under the commit")
+
+// retryEtcd runs op with a 5 s deadline until it succeeds, fails for good
+// (ErrFenced, ErrBehindLatest), has failed 40 times (about 3.5 minutes of
+// etcd being unavailable) or ctx ends.
+func retryEtcd(ctx context.Context, op func(ctx context.Context) error) error {
+	for attempt := 0; ; attempt++ {
+		octx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := op(octx)
+		cancel()
+		if err == nil || errors.Is(err, ErrFenced) || errors.Is(err, ErrBehindLatest) || attempt >= 40 || ctx.Err() != nil {
+			return err
+		}
+		pause := time.NewTimer(250 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			pause.Stop()
+			return err
+		case <-pause.C:
+		}
+	}
+}
+
+// readFenced reads keys (relative to the job's prefix) in one transaction
+// that holds only while the ring record's mod revision is fence; a key
+// that does not exist reads as nil.
+func (c *checkpointer) readFenced(ctx context.Context, fence int64, keys ...string) ([]*mvccpb.KeyValue, error) {
+	w := c.w
+	ops := make([]clientv3.Op, len(keys))
+	for i, k := range keys {
+		ops[i] = clientv3.OpGet(w.key(k))
+	}
+	resp, err := w.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(w.key(job.KeyRing)), "=", fence)).Then(ops...).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("worker: read %v: %w", keys, err)
+	}
+	if !resp.Succeeded {
+		return nil, fmt.Errorf("worker: ring revision %d is no longer current: %w", fence, ErrFenced)
+	}
+	out := make([]*mvccpb.KeyValue, len(keys))
+	for i, r := range resp.Responses {
+		if kvs := r.GetResponseRange().Kvs; len(kvs) > 0 {
+			out[i] = kvs[0]
+		}
+	}
+	return out, nil
+}
+
+// latestStep is the step checkpoints/latest names, -1 if none (a value
+// that is not a step does not hold back a checkpoint: it is overwritten).
+func latestStep(kv *mvccpb.KeyValue) int {
+	if kv == nil {
+		return -1
+	}
+	n, err := strconv.Atoi(string(kv.Value))
+	if err != nil {
+		return -1
+	}
+	return n
+}
+
+// commit puts man and moves checkpoints/latest to its step in one
+// transaction that holds only while the ring is at fence and latest is
+// as read here, not past man's step.
+func (c *checkpointer) commit(ctx context.Context, man job.Manifest, fence int64) error {
+	w := c.w
+	kvs, err := c.readFenced(ctx, fence, job.KeyLatestCkpt)
+	if err != nil {
+		return err
+	}
+	var rev int64
+	if kvs[0] != nil {
+		rev = kvs[0].ModRevision
+	}
+	if latest := latestStep(kvs[0]); man.Step < latest {
+		return fmt.Errorf("worker: commit checkpoint of step %d: latest is step %d: %w", man.Step, latest, ErrBehindLatest)
+	}
+	ring, latestKey := w.key(job.KeyRing), w.key(job.KeyLatestCkpt)
+	resp, err := w.cli.Txn(ctx).If(
+		clientv3.Compare(clientv3.ModRevision(ring), "=", fence),
+		clientv3.Compare(clientv3.ModRevision(latestKey), "=", rev),
+	).Then(
+		clientv3.OpPut(w.key(job.CheckpointKey(man.Step)), job.Encode(man)),
+		clientv3.OpPut(latestKey, strconv.Itoa(man.Step)),
+	).Else(clientv3.OpGet(ring)).Commit()
+	if err != nil {
+		return fmt.Errorf("worker: commit checkpoint of step %d: %w", man.Step, err)
+	}
+	if resp.Succeeded {
+		return nil
+	}
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 0 || kvs[0].ModRevision != fence {
+		return fmt.Errorf("worker: commit checkpoint of step %d: ring revision %d is no longer current: %w", man.Step, fence, ErrFenced)
+	}
+	return errLatestMoved
+}
+
 // prune keeps the job's newest keep_checkpoints committed checkpoints: the
-// older manifests leave etcd first, then checkpoint.RemoveOlder removes the
-// step-N directories older than the oldest one kept, so a resume never
-// finds a manifest without its files. The directories removed are those
-// the checkpoint package finds directly under the job's checkpoint_dir,
-// never what a manifest in etcd names.
-func (c *checkpointer) prune() {
+// older manifests leave etcd first (in transactions fenced like the
+// commit), then checkpoint.RemoveOlder removes the step-N directories (and
+// attempts) older than the oldest one kept, so a resume never finds a
+// manifest without its files. The directories removed are those the
+// checkpoint package finds directly under the job's checkpoint_dir, never
+// what a manifest in etcd names.
+func (c *checkpointer) prune(fence int64) {
 	w := c.w
 	keep := w.job.KeepCheckpoints
 	if keep <= 0 {
@@ -410,6 +584,7 @@ func (c *checkpointer) prune() {
 		return // next time
 	}
 	n, oldestKept := 0, -1
+	var old []clientv3.Op
 	for _, kv := range resp.Kvs {
 		if string(kv.Key) == w.key(job.KeyLatestCkpt) {
 			continue
@@ -422,12 +597,17 @@ func (c *checkpointer) prune() {
 			oldestKept = step
 			continue
 		}
-		if _, err := w.cli.Delete(ctx, string(kv.Key)); err != nil {
-			return
-		}
+		old = append(old, clientv3.OpDelete(string(kv.Key)))
 	}
 	if oldestKept < 0 {
 		return
+	}
+	for i := 0; i < len(old); i += 64 { // etcd caps ops per txn
+		resp, err := w.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(w.key(job.KeyRing)), "=", fence)).
+			Then(old[i:min(i+64, len(old))]...).Commit()
+		if err != nil || !resp.Succeeded {
+			return // fenced off (the next ring's rank 0 prunes) or next time
+		}
 	}
 	if _, err := checkpoint.RemoveOlder(w.job.CheckpointDir, oldestKept); err != nil {
 		w.log.Warn("could not remove old checkpoints", "error", err)
@@ -438,7 +618,7 @@ func (c *checkpointer) prune() {
 // manifest committed to etcd, falling back to older ones with a warning
 // (a joining worker starts here too, then takes the ring's state). A
 // manifest is only ever read from the job's checkpoint_dir: one naming
-// another directory is refused.
+// anything but a directory of its step there (checkpoint.DirOf) is refused.
 func (w *worker) resume(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -455,10 +635,10 @@ func (w *worker) resume(ctx context.Context) error {
 			w.log.Warn("skipping checkpoint", "key", string(kv.Key), "error", err)
 			continue
 		}
-		dir := checkpoint.StepDir(w.job.CheckpointDir, man.Step)
-		if !sameDir(man.Dir, dir) {
+		dir, err := checkpoint.DirOf(w.job.CheckpointDir, man.Dir, man.Step)
+		if err != nil {
 			w.log.Warn("skipping checkpoint: its manifest names a directory outside checkpoint_dir",
-				"key", string(kv.Key), "manifest_dir", man.Dir, "want", dir)
+				"key", string(kv.Key), "manifest_dir", man.Dir, "error", err)
 			continue
 		}
 		files := make([]checkpoint.File, len(man.Files))
@@ -484,14 +664,6 @@ func (w *worker) resume(ctx context.Context) error {
 		return nil
 	}
 	return nil
-}
-
-// sameDir reports whether a and b name the same path (relative paths are
-// taken from the working directory, as the writer's were).
-func sameDir(a, b string) bool {
-	a, errA := filepath.Abs(a)
-	b, errB := filepath.Abs(b)
-	return errA == nil && errB == nil && a == b
 }
 
 // setAside warns about a damaged checkpoint and sets its directory aside

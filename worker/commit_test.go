@@ -105,8 +105,8 @@ func TestCommitterFenced(t *testing.T) {
 	next := putRing(ctx, t, cli, 2) // a ring this worker has not entered
 	c.addLedger(1, `{"step":1,"epoch":1}`, true)
 	c.add(job.KeyProgress, `{"step":2}`)
-	if err := c.flush(ctx); !errors.Is(err, errFenced) {
-		t.Fatalf("flush under a stale ring: %v, want %v", err, errFenced)
+	if err := c.flush(ctx); !errors.Is(err, ErrFenced) {
+		t.Fatalf("flush under a stale ring: %v, want %v", err, ErrFenced)
 	}
 	if got := ledgerSteps(ctx, t, cli); len(got) != 1 {
 		t.Fatalf("a stale ring's writes landed: %v", got)
