@@ -46,7 +46,7 @@ import (
 //     differ, one would evaluate while another trained, the ring would fail,
 //     and every next epoch would fail the same way.) Rank 0 checkpoints at
 //     checkpoint_every and at the end, after that step's evaluation.
-//   - Every write a worker commits (ledger, progress, done) is fenced on the
+//   - Every write a worker commits (ledger, progress, done, checkpoint manifests) is fenced on the
 //     ring record it is a member of: entering a ring's epoch as a member sets
 //     the fence to that record's revision (Fence), leaving the ring clears
 //     it, so a worker of a stale ring writes nothing.
