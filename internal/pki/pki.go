@@ -235,11 +235,32 @@ func Write(dir, name string, caPEM []byte, l Leaf) (Files, error) {
 		path string
 		data []byte
 	}{{f.CA, caPEM}, {f.Cert, l.CertPEM}, {f.Key, l.KeyPEM}} {
-		if err := os.WriteFile(w.path, w.data, 0o600); err != nil {
+		if err := writeAtomic(w.path, w.data); err != nil {
 			return Files{}, fmt.Errorf("pki: %w", err)
 		}
 	}
 	return f, nil
+}
+
+// writeAtomic replaces path with data, mode 0600, by a rename: every Write
+// into one dir rewrites its ca.pem, and a process reading it meanwhile must
+// see the old file or the new one, never a truncated one.
+func writeAtomic(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*") // mode 0600
+	if err != nil {
+		return err
+	}
+	_, err = tmp.Write(data)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+	}
+	return err
 }
 
 // Creds are a loaded CA pool and certificate.

@@ -4,6 +4,8 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -124,5 +126,53 @@ func TestLoadErrors(t *testing.T) {
 	}
 	if _, err := ca.Issue(RoleWorker, "a/b", nil, time.Hour); err == nil {
 		t.Error("an id with a slash was issued")
+	}
+}
+
+// TestWriteWhileRead: every Write into a directory rewrites its ca.pem; a
+// process loading its files meanwhile (a coordinator starting while the
+// workers' certificates are issued) never sees a truncated one, and keys
+// stay private.
+func TestWriteWhileRead(t *testing.T) {
+	ca, err := NewCA("job", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	leaf, err := ca.Issue(RoleCoordinator, "coordinator-0", nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := Write(dir, "coordinator-0", ca.PEM, leaf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(f.Key); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v, %v", st, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 200 {
+			l, err := ca.Issue(RoleWorker, fmt.Sprintf("worker-%d", i), nil, time.Hour)
+			if err == nil {
+				_, err = Write(dir, fmt.Sprintf("worker-%d", i), ca.PEM, l)
+			}
+			if err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for reads := 0; ; reads++ {
+		select {
+		case <-done:
+			t.Logf("%d loads while 200 certificates were written", reads)
+			return
+		default:
+		}
+		if _, err := f.Load(); err != nil {
+			t.Fatalf("load %d while certificates were written: %v", reads, err)
+		}
 	}
 }
