@@ -258,3 +258,31 @@ type Backend[F Float] interface {
 	// one launch for every tensor instead of one per tensor.
 	AdamWSteps(param, grad, m, v Buffer, segs []AdamWSegment, h AdamW)
 }
+
+// AsyncCopier is implemented by backends that can copy between host memory
+// and their own while later ops run: the CUDA backend, through page-locked
+// staging memory and a second stream. A data-parallel worker downloads each
+// layer's gradients as backward produces them and all-reduces them while
+// backward goes on; with Download, the caller waits for every queued op
+// and the device idles until it queues more.
+//
+// Both copies take their place in the op order where they are called, as
+// Download and Upload do, and return at once. The wait function they return
+// may be called from any goroutine. It returns once the copy is done (or
+// known not to run): nil, or the first error the backend recorded (what Err
+// reports, without waiting for other work), as after a failure outputs are
+// unspecified. Calling it again returns the same result. Every copy must be
+// waited for: until then it holds the backend's staging memory.
+//
+// The CPU backend copies at once; it implements AsyncCopier so that callers
+// have one path to test.
+type AsyncCopier[F Float] interface {
+	// DownloadAsync copies src into dst (len(dst) == src.Len()) as Download
+	// would at this point of the op order. Until wait returns, dst belongs
+	// to the copy, and ops issued after DownloadAsync must not write src.
+	DownloadAsync(dst []F, src Buffer) (wait func() error)
+	// UploadAsync copies src into dst (len(src) == dst.Len()) as Upload
+	// would at this point of the op order: ops issued after it read the
+	// new values. src must stay unchanged until wait returns.
+	UploadAsync(dst Buffer, src []F) (wait func() error)
+}

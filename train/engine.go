@@ -66,6 +66,17 @@ type Reducer interface {
 	Err() error
 }
 
+// CommTimer is a Reducer that times its collectives (the worker's ring).
+// For the step the last Finish ended, comm is how long at least one of its
+// gradient sums was in flight, ready when the last gradient range reached
+// the reduction: a GPU backend's host queues backward's kernels ahead of
+// the device, so Finish may first wait for backward itself, which is
+// compute, not communication. TrainStep reports them as StepStats.Comm and
+// Arrive.
+type CommTimer interface {
+	CommTimes() (comm time.Duration, ready time.Time)
+}
+
 // BatchObserver is a Reducer that keeps a ledger (the worker's): TrainStep
 // shows it the batch this replica really trains on, after filling it and
 // before the step's sums. The slices are the engine's and are refilled by
@@ -96,7 +107,24 @@ type StepStats struct {
 	LR       float64 // learning rate applied
 
 	Data, Compute, Wait, Optim time.Duration // where the step's time went
-	Arrive                     time.Time     // the last gradient range entered the reduction
+	Arrive                     time.Time     // the last gradient range entered the reduction (backward ended)
+
+	// Comm is how long the step's gradient sums were in flight (CommTimer;
+	// 0 for a Reducer that does not time them), Exposed how long Finish
+	// kept the step waiting after Arrive: the communication backward did
+	// not hide, and putting the sums back in place (Wait adds the loss sum
+	// and the device's last queued work).
+	Comm, Exposed time.Duration
+}
+
+// Hidden is the fraction of the communication hidden behind compute,
+// 1 − Exposed/Comm, within [0, 1] (Exposed counts the uploads too, so it
+// can pass Comm); 0 without communication.
+func (s StepStats) Hidden() float64 {
+	if s.Comm <= 0 {
+		return 0
+	}
+	return min(1, max(0, 1-s.Exposed.Seconds()/s.Comm.Seconds()))
 }
 
 // ErrStep wraps errors of the step itself (data, shapes, the device), as
@@ -169,15 +197,23 @@ func (e *Engine) TrainStep(r Reducer) (StepStats, error) {
 		}
 	}
 	t1 := time.Now()
-	st.Compute, st.Arrive = t1.Sub(t0)-st.Data, t1
 	err = r.Finish()
+	t2 := time.Now()
+	arrive := t1
+	if ct, ok := r.(CommTimer); ok {
+		var ready time.Time
+		if st.Comm, ready = ct.CommTimes(); ready.After(arrive) {
+			arrive = ready // Finish waited for backward's own kernels first
+		}
+	}
+	st.Compute, st.Arrive, st.Exposed = arrive.Sub(t0)-st.Data, arrive, max(0, t2.Sub(arrive))
 	if err == nil {
 		var sums []float64
 		if sums, err = r.Sum([]float64{local * float64(scale)}); err == nil {
 			st.Loss = sums[0]
 		}
 	}
-	st.Wait = time.Since(t1)
+	st.Wait = time.Since(arrive)
 	if err != nil {
 		return st, err
 	}

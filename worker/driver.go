@@ -173,7 +173,7 @@ func (w *worker) connect(ctx context.Context, a Connect) Event {
 		}
 	}
 	w.cur = &epochRing{info: r, rank: rank, t0: time.Now(),
-		red: &ringReducer{ctx: ctx, ring: coll, rank: rank, size: len(r.Members), be: w.eng.M.Backend()}}
+		red: &ringReducer{ctx: ctx, ring: coll, rank: rank, size: len(r.Members), be: w.eng.M.Backend(), syncCopies: !w.cfg.OverlapCopies}}
 	w.log.Info("epoch started", "epoch", r.Epoch, "rank", rank, "step", w.eng.Step, "ring_size", len(r.Members),
 		"allreduce", scheme, "synced", st.Sync, "reason", r.Reason)
 	return Connected{Epoch: r.Epoch, Step: w.eng.Step, At: time.Now()}

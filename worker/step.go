@@ -2,36 +2,86 @@ package worker
 
 import (
 	"context"
+	"time"
 
 	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/job"
 	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/train"
 )
 
 // ringReducer is the train.Reducer of one epoch's ring (flat or
-// hierarchical: allreduce.Collective): each layer's
-// gradient range is downloaded, scaled and all-reduced as soon as backward
-// finishes it, and uploaded back once every range has arrived. Host buffers
-// are kept between steps, one per range in backward's order.
+// hierarchical: allreduce.Collective): each layer's gradient range is
+// copied to host memory, scaled and all-reduced as soon as backward
+// finishes it, and copied back once its sum has arrived. Host buffers are
+// kept between steps, one per range in backward's order.
+//
+// Two paths move the ranges; both start the same collectives on the same
+// values in the same order, so their sums are bit for bit the same:
+//
+//   - the reference (syncCopies, or a backend without kernels.AsyncCopier):
+//     Start downloads on the training goroutine, which waits for every op
+//     queued so far (on a GPU, the device idles meanwhile), scales and
+//     starts the collective; Finish waits for all of them, then uploads.
+//   - the overlapped one: Start queues an async download and returns, so
+//     backward goes on queueing; one goroutine per range waits for its
+//     copy, scales it, and starts its collective once the previous range's
+//     has started (every rank must start them in the same order). Finish
+//     queues each range's async upload as its sum arrives, then waits for
+//     the uploads to land.
+//
+// Either way it times the collectives (CommTimes): the step's
+// communication, of which TrainStep's wait in Finish after the last range
+// arrived is the part backward did not hide.
 type ringReducer struct {
 	ctx        context.Context
 	ring       allreduce.Collective
 	rank, size int
 	be         kernels.Backend[float32]
+	// syncCopies keeps the reference path where the backend could copy
+	// asynchronously (the worker unless --overlap-copies, tests, bench step
+	// --copies sync).
+	syncCopies bool
 
 	bufs    []*bucket // by call order within a step
 	started int
+	last    chan struct{} // overlapped path: closed once the last range's collective has started
+	comm    time.Duration // CommTimes of the last Finish
+	ready   time.Time
 }
 
 type bucket struct {
 	dev  kernels.Buffer
 	host []float32
-	h    *allreduce.Handle
+	// started is closed once h is set (the collective started); ended once
+	// the collective has finished and t1 is set. ready is when the range
+	// reached host memory; t0..t1 the time its collective was in flight
+	// (queued behind earlier ones, or running).
+	h              *allreduce.Handle
+	started, ended chan struct{}
+	ready, t0, t1  time.Time
+}
+
+var _ train.CommTimer = (*ringReducer)(nil)
+
+// NewStepReducer returns the Reducer of a worker's training step: rank of
+// a size-rank collective coll (connected), summing gradients that live on
+// be, through the overlapped path where be has one unless syncCopies.
+// bmojo bench step --workers times the worker's own reduction with it.
+func NewStepReducer(ctx context.Context, coll allreduce.Collective, rank, size int, be kernels.Backend[float32], syncCopies bool) train.Reducer {
+	return &ringReducer{ctx: ctx, ring: coll, rank: rank, size: size, be: be, syncCopies: syncCopies}
 }
 
 func (r *ringReducer) Rank() int  { return r.rank }
 func (r *ringReducer) Err() error { return r.ring.Err() }
 func (r *ringReducer) Size() int  { return r.size }
+
+// CommTimes implements train.CommTimer for the step the last Finish ended:
+// how long at least one of its collectives was in flight, and when the
+// last range reached host memory (the overlapped path on a GPU: when
+// backward's kernels, which the host queues ahead of the device, had
+// produced it).
+func (r *ringReducer) CommTimes() (comm time.Duration, ready time.Time) { return r.comm, r.ready }
 
 func (r *ringReducer) Start(g kernels.Buffer, scale float32) {
 	if r.started == len(r.bufs) {
@@ -43,31 +93,128 @@ func (r *ringReducer) Start(g kernels.Buffer, scale float32) {
 		b.host = make([]float32, g.Len())
 	}
 	b.dev = g
+	b.started, b.ended = make(chan struct{}), make(chan struct{})
+	if ac, ok := r.be.(kernels.AsyncCopier[float32]); ok && !r.syncCopies {
+		r.startOverlapped(ac, b, scale)
+		return
+	}
 	r.be.Download(b.host, g)
+	b.ready = time.Now()
+	scaleHost(b.host, scale)
+	r.launch(b)
+}
+
+// startOverlapped queues b's download and hands the rest to a goroutine.
+// A failed copy is recorded by the backend, which TrainStep checks after
+// Finish (as after the reference path's Download); the collective still
+// runs, so the other ranks are not left waiting for it.
+func (r *ringReducer) startOverlapped(ac kernels.AsyncCopier[float32], b *bucket, scale float32) {
+	wait := ac.DownloadAsync(b.host, b.dev)
+	prev := r.last
+	r.last = b.started
+	go func() {
+		_ = wait()
+		b.ready = time.Now()
+		scaleHost(b.host, scale)
+		if prev != nil {
+			<-prev
+		}
+		r.launch(b)
+	}()
+}
+
+// launch starts b's collective and notes when it ends.
+func (r *ringReducer) launch(b *bucket) {
+	b.t0 = time.Now()
+	b.h = r.ring.Start(b.host, allreduce.Sum)
+	close(b.started)
+	go func() {
+		<-b.h.Done()
+		b.t1 = time.Now()
+		close(b.ended)
+	}()
+}
+
+func scaleHost(x []float32, scale float32) {
 	if scale != 1 {
-		for i := range b.host {
-			b.host[i] *= scale
+		for i := range x {
+			x[i] *= scale
 		}
 	}
-	b.h = r.ring.Start(b.host, allreduce.Sum)
 }
 
 func (r *ringReducer) Finish() error {
 	started := r.bufs[:r.started]
-	r.started = 0
+	r.started, r.last = 0, nil
+	ac, overlapped := r.be.(kernels.AsyncCopier[float32])
+	overlapped = overlapped && !r.syncCopies
+	var uploads []func() error
 	var firstErr error
+	r.ready = time.Time{}
 	for _, b := range started {
+		<-b.started // overlapped: the copy is done and the collective started
+		r.ready = later(r.ready, b.ready)
 		if err := b.h.Wait(r.ctx); err != nil && firstErr == nil {
 			firstErr = err
 		}
+		if overlapped && firstErr == nil {
+			uploads = append(uploads, ac.UploadAsync(b.dev, b.host))
+		}
 	}
+	for _, up := range uploads { // the sums are on the device
+		_ = up() // a failure is recorded by the backend, as Upload's
+	}
+	r.comm = inFlight(started)
 	if firstErr != nil {
 		return firstErr
 	}
-	for _, b := range started {
-		r.be.Upload(b.dev, b.host)
+	if !overlapped {
+		for _, b := range started {
+			r.be.Upload(b.dev, b.host)
+		}
 	}
 	return nil
+}
+
+// inFlight is how long at least one of the buckets' collectives was in
+// flight. A collective still running (its wait ended with the context)
+// counts until now.
+func inFlight(bs []*bucket) time.Duration {
+	spans := make([][2]time.Time, len(bs))
+	for i, b := range bs {
+		spans[i] = [2]time.Time{b.t0, time.Now()}
+		select {
+		case <-b.h.Done():
+			<-b.ended
+			spans[i][1] = b.t1
+		default:
+		}
+	}
+	return union(spans)
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// union is the length of the union of the intervals [s[0], s[1]], given in
+// order of their starts (collectives run in start order, so one pass in
+// that order merges them).
+func union(spans [][2]time.Time) time.Duration {
+	var total time.Duration
+	var lo, hi time.Time
+	for i, s := range spans {
+		if i > 0 && !s[0].After(hi) {
+			hi = later(hi, s[1])
+			continue
+		}
+		total += hi.Sub(lo)
+		lo, hi = s[0], s[1]
+	}
+	return total + hi.Sub(lo)
 }
 
 // Sum all-reduces xs, each as two float32 (the value rounded, and what the

@@ -60,6 +60,12 @@ type Config struct {
 	// hierarchical (default: Listen's IP, a free port). Peers dial it at
 	// Advertise's host (else the listener's) with this listener's port.
 	LocalListen string
+	// OverlapCopies moves each layer's gradient off the device with an
+	// asynchronous copy, so that backward goes on meanwhile (kernels.
+	// AsyncCopier; worker/step.go). Off by default until the copy streams
+	// have passed their tests on a real GPU: the CUDA emulation cannot show
+	// a copy that starts before the kernels it must wait for.
+	OverlapCopies bool
 	// Device is the compute device: auto (a GPU when built with -tags cuda
 	// and one is present, else the CPU), cpu, cuda or cuda:N.
 	Device string

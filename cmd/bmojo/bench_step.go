@@ -1,19 +1,28 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/bmojo/bmojo/allreduce"
+	"github.com/bmojo/bmojo/data"
 	"github.com/bmojo/bmojo/internal/device"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cuda"
 	"github.com/bmojo/bmojo/kernels/profile"
 	"github.com/bmojo/bmojo/model"
+	"github.com/bmojo/bmojo/train"
+	"github.com/bmojo/bmojo/worker"
 )
 
 // stepReport is what bench step measured (--json).
@@ -66,6 +75,7 @@ func init() {
 		noTune               bool
 		timeline             bool
 		timelineKernels      bool
+		workers              stepWorkersOpts
 	)
 	cmd := &cobra.Command{
 		Use:   "step",
@@ -76,7 +86,18 @@ On the CPU (--device cpu) it compares 1 core with all cores. On a GPU
 (--device cuda, a binary built with -tags cuda) it prints tokens/s, the
 model FLOPs per token (model.FLOPsPerToken), MFU against the GPU's matrix
 rate measured in the same run (or --peak-tflops from a reference such as
-torch.matmul), the peak device memory, and the largest batch that fits.`,
+torch.matmul), the peak device memory, and the largest batch that fits.
+
+With --workers N it trains N data-parallel replicas in this process, each
+on a backend of its own (on a GPU, all on the one device), joined by a
+real all-reduce ring over loopback, through the worker's own training step
+and gradient reduction (train.Engine, worker.NewStepReducer): each replica
+takes --batch-size sequences per step. It prints tokens/s of all replicas
+together, and per step the time the gradient sums were in flight
+(communication), the part of it the step waited for (exposed) and the
+fraction hidden behind compute, for the overlapped reduction (async copies,
+each layer's sum started as backward produces it) and the synchronous
+reference (--copies), beside one replica alone.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			c, err := model.Preset(preset)
@@ -104,6 +125,18 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 			}
 			if batch <= 0 || steps <= 0 {
 				return fmt.Errorf("bench step: --batch-size and --steps must be positive")
+			}
+			if workers.workers > 0 {
+				workers.dev, workers.batch, workers.steps = dev, batch, steps
+				workers.devOpts = device.Options{Logger: newLogger(), NoCublasLt: noLt, NoGemmTune: noTune}
+				if err := workers.validate(); err != nil {
+					return err
+				}
+				rep, err := benchStepWorkers(cmd.Context(), os.Stdout, c, preset, workers)
+				if err != nil {
+					return err
+				}
+				return writeJSON(jsonOut, rep)
 			}
 			o, err := device.Open(dev, device.Options{Logger: newLogger(), NoCublasLt: noLt, NoGemmTune: noTune})
 			if err != nil {
@@ -185,6 +218,9 @@ torch.matmul), the peak device memory, and the largest batch that fits.`,
 	fl.BoolVar(&noTune, "no-gemm-tune", false, "GPU: keep cuBLASLt's first-guess algorithm per product shape instead of timing its candidates")
 	fl.BoolVar(&timeline, "timeline", false, "GPU: time each op of one more step with stream events (no synchronisation)")
 	fl.BoolVar(&timelineKernels, "timeline-kernels", false, "with --timeline: one row per kernel of each op (op/kernel)")
+	fl.IntVar(&workers.workers, "workers", 0, "train this many data-parallel replicas in this process, joined by an all-reduce ring over loopback, and report the communication hidden behind compute (0: time one replica alone)")
+	fl.StringVar(&workers.copies, "copies", "both", "with --workers: the gradient reduction to time: overlapped (async copies), sync (the synchronous reference) or both")
+	fl.StringVar(&workers.transport, "transport", allreduce.TransportAuto, "with --workers: the ring's transport between the replicas: auto (shared memory on one host) or grpc")
 	benchCmd.AddCommand(cmd)
 }
 
@@ -416,4 +452,294 @@ func tryBatch(be kernels.Backend[float32], c model.Config, b int) error {
 		return err
 	}
 	return run.step()
+}
+
+// stepWorkersOpts configure bench step --workers.
+type stepWorkersOpts struct {
+	workers   int    // replicas
+	copies    string // overlapped, sync or both
+	transport string // the ring's (allreduce.Config.Transport)
+	dev       string // --device, opened once per replica
+	batch     int    // sequences per replica per step
+	steps     int    // timed steps, after two warm-up ones
+	devOpts   device.Options
+}
+
+// validate names the bad flag.
+func (o stepWorkersOpts) validate() error {
+	switch o.copies {
+	case "overlapped", "sync", "both":
+	default:
+		return fmt.Errorf("bench step: --copies %q: want overlapped, sync or both", o.copies)
+	}
+	switch o.transport {
+	case allreduce.TransportAuto, allreduce.TransportGRPC:
+	default:
+		return fmt.Errorf("bench step: --transport %q: want auto or grpc", o.transport)
+	}
+	if o.workers < 1 {
+		return fmt.Errorf("bench step: --workers %d: want 1 or more", o.workers)
+	}
+	if o.batch <= 0 || o.steps <= 0 {
+		return fmt.Errorf("bench step: --batch-size and --steps must be positive")
+	}
+	return nil
+}
+
+// workerRow is one row of bench step --workers.
+type workerRow struct {
+	Workers int `json:"workers"`
+	// Reduction is "alone" (one replica, nothing to sum: train.Local),
+	// "overlapped" or "sync" (worker.NewStepReducer's two paths).
+	Reduction  string  `json:"reduction"`
+	Transport  string  `json:"transport,omitempty"` // what carried rank 0's hop
+	StepMs     float64 `json:"step_ms"`             // the slowest replica's
+	TokensPerS float64 `json:"tokens_per_s"`        // every replica's tokens
+	// CommMs and ExposedMs are per step and replica (means): the time the
+	// gradient sums were in flight, and the time the step waited for them
+	// in Finish (train.StepStats.Comm, Exposed). Hidden is 1 − exposed/comm
+	// over every timed step and replica, within [0, 1].
+	CommMs    float64 `json:"comm_ms"`
+	ExposedMs float64 `json:"exposed_ms"`
+	Hidden    float64 `json:"hidden"`
+}
+
+// stepWorkersReport is what bench step --workers measured (--json).
+type stepWorkersReport struct {
+	Preset string      `json:"preset"`
+	Device string      `json:"device"`
+	Params int         `json:"params"`
+	Batch  int         `json:"batch_per_worker"`
+	SeqLen int         `json:"seq_len"`
+	Rows   []workerRow `json:"rows"`
+}
+
+// benchStepWorkers times o.workers replicas of c training together, each
+// on a backend of its own, through the worker's training step and
+// reduction, beside one replica alone, and prints the table to out.
+func benchStepWorkers(ctx context.Context, out io.Writer, c model.Config, preset string, o stepWorkersOpts) (stepWorkersReport, error) {
+	rep := stepWorkersReport{Preset: preset, Batch: o.batch, SeqLen: c.SeqLen}
+	devs := make([]*device.Opened, o.workers)
+	defer func() {
+		for _, d := range devs {
+			if d != nil {
+				_ = d.Close()
+			}
+		}
+	}()
+	for i := range devs {
+		if d := devs[0]; i > 0 && cuda.Emulated && d.Dev != nil {
+			// The emulation runs kernels on global state: two devices of
+			// one process must not launch at once, so its replicas share
+			// one (a backend each, one stream). Dev stays nil: closed once.
+			devs[i] = &device.Opened{Backend: d.Dev.Backend(), Kind: d.Kind, GPU: d.GPU, Desc: d.Desc}
+			continue
+		}
+		d, err := device.Open(o.dev, o.devOpts)
+		if err != nil {
+			return rep, err
+		}
+		devs[i] = d
+	}
+	rep.Device = devs[0].Desc
+	// Random tokens: enough windows for every step of every replica.
+	rng := rand.New(rand.NewPCG(1, 2))
+	toks := make([]int32, o.workers*o.batch*(o.steps+2)*(c.SeqLen+1))
+	for i := range toks {
+		toks[i] = int32(rng.IntN(c.VocabSize))
+	}
+	ds, err := data.NewMemoryDataset(toks, c.VocabSize)
+	if err != nil {
+		return rep, err
+	}
+	share := "on its own backend"
+	switch {
+	case devs[0].Dev != nil && cuda.Emulated:
+		share = "on one emulated device (a backend each)"
+	case devs[0].Dev != nil:
+		share = "on the same GPU (a device thread, stream and memory cache each; their kernels share the GPU)"
+	}
+	fmt.Fprintf(out, "bench step --workers %d: %s, one process, each replica %s, joined by an all-reduce ring over loopback\n",
+		o.workers, rep.Device, share)
+
+	alone, err := timeReplicas(ctx, devs[:1], c, ds, o, "")
+	if err != nil {
+		return rep, fmt.Errorf("bench step: one replica alone: %w", err)
+	}
+	rep.Params = alone.params
+	rep.Rows = append(rep.Rows, alone.row)
+	fmt.Fprintf(out, "preset %s: %d parameters, batch %d × %d tokens per replica\n", preset, rep.Params, o.batch, c.SeqLen)
+	fmt.Fprintf(out, "%-8s %-11s %-6s %10s %12s %10s %12s %7s\n", "workers", "reduction", "hop", "step (ms)", "tokens/s", "comm (ms)", "exposed (ms)", "hidden")
+	printRow := func(r workerRow) {
+		hidden := "-"
+		if r.CommMs > 0 {
+			hidden = fmt.Sprintf("%.1f%%", 100*r.Hidden)
+		}
+		hop := r.Transport
+		if hop == "" {
+			hop = "-"
+		}
+		fmt.Fprintf(out, "%-8d %-11s %-6s %10.2f %12.0f %10.2f %12.2f %7s\n", r.Workers, r.Reduction, hop, r.StepMs, r.TokensPerS, r.CommMs, r.ExposedMs, hidden)
+	}
+	printRow(alone.row)
+	paths := []string{"overlapped", "sync"}
+	if o.copies != "both" {
+		paths = []string{o.copies}
+	}
+	for _, p := range paths {
+		res, err := timeReplicas(ctx, devs, c, ds, o, p)
+		if err != nil {
+			return rep, fmt.Errorf("bench step: %d replicas, %s reduction: %w", o.workers, p, err)
+		}
+		rep.Rows = append(rep.Rows, res.row)
+		printRow(res.row)
+	}
+	return rep, nil
+}
+
+// replicaTiming is what timeReplicas measured.
+type replicaTiming struct {
+	row    workerRow
+	params int
+}
+
+// timeReplicas trains one replica per element of devs for two warm-up and
+// o.steps timed steps, through train.Engine: alone (path "", one replica,
+// train.Local), or joined by a fresh ring with worker.NewStepReducer's
+// path ("overlapped" or "sync"). Every replica starts from the same
+// parameters (seed 1), as after a worker's state transfer.
+func timeReplicas(ctx context.Context, devs []*device.Opened, c model.Config, ds *data.Dataset, o stepWorkersOpts, path string) (replicaTiming, error) {
+	n := len(devs)
+	res := replicaTiming{row: workerRow{Workers: n, Reduction: path}}
+	reducers := make([]train.Reducer, n)
+	if path == "" {
+		res.row.Reduction = "alone"
+		reducers[0] = train.Local{}
+	} else {
+		rings, err := stepRings(ctx, n, o.transport)
+		if err != nil {
+			return res, err
+		}
+		defer func() {
+			var wg sync.WaitGroup
+			for _, r := range rings {
+				wg.Go(func() { _ = r.Close() })
+			}
+			wg.Wait()
+		}()
+		res.row.Transport, _ = rings[0].Transport()
+		for i := range reducers {
+			reducers[i] = worker.NewStepReducer(ctx, rings[i], i, n, devs[i].Backend, path == "sync")
+		}
+	}
+	type result struct {
+		wall, comm, exposed time.Duration
+		params              int
+		err                 error
+	}
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i := range devs {
+		wg.Go(func() {
+			r := &results[i]
+			m, err := model.New[float32](devs[i].Backend, c, 1)
+			if err != nil {
+				r.err = err
+				return
+			}
+			r.params = m.Layout.ParamCount()
+			s, err := data.NewSampler(ds, c.SeqLen, 1)
+			if err != nil {
+				r.err = err
+				return
+			}
+			eng := &train.Engine{M: m, Opt: model.NewOptimizer(m, model.DefaultOptim(1e-3, 1<<20)), Train: s, GB: n * o.batch}
+			var t0 time.Time
+			for step := range 2 + o.steps {
+				if step == 2 {
+					t0 = time.Now()
+				}
+				st, err := eng.TrainStep(reducers[i])
+				if err != nil {
+					r.err = fmt.Errorf("replica %d, step %d: %w", i, step, err)
+					return
+				}
+				if step >= 2 {
+					r.comm += st.Comm
+					r.exposed += st.Exposed
+				}
+			}
+			r.wall = time.Since(t0)
+		})
+	}
+	wg.Wait()
+	var errs []error
+	var slowest, comm, exposed time.Duration
+	for _, r := range results {
+		errs = append(errs, r.err)
+		slowest = max(slowest, r.wall)
+		comm += r.comm
+		exposed += r.exposed
+		res.params = r.params
+	}
+	if err := errors.Join(errs...); err != nil {
+		return res, err
+	}
+	per := float64(o.steps)
+	res.row.StepMs = 1e3 * slowest.Seconds() / per
+	res.row.TokensPerS = float64(n*o.batch*c.SeqLen) * per / slowest.Seconds()
+	res.row.CommMs = 1e3 * comm.Seconds() / per / float64(n)
+	res.row.ExposedMs = 1e3 * exposed.Seconds() / per / float64(n)
+	res.row.Hidden = train.StepStats{Comm: comm, Exposed: exposed}.Hidden()
+	return res, nil
+}
+
+// stepRings makes and connects an n-rank ring on loopback (transport as
+// allreduce.Config.Transport: shared memory between ranks of one host when
+// "auto").
+func stepRings(ctx context.Context, n int, transport string) ([]*allreduce.Ring, error) {
+	lis := make([]net.Listener, n)
+	peers := make([]string, n)
+	for i := range lis {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			for _, l := range lis[:i] {
+				_ = l.Close()
+			}
+			return nil, err
+		}
+		lis[i], peers[i] = l, l.Addr().String()
+	}
+	rings := make([]*allreduce.Ring, 0, n)
+	closeAll := func() {
+		for _, r := range rings {
+			_ = r.Close()
+		}
+	}
+	for i := range lis {
+		cfg := allreduce.Default()
+		cfg.Rank, cfg.Peers, cfg.Epoch, cfg.Transport = i, peers, 1, transport
+		r, err := allreduce.New(cfg, lis[i])
+		if err != nil {
+			closeAll()
+			for _, l := range lis[i:] {
+				_ = l.Close()
+			}
+			return nil, err
+		}
+		rings = append(rings, r)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, r := range rings {
+		wg.Go(func() { errs[i] = r.Connect(cctx) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		closeAll()
+		return nil, fmt.Errorf("connecting the ring: %w", err)
+	}
+	return rings, nil
 }

@@ -28,7 +28,22 @@ type driver interface {
 	htod(dst devptr, src unsafe.Pointer, bytes int64) error
 	dtoh(dst unsafe.Pointer, src devptr, bytes int64) error // waits for the copy
 	dtod(dst, src devptr, bytes int64) error
+	// sync waits for every stream: the main one and the copy stream.
 	sync() error
+	// The async copies (async.go). hostAlloc returns page-locked host
+	// memory, which copies reach without staging through the driver;
+	// dtohAsync queues a copy on the copy stream that starts once the work
+	// queued so far on the main stream is done, and returns a token of its
+	// end; fence is a token of the end of the work queued so far on the
+	// main stream. await waits for a token's end and releases it: it runs
+	// on the waiter thread (bind made the context current there), never on
+	// the device thread.
+	hostAlloc(bytes int64) (unsafe.Pointer, error)
+	hostFree(p unsafe.Pointer) error
+	dtohAsync(dst unsafe.Pointer, src devptr, bytes int64) (any, error)
+	fence() (any, error)
+	bind() error
+	await(token any) error
 	// tunings reports how each product shape's cuBLASLt algorithm was
 	// chosen (Options.NoGemmTune); nil without cuBLASLt.
 	tunings() []GemmTuning
@@ -65,6 +80,11 @@ type Device struct {
 	// zeros are the deferred Zero calls (lazyzero.go), likewise.
 	zeros zeroTable
 
+	// staging is the page-locked host memory of async copies (async.go);
+	// waits queues work for the waiter thread, which waits for their ends.
+	staging stagingPool
+	waits   chan func(bound error)
+
 	// Stream events around queued work while timing (timing.go); device
 	// thread.
 	timing bool
@@ -82,7 +102,7 @@ func Open(ordinal int, opt Options) (*Device, error) {
 	default:
 		return nil, fmt.Errorf("cuda: matmul precision %q: want bf16 or fp32", opt.MatMul)
 	}
-	d := &Device{opt: opt, work: make(chan func(), 1024), closed: make(chan struct{}), drv: newDriver()}
+	d := &Device{opt: opt, work: make(chan func(), 1024), waits: make(chan func(error), 1024), closed: make(chan struct{}), drv: newDriver()}
 	started := make(chan error, 1)
 	go d.loop(ordinal, started)
 	if err := <-started; err != nil {
@@ -105,6 +125,7 @@ func (d *Device) loop(ordinal int, started chan<- error) {
 		d.zeros.drop(id)
 	}
 	d.mem.pressure = d.shadows.dropAll
+	go d.waitLoop()
 	started <- nil
 	for {
 		select {
@@ -112,7 +133,25 @@ func (d *Device) loop(ordinal int, started chan<- error) {
 			f()
 		case <-d.closed:
 			d.mem.releaseCached()
+			d.staging.release(d.drv)
 			d.drv.stop()
+			return
+		}
+	}
+}
+
+// waitLoop is the waiter thread: it waits for the ends of async copies
+// (async.go) so that the device thread never does, and runs what follows
+// them. Each item gets the error of binding the context to this thread
+// (nil normally), so that none waits on a thread that cannot.
+func (d *Device) waitLoop() {
+	runtime.LockOSThread() // the context is made current on this thread only
+	bound := d.drv.bind()
+	for {
+		select {
+		case f := <-d.waits:
+			f(bound)
+		case <-d.closed:
 			return
 		}
 	}
@@ -129,12 +168,24 @@ func (d *Device) do(f func()) {
 	<-done
 }
 
+// settle returns once the device thread has run the work queued so far and
+// the waiter thread what that work handed it (the ends of async copies,
+// which it waits for in order).
+func (d *Device) settle() {
+	settled := make(chan struct{})
+	d.do(func() { d.waits <- func(error) { close(settled) } })
+	<-settled
+}
+
 // Close waits for queued work, frees the device's memory and releases the
 // context. Buffers of the device must not be used afterwards.
 func (d *Device) Close() error {
 	var err error
 	d.once.Do(func() {
 		d.do(func() { err = d.drv.sync() })
+		// What the waiter thread still holds (releasing the staging of
+		// async uploads) is done before the context goes.
+		d.settle()
 		close(d.closed)
 	})
 	return err

@@ -10,7 +10,10 @@
 // locked goroutine, handed over through Device.do. Work goes to one
 // non-blocking stream, so kernels of one step run in issue order with no
 // host round trip; Download, SumSquares and Err are the only points that
-// wait for the GPU. Device memory comes from a caching allocator (blocks are
+// wait for the GPU. The async copies of kernels.AsyncCopier (async.go) run
+// on a second stream through page-locked staging memory, and a second
+// locked thread (the waiter) waits for their ends, so neither the caller
+// nor the device thread does. Device memory comes from a caching allocator (blocks are
 // recycled by size when the buffers that used them are garbage collected).
 // Kernels are compiled from csrc/*.cu to PTX (`make ptx`), embedded in the
 // binary with go:embed, and JIT-compiled by the driver when a Device opens.

@@ -23,12 +23,14 @@ const Emulated = false
 var ptxFiles embed.FS
 
 // gpu is the driver of a real GPU: the device's primary context (which
-// cuBLAS shares), one non-blocking stream, the modules JIT-compiled from
-// the embedded PTX, and cuBLAS.
+// cuBLAS shares), one non-blocking stream for every op, a second one for
+// async downloads (async.go), the modules JIT-compiled from the embedded
+// PTX, and cuBLAS.
 type gpu struct {
 	dev    cu.Device
 	ctx    cu.CUContext
 	stream cu.Stream
+	copies cu.Stream
 	mods   []cu.Module
 	fns    map[string]cu.Function
 	blas   *cublas
@@ -99,6 +101,9 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	if g.stream, err = cu.MakeStream(cu.NonBlocking); err != nil {
 		return info, fmt.Errorf("cuda: creating a stream: %w", err)
 	}
+	if g.copies, err = cu.MakeStream(cu.NonBlocking); err != nil {
+		return info, fmt.Errorf("cuda: creating the copy stream: %w", err)
+	}
 	if err := g.loadModules(info); err != nil {
 		return info, err
 	}
@@ -154,6 +159,7 @@ func (g *gpu) loadModules(info Info) error {
 
 func (g *gpu) stop() {
 	g.blas.close()
+	_ = g.copies.Destroy()
 	if g.ws != 0 {
 		_ = cu.MemFree(g.ws)
 	}
@@ -220,7 +226,67 @@ func (g *gpu) tunings() []GemmTuning {
 	return g.lt.tunings()
 }
 
-func (g *gpu) sync() error { return g.stream.Synchronize() }
+func (g *gpu) sync() error {
+	if err := g.stream.Synchronize(); err != nil {
+		return err
+	}
+	return g.copies.Synchronize()
+}
+
+func (g *gpu) hostAlloc(bytes int64) (unsafe.Pointer, error) { return memHostAlloc(bytes) }
+
+func (g *gpu) hostFree(p unsafe.Pointer) error { return cu.MemFreeHost(p) }
+
+// dtohAsync makes the copy stream wait for an event recorded after the
+// work queued on the main stream, so the copy reads what that work wrote
+// while the main stream goes on. dst must be page-locked (hostAlloc): from
+// pageable memory the driver would copy synchronously.
+func (g *gpu) dtohAsync(dst unsafe.Pointer, src devptr, bytes int64) (any, error) {
+	after, err := cu.MakeEvent(cu.DisableTiming)
+	if err != nil {
+		return nil, err
+	}
+	// Destroying a recorded event is allowed: its resources go once the
+	// device passes it, and the stream wait below has captured it.
+	defer cu.DestroyEvent(&after)
+	if err := after.Record(g.stream); err != nil {
+		return nil, err
+	}
+	if err := g.copies.Wait(after, 0); err != nil {
+		return nil, err
+	}
+	if err := cu.MemcpyDtoHAsync(dst, cu.DevicePtr(src), bytes, g.copies); err != nil {
+		return nil, err
+	}
+	return g.record(g.copies)
+}
+
+func (g *gpu) fence() (any, error) { return g.record(g.stream) }
+
+// record returns an event recorded on s that a host thread can wait for
+// without spinning.
+func (g *gpu) record(s cu.Stream) (any, error) {
+	ev, err := cu.MakeEvent(cu.DisableTiming | cu.BlockingSyncEvent)
+	if err != nil {
+		return nil, err
+	}
+	if err := ev.Record(s); err != nil {
+		_ = cu.DestroyEvent(&ev)
+		return nil, err
+	}
+	return ev, nil
+}
+
+func (g *gpu) bind() error { return cu.SetCurrentContext(g.ctx) }
+
+func (g *gpu) await(token any) error {
+	ev := token.(cu.Event)
+	err := ev.Synchronize()
+	if derr := cu.DestroyEvent(&ev); err == nil {
+		err = derr
+	}
+	return err
+}
 
 func (g *gpu) mark() (any, error) {
 	ev, err := cu.MakeEvent(cu.DefaultEvent)

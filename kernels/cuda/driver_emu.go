@@ -113,6 +113,39 @@ func (e *emu) dtod(dst, src devptr, bytes int64) error {
 
 func (e *emu) sync() error { return nil }
 
+func (e *emu) hostAlloc(bytes int64) (unsafe.Pointer, error) {
+	p := C.malloc(C.size_t(bytes))
+	if p == nil {
+		return nil, errors.New("CUDA_ERROR_OUT_OF_MEMORY (host malloc failed)")
+	}
+	return p, nil
+}
+
+func (e *emu) hostFree(p unsafe.Pointer) error {
+	C.free(p)
+	return nil
+}
+
+// dtohAsync defers the copy to await, on the waiter thread, while the
+// device thread runs the kernels queued after it: as on a GPU, a later op
+// that wrote src (which kernels.AsyncCopier forbids) would show up in the
+// copy, and the copy runs beside kernels.
+func (e *emu) dtohAsync(dst unsafe.Pointer, src devptr, bytes int64) (any, error) {
+	return func() { C.memcpy(dst, ptrOf(src), C.size_t(bytes)) }, nil
+}
+
+// fence is nothing to wait for: kernels run when they are queued.
+func (e *emu) fence() (any, error) { return nil, nil }
+
+func (e *emu) bind() error { return nil }
+
+func (e *emu) await(token any) error {
+	if f, ok := token.(func()); ok {
+		f()
+	}
+	return nil
+}
+
 func (e *emu) tunings() []GemmTuning { return nil }
 
 // The emulation runs kernels at launch: a mark is the host clock.

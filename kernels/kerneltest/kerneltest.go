@@ -12,7 +12,7 @@
 // the contract's own error for the others; an "Errors" subtest checks that
 // bad data and shapes are recorded by Err rather than panicking. The suite
 // never imports a backend; a backend's test calls Run (float32) or Run64
-// (float64).
+// (float64), and RunAsync for the optional kernels.AsyncCopier (async.go).
 //
 // The inputs are drawn from -kerneltest.seed (see seedFlag).
 package kerneltest
