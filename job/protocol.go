@@ -262,23 +262,27 @@ type Progress struct {
 // all-reduce wait is the time from the end of backward to the last bucket's
 // arrival: a slow rank shows a short wait while everyone else waits on it.
 type WorkerStats struct {
-	ID            string    `json:"id"`
-	Rank          int       `json:"rank"`
-	Epoch         uint64    `json:"epoch"`
-	Step          int       `json:"step"`
-	Device        string    `json:"device"`
-	StepSeconds   float64   `json:"step_seconds"`    // whole step, data to optimizer
-	DataSeconds   float64   `json:"data_seconds"`    // sampling the local batch
-	ComputeSec    float64   `json:"compute_seconds"` // forward + backward
-	WaitSeconds   float64   `json:"allreduce_wait_seconds"`
-	OptimSeconds  float64   `json:"optimizer_seconds"`
-	TokensPerS    float64   `json:"tokens_per_s"` // this worker's tokens
-	Loss          float64   `json:"loss"`         // global loss of the step
-	GradNorm      float64   `json:"grad_norm"`
-	Skipped       int       `json:"skipped_steps"`
-	CheckpointSec float64   `json:"last_checkpoint_seconds,omitempty"`
-	UpdatedUnix   float64   `json:"updated"`
-	GPU           *GPUStats `json:"gpu,omitempty"` // NVML sample; absent on CPU workers
+	ID          string  `json:"id"`
+	Rank        int     `json:"rank"`
+	Epoch       uint64  `json:"epoch"`
+	Step        int     `json:"step"`
+	Device      string  `json:"device"`
+	StepSeconds float64 `json:"step_seconds"`    // whole step, data to optimizer
+	DataSeconds float64 `json:"data_seconds"`    // sampling the local batch
+	ComputeSec  float64 `json:"compute_seconds"` // forward + backward
+	WaitSeconds float64 `json:"allreduce_wait_seconds"`
+	// CommSeconds is how long the step's all-reduces were in flight,
+	// ExposedSeconds the part of it backward did not hide (train.StepStats).
+	CommSeconds    float64   `json:"comm_seconds,omitempty"`
+	ExposedSeconds float64   `json:"comm_exposed_seconds,omitempty"`
+	OptimSeconds   float64   `json:"optimizer_seconds"`
+	TokensPerS     float64   `json:"tokens_per_s"` // this worker's tokens
+	Loss           float64   `json:"loss"`         // global loss of the step
+	GradNorm       float64   `json:"grad_norm"`
+	Skipped        int       `json:"skipped_steps"`
+	CheckpointSec  float64   `json:"last_checkpoint_seconds,omitempty"`
+	UpdatedUnix    float64   `json:"updated"`
+	GPU            *GPUStats `json:"gpu,omitempty"` // NVML sample; absent on CPU workers
 	// ArrivalUnix is when this rank's last gradient bucket entered the ring
 	// (its backward ended) in step Step, wall clock: comparing ranks of one
 	// step names the one the all-reduce waits for.

@@ -330,6 +330,7 @@ func (w *worker) trainStep(ep *epochRing) Event {
 			ID: w.cfg.ID, Rank: ep.rank, Epoch: ep.info.Epoch, Step: w.eng.Step, Device: w.deviceDesc(),
 			StepSeconds: now.Sub(ts).Seconds(), DataSeconds: st.Data.Seconds(), ComputeSec: st.Compute.Seconds(),
 			WaitSeconds: st.Wait.Seconds(), OptimSeconds: st.Optim.Seconds(),
+			CommSeconds: st.Comm.Seconds(), ExposedSeconds: st.Exposed.Seconds(),
 			TokensPerS: float64(st.Rows*w.eng.M.Cfg.SeqLen) / now.Sub(ts).Seconds(), Loss: st.Loss, GradNorm: st.GradNorm,
 			Skipped: w.eng.Skipped, CheckpointSec: w.ckpt.lastSeconds(), UpdatedUnix: unix(now),
 			GPU: w.gpuStats(), ArrivalUnix: unix(st.Arrive),
