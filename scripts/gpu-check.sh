@@ -8,6 +8,9 @@
 #   go test -c -ldflags "-s -w" -tags cuda -o .dev/model.test ./model
 #   go test -c -ldflags "-s -w" -tags $T -o .dev/device.test ./internal/device
 #   go build -ldflags "-s -w" -tags $T -o .dev/torchref-dump ./tools/torchref/dump
+#   go test -c -ldflags "-s -w" -tags $T -o .dev/worker.test ./worker     # the overlap step
+#   # optional, for a before/after: the same bmojo built from an older commit
+#   git archive OLD | tar -x -C /tmp/old && (cd /tmp/old && go build -tags $T -ldflags "-s -w" -o /work/main/.dev/bmojo-before ./cmd/bmojo)
 #
 # (stripped, they fit the 64 MiB a run on the lent GPU machines may carry)
 # then run `scripts/gpu-check.sh [OUTDIR]` there. Each step's log goes to
@@ -15,7 +18,7 @@
 # results); a summary is printed as it goes, so a run cut short still reports.
 # PRESET, SEQ, BATCH, TRAIN_STEPS and TRAIN_LR shrink the runs (e.g. a rehearsal on
 # the CPU emulation: binaries built with -tags cuda,cudaemu). CHECKS picks the
-# steps (default: all of "conformance devices parity kernels torch step train torchref");
+# steps (default: all of "conformance devices parity kernels torch step torchstep overlap train torchref");
 # STEP_BATCHES adds bench step runs at more batch sizes (e.g. "32").
 set -u
 cd "$(dirname "$0")/.."
@@ -33,7 +36,7 @@ for gz in "$BIN"/*.gz; do
 	[ -f "$gz" ] && [[ $gz != *.jsonl.gz ]] && [ ! -x "${gz%.gz}" ] && gunzip -kf "$gz" && chmod +x "${gz%.gz}" # gunzip keeps the .gz file's mode
 done
 
-CHECKS=${CHECKS:-conformance devices parity kernels torch step torchstep train torchref}
+CHECKS=${CHECKS:-conformance devices parity kernels torch step torchstep overlap train torchref}
 STEP_BATCHES=${STEP_BATCHES:-}
 
 step() { # name timeout-seconds command...
@@ -77,6 +80,12 @@ PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/torch.log")
 peakflag=()
 [ -n "$PEAK" ] && peakflag=(--peak-tflops "$PEAK")
 
+# The same step from the binary of an older commit, in the same call: the
+# before of a before/after (the timelines side by side).
+if [ -x "$BIN/bmojo-before" ]; then
+	step step-before 90 "$BIN/bmojo-before" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --timeline "${peakflag[@]}" --json "$OUT/step-before.json"
+	grep -v '^\s*$' "$OUT/step-before.log" | grep -v '^20..-' | head -40
+fi
 step step 90 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 5 --timeline "${peakflag[@]}" --json "$OUT/step.json"
 grep -v '^\s*$' "$OUT/step.log" | grep -v '^20..-' | head -40
 # The same model in the best PyTorch a user could write (torch.compile,
@@ -89,6 +98,17 @@ for b in $STEP_BATCHES; do
 	step "step-b$b" 150 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$b" --steps 3 --max-batch=false --timeline "${peakflag[@]}" --json "$OUT/step-b$b.json"
 	grep -v '^\s*$' "$OUT/step-b$b.log" | grep -v '^20..-' | head -12
 done
+
+# Two replicas on this one GPU, joined by a real ring: the worker's gradient
+# reduction with synchronous copies and with async ones overlapping
+# backward (the hidden fraction), after the async copies' and the
+# reducer's own GPU tests (worker --overlap-copies stays off until these pass).
+if [ -x "$BIN/worker.test" ]; then
+	step overlap-tests 120 "$BIN/worker.test" -test.v -test.run 'CUDA'
+	grep -E -- '--- (PASS|FAIL)' "$OUT/overlap-tests.log" | head -20
+fi
+step overlap 240 "$BIN/bmojo" bench step --device cuda --preset "$PRESET" --seq-len "$SEQ" --batch-size "$BATCH" --steps 10 --workers 2 --json "$OUT/overlap.json"
+grep -v '^\s*$' "$OUT/overlap.log" | grep -v '^20..-' | head -20
 
 # The 130m model trains on the bundled corpus (bytes); halfway through, the
 # dashboard's /metrics must carry the worker's NVML telemetry.
