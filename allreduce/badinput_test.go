@@ -61,9 +61,15 @@ func newFakePred(t *testing.T, cfg Config) (*fakePred, *Ring) {
 // test plays rank 0.
 func fakePredSetup(t *testing.T, cfg Config) (*Ring, *grpc.ClientConn) {
 	t.Helper()
+	return fakePredSetupWith(t, cfg, drainServer{})
+}
+
+// fakePredSetupWith is fakePredSetup with succ as the successor.
+func fakePredSetupWith(t *testing.T, cfg Config, succ pb.RingServer) (*Ring, *grpc.ClientConn) {
+	t.Helper()
 	lis, addrs := listeners(t, 2)
 	srv := grpc.NewServer(grpc.ForceServerCodecV2(frameCodec{}))
-	pb.RegisterRingServer(srv, drainServer{})
+	pb.RegisterRingServer(srv, succ)
 	go func() { _ = srv.Serve(lis[0]) }()
 	t.Cleanup(srv.Stop)
 

@@ -10,12 +10,12 @@ import (
 )
 
 // BenchmarkRing all-reduces in one process (all ranks share the CPUs, so
-// figures are lower than `bmojo bench allreduce`'s), over gRPC and over the
-// same-host shared-memory path in the same run; it exists for comparing them
-// and for profiling. MB/s is the buffer size over the time (algbw); busbw is
-// algbw · 2(N−1)/N.
+// figures are lower than `bmojo bench allreduce`'s), over gRPC, over data
+// sockets and over the same-host shared-memory path in the same run; it
+// exists for comparing them and for profiling. MB/s is the buffer size over
+// the time (algbw); busbw is algbw · 2(N−1)/N.
 func BenchmarkRing(b *testing.B) {
-	for _, transport := range []string{TransportGRPC, TransportShm} {
+	for _, transport := range []string{TransportGRPC, TransportSocket, TransportShm} {
 		for _, n := range []int{2, 4} {
 			for _, size := range []int{1 << 20, 64 << 20} {
 				for _, bf16 := range []bool{false, true} {
@@ -36,8 +36,8 @@ func benchRing(b *testing.B, transport string, n, size int, bf16 bool) {
 	for i := range rings {
 		c := Default()
 		c.Rank, c.Peers, c.Epoch, c.WireBF16 = i, addrs, 1, bf16
-		if transport == TransportGRPC {
-			c.Transport = TransportGRPC
+		if transport != TransportShm {
+			c.Transport = transport
 		}
 		if q, err := strconv.Atoi(os.Getenv("BMOJO_BENCH_SHM_QUEUES")); err == nil {
 			c.ShmQueues = q // for trying other counts without a rebuild

@@ -1,15 +1,19 @@
 // Package allreduce owns the gradient all-reduce between workers: a ring
 // reduce-scatter followed by a ring all-gather, chunked and pipelined, over
-// gRPC streams between ring neighbours (proto/allreduce.proto), or, between
-// neighbours on the same host, through shared memory with gRPC as the
-// control plane.
+// gRPC streams between ring neighbours (proto/allreduce.proto), or with gRPC
+// as the control plane only: between neighbours on the same host through
+// shared memory, between hosts (Transport "socket") over plain data sockets
+// that the gRPC handshake negotiates and binds.
 //
 // Layout: schedule.go is the algorithm as a pure plan with no I/O (tested by
 // simulating every rank in memory); frame.go is the wire format and the
 // pass-through gRPC codec; ring.go is the thin transport that runs a plan;
 // shm.go is the same-host data path (slot rings in a shared-memory file,
-// negotiated in the gRPC handshake), which runs the same plan and applies
-// chunks through the same checks and loops. A Ring also runs either half of
+// negotiated in the gRPC handshake) and sock.go the data-socket path (plain
+// connections to the successor's listener, bound to the hop in the same
+// handshake); both run the same plan and apply chunks through the same
+// checks and loops. tcpref.go is the plain-TCP ring the benchmarks measure
+// the others against. A Ring also runs either half of
 // the plan alone (ReduceScatter, AllGather); hier.go composes two rings, one
 // inside a host and one across hosts, into a hierarchical all-reduce (Hier)
 // out of those halves, and defines Collective, which both satisfy.
@@ -36,14 +40,15 @@
 // within an element. Tests check this bit for bit for 1–8 ranks.
 //
 // The transport does not enter into it: a chunk that arrives through shared
-// memory is applied by the same code, in the same order, as one that
-// arrives over gRPC, so a ring whose hops mix the two ends bitwise identical
-// too.
+// memory or a data socket is applied by the same code, in the same order, as
+// one that arrives over gRPC, so a ring whose hops mix them ends bitwise
+// identical too.
 //
 // # Failures
 //
-// Every frame (and every shared-memory slot) carries the ring epoch; a frame
-// or stream of another epoch is refused (ErrEpoch). Each hop has a deadline (Config.HopTimeout): a rank
+// Every frame (and every shared-memory slot and data-socket chunk) carries
+// the ring epoch; a frame or stream of another epoch is refused (ErrEpoch).
+// Each hop has a deadline (Config.HopTimeout): a rank
 // that waits longer for the next chunk fails the collective with a
 // *PeerError naming its predecessor, the step and the chunk. A rank that
 // notices a failure first-hand (a broken stream, a bad frame, a deadline)

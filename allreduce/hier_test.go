@@ -15,13 +15,19 @@ import (
 // cross-host ring over gRPC. Rank h·local+l is local rank l of host h.
 func newHier(t *testing.T, hosts, local int, bf16 bool) []*Hier {
 	t.Helper()
+	return newHierOver(t, hosts, local, bf16, TransportGRPC)
+}
+
+// newHierOver is newHier with the cross-host rings on transport.
+func newHierOver(t *testing.T, hosts, local int, bf16 bool, transport string) []*Hier {
+	t.Helper()
 	locals := make([][]*Ring, hosts)
 	for h := range locals {
 		locals[h] = newRings(t, local, func(_ int, c *Config) { c.WireBF16 = bf16 })
 	}
 	cross := make([][]*Ring, local)
 	for l := range cross {
-		cross[l] = newRings(t, hosts, func(_ int, c *Config) { c.WireBF16, c.Transport = bf16, TransportGRPC })
+		cross[l] = newRings(t, hosts, func(_ int, c *Config) { c.WireBF16, c.Transport = bf16, transport })
 	}
 	out := make([]*Hier, 0, hosts*local)
 	for h := range hosts {
@@ -41,17 +47,28 @@ func newHier(t *testing.T, hosts, local int, bf16 bool) []*Hier {
 // one rank per host, both), odd lengths (lengths below the rank count
 // leave some ranks an empty share), sum and average, float32 and bf16 on
 // the wire: each rank ends with the float64 reduction of all ranks' inputs
-// (within the wire's tolerance) and the same bits as every other rank.
+// (within the wire's tolerance) and the same bits as every other rank. The
+// cross-host rings run over gRPC streams, and for two shapes over data
+// sockets too.
 func TestHierMatchesTheSum(t *testing.T) {
 	checkNoLeaks(t)
-	for _, shape := range [][2]int{{2, 2}, {3, 2}, {2, 3}, {1, 3}, {3, 1}, {1, 1}} {
+	type shape struct {
+		hosts, local int
+		cross        string
+	}
+	var shapes []shape
+	for _, s := range [][2]int{{2, 2}, {3, 2}, {2, 3}, {1, 3}, {3, 1}, {1, 1}} {
+		shapes = append(shapes, shape{s[0], s[1], TransportGRPC})
+	}
+	shapes = append(shapes, shape{2, 2, TransportSocket}, shape{3, 2, TransportSocket})
+	for _, sh := range shapes {
 		for _, bf16 := range []bool{false, true} {
-			hosts, local := shape[0], shape[1]
+			hosts, local := sh.hosts, sh.local
 			if hosts*local == 1 && bf16 {
 				continue
 			}
-			t.Run(fmt.Sprintf("hosts=%d/local=%d/bf16=%v", hosts, local, bf16), func(t *testing.T) {
-				hs := newHier(t, hosts, local, bf16)
+			t.Run(fmt.Sprintf("hosts=%d/local=%d/cross=%s/bf16=%v", hosts, local, sh.cross, bf16), func(t *testing.T) {
+				hs := newHierOver(t, hosts, local, bf16, sh.cross)
 				n := hosts * local
 				for _, l := range oddLengths(n, 1024) {
 					for _, kind := range []Op{Sum, Avg} {

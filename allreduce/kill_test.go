@@ -185,6 +185,9 @@ func testKillRank(t *testing.T, transport string) {
 	if transport == TransportAuto && hostIdentity() != "" {
 		want = TransportShm
 	}
+	if transport == TransportSocket {
+		want = TransportSocket
+	}
 	if out, _ := rings[victim-1].Transport(); out != want {
 		t.Errorf("hop to the victim uses %q, want %q", out, want)
 	}

@@ -47,8 +47,9 @@ func checkNoLeaks(t *testing.T) {
 }
 
 // transports are the data paths every ring test runs over: gRPC streams,
-// and the same-host shared-memory path that "auto" picks on one machine.
-var transports = []string{TransportGRPC, TransportAuto}
+// the same-host shared-memory path that "auto" picks on one machine, and
+// data sockets.
+var transports = []string{TransportGRPC, TransportAuto, TransportSocket}
 
 // forTransports runs body once per transport, as a named subtest.
 func forTransports(t *testing.T, body func(t *testing.T, transport string)) {
@@ -64,7 +65,10 @@ func forTransports(t *testing.T, body func(t *testing.T, transport string)) {
 // wantTransport is the data path of the hop from a rank configured with
 // from to one configured with to.
 func wantTransport(from, to Config) string {
-	if from.Transport == TransportGRPC || to.Transport == TransportGRPC || from.hostID != to.hostID ||
+	if from.Transport == TransportSocket && to.Transport == TransportSocket {
+		return TransportSocket
+	}
+	if from.Transport != TransportAuto || to.Transport != TransportAuto || from.hostID != to.hostID ||
 		(from.hostID == "" && hostIdentity() == "") {
 		return TransportGRPC
 	}
@@ -229,6 +233,18 @@ func TestRingMixedTransports(t *testing.T) {
 		}},
 		{"two hosts", func(rank int, c *Config) { c.hostID = fmt.Sprintf("host-%d", rank/2) }},
 		{"every rank on its own host", func(rank int, c *Config) { c.hostID = fmt.Sprintf("host-%d", rank) }},
+		{"sockets, shm and grpc hops", func(rank int, c *Config) {
+			if rank < 2 {
+				c.Transport = TransportSocket
+			}
+		}},
+		{"socket ranks, one forces grpc", func(rank int, c *Config) {
+			c.Transport = TransportSocket
+			if rank == 1 {
+				c.Transport = TransportGRPC
+			}
+		}},
+		{"one socket per hop", func(_ int, c *Config) { c.Transport, c.Streams = TransportSocket, 1 }},
 		{"one queue, two slots", func(_ int, c *Config) { c.ShmQueues, c.ShmSlots = 1, 2 }},
 		{"more queues than chunks", func(_ int, c *Config) { c.ShmQueues = 7 }},
 	}

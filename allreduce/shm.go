@@ -302,6 +302,24 @@ func putSlotHeader(slot []byte, seq uint64, h *pb.FrameHeader) {
 	le.PutUint64(slot[slotSeqOff:], seq)
 }
 
+// parseSlotHeader reads what putSlotHeader wrote: the frame header, the
+// sequence number and the magic (for the caller to check).
+func parseSlotHeader(slot []byte) (h *pb.FrameHeader, seq uint64, magic uint32) {
+	le := binary.LittleEndian
+	h = &pb.FrameHeader{
+		Kind:       pb.Kind(slot[slotKindOff]),
+		Epoch:      le.Uint64(slot[slotEpochOff:]),
+		SrcRank:    le.Uint32(slot[slotSrcOff:]),
+		Op:         le.Uint64(slot[slotOpOff:]),
+		Step:       le.Uint32(slot[slotStepOff:]),
+		Chunk:      le.Uint32(slot[slotChunkOff:]),
+		TotalElems: le.Uint64(slot[slotTotalOff:]),
+		Dtype:      pb.DType(slot[slotDtypeOff]),
+		Elems:      le.Uint32(slot[slotElemsOff:]),
+	}
+	return h, le.Uint64(slot[slotSeqOff:]), le.Uint32(slot[slotMagicOff:])
+}
+
 // shmConsume is queue q's consumer: for every collective this rank starts,
 // it applies exactly the slots the plan routes through queue q, in order.
 // It only polls while a collective runs, so an idle ring costs no CPU; the
@@ -375,27 +393,16 @@ func (r *Ring) shmRecvOp(reg *shmRegion, q int, op *opState) error {
 // the slot.
 func (r *Ring) applySlot(op *opState, reg *shmRegion, q int, seq uint64) error {
 	slot := reg.queues[q].slot(seq)
-	le := binary.LittleEndian
 	bad := func(sentinel error, format string, a ...any) error {
 		return &PeerError{Rank: r.pred, Via: r.rank, Op: op.id, Step: -1, Chunk: -1,
 			Err: fmt.Errorf("shared-memory queue %d slot %d: %s: %w", q, seq, fmt.Sprintf(format, a...), sentinel)}
 	}
-	if m := le.Uint32(slot[slotMagicOff:]); m != slotMagic {
-		return bad(ErrFrame, "magic %#x, want %#x", m, slotMagic)
+	h, got, magic := parseSlotHeader(slot)
+	if magic != slotMagic {
+		return bad(ErrFrame, "magic %#x, want %#x", magic, slotMagic)
 	}
-	if got := le.Uint64(slot[slotSeqOff:]); got != seq {
+	if got != seq {
 		return bad(ErrFrame, "carries sequence number %d", got)
-	}
-	h := &pb.FrameHeader{
-		Kind:       pb.Kind(slot[slotKindOff]),
-		Epoch:      le.Uint64(slot[slotEpochOff:]),
-		SrcRank:    le.Uint32(slot[slotSrcOff:]),
-		Op:         le.Uint64(slot[slotOpOff:]),
-		Step:       le.Uint32(slot[slotStepOff:]),
-		Chunk:      le.Uint32(slot[slotChunkOff:]),
-		TotalElems: le.Uint64(slot[slotTotalOff:]),
-		Dtype:      pb.DType(slot[slotDtypeOff]),
-		Elems:      le.Uint32(slot[slotElemsOff:]),
 	}
 	if h.Kind != pb.Kind_KIND_DATA {
 		return bad(ErrFrame, "kind %v", h.Kind)

@@ -229,6 +229,10 @@ func TestRingIdentity(t *testing.T) {
 // refuses it back): Connect fails, naming the identity.
 func TestRingIdentitySuccessor(t *testing.T) {
 	checkNoLeaks(t)
+	forTransports(t, testRingIdentitySuccessor)
+}
+
+func testRingIdentitySuccessor(t *testing.T, transport string) {
 	ca, err := pki.NewCA("job", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -239,7 +243,7 @@ func TestRingIdentitySuccessor(t *testing.T) {
 	rings := make([]*Ring, 2)
 	for i := range rings {
 		c := testConfig()
-		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		c.Rank, c.Peers, c.Epoch, c.Logger, c.Transport = i, addrs, 5, testLogger(t), transport
 		c.ServerTLS, c.ClientTLS = creds[i].Server(), creds[i].Client()
 		c.VerifyPeer = func(rank int, cert *x509.Certificate) error { return pki.Check(cert, pki.RoleWorker, ids[rank]) }
 		if rings[i], err = New(c, lis[i]); err != nil {

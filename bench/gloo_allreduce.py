@@ -3,12 +3,15 @@
 
 Same ranks, sizes and columns: per size the slowest rank's mean time, algbw =
 size/time and busbw = algbw * 2(N-1)/N (nccl-tests definitions, GB = 1e9
-bytes), then the latency at 1 MiB. float32 tensors on the CPU, SUM.
+bytes), the CPU time of all rank processes per collective (user + system, as
+bmojo's "# cpu(ms)" line), then the latency at 1 MiB. float32 tensors on the
+CPU, SUM.
 
     python3 bench/gloo_allreduce.py --ranks 4 --size 1GiB
 """
 import argparse
 import os
+import resource
 import time
 
 import torch
@@ -48,6 +51,12 @@ def iters_for(size, fixed):
     return min(50, max(3, (1 << 30) // size))
 
 
+def process_cpu():
+    """This process's CPU time so far (all its threads), user + system, in seconds."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def worker(rank, args, port, queue):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -60,14 +69,17 @@ def worker(rank, args, port, queue):
             dist.all_reduce(t)
         iters = iters_for(s, args.iters)
         times = []
+        cpu0 = process_cpu()
         for _ in range(iters):
             t0 = time.perf_counter()
             dist.all_reduce(t)
             times.append(time.perf_counter() - t0)
+        cpu = torch.tensor([(process_cpu() - cpu0) / iters], dtype=torch.float64)
         stats = torch.tensor([sum(times) / iters, min(times)], dtype=torch.float64)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # slowest rank
+        dist.all_reduce(cpu)  # all ranks together
         if rank == 0:
-            queue.put((s, iters, stats[0].item(), stats[1].item()))
+            queue.put((s, iters, stats[0].item(), stats[1].item(), cpu[0].item()))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -92,11 +104,14 @@ def main():
     while not queue.empty():
         rows.append(queue.get())
     lat = None
-    for s, iters, mean, best in sorted(rows):
+    cpus = []
+    for s, iters, mean, best, cpu in sorted(rows):
         alg = s / mean / 1e9
         print(f"{fmt_bytes(s):>12} {s // 4:>12} {iters:>6} {mean * 1e6:>12.1f} {best * 1e6:>12.1f} {alg:>10.3f} {alg * 2 * (n - 1) / n:>10.3f}")
+        cpus.append(f"{fmt_bytes(s)} {cpu * 1e3:.1f}")
         if s == 1 << 20:
             lat = (mean, best)
+    print(f"# cpu(ms) per collective, all ranks, user+system: {', '.join(cpus)}")
     if lat:
         print(f"# latency at 1MiB: mean {lat[0] * 1e6:.1f} us, best {lat[1] * 1e6:.1f} us")
 

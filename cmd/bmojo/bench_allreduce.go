@@ -78,7 +78,7 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
 	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
 	c.Flags().BoolVar(&f.unix, "unix", false, "connect the ranks over Unix sockets instead of loopback TCP")
-	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise), "grpc", or "tcp" (the reference: the same ring over plain TCP connections, no gRPC, no TLS)`)
+	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise), "grpc" (gRPC streams), "socket" (plain data sockets negotiated over gRPC, the path between hosts), or "tcp" (the reference: the same ring over plain TCP connections, no gRPC, no TLS)`)
 	c.Flags().StringVar(&f.reference, "reference", "", `also measure this transport ("tcp"), alternating runs with --transport, and print the busbw ratio`)
 	c.Flags().IntVar(&f.repeat, "repeat", 1, "launch the ranks this many times (alternating with --reference) and report the median run")
 	c.Flags().StringVar(&f.hosts, "hosts", "", "comma-separated host:port each rank listens on (default: loopback ports picked by the launcher)")
@@ -211,8 +211,10 @@ algbw = size/time and busbw = algbw * 2(N-1)/N (the nccl-tests definitions,
 GB = 1e9 bytes), then the latency at 1 MiB. With --transport auto (the
 default) the ranks, all on this host, move data through shared memory and use
 gRPC only as the control plane; --transport grpc measures the gRPC streams;
---transport tcp measures the reference: the same ring schedule, chunks and
-connections over plain TCP sockets (no gRPC, no TLS).
+--transport socket the data sockets that gRPC negotiates (gRPC stays the
+control plane; TLS inside them with --tls); --transport tcp measures the
+reference: the same ring schedule, chunks and connections over plain TCP
+sockets (no gRPC, no TLS).
 
 The "# cpu(ms)" line is the CPU time (user + system) of all rank processes
 per collective: on a machine shared with other work it says more than the
@@ -364,9 +366,14 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 			f.ranks/f.perHost, f.perHost, f.transport, link)
 	case runs[0].hops[allreduce.TransportShm] == f.ranks && f.ranks > 1:
 		how = "data over shared memory, control over gRPC on " + link
+	case runs[0].hops[allreduce.TransportSocket] == f.ranks && f.ranks > 1:
+		how = "data over plain sockets negotiated over gRPC, control over gRPC on " + link
 	}
 	if f.tls && f.transport != benchTransportTCP {
 		how += ", gRPC under mutual TLS with slot identities"
+		if runs[0].hops[allreduce.TransportSocket] > 0 {
+			how += " (data sockets too)"
+		}
 	}
 	fmt.Fprintf(out, "# bmojo ring all-reduce: %d ranks (processes) %s, %s, float32 buffers, wire %s\n",
 		f.ranks, where, how, map[bool]string{false: "float32", true: "bf16"}[f.bf16])
