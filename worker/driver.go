@@ -174,8 +174,16 @@ func (w *worker) connect(ctx context.Context, a Connect) Event {
 	}
 	w.cur = &epochRing{info: r, rank: rank, t0: time.Now(),
 		red: &ringReducer{ctx: ctx, ring: coll, rank: rank, size: len(r.Members), be: w.eng.M.Backend(), syncCopies: !w.cfg.OverlapCopies}}
+	// The network hop's transport: the flat ring's, or the cross-host one's.
+	var hop string
+	switch c := coll.(type) {
+	case *allreduce.Ring:
+		hop, _ = c.Transport()
+	case *allreduce.Hier:
+		hop, _ = c.Cross.Transport()
+	}
 	w.log.Info("epoch started", "epoch", r.Epoch, "rank", rank, "step", w.eng.Step, "ring_size", len(r.Members),
-		"allreduce", scheme, "synced", st.Sync, "reason", r.Reason)
+		"allreduce", scheme, "to_successor", hop, "synced", st.Sync, "reason", r.Reason)
 	return Connected{Epoch: r.Epoch, Step: w.eng.Step, At: time.Now()}
 }
 
@@ -193,9 +201,10 @@ var errListen = errors.New("all-reduce listener")
 // listener). Both sub-rings carry the ring's epoch, so frames of another
 // epoch are refused as on the flat ring, and with TLS each slot of each
 // sub-ring is bound to the member the ring record places there. The ring
-// across hosts always uses gRPC (its members are on other hosts, whatever
-// the kernel says); the local ring takes shared memory when its members
-// share a machine.
+// across hosts always uses the network (gRPC streams, or data sockets with
+// --data-sockets: its members are on other hosts, whatever the kernel
+// says); the local ring takes shared memory when its members share a
+// machine.
 func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduce.Collective, string, error) {
 	base := allreduce.Default()
 	base.Epoch, base.HopTimeout, base.Logger = r.Epoch, w.cfg.HopTimeout, w.log
@@ -232,6 +241,9 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 			all[i] = i
 		}
 		cfg := ring(all, rank, endpoint)
+		if w.cfg.DataSockets {
+			cfg.Transport = allreduce.TransportSocket
+		}
 		lis, err := w.takeListener(ctx, &w.lis, cfg.Peers[rank])
 		if err != nil {
 			return nil, "", err
@@ -247,6 +259,9 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 	lcfg := ring(localIdx, localRank, func(m job.RingMember) string { return m.LocalEndpoint })
 	ccfg := ring(crossIdx, crossRank, endpoint)
 	ccfg.Transport = allreduce.TransportGRPC
+	if w.cfg.DataSockets {
+		ccfg.Transport = allreduce.TransportSocket
+	}
 	llis, err := w.takeListener(ctx, &w.localLis, w.localAddr)
 	if err != nil {
 		return nil, "", err

@@ -66,6 +66,11 @@ type Config struct {
 	// have passed their tests on a real GPU: the CUDA emulation cannot show
 	// a copy that starts before the kernels it must wait for.
 	OverlapCopies bool
+	// DataSockets carries the ring's chunk payloads on plain data sockets
+	// that gRPC negotiates (allreduce.TransportSocket) instead of on gRPC
+	// streams: for rings between hosts (the cross-host rings of a
+	// hierarchy; every hop of a flat ring, same-host ones included).
+	DataSockets bool
 	// Device is the compute device: auto (a GPU when built with -tags cuda
 	// and one is present, else the CPU), cpu, cuda or cuda:N.
 	Device string

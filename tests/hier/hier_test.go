@@ -37,6 +37,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,6 +76,7 @@ type hostEnv struct {
 	etcdIP string                // etcd's client address (this namespace)
 	listen func(host int) string // a worker's --listen on host
 	wrap   func(host int) []string
+	flags  []string // more worker flags
 }
 
 func TestHierKillWorker(t *testing.T) {
@@ -86,12 +88,15 @@ func TestHierKillWorker(t *testing.T) {
 }
 
 // TestHierKillWorkerNetns is TestHierKillWorker with each host in a
-// network namespace of its own.
+// network namespace of its own, and the rings between hosts on data
+// sockets (--data-sockets) instead of gRPC streams.
 func TestHierKillWorkerNetns(t *testing.T) {
 	if testing.Short() {
 		t.Skip("hierarchical kill test: runs real processes")
 	}
-	runKill(t, netnsEnv(t, 2))
+	env := netnsEnv(t, 2)
+	env.flags = []string{"--data-sockets"}
+	runKill(t, env)
 }
 
 func newJob(t *testing.T, steps, batch int) job.Job {
@@ -186,6 +191,7 @@ func (c *cluster) startWorker(id string, host int) *proc {
 		"--host", fmt.Sprintf("host-%c", 'a'+host), "--listen", c.env.listen(host),
 		"--threads", "1", "--device", "cpu", "--log-level", "info"}
 	args = append(args, localrun.TLSFlags(c.issue(pki.RoleWorker, id))...)
+	args = append(args, c.env.flags...)
 	return c.start(id, c.env.wrap(host), args...)
 }
 
@@ -410,6 +416,9 @@ func runKill(t *testing.T, env hostEnv) {
 		t.Logf("%s: %s", id, strings.Join(s, "; "))
 		if len(s) == 0 || !strings.HasSuffix(s[len(s)-1], "4 ranks, hier 2x2") {
 			t.Errorf("%s: last epoch is not a hierarchical 2x2 ring: %q", id, s)
+		}
+		if slices.Contains(c.env.flags, "--data-sockets") && !strings.Contains(log, "to_successor=socket") {
+			t.Errorf("%s: --data-sockets, but no epoch's network hop ran on data sockets", id)
 		}
 		if id != "worker-4" && !slicesContainsSuffix(s, "3 ranks, flat") {
 			t.Errorf("%s: no flat epoch of 3 ranks after the kill: %q", id, s)
