@@ -325,6 +325,14 @@ func parseSlotHeader(slot []byte) (h *pb.FrameHeader, seq uint64, magic uint32) 
 // It only polls while a collective runs, so an idle ring costs no CPU; the
 // predecessor may run ahead by as many slots as the queue holds.
 func (r *Ring) shmConsume(reg *shmRegion, q int) {
+	r.consume(func(op *opState) error { return r.shmRecvOp(reg, q, op) })
+}
+
+// consume runs recv once for every collective this rank starts, in order,
+// until the ring fails or stops (the consumer loop of the shared-memory
+// queues and of the data sockets); a recv error fails the ring. It waits
+// while no collective runs. It is one of r.wg's goroutines.
+func (r *Ring) consume(recv func(*opState) error) {
 	defer r.wg.Done()
 	var seen uint64
 	for {
@@ -333,7 +341,7 @@ func (r *Ring) shmConsume(reg *shmRegion, q int) {
 		r.mu.Unlock()
 		if op != nil && op.id > seen {
 			seen = op.id
-			if err := r.shmRecvOp(reg, q, op); err != nil {
+			if err := recv(op); err != nil {
 				r.fail(err)
 				return
 			}

@@ -591,32 +591,13 @@ func (r *Ring) sockSendLoop(op *opState, k int) error {
 // starts, it reads and applies exactly the chunks the plan routes through
 // socket k, in order. It reads nothing while no collective runs.
 func (r *Ring) sockConsume(in *sockInbound, k int) {
-	defer r.wg.Done()
-	var seen uint64
 	var scratch []byte
-	for {
-		r.mu.Lock()
-		op, started := r.cur, r.opCh
-		r.mu.Unlock()
-		if op != nil && op.id > seen {
-			seen = op.id
-			if scratch == nil && r.dtype == pb.DType_DTYPE_F32 {
-				scratch = make([]byte, 4*r.chunkElems)
-			}
-			if err := r.sockRecvOp(in, k, op, scratch); err != nil {
-				r.fail(err)
-				return
-			}
-			continue
+	r.consume(func(op *opState) error {
+		if scratch == nil && r.dtype == pb.DType_DTYPE_F32 {
+			scratch = make([]byte, 4*r.chunkElems)
 		}
-		select {
-		case <-started:
-		case <-r.failedCh:
-			return
-		case <-r.stopCh:
-			return
-		}
-	}
+		return r.sockRecvOp(in, k, op, scratch)
+	})
 }
 
 func (r *Ring) sockRecvOp(in *sockInbound, k int, op *opState, scratch []byte) error {
