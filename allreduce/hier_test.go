@@ -103,46 +103,12 @@ func TestHierMatchesTheSum(t *testing.T) {
 // (no goroutine left running: checkNoLeaks).
 func TestHierBucketsOverlap(t *testing.T) {
 	checkNoLeaks(t)
-	const hosts, local = 2, 2
-	n := hosts * local
-	hs := newHier(t, hosts, local, false)
-	sizes := []int{50_000, 1, 0, 12_345, 3, 7}
-	inputs := make([][][]float32, len(sizes))
-	bufs := make([][][]float32, len(sizes))
-	for b, l := range sizes {
-		inputs[b] = seededInputs(uint64(b)+11, n, l)
-		bufs[b] = make([][]float32, n)
-		for r := range bufs[b] {
-			bufs[b][r] = append([]float32(nil), inputs[b][r]...)
-		}
+	hs := newHier(t, 2, 2, false)
+	colls := make([]Collective, len(hs))
+	for r, h := range hs {
+		colls[r] = h
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	errs := parallel(n, func(r int) error {
-		var c Collective = hs[r]
-		handles := make([]*Handle, len(sizes))
-		for b := range sizes {
-			handles[b] = c.Start(bufs[b][r], Avg)
-		}
-		for b := len(handles) - 1; b >= 0; b-- {
-			if err := handles[b].Wait(ctx); err != nil {
-				return err
-			}
-		}
-		return c.Err()
-	})
-	for r, err := range errs {
-		if err != nil {
-			t.Fatalf("rank %d: %v", r, err)
-		}
-	}
-	for b := range sizes {
-		got := make([][]float32, n)
-		for r := range got {
-			got[r] = bufs[b][r]
-		}
-		checkResults(t, inputs[b], got, Avg, false)
-	}
+	checkBucketsOverlap(t, colls, []int{50_000, 1, 0, 12_345, 3, 7}, 11)
 }
 
 // TestHierFailure: a rank goes away in the middle of a collective (both of

@@ -270,13 +270,26 @@ func TestRingBucketsOverlap(t *testing.T) {
 }
 
 func testRingBucketsOverlap(t *testing.T, transport string) {
-	const n = 3
-	rings := newRings(t, n, func(_ int, c *Config) { c.Transport = transport })
-	sizes := []int{50_000, 1, 0, 12_345, 7}
+	rings := newRings(t, 3, func(_ int, c *Config) { c.Transport = transport })
+	colls := make([]Collective, len(rings))
+	for r, ring := range rings {
+		colls[r] = ring
+	}
+	checkBucketsOverlap(t, colls, []int{50_000, 1, 0, 12_345, 7}, 0)
+}
+
+// checkBucketsOverlap starts buckets of sizes on every rank of colls back
+// to back (Start), as backward starts them, waits for them in reverse
+// order, and checks each holds the average, bitwise identical across
+// ranks, and that no collective has failed. Bucket b's inputs come from
+// seed b+seed.
+func checkBucketsOverlap(t *testing.T, colls []Collective, sizes []int, seed uint64) {
+	t.Helper()
+	n := len(colls)
 	inputs := make([][][]float32, len(sizes))
 	bufs := make([][][]float32, len(sizes))
 	for b, l := range sizes {
-		inputs[b] = seededInputs(uint64(b), n, l)
+		inputs[b] = seededInputs(uint64(b)+seed, n, l)
 		bufs[b] = make([][]float32, n)
 		for r := range bufs[b] {
 			bufs[b][r] = append([]float32(nil), inputs[b][r]...)
@@ -285,16 +298,16 @@ func testRingBucketsOverlap(t *testing.T, transport string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	errs := parallel(n, func(r int) error {
-		hs := make([]*Handle, len(sizes))
+		handles := make([]*Handle, len(sizes))
 		for b := range sizes {
-			hs[b] = rings[r].Start(bufs[b][r], Avg)
+			handles[b] = colls[r].Start(bufs[b][r], Avg)
 		}
-		for b := len(hs) - 1; b >= 0; b-- {
-			if err := hs[b].Wait(ctx); err != nil {
+		for b := len(handles) - 1; b >= 0; b-- {
+			if err := handles[b].Wait(ctx); err != nil {
 				return err
 			}
 		}
-		return nil
+		return colls[r].Err()
 	})
 	for r, err := range errs {
 		if err != nil {
