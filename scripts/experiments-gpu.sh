@@ -60,6 +60,10 @@ fi
 
 BIN=${BIN:-.dev/bmojo}
 [ -f "$BIN.gz" ] && [ ! -x "$BIN" ] && gunzip -kf "$BIN.gz" && chmod +x "$BIN"
+if [ -f "$BIN.xz" ] && [ ! -x "$BIN" ]; then # xz where present, else Python's lzma
+	if command -v xz >/dev/null; then xz -dkc "$BIN.xz" >"$BIN"; else python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BIN.xz" "$BIN"; fi
+	chmod +x "$BIN"
+fi
 OUTDIR=${OUT:-/tmp/bmojo-experiments-out}
 WORK=/tmp/bmojo-experiments
 EXPERIMENTS=${EXPERIMENTS:-mqar length memory}

@@ -31,9 +31,16 @@ TRAIN_LR=${TRAIN_LR:-1e-3}
 PYTHON=${PYTHON:-python3}
 OUT=${1:-${OUT:-/tmp/bmojo-gpu}}
 mkdir -p "$OUT"
-# Binaries may travel gzipped (a call carries at most 64 MiB): bmojo.gz, cuda.test.gz, ...
+# Binaries may travel compressed (a call carries at most 64 MiB): bmojo.gz,
+# cuda.test.gz, ... or bmojo.xz (a third smaller: two bmojo binaries and the
+# tests fit one call that way). Python's lzma stands in where xz is missing.
 for gz in "$BIN"/*.gz; do
 	[ -f "$gz" ] && [[ $gz != *.jsonl.gz ]] && [ ! -x "${gz%.gz}" ] && gunzip -kf "$gz" && chmod +x "${gz%.gz}" # gunzip keeps the .gz file's mode
+done
+for x in "$BIN"/*.xz; do
+	[ -f "$x" ] && [ ! -x "${x%.xz}" ] || continue
+	if command -v xz >/dev/null; then xz -dkc "$x" >"${x%.xz}"; else ${PYTHON:-python3} -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$x" "${x%.xz}"; fi
+	chmod +x "${x%.xz}"
 done
 
 CHECKS=${CHECKS:-conformance devices parity kernels torch step torchstep overlap train torchref}

@@ -748,7 +748,13 @@ func loadCached(cache experiment.Cache, cells []experiment.Cell, sf *sweepFlags)
 	if sf.title == "" {
 		devs := map[string]bool{}
 		for _, r := range rs {
-			devs[r.Device] = true
+			// "cuda:0 NVIDIA H200" → "NVIDIA H200": the ordinal says nothing
+			// across runs, and the title must fit the first panel.
+			d := r.Device
+			if pre, name, ok := strings.Cut(d, " "); ok && strings.HasPrefix(pre, "cuda:") {
+				d = name
+			}
+			devs[d] = true
 		}
 		var ds []string
 		for d := range devs {
