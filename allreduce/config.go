@@ -40,8 +40,16 @@ type Config struct {
 	// has TLS (see sock.go), falling back to gRPC streams when the
 	// successor is not configured "socket" too. gRPC carries the handshake
 	// and aborts in every case. TLS does not apply to a shared-memory hop:
-	// its data never leaves the host's memory.
+	// its data never leaves the host's memory. "cuda-ipc" is "auto" with
+	// the shared-memory slots in device memory (ipc.go): chunks of device
+	// collectives (StartDevice) move GPU to GPU between ranks on one host
+	// configured "cuda-ipc" too, and through host shared memory (or gRPC)
+	// wherever that cannot be set up. It needs Device.
 	Transport string
+	// Device is this rank's GPU memory (the kernels/cuda backend), for
+	// device collectives (StartDevice, AllReduceDevice) and the cuda-ipc
+	// hops. Default nil: collectives on host buffers only.
+	Device DeviceMem
 	// ShmQueues is the number of shared-memory slot rings to a same-host
 	// successor; each has its own sender and receiver goroutine, so this
 	// is the same-host path's parallelism (as Streams is gRPC's). At most
@@ -102,6 +110,10 @@ const (
 	TransportSocket = "socket"
 	// TransportShm is what Ring.Transport reports for a shared-memory hop.
 	TransportShm = "shm"
+	// TransportCUDAIPC: shared memory with the slots in device memory,
+	// mapped by the successor through CUDA IPC (ipc.go); Ring.Transport
+	// reports it for such a hop.
+	TransportCUDAIPC = "cuda-ipc"
 )
 
 // Default returns a Config with every tunable at its default; callers fill in
@@ -172,8 +184,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("allreduce: ChunkBytes %d outside [4, 64 MiB]: %w", c.ChunkBytes, ErrConfig)
 	case c.Streams < 1 || c.Streams > 64:
 		return fmt.Errorf("allreduce: Streams %d outside [1, 64]: %w", c.Streams, ErrConfig)
-	case c.Transport != TransportAuto && c.Transport != TransportGRPC && c.Transport != TransportSocket:
-		return fmt.Errorf("allreduce: Transport %q is not %q, %q or %q: %w", c.Transport, TransportAuto, TransportGRPC, TransportSocket, ErrConfig)
+	case c.Transport != TransportAuto && c.Transport != TransportGRPC && c.Transport != TransportSocket && c.Transport != TransportCUDAIPC:
+		return fmt.Errorf("allreduce: Transport %q is not %q, %q, %q or %q: %w", c.Transport, TransportAuto, TransportGRPC, TransportSocket, TransportCUDAIPC, ErrConfig)
+	case c.Transport == TransportCUDAIPC && c.Device == nil:
+		return fmt.Errorf("allreduce: Transport %q needs Device (the GPU memory its hops use): %w", TransportCUDAIPC, ErrConfig)
 	case c.ShmQueues < 1 || c.ShmQueues > shmMaxQueues:
 		return fmt.Errorf("allreduce: ShmQueues %d outside [1, %d]: %w", c.ShmQueues, shmMaxQueues, ErrConfig)
 	case c.ShmSlots < 2 || c.ShmSlots > 1024:

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 
+	"github.com/bmojo/bmojo/kernels"
 	pb "github.com/bmojo/bmojo/proto/allreducepb"
 )
 
@@ -224,7 +225,7 @@ func (r *Ring) Connect(ctx context.Context) error {
 	}
 	addr := r.cfg.Peers[r.succ]
 	var offer *shmRegion
-	if r.cfg.Transport == TransportAuto && r.host != "" {
+	if r.shmCapable() && r.host != "" {
 		reg, err := createShmRegion(newShmGeometry(r.cfg), r.cfg.Epoch, r.rank, r.n)
 		if err != nil {
 			r.log.Info("same-host path unavailable, using grpc", "error", err)
@@ -237,6 +238,7 @@ func (r *Ring) Connect(ctx context.Context) error {
 		return &pb.FrameHeader{
 			Kind: pb.Kind_KIND_HELLO, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
 			WorldSize: uint32(r.n), Stream: uint32(i), Streams: uint32(k + 1),
+			Elems: uint32(r.chunkElems), // the chunk size, which every rank must share
 		}
 	}
 	h0 := hello(0)
@@ -252,17 +254,24 @@ func (r *Ring) Connect(ctx context.Context) error {
 		}
 		h0.SockNonce, h0.Sockets = sockNonce, uint32(k)
 	}
+	var req metadata.MD
+	if offer != nil && r.cfg.Transport == TransportCUDAIPC {
+		req = metadata.Pairs(ipcMetaKey, "offer") // ipc.go
+	}
 	conn0, err := r.dial(addr)
 	var s0 *outStream
 	var md metadata.MD
 	if err == nil {
-		s0, md, err = r.openStream(ctx, conn0, 0, h0)
+		s0, md, err = r.openStream(ctx, conn0, 0, h0, req)
 	}
 	if offer != nil {
 		// Whatever the answer, the name goes now: the successor has
 		// mapped the file if it accepted, and nobody else needs it.
 		offer.unlink()
 		if ans := md.Get(shmMetaKey); err == nil && len(ans) == 1 && ans[0] == "ok" {
+			if req != nil {
+				r.ipcOpen(offer, md)
+			}
 			r.mu.Lock()
 			r.ctl, r.shmOut = s0, offer
 			r.mu.Unlock()
@@ -302,7 +311,7 @@ func (r *Ring) Connect(ctx context.Context) error {
 				return err
 			}
 		}
-		st, _, err := r.openStream(ctx, conn, i, hello(i))
+		st, _, err := r.openStream(ctx, conn, i, hello(i), nil)
 		if err != nil {
 			return err
 		}
@@ -348,12 +357,15 @@ func (r *Ring) dial(addr string) (*grpc.ClientConn, error) {
 	return c, nil
 }
 
-// openStream opens stream i to the successor on conn, sends hello and waits
-// for the successor to accept it; it returns the successor's response
-// headers.
-func (r *Ring) openStream(ctx context.Context, conn *grpc.ClientConn, i int, hello *pb.FrameHeader) (*outStream, metadata.MD, error) {
+// openStream opens stream i to the successor on conn, with req (if any) as
+// its request metadata, sends hello and waits for the successor to accept
+// it; it returns the successor's response headers.
+func (r *Ring) openStream(ctx context.Context, conn *grpc.ClientConn, i int, hello *pb.FrameHeader, req metadata.MD) (*outStream, metadata.MD, error) {
 	addr := r.cfg.Peers[r.succ]
 	sctx, cancel := context.WithCancel(context.Background())
+	if req != nil {
+		sctx = metadata.NewOutgoingContext(sctx, req)
+	}
 	// Open the stream under ctx's deadline, but keep it alive past it.
 	type res struct {
 		s   grpc.ClientStream
@@ -434,13 +446,17 @@ func (r *Ring) awaitInbound(ctx context.Context) error {
 	}
 }
 
-// Transport reports how this rank's two hops carry data: TransportShm,
-// TransportSocket or TransportGRPC, or "" before Connect has settled it (and
-// on a 1-rank ring).
+// Transport reports how this rank's two hops carry data: TransportCUDAIPC,
+// TransportShm, TransportSocket or TransportGRPC, or "" before Connect has
+// settled it (and on a 1-rank ring). A predecessor's hop reads cuda-ipc once
+// the predecessor has opened our device slots, which it does before its
+// Connect returns (ours may return first).
 func (r *Ring) Transport() (toSuccessor, fromPredecessor string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch {
+	case r.shmOut != nil && r.shmOut.ipc != nil:
+		toSuccessor = TransportCUDAIPC
 	case r.shmOut != nil:
 		toSuccessor = TransportShm
 	case r.sockOut != nil:
@@ -449,6 +465,8 @@ func (r *Ring) Transport() (toSuccessor, fromPredecessor string) {
 		toSuccessor = TransportGRPC
 	}
 	switch {
+	case r.shmIn != nil && r.shmIn.ipc != nil && r.shmIn.ipcFlag() != nil && r.shmIn.ipcFlag().Load() == 1:
+		fromPredecessor = TransportCUDAIPC
 	case r.shmIn != nil:
 		fromPredecessor = TransportShm
 	case r.sockIn != nil && r.inDone:
@@ -464,6 +482,7 @@ type Handle struct {
 	rank int // for messages: the rank that started it
 	op   uint64
 	buf  []float32
+	dev  kernels.Buffer // a device collective's buffer (ipc.go); buf is nil then
 	kind Op
 	part part
 	done chan struct{}
@@ -512,9 +531,14 @@ func (r *Ring) Owned(n int) (lo, hi int) {
 }
 
 func (r *Ring) start(buf []float32, op Op, k part) *Handle {
+	return r.startHandle(&Handle{rank: r.rank, buf: buf, kind: op, part: k, done: make(chan struct{})})
+}
+
+// startHandle numbers h and queues it.
+func (r *Ring) startHandle(h *Handle) *Handle {
 	r.mu.Lock()
 	r.nextOp++
-	h := &Handle{rank: r.rank, op: r.nextOp, buf: buf, kind: op, part: k, done: make(chan struct{})}
+	h.op = r.nextOp
 	if r.closed {
 		r.mu.Unlock()
 		h.err = fmt.Errorf("allreduce: rank %d op %d: %w", r.rank, h.op, ErrClosed)
@@ -636,6 +660,7 @@ func (r *Ring) Close() error {
 	// Every goroutine that touched the shared memory has returned.
 	for _, reg := range []*shmRegion{r.shmOut, r.shmIn} {
 		if reg != nil {
+			r.ipcRelease(reg)
 			reg.unmap()
 		}
 	}
@@ -773,6 +798,7 @@ func (r *Ring) executor() {
 type opState struct {
 	id   uint64
 	buf  []float32
+	dev  kernels.Buffer // instead of buf: a device collective (ipc.go)
 	kind Op
 	plan Plan
 	part part
@@ -802,11 +828,18 @@ func (r *Ring) run(h *Handle) error {
 		// x/1 == x: nothing to do, and no rounding since nothing is on a wire.
 		return r.failure()
 	}
-	plan, err := NewPlan(r.n, r.rank, len(h.buf), r.chunkElems)
+	length := len(h.buf)
+	if h.dev != nil {
+		if !r.ipcNative() {
+			return r.runStaged(h)
+		}
+		length = h.dev.Len()
+	}
+	plan, err := NewPlan(r.n, r.rank, length, r.chunkElems)
 	if err != nil {
 		return err
 	}
-	op := &opState{id: h.op, buf: h.buf, kind: h.kind, plan: plan, part: h.part, released: make(chan struct{})}
+	op := &opState{id: h.op, buf: h.buf, dev: h.dev, kind: h.kind, plan: plan, part: h.part, released: make(chan struct{})}
 	op.first, op.end = plan.StepRange(h.part)
 	if h.part == partAllGather && r.dtype == pb.DType_DTYPE_BF16 {
 		// The others receive our segment rounded; keep ours equal. (After
@@ -1094,6 +1127,16 @@ func (r *Ring) checkSender(h *pb.FrameHeader, where string) error {
 // claims its (step, chunk): it returns the chunk's index and where in the
 // buffer its payload goes.
 func (r *Ring) admit(op *opState, h *pb.FrameHeader) (int, []float32, error) {
+	idx, lo, hi, err := r.admitRange(op, h)
+	if err != nil {
+		return 0, nil, err
+	}
+	return idx, op.buf[lo:hi], nil
+}
+
+// admitRange is admit returning the element range [lo,hi) of the chunk (a
+// device collective has no host buffer).
+func (r *Ring) admitRange(op *opState, h *pb.FrameHeader) (idx, lo, hi int, err error) {
 	p := op.plan
 	s, j := int(h.GetStep()), int(h.GetChunk())
 	bad := func(format string, a ...any) error {
@@ -1102,24 +1145,24 @@ func (r *Ring) admit(op *opState, h *pb.FrameHeader) (int, []float32, error) {
 	}
 	switch {
 	case h.GetTotalElems() != uint64(p.Length):
-		return 0, nil, bad("buffer of %d elements, this rank has %d", h.GetTotalElems(), p.Length)
+		return 0, 0, 0, bad("buffer of %d elements, this rank has %d", h.GetTotalElems(), p.Length)
 	case h.GetDtype() != r.dtype:
-		return 0, nil, bad("wire dtype %v, this rank uses %v", h.GetDtype(), r.dtype)
+		return 0, 0, 0, bad("wire dtype %v, this rank uses %v", h.GetDtype(), r.dtype)
 	case s < op.first || s >= op.end:
-		return 0, nil, bad("step out of range [%d,%d) of this %v", op.first, op.end, op.part)
+		return 0, 0, 0, bad("step out of range [%d,%d) of this %v", op.first, op.end, op.part)
 	case j >= p.Chunks:
-		return 0, nil, bad("chunk out of range [0,%d)", p.Chunks)
+		return 0, 0, 0, bad("chunk out of range [0,%d)", p.Chunks)
 	}
 	seg := p.RecvSegment(s)
-	lo, hi := p.Chunk(seg, j)
+	lo, hi = p.Chunk(seg, j)
 	if int(h.GetElems()) != hi-lo {
-		return 0, nil, bad("chunk of %d elements, want %d", h.GetElems(), hi-lo)
+		return 0, 0, 0, bad("chunk of %d elements, want %d", h.GetElems(), hi-lo)
 	}
-	idx := p.Index(s, j)
+	idx = p.Index(s, j)
 	if !op.got[idx].CompareAndSwap(false, true) {
-		return 0, nil, bad("duplicate chunk")
+		return 0, 0, 0, bad("duplicate chunk")
 	}
-	return idx, op.buf[lo:hi], nil
+	return idx, lo, hi, nil
 }
 
 // apply checks a data frame against the collective's plan and reduces or
@@ -1197,6 +1240,11 @@ func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSum
 		herr = fmt.Errorf("hello from rank %d, only the predecessor rank %d may connect: %w", h.GetSrcRank(), r.pred, ErrProtocol)
 	case h.GetStreams() == 0 || h.GetStreams() > 65 || h.GetStream() >= h.GetStreams():
 		herr = fmt.Errorf("hello for stream %d of %d: %w", h.GetStream(), h.GetStreams(), ErrProtocol)
+	case h.GetElems() != 0 && int(h.GetElems()) != r.chunkElems:
+		// Ranks that chunk differently plan different schedules: refuse at
+		// once, rather than fail on the first frame of another size.
+		herr = fmt.Errorf("hello with chunks of %d bytes, this rank's are %d: every rank of a ring needs the same ChunkBytes: %w",
+			4*int64(h.GetElems()), 4*r.chunkElems, ErrConfig)
 	}
 	if herr != nil {
 		err := &PeerError{Rank: int(h.GetSrcRank()), Via: r.rank, Step: -1, Chunk: -1, Err: herr}
@@ -1214,11 +1262,15 @@ func (s *ringServer) Push(stream grpc.ClientStreamingServer[pb.Frame, pb.PushSum
 	md := metadata.MD{}
 	useShm, useSock := false, false
 	if h.GetShmPath() != "" {
-		if why := r.acceptShm(h); why != "" {
+		ipc := r.cfg.Transport == TransportCUDAIPC && ipcOffered(stream.Context())
+		if why, ipcAns := r.acceptShm(h, ipc); why != "" {
 			r.log.Debug("declined the predecessor's same-host path", "reason", why)
 			md.Set(shmMetaKey, "declined: "+metaSafe(why))
 		} else {
 			md.Set(shmMetaKey, "ok")
+			if ipc {
+				md.Set(ipcMetaKey, ipcAns)
+			}
 			useShm = true
 		}
 	}
@@ -1303,23 +1355,29 @@ func (r *Ring) checkPeerIdentity(ctx context.Context) error {
 }
 
 // acceptShm maps the shared-memory file a predecessor's hello offers and
-// starts its consumers; it returns why not when it does not.
-func (r *Ring) acceptShm(h *pb.FrameHeader) string {
+// starts its consumers; it returns why not when it does not. With ipc (a
+// cuda-ipc offer to a cuda-ipc rank) it first gives the region device slots
+// and returns the answer to the offer (ipc.go).
+func (r *Ring) acceptShm(h *pb.FrameHeader, ipc bool) (why, ipcAns string) {
 	switch {
-	case r.cfg.Transport != TransportAuto:
-		return "transport " + r.cfg.Transport + " configured"
+	case !r.shmCapable():
+		return "transport " + r.cfg.Transport + " configured", ""
 	case h.GetHost() == "" || h.GetHost() != r.host:
-		return "another host"
+		return "another host", ""
 	}
 	reg, err := openShmRegion(h.GetShmPath(), h.GetShmNonce(), r.cfg.Epoch, r.pred, r.n)
 	if err != nil {
-		return err.Error()
+		return err.Error(), ""
+	}
+	if ipc {
+		ipcAns = r.ipcExport(reg)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed || r.shmIn != nil || r.inDone {
+		r.ipcRelease(reg)
 		reg.unmap()
-		return "ring closed or already connected"
+		return "ring closed or already connected", ""
 	}
 	r.shmIn = reg
 	// Added under mu while not closed, so before Close waits on wg.
@@ -1327,7 +1385,13 @@ func (r *Ring) acceptShm(h *pb.FrameHeader) string {
 	for q := range reg.queues {
 		go r.shmConsume(reg, q)
 	}
-	return ""
+	return "", ipcAns
+}
+
+// shmCapable reports whether this rank's Transport lets a hop use shared
+// memory: "auto", or "cuda-ipc" (device slots on top).
+func (r *Ring) shmCapable() bool {
+	return r.cfg.Transport == TransportAuto || r.cfg.Transport == TransportCUDAIPC
 }
 
 // metaSafe keeps a header value to printable ASCII.

@@ -353,6 +353,42 @@ func testRingLengthMismatch(t *testing.T, transport string) {
 	}
 }
 
+// TestRingChunkMismatch: a rank configured with another ChunkBytes is
+// refused in the handshake, with an error that names the setting, rather
+// than failing on the first frame of another size.
+func TestRingChunkMismatch(t *testing.T) {
+	checkNoLeaks(t)
+	lis, addrs := listeners(t, 2)
+	rings := make([]*Ring, 2)
+	for i := range rings {
+		c := testConfig()
+		c.Rank, c.Peers, c.Epoch, c.Logger = i, addrs, 5, testLogger(t)
+		c.ChunkBytes = 64 << 10 << i // rank 1 chunks twice as much
+		r, err := New(c, lis[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		rings[i] = r
+	}
+	defer parallel(2, func(i int) error { return rings[i].Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	errs := parallel(2, func(i int) error { return rings[i].Connect(ctx) })
+	if errs[0] == nil && errs[1] == nil {
+		errs = parallel(2, func(i int) error { return rings[i].AllReduce(ctx, make([]float32, 1000), Sum) })
+	}
+	// Both ranks fail, each saying why (the receiver's own error is
+	// ErrConfig; the sender's comes back through gRPC as text).
+	for i, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), "same ChunkBytes") {
+			t.Errorf("rank %d: err = %v, want one naming ChunkBytes", i, err)
+		}
+	}
+	if !errors.Is(rings[0].Err(), ErrConfig) && !errors.Is(rings[1].Err(), ErrConfig) {
+		t.Errorf("neither ring's Err is ErrConfig: %v, %v", rings[0].Err(), rings[1].Err())
+	}
+}
+
 func boolInt(b bool) int {
 	if b {
 		return 1

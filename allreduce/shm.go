@@ -118,6 +118,7 @@ type shmRegion struct {
 	path   string // sender side, until unlinked
 	nonce  uint64
 	queues []shmQueue
+	ipc    *shmIPC // device slots (cuda-ipc, ipc.go); nil: host only
 }
 
 // shmQueue is one single-producer single-consumer slot ring in a region.
@@ -253,10 +254,16 @@ func (r *Ring) shmSendLoop(op *opState, q int) error {
 			}
 			qu.raceAcquire()
 			lo, hi := p.Chunk(p.SendSegment(s), j)
-			src := op.buf[lo:hi]
 			slot := qu.slot(seq)
-			payload := slot[slotHdrBytes : slotHdrBytes+len(src)*size]
-			if r.dtype == pb.DType_DTYPE_BF16 {
+			where := byte(slotInHost)
+			payload := slot[slotHdrBytes : slotHdrBytes+(hi-lo)*size]
+			if op.dev != nil {
+				// A device collective (ipc.go): float32 only.
+				var err error
+				if where, err = r.ipcFillSlot(op, reg, q, seq, slot, lo, hi); err != nil {
+					return err
+				}
+			} else if src := op.buf[lo:hi]; r.dtype == pb.DType_DTYPE_BF16 {
 				if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
 					// Made by apply while the values were in
 					// registers (the chunk came over gRPC).
@@ -275,8 +282,9 @@ func (r *Ring) shmSendLoop(op *opState, q int) error {
 			putSlotHeader(slot, seq, &pb.FrameHeader{
 				Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
 				Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
-				Dtype: r.dtype, Elems: uint32(len(src)),
+				Dtype: r.dtype, Elems: uint32(hi - lo),
 			})
+			slot[slotWhereOff] = where
 			qu.raceRelease()
 			qu.head.Store(seq + 1) // publishes the slot (a release store)
 			r.stats.FramesSent.Add(1)
@@ -292,6 +300,7 @@ func putSlotHeader(slot []byte, seq uint64, h *pb.FrameHeader) {
 	le.PutUint32(slot[slotMagicOff:], slotMagic)
 	slot[slotKindOff] = byte(h.Kind)
 	slot[slotDtypeOff] = byte(h.Dtype)
+	slot[slotWhereOff] = slotInHost // a device collective's sender sets it after (ipc.go)
 	le.PutUint64(slot[slotEpochOff:], h.Epoch)
 	le.PutUint64(slot[slotOpOff:], h.Op)
 	le.PutUint64(slot[slotTotalOff:], h.TotalElems)
@@ -436,5 +445,17 @@ func (r *Ring) applySlot(op *opState, reg *shmRegion, q int, seq uint64) error {
 			Err: fmt.Errorf("chunk on %s, want queue %d: %w", where, j%len(reg.queues), ErrProtocol)}
 	}
 	payload := slot[slotHdrBytes : slotHdrBytes+int(h.Elems)*size]
+	switch where := slot[slotWhereOff]; {
+	case where == slotInDevice && (reg.ipc == nil || h.Dtype != pb.DType_DTYPE_F32):
+		return bad(ErrFrame, "a %v payload in device memory on a hop without device slots or not float32", h.Dtype)
+	case where > slotInDevice:
+		return bad(ErrFrame, "payload location %d", where)
+	case op.dev != nil:
+		return r.ipcApplySlot(op, reg, q, seq, h, where, payload)
+	case where == slotInDevice:
+		if err := r.ipcSlotToHost(op, reg, q, seq, payload); err != nil {
+			return err
+		}
+	}
 	return r.apply(op, &inFrame{hdr: h, payload: [][]byte{payload}, slot: payload})
 }

@@ -491,7 +491,7 @@ func (m *Machine) wanted() []job.RingMember {
 	out := make([]job.RingMember, 0, len(m.members))
 	for _, id := range sortedKeys(m.members) {
 		mb := m.members[id].Member
-		out = append(out, job.RingMember{ID: id, Endpoint: mb.Endpoint, Host: mb.Host, LocalEndpoint: mb.LocalEndpoint})
+		out = append(out, job.RingMember{ID: id, Endpoint: mb.Endpoint, Host: mb.Host, LocalEndpoint: mb.LocalEndpoint, Device: mb.Device})
 	}
 	// Stable: within a host the ids stay sorted.
 	slices.SortStableFunc(out, func(a, b job.RingMember) int { return strings.Compare(a.Host, b.Host) })

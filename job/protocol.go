@@ -157,6 +157,10 @@ type RingMember struct {
 	Endpoint      string `json:"endpoint"`
 	Host          string `json:"host,omitempty"`
 	LocalEndpoint string `json:"local_endpoint,omitempty"`
+	// Device is the member's Device ("cpu", or the GPU's name and UUID):
+	// every rank sees every rank's, so choices that must agree across the
+	// ring (a GPU-resident all-reduce and its chunk size) agree.
+	Device string `json:"device,omitempty"`
 }
 
 // Ring is the published ring. Epoch only grows; it is the fencing token of

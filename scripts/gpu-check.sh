@@ -109,7 +109,8 @@ done
 # Two replicas on this one GPU, joined by a real ring: the worker's gradient
 # reduction with synchronous copies and with async ones overlapping
 # backward (the hidden fraction), after the async copies' and the
-# reducer's own GPU tests (worker --overlap-copies stays off until these pass).
+# reducer's own GPU tests (the worker's default path since they passed on an H200;
+# --overlap-copies=false is the synchronous reference).
 if [ -x "$BIN/worker.test" ]; then
 	step overlap-tests 120 "$BIN/worker.test" -test.v -test.run 'CUDA'
 	grep -E -- '--- (PASS|FAIL)' "$OUT/overlap-tests.log" | head -20

@@ -56,6 +56,12 @@ func TestLedgerReportsGathered(t *testing.T) {
 // together at the end of the test.
 func testRings(t *testing.T, n int, transport string) []*allreduce.Ring {
 	t.Helper()
+	return testRingsWith(t, n, func(_ int, cfg *allreduce.Config) { cfg.Transport = transport })
+}
+
+// testRingsWith is testRings with each rank's config set by set.
+func testRingsWith(t *testing.T, n int, set func(rank int, cfg *allreduce.Config)) []*allreduce.Ring {
+	t.Helper()
 	lis := make([]net.Listener, n)
 	peers := make([]string, n)
 	for i := range lis {
@@ -68,7 +74,8 @@ func testRings(t *testing.T, n int, transport string) []*allreduce.Ring {
 	rings := make([]*allreduce.Ring, n)
 	for i := range rings {
 		cfg := allreduce.Default()
-		cfg.Rank, cfg.Peers, cfg.Epoch, cfg.Transport = i, peers, 1, transport
+		cfg.Rank, cfg.Peers, cfg.Epoch = i, peers, 1
+		set(i, &cfg)
 		r, err := allreduce.New(cfg, lis[i])
 		if err != nil {
 			t.Fatal(err)

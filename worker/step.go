@@ -30,6 +30,14 @@ import (
 //     queues each range's async upload as its sum arrives, then waits for
 //     the uploads to land.
 //
+// A third path skips the host: where the collective reduces device memory
+// itself (a flat ring whose same-host hops carry device slots over CUDA
+// IPC: allreduce.Ring.DeviceNative), Start scales the range on the device
+// and starts the device collective on it; nothing is copied to the host or
+// back. Its sums follow the ring's order too, but come from the GPU's adds
+// and scale, so they match the host paths' to rounding only where the
+// scale is not 1 (TestReducerDevicePathCUDA).
+//
 // Either way it times the collectives (CommTimes): the step's
 // communication, of which TrainStep's wait in Finish after the last range
 // arrived is the part backward did not hide.
@@ -39,8 +47,8 @@ type ringReducer struct {
 	rank, size int
 	be         kernels.Backend[float32]
 	// syncCopies keeps the reference path where the backend could copy
-	// asynchronously (the worker unless --overlap-copies, tests, bench step
-	// --copies sync).
+	// asynchronously (the worker with --overlap-copies=false, tests, bench
+	// step --copies sync).
 	syncCopies bool
 
 	bufs    []*bucket // by call order within a step
@@ -58,6 +66,7 @@ type bucket struct {
 	// reached host memory; t0..t1 the time its collective was in flight
 	// (queued behind earlier ones, or running).
 	h              *allreduce.Handle
+	onDevice       bool // reduced in place on the device (deviceCollective)
 	started, ended chan struct{}
 	ready, t0, t1  time.Time
 }
@@ -83,17 +92,36 @@ func (r *ringReducer) Size() int  { return r.size }
 // produced it).
 func (r *ringReducer) CommTimes() (comm time.Duration, ready time.Time) { return r.comm, r.ready }
 
+// deviceCollective is a collective that can reduce device memory in place:
+// an allreduce.Ring whose same-host hops carry device slots (cuda-ipc).
+type deviceCollective interface {
+	StartDevice(buf kernels.Buffer, op allreduce.Op) *allreduce.Handle
+	DeviceNative() bool
+}
+
 func (r *ringReducer) Start(g kernels.Buffer, scale float32) {
 	if r.started == len(r.bufs) {
 		r.bufs = append(r.bufs, &bucket{})
 	}
 	b := r.bufs[r.started]
 	r.started++
+	b.dev = g
+	b.started, b.ended = make(chan struct{}), make(chan struct{})
+	if dc, ok := r.ring.(deviceCollective); ok && dc.DeviceNative() {
+		// The GPU-resident path: the gradient never leaves the device. The
+		// scale and the collective's copies queue behind the kernels that
+		// produced g, on the same stream.
+		if scale != 1 {
+			r.be.Scale(g, float64(scale))
+		}
+		b.ready, b.onDevice = time.Now(), true
+		r.launch(b, func() *allreduce.Handle { return dc.StartDevice(g, allreduce.Sum) })
+		return
+	}
+	b.onDevice = false
 	if len(b.host) != g.Len() {
 		b.host = make([]float32, g.Len())
 	}
-	b.dev = g
-	b.started, b.ended = make(chan struct{}), make(chan struct{})
 	if ac, ok := r.be.(kernels.AsyncCopier[float32]); ok && !r.syncCopies {
 		r.startOverlapped(ac, b, scale)
 		return
@@ -101,7 +129,7 @@ func (r *ringReducer) Start(g kernels.Buffer, scale float32) {
 	r.be.Download(b.host, g)
 	b.ready = time.Now()
 	scaleHost(b.host, scale)
-	r.launch(b)
+	r.launch(b, nil)
 }
 
 // startOverlapped queues b's download and hands the rest to a goroutine.
@@ -119,14 +147,19 @@ func (r *ringReducer) startOverlapped(ac kernels.AsyncCopier[float32], b *bucket
 		if prev != nil {
 			<-prev
 		}
-		r.launch(b)
+		r.launch(b, nil)
 	}()
 }
 
-// launch starts b's collective and notes when it ends.
-func (r *ringReducer) launch(b *bucket) {
+// launch starts b's collective (start, else the host collective of b.host)
+// and notes when it ends.
+func (r *ringReducer) launch(b *bucket, start func() *allreduce.Handle) {
 	b.t0 = time.Now()
-	b.h = r.ring.Start(b.host, allreduce.Sum)
+	if start != nil {
+		b.h = start()
+	} else {
+		b.h = r.ring.Start(b.host, allreduce.Sum)
+	}
 	close(b.started)
 	go func() {
 		<-b.h.Done()
@@ -157,7 +190,7 @@ func (r *ringReducer) Finish() error {
 		if err := b.h.Wait(r.ctx); err != nil && firstErr == nil {
 			firstErr = err
 		}
-		if overlapped && firstErr == nil {
+		if overlapped && firstErr == nil && !b.onDevice {
 			uploads = append(uploads, ac.UploadAsync(b.dev, b.host))
 		}
 	}
@@ -170,7 +203,9 @@ func (r *ringReducer) Finish() error {
 	}
 	if !overlapped {
 		for _, b := range started {
-			r.be.Upload(b.dev, b.host)
+			if !b.onDevice {
+				r.be.Upload(b.dev, b.host)
+			}
 		}
 	}
 	return nil

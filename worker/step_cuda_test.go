@@ -5,6 +5,7 @@ package worker
 import (
 	"testing"
 
+	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/kernels/cuda"
 )
@@ -47,4 +48,33 @@ func TestTrainStepOverlapBitIdenticalCUDA(t *testing.T) {
 		tol = 0
 	}
 	checkTrainStepPaths(t, openShared(t), tol)
+}
+
+// TestReducerDevicePathCUDA: over a ring whose same-host hops carry device
+// slots (cuda-ipc), the reducer keeps the gradients on the device
+// (allreduce.Ring.DeviceNative) and its sums have the bits of the CPU
+// reference's host path. In one process the driver refuses to open a
+// handle the process exported, so each hop's sender writes the host slot
+// and the receiver reduces on the device (the two-process path, device to
+// device, is kernels/cuda's TestIPCRingTwoProcesses).
+func TestReducerDevicePathCUDA(t *testing.T) {
+	gpu := openShared(t)
+	var rings []*allreduce.Ring
+	runReducerPaths(t, func(p reducerPath) []*allreduce.Ring {
+		if p.name == "cpu sync" {
+			return testRings(t, 2, allreduce.TransportAuto)
+		}
+		rings = testRingsWith(t, 2, func(rank int, cfg *allreduce.Config) {
+			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, gpu(rank).(*cuda.Backend)
+		})
+		return rings
+	}, []reducerPath{
+		{"cpu sync", true, cpuBackend},
+		{"cuda device", true, gpu},
+	})
+	for i, r := range rings {
+		if !r.DeviceNative() {
+			t.Errorf("rank %d: the cuda-ipc ring did not reduce on the device", i)
+		}
+	}
 }

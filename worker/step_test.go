@@ -75,6 +75,18 @@ func TestReducerPathsBitIdentical(t *testing.T) {
 // whichever path moved them (the first is the reference), and those bits
 // are the scaled sums.
 func checkReducerPaths(t *testing.T, paths []reducerPath) {
+	for _, transport := range []string{allreduce.TransportAuto, allreduce.TransportGRPC} {
+		t.Run(transport, func(t *testing.T) {
+			runReducerPaths(t, func(reducerPath) []*allreduce.Ring { return testRings(t, 2, transport) }, paths)
+		})
+	}
+}
+
+// runReducerPaths runs 3 steps of 6 gradient ranges through each path's
+// reducer on 2 ranks, over the (connected here) rings of rings(path), and
+// checks that every path on every rank has the bits of the first path's
+// rank 0, and that those are the scaled sums.
+func runReducerPaths(t *testing.T, rings func(reducerPath) []*allreduce.Ring, paths []reducerPath) {
 	sizes := []int{3, 1000, 77, 1 << 16, 5, 4099} // layer ranges; backward starts the last
 	total := 0
 	for _, n := range sizes {
@@ -90,67 +102,63 @@ func checkReducerPaths(t *testing.T, paths []reducerPath) {
 		}
 		return v
 	}
-	for _, transport := range []string{allreduce.TransportAuto, allreduce.TransportGRPC} {
-		t.Run(transport, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			rings := testRings(t, 2, transport)
-			connect(ctx, t, rings)
-			got := map[string][steps][2][]float32{}
-			for _, p := range paths {
-				var res [steps][2][]float32
-				var wg sync.WaitGroup
-				errs := make([]error, 2)
-				for rank := range 2 {
-					wg.Go(func() {
-						be := p.backend(rank)
-						red := &ringReducer{ctx: ctx, ring: rings[rank], rank: rank, size: 2, be: be, syncCopies: p.syncCopies}
-						g := be.Alloc(total)
-						for step := range steps {
-							be.Upload(g, values(step, rank))
-							off := total
-							for i := len(sizes) - 1; i >= 0; i-- {
-								off -= sizes[i]
-								red.Start(be.Slice(g, off, sizes[i]), scales[rank])
-							}
-							if errs[rank] = red.Finish(); errs[rank] != nil {
-								return
-							}
-							res[step][rank] = make([]float32, total)
-							be.Download(res[step][rank], g)
-							if errs[rank] = be.Err(); errs[rank] != nil {
-								return
-							}
-						}
-					})
-				}
-				wg.Wait()
-				for rank, err := range errs {
-					if err != nil {
-						t.Fatalf("%s: rank %d: %v", p.name, rank, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	got := map[string][steps][2][]float32{}
+	for _, p := range paths {
+		rs := rings(p)
+		connect(ctx, t, rs)
+		var res [steps][2][]float32
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		for rank := range 2 {
+			wg.Go(func() {
+				be := p.backend(rank)
+				red := &ringReducer{ctx: ctx, ring: rs[rank], rank: rank, size: 2, be: be, syncCopies: p.syncCopies}
+				g := be.Alloc(total)
+				for step := range steps {
+					be.Upload(g, values(step, rank))
+					off := total
+					for i := len(sizes) - 1; i >= 0; i-- {
+						off -= sizes[i]
+						red.Start(be.Slice(g, off, sizes[i]), scales[rank])
+					}
+					if errs[rank] = red.Finish(); errs[rank] != nil {
+						return
+					}
+					res[step][rank] = make([]float32, total)
+					be.Download(res[step][rank], g)
+					if errs[rank] = be.Err(); errs[rank] != nil {
+						return
 					}
 				}
-				got[p.name] = res
+			})
+		}
+		wg.Wait()
+		for rank, err := range errs {
+			if err != nil {
+				t.Fatalf("%s: rank %d: %v", p.name, rank, err)
 			}
-			ref := got[paths[0].name]
-			for step := range steps {
-				a, b := values(step, 0), values(step, 1)
-				for i, v := range ref[step][0] {
-					want := float64(a[i]*scales[0]) + float64(b[i]*scales[1])
-					if math.Abs(float64(v)-want) > 1e-6*(1+math.Abs(want)) {
-						t.Fatalf("step %d: element %d sums to %v, want %v", step, i, v, want)
-					}
-				}
-				for _, p := range paths {
-					for rank := range 2 {
-						if i := firstDiff(got[p.name][step][rank], ref[step][0]); i >= 0 {
-							t.Errorf("%s: step %d, rank %d: element %d is %v, the reference's rank 0 has %v",
-								p.name, step, rank, i, got[p.name][step][rank][i], ref[step][0][i])
-						}
-					}
+		}
+		got[p.name] = res
+	}
+	ref := got[paths[0].name]
+	for step := range steps {
+		a, b := values(step, 0), values(step, 1)
+		for i, v := range ref[step][0] {
+			want := float64(a[i]*scales[0]) + float64(b[i]*scales[1])
+			if math.Abs(float64(v)-want) > 1e-6*(1+math.Abs(want)) {
+				t.Fatalf("step %d: element %d sums to %v, want %v", step, i, v, want)
+			}
+		}
+		for _, p := range paths {
+			for rank := range 2 {
+				if i := firstDiff(got[p.name][step][rank], ref[step][0]); i >= 0 {
+					t.Errorf("%s: step %d, rank %d: element %d is %v, the reference's rank 0 has %v",
+						p.name, step, rank, i, got[p.name][step][rank][i], ref[step][0][i])
 				}
 			}
-		})
+		}
 	}
 }
 

@@ -60,16 +60,25 @@ type Config struct {
 	// hierarchical (default: Listen's IP, a free port). Peers dial it at
 	// Advertise's host (else the listener's) with this listener's port.
 	LocalListen string
-	// OverlapCopies moves each layer's gradient off the device with an
-	// asynchronous copy, so that backward goes on meanwhile (kernels.
-	// AsyncCopier; worker/step.go). Off by default until the copy streams
-	// have passed their tests on a real GPU: the CUDA emulation cannot show
-	// a copy that starts before the kernels it must wait for.
-	OverlapCopies bool
-	// DataSockets carries the ring's chunk payloads on plain data sockets
-	// that gRPC negotiates (allreduce.TransportSocket) instead of on gRPC
-	// streams: for rings between hosts (the cross-host rings of a
-	// hierarchy; every hop of a flat ring, same-host ones included).
+	// SyncCopies keeps the reference reduction path: each layer's gradient
+	// leaves the device with a synchronous copy, which waits for the
+	// stream. By default (false) the copy is asynchronous (kernels.
+	// AsyncCopier; worker/step.go), so backward goes on meanwhile; the two
+	// are bit-identical (TestReducerPathsBitIdenticalCUDA, run on a GPU by
+	// scripts/gpu-check.sh), and on one H200 two replicas stepped in 200 ms
+	// overlapped against 313 ms synchronous (docs/allreduce.md).
+	SyncCopies bool
+	// HostRing keeps a GPU worker's flat ring on host memory: without it,
+	// workers on one host exchange gradient chunks GPU to GPU through CUDA
+	// IPC (allreduce.TransportCUDAIPC), and the reducer never copies them
+	// to the host (worker/step.go).
+	HostRing bool
+	// DataSockets carries the ring's chunk payloads between hosts on plain
+	// data sockets that gRPC negotiates (allreduce.TransportSocket) instead
+	// of on gRPC streams: the rings across hosts of a hierarchy, and a flat
+	// ring whose members span hosts. `bmojo worker` sets it unless
+	// --data-sockets=false: 1.00× a plain TCP ring and 2.4× Gloo on 16
+	// cores, where gRPC streams are 0.58× and 1.4× (docs/allreduce.md).
 	DataSockets bool
 	// Device is the compute device: auto (a GPU when built with -tags cuda
 	// and one is present, else the CPU), cpu, cuda or cuda:N.

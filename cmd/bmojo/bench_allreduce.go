@@ -24,6 +24,8 @@ import (
 
 	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/internal/pki"
+	"github.com/bmojo/bmojo/kernels"
+	"github.com/bmojo/bmojo/kernels/cuda"
 )
 
 // benchAllreduceFlags are shared by the launcher and the hidden per-rank command.
@@ -44,6 +46,7 @@ type benchAllreduceFlags struct {
 	transport  string
 	shmQueues  int
 	shmSlots   int
+	gpus       int // --transport cuda-ipc: rank r runs on GPU r % gpus
 	tls        bool
 	tlsDir     string // the rank command's: where the launcher put rank-<i> certificates
 	reference  string
@@ -78,7 +81,8 @@ func (f *benchAllreduceFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.cpuProfile, "cpuprofile", "", "write rank 0's CPU profile to this file")
 	c.Flags().IntVar(&f.procs, "procs", 0, "GOMAXPROCS of each rank process (0: Go's default, all CPUs)")
 	c.Flags().BoolVar(&f.unix, "unix", false, "connect the ranks over Unix sockets instead of loopback TCP")
-	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise), "grpc" (gRPC streams), "socket" (plain data sockets negotiated over gRPC, the path between hosts), or "tcp" (the reference: the same ring over plain TCP connections, no gRPC, no TLS)`)
+	c.Flags().StringVar(&f.transport, "transport", d.Transport, `data path between ranks: "auto" (shared memory between ranks on one host, gRPC otherwise), "grpc" (gRPC streams), "socket" (plain data sockets negotiated over gRPC, the path between hosts), "cuda-ipc" (buffers in GPU memory, moved GPU to GPU through CUDA IPC; needs a -tags cuda build), or "tcp" (the reference: the same ring over plain TCP connections, no gRPC, no TLS)`)
+	c.Flags().IntVar(&f.gpus, "gpus", 1, "with --transport cuda-ipc: GPUs to spread the ranks over (rank r on GPU r % gpus; 1: every rank on GPU 0)")
 	c.Flags().StringVar(&f.reference, "reference", "", `also measure this transport ("tcp"), alternating runs with --transport, and print the busbw ratio`)
 	c.Flags().IntVar(&f.repeat, "repeat", 1, "launch the ranks this many times (alternating with --reference) and report the median run")
 	c.Flags().StringVar(&f.hosts, "hosts", "", "comma-separated host:port each rank listens on (default: loopback ports picked by the launcher)")
@@ -144,13 +148,23 @@ func (f *benchAllreduceFlags) config() (allreduce.Config, error) {
 	}
 	c.Streams, c.WireBF16, c.HopTimeout = f.streams, f.bf16, f.hopTimeout
 	c.Transport, c.ShmQueues, c.ShmSlots = f.transport, f.shmQueues, f.shmSlots
+	v := c
+	if f.transport == allreduce.TransportCUDAIPC {
+		if f.bf16 {
+			return c, fmt.Errorf("--transport cuda-ipc reduces float32 on the GPU: no --bf16")
+		}
+		if f.gpus < 1 {
+			return c, fmt.Errorf("--gpus %d: need at least 1", f.gpus)
+		}
+		v.Transport = allreduce.TransportAuto // the rank sets Device; the launcher has none
+	}
 	if f.transport == benchTransportTCP {
 		if f.tls {
 			return c, fmt.Errorf("--transport tcp is the plain-TCP reference: it has no TLS (use --transport grpc --tls --reference tcp)")
 		}
 		c.Transport = allreduce.TransportGRPC // the reference ring ignores it
+		v.Transport = c.Transport
 	}
-	v := c
 	v.Peers = []string{"-"} // the launcher checks the flags before it knows the peers
 	return c, v.Validate()
 }
@@ -212,9 +226,11 @@ GB = 1e9 bytes), then the latency at 1 MiB. With --transport auto (the
 default) the ranks, all on this host, move data through shared memory and use
 gRPC only as the control plane; --transport grpc measures the gRPC streams;
 --transport socket the data sockets that gRPC negotiates (gRPC stays the
-control plane; TLS inside them with --tls); --transport tcp measures the
-reference: the same ring schedule, chunks and connections over plain TCP
-sockets (no gRPC, no TLS).
+control plane; TLS inside them with --tls); --transport cuda-ipc keeps the
+buffers in GPU memory (a -tags cuda build; rank r on GPU r % --gpus) and
+moves chunks GPU to GPU through CUDA IPC, reducing them on the GPU;
+--transport tcp measures the reference: the same ring schedule, chunks and
+connections over plain TCP sockets (no gRPC, no TLS).
 
 The "# cpu(ms)" line is the CPU time (user + system) of all rank processes
 per collective: on a machine shared with other work it says more than the
@@ -314,6 +330,14 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	if f.perHost > 0 && (f.reference != "" || f.transport == benchTransportTCP || f.unix) {
 		return fmt.Errorf("--per-host: the hierarchical all-reduce runs on gRPC rings (no --transport tcp, --reference or --unix)")
 	}
+	if f.transport == allreduce.TransportCUDAIPC {
+		if !cuda.Built {
+			return fmt.Errorf("--transport cuda-ipc: this bmojo was built without CUDA; build it with -tags cuda,kustomize_disable_go_plugin_support (or -tags cuda,cudaemu for the CPU emulation)")
+		}
+		if f.perHost > 0 {
+			return fmt.Errorf("--transport cuda-ipc: no --per-host (the hierarchical all-reduce reduces host buffers)")
+		}
+	}
 	var hosts []string
 	if f.hosts != "" {
 		if hosts = strings.Split(f.hosts, ","); len(hosts) != f.ranks {
@@ -364,6 +388,9 @@ func runBenchAllreduce(ctx context.Context, f *benchAllreduceFlags, out io.Write
 	case f.perHost > 0:
 		how = fmt.Sprintf("hierarchical (allreduce.Hier): %d hosts × %d ranks, inside a host over its local ring (Unix-socket control), across hosts over --transport %s on %s",
 			f.ranks/f.perHost, f.perHost, f.transport, link)
+	case f.transport == allreduce.TransportCUDAIPC:
+		how = fmt.Sprintf("float32 buffers in GPU memory (%d GPU(s)%s), data GPU to GPU over CUDA IPC where both ends could map it (else host shared memory or gRPC, see hops), control over gRPC on %s",
+			f.gpus, map[bool]string{false: "", true: ", CPU emulation"}[cuda.Emulated], link)
 	case runs[0].hops[allreduce.TransportShm] == f.ranks && f.ranks > 1:
 		how = "data over shared memory, control over gRPC on " + link
 	case runs[0].hops[allreduce.TransportSocket] == f.ranks && f.ranks > 1:
@@ -511,7 +538,8 @@ func launchBenchRanks(ctx context.Context, f *benchAllreduceFlags, transport str
 			"--ranks", strconv.Itoa(f.ranks), "--size", f.size, "--sizes", f.sizes, "--iters", strconv.Itoa(f.iters),
 			"--streams", strconv.Itoa(f.streams), "--chunk", f.chunk, "--window", f.window, "--rbuf", f.rbuf, "--wbuf", f.wbuf,
 			"--hop-timeout", f.hopTimeout.String(), "--log-level", logLevel,
-			"--transport", transport, "--shm-queues", strconv.Itoa(f.shmQueues), "--shm-slots", strconv.Itoa(f.shmSlots)}
+			"--transport", transport, "--shm-queues", strconv.Itoa(f.shmQueues), "--shm-slots", strconv.Itoa(f.shmSlots),
+			"--gpus", strconv.Itoa(f.gpus)}
 		if f.cpuProfile != "" && i == 0 {
 			args = append(args, "--cpuprofile", f.cpuProfile+map[bool]string{false: "", true: "." + transport}[transport != f.transport])
 		}
@@ -653,6 +681,7 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	var connect func(context.Context) error
 	var grpcRing *allreduce.Ring
 	var hier *benchHier
+	var dev *benchDevice
 	if f.perHost > 0 {
 		// The local ring listens on its own Unix socket; the cross ring
 		// on fd 3 (or its --cross-peers address).
@@ -672,6 +701,16 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 			return err
 		}
 		hier, ring, connect = h, h, h.connect
+	} else if f.transport == allreduce.TransportCUDAIPC {
+		if dev, err = openBenchDevice(rank%f.gpus, maxBytes(sizes)); err != nil {
+			return fmt.Errorf("rank %d: %w", rank, err)
+		}
+		defer dev.close()
+		cfg.Device = dev.mem
+		if grpcRing, err = allreduce.New(cfg, lis); err != nil {
+			return err
+		}
+		ring, connect = &benchDeviceRing{grpcRing, dev}, grpcRing.Connect
 	} else if f.transport == benchTransportTCP {
 		tr, err := allreduce.NewTCPRing(cfg, lis)
 		if err != nil {
@@ -716,13 +755,15 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 		}
 		fmt.Fprintf(out, "TRANSPORT %s\n", toSucc)
 	}
-	maxSize := 0
-	for _, s := range sizes {
-		maxSize = max(maxSize, s)
-	}
-	all := make([]float32, maxSize/4)
+	all := make([]float32, maxBytes(sizes)/4)
 	for i := range all {
 		all[i] = float32(i%7) * 0.25
+	}
+	if dev != nil {
+		dev.mem.Upload(dev.buf, all)
+		if err := dev.mem.Fence(); err != nil {
+			return fmt.Errorf("rank %d: %w", rank, err)
+		}
 	}
 	w := bufio.NewWriter(out)
 	defer w.Flush()
@@ -755,6 +796,55 @@ func runBenchAllreduceRank(ctx context.Context, f *benchAllreduceFlags, rank int
 	// Leave together: a rank that exits while others still send would look
 	// like a failure to them.
 	return ring.AllReduce(ctx, all[:1], allreduce.Sum)
+}
+
+func maxBytes(sizes []int) int {
+	m := 0
+	for _, s := range sizes {
+		m = max(m, s)
+	}
+	return m
+}
+
+// benchDevice is a cuda-ipc rank's GPU: its backend (allreduce.DeviceMem)
+// and the device buffer every size's collective reduces a prefix of.
+type benchDevice struct {
+	d   *cuda.Device
+	mem allreduce.DeviceMem
+	buf kernels.Buffer
+}
+
+// openBenchDevice opens GPU ordinal and allocates bytes of float32 on it.
+func openBenchDevice(ordinal, bytes int) (*benchDevice, error) {
+	d, err := cuda.Open(ordinal, cuda.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("--transport cuda-ipc: opening GPU %d: %w", ordinal, err)
+	}
+	mem, ok := d.Backend().(allreduce.DeviceMem)
+	if !ok {
+		d.Close()
+		return nil, fmt.Errorf("--transport cuda-ipc: the GPU backend of this build cannot share memory between processes")
+	}
+	buf := mem.(kernels.Backend[float32]).Alloc(bytes / 4)
+	if err := mem.Fence(); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("--transport cuda-ipc: allocating %s on GPU %d: %w", fmtBytes(bytes), ordinal, err)
+	}
+	return &benchDevice{d: d, mem: mem, buf: buf}, nil
+}
+
+func (b *benchDevice) close() { _ = b.d.Close() }
+
+// benchDeviceRing measures device collectives: AllReduce reduces the same
+// prefix of the device buffer as the host rank would of its slice (the
+// values are the same; the host slice is not read).
+type benchDeviceRing struct {
+	*allreduce.Ring
+	dev *benchDevice
+}
+
+func (b *benchDeviceRing) AllReduce(ctx context.Context, buf []float32, op allreduce.Op) error {
+	return b.Ring.AllReduceDevice(ctx, b.dev.mem.Slice(b.dev.buf, 0, len(buf)), op)
 }
 
 // benchIdentities makes a job CA and a certificate per rank (rank-<i>) in a

@@ -23,6 +23,7 @@ func init() {
 		health   string
 		device   string
 		leaseTTL time.Duration
+		overlap  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "worker",
@@ -38,6 +39,7 @@ parameters and optimizer state from a peer.`,
 				return fmt.Errorf("worker: --device: %w", err)
 			}
 			cfg.Device = device
+			cfg.SyncCopies = !overlap
 			if leaseTTL < 0 || leaseTTL%time.Second != 0 {
 				return fmt.Errorf("worker: --lease-ttl %v: want whole seconds, e.g. 3s", leaseTTL)
 			}
@@ -83,8 +85,9 @@ parameters and optimizer state from a peer.`,
 	fl.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "all-reduce listen address")
 	fl.StringVar(&cfg.Advertise, "advertise", "", "address peers dial (default: the listen address)")
 	fl.StringVar(&cfg.Host, "host", "", "the machine this worker runs on, for the hierarchical all-reduce: workers with the same --host form a ring inside the host (default: the hostname; on Kubernetes pass the node name)")
-	fl.BoolVar(&cfg.DataSockets, "data-sockets", false, "carry the ring's payloads between hosts on plain sockets negotiated over gRPC (TLS and identities as for gRPC), not on gRPC streams: about 1.6x the busbw on 2 cores (docs/allreduce.md)")
-	fl.BoolVar(&cfg.OverlapCopies, "overlap-copies", false, "copy each layer's gradient off the GPU asynchronously, overlapping backward (bench step --workers 2 measures both ways)")
+	fl.BoolVar(&cfg.DataSockets, "data-sockets", true, "carry the ring's payloads between hosts on plain sockets negotiated over gRPC (TLS and identities as for gRPC); false: on gRPC streams, about 0.6x the busbw (docs/allreduce.md)")
+	fl.BoolVar(&cfg.HostRing, "host-ring", false, "keep a GPU worker's gradients on host memory for the all-reduce; default: workers on one host exchange them GPU to GPU over CUDA IPC (host shared memory where that cannot be set up)")
+	fl.BoolVar(&overlap, "overlap-copies", true, "copy each layer's gradient off the GPU asynchronously, overlapping backward; false: synchronous copies, the reference path (bench step --workers 2 measures both ways)")
 	fl.StringVar(&cfg.LocalListen, "local-listen", "", "listen address of the ring inside the host (hierarchical all-reduce; default: the --listen IP, a free port); peers dial the --advertise host at its port")
 	fl.IntVar(&cfg.Threads, "threads", 0, "kernel threads (0 = all cores)")
 	fl.DurationVar(&leaseTTL, "lease-ttl", 0, "membership lease TTL, whole seconds (default 3s)")

@@ -84,6 +84,7 @@ func TestHierKillWorker(t *testing.T) {
 		etcdIP: "127.0.0.1",
 		listen: func(int) string { return "127.0.0.1:0" },
 		wrap:   func(int) []string { return nil },
+		flags:  []string{"--data-sockets=false"}, // the gRPC streams; the netns test takes the data sockets
 	})
 }
 
