@@ -83,6 +83,11 @@ type DeviceMem interface {
 	Upload(dst kernels.Buffer, src []float32)
 	Download(dst []float32, src kernels.Buffer)
 	Fence() error
+	// Join makes the work queued from now on wait for the work the
+	// caller's compute queued so far (a device whose ops run on a stream
+	// of their own; otherwise a no-op): StartDevice joins before it reads
+	// the buffer.
+	Join()
 }
 
 // ipcMetaKey is the request-metadata key of a sender's offer ("offer") and
@@ -208,6 +213,7 @@ func (r *Ring) StartDevice(buf kernels.Buffer, op Op) *Handle {
 		close(h.done)
 		return h
 	}
+	r.cfg.Device.Join() // after the kernels that produced buf
 	return r.startHandle(&Handle{rank: r.rank, dev: buf, kind: op, part: partAll, done: make(chan struct{})})
 }
 

@@ -119,6 +119,8 @@ func (d *fakeDevice) Scale(x kernels.Buffer, s float64) {
 func (d *fakeDevice) Upload(dst kernels.Buffer, src []float32)   { copy(dst.(*fakeBuf).f, src) }
 func (d *fakeDevice) Download(dst []float32, src kernels.Buffer) { copy(dst, src.(*fakeBuf).f) }
 
+func (d *fakeDevice) Join() {}
+
 func (d *fakeDevice) Fence() error {
 	d.mu.Lock()
 	d.fences++

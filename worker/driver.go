@@ -15,6 +15,7 @@ import (
 	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/internal/pki"
 	"github.com/bmojo/bmojo/job"
+	"github.com/bmojo/bmojo/kernels"
 	"github.com/bmojo/bmojo/train"
 )
 
@@ -213,6 +214,21 @@ func spansHosts(ms []job.RingMember) bool {
 	return false
 }
 
+// commDevice is the device memory a GPU-resident ring runs on: the
+// backend's communication stream where it has one (kernels/cuda), so the
+// ring's copies and reductions overlap backward instead of queueing behind
+// it.
+func commDevice(be kernels.Backend[float32]) (allreduce.DeviceMem, bool) {
+	if c, ok := be.(interface {
+		CommBackend() kernels.Backend[float32]
+	}); ok {
+		dm, ok := c.CommBackend().(allreduce.DeviceMem)
+		return dm, ok
+	}
+	dm, ok := be.(allreduce.DeviceMem)
+	return dm, ok
+}
+
 // allGPUs reports whether every member of the ring trains on a GPU.
 func allGPUs(ms []job.RingMember) bool {
 	for _, m := range ms {
@@ -282,7 +298,7 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 			// over several hosts gives up shared memory on its same-host
 			// hops; one whose hosts hold equal numbers is hierarchical.
 			cfg.Transport = allreduce.TransportSocket
-		} else if dm, ok := w.eng.M.Backend().(allreduce.DeviceMem); ok && !w.cfg.HostRing && allGPUs(r.Members) {
+		} else if dm, ok := commDevice(w.eng.M.Backend()); ok && !w.cfg.HostRing && allGPUs(r.Members) {
 			// Same-host hops offer device slots (CUDA IPC), so the reducer
 			// keeps the gradients on the GPU; any hop that cannot have
 			// them stays on host shared memory or gRPC, as with "auto".

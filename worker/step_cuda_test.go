@@ -65,7 +65,11 @@ func TestReducerDevicePathCUDA(t *testing.T) {
 			return testRings(t, 2, allreduce.TransportAuto)
 		}
 		rings = testRingsWith(t, 2, func(rank int, cfg *allreduce.Config) {
-			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, gpu(rank).(*cuda.Backend)
+			dm, ok := commDevice(gpu(rank)) // the worker's: the communication stream
+			if !ok {
+				t.Fatal("the CUDA backend is not an allreduce.DeviceMem")
+			}
+			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
 		})
 		return rings
 	}, []reducerPath{

@@ -44,6 +44,9 @@ type Backend struct {
 	status *ints
 	// adamw is AdamWSteps' tile table (device thread only).
 	adamw adamWTable
+	// comm: this backend queues on the device's communication stream
+	// (CommBackend), not the compute stream.
+	comm bool
 }
 
 var _ kernels.Backend[float32] = (*Backend)(nil)
@@ -119,9 +122,22 @@ func (b *Backend) run(op string, f func() error) {
 		return
 	}
 	var err error
-	b.d.do(func() { err = f() })
+	b.d.do(func() { err = b.onStream(f)() })
 	if err != nil {
 		b.failf("%s: %v", op, err)
+	}
+}
+
+// onStream is f run with the driver queueing on this backend's stream.
+// Device thread.
+func (b *Backend) onStream(f func() error) func() error {
+	if !b.comm {
+		return f
+	}
+	return func() error {
+		b.d.drv.useComm(true)
+		defer b.d.drv.useComm(false)
+		return f()
 	}
 }
 
@@ -139,7 +155,7 @@ func (b *Backend) queueKernel(op, kernel string, f func() error) {
 		return
 	}
 	b.d.post(func() {
-		if err := b.d.timedRun(op, kernel, f); err != nil {
+		if err := b.d.timedRun(op, kernel, b.onStream(f)); err != nil {
 			b.failf("%s: %v", op, err)
 		}
 	})

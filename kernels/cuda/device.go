@@ -28,8 +28,15 @@ type driver interface {
 	htod(dst devptr, src unsafe.Pointer, bytes int64) error
 	dtoh(dst unsafe.Pointer, src devptr, bytes int64) error // waits for the copy
 	dtod(dst, src devptr, bytes int64) error
-	// sync waits for every stream: the main one and the copy stream.
+	// sync waits for every stream: the main one, the copy stream and the
+	// communication stream.
 	sync() error
+	// useComm(true) makes the calls that queue work (launches, copies,
+	// memsets, fence) queue it on the communication stream until
+	// useComm(false); joinComm makes that stream wait for the work queued
+	// so far on the main one (Backend.CommBackend, Backend.Join).
+	useComm(on bool)
+	joinComm() error
 	// The async copies (async.go). hostAlloc returns page-locked host
 	// memory, which copies reach without staging through the driver;
 	// dtohAsync queues a copy on the copy stream that starts once the work

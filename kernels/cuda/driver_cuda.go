@@ -24,19 +24,25 @@ var ptxFiles embed.FS
 
 // gpu is the driver of a real GPU: the device's primary context (which
 // cuBLAS shares), one non-blocking stream for every op, a second one for
-// async downloads (async.go), the modules JIT-compiled from the embedded
-// PTX, and cuBLAS.
+// async downloads (async.go), a third for the all-reduce's device ring
+// (CommBackend), the modules JIT-compiled from the embedded PTX, and
+// cuBLAS.
 type gpu struct {
 	dev    cu.Device
 	ctx    cu.CUContext
 	stream cu.Stream
 	copies cu.Stream
-	mods   []cu.Module
-	fns    map[string]cu.Function
-	blas   *cublas
-	lt     *cublasLt    // nil: bf16 products through cublasGemmEx
-	ws     cu.DevicePtr // cuBLAS workspace, shared with cuBLASLt
-	noTune bool         // keep cuBLASLt's first guess (Options.NoGemmTune)
+	// comm is the all-reduce's stream (Backend.CommBackend): the device
+	// ring's copies and reductions run there, beside the compute stream.
+	// cur is the stream the calls below queue on: stream, or comm while a
+	// communication op runs (useComm; device thread only).
+	comm, cur cu.Stream
+	mods      []cu.Module
+	fns       map[string]cu.Function
+	blas      *cublas
+	lt        *cublasLt    // nil: bf16 products through cublasGemmEx
+	ws        cu.DevicePtr // cuBLAS workspace, shared with cuBLASLt
+	noTune    bool         // keep cuBLASLt's first guess (Options.NoGemmTune)
 }
 
 func newDriver() driver { return &gpu{fns: map[string]cu.Function{}} }
@@ -104,6 +110,10 @@ func (g *gpu) start(ordinal int, opt Options) (Info, error) {
 	if g.copies, err = cu.MakeStream(cu.NonBlocking); err != nil {
 		return info, fmt.Errorf("cuda: creating the copy stream: %w", err)
 	}
+	if g.comm, err = cu.MakeStream(cu.NonBlocking); err != nil {
+		return info, fmt.Errorf("cuda: creating the communication stream: %w", err)
+	}
+	g.cur = g.stream
 	if err := g.loadModules(info); err != nil {
 		return info, err
 	}
@@ -160,6 +170,7 @@ func (g *gpu) loadModules(info Info) error {
 func (g *gpu) stop() {
 	g.blas.close()
 	_ = g.copies.Destroy()
+	_ = g.comm.Destroy()
 	if g.ws != 0 {
 		_ = cu.MemFree(g.ws)
 	}
@@ -195,28 +206,28 @@ func (g *gpu) memInfo() (free, total int64) {
 }
 
 func (g *gpu) memset32(p devptr, n int64) error {
-	return cu.MemsetD32Async(cu.DevicePtr(p), 0, n, g.stream)
+	return cu.MemsetD32Async(cu.DevicePtr(p), 0, n, g.cur)
 }
 
 func (g *gpu) fill32(p devptr, n int64, v uint32) error {
-	return cu.MemsetD32Async(cu.DevicePtr(p), uint(v), n, g.stream)
+	return cu.MemsetD32Async(cu.DevicePtr(p), uint(v), n, g.cur)
 }
 
 // htod copies from pageable host memory: the driver stages the source
 // before returning, so the caller may reuse it at once.
 func (g *gpu) htod(dst devptr, src unsafe.Pointer, bytes int64) error {
-	return cu.MemcpyHtoDAsync(cu.DevicePtr(dst), src, bytes, g.stream)
+	return cu.MemcpyHtoDAsync(cu.DevicePtr(dst), src, bytes, g.cur)
 }
 
 func (g *gpu) dtoh(dst unsafe.Pointer, src devptr, bytes int64) error {
-	if err := cu.MemcpyDtoHAsync(dst, cu.DevicePtr(src), bytes, g.stream); err != nil {
+	if err := cu.MemcpyDtoHAsync(dst, cu.DevicePtr(src), bytes, g.cur); err != nil {
 		return err
 	}
-	return g.stream.Synchronize()
+	return g.cur.Synchronize()
 }
 
 func (g *gpu) dtod(dst, src devptr, bytes int64) error {
-	return cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), bytes, g.stream)
+	return cu.MemcpyDtoDAsync(cu.DevicePtr(dst), cu.DevicePtr(src), bytes, g.cur)
 }
 
 func (g *gpu) tunings() []GemmTuning {
@@ -228,6 +239,9 @@ func (g *gpu) tunings() []GemmTuning {
 
 func (g *gpu) sync() error {
 	if err := g.stream.Synchronize(); err != nil {
+		return err
+	}
+	if err := g.comm.Synchronize(); err != nil {
 		return err
 	}
 	return g.copies.Synchronize()
@@ -261,7 +275,29 @@ func (g *gpu) dtohAsync(dst unsafe.Pointer, src devptr, bytes int64) (any, error
 	return g.record(g.copies)
 }
 
-func (g *gpu) fence() (any, error) { return g.record(g.stream) }
+func (g *gpu) fence() (any, error) { return g.record(g.cur) }
+
+func (g *gpu) useComm(on bool) {
+	if on {
+		g.cur = g.comm
+	} else {
+		g.cur = g.stream
+	}
+}
+
+// joinComm makes the communication stream wait for the work queued so far
+// on the compute stream.
+func (g *gpu) joinComm() error {
+	after, err := cu.MakeEvent(cu.DisableTiming)
+	if err != nil {
+		return err
+	}
+	defer cu.DestroyEvent(&after) // allowed once recorded: see dtohAsync
+	if err := after.Record(g.stream); err != nil {
+		return err
+	}
+	return g.comm.Wait(after, 0)
+}
 
 // record returns an event recorded on s that a host thread can wait for
 // without spinning.
@@ -312,7 +348,7 @@ func (g *gpu) launch(name string, grid, block dim, shmem int, args []uint64) err
 	for i := range args {
 		argv[i] = unsafe.Pointer(&args[i])
 	}
-	return fn.Launch(grid.x, grid.y, grid.z, block.x, block.y, block.z, shmem, g.stream, argv)
+	return fn.Launch(grid.x, grid.y, grid.z, block.x, block.y, block.z, shmem, g.cur, argv)
 }
 
 func (g *gpu) gemm(transA, transB bool, m, n, k int, alpha float32, A devptr, lda int, B devptr, ldb int, beta float32, C, Cin devptr, ldc int, bf16in bool) error {

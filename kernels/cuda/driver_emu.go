@@ -55,6 +55,11 @@ func Visible() ([]string, error) { return []string{emuUUID}, nil }
 
 func (e *emu) stop() {}
 
+// useComm and joinComm: the emulation runs every op when it is queued, so
+// its streams are one.
+func (e *emu) useComm(bool)    {}
+func (e *emu) joinComm() error { return nil }
+
 func (e *emu) malloc(bytes int64) (devptr, error) {
 	if e.held+bytes > 8<<30 {
 		return 0, errors.New("CUDA_ERROR_OUT_OF_MEMORY (emulated 8 GiB device)")

@@ -229,17 +229,19 @@ func (b *Backend) CloseIPC(buf kernels.Buffer) error {
 	return nil
 }
 
-// Fence waits until the device has run the work queued so far (this
-// backend's and every other backend's of the device), then returns the
-// backend's first error. The wait is on the waiter thread (async.go), so
-// the device thread goes on queueing work meanwhile.
+// Fence waits until the device has run the work queued so far on this
+// backend's stream (the compute stream, or the communication stream for a
+// CommBackend), then returns the backend's first error. The wait is on the
+// waiter thread (async.go), so the device thread goes on queueing work
+// meanwhile.
 func (b *Backend) Fence() error {
 	if b.failed() {
 		return b.firstErr()
 	}
 	done := make(chan error, 1)
 	b.d.post(func() {
-		ev, err := b.d.drv.fence()
+		var ev any
+		err := b.onStream(func() (err error) { ev, err = b.d.drv.fence(); return err })()
 		if err != nil {
 			done <- err
 			return
@@ -256,4 +258,23 @@ func (b *Backend) Fence() error {
 		b.failf("fence: %v", err)
 	}
 	return b.firstErr()
+}
+
+// CommBackend is a backend on the same device that queues its work on the
+// device's communication stream instead of the compute stream, with its own
+// sticky error: the all-reduce's device ring (allreduce.DeviceMem) copies
+// and reduces gradients there while backward goes on. Its work waits for
+// the compute stream only where Join says so.
+func (b *Backend) CommBackend() kernels.Backend[float32] {
+	return &Backend{d: b.d, status: b.status, comm: true}
+}
+
+// Join makes the work this backend queues from now on wait for everything
+// queued so far on the compute stream (a no-op for a compute-stream
+// backend): a device collective joins before it reads the gradient that
+// backward's queued kernels produce.
+func (b *Backend) Join() {
+	if b.comm {
+		b.queue("join", b.d.drv.joinComm)
+	}
 }

@@ -69,11 +69,12 @@ func ipcRingInput(rank, length int) []float32 {
 }
 
 // ipcRingConfig is the rank's ring: small chunks and slots so that the
-// buffers above pipeline.
+// buffers above pipeline. The ring works on be's communication stream, as
+// a worker's does, while the test uploads and downloads on be's.
 func ipcRingConfig(rank int, peers []string, be *Backend) allreduce.Config {
 	c := allreduce.Default()
 	c.Rank, c.Peers, c.Epoch = rank, peers, 1
-	c.Transport, c.Device = allreduce.TransportCUDAIPC, be
+	c.Transport, c.Device = allreduce.TransportCUDAIPC, be.CommBackend().(*Backend)
 	c.ChunkBytes, c.ShmQueues, c.ShmSlots = 16<<10, 2, 2
 	c.HopTimeout = 10 * time.Second
 	return c
