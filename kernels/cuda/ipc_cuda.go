@@ -25,12 +25,6 @@ static CUresult bm_ipc_open(CUdeviceptr *p, const void *in) {
 	return cuIpcOpenMemHandle(p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
 }
 static CUresult bm_ipc_close(CUdeviceptr p) { return cuIpcCloseMemHandle(p); }
-
-static const char *bm_ipc_error_name(CUresult r) {
-	const char *s = NULL;
-	if (cuGetErrorName(r, &s) != CUDA_SUCCESS || s == NULL) return "unknown CUresult";
-	return s;
-}
 */
 import "C"
 
@@ -51,13 +45,6 @@ const ipcKind = ipcKindGPU
 type ipcPriv struct{}
 
 const ipcHandleBytes = C.CU_IPC_HANDLE_SIZE
-
-func cuErr(call string, r C.CUresult) error {
-	if r == C.CUDA_SUCCESS {
-		return nil
-	}
-	return fmt.Errorf("%s: %s (%d)", call, C.GoString(C.bm_ipc_error_name(r)), int(r))
-}
 
 func ipcAllocate(bytes int64) (devptr, ipcPriv, error) {
 	var p C.CUdeviceptr

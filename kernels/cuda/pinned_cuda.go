@@ -34,8 +34,17 @@ import (
 func memHostAlloc(bytes int64) (unsafe.Pointer, error) {
 	var res C.CUresult
 	p := C.bm_host_alloc(C.size_t(bytes), &res)
-	if res != C.CUDA_SUCCESS {
-		return nil, fmt.Errorf("cuMemHostAlloc: %s (%d)", C.GoString(C.bm_error_name(res)), int(res))
+	if err := cuErr("cuMemHostAlloc", res); err != nil {
+		return nil, err
 	}
 	return p, nil
+}
+
+// cuErr is nil for CUDA_SUCCESS, else an error naming the call and the
+// driver's result (ipc_cuda.go's calls too).
+func cuErr(call string, r C.CUresult) error {
+	if r == C.CUDA_SUCCESS {
+		return nil
+	}
+	return fmt.Errorf("%s: %s (%d)", call, C.GoString(C.bm_error_name(r)), int(r))
 }
