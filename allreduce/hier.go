@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+
+	"github.com/bmojo/bmojo/kernels"
 )
 
 // Collective is what a data-parallel worker needs of an all-reduce, and
@@ -192,9 +194,14 @@ func (h *Hier) Err() error {
 // Collectives run in Start order; every rank must start the same ones
 // (lengths and ops) in the same order.
 func (h *Hier) Start(buf []float32, op Op) *Handle {
+	return h.enqueue(&Handle{rank: h.Rank(), buf: buf, kind: op, done: make(chan struct{})})
+}
+
+// enqueue numbers hd and queues it behind the collectives started before.
+func (h *Hier) enqueue(hd *Handle) *Handle {
 	h.mu.Lock()
 	h.nextOp++
-	hd := &Handle{rank: h.Rank(), op: h.nextOp, buf: buf, kind: op, done: make(chan struct{})}
+	hd.op = h.nextOp
 	if h.Local == nil || h.Cross == nil {
 		h.mu.Unlock()
 		hd.err = fmt.Errorf("allreduce: hierarchical all-reduce needs a local and a cross-host ring: %w", ErrConfig)
@@ -211,6 +218,26 @@ func (h *Hier) Start(buf []float32, op Op) *Handle {
 	h.mu.Unlock()
 	return hd
 }
+
+// StartDevice is Start on device memory, for a Hier whose local ring
+// carries device slots (DeviceNative): the reduce-scatter and the
+// all-gather inside the host run on the GPU, and only this rank's segment
+// (1/L of the buffer) visits host memory, for the ring across hosts.
+// Elsewhere the local phases run on host copies (Ring.StartDevice).
+func (h *Hier) StartDevice(buf kernels.Buffer, op Op) *Handle {
+	if h.Local == nil || h.Local.cfg.Device == nil || buf == nil {
+		hd := &Handle{rank: h.Rank(), done: make(chan struct{})}
+		hd.err = fmt.Errorf("allreduce: a hierarchical device collective needs a local ring with Config.Device and a buffer: %w", ErrConfig)
+		close(hd.done)
+		return hd
+	}
+	h.Local.cfg.Device.Join() // after the kernels that produced buf
+	return h.enqueue(&Handle{rank: h.Rank(), dev: buf, kind: op, done: make(chan struct{})})
+}
+
+// DeviceNative reports whether StartDevice keeps the phases inside the
+// host on the GPU (Ring.DeviceNative of the local ring).
+func (h *Hier) DeviceNative() bool { return h.Local != nil && h.Local.DeviceNative() }
 
 func (h *Hier) drain() {
 	for {
@@ -268,8 +295,11 @@ func (h *Hier) run(hd *Handle) error {
 		h.breakBoth(err)
 		return err
 	}
-	buf := hd.buf
-	lo, hi := h.Local.Owned(len(buf))
+	length := len(hd.buf)
+	if hd.dev != nil {
+		length = hd.dev.Len()
+	}
+	lo, hi := h.Local.Owned(length)
 	phase := func(ring *Ring, what string, sub *Handle) error {
 		other := h.Cross
 		if ring == h.Cross {
@@ -295,6 +325,10 @@ func (h *Hier) run(hd *Handle) error {
 		}
 		return err
 	}
+	if hd.dev != nil {
+		return h.runDevice(hd, lo, hi, phase)
+	}
+	buf := hd.buf
 	if err := phase(h.Local, "reduce-scatter inside the host", h.Local.StartReduceScatter(buf, Sum)); err != nil {
 		return err
 	}
@@ -311,4 +345,33 @@ func (h *Hier) run(hd *Handle) error {
 		}
 	}
 	return phase(h.Local, "all-gather inside the host", h.Local.StartAllGather(buf))
+}
+
+// runDevice is run for a device buffer: the phases inside the host on the
+// device (or on host copies where the local ring has no device slots),
+// this rank's segment through host memory for the ring across hosts.
+func (h *Hier) runDevice(hd *Handle, lo, hi int, phase func(*Ring, string, *Handle) error) error {
+	dm := h.Local.cfg.Device
+	if err := phase(h.Local, "reduce-scatter inside the host", h.Local.startDevice(hd.dev, Sum, partReduceScatter, false)); err != nil {
+		return err
+	}
+	seg := dm.Slice(hd.dev, lo, hi-lo)
+	mine := make([]float32, hi-lo)
+	dm.Download(mine, seg)
+	if err := dm.Fence(); err != nil {
+		err = fmt.Errorf("allreduce: rank %d hierarchical op %d: downloading elements %d..%d: %w", h.Rank(), hd.op, lo, hi, err)
+		h.breakBoth(err)
+		return err
+	}
+	if err := phase(h.Cross, fmt.Sprintf("all-reduce across hosts of elements %d..%d", lo, hi), h.Cross.Start(mine, Sum)); err != nil {
+		return err
+	}
+	if hd.kind == Avg {
+		n := float32(h.Size()) // as run: once, on bits every owner shares
+		for i := range mine {
+			mine[i] /= n
+		}
+	}
+	dm.Upload(seg, mine) // queued before the all-gather's reads, on the same stream
+	return phase(h.Local, "all-gather inside the host", h.Local.startDevice(hd.dev, Sum, partAllGather, false))
 }

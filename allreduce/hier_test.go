@@ -236,3 +236,76 @@ func TestHierNeedsRings(t *testing.T) {
 		t.Fatal("Size or Close of an empty Hier")
 	}
 }
+
+// TestHierDevice: a hierarchical all-reduce whose local rings carry device
+// slots (cuda-ipc, fake devices) reduces device buffers inside each host on
+// the device and leaves, on every rank, the bits the host hierarchy leaves
+// for the same inputs (sum and average, odd lengths).
+func TestHierDevice(t *testing.T) {
+	requireShm(t)
+	checkNoLeaks(t)
+	for _, sh := range [][2]int{{2, 2}, {3, 2}} {
+		hosts, local := sh[0], sh[1]
+		t.Run(fmt.Sprintf("hosts=%d/local=%d", hosts, local), func(t *testing.T) {
+			n := hosts * local
+			devs := make([]*fakeDevice, n)
+			locals := make([][]*Ring, hosts)
+			for h := range locals {
+				locals[h] = newIPCRings(t, local, func(i int, c *Config) {
+					devs[h*local+i] = &fakeDevice{}
+					c.Transport, c.Device, c.ShmSlots = TransportCUDAIPC, devs[h*local+i], 2
+				})
+				waitTransports(t, locals[h], func(int) (string, string) { return TransportCUDAIPC, TransportCUDAIPC })
+			}
+			cross := make([][]*Ring, local)
+			for l := range cross {
+				cross[l] = newRings(t, hosts, func(_ int, c *Config) { c.Transport = TransportGRPC })
+			}
+			hs := make([]*Hier, n)
+			for h := range hosts {
+				for l := range local {
+					hs[h*local+l] = &Hier{Local: locals[h][l], Cross: cross[l][h]}
+					if !hs[h*local+l].DeviceNative() {
+						t.Fatalf("rank %d: the local ring does not reduce on the device", h*local+l)
+					}
+				}
+			}
+			host := newHierOver(t, hosts, local, false, TransportGRPC)
+			for _, length := range []int{1, n, 1023, 40000 + 3} {
+				for _, kind := range []Op{Sum, Avg} {
+					in := ipcInputs(n, length, uint64(length)+3)
+					want := make([][]float32, n)
+					for i := range want {
+						want[i] = append([]float32(nil), in[i]...)
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+					for i, err := range parallel(n, func(i int) error { return host[i].AllReduce(ctx, want[i], kind) }) {
+						if err != nil {
+							t.Fatalf("host hierarchy, rank %d: %v", i, err)
+						}
+					}
+					bufs := make([]*fakeBuf, n)
+					for i := range bufs {
+						bufs[i] = &fakeBuf{f: append([]float32(nil), in[i]...)}
+					}
+					for i, err := range parallel(n, func(i int) error { return hs[i].StartDevice(bufs[i], kind).Wait(ctx) }) {
+						if err != nil {
+							t.Fatalf("device hierarchy, rank %d: %v", i, err)
+						}
+					}
+					cancel()
+					got := make([][]float32, n)
+					for i, b := range bufs {
+						got[i] = b.f
+					}
+					checkSameBits(t, got, want[0], fmt.Sprintf("length %d op %d", length, kind))
+				}
+			}
+			for i, d := range devs {
+				if d.fences == 0 {
+					t.Errorf("rank %d: no device work was waited for", i)
+				}
+			}
+		})
+	}
+}

@@ -206,15 +206,22 @@ func (r *Ring) ipcRelease(reg *shmRegion) {
 // buf, downloaded first and uploaded when done. Either way every rank ends
 // with the same bits. buf belongs to the ring until the handle is done;
 // work the caller queued on the device before StartDevice is done first.
-func (r *Ring) StartDevice(buf kernels.Buffer, op Op) *Handle {
+func (r *Ring) StartDevice(buf kernels.Buffer, op Op) *Handle { return r.startDevice(buf, op, partAll, true) }
+
+// startDevice starts part k of a device collective; join makes the device's
+// work wait for the caller's compute queued so far (Hier joins once, when
+// its collective starts, not again for each phase).
+func (r *Ring) startDevice(buf kernels.Buffer, op Op, k part, join bool) *Handle {
 	if r.cfg.Device == nil || buf == nil {
 		h := &Handle{rank: r.rank, done: make(chan struct{})}
 		h.err = fmt.Errorf("allreduce: rank %d: a device collective needs Config.Device and a buffer: %w", r.rank, ErrConfig)
 		close(h.done)
 		return h
 	}
-	r.cfg.Device.Join() // after the kernels that produced buf
-	return r.startHandle(&Handle{rank: r.rank, dev: buf, kind: op, part: partAll, done: make(chan struct{})})
+	if join {
+		r.cfg.Device.Join() // after the kernels that produced buf
+	}
+	return r.startHandle(&Handle{rank: r.rank, dev: buf, kind: op, part: k, done: make(chan struct{})})
 }
 
 // AllReduceDevice is StartDevice and waiting for it; see AllReduce for what

@@ -320,6 +320,13 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 	}
 	localIdx, crossIdx, localRank, crossRank := lay.subRings(rank)
 	lcfg := ring(localIdx, localRank, func(m job.RingMember) string { return m.LocalEndpoint })
+	if dm, ok := commDevice(w.eng.M.Backend()); ok && !w.cfg.HostRing && allGPUs(r.Members) {
+		// The phases inside the host on the GPUs (allreduce.Hier.StartDevice):
+		// only each rank's 1/L of the gradient visits host memory, for the
+		// ring across hosts.
+		lcfg.Transport, lcfg.Device = allreduce.TransportCUDAIPC, dm
+		lcfg.ChunkBytes, lcfg.ShmQueues, lcfg.ShmSlots = deviceChunkBytes, deviceShmQueues, deviceShmSlots
+	}
 	ccfg := ring(crossIdx, crossRank, endpoint)
 	ccfg.Transport = allreduce.TransportGRPC
 	if w.cfg.DataSockets {

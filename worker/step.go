@@ -32,9 +32,10 @@ import (
 //
 // A third path skips the host: where the collective reduces device memory
 // itself (a flat ring whose same-host hops carry device slots over CUDA
-// IPC: allreduce.Ring.DeviceNative), Start scales the range on the device
-// and starts the device collective on it; nothing is copied to the host or
-// back. Its sums follow the ring's order too, but come from the GPU's adds
+// IPC: allreduce.Ring.DeviceNative; or a hierarchy whose rings inside the
+// host do, which moves only this rank's segment through host memory),
+// Start scales the range on the device and starts the device collective
+// on it; the reducer copies nothing to the host or back. Its sums follow the ring's order too, but come from the GPU's adds
 // and scale, so they match the host paths' to rounding only where the
 // scale is not 1 (TestReducerDevicePathCUDA).
 //

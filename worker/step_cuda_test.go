@@ -82,3 +82,39 @@ func TestReducerDevicePathCUDA(t *testing.T) {
 		}
 	}
 }
+
+// TestReducerDeviceHierCUDA is TestReducerDevicePathCUDA for a hierarchy
+// of one host with both ranks on it (each rank's ring across hosts has
+// only itself): the reduce-scatter and all-gather inside the host run on
+// the device, each rank's segment through host memory, and the sums have
+// the bits of the CPU reference's flat host ring.
+func TestReducerDeviceHierCUDA(t *testing.T) {
+	gpu := openShared(t)
+	var hs []*allreduce.Hier
+	runReducerPaths(t, func(p reducerPath) []allreduce.Collective {
+		if p.name == "cpu sync" {
+			rs := testRings(t, 2, allreduce.TransportAuto)
+			return []allreduce.Collective{rs[0], rs[1]}
+		}
+		local := testRingsWith(t, 2, func(rank int, cfg *allreduce.Config) {
+			dm, ok := commDevice(gpu(rank))
+			if !ok {
+				t.Fatal("the CUDA backend is not an allreduce.DeviceMem")
+			}
+			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
+		})
+		hs = []*allreduce.Hier{
+			{Local: local[0], Cross: testRings(t, 1, allreduce.TransportGRPC)[0]},
+			{Local: local[1], Cross: testRings(t, 1, allreduce.TransportGRPC)[0]},
+		}
+		return []allreduce.Collective{hs[0], hs[1]}
+	}, []reducerPath{
+		{"cpu sync", true, cpuBackend},
+		{"cuda device hier", true, gpu},
+	})
+	for i, h := range hs {
+		if !h.DeviceNative() {
+			t.Errorf("rank %d: the hierarchy did not reduce on the device", i)
+		}
+	}
+}

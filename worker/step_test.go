@@ -86,7 +86,7 @@ func checkReducerPaths(t *testing.T, paths []reducerPath) {
 // reducer on 2 ranks, over the (connected here) rings of rings(path), and
 // checks that every path on every rank has the bits of the first path's
 // rank 0, and that those are the scaled sums.
-func runReducerPaths(t *testing.T, rings func(reducerPath) []*allreduce.Ring, paths []reducerPath) {
+func runReducerPaths[C allreduce.Collective](t *testing.T, rings func(reducerPath) []C, paths []reducerPath) {
 	sizes := []int{3, 1000, 77, 1 << 16, 5, 4099} // layer ranges; backward starts the last
 	total := 0
 	for _, n := range sizes {
@@ -190,7 +190,7 @@ func firstFar(a, b []float32, tol float64) int {
 }
 
 // connect connects every rank of rings at once.
-func connect(ctx context.Context, t *testing.T, rings []*allreduce.Ring) {
+func connect[C allreduce.Collective](ctx context.Context, t *testing.T, rings []C) {
 	t.Helper()
 	errs := make([]error, len(rings))
 	var wg sync.WaitGroup
