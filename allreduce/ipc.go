@@ -206,7 +206,9 @@ func (r *Ring) ipcRelease(reg *shmRegion) {
 // buf, downloaded first and uploaded when done. Either way every rank ends
 // with the same bits. buf belongs to the ring until the handle is done;
 // work the caller queued on the device before StartDevice is done first.
-func (r *Ring) StartDevice(buf kernels.Buffer, op Op) *Handle { return r.startDevice(buf, op, partAll, true) }
+func (r *Ring) StartDevice(buf kernels.Buffer, op Op) *Handle {
+	return r.startDevice(buf, op, partAll, true)
+}
 
 // startDevice starts part k of a device collective; join makes the device's
 // work wait for the caller's compute queued so far (Hier joins once, when
