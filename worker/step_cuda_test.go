@@ -50,6 +50,18 @@ func TestTrainStepOverlapBitIdenticalCUDA(t *testing.T) {
 	checkTrainStepPaths(t, openShared(t), tol)
 }
 
+// ipcRing configures rank's ring as a worker's GPU ring: cuda-ipc hops on
+// the backend's communication stream (commDevice).
+func ipcRing(t *testing.T, gpu func(int) kernels.Backend[float32]) func(int, *allreduce.Config) {
+	return func(rank int, cfg *allreduce.Config) {
+		dm, ok := commDevice(gpu(rank))
+		if !ok {
+			t.Fatal("the CUDA backend is not an allreduce.DeviceMem")
+		}
+		cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
+	}
+}
+
 // TestReducerDevicePathCUDA: over a ring whose same-host hops carry device
 // slots (cuda-ipc), the reducer keeps the gradients on the device
 // (allreduce.Ring.DeviceNative) and its sums have the bits of the CPU
@@ -64,13 +76,7 @@ func TestReducerDevicePathCUDA(t *testing.T) {
 		if p.name == "cpu sync" {
 			return testRings(t, 2, allreduce.TransportAuto)
 		}
-		rings = testRingsWith(t, 2, func(rank int, cfg *allreduce.Config) {
-			dm, ok := commDevice(gpu(rank)) // the worker's: the communication stream
-			if !ok {
-				t.Fatal("the CUDA backend is not an allreduce.DeviceMem")
-			}
-			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
-		})
+		rings = testRingsWith(t, 2, ipcRing(t, gpu))
 		return rings
 	}, []reducerPath{
 		{"cpu sync", true, cpuBackend},
@@ -96,13 +102,7 @@ func TestReducerDeviceHierCUDA(t *testing.T) {
 			rs := testRings(t, 2, allreduce.TransportAuto)
 			return []allreduce.Collective{rs[0], rs[1]}
 		}
-		local := testRingsWith(t, 2, func(rank int, cfg *allreduce.Config) {
-			dm, ok := commDevice(gpu(rank))
-			if !ok {
-				t.Fatal("the CUDA backend is not an allreduce.DeviceMem")
-			}
-			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
-		})
+		local := testRingsWith(t, 2, ipcRing(t, gpu))
 		hs = []*allreduce.Hier{
 			{Local: local[0], Cross: testRings(t, 1, allreduce.TransportGRPC)[0]},
 			{Local: local[1], Cross: testRings(t, 1, allreduce.TransportGRPC)[0]},
