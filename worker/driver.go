@@ -203,6 +203,36 @@ const (
 	deviceShmSlots   = 4
 )
 
+// dataPath sets how cfg's ring (the flat ring, or with flat false a
+// hierarchy's ring inside a host) carries its chunks.
+func (w *worker) dataPath(cfg *allreduce.Config, ms []job.RingMember, flat bool) {
+	dm, _ := commDevice(w.eng.M.Backend())
+	setDataPath(cfg, ms, flat, dm, w.cfg.DataSockets, w.cfg.HostRing)
+}
+
+// setDataPath is dataPath's policy. Every rank decides the same from the
+// ring record, as both ends of a hop and the chunk size require (the
+// handshake refuses a chunk mismatch):
+//   - a flat ring whose members span hosts, with dataSockets: data
+//     sockets on every hop (its same-host hops give up shared memory; a
+//     ring whose hosts hold equal numbers is hierarchical instead);
+//   - else, on a device (dm non-nil) with every member on a GPU and not
+//     hostRing: same-host hops offer device slots (CUDA IPC) with the
+//     device geometry, so the reducer keeps the gradients on the GPU (a
+//     hierarchy's ring inside the host too: only each rank's 1/L of the
+//     gradient then visits host memory); a hop that cannot have them
+//     stays on host shared memory or gRPC, as with "auto";
+//   - else cfg's default, "auto".
+func setDataPath(cfg *allreduce.Config, ms []job.RingMember, flat bool, dm allreduce.DeviceMem, dataSockets, hostRing bool) {
+	switch {
+	case flat && dataSockets && spansHosts(ms):
+		cfg.Transport = allreduce.TransportSocket
+	case dm != nil && !hostRing && allGPUs(ms):
+		cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
+		cfg.ChunkBytes, cfg.ShmQueues, cfg.ShmSlots = deviceChunkBytes, deviceShmQueues, deviceShmSlots
+	}
+}
+
 // spansHosts reports whether the ring's members name more than one host
 // (members without one count as one host of their own).
 func spansHosts(ms []job.RingMember) bool {
@@ -293,20 +323,7 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 			all[i] = i
 		}
 		cfg := ring(all, rank, endpoint)
-		if w.cfg.DataSockets && spansHosts(r.Members) {
-			// Every rank sets the same (both ends of a hop must), so a ring
-			// over several hosts gives up shared memory on its same-host
-			// hops; one whose hosts hold equal numbers is hierarchical.
-			cfg.Transport = allreduce.TransportSocket
-		} else if dm, ok := commDevice(w.eng.M.Backend()); ok && !w.cfg.HostRing && allGPUs(r.Members) {
-			// Same-host hops offer device slots (CUDA IPC), so the reducer
-			// keeps the gradients on the GPU; any hop that cannot have
-			// them stays on host shared memory or gRPC, as with "auto".
-			// Every rank decides the same from the ring record, as the
-			// chunk size requires (the handshake refuses a mismatch).
-			cfg.Transport, cfg.Device = allreduce.TransportCUDAIPC, dm
-			cfg.ChunkBytes, cfg.ShmQueues, cfg.ShmSlots = deviceChunkBytes, deviceShmQueues, deviceShmSlots
-		}
+		w.dataPath(&cfg, r.Members, true)
 		lis, err := w.takeListener(ctx, &w.lis, cfg.Peers[rank])
 		if err != nil {
 			return nil, "", err
@@ -320,13 +337,7 @@ func (w *worker) collective(ctx context.Context, r job.Ring, rank int) (allreduc
 	}
 	localIdx, crossIdx, localRank, crossRank := lay.subRings(rank)
 	lcfg := ring(localIdx, localRank, func(m job.RingMember) string { return m.LocalEndpoint })
-	if dm, ok := commDevice(w.eng.M.Backend()); ok && !w.cfg.HostRing && allGPUs(r.Members) {
-		// The phases inside the host on the GPUs (allreduce.Hier.StartDevice):
-		// only each rank's 1/L of the gradient visits host memory, for the
-		// ring across hosts.
-		lcfg.Transport, lcfg.Device = allreduce.TransportCUDAIPC, dm
-		lcfg.ChunkBytes, lcfg.ShmQueues, lcfg.ShmSlots = deviceChunkBytes, deviceShmQueues, deviceShmSlots
-	}
+	w.dataPath(&lcfg, r.Members, false)
 	ccfg := ring(crossIdx, crossRank, endpoint)
 	ccfg.Transport = allreduce.TransportGRPC
 	if w.cfg.DataSockets {

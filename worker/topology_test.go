@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/bmojo/bmojo/allreduce"
 	"github.com/bmojo/bmojo/job"
 )
 
@@ -75,5 +76,52 @@ func TestSubRings(t *testing.T) {
 		if slices.Contains(local, (rank+l.PerHost)%6) {
 			t.Errorf("rank %d's local ring holds a member of another host: %v", rank, local)
 		}
+	}
+}
+
+// TestSetDataPath: the data path each ring gets, from the ring record alone
+// (so every rank decides the same), the worker's flags and whether its
+// backend has device memory for a GPU-resident ring.
+func TestSetDataPath(t *testing.T) {
+	gpu := func(host string) job.RingMember { return job.RingMember{Host: host, Device: "NVIDIA H100 GPU-1"} }
+	cpu := func(host string) job.RingMember { return job.RingMember{Host: host, Device: "cpu"} }
+	dm := struct{ allreduce.DeviceMem }{} // never called: only its presence matters
+	def := allreduce.Default()
+	cases := []struct {
+		name              string
+		ms                []job.RingMember
+		flat              bool
+		dm                allreduce.DeviceMem
+		sockets, hostRing bool
+		want              string
+		device            bool
+	}{
+		{"cpu, one host", []job.RingMember{cpu("a"), cpu("a")}, true, nil, true, false, allreduce.TransportAuto, false},
+		{"cpu, two hosts", []job.RingMember{cpu("a"), cpu("b")}, true, nil, true, false, allreduce.TransportSocket, false},
+		{"cpu, two hosts, no sockets", []job.RingMember{cpu("a"), cpu("b")}, true, nil, false, false, allreduce.TransportAuto, false},
+		{"cpu, a member without a host", []job.RingMember{cpu("a"), cpu("")}, true, nil, true, false, allreduce.TransportSocket, false},
+		{"gpus, one host", []job.RingMember{gpu("a"), gpu("a")}, true, dm, true, false, allreduce.TransportCUDAIPC, true},
+		{"gpus, one member on the cpu", []job.RingMember{gpu("a"), cpu("a")}, true, dm, true, false, allreduce.TransportAuto, false},
+		{"gpus, a member of an older coordinator", []job.RingMember{gpu("a"), {Host: "a"}}, true, dm, true, false, allreduce.TransportAuto, false},
+		{"gpus, --host-ring", []job.RingMember{gpu("a"), gpu("a")}, true, dm, true, true, allreduce.TransportAuto, false},
+		{"gpus, no device memory here", []job.RingMember{gpu("a"), gpu("a")}, true, nil, true, false, allreduce.TransportAuto, false},
+		{"gpus, flat over two hosts", []job.RingMember{gpu("a"), gpu("b")}, true, dm, true, false, allreduce.TransportSocket, false},
+		{"gpus, a hierarchy's ring inside a host", []job.RingMember{gpu("a"), gpu("a"), gpu("b"), gpu("b")}, false, dm, true, false, allreduce.TransportCUDAIPC, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := def
+			setDataPath(&cfg, c.ms, c.flat, c.dm, c.sockets, c.hostRing)
+			if cfg.Transport != c.want || (cfg.Device != nil) != c.device {
+				t.Fatalf("transport %q, device %v; want %q, device %v", cfg.Transport, cfg.Device != nil, c.want, c.device)
+			}
+			wantChunk := def.ChunkBytes
+			if c.device {
+				wantChunk = deviceChunkBytes
+			}
+			if cfg.ChunkBytes != wantChunk {
+				t.Fatalf("chunk %d bytes, want %d", cfg.ChunkBytes, wantChunk)
+			}
+		})
 	}
 }
