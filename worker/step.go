@@ -57,6 +57,7 @@ type ringReducer struct {
 	last    chan struct{} // overlapped path: closed once the last range's collective has started
 	comm    time.Duration // CommTimes of the last Finish
 	ready   time.Time
+	spans   [][2]time.Time // Spans of the last Finish
 }
 
 type bucket struct {
@@ -198,7 +199,7 @@ func (r *ringReducer) Finish() error {
 	for _, up := range uploads { // the sums are on the device
 		_ = up() // a failure is recorded by the backend, as Upload's
 	}
-	r.comm = inFlight(started)
+	r.comm, r.spans = inFlight(started)
 	if firstErr != nil {
 		return firstErr
 	}
@@ -213,9 +214,9 @@ func (r *ringReducer) Finish() error {
 }
 
 // inFlight is how long at least one of the buckets' collectives was in
-// flight. A collective still running (its wait ended with the context)
-// counts until now.
-func inFlight(bs []*bucket) time.Duration {
+// flight, and each one's interval. A collective still running (its wait
+// ended with the context) counts until now.
+func inFlight(bs []*bucket) (time.Duration, [][2]time.Time) {
 	spans := make([][2]time.Time, len(bs))
 	for i, b := range bs {
 		spans[i] = [2]time.Time{b.t0, time.Now()}
@@ -226,7 +227,56 @@ func inFlight(bs []*bucket) time.Duration {
 		default:
 		}
 	}
-	return union(spans)
+	return union(spans), spans
+}
+
+// Spans is the in-flight interval of each collective of the step the last
+// Finish ended, in start order (one per gradient range).
+func (r *ringReducer) Spans() [][2]time.Time { return r.spans }
+
+// ReplicaStep is one replica's timing of one step of data-parallel
+// training: when backward produced its last gradient range (Arrive), when
+// Finish returned (End), and its collectives' in-flight intervals (Spans,
+// in start order; every replica starts the same collectives in the same
+// order).
+type ReplicaStep struct {
+	Arrive, End time.Time
+	Spans       [][2]time.Time
+}
+
+// Overlap measures one step's communication across its replicas without
+// counting skew, the time a replica waits for a slower one, which no
+// overlap can hide. A collective makes progress only once every replica
+// has started it, so its communication starts at the latest start; the
+// step's communication is exposed only after the last replica's backward
+// has ended. It returns, summed over the replicas, the time at least one
+// collective was in flight counted that way (comm), and how long each
+// Finish went on after the last replica's backward (exposed).
+func Overlap(rs []ReplicaStep) (comm, exposed time.Duration) {
+	if len(rs) == 0 {
+		return 0, 0
+	}
+	var last time.Time
+	n := len(rs[0].Spans)
+	for _, r := range rs {
+		last = later(last, r.Arrive)
+		n = min(n, len(r.Spans))
+	}
+	starts := make([]time.Time, n)
+	for k := range starts {
+		for _, r := range rs {
+			starts[k] = later(starts[k], r.Spans[k][0])
+		}
+	}
+	for _, r := range rs {
+		spans := make([][2]time.Time, n)
+		for k := range spans {
+			spans[k] = [2]time.Time{starts[k], later(starts[k], r.Spans[k][1])}
+		}
+		comm += union(spans)
+		exposed += max(0, r.End.Sub(last))
+	}
+	return comm, exposed
 }
 
 func later(a, b time.Time) time.Time {

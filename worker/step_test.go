@@ -333,3 +333,34 @@ func TestUnion(t *testing.T) {
 		})
 	}
 }
+
+// TestOverlap: communication counts from each collective's latest start
+// across replicas, exposure from the last replica's backward end.
+func TestOverlap(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	span := func(a, b int) [2]time.Time { return [2]time.Time{at(a), at(b)} }
+	rs := []ReplicaStep{
+		{Arrive: at(100), End: at(130), Spans: [][2]time.Time{span(10, 40), span(50, 120)}},
+		{Arrive: at(110), End: at(131), Spans: [][2]time.Time{span(20, 45), span(60, 125)}},
+	}
+	comm, exposed := Overlap(rs)
+	// Latest starts 20 and 60: replica 0 [20,40] ∪ [60,120] = 80 ms,
+	// replica 1 [20,45] ∪ [60,125] = 90 ms. After the last backward (110):
+	// 20 and 21 ms.
+	if comm != 170*time.Millisecond || exposed != 41*time.Millisecond {
+		t.Fatalf("comm %v exposed %v, want 170ms and 41ms", comm, exposed)
+	}
+	// A replica that waited all along for a slower one: its collective
+	// ended as the other's started, which counts nothing.
+	rs = []ReplicaStep{
+		{Arrive: at(10), End: at(50), Spans: [][2]time.Time{span(0, 50)}},
+		{Arrive: at(50), End: at(50), Spans: [][2]time.Time{span(50, 50)}},
+	}
+	if comm, exposed := Overlap(rs); comm != 0 || exposed != 0 {
+		t.Fatalf("skew only: comm %v exposed %v, want 0 and 0", comm, exposed)
+	}
+	if comm, exposed := Overlap(nil); comm != 0 || exposed != 0 {
+		t.Fatalf("no replicas: comm %v exposed %v", comm, exposed)
+	}
+}

@@ -94,8 +94,10 @@ real all-reduce ring over loopback, through the worker's own training step
 and gradient reduction (train.Engine, worker.NewStepReducer): each replica
 takes --batch-size sequences per step. It prints tokens/s of all replicas
 together, and per step the time the gradient sums were in flight
-(communication), the part of it the step waited for (exposed) and the
-fraction hidden behind compute, for the overlapped reduction (async copies,
+(communication, each collective counted from the moment every replica
+has started it), the part of it the step waited for after the last
+replica's backward ended (exposed) and the fraction hidden behind compute
+(the time a replica waits for a slower one counts in neither), for the overlapped reduction (async copies,
 each layer's sum started as backward produces it) and the synchronous
 reference (--copies), beside one replica alone.`,
 		Args: cobra.NoArgs,
@@ -495,10 +497,12 @@ type workerRow struct {
 	Transport  string  `json:"transport,omitempty"` // what carried rank 0's hop
 	StepMs     float64 `json:"step_ms"`             // the slowest replica's
 	TokensPerS float64 `json:"tokens_per_s"`        // every replica's tokens
-	// CommMs and ExposedMs are per step and replica (means): the time the
-	// gradient sums were in flight, and the time the step waited for them
-	// in Finish (train.StepStats.Comm, Exposed). Hidden is 1 − exposed/comm
-	// over every timed step and replica, within [0, 1].
+	// CommMs and ExposedMs are per step and replica (means), without the
+	// time a replica waits for a slower one (worker.Overlap): the time the
+	// gradient sums were in flight, each collective counted from its
+	// latest start across replicas, and the time Finish went on after the
+	// last replica's backward ended. Hidden is 1 − exposed/comm over every
+	// timed step and replica, within [0, 1].
 	CommMs    float64 `json:"comm_ms"`
 	ExposedMs float64 `json:"exposed_ms"`
 	Hidden    float64 `json:"hidden"`
@@ -633,9 +637,10 @@ func timeReplicas(ctx context.Context, devs []*device.Opened, c model.Config, ds
 		}
 	}
 	type result struct {
-		wall, comm, exposed time.Duration
-		params              int
-		err                 error
+		wall   time.Duration
+		steps  []worker.ReplicaStep // per timed step
+		params int
+		err    error
 	}
 	results := make([]result, n)
 	var wg sync.WaitGroup
@@ -665,8 +670,11 @@ func timeReplicas(ctx context.Context, devs []*device.Opened, c model.Config, ds
 					return
 				}
 				if step >= 2 {
-					r.comm += st.Comm
-					r.exposed += st.Exposed
+					rs := worker.ReplicaStep{Arrive: st.Arrive, End: st.Arrive.Add(st.Exposed)}
+					if sp, ok := reducers[i].(interface{ Spans() [][2]time.Time }); ok {
+						rs.Spans = sp.Spans()
+					}
+					r.steps = append(r.steps, rs)
 				}
 			}
 			r.wall = time.Since(t0)
@@ -678,12 +686,18 @@ func timeReplicas(ctx context.Context, devs []*device.Opened, c model.Config, ds
 	for _, r := range results {
 		errs = append(errs, r.err)
 		slowest = max(slowest, r.wall)
-		comm += r.comm
-		exposed += r.exposed
 		res.params = r.params
 	}
 	if err := errors.Join(errs...); err != nil {
 		return res, err
+	}
+	for step := range o.steps {
+		rs := make([]worker.ReplicaStep, n)
+		for i, r := range results {
+			rs[i] = r.steps[step]
+		}
+		c, e := worker.Overlap(rs)
+		comm, exposed = comm+c, exposed+e
 	}
 	per := float64(o.steps)
 	res.row.StepMs = 1e3 * slowest.Seconds() / per
