@@ -945,12 +945,20 @@ func (r *Ring) awaitRecv(op *opState) error {
 	return nil
 }
 
-// sendLoop sends the chunks j ≡ k (mod Streams) of every step on data stream k.
-func (r *Ring) sendLoop(op *opState, k int) error {
+// errStopSend ends a sends walk without an error of its own: the ring has
+// failed, and the failure is reported where it happened.
+var errStopSend = errors.New("allreduce: ring failed")
+
+// sends walks what one send lane of op sends: the chunks j ≡ lane (mod
+// lanes) of every step, in order, calling send(s, j, lo, hi) for each
+// (elements [lo,hi) of the buffer) once the previous step's chunk j has
+// arrived here, so that its values are final. It returns nil when the ring
+// fails meanwhile or send returns errStopSend, else send's first error.
+// Every transport's send loop walks the schedule through it.
+func (r *Ring) sends(op *opState, lane, lanes int, send func(s, j, lo, hi int) error) error {
 	p := op.plan
-	st := r.data[k].stream
 	for s := op.first; s < op.end; s++ {
-		for j := k; j < p.Chunks; j += len(r.data) {
+		for j := lane; j < p.Chunks; j += lanes {
 			if s > op.first {
 				select {
 				case <-op.done[p.Index(s-1, j)]:
@@ -959,54 +967,69 @@ func (r *Ring) sendLoop(op *opState, k int) error {
 				}
 			}
 			lo, hi := p.Chunk(p.SendSegment(s), j)
-			src := op.buf[lo:hi]
-			of := &outFrame{hdr: &pb.FrameHeader{
-				Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank), WorldSize: uint32(r.n),
-				Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
-				Dtype: r.dtype, Elems: uint32(len(src)),
-			}}
-			nbytes := len(src) * dtypeSize(r.dtype)
-			var raw []byte
-			if r.dtype == pb.DType_DTYPE_BF16 {
-				if s > op.first {
-					// Made by apply while the values were in registers.
-					raw = op.prep[p.Index(s-1, j)]
-					op.prep[p.Index(s-1, j)] = nil
-				} else {
-					raw = getWireBuf(nbytes)
-					toBF16(raw, src)
+			if err := send(s, j, lo, hi); err != nil {
+				if errors.Is(err, errStopSend) {
+					return nil
 				}
-			} else {
-				raw = f32Bytes(src)
+				return err
 			}
-			if mem.IsBelowBufferPoolingThreshold(nbytes) {
-				// Small: copy next to the header, nothing to hand back later.
-				of.inline = append([]byte(nil), raw...)
-				if r.dtype == pb.DType_DTYPE_BF16 {
-					putWireBuf(raw)
-				}
-			} else {
-				op.pin()
-				rel := &releaser{op: op, pooled: r.dtype == pb.DType_DTYPE_BF16}
-				of.payload = mem.NewBuffer(&raw, rel)
-			}
-			if err := st.SendMsg(of); err != nil {
-				if of.payload != nil { // never reached the codec
-					of.payload.Free()
-				}
-				// A successor that failed for its own reasons ends our
-				// stream after sending its ABORT around the ring, which
-				// names the culprit: give that a moment to win (without
-				// it TestRingLengthMismatch/grpc blamed the successor in
-				// about one run of 200).
-				return r.afterGrace(&PeerError{Rank: r.succ, Via: r.rank, Op: op.id, Step: s, Chunk: j,
-					Err: fmt.Errorf("send on stream %d: %v: %w", k, err, ErrPeerFailed)})
-			}
-			r.stats.FramesSent.Add(1)
-			r.stats.BytesSent.Add(uint64(nbytes))
 		}
 	}
 	return nil
+}
+
+// sendLoop sends the chunks j ≡ k (mod Streams) of every step on data stream k.
+func (r *Ring) sendLoop(op *opState, k int) error {
+	p := op.plan
+	st := r.data[k].stream
+	return r.sends(op, k, len(r.data), func(s, j, lo, hi int) error {
+		src := op.buf[lo:hi]
+		of := &outFrame{hdr: &pb.FrameHeader{
+			Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank), WorldSize: uint32(r.n),
+			Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
+			Dtype: r.dtype, Elems: uint32(len(src)),
+		}}
+		nbytes := len(src) * dtypeSize(r.dtype)
+		var raw []byte
+		if r.dtype == pb.DType_DTYPE_BF16 {
+			if s > op.first {
+				// Made by apply while the values were in registers.
+				raw = op.prep[p.Index(s-1, j)]
+				op.prep[p.Index(s-1, j)] = nil
+			} else {
+				raw = getWireBuf(nbytes)
+				toBF16(raw, src)
+			}
+		} else {
+			raw = f32Bytes(src)
+		}
+		if mem.IsBelowBufferPoolingThreshold(nbytes) {
+			// Small: copy next to the header, nothing to hand back later.
+			of.inline = append([]byte(nil), raw...)
+			if r.dtype == pb.DType_DTYPE_BF16 {
+				putWireBuf(raw)
+			}
+		} else {
+			op.pin()
+			rel := &releaser{op: op, pooled: r.dtype == pb.DType_DTYPE_BF16}
+			of.payload = mem.NewBuffer(&raw, rel)
+		}
+		if err := st.SendMsg(of); err != nil {
+			if of.payload != nil { // never reached the codec
+				of.payload.Free()
+			}
+			// A successor that failed for its own reasons ends our
+			// stream after sending its ABORT around the ring, which
+			// names the culprit: give that a moment to win (without
+			// it TestRingLengthMismatch/grpc blamed the successor in
+			// about one run of 200).
+			return r.afterGrace(&PeerError{Rank: r.succ, Via: r.rank, Op: op.id, Step: s, Chunk: j,
+				Err: fmt.Errorf("send on stream %d: %v: %w", k, err, ErrPeerFailed)})
+		}
+		r.stats.FramesSent.Add(1)
+		r.stats.BytesSent.Add(uint64(nbytes))
+		return nil
+	})
 }
 
 // releaser is the mem.BufferPool of one outgoing payload: gRPC "returns"

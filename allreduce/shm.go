@@ -233,65 +233,55 @@ func (r *Ring) shmSendLoop(op *opState, q int) error {
 	nq := len(reg.queues)
 	p := op.plan
 	size := dtypeSize(r.dtype)
-	for s := op.first; s < op.end; s++ {
-		for j := q; j < p.Chunks; j += nq {
-			if s > op.first {
-				select {
-				case <-op.done[p.Index(s-1, j)]:
-				case <-r.failedCh:
-					return nil
-				}
+	return r.sends(op, q, nq, func(s, j, lo, hi int) error {
+		seq := qu.head.Load()
+		var w spinWait
+		for seq-qu.tail.Load() >= qu.n {
+			select {
+			case <-r.failedCh:
+				return errStopSend
+			default:
 			}
-			seq := qu.head.Load()
-			var w spinWait
-			for seq-qu.tail.Load() >= qu.n {
-				select {
-				case <-r.failedCh:
-					return nil
-				default:
-				}
-				w.wait()
-			}
-			qu.raceAcquire()
-			lo, hi := p.Chunk(p.SendSegment(s), j)
-			slot := qu.slot(seq)
-			where := byte(slotInHost)
-			payload := slot[slotHdrBytes : slotHdrBytes+(hi-lo)*size]
-			if op.dev != nil {
-				// A device collective (ipc.go): float32 only.
-				var err error
-				if where, err = r.ipcFillSlot(op, reg, q, seq, slot, lo, hi); err != nil {
-					return err
-				}
-			} else if src := op.buf[lo:hi]; r.dtype == pb.DType_DTYPE_BF16 {
-				if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
-					// Made by apply while the values were in
-					// registers (the chunk came over gRPC).
-					copy(payload, op.prep[idx])
-					putWireBuf(op.prep[idx])
-					op.prep[idx] = nil
-				} else {
-					// The bits apply would have made: the chunk's
-					// values are bf16-exact after a finishing or
-					// all-gather step, and rounded here otherwise.
-					toBF16(payload, src)
-				}
-			} else {
-				copy(payload, f32Bytes(src))
-			}
-			putSlotHeader(slot, seq, &pb.FrameHeader{
-				Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
-				Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
-				Dtype: r.dtype, Elems: uint32(hi - lo),
-			})
-			slot[slotWhereOff] = where
-			qu.raceRelease()
-			qu.head.Store(seq + 1) // publishes the slot (a release store)
-			r.stats.FramesSent.Add(1)
-			r.stats.BytesSent.Add(uint64(len(payload)))
+			w.wait()
 		}
-	}
-	return nil
+		qu.raceAcquire()
+		slot := qu.slot(seq)
+		where := byte(slotInHost)
+		payload := slot[slotHdrBytes : slotHdrBytes+(hi-lo)*size]
+		if op.dev != nil {
+			// A device collective (ipc.go): float32 only.
+			var err error
+			if where, err = r.ipcFillSlot(op, reg, q, seq, slot, lo, hi); err != nil {
+				return err
+			}
+		} else if src := op.buf[lo:hi]; r.dtype == pb.DType_DTYPE_BF16 {
+			if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
+				// Made by apply while the values were in
+				// registers (the chunk came over gRPC).
+				copy(payload, op.prep[idx])
+				putWireBuf(op.prep[idx])
+				op.prep[idx] = nil
+			} else {
+				// The bits apply would have made: the chunk's
+				// values are bf16-exact after a finishing or
+				// all-gather step, and rounded here otherwise.
+				toBF16(payload, src)
+			}
+		} else {
+			copy(payload, f32Bytes(src))
+		}
+		putSlotHeader(slot, seq, &pb.FrameHeader{
+			Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
+			Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
+			Dtype: r.dtype, Elems: uint32(hi - lo),
+		})
+		slot[slotWhereOff] = where
+		qu.raceRelease()
+		qu.head.Store(seq + 1) // publishes the slot (a release store)
+		r.stats.FramesSent.Add(1)
+		r.stats.BytesSent.Add(uint64(len(payload)))
+		return nil
+	})
 }
 
 // putSlotHeader writes the header of slot number seq.

@@ -535,56 +535,46 @@ func (r *Ring) sockSendLoop(op *opState, k int) error {
 	ns := len(r.sockOut)
 	p := op.plan
 	var hdr [slotHdrBytes]byte
-	for s := op.first; s < op.end; s++ {
-		for j := k; j < p.Chunks; j += ns {
-			if s > op.first {
-				select {
-				case <-op.done[p.Index(s-1, j)]:
-				case <-r.failedCh:
-					return nil
-				}
-			}
-			lo, hi := p.Chunk(p.SendSegment(s), j)
-			src := op.buf[lo:hi]
-			var payload, pooled []byte
-			if r.dtype == pb.DType_DTYPE_BF16 {
-				if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
-					pooled = op.prep[idx] // made by apply while the values were in registers
-					op.prep[idx] = nil
-				} else {
-					// The bits apply would have made (the chunk came
-					// through shared memory, or this is the first step).
-					pooled = getWireBuf(2 * len(src))
-					toBF16(pooled, src)
-				}
-				payload = pooled
+	return r.sends(op, k, ns, func(s, j, lo, hi int) error {
+		src := op.buf[lo:hi]
+		var payload, pooled []byte
+		if r.dtype == pb.DType_DTYPE_BF16 {
+			if idx := p.Index(s-1, j); s > op.first && op.prep[idx] != nil {
+				pooled = op.prep[idx] // made by apply while the values were in registers
+				op.prep[idx] = nil
 			} else {
-				payload = f32Bytes(src)
+				// The bits apply would have made (the chunk came
+				// through shared memory, or this is the first step).
+				pooled = getWireBuf(2 * len(src))
+				toBF16(pooled, src)
 			}
-			putSlotHeader(hdr[:], r.sockSeq[k], &pb.FrameHeader{
-				Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
-				Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
-				Dtype: r.dtype, Elems: uint32(len(src)),
-			})
-			r.sockSeq[k]++
-			bufs := net.Buffers{hdr[:], payload}
-			sockRaceRelease(r.sockRace[k])
-			_, err := bufs.WriteTo(c)
-			if pooled != nil {
-				putWireBuf(pooled)
-			}
-			if err != nil {
-				// A successor that failed closes its sockets after
-				// sending its ABORT around the ring, which names the
-				// culprit: give it a moment to win.
-				return r.afterGrace(&PeerError{Rank: r.succ, Via: r.rank, Op: op.id, Step: s, Chunk: j,
-					Err: fmt.Errorf("send on data socket %d: %v: %w", k, err, ErrPeerFailed)})
-			}
-			r.stats.FramesSent.Add(1)
-			r.stats.BytesSent.Add(uint64(len(payload)))
+			payload = pooled
+		} else {
+			payload = f32Bytes(src)
 		}
-	}
-	return nil
+		putSlotHeader(hdr[:], r.sockSeq[k], &pb.FrameHeader{
+			Kind: pb.Kind_KIND_DATA, Epoch: r.cfg.Epoch, SrcRank: uint32(r.rank),
+			Op: op.id, Step: uint32(s), Chunk: uint32(j), TotalElems: uint64(p.Length),
+			Dtype: r.dtype, Elems: uint32(len(src)),
+		})
+		r.sockSeq[k]++
+		bufs := net.Buffers{hdr[:], payload}
+		sockRaceRelease(r.sockRace[k])
+		_, err := bufs.WriteTo(c)
+		if pooled != nil {
+			putWireBuf(pooled)
+		}
+		if err != nil {
+			// A successor that failed closes its sockets after
+			// sending its ABORT around the ring, which names the
+			// culprit: give it a moment to win.
+			return r.afterGrace(&PeerError{Rank: r.succ, Via: r.rank, Op: op.id, Step: s, Chunk: j,
+				Err: fmt.Errorf("send on data socket %d: %v: %w", k, err, ErrPeerFailed)})
+		}
+		r.stats.FramesSent.Add(1)
+		r.stats.BytesSent.Add(uint64(len(payload)))
+		return nil
+	})
 }
 
 // sockConsume is data socket k's reader: for every collective this rank
