@@ -132,6 +132,19 @@ func (b *Backend) firstErr() error {
 	return b.err
 }
 
+// awaitThen hands the token ev to the waiter thread, which waits for the
+// device to pass it and calls then with the result (or with why the waiter
+// could not bind the context, without waiting). Device thread.
+func (d *Device) awaitThen(ev any, then func(error)) {
+	d.waits <- func(bound error) {
+		err := bound
+		if err == nil {
+			err = d.drv.await(ev)
+		}
+		then(err)
+	}
+}
+
 // DownloadAsync implements kernels.AsyncCopier: Download without waiting
 // for the queued work. Its reference is Download.
 func (b *Backend) DownloadAsync(dst []float32, src kernels.Buffer) func() error {
@@ -160,11 +173,7 @@ func (b *Backend) DownloadAsync(dst []float32, src kernels.Buffer) func() error 
 			done <- err
 			return
 		}
-		b.d.waits <- func(bound error) {
-			err := bound
-			if err == nil {
-				err = b.d.drv.await(ev)
-			}
+		b.d.awaitThen(ev, func(err error) {
 			// src's block must not go back to the cache (and be written by
 			// a new buffer's first op) before the copy has read it.
 			runtime.KeepAlive(s)
@@ -172,7 +181,7 @@ func (b *Backend) DownloadAsync(dst []float32, src kernels.Buffer) func() error 
 				b.failf("download: %v", err)
 			}
 			done <- err
-		}
+		})
 	})
 	return sync.OnceValue(func() error {
 		if err := <-done; err != nil {
@@ -230,18 +239,14 @@ func (b *Backend) UploadAsync(dst kernels.Buffer, src []float32) func() error {
 			done <- err
 			return
 		}
-		b.d.waits <- func(bound error) {
-			err := bound
-			if err == nil {
-				err = b.d.drv.await(ev)
-			}
+		b.d.awaitThen(ev, func(err error) {
 			if err != nil {
 				b.failf("upload: %v", err) // the block may still be read: not reused
 			} else {
 				b.d.staging.put(st)
 			}
 			done <- err
-		}
+		})
 	})
 	return sync.OnceValue(func() error {
 		<-done

@@ -246,13 +246,7 @@ func (b *Backend) Fence() error {
 			done <- err
 			return
 		}
-		b.d.waits <- func(bound error) {
-			if bound != nil {
-				done <- bound
-				return
-			}
-			done <- b.d.drv.await(ev)
-		}
+		b.d.awaitThen(ev, func(err error) { done <- err })
 	})
 	if err := <-done; err != nil {
 		b.failf("fence: %v", err)
